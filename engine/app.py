@@ -1,0 +1,237 @@
+"""The running gateway: config lifecycle, background tasks, reload and shutdown.
+
+:class:`Gateway` owns the :class:`~engine.server.Server`, the current
+:class:`~engine.gateway.Runtime` and the tasks that live as long as a config does
+(health checks, filters' ``background()``). ``reload`` builds the new runtime beside
+the old one and swaps it in one assignment: requests in flight finish on the old one,
+and a bad new config is refused while the old one keeps serving.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import ssl
+from typing import Any
+
+import h11
+import trio
+
+from engine import metrics
+from engine.config import Config
+from engine.gateway import Runtime, compile_runtime
+from engine.plugins import Registry, discover
+from engine.server import Server, open_listeners
+
+__all__ = ["Gateway"]
+
+log = logging.getLogger("filtergate")
+
+
+def _ssl_context(config: Config) -> ssl.SSLContext | None:
+    tls = config.server.tls
+    if tls is None:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(tls.cert, tls.key)
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+class Gateway:
+    """One gateway process: serve ``config`` until cancelled or :meth:`shutdown`."""
+
+    def __init__(
+        self,
+        config: Config,
+        registry: Registry | None = None,
+        *,
+        extra_plugins: list[tuple[str, object]] | None = None,
+    ) -> None:
+        self.extra_plugins = extra_plugins or []
+        self.registry = registry or discover(
+            config.discovery.blocked,
+            extra=self.extra_plugins,
+            entry_points=config.discovery.entry_points,
+        )
+        self.runtime: Runtime = compile_runtime(config, self.registry)
+        self.server = Server(self.runtime, _ssl_context(config))
+        self.ports: list[int] = []
+        self.admin_port: int | None = None
+        self._nursery: trio.Nursery | None = None
+        self._scopes: dict[int, trio.CancelScope] = {}
+        self._ready = False
+
+    async def _setup(self, runtime: Runtime) -> None:
+        for instance in {id(i): i for i in runtime.instances.values()}.values():
+            setup = getattr(instance, "setup", None)
+            if setup is not None:
+                await setup()
+
+    def _start_background(self, runtime: Runtime) -> None:
+        assert self._nursery is not None
+        wanted: dict[int, Any] = {}
+        for instance in runtime.instances.values():
+            if getattr(instance, "background", None) is not None:
+                wanted[id(instance)] = instance.background
+        for pool in runtime.pools.values():
+            if pool.config.health_check is not None:
+                wanted[id(pool)] = pool.serve_health_checks
+        for key in list(self._scopes):
+            if key not in wanted:
+                self._scopes.pop(key).cancel()
+        for key, fn in wanted.items():
+            if key not in self._scopes:
+                scope = trio.CancelScope()
+                self._scopes[key] = scope
+                self._nursery.start_soon(self._run_in_scope, scope, fn)
+
+    @staticmethod
+    async def _run_in_scope(scope: trio.CancelScope, fn: Any) -> None:
+        with scope:
+            try:
+                await fn()
+            except Exception:
+                log.exception("a background task failed")
+
+    async def serve(
+        self,
+        sockets: list[socket.socket] | None = None,
+        *,
+        task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve until cancelled; ``task_status.started(self)`` once accepting."""
+        config = self.runtime.config
+        if sockets is None:
+            sockets = open_listeners(config.server.listen, reuse_port=config.server.workers > 1)
+        self.ports = [s.getsockname()[1] for s in sockets]
+        await self._setup(self.runtime)
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            self._start_background(self.runtime)
+            if config.admin.enabled:
+                admin_socks = open_listeners([config.admin.listen])
+                self.admin_port = admin_socks[0].getsockname()[1]
+                nursery.start_soon(self._serve_admin, admin_socks[0])
+            await nursery.start(self.server.serve, sockets)
+            self._ready = True
+            log.info(
+                "filtergate serving on %s (%d routes)",
+                ", ".join(config.server.listen),
+                len(config.routes),
+            )
+            task_status.started(self)
+            await trio.sleep_forever()
+
+    async def reload(self, config: Config) -> None:
+        """Swap in ``config``; raises (and keeps the old config) when it is bad."""
+        registry = discover(
+            config.discovery.blocked,
+            extra=self.extra_plugins,
+            entry_points=config.discovery.entry_points,
+        )
+        runtime = compile_runtime(config, registry, previous=self.runtime)
+        await self._setup(runtime)
+        old = self.runtime
+        self.registry = registry
+        self.runtime = runtime
+        self.server.runtime = runtime
+        if self._nursery is not None:
+            self._start_background(runtime)
+        for name, pool in old.pools.items():
+            if runtime.pools.get(name) is not pool:
+                pool.close()
+        log.info("configuration reloaded: %d routes", len(config.routes))
+
+    async def shutdown(self, grace: float | None = None) -> None:
+        """Stop accepting, let requests in flight finish within ``grace`` seconds, return."""
+        self._ready = False
+        server = self.server
+        server.stop_accepting()
+        limit = grace if grace is not None else self.runtime.config.server.shutdown_timeout
+        with trio.move_on_after(limit):
+            await server.wait_idle()
+        for pool in self.runtime.pools.values():
+            pool.close()
+
+    # -- admin ---------------------------------------------------------------------
+
+    async def _serve_admin(self, sock: socket.socket) -> None:
+        async with trio.open_nursery() as nursery:
+            while True:
+                await trio.lowlevel.wait_readable(sock)
+                try:
+                    raw, _ = sock.accept()
+                except BlockingIOError:
+                    continue
+                raw.setblocking(False)
+                stream = trio.SocketStream(trio.socket.from_stdlib_socket(raw))
+                nursery.start_soon(self._admin_connection, stream)
+
+    def _admin_answer(self, path: str) -> tuple[int, bytes, bytes]:
+        rt = self.runtime
+        if path == "/healthz":
+            return 200, b"text/plain", b"ok\n"
+        if path == "/readyz":
+            return (
+                (200, b"text/plain", b"ready\n")
+                if self._ready
+                else (503, b"text/plain", b"draining\n")
+            )
+        if path == "/metrics":
+            return 200, b"text/plain; version=0.0.4", metrics.render()
+        if path == "/routes":
+            doc = [
+                {
+                    "name": r.config.name,
+                    "hosts": r.config.hosts,
+                    "path": r.config.path,
+                    "prefix": r.config.prefix,
+                    "methods": r.config.methods,
+                    "upstream": r.config.upstream,
+                    "chain": [f"{f.name} ({f.stage.name.lower()})" for f in r.chain.filters],
+                }
+                for r in rt.routes
+            ]
+            return 200, b"application/json", json.dumps(doc, indent=2).encode()
+        if path == "/upstreams":
+            doc2 = {name: pool.snapshot() for name, pool in rt.pools.items()}
+            return 200, b"application/json", json.dumps(doc2, indent=2).encode()
+        return 404, b"text/plain", b"not found\n"
+
+    async def _admin_connection(self, stream: trio.SocketStream) -> None:
+        h = h11.Connection(h11.SERVER)
+        try:
+            with trio.move_on_after(10):
+                while True:
+                    ev = h.next_event()
+                    if ev is h11.NEED_DATA:
+                        h.receive_data(await stream.receive_some(16384))
+                        continue
+                    if type(ev) is h11.Request:
+                        path = ev.target.split(b"?")[0].decode("latin-1")
+                        status, ctype, body = self._admin_answer(path)
+                        await stream.send_all(
+                            (
+                                h.send(
+                                    h11.Response(
+                                        status_code=status,
+                                        headers=[
+                                            (b"content-type", ctype),
+                                            (b"content-length", str(len(body)).encode()),
+                                            (b"connection", b"close"),
+                                        ],
+                                    )
+                                )
+                                or b""
+                            )
+                            + (h.send(h11.Data(data=body)) or b"")
+                            + (h.send(h11.EndOfMessage()) or b"")
+                        )
+                    break
+        except (h11.ProtocolError, trio.BrokenResourceError, OSError):
+            pass
+        finally:
+            stream.socket.close()

@@ -1,0 +1,104 @@
+"""One canonical path: what is routed, what filters see, and what is forwarded.
+
+``canonical_path(raw)`` removes dot segments, merges duplicate slashes and decodes
+percent-encoded unreserved characters (so ``/a/%2E%2E/b`` and ``/b`` are one path); it
+refuses, with :class:`~engine.errors.BadRequest`, encoded ``/``, ``\\`` and NUL (which
+upstreams decode differently), raw backslashes, malformed escapes and invalid UTF-8.
+Other escapes are kept, with upper-case hex, so the forwarded path means what it meant.
+"""
+
+from __future__ import annotations
+
+from engine.errors import BadRequest
+
+__all__ = ["canonical_path", "split_target"]
+
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_HEX = frozenset(b"0123456789ABCDEFabcdef")
+_FORBIDDEN_ESCAPES = {0x2F: "/", 0x5C: "\\", 0x00: "NUL"}
+
+
+def split_target(target: bytes) -> tuple[bytes, bytes]:
+    """``(path, query)`` of an origin-form request target; the query without ``?``."""
+    path, _sep, query = target.partition(b"?")
+    if b"#" in query:
+        query = query.split(b"#", 1)[0]
+    return path, query
+
+
+def canonical_path(raw: bytes) -> str:
+    """The canonical form of ``raw``, an origin-form path. Raises ``BadRequest``."""
+    if not raw.startswith(b"/"):
+        raise BadRequest("the request path must start with /")
+    # Fast path: most paths need no work at all.
+    if b"%" not in raw and b"//" not in raw and b"/." not in raw and b"\\" not in raw:
+        try:
+            return raw.decode("ascii")
+        except UnicodeDecodeError:
+            raise BadRequest("the request path has raw non-ASCII bytes") from None
+    if b"\\" in raw:
+        raise BadRequest("the request path contains a backslash")
+    decoded = _decode_unreserved(raw)
+    return _remove_dot_segments(decoded)
+
+
+def _decode_unreserved(raw: bytes) -> str:
+    out = bytearray()
+    utf8_check = bytearray()  # the fully decoded path, only to check it is valid UTF-8
+    i, n = 0, len(raw)
+    while i < n:
+        c = raw[i]
+        if c == 0x25:  # %
+            if i + 2 >= n:
+                raise BadRequest("malformed percent-escape in the request path")
+            h1, h2 = raw[i + 1], raw[i + 2]
+            if h1 not in _HEX or h2 not in _HEX:
+                raise BadRequest("malformed percent-escape in the request path")
+            value = int(raw[i + 1 : i + 3], 16)
+            if value in _FORBIDDEN_ESCAPES:
+                name = _FORBIDDEN_ESCAPES[value]
+                raise BadRequest(f"an encoded {name} is not allowed in the request path")
+            if value in _UNRESERVED:
+                out.append(value)
+            else:
+                out += b"%" + raw[i + 1 : i + 3].upper()
+            utf8_check.append(value)
+            i += 3
+        elif c >= 0x80:
+            raise BadRequest("the request path has raw non-ASCII bytes")
+        else:
+            out.append(c)
+            utf8_check.append(c)
+            i += 1
+    try:
+        utf8_check.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest("the request path is not valid UTF-8") from None
+    return out.decode("ascii")
+
+
+def _remove_dot_segments(path: str) -> str:
+    # RFC 3986 5.2.4 on segments, with empty segments (duplicate slashes) merged.
+    segments = path.split("/")
+    out: list[str] = []
+    for seg in segments[1:-1]:
+        if seg == "" or seg == ".":
+            continue
+        if seg == "..":
+            if out:
+                out.pop()
+            continue
+        out.append(seg)
+    last = segments[-1] if len(segments) > 1 else ""
+    trailing = ""
+    if last == "..":
+        if out:
+            out.pop()
+        trailing = "/"
+    elif last == ".":
+        trailing = "/"
+    elif last == "":
+        trailing = "/" if out else ""
+    else:
+        out.append(last)
+    return "/" + "/".join(out) + trailing if out else "/"

@@ -1,0 +1,261 @@
+"""Filter types, stages, and the per-route chain compiled once at config load.
+
+A filter type is a small class::
+
+    class AddHeader(Filter):
+        name, stage = "add-header", Stage.TRANSFORM
+        Config = AddHeaderConfig            # a dataclass: the config schema
+
+        def on_request(self, exchange: Exchange) -> None:
+            exchange.request.headers.set("x-hello", self.config.value)
+
+Phases (each optional, sync or async; which is which is decided once here, not per call):
+
+``on_request(exchange) -> Response | None``
+    Request side, in stage order. Returning a response (or setting
+    ``exchange.response``) answers the request: the remaining request phases and the
+    upstream call are skipped. Raising a :class:`~engine.errors.GatewayError` answers
+    with the gateway's error response.
+``on_response(exchange, response) -> None``
+    Response side, in reverse order, for every filter whose request phase ran (so a
+    401 or 429 made by a filter still passes through the filters before it). Changes
+    ``response`` in place.
+``around_upstream(exchange, call, call_next) -> Response``
+    Wraps every upstream call, proxied or made by a filter through
+    ``exchange.call_upstream``: the place for circuit breaking and retries.
+``on_log(exchange) -> None``
+    After the last byte was sent; exceptions are logged, never seen by the client.
+
+Lifecycle hooks, also optional: ``async setup()`` is awaited before the gateway serves
+with this config (e.g. a first JWKS fetch); ``async background()`` runs for as long as
+the instance is in use (e.g. refreshing keys) and is cancelled when a reload drops it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import inspect
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from engine.exchange import Exchange, Response, UpstreamCall
+
+__all__ = [
+    "FILTER_API_VERSION",
+    "Chain",
+    "EmptyConfig",
+    "Filter",
+    "FilterContext",
+    "Phase",
+    "Stage",
+    "compile_chain",
+]
+
+log = logging.getLogger("filtergate.chain")
+
+FILTER_API_VERSION = 1
+"""The filter API this engine implements; a filter type declares the one it was written for."""
+
+
+class Stage(enum.IntEnum):
+    """Where a filter type runs. The engine sorts by stage; config order breaks ties."""
+
+    EDGE = 10
+    AUTHENTICATE = 20
+    LIMIT = 30
+    TRANSFORM = 40
+    TERMINAL = 50
+
+
+@dataclass(frozen=True)
+class EmptyConfig:
+    """The config schema of a filter type that takes no options."""
+
+
+class FilterContext:
+    """What the engine gives a filter instance when it is made.
+
+    ``scope`` is ``"global"`` for an instance shared by routes using the plugin's global
+    config, else ``"route:NAME"``. ``logger`` is the instance's logger.
+    """
+
+    def __init__(self, filter_name: str, scope: str) -> None:
+        self.filter_name = filter_name
+        self.scope = scope
+        self.logger = logging.getLogger(f"filtergate.plugins.{filter_name}")
+
+
+class Filter:
+    """Base class for filter types (optional: any class with these attributes works).
+
+    Subclasses set ``name``, ``stage`` and ``Config``; ``api_version`` is the filter API
+    they were written for. ``needs_request_body`` / ``needs_response_body`` ask the engine
+    to buffer the whole body (up to ``[server] max_buffered_body``) before this filter's
+    phase runs; when the body is larger, ``request.body`` / ``response.body`` stay
+    ``None`` and the body keeps streaming.
+    """
+
+    name: ClassVar[str]
+    stage: ClassVar[Stage]
+    Config: ClassVar[type[Any]] = EmptyConfig
+    api_version: ClassVar[int] = FILTER_API_VERSION
+    needs_request_body: ClassVar[bool] = False
+    needs_response_body: ClassVar[bool] = False
+
+    def __init__(self, config: Any, context: FilterContext) -> None:
+        self.config = config
+        self.context = context
+
+
+PhaseFn = Callable[..., Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Phase:
+    """One bound phase method and whether it must be awaited."""
+
+    fn: PhaseFn
+    is_async: bool
+    filter: Any
+
+
+def _phase(instance: Any, name: str) -> Phase | None:
+    fn = getattr(instance, name, None)
+    if fn is None:
+        return None
+    is_async = inspect.iscoroutinefunction(fn)
+    if name == "around_upstream" and not is_async:
+        raise TypeError(f"filter {instance.name!r}: around_upstream must be async")
+    return Phase(fn, is_async, instance)
+
+
+CallNext = Callable[[UpstreamCall], Awaitable[Response]]
+
+
+@dataclass(slots=True)
+class Chain:
+    """The compiled filter chain of one route; lists built once, run per request."""
+
+    filters: list[Any]
+    request: list[Phase]
+    response: list[Phase]  # indexed like ``request`` positions: see ``response_for``
+    around: list[Phase]
+    log: list[Phase]
+    request_body_at: int | None  # index into ``filters`` of the first body-needing filter
+    needs_response_body: bool
+    _response_by_depth: list[list[Phase]] = dataclasses.field(default_factory=list)
+
+    def response_for(self, depth: int) -> list[Phase]:
+        """Response phases, reversed, of the first ``depth`` filters of the chain."""
+        return self._response_by_depth[depth]
+
+    @property
+    def names(self) -> list[str]:
+        return [f.name for f in self.filters]
+
+
+def compile_chain(filters: list[Any]) -> Chain:
+    """A :class:`Chain` for filter instances, sorted by stage (stable: ties keep order)."""
+    ordered = sorted(filters, key=lambda f: int(f.stage))
+    request = [p for f in ordered if (p := _phase(f, "on_request"))]
+    around = [p for f in ordered if (p := _phase(f, "around_upstream"))]
+    log_phases = [p for f in ordered if (p := _phase(f, "on_log"))]
+    by_depth: list[list[Phase]] = []
+    for depth in range(len(ordered) + 1):
+        phases = [p for f in ordered[:depth] if (p := _phase(f, "on_response"))]
+        by_depth.append(list(reversed(phases)))
+    body_at = next(
+        (i for i, f in enumerate(ordered) if getattr(f, "needs_request_body", False)), None
+    )
+    return Chain(
+        filters=ordered,
+        request=request,
+        response=by_depth[-1],
+        around=around,
+        log=log_phases,
+        request_body_at=body_at,
+        needs_response_body=any(getattr(f, "needs_response_body", False) for f in ordered),
+        _response_by_depth=by_depth,
+    )
+
+
+async def run_request_phases(
+    chain: Chain,
+    exchange: Exchange,
+    buffer_request_body: Callable[[], Awaitable[None]] | None = None,
+) -> tuple[Response | None, int]:
+    """Run the request side; returns ``(answer or None, depth reached)``.
+
+    ``depth`` counts the filters whose request side ran (including one that answered
+    or raised), so the caller runs ``chain.response_for(depth)``. Exceptions propagate
+    with ``exchange.stash``-independent depth available as ``exc.filter_depth``.
+    """
+    filters = chain.filters
+    body_at = chain.request_body_at
+    depth = 0
+    phases = chain.request
+    pi = 0
+    n_phases = len(phases)
+    for i, f in enumerate(filters):
+        depth = i + 1
+        if body_at == i and buffer_request_body is not None:
+            try:
+                await buffer_request_body()
+            except BaseException as e:
+                e.filter_depth = depth  # type: ignore[attr-defined]
+                raise
+        if pi < n_phases and phases[pi].filter is f:
+            phase = phases[pi]
+            pi += 1
+            try:
+                r = phase.fn(exchange)
+                if phase.is_async:
+                    r = await r
+            except BaseException as e:
+                e.filter_depth = depth  # type: ignore[attr-defined]
+                raise
+            if r is None:
+                r = exchange.response
+            if r is not None:
+                return r, depth
+    return None, depth
+
+
+async def run_response_phases(phases: list[Phase], exchange: Exchange, response: Response) -> None:
+    """Run ``on_response`` phases (already reversed) on ``response``."""
+    for phase in phases:
+        r = phase.fn(exchange, response)
+        if phase.is_async:
+            await r
+
+
+def run_log_phases(chain: Chain, exchange: Exchange) -> list[Awaitable[None]]:
+    """Call sync log phases now; return the awaitables of async ones for the caller."""
+    pending: list[Awaitable[None]] = []
+    for phase in chain.log:
+        try:
+            r = phase.fn(exchange)
+            if phase.is_async:
+                pending.append(r)
+        except Exception:
+            log.exception("on_log of filter %r failed", phase.filter.name)
+    return pending
+
+
+def wrap_upstream(
+    phases: list[Phase], exchange: Exchange, send: CallNext, start: int = 0
+) -> CallNext:
+    """``send`` wrapped by the ``around_upstream`` phases from index ``start`` on."""
+    if start >= len(phases):
+        return send
+    phase = phases[start]
+    inner = wrap_upstream(phases, exchange, send, start + 1)
+
+    async def call(c: UpstreamCall) -> Response:
+        r: Response = await phase.fn(exchange, c, inner)
+        return r
+
+    return call

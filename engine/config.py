@@ -1,0 +1,346 @@
+"""gateway.toml, read into frozen, typed objects.
+
+Every section is a dataclass; :func:`engine.schema.build` checks each value and names
+the key path in its error. Each default says why it is what it is. Cross-references
+(a route naming an upstream, a plugin name) are checked by :func:`load` too, so
+``filtergate check`` catches everything ``filtergate run`` would refuse.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from engine.schema import ByteSize, ConfigError, Duration, Invalid, build
+
+__all__ = [
+    "AdminConfig",
+    "Config",
+    "ConfigError",
+    "DiscoveryConfig",
+    "HealthCheckConfig",
+    "OutlierConfig",
+    "RouteConfig",
+    "ServerConfig",
+    "TargetConfig",
+    "UpstreamConfig",
+    "load",
+    "load_file",
+    "parse_address",
+]
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+def parse_address(value: str, default_port: int | None = None) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` as ``(host, port)``; raises ``ValueError``."""
+    m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d{1,5})|([^\s:\[\]]+):(\d{1,5})", value)
+    if m is None:
+        if default_port is not None and re.fullmatch(r"[^\s:/\[\]]+", value):
+            return value, default_port
+        raise ValueError(f'expected "host:port" (IPv6 as "[::1]:8080"), got {value!r}')
+    host = m.group(1) or m.group(3)
+    port = int(m.group(2) or m.group(4))
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port out of range in {value!r}")
+    return host, port
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    cert: str = field(metadata={"doc": "PEM certificate chain file"})
+    key: str = field(metadata={"doc": "PEM private key file"})
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    # Loopback unless told otherwise: a gateway must be exposed on purpose.
+    listen: list[str] = field(default_factory=lambda: ["127.0.0.1:8080"])
+    # One process is the baseline; more share the port through SO_REUSEPORT.
+    workers: int = 1
+    # CIDRs whose X-Forwarded-* / X-Request-Id the gateway believes; none by default.
+    trusted_proxies: list[str] = field(default_factory=list)
+    # 16 KiB is h11's default and sits between nginx (8 KiB per line) and Node (16 KiB).
+    max_head_size: ByteSize = ByteSize(16 * KiB)
+    # Envoy's default; real browsers send 10-20.
+    max_header_count: int = 100
+    # Large enough for JSON APIs and uploads of modest files; raise it per route.
+    max_body_size: ByteSize = ByteSize(10 * MiB)
+    # What a filter that needs a whole body may hold in memory per request.
+    max_buffered_body: ByteSize = ByteSize(1 * MiB)
+    # Slowloris defence: the whole request head must arrive within this.
+    head_timeout: Duration = Duration(10.0)
+    # Longest silence while a request body is arriving.
+    body_timeout: Duration = Duration(30.0)
+    # Idle keep-alive connections are closed after this (nginx uses 75 s).
+    keepalive_timeout: Duration = Duration(60.0)
+    # A client that reads nothing for this long is cut off.
+    write_timeout: Duration = Duration(30.0)
+    # SIGTERM: requests in flight get this long to finish.
+    shutdown_timeout: Duration = Duration(15.0)
+    # Unread request body the gateway drains to keep a connection after answering early.
+    drain_limit: ByteSize = ByteSize(64 * KiB)
+    request_id_header: str = "x-request-id"
+    # The pseudonym in Via: never the host name, which would reveal topology.
+    via: str = "filtergate"
+    tls: TlsConfig | None = None
+    # Accepted connections per scheduler pass are drained in a batch; this caps it.
+    accept_batch: int = 256
+
+    def __post_init__(self) -> None:
+        if not self.listen:
+            raise Invalid("listen", "at least one address is needed")
+        for i, addr in enumerate(self.listen):
+            try:
+                parse_address(addr)
+            except ValueError as e:
+                raise Invalid(f"listen[{i}]", str(e)) from None
+        for i, cidr in enumerate(self.trusted_proxies):
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise Invalid(f"trusted_proxies[{i}]", f"not an IP network: {cidr!r}") from None
+        if self.workers < 1:
+            raise Invalid("workers", "must be at least 1")
+        if self.max_header_count < 1:
+            raise Invalid("max_header_count", "must be at least 1")
+        if self.max_head_size < 1024:
+            raise Invalid("max_head_size", "must be at least 1KiB")
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    # Loopback only: metrics and route tables are for operators, not the internet.
+    listen: str = "127.0.0.1:9901"
+    enabled: bool = True
+
+    def __post_init__(self) -> None:
+        try:
+            parse_address(self.listen)
+        except ValueError as e:
+            raise Invalid("listen", str(e)) from None
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    address: str
+    weight: int = 1
+
+    def __post_init__(self) -> None:
+        try:
+            parse_address(self.address)
+        except ValueError as e:
+            raise Invalid("address", str(e)) from None
+        if self.weight < 1:
+            raise Invalid("weight", "must be at least 1")
+
+
+@dataclass(frozen=True)
+class HealthCheckConfig:
+    path: str = "/healthz"
+    interval: Duration = Duration(5.0)
+    timeout: Duration = Duration(1.0)
+    # Two successes to come back, three failures to go out: one blip changes nothing.
+    healthy_threshold: int = 2
+    unhealthy_threshold: int = 3
+    expected_statuses: list[int] = field(default_factory=lambda: list(range(200, 400)))
+
+    def __post_init__(self) -> None:
+        if not self.path.startswith("/"):
+            raise Invalid("path", 'must start with "/"')
+        if self.interval <= 0:
+            raise Invalid("interval", "must be positive")
+        if self.healthy_threshold < 1:
+            raise Invalid("healthy_threshold", "must be at least 1")
+        if self.unhealthy_threshold < 1:
+            raise Invalid("unhealthy_threshold", "must be at least 1")
+
+
+@dataclass(frozen=True)
+class OutlierConfig:
+    # Five in a row, as Envoy: one failed request says little about a target.
+    consecutive_failures: int = 5
+    # Ejection lasts base_ejection times the number of times the target was ejected.
+    base_ejection: Duration = Duration(30.0)
+    max_ejection: Duration = Duration(300.0)
+    # Never eject more than this share of a pool, so an outage cannot empty it.
+    max_ejected_percent: int = 50
+    # Statuses that count as a failure (besides connect errors and timeouts).
+    failure_statuses: list[int] = field(default_factory=lambda: [500, 502, 503, 504])
+
+    def __post_init__(self) -> None:
+        if self.consecutive_failures < 1:
+            raise Invalid("consecutive_failures", "must be at least 1")
+        if not 0 <= self.max_ejected_percent <= 100:
+            raise Invalid("max_ejected_percent", "must be between 0 and 100")
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    targets: list[str | TargetConfig]
+    balance: Literal["round_robin", "least_conn", "random"] = "round_robin"
+    # Envoy's default; a healthy service on a LAN accepts in well under a millisecond.
+    connect_timeout: Duration = Duration(5.0)
+    # Longest wait for the response head, and longest silence inside a response body.
+    read_timeout: Duration = Duration(60.0)
+    # Longest time to hand the request body to a target that stopped reading.
+    write_timeout: Duration = Duration(60.0)
+    # Whole call, head to last byte; 0 means no limit beyond the others.
+    timeout: Duration = Duration(0.0)
+    # Idle keep-alive connections kept per target.
+    pool_max_idle: int = 64
+    # Shorter than the keep-alive timeout of common servers (hypercorn 5 s is shorter:
+    # a stale connection is detected before reuse and never costs a request).
+    pool_idle_timeout: Duration = Duration(30.0)
+    # A target that refused a connection is skipped for this long.
+    eject_cooldown: Duration = Duration(10.0)
+    health_check: HealthCheckConfig | None = None
+    outlier: OutlierConfig | None = None
+    # Host header sent upstream when a route does not preserve the client's.
+    host_header: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.targets:
+            raise Invalid("targets", "at least one target is needed")
+        for i, t in enumerate(self.targets):
+            if isinstance(t, str):
+                try:
+                    parse_address(t)
+                except ValueError as e:
+                    raise Invalid(f"targets[{i}]", str(e)) from None
+        if self.pool_max_idle < 0:
+            raise Invalid("pool_max_idle", "must not be negative")
+
+    @property
+    def target_list(self) -> list[TargetConfig]:
+        return [TargetConfig(t) if isinstance(t, str) else t for t in self.targets]
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    name: str = ""
+    hosts: list[str] = field(default_factory=list)
+    path: str | None = None
+    prefix: str | None = None
+    methods: list[str] = field(default_factory=list)
+    headers: dict[str, str] = field(default_factory=dict)
+    query: dict[str, str] = field(default_factory=dict)
+    upstream: str | None = None
+    strip_prefix: bool = False
+    rewrite: str | None = None
+    preserve_host: bool = False
+    connect_timeout: Duration | None = None
+    read_timeout: Duration | None = None
+    timeout: Duration | None = None
+    max_body_size: ByteSize | None = None
+    allow_absolute_form: bool = False
+    plugins: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.path is not None and self.prefix is not None:
+            raise Invalid("prefix", 'give either "path" or "prefix", not both')
+        pattern = self.path if self.path is not None else self.prefix
+        key = "path" if self.path is not None else "prefix"
+        if pattern is not None:
+            if not pattern.startswith("/"):
+                raise Invalid(key, 'must start with "/"')
+            names = re.findall(r"\{([^}]*)\}", pattern)
+            for n in names:
+                if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", n):
+                    raise Invalid(key, f"capture name {n!r} is not an identifier")
+            if len(set(names)) != len(names):
+                raise Invalid(key, "a capture name is used twice")
+            for seg in pattern.split("/"):
+                if "{" in seg and not re.fullmatch(r"\{[A-Za-z_][A-Za-z0-9_]*\}", seg):
+                    raise Invalid(key, f"a capture must be a whole segment: {seg!r}")
+        for i, m in enumerate(self.methods):
+            if not re.fullmatch(r"[A-Z]+", m):
+                raise Invalid(f"methods[{i}]", f"expected an upper-case method, got {m!r}")
+        for i, h in enumerate(self.hosts):
+            if not re.fullmatch(r"(\*\.)?[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:\d+)?", h):
+                raise Invalid(
+                    f"hosts[{i}]", f'expected "api.example.com" or "*.example.com", got {h!r}'
+                )
+        if self.strip_prefix and self.prefix is None:
+            raise Invalid("strip_prefix", 'needs "prefix"')
+        if self.rewrite is not None and not self.rewrite.startswith("/"):
+            raise Invalid("rewrite", 'must start with "/"')
+
+    @property
+    def pattern(self) -> str:
+        if self.path is not None:
+            return self.path
+        return self.prefix if self.prefix is not None else "/"
+
+    @property
+    def is_prefix(self) -> bool:
+        return self.path is None
+
+
+@dataclass(frozen=True)
+class DiscoveryConfig:
+    # Plugin names (built-in module or entry-point names) that must not be loaded.
+    blocked: list[str] = field(default_factory=list)
+    # Third-party plugins from the "filtergate" entry-point group.
+    entry_points: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
+    upstreams: dict[str, UpstreamConfig] = field(default_factory=dict)
+    routes: list[RouteConfig] = field(default_factory=list)
+    plugins: dict[str, dict[str, Any]] = field(default_factory=dict)
+    source: str = "<memory>"
+
+
+def load(data: dict[str, Any], source: str = "<memory>") -> Config:
+    """A checked :class:`Config` from parsed TOML. Raises :class:`ConfigError`."""
+    data = dict(data)
+    data["source"] = source
+    config = build(Config, data)
+    names: set[str] = set()
+    routes = []
+    for i, route in enumerate(config.routes):
+        path = f"routes[{i}]"
+        if not route.name:
+            route = _replace(route, name=f"routes[{i}]")
+        if route.name in names:
+            raise ConfigError(f"{path}.name", f"duplicate route name {route.name!r}")
+        names.add(route.name)
+        if route.upstream is not None and route.upstream not in config.upstreams:
+            known = ", ".join(sorted(config.upstreams)) or "none defined"
+            raise ConfigError(
+                f"{path}.upstream", f"no upstream named {route.upstream!r} (known: {known})"
+            )
+        routes.append(route)
+    result: Config = _replace(config, routes=routes)
+    return result
+
+
+def _replace(obj: Any, **changes: Any) -> Any:
+    import dataclasses
+
+    return dataclasses.replace(obj, **changes)
+
+
+def load_file(path: str | Path) -> Config:
+    """Read and check a gateway.toml. Raises :class:`ConfigError`."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ConfigError("", f"cannot read {p}: {e.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError("", f"{p}: not valid TOML: {e}") from None
+    config: Config = load(data, source=str(p))
+    return config

@@ -1,0 +1,309 @@
+"""What filters see: the request, the response, and the exchange that carries both.
+
+These are plain objects made once per request; their fields are the documented filter API
+(see "Writing a plugin" in the README). Header names are lowercase ``bytes`` and values
+``bytes`` everywhere, as h11 gives them; the helpers also accept ``str``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
+from urllib.parse import parse_qs
+
+if TYPE_CHECKING:
+    from engine.config import RouteConfig
+
+__all__ = [
+    "BodyStream",
+    "Exchange",
+    "Headers",
+    "Identity",
+    "Request",
+    "Response",
+    "Stash",
+    "StashKey",
+    "Timings",
+    "TlsInfo",
+    "UpstreamCall",
+]
+
+T = TypeVar("T")
+
+
+def _b(name: bytes | str) -> bytes:
+    return name.lower() if isinstance(name, bytes) else name.lower().encode("latin-1")
+
+
+_TOKEN = re.compile(rb"^[-!#$%&'*+.^_`|~0-9a-z]+$")
+_BAD_VALUE = re.compile(rb"[\x00\r\n]")
+
+
+def _field(name: bytes | str, value: bytes | str) -> tuple[bytes, bytes]:
+    # The engine forwards header fields without re-validating them (h11 validated what
+    # it parsed), so every field a filter adds is checked here, once: a value built from
+    # a query parameter must never smuggle a CR LF into the upstream request.
+    key = _b(name)
+    val = value if isinstance(value, bytes) else value.encode()
+    if not _TOKEN.match(key):
+        raise ValueError(f"invalid header name {key!r}")
+    if _BAD_VALUE.search(val):
+        raise ValueError(f"invalid header value for {key!r}: contains CR, LF or NUL")
+    return key, val.strip(b" \t")
+
+
+class Headers:
+    """An ordered multi-map of header fields: ``(lowercase name, value)`` byte pairs."""
+
+    __slots__ = ("items",)
+
+    def __init__(self, items: list[tuple[bytes, bytes]] | None = None) -> None:
+        self.items: list[tuple[bytes, bytes]] = items if items is not None else []
+
+    def get(self, name: bytes | str, default: bytes | None = None) -> bytes | None:
+        """The first value of ``name``, or ``default``."""
+        key = _b(name)
+        for n, v in self.items:
+            if n == key:
+                return v
+        return default
+
+    def get_all(self, name: bytes | str) -> list[bytes]:
+        key = _b(name)
+        return [v for n, v in self.items if n == key]
+
+    def count(self, name: bytes | str) -> int:
+        key = _b(name)
+        return sum(1 for n, _ in self.items if n == key)
+
+    def add(self, name: bytes | str, value: bytes | str) -> None:
+        """Append a field, keeping any existing ones of the same name.
+
+        Raises ``ValueError`` for a name that is not a token or a value with CR, LF or NUL.
+        """
+        self.items.append(_field(name, value))
+
+    def set(self, name: bytes | str, value: bytes | str) -> None:
+        """Replace every field named ``name`` by one with ``value``."""
+        field = _field(name, value)
+        self.items = [(n, v) for n, v in self.items if n != field[0]]
+        self.items.append(field)
+
+    def remove(self, name: bytes | str) -> int:
+        """Remove every field named ``name``; returns how many were removed."""
+        key = _b(name)
+        before = len(self.items)
+        self.items = [(n, v) for n, v in self.items if n != key]
+        return before - len(self.items)
+
+    def remove_where(self, predicate: Callable[[bytes], bool]) -> int:
+        """Remove every field whose (lowercase) name matches ``predicate``."""
+        before = len(self.items)
+        self.items = [(n, v) for n, v in self.items if not predicate(n)]
+        return before - len(self.items)
+
+    def __contains__(self, name: object) -> bool:
+        if not isinstance(name, bytes | str):
+            return False
+        key = _b(name)
+        return any(n == key for n, _ in self.items)
+
+    def __iter__(self) -> Iterator[tuple[bytes, bytes]]:
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __repr__(self) -> str:
+        return f"Headers({self.items!r})"
+
+
+class BodyStream(Protocol):
+    """A body that arrives in chunks; iterate it once, or close it to abandon it."""
+
+    def __aiter__(self) -> AsyncIterator[bytes]: ...
+
+    async def aclose(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class TlsInfo:
+    version: str
+    cipher: str
+    server_name: str | None
+    alpn: str | None
+
+
+@dataclass(slots=True)
+class Request:
+    """The client's request as the gateway will forward it.
+
+    ``path`` is the canonical path (dot segments removed, duplicate slashes merged,
+    unreserved characters decoded): the path that was routed and that is forwarded.
+    ``client`` is the real client address (honouring ``trusted_proxies``); ``peer`` is
+    the TCP peer. ``body`` is set only on routes whose filters asked for the whole body.
+    """
+
+    method: bytes
+    path: str
+    raw_query: bytes
+    headers: Headers
+    http_version: bytes
+    client: str
+    peer: tuple[str, int]
+    scheme: str = "http"
+    tls: TlsInfo | None = None
+    body: bytes | None = None
+    _query: dict[str, list[str]] | None = None
+
+    @property
+    def query(self) -> dict[str, list[str]]:
+        """Query parameters, parsed once on first use."""
+        if self._query is None:
+            self._query = parse_qs(self.raw_query.decode("latin-1"), keep_blank_values=True)
+        return self._query
+
+    @property
+    def target(self) -> bytes:
+        """The request target as forwarded: canonical path plus query."""
+        path = self.path.encode()
+        return path + b"?" + self.raw_query if self.raw_query else path
+
+
+@dataclass(slots=True)
+class Response:
+    """A response on its way to the client.
+
+    Exactly one of ``body`` (the whole body, set by a filter, the gateway, or buffered
+    for a filter that declared ``needs_response_body``) or ``stream`` (the upstream's
+    body, relayed chunk by chunk) carries the body; both ``None`` means no body. When a
+    filter replaces ``body``, the engine recomputes ``Content-Length``.
+    """
+
+    status: int
+    headers: Headers = field(default_factory=Headers)
+    body: bytes | None = None
+    stream: BodyStream | None = None
+    reason: bytes = b""
+
+    async def aclose(self) -> None:
+        """Abandon a streamed body (its upstream connection is not reused)."""
+        if self.stream is not None:
+            stream, self.stream = self.stream, None
+            await stream.aclose()
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who the caller is, as verified by an authenticate-stage filter."""
+
+    consumer: str
+    groups: tuple[str, ...] = ()
+    scopes: tuple[str, ...] = ()
+    claims: Mapping[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+
+class StashKey(Generic[T]):
+    """A typed key into :class:`Stash`; create one per value at module level."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"StashKey({self.name!r})"
+
+
+class Stash:
+    """Values filters pass to later filters, keyed by :class:`StashKey` for typing."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self) -> None:
+        self._data: dict[StashKey[Any], Any] = {}
+
+    def __setitem__(self, key: StashKey[T], value: T) -> None:
+        self._data[key] = value
+
+    def __getitem__(self, key: StashKey[T]) -> T:
+        return self._data[key]  # type: ignore[no-any-return]
+
+    def get(self, key: StashKey[T], default: T | None = None) -> T | None:
+        return self._data.get(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._data
+
+
+@dataclass(slots=True)
+class Timings:
+    """``trio.current_time()`` stamps of one exchange; ``None`` until reached."""
+
+    start: float
+    routed: float | None = None
+    upstream_start: float | None = None
+    upstream_headers: float | None = None
+    end: float | None = None
+
+
+@dataclass(slots=True)
+class UpstreamCall:
+    """One call to an upstream, as ``around_upstream`` filters see and may change it.
+
+    ``body`` is ``None`` (no body), ``bytes`` (buffered: the call can be replayed) or a
+    stream (the client's body, forwarded as it arrives: not replayable once started).
+    ``exclude`` holds targets (``host:port``) a retry should avoid; ``target_address``
+    is set by the pool to the target it picked. ``body_length`` is the length of a
+    streamed body when known (else it is sent chunked). ``timeout`` bounds the whole call.
+    """
+
+    upstream: str
+    method: bytes
+    target: bytes
+    headers: Headers
+    body: bytes | BodyStream | None = None
+    timeout: float | None = None
+    attempt: int = 0
+    exclude: set[str] = field(default_factory=set)
+    target_address: str | None = None
+    body_started: bool = False
+    body_length: int | None = None
+
+    @property
+    def replayable(self) -> bool:
+        """Whether sending this call again cannot lose or duplicate body bytes."""
+        return self.body is None or isinstance(self.body, bytes) or not self.body_started
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One request and its response, passed to every phase of every filter."""
+
+    request: Request
+    request_id: str
+    timings: Timings
+    route: RouteConfig | None = None
+    captures: dict[str, str] = field(default_factory=dict)
+    identity: Identity | None = None
+    stash: Stash = field(default_factory=Stash)
+    response: Response | None = None
+    error: Exception | None = None
+    upstream_target: str | None = None
+    bytes_sent: int = 0
+    caller: Callable[[Exchange, UpstreamCall], Awaitable[Response]] | None = None
+
+    async def call_upstream(self, call: UpstreamCall) -> Response:
+        """Send ``call`` through the route's ``around_upstream`` filters and the pool.
+
+        The response's body streams: read it (``async for chunk in response.stream``)
+        or ``await response.aclose()``. Raises the gateway errors of the upstream layer
+        (:class:`~engine.errors.UpstreamUnreachable`, :class:`~engine.errors.UpstreamTimeout`,
+        :class:`~engine.errors.NoHealthyTarget`, :class:`~engine.errors.CircuitOpen` ...).
+        """
+        if self.caller is None:
+            raise RuntimeError("this exchange is not attached to a running gateway")
+        return await self.caller(self, call)

@@ -1,0 +1,241 @@
+"""A loaded config, compiled: router, per-route chains, upstream pools.
+
+:func:`compile_runtime` does all the work that does not depend on a request: plugin
+configs are validated, filter instances made, chains sorted by stage, routes indexed.
+A reload compiles a new :class:`Runtime` beside the old one; filter instances and pools
+whose config did not change are carried over, so their state (limiter counters, breaker
+states, key sets, warm connections) survives.
+
+Plugin config merge rule: ``[plugins.NAME]`` enables NAME on every route (unless it
+says ``enabled = false``, which only sets defaults); ``[routes.plugins.NAME]`` enables
+it on one route, its keys override the global ones key by key, and ``enabled = false``
+switches it off for that route. A route whose effective config equals the global one
+shares the global instance (and its state); one with overrides gets its own.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.chain import Chain, FilterContext, compile_chain, wrap_upstream
+from engine.config import Config, RouteConfig
+from engine.errors import BadGateway
+from engine.exchange import Exchange, Response, UpstreamCall
+from engine.plugins import Registry
+from engine.router import Router
+from engine.schema import ConfigError, build
+from engine.upstream import Pool
+
+__all__ = ["RouteRuntime", "Runtime", "compile_runtime", "effective_plugin_configs"]
+
+log = logging.getLogger("filtergate.gateway")
+
+
+@dataclass(slots=True)
+class RouteRuntime:
+    """Everything the engine needs per request for one route, built at load."""
+
+    config: RouteConfig
+    chain: Chain
+    pool: Pool | None
+    max_body_size: int
+    rewrite: list[tuple[bool, str]] | None  # (is_capture, text) parts
+    connect_timeout: float | None
+    read_timeout: float | None
+    timeout: float | None
+    host_header: bytes | None
+    pools: dict[str, Pool]
+
+    async def call_upstream(self, exchange: Exchange, call: UpstreamCall) -> Response:
+        """A call a filter makes (``exchange.call_upstream``): around filters, then pool."""
+        pool = self.pools.get(call.upstream)
+        if pool is None:
+            raise BadGateway(f"no upstream named {call.upstream!r}")
+        pools = self.pools
+
+        async def send(c: UpstreamCall) -> Response:
+            return await pools.get(c.upstream, pool).send(c)
+
+        if self.chain.around:
+            return await wrap_upstream(self.chain.around, exchange, send)(call)
+        return await send(call)
+
+
+@dataclass(slots=True)
+class Runtime:
+    """One config, compiled. Replaced as a whole on reload."""
+
+    config: Config
+    registry: Registry
+    router: Router[RouteRuntime]
+    routes: list[RouteRuntime]
+    pools: dict[str, Pool]
+    instances: dict[tuple[str, str, str], Any]
+    trusted: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
+    router_needs_query: bool
+    _trusted_cache: dict[str, bool] = field(default_factory=dict)
+
+    def is_trusted(self, address: str) -> bool:
+        """Whether ``address`` is in ``[server] trusted_proxies``."""
+        if not self.trusted:
+            return False
+        hit = self._trusted_cache.get(address)
+        if hit is None:
+            try:
+                ip = ipaddress.ip_address(address)
+                hit = any(ip in net for net in self.trusted)
+            except ValueError:
+                hit = False
+            if len(self._trusted_cache) > 10_000:
+                self._trusted_cache.clear()
+            self._trusted_cache[address] = hit
+        return hit
+
+
+def _compile_rewrite(template: str | None) -> list[tuple[bool, str]] | None:
+    if template is None:
+        return None
+    parts: list[tuple[bool, str]] = []
+    pos = 0
+    for m in re.finditer(r"\{([A-Za-z_][A-Za-z0-9_]*)\}", template):
+        if m.start() > pos:
+            parts.append((False, template[pos : m.start()]))
+        parts.append((True, m.group(1)))
+        pos = m.end()
+    if pos < len(template):
+        parts.append((False, template[pos:]))
+    return parts
+
+
+def effective_plugin_configs(
+    config: Config, route_index: int
+) -> list[tuple[str, dict[str, Any], str, str]]:
+    """``(name, effective table, scope, path)`` of each plugin enabled on a route.
+
+    In config order: global plugins first, then the route's own. ``scope`` is
+    ``"global"`` when the route uses the global table unchanged, else ``route:NAME``.
+    """
+    route = config.routes[route_index]
+    out: list[tuple[str, dict[str, Any], str, str]] = []
+    seen = set()
+    for name, table in config.plugins.items():
+        seen.add(name)
+        base = {k: v for k, v in table.items() if k != "enabled"}
+        enabled = table.get("enabled", True)
+        override = route.plugins.get(name)
+        if override is not None:
+            enabled = override.get("enabled", True)
+            changes = {k: v for k, v in override.items() if k != "enabled"}
+            if changes:
+                if enabled:
+                    merged = {**base, **changes}
+                    out.append((name, merged, f"route:{route.name}", f"routes[{route_index}]"))
+                continue
+        if enabled:
+            out.append((name, base, "global", ""))
+    for name, table in route.plugins.items():
+        if name in seen:
+            continue
+        if table.get("enabled", True):
+            changes = {k: v for k, v in table.items() if k != "enabled"}
+            out.append((name, changes, f"route:{route.name}", f"routes[{route_index}]"))
+    return out
+
+
+def _check_enabled_key(path: str, table: dict[str, Any]) -> None:
+    if "enabled" in table and not isinstance(table["enabled"], bool):
+        raise ConfigError(f"{path}.enabled", f"expected true or false, got {table['enabled']!r}")
+
+
+def compile_runtime(config: Config, registry: Registry, previous: Runtime | None = None) -> Runtime:
+    """Compile ``config``; raises :class:`ConfigError` naming the path of any problem."""
+    old_instances = previous.instances if previous else {}
+    instances: dict[tuple[str, str, str], Any] = {}
+    for name, table in config.plugins.items():
+        _check_enabled_key(f"plugins.{name}", table)
+        if registry.get(name) is None:
+            raise ConfigError(f"plugins.{name}", _unknown_plugin(name, registry))
+    for i, route in enumerate(config.routes):
+        for name, table in route.plugins.items():
+            _check_enabled_key(f"routes[{i}].plugins.{name}", table)
+            if registry.get(name) is None:
+                raise ConfigError(f"routes[{i}].plugins.{name}", _unknown_plugin(name, registry))
+
+    # Pools: reuse the old pool when its upstream config is unchanged (warm connections,
+    # health and ejection state survive a reload).
+    pools: dict[str, Pool] = {}
+    for name, ucfg in config.upstreams.items():
+        old = previous.pools.get(name) if previous else None
+        pools[name] = old if old is not None and old.config == ucfg else Pool(name, ucfg)
+
+    routes: list[RouteRuntime] = []
+    for i, route in enumerate(config.routes):
+        filters = []
+        for name, table, scope, route_path in effective_plugin_configs(config, i):
+            info = registry.filters[name]
+            cls = info.type
+            cfg_path = f"{route_path}.plugins.{name}" if route_path else f"plugins.{name}"
+            try:
+                cfg = build(cls.Config, table, cfg_path)
+            except ConfigError as e:
+                if route_path and e.path.startswith(cfg_path + "."):
+                    key = e.path[len(cfg_path) + 1 :].split(".")[0].split("[")[0]
+                    if key not in route.plugins.get(name, {}):
+                        # The bad key came from the global table: say so.
+                        raise ConfigError(
+                            f"plugins.{name}.{e.path[len(cfg_path) + 1 :]}", e.message
+                        ) from None
+                raise
+            ikey = (name, scope, repr(cfg))
+            instance = instances.get(ikey) or old_instances.get(ikey)
+            if instance is None:
+                instance = cls(cfg, FilterContext(name, scope))
+            instances[ikey] = instance
+            filters.append(instance)
+        chain = compile_chain(filters)
+        has_terminal = any(int(f.stage) >= 50 for f in chain.filters)
+        if route.upstream is None and not has_terminal:
+            raise ConfigError(
+                f"routes[{i}]", 'needs "upstream" (or a terminal plugin such as aggregate)'
+            )
+        pool = pools[route.upstream] if route.upstream else None
+        host_header = None
+        if pool is not None and pool.config.host_header:
+            host_header = pool.config.host_header.encode()
+        routes.append(
+            RouteRuntime(
+                config=route,
+                chain=chain,
+                pool=pool,
+                max_body_size=route.max_body_size
+                if route.max_body_size is not None
+                else config.server.max_body_size,
+                rewrite=_compile_rewrite(route.rewrite),
+                connect_timeout=route.connect_timeout,
+                read_timeout=route.read_timeout,
+                timeout=route.timeout,
+                host_header=host_header,
+                pools=pools,
+            )
+        )
+    router = Router([(r.config, r) for r in routes])
+    trusted = [ipaddress.ip_network(c, strict=False) for c in config.server.trusted_proxies]
+    return Runtime(
+        config=config,
+        registry=registry,
+        router=router,
+        routes=routes,
+        pools=pools,
+        instances=instances,
+        trusted=trusted,
+        router_needs_query=any(r.query for r in config.routes),
+    )
+
+
+def _unknown_plugin(name: str, registry: Registry) -> str:
+    known = ", ".join(sorted(registry.filters)) or "none"
+    return f"no filter type named {name!r} (known: {known})"

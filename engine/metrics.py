@@ -1,0 +1,102 @@
+"""Process-wide counters and gauges, rendered in the Prometheus text format.
+
+Plugins count events here (``counter("filtergate_jwt_failures_total", "...",
+("reason",)).inc(reason="expired")``); the admin listener serves :func:`render`.
+Metrics are created once (at import or config load) and incremented per request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+__all__ = ["Counter", "Gauge", "counter", "gauge", "render"]
+
+
+class _Metric:
+    kind = "untyped"
+
+    def __init__(self, name: str, help: str, labels: tuple[str, ...]) -> None:
+        self.name = name
+        self.help = help
+        self.labels = labels
+        self.values: dict[tuple[str, ...], float] = {}
+
+    def _key(self, labels: dict[str, str]) -> tuple[str, ...]:
+        if len(labels) != len(self.labels):
+            raise ValueError(f"{self.name} takes labels {self.labels}, got {sorted(labels)}")
+        return tuple(str(labels[k]) for k in self.labels)
+
+    def value(self, **labels: str) -> float:
+        return self.values.get(self._key(labels), 0.0)
+
+    def render(self) -> list[str]:
+        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
+        for key, v in sorted(self.values.items()):
+            if key:
+                inner = ",".join(
+                    f'{k}="{_escape(val)}"' for k, val in zip(self.labels, key, strict=True)
+                )
+                lines.append(f"{self.name}{{{inner}}} {v:g}")
+            else:
+                lines.append(f"{self.name} {v:g}")
+        return lines
+
+
+def _escape(v: str) -> str:
+    return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+class Counter(_Metric):
+    kind = "counter"
+
+    def inc(self, amount: float = 1.0, **labels: str) -> None:
+        key = self._key(labels)
+        self.values[key] = self.values.get(key, 0.0) + amount
+
+
+class Gauge(_Metric):
+    kind = "gauge"
+
+    def set(self, value: float, **labels: str) -> None:
+        self.values[self._key(labels)] = value
+
+    def add(self, amount: float, **labels: str) -> None:
+        key = self._key(labels)
+        self.values[key] = self.values.get(key, 0.0) + amount
+
+
+_REGISTRY: dict[str, _Metric] = {}
+_COLLECTORS: list[Callable[[], list[str]]] = []
+
+
+def counter(name: str, help: str, labels: tuple[str, ...] = ()) -> Counter:
+    """The counter ``name``, created on first use (the same object afterwards)."""
+    m = _REGISTRY.get(name)
+    if m is None:
+        m = _REGISTRY[name] = Counter(name, help, labels)
+    assert isinstance(m, Counter), f"{name} is already a {m.kind}"
+    return m
+
+
+def gauge(name: str, help: str, labels: tuple[str, ...] = ()) -> Gauge:
+    """The gauge ``name``, created on first use (the same object afterwards)."""
+    m = _REGISTRY.get(name)
+    if m is None:
+        m = _REGISTRY[name] = Gauge(name, help, labels)
+    assert isinstance(m, Gauge), f"{name} is already a {m.kind}"
+    return m
+
+
+def add_collector(fn: Callable[[], list[str]]) -> None:
+    """Register a function producing extra exposition lines at render time."""
+    _COLLECTORS.append(fn)
+
+
+def render() -> bytes:
+    """Every metric in the Prometheus text exposition format."""
+    lines: list[str] = []
+    for m in _REGISTRY.values():
+        lines.extend(m.render())
+    for fn in _COLLECTORS:
+        lines.extend(fn())
+    return ("\n".join(lines) + "\n").encode()

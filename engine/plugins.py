@@ -1,0 +1,162 @@
+"""Plugin discovery with pluggy: built-ins by name, third parties by entry point.
+
+pluggy is used at start-up and reload only; per request the engine runs the compiled
+chains of :mod:`engine.chain`. A plugin is any module or object with hook
+implementations; the one hook that matters is :func:`HookSpec.filtergate_filters`.
+
+A third-party package declares itself in its ``pyproject.toml``::
+
+    [project.entry-points.filtergate]
+    header-stamp = "filtergate_header_stamp"
+
+and its module implements::
+
+    from engine.plugins import hookimpl
+
+    @hookimpl
+    def filtergate_filters():
+        return [HeaderStamp]
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pluggy
+
+from engine.chain import FILTER_API_VERSION, Stage
+
+__all__ = [
+    "PluginError",
+    "Registry",
+    "discover",
+    "hookimpl",
+    "hookspec",
+]
+
+PROJECT = "filtergate"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+class HookSpec:
+    """The hooks a filtergate plugin may implement."""
+
+    @hookspec
+    def filtergate_filters(self) -> Sequence[type[Any]]:  # type: ignore[empty-body]
+        """Return the filter types this plugin provides.
+
+        Each is a class with ``name`` (unique, kebab-case), ``stage`` (a
+        :class:`~engine.chain.Stage`), ``Config`` (a dataclass: the config schema),
+        ``api_version`` (the filter API it was written for) and any phase methods.
+        """
+
+
+class PluginError(Exception):
+    """A plugin cannot be used: wrong API version, duplicate name, bad filter type."""
+
+
+@dataclass(frozen=True)
+class FilterInfo:
+    """A discovered filter type and where it came from."""
+
+    type: type[Any]
+    plugin: str
+    distribution: str
+    version: str
+
+
+@dataclass(frozen=True)
+class Registry:
+    """Filter types by name, as discovered."""
+
+    filters: dict[str, FilterInfo]
+    blocked: tuple[str, ...]
+
+    def get(self, name: str) -> FilterInfo | None:
+        return self.filters.get(name)
+
+
+def _validate_type(cls: Any, plugin: str) -> None:
+    for attr in ("name", "stage"):
+        if not hasattr(cls, attr):
+            raise PluginError(f"plugin {plugin!r}: filter type {cls!r} has no {attr!r}")
+    if not isinstance(cls.stage, Stage):
+        raise PluginError(f"plugin {plugin!r}: filter {cls.name!r} has no valid stage")
+    version = getattr(cls, "api_version", None)
+    if version != FILTER_API_VERSION:
+        raise PluginError(
+            f"plugin {plugin!r}: filter {cls.name!r} was written for filter API "
+            f"version {version!r}, this filtergate implements version {FILTER_API_VERSION}"
+        )
+    if not any(hasattr(cls, p) for p in ("on_request", "on_response", "around_upstream", "on_log")):
+        raise PluginError(f"plugin {plugin!r}: filter {cls.name!r} defines no phase")
+
+
+def _builtin_modules() -> list[str]:
+    import plugins
+
+    return list(plugins.BUILTIN)
+
+
+def discover(
+    blocked: Iterable[str] = (),
+    extra: Iterable[tuple[str, object]] = (),
+    entry_points: bool = True,
+) -> Registry:
+    """Find every filter type: built-ins, entry points of group ``filtergate``, ``extra``.
+
+    ``blocked`` names plugins (built-in module short names or entry-point names) not to
+    load. ``extra`` registers ``(name, plugin object)`` pairs, as tests do.
+    Raises :class:`PluginError` naming the plugin on any problem.
+    """
+    pm = pluggy.PluginManager(PROJECT)
+    pm.add_hookspecs(HookSpec)
+    blocked = tuple(blocked)
+    for name in blocked:
+        pm.set_blocked(name)
+    for modname in _builtin_modules():
+        short = modname.rsplit(".", 1)[-1].replace("_", "-")
+        if pm.is_blocked(short):
+            continue
+        pm.register(importlib.import_module(modname), name=short)
+    for name, obj in extra:
+        if not pm.is_blocked(name):
+            pm.register(obj, name=name)
+    if entry_points:
+        pm.load_setuptools_entrypoints(PROJECT)
+    pm.check_pending()
+
+    dists = {id(plugin): dist for plugin, dist in pm.list_plugin_distinfo()}
+    filters: dict[str, FilterInfo] = {}
+    for plugin in pm.get_plugins():
+        pname = pm.get_name(plugin) or repr(plugin)
+        impl = getattr(plugin, "filtergate_filters", None)
+        if impl is None:
+            continue
+        dist = dists.get(id(plugin))
+        if dist is not None:
+            dname, dversion = dist.metadata["name"], dist.version
+        else:
+            dname, dversion = "filtergate (built-in)", _own_version()
+        for cls in impl():
+            _validate_type(cls, pname)
+            if cls.name in filters:
+                other = filters[cls.name].plugin
+                raise PluginError(
+                    f"plugin {pname!r}: filter name {cls.name!r} is already provided by {other!r}"
+                )
+            filters[cls.name] = FilterInfo(cls, pname, dname, dversion)
+    return Registry(filters=filters, blocked=blocked)
+
+
+def _own_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("filtergate")
+    except PackageNotFoundError:
+        return "0+unknown"

@@ -1,0 +1,231 @@
+"""Route matching: host, then path (a segment trie), then method, headers and query.
+
+The most specific route wins, by these rules in order:
+
+1. Host: an exact host beats a wildcard (``*.example.com``; longer suffix first),
+   which beats a route without ``hosts``.
+2. Path: an exact ``path`` beats a ``prefix``; a literal segment beats a ``{capture}``
+   at the same position; a longer prefix beats a shorter one.
+3. Conditions: among routes with the same host and pattern, the one with more
+   conditions (``methods``, ``headers``, ``query``) is tried first; then config order.
+
+A request whose path matches but whose method no candidate takes gets 405 with
+``Allow``; no match at all is 404. Matching walks one trie per host bucket, so its cost
+grows with the path depth, not with the number of routes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+from urllib.parse import unquote
+
+from engine.config import RouteConfig
+from engine.errors import MethodNotAllowed, NotFound
+
+__all__ = ["Match", "Router"]
+
+R = TypeVar("R")
+
+
+@dataclass(slots=True)
+class _Entry(Generic[R]):
+    route: RouteConfig
+    value: R
+    captures: list[tuple[int, str]]  # (segment index, capture name)
+    methods: frozenset[bytes] | None
+    headers: list[tuple[bytes, bytes | None]]
+    query: list[tuple[str, str | None]]
+    prefix_len: int  # number of pattern segments (for strip_prefix)
+    order: int
+
+
+@dataclass(slots=True)
+class _Node(Generic[R]):
+    literal: dict[str, _Node[R]] = field(default_factory=dict)
+    param: _Node[R] | None = None
+    exact: list[_Entry[R]] = field(default_factory=list)
+    prefix: list[_Entry[R]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Match(Generic[R]):
+    route: RouteConfig
+    value: R
+    captures: dict[str, str]
+    prefix_len: int
+
+
+def _segments(path: str) -> list[str]:
+    # "/" -> [], "/a/b" -> ["a", "b"], "/a/" -> ["a", ""]
+    return path.split("/")[1:] if path != "/" else []
+
+
+def _specificity(e: _Entry[R]) -> tuple[int, int]:
+    conditions = (e.methods is not None) + len(e.headers) + len(e.query)
+    return (-conditions, e.order)
+
+
+class Router(Generic[R]):
+    """Routes compiled into tries; ``value`` is whatever the caller attaches to a route."""
+
+    def __init__(self, routes: Sequence[tuple[RouteConfig, R]]) -> None:
+        self._exact_hosts: dict[str, _Node[R]] = {}
+        self._wildcards: list[tuple[str, _Node[R]]] = []
+        self._any: _Node[R] = _Node()
+        wild: dict[str, _Node[R]] = {}
+        for order, (route, value) in enumerate(routes):
+            entry = self._entry(route, value, order)
+            roots: list[_Node[R]] = []
+            if not route.hosts:
+                roots.append(self._any)
+            for host in route.hosts:
+                host = host.lower()
+                if host.startswith("*."):
+                    roots.append(wild.setdefault(host[1:], _Node()))
+                else:
+                    roots.append(self._exact_hosts.setdefault(host, _Node()))
+            for root in roots:
+                self._insert(root, route, entry)
+        self._wildcards = sorted(wild.items(), key=lambda kv: -len(kv[0]))
+        for root in [self._any, *self._exact_hosts.values(), *(n for _, n in self._wildcards)]:
+            self._sort(root)
+
+    @staticmethod
+    def _entry(route: RouteConfig, value: R, order: int) -> _Entry[R]:
+        segs = _segments(route.pattern)
+        if route.is_prefix and segs and segs[-1] == "":
+            segs = segs[:-1]  # prefix "/users/" is prefix "/users"
+        captures = [(i, s[1:-1]) for i, s in enumerate(segs) if s.startswith("{")]
+        return _Entry(
+            route=route,
+            value=value,
+            captures=captures,
+            methods=frozenset(m.encode() for m in route.methods) if route.methods else None,
+            headers=[
+                (k.lower().encode(), None if v == "*" else v.encode())
+                for k, v in route.headers.items()
+            ],
+            query=[(k, None if v == "*" else v) for k, v in route.query.items()],
+            prefix_len=len(segs),
+            order=order,
+        )
+
+    @staticmethod
+    def _insert(root: _Node[R], route: RouteConfig, entry: _Entry[R]) -> None:
+        segs = _segments(route.pattern)
+        if route.is_prefix and segs and segs[-1] == "":
+            segs = segs[:-1]
+        node = root
+        for seg in segs:
+            if seg.startswith("{"):
+                if node.param is None:
+                    node.param = _Node()
+                node = node.param
+            else:
+                node = node.literal.setdefault(seg, _Node())
+        (node.prefix if route.is_prefix else node.exact).append(entry)
+
+    def _sort(self, node: _Node[R]) -> None:
+        node.exact.sort(key=_specificity)
+        node.prefix.sort(key=_specificity)
+        for child in node.literal.values():
+            self._sort(child)
+        if node.param is not None:
+            self._sort(node.param)
+
+    def _roots(self, host: str) -> list[_Node[R]]:
+        roots = []
+        exact = self._exact_hosts.get(host)
+        if exact is not None:
+            roots.append(exact)
+        for suffix, node in self._wildcards:
+            if host.endswith(suffix) and len(host) > len(suffix):
+                roots.append(node)
+        roots.append(self._any)
+        return roots
+
+    def match(
+        self,
+        host: str,
+        path: str,
+        method: bytes,
+        headers: Sequence[tuple[bytes, bytes]],
+        query: dict[str, list[str]] | None = None,
+    ) -> Match[R]:
+        """The most specific route for a request. Raises ``NotFound``/``MethodNotAllowed``.
+
+        ``host`` is lowercase without port; ``path`` is canonical. ``query`` is only
+        consulted by routes with query conditions (pass the parsed query, or ``None``
+        to have routes with query conditions not match).
+        """
+        segs = _segments(path)
+        allowed: set[bytes] = set()
+        for root in self._roots(host):
+            exact: list[tuple[list[_Entry[R]], list[str]]] = []
+            prefixes: list[tuple[int, list[_Entry[R]], list[str]]] = []
+            self._walk(root, segs, 0, [], exact, prefixes)
+            prefixes.sort(key=lambda t: -t[0])
+            candidates = [(es, vals) for es, vals in exact]
+            candidates += [(es, vals) for _, es, vals in prefixes]
+            for entries, values in candidates:
+                for e in entries:
+                    if not _conditions_hold(e, headers, query):
+                        continue
+                    if e.methods is not None and method not in e.methods:
+                        allowed |= e.methods
+                        continue
+                    return Match(
+                        route=e.route,
+                        value=e.value,
+                        captures={name: unquote(values[i]) for i, name in e.captures},
+                        prefix_len=e.prefix_len,
+                    )
+        if allowed:
+            raise MethodNotAllowed(sorted(m.decode() for m in allowed))
+        raise NotFound(f"no route for {path}")
+
+    def _walk(
+        self,
+        node: _Node[R],
+        segs: list[str],
+        i: int,
+        values: list[str],
+        exact: list[tuple[list[_Entry[R]], list[str]]],
+        prefixes: list[tuple[int, list[_Entry[R]], list[str]]],
+    ) -> None:
+        # Literal children before the capture child: a literal segment is more specific.
+        if node.prefix:
+            prefixes.append((i, node.prefix, values))
+        if i == len(segs):
+            if node.exact:
+                exact.append((node.exact, values))
+            return
+        seg = segs[i]
+        child = node.literal.get(seg)
+        if child is not None:
+            self._walk(child, segs, i + 1, [*values, seg], exact, prefixes)
+        if node.param is not None and seg != "":
+            self._walk(node.param, segs, i + 1, [*values, seg], exact, prefixes)
+
+
+def _conditions_hold(
+    e: _Entry[R],
+    headers: Sequence[tuple[bytes, bytes]],
+    query: dict[str, list[str]] | None,
+) -> bool:
+    for name, want in e.headers:
+        for n, v in headers:
+            if n == name and (want is None or v == want):
+                break
+        else:
+            return False
+    if e.query:
+        if query is None:
+            return False
+        for qname, qwant in e.query:
+            got = query.get(qname)
+            if got is None or (qwant is not None and qwant not in got):
+                return False
+    return True

@@ -1,0 +1,247 @@
+"""Typed, frozen configuration from plain TOML data.
+
+Both the engine's own config and every plugin's section are dataclasses; :func:`build`
+turns the dict that ``tomllib`` produced into one, checking every value against the
+field's type and naming the full key path in the error::
+
+    routes[2].plugins.rate-limit.window: expected a duration like "1m", got "fast"
+
+Beyond the builtin types it understands :data:`Duration` (seconds, written ``"250ms"``,
+``"5s"``, ``"1m"``, ``"1h"``, ``"1d"`` or a number of seconds) and :data:`ByteSize`
+(bytes, written ``"16KiB"``, ``"8MiB"``, ``"1GiB"`` or an integer). A dataclass may
+validate further in ``__post_init__`` by raising :class:`Invalid`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any, Literal, NewType, TypeVar, Union, get_args, get_origin
+
+__all__ = [
+    "ByteSize",
+    "ConfigError",
+    "Duration",
+    "Invalid",
+    "build",
+    "describe_fields",
+    "parse_byte_size",
+    "parse_duration",
+]
+
+T = TypeVar("T")
+
+Duration = NewType("Duration", float)
+"""Seconds. Config values: a number of seconds or a string such as ``"250ms"``, ``"1m"``."""
+
+ByteSize = NewType("ByteSize", int)
+"""Bytes. Config values: an integer or a string such as ``"16KiB"``, ``"8MiB"``."""
+
+
+class ConfigError(Exception):
+    """A config value is wrong. ``path`` is the key path, e.g. ``routes[1].upstream``."""
+
+    def __init__(self, path: str, message: str) -> None:
+        self.path = path
+        self.message = message
+        super().__init__(f"{path}: {message}" if path else message)
+
+
+class Invalid(ValueError):
+    """Raised by a config dataclass's ``__post_init__``; ``key`` is relative to it."""
+
+    def __init__(self, key: str | None, message: str) -> None:
+        self.key = key
+        self.message = message
+        super().__init__(message)
+
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*(B|KB|KiB|MB|MiB|GB|GiB)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {
+    "b": 1,
+    "kb": 1000,
+    "kib": 1024,
+    "mb": 1000**2,
+    "mib": 1024**2,
+    "gb": 1000**3,
+    "gib": 1024**3,
+}
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from ``value``; raises ``ValueError`` with a message for the user."""
+    if isinstance(value, bool):
+        raise ValueError(f'expected a duration like "1m", got {value!r}')
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError(f"expected a non-negative duration, got {value!r}")
+        return float(value)
+    if isinstance(value, str):
+        m = _DURATION_RE.match(value)
+        if m:
+            return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    raise ValueError(f'expected a duration like "1m", got {value!r}')
+
+
+def parse_byte_size(value: object) -> int:
+    """Bytes from ``value``; raises ``ValueError`` with a message for the user."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError(f"expected a non-negative size, got {value!r}")
+        return value
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if m:
+            return int(m.group(1)) * _SIZE_UNITS[(m.group(2) or "b").lower()]
+    raise ValueError(f'expected a size like "16KiB", got {value!r}')
+
+
+def _join(path: str, key: str | int) -> str:
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    return f"{path}.{key}" if path else key
+
+
+def _type_name(tp: Any) -> str:
+    if tp is Duration:
+        return 'a duration like "1m"'
+    if tp is ByteSize:
+        return 'a size like "16KiB"'
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin in (list, tuple):
+        return "an array"
+    if origin is dict or (isinstance(tp, type) and dataclasses.is_dataclass(tp)):
+        return "a table"
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
+
+
+def _convert(tp: Any, value: Any, path: str) -> Any:
+    if tp is Any or tp is object:
+        return value
+    if tp is Duration:
+        try:
+            return parse_duration(value)
+        except ValueError as e:
+            raise ConfigError(path, str(e)) from None
+    if tp is ByteSize:
+        try:
+            return parse_byte_size(value)
+        except ValueError as e:
+            raise ConfigError(path, str(e)) from None
+    origin = get_origin(tp)
+    if origin is Union or origin is types.UnionType:
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, path)
+            except ConfigError as e:
+                errors.append(e)
+        if len(errors) == 1:
+            raise errors[0]
+        raise ConfigError(path, f"expected {' or '.join(_type_name(a) for a in args)}")
+    if origin is Literal:
+        if value in get_args(tp):
+            return value
+        raise ConfigError(path, f"expected {_type_name(tp)}, got {value!r}")
+    if origin in (list, tuple):
+        if not isinstance(value, list):
+            raise ConfigError(path, f"expected an array, got {value!r}")
+        (item_tp, *_) = get_args(tp) or (Any,)
+        items = [_convert(item_tp, v, _join(path, i)) for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict or origin is Mapping:
+        if not isinstance(value, dict):
+            raise ConfigError(path, f"expected a table, got {value!r}")
+        _key_tp, val_tp = get_args(tp) or (str, Any)
+        return {str(k): _convert(val_tp, v, _join(path, str(k))) for k, v in value.items()}
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        return build(tp, value, path)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:
+        if isinstance(tp, type) and isinstance(value, tp):
+            return value
+    raise ConfigError(path, f"expected {_type_name(tp)}, got {value!r}")
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    hints = _HINTS.get(cls)
+    if hints is None:
+        hints = _HINTS[cls] = typing.get_type_hints(cls)
+    return hints
+
+
+def build(cls: type[T], data: object, path: str = "") -> T:
+    """An instance of dataclass ``cls`` from ``data``, a table read from TOML.
+
+    TOML keys are the field names (``snake_case``). Raises :class:`ConfigError` naming
+    the path of the first unknown key, missing required key or bad value.
+    """
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(path, f"expected a table, got {data!r}")
+    assert dataclasses.is_dataclass(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints = _hints(cls)
+    for key in data:
+        if key not in fields:
+            known = ", ".join(sorted(fields)) or "none"
+            raise ConfigError(_join(path, key), f"unknown key (known keys: {known})")
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = _convert(hints[name], data[name], _join(path, name))
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(_join(path, name), "required key is missing")
+    try:
+        return cls(**kwargs)
+    except Invalid as e:
+        raise ConfigError(_join(path, e.key) if e.key else path, e.message) from None
+
+
+def describe_fields(cls: type) -> list[tuple[str, str, str, str]]:
+    """``(key, type, default, doc)`` for each field of config dataclass ``cls``.
+
+    The doc is the field's ``metadata["doc"]``; used by ``filtergate plugins``.
+    """
+    out = []
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = repr(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            default = repr(f.default_factory())
+        else:
+            default = "(required)"
+        out.append((f.name, _type_name(hints[f.name]), default, f.metadata.get("doc", "")))
+    return out

@@ -1,0 +1,878 @@
+"""Serving clients: listeners, one trio task per connection, the request cycle.
+
+The protocol work is h11's; this module adds what h11 leaves to the application:
+limits (head size even when it arrives in one read, header count, body size), timeouts
+(head, body idle, keep-alive idle, write), framing checks h11 lets through (both
+Content-Length and Transfer-Encoding, unsupported versions, absolute-form, CONNECT),
+header hygiene and re-framing in both directions, and graceful shutdown.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import socket
+import ssl
+from collections.abc import AsyncIterator
+from typing import Any
+
+import h11
+import trio
+from h11._headers import Headers as H11Headers
+
+from engine.canonical import canonical_path, split_target
+from engine.chain import (
+    run_log_phases,
+    run_request_phases,
+    run_response_phases,
+    wrap_upstream,
+)
+from engine.config import parse_address
+from engine.errors import (
+    BadGateway,
+    BadRequest,
+    GatewayError,
+    HeaderTooLarge,
+    HttpVersionNotSupported,
+    PayloadTooLarge,
+    RequestTimeout,
+    reason_phrase,
+    render_error,
+)
+from engine.exchange import Exchange, Headers, Request, Response, TlsInfo, UpstreamCall
+from engine.gateway import RouteRuntime, Runtime
+from engine.metrics import counter, gauge
+from engine.upstream import UpstreamBodyError
+
+__all__ = ["Server", "open_listeners"]
+
+log = logging.getLogger("filtergate.server")
+
+READ_SIZE = 64 * 1024
+
+_HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+    }
+)
+# Request fields the gateway recomputes instead of forwarding; value: how it uses them.
+_REQ_SPECIAL = {name: 1 for name in _HOP_BY_HOP} | {
+    b"content-length": 2,
+    b"host": 3,
+    b"x-forwarded-for": 4,
+    b"x-forwarded-proto": 5,
+    b"x-forwarded-host": 6,
+    b"authorization": 7,
+    b"expect": 8,
+}
+
+_responses = counter("filtergate_responses_total", "Responses sent, by status class", ("code",))
+_open_connections = gauge("filtergate_open_connections", "Client connections open")
+
+
+class _Abort(Exception):
+    """The client connection must be dropped without a word (framing cannot be kept)."""
+
+
+def _h11_error(e: h11.RemoteProtocolError) -> GatewayError:
+    hint = e.error_status_hint
+    if hint == 431:
+        return HeaderTooLarge("request head too large")
+    return BadRequest(f"malformed request: {e}")
+
+
+class _RequestIds:
+    """Unique request ids without a syscall per request: random prefix + counter."""
+
+    def __init__(self) -> None:
+        self.prefix = os.urandom(6).hex()
+        self.counter = itertools.count(1)
+
+    def next(self) -> str:
+        return f"{self.prefix}-{next(self.counter):x}"
+
+
+class Server:
+    """The gateway's listeners and connections; ``runtime`` is swapped on reload."""
+
+    def __init__(self, runtime: Runtime, ssl_context: ssl.SSLContext | None = None) -> None:
+        self.runtime = runtime
+        self.ssl_context = ssl_context
+        self.draining = False
+        self.ids = _RequestIds()
+        self._idle: set[trio.CancelScope] = set()
+        self._busy = 0
+        self._no_busy = trio.Event()
+
+    async def wait_idle(self) -> None:
+        """Return once no request is in flight."""
+        while self._busy:
+            self._no_busy = trio.Event()
+            await self._no_busy.wait()
+
+    # -- listening ---------------------------------------------------------------------
+
+    async def serve(
+        self,
+        sockets: list[socket.socket],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Accept on ``sockets`` (listening, non-blocking) until cancelled."""
+        async with trio.open_nursery() as conns, trio.open_nursery() as acceptors:
+            for sock in sockets:
+                acceptors.start_soon(self._accept_loop, sock, conns)
+            task_status.started()
+            self._acceptors = acceptors
+            await trio.sleep_forever()
+
+    async def _accept_loop(self, sock: socket.socket, nursery: trio.Nursery) -> None:
+        batch = self.runtime.config.server.accept_batch
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(sock)
+                # Drain the accept queue on every wake-up: accepting one connection per
+                # scheduler pass lets a burst of connects wait behind everything else.
+                for _ in range(batch):
+                    try:
+                        raw, addr = sock.accept()
+                    except BlockingIOError:
+                        break
+                    except OSError as e:
+                        log.warning("accept failed: %s", e)
+                        break
+                    raw.setblocking(False)
+                    try:
+                        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    except OSError:
+                        pass
+                    stream = trio.SocketStream(trio.socket.from_stdlib_socket(raw))
+                    nursery.start_soon(self._connection, stream, (addr[0], addr[1]))
+        finally:
+            sock.close()
+
+    def stop_accepting(self) -> None:
+        """Stop accepting; idle keep-alive connections close, busy ones finish."""
+        self.draining = True
+        acceptors = getattr(self, "_acceptors", None)
+        if acceptors is not None:
+            acceptors.cancel_scope.cancel()
+        for scope in list(self._idle):
+            scope.cancel()
+
+    # -- one connection ----------------------------------------------------------------
+
+    async def _connection(self, stream: trio.SocketStream, peer: tuple[str, int]) -> None:
+        _open_connections.add(1)
+        tls: TlsInfo | None = None
+        client: trio.abc.Stream = stream
+        try:
+            if self.ssl_context is not None:
+                ssl_stream = trio.SSLStream(stream, self.ssl_context, server_side=True)
+                with trio.move_on_after(self.runtime.config.server.head_timeout) as cs:
+                    try:
+                        await ssl_stream.do_handshake()
+                    except (trio.BrokenResourceError, ssl.SSLError):
+                        return
+                if cs.cancelled_caught:
+                    return
+                ssl_obj: Any = ssl_stream
+                cipher = ssl_obj.cipher()
+                tls = TlsInfo(
+                    version=ssl_obj.version() or "",
+                    cipher=cipher[0] if cipher else "",
+                    server_name=getattr(ssl_obj, "server_hostname", None),
+                    alpn=ssl_obj.selected_alpn_protocol(),
+                )
+                client = ssl_stream
+            await _Connection(self, client, peer, tls).run()
+        except Exception:
+            # One connection's failure must never reach the nursery that serves everyone.
+            log.exception("connection from %s:%d failed", *peer)
+        finally:
+            _open_connections.add(-1)
+            try:
+                stream.socket.close()
+            except OSError:
+                pass
+
+
+class _ClientBody:
+    """The client's request body as it arrives, with the size cap and idle timeout."""
+
+    __slots__ = ("_conn", "_done", "_limit", "_prefix", "_seen")
+
+    def __init__(self, conn: _Connection, limit: int) -> None:
+        self._conn = conn
+        self._limit = limit
+        self._seen = 0
+        self._done = False
+        self._prefix: list[bytes] | None = None
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._done:
+            raise StopAsyncIteration
+        conn = self._conn
+        h = conn.h11
+        if h.they_are_waiting_for_100_continue:
+            await conn.send_raw(h.send(h11.InformationalResponse(status_code=100, headers=[])))
+        while True:
+            try:
+                ev = h.next_event()
+            except h11.RemoteProtocolError as e:
+                conn.framing_broken = True
+                raise BadRequest(f"malformed request body: {e}") from None
+            if ev is h11.NEED_DATA:
+                timeout = conn.server.runtime.config.server.body_timeout
+                with trio.move_on_after(timeout) as cs:
+                    data = await conn.stream.receive_some(READ_SIZE)
+                if cs.cancelled_caught:
+                    conn.framing_broken = True
+                    raise RequestTimeout("the request body stopped arriving")
+                h.receive_data(bytes(data))
+                continue
+            t = type(ev)
+            if t is h11.Data:
+                data = ev.data  # type: ignore[union-attr]
+                self._seen += len(data)
+                if self._seen > self._limit:
+                    conn.framing_broken = True
+                    raise PayloadTooLarge(f"request body larger than {self._limit} bytes")
+                return bytes(data)
+            if t is h11.EndOfMessage:
+                self._done = True
+                raise StopAsyncIteration
+            conn.framing_broken = True
+            raise BadRequest("the request body ended early")
+
+    async def read_all(self, cap: int) -> bytes | None:
+        """The whole body if it fits in ``cap`` bytes, else ``None`` (body left unread)."""
+        parts = []
+        size = 0
+        async for chunk in self:
+            parts.append(chunk)
+            size += len(chunk)
+            if size > cap:
+                self._prefix = parts
+                return None
+        return b"".join(parts)
+
+    async def aclose(self) -> None:
+        self._done = True
+
+
+class _PrefixedBody:
+    """A body stream whose first chunks were already read (buffer cap was crossed)."""
+
+    def __init__(self, prefix: list[bytes], rest: _ClientBody) -> None:
+        self._prefix = prefix
+        self._rest = rest
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._prefix:
+            return self._prefix.pop(0)
+        return await self._rest.__anext__()
+
+    async def aclose(self) -> None:
+        await self._rest.aclose()
+
+
+class _Connection:
+    __slots__ = (
+        "first",
+        "framing_broken",
+        "h11",
+        "peer",
+        "scheme",
+        "server",
+        "stream",
+        "tls",
+    )
+
+    def __init__(
+        self, server: Server, stream: trio.abc.Stream, peer: tuple[str, int], tls: TlsInfo | None
+    ) -> None:
+        self.server = server
+        self.stream = stream
+        self.peer = peer
+        self.tls = tls
+        self.scheme = "https" if tls else "http"
+        self.h11 = h11.Connection(
+            h11.SERVER, max_incomplete_event_size=server.runtime.config.server.max_head_size
+        )
+        self.first = True
+        self.framing_broken = False
+
+    async def send_raw(self, data: bytes | None) -> None:
+        if not data:
+            return
+        timeout = self.server.runtime.config.server.write_timeout
+        try:
+            with trio.fail_after(timeout):
+                await self.stream.send_all(data)
+        except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            raise _Abort() from None
+
+    async def run(self) -> None:
+        h = self.h11
+        try:
+            while True:
+                req = await self._read_head()
+                if req is None:
+                    return
+                self.first = False
+                self.server._busy += 1
+                try:
+                    await self._handle(req)
+                finally:
+                    self.server._busy -= 1
+                    if not self.server._busy:
+                        self.server._no_busy.set()
+                if self.framing_broken or h.our_state is not h11.DONE:
+                    return
+                if h.their_state is h11.SEND_BODY and not await self._drain():
+                    return
+                if h.their_state is not h11.DONE or self.server.draining:
+                    return
+                h.start_next_cycle()
+        except _Abort:
+            return
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+
+    async def _read_head(self) -> h11.Request | None:
+        h = self.h11
+        cfg = self.server.runtime.config.server
+        now = trio.current_time()
+        deadline = now + (cfg.head_timeout if self.first else cfg.keepalive_timeout)
+        got_bytes = False
+        while True:
+            try:
+                ev = h.next_event()
+            except h11.RemoteProtocolError as e:
+                await self._send_fatal(_h11_error(e))
+                return None
+            if ev is h11.NEED_DATA:
+                if self.server.draining and not got_bytes:
+                    return None
+                scope = trio.CancelScope(deadline=deadline)
+                idle = not got_bytes
+                if idle:
+                    self.server._idle.add(scope)
+                try:
+                    with scope:
+                        data = await self.stream.receive_some(READ_SIZE)
+                finally:
+                    if idle:
+                        self.server._idle.discard(scope)
+                if scope.cancelled_caught:
+                    if got_bytes or (self.first and not self.server.draining):
+                        await self._send_fatal(RequestTimeout("the request head took too long"))
+                    return None
+                if data and not got_bytes:
+                    got_bytes = True
+                    deadline = min(deadline, trio.current_time() + cfg.head_timeout)
+                h.receive_data(bytes(data))
+                continue
+            if type(ev) is h11.Request:
+                return ev
+            return None  # ConnectionClosed
+
+    async def _drain(self) -> bool:
+        """Read and drop an unread request body, within limits; ``False``: close instead."""
+        h = self.h11
+        if h.they_are_waiting_for_100_continue:
+            return False
+        cfg = self.server.runtime.config.server
+        budget: int = cfg.drain_limit
+        with trio.move_on_after(min(cfg.body_timeout, 5.0)):
+            while True:
+                try:
+                    ev = h.next_event()
+                except h11.RemoteProtocolError:
+                    return False
+                if ev is h11.NEED_DATA:
+                    data = await self.stream.receive_some(READ_SIZE)
+                    if not data:
+                        return False
+                    budget -= len(data)
+                    if budget < 0:
+                        return False
+                    h.receive_data(bytes(data))
+                    continue
+                if type(ev) is h11.EndOfMessage:
+                    return True
+                if type(ev) is not h11.Data:
+                    return False
+        return False
+
+    async def _send_fatal(self, err: GatewayError) -> None:
+        # h11 may be in an error state; write the whole response by hand and close.
+        request_id = self.server.ids.next()
+        status, headers, body = render_error(err, request_id)
+        head = [b"HTTP/1.1 %d %s\r\n" % (status, reason_phrase(status))]
+        for n, v in headers:
+            head.append(n + b": " + v + b"\r\n")
+        head.append(b"x-request-id: " + request_id.encode() + b"\r\n")
+        head.append(b"connection: close\r\n\r\n")
+        _responses.inc(code=f"{status // 100}xx")
+        try:
+            await self.send_raw(b"".join(head) + body)
+        except _Abort:
+            pass
+        self.framing_broken = True
+
+    # -- the request cycle -------------------------------------------------------------
+
+    async def _handle(self, req: h11.Request) -> None:
+        server = self.server
+        rt = server.runtime
+        cfg = rt.config.server
+        start = trio.current_time()
+        request_id: str | None = None
+        exchange: Exchange | None = None
+        route: RouteRuntime | None = None
+        depth = 0
+        try:
+            if req.http_version != b"1.1" and req.http_version != b"1.0":
+                raise HttpVersionNotSupported(f"HTTP/{req.http_version.decode()} is not supported")
+            items = req.headers._full_items
+            if len(items) > cfg.max_header_count:
+                raise HeaderTooLarge(f"more than {cfg.max_header_count} header fields")
+            head_size = len(req.method) + len(req.target) + 12
+            fwd: list[tuple[bytes, bytes]] = []
+            host = b""
+            xff = b""
+            xfp = b""
+            xfh = b""
+            conn_tokens: bytes | None = None
+            authz = 0
+            content_length: bytes | None = None
+            chunked = False
+            rid_header = cfg.request_id_header.encode()
+            client_rid: bytes | None = None
+            special = _REQ_SPECIAL
+            for _raw, name, value in items:
+                head_size += len(name) + len(value) + 4
+                kind = special.get(name)
+                if kind is None:
+                    if name == rid_header:
+                        client_rid = value
+                        continue
+                    fwd.append((name, value))
+                elif kind == 1:
+                    if name == b"transfer-encoding":
+                        chunked = True
+                    elif name == b"connection":
+                        conn_tokens = value if conn_tokens is None else conn_tokens + b"," + value
+                elif kind == 2:
+                    content_length = value
+                elif kind == 3:
+                    host = value
+                elif kind == 7:
+                    authz += 1
+                    fwd.append((name, value))
+                elif kind == 4:
+                    xff = value if not xff else xff + b", " + value
+                elif kind == 5:
+                    xfp = value
+                elif kind == 6:
+                    xfh = value
+                else:  # expect: h11 handles 100-continue; never forwarded
+                    pass
+            if head_size > cfg.max_head_size:
+                raise HeaderTooLarge(f"request head larger than {cfg.max_head_size} bytes")
+            if chunked and content_length is not None:
+                raise BadRequest("both Content-Length and Transfer-Encoding: ambiguous framing")
+            if authz > 1:
+                raise BadRequest("more than one Authorization header")
+            if conn_tokens is not None:
+                tokens = {t.strip().lower() for t in conn_tokens.split(b",")}
+                tokens.discard(b"")
+                if tokens - {b"close", b"keep-alive"}:
+                    fwd = [(n, v) for n, v in fwd if n not in tokens]
+
+            # Who is calling: the peer, or the rightmost untrusted hop behind trusted proxies.
+            peer_ip = self.peer[0]
+            trusted = rt.trusted and rt.is_trusted(peer_ip)
+            client_ip = peer_ip
+            if trusted:
+                if xff:
+                    for hop in reversed(xff.split(b",")):
+                        client_ip = hop.strip().decode("latin-1")
+                        if not rt.is_trusted(client_ip):
+                            break
+                    xff_out = xff + b", " + peer_ip.encode()
+                else:
+                    xff_out = peer_ip.encode()
+                proto = xfp or self.scheme.encode()
+                fwd_host = xfh or host
+                if client_rid:
+                    request_id = client_rid.decode("latin-1")
+            else:
+                xff_out = peer_ip.encode()
+                proto = self.scheme.encode()
+                fwd_host = host
+            if request_id is None:
+                request_id = server.ids.next()
+
+            method = req.method
+            target = req.target
+            absolute = False
+            if method == b"CONNECT":
+                raise BadRequest("CONNECT is not supported by this gateway")
+            if not target.startswith(b"/"):
+                if target.startswith((b"http://", b"https://")):
+                    absolute = True
+                    rest = target.split(b"://", 1)[1]
+                    authority, slash, path_part = rest.partition(b"/")
+                    host = authority.rsplit(b"@", 1)[-1]
+                    fwd_host = host
+                    target = b"/" + path_part if slash else b"/"
+                else:
+                    raise BadRequest("the request target must be a path")
+            raw_path, raw_query = split_target(target)
+            path = canonical_path(raw_path)
+
+            host_name = host.decode("latin-1").lower()
+            if host_name.startswith("["):
+                host_name = host_name.split("]", 1)[0] + "]"
+            elif ":" in host_name:
+                host_name = host_name.rsplit(":", 1)[0]
+
+            request = Request(
+                method=method,
+                path=path,
+                raw_query=raw_query,
+                headers=Headers(fwd),
+                http_version=req.http_version,
+                client=client_ip,
+                peer=self.peer,
+                scheme=self.scheme,
+                tls=self.tls,
+            )
+            exchange = Exchange(request=request, request_id=request_id, timings=_timings(start))
+            match = rt.router.match(
+                host_name, path, method, fwd, request.query if rt.router_needs_query else None
+            )
+            route = match.value
+            if absolute and not route.config.allow_absolute_form:
+                raise BadRequest("absolute-form request targets are not accepted on this route")
+            exchange.route = route.config
+            exchange.caller = route.call_upstream
+            exchange.captures = match.captures
+            exchange.timings.routed = trio.current_time()
+
+            # Body: refuse before reading a byte when the declared length is too large.
+            body: _ClientBody | None = None
+            body_length: int | None = None
+            if content_length is not None:
+                body_length = int(content_length)
+                if body_length > route.max_body_size:
+                    raise PayloadTooLarge(
+                        f"request body of {body_length} bytes is over {route.max_body_size}"
+                    )
+            if chunked or (body_length is not None and body_length > 0):
+                body = _ClientBody(self, route.max_body_size)
+
+            chain = route.chain
+
+            async def buffer_body() -> None:
+                if body is None or request.body is not None:
+                    return
+                data = await body.read_all(cfg.max_buffered_body)
+                if data is not None:
+                    request.body = data
+
+            answer: Response | None
+            answer, depth = await run_request_phases(
+                chain, exchange, buffer_body if chain.request_body_at is not None else None
+            )
+            if answer is None:
+                if route.pool is None:
+                    raise BadGateway("the route has no upstream and no filter answered")
+                call_body: Any
+                if request.body is not None:
+                    call_body = request.body
+                elif body is not None:
+                    prefix = body._prefix
+                    call_body = _PrefixedBody(prefix, body) if prefix else body
+                else:
+                    call_body = None
+                out_headers = request.headers
+                if route.config.preserve_host:
+                    out_headers.items.append((b"host", fwd_host or host))
+                elif route.host_header is not None:
+                    out_headers.items.append((b"host", route.host_header))
+                out_headers.items.append((b"x-forwarded-for", xff_out))
+                out_headers.items.append((b"x-forwarded-proto", proto))
+                if fwd_host:
+                    out_headers.items.append((b"x-forwarded-host", fwd_host))
+                out_headers.items.append((b"via", b"1.1 " + cfg.via.encode()))
+                out_headers.items.append((rid_header, request_id.encode()))
+                call = UpstreamCall(
+                    upstream=route.pool.name,
+                    method=request.method,
+                    target=_forward_target(route, exchange),
+                    headers=out_headers,
+                    body=call_body,
+                    timeout=route.timeout,
+                    body_length=body_length if call_body is body else None,
+                )
+                exchange.timings.upstream_start = trio.current_time()
+                pool = route.pool
+                ct, rtmo = route.connect_timeout, route.read_timeout
+
+                async def send(c: UpstreamCall) -> Response:
+                    p = rt.pools.get(c.upstream, pool)
+                    return await p.send(c, connect_timeout=ct, read_timeout=rtmo)
+
+                if chain.around:
+                    answer = await wrap_upstream(chain.around, exchange, send)(call)
+                else:
+                    answer = await send(call)
+                exchange.upstream_target = call.target_address
+                exchange.timings.upstream_headers = trio.current_time()
+                _strip_hop_by_hop(answer.headers)
+            if chain.needs_response_body and answer.stream is not None and answer.body is None:
+                await _buffer_response(answer, cfg.max_buffered_body)
+            await run_response_phases(chain.response_for(depth), exchange, answer)
+        except GatewayError as err:
+            if request_id is None:
+                request_id = server.ids.next()
+            answer = await self._error_response(err, exchange, route, request_id)
+        except (_Abort, trio.Cancelled):
+            raise
+        except Exception as e:  # a filter's bug must not take the connection's framing down
+            if request_id is None:
+                request_id = server.ids.next()
+            log.exception("request %s failed", request_id)
+            internal = GatewayError("internal error")
+            internal.__cause__ = e
+            answer = await self._error_response(internal, exchange, route, request_id)
+        await self._send_response(answer, request_id, req.method)
+        if exchange is not None:
+            exchange.response = answer
+            exchange.timings.end = trio.current_time()
+            if route is not None and route.chain.log:
+                for pending in run_log_phases(route.chain, exchange):
+                    try:
+                        await pending
+                    except Exception:
+                        log.exception("an on_log phase failed")
+
+    async def _error_response(
+        self,
+        err: GatewayError,
+        exchange: Exchange | None,
+        route: RouteRuntime | None,
+        request_id: str,
+    ) -> Response:
+        if err.close:
+            self.framing_broken = True
+        status, headers, body = render_error(err, request_id)
+        answer = Response(status=status, headers=Headers(headers), body=body)
+        if exchange is not None and route is not None:
+            exchange.error = err
+            depth = getattr(err, "filter_depth", len(route.chain.filters))
+            try:
+                await run_response_phases(route.chain.response_for(depth), exchange, answer)
+            except GatewayError as again:
+                status, headers, body = render_error(again, request_id)
+                answer = Response(status=status, headers=Headers(headers), body=body)
+            except Exception:
+                log.exception("an on_response phase failed on an error response")
+        return answer
+
+    async def _send_response(self, resp: Response, request_id: str, method: bytes) -> None:
+        h = self.h11
+        server = self.server
+        items = resp.headers.items
+        out = [(n, n, v) for n, v in items if n != b"content-length" and n != b"transfer-encoding"]
+        body = resp.body
+        if body is not None:
+            out.append((b"content-length", b"content-length", str(len(body)).encode()))
+            if resp.stream is not None:
+                await resp.aclose()
+        elif resp.stream is not None:
+            cl = resp.headers.get(b"content-length")
+            if cl is not None:
+                out.append((b"content-length", b"content-length", cl))
+            else:
+                out.append((b"transfer-encoding", b"transfer-encoding", b"chunked"))
+        elif resp.status >= 200 and resp.status not in (204, 304):
+            cl = resp.headers.get(b"content-length") if method == b"HEAD" else None
+            out.append((b"content-length", b"content-length", cl or b"0"))
+        out.append((b"x-request-id", b"x-request-id", request_id.encode()))
+        if self.framing_broken or server.draining:
+            out.append((b"connection", b"connection", b"close"))
+        if h.their_state is h11.SEND_BODY and h.they_are_waiting_for_100_continue:
+            self.framing_broken = True
+        event = h11.Response(
+            status_code=resp.status,
+            headers=H11Headers(out),
+            reason=resp.reason or reason_phrase(resp.status),
+            _parsed=True,
+        )
+        _responses.inc(code=f"{resp.status // 100}xx")
+        try:
+            data = h.send(event)
+        except h11.LocalProtocolError:
+            self.framing_broken = True
+            raise _Abort() from None
+        if body is not None:
+            await self.send_raw(
+                (data or b"")
+                + (h.send(h11.Data(data=body)) or b"")
+                + (h.send(h11.EndOfMessage()) or b"")
+            )
+            return
+        if resp.stream is None:
+            await self.send_raw((data or b"") + (h.send(h11.EndOfMessage()) or b""))
+            return
+        await self.send_raw(data)
+        stream = resp.stream
+        try:
+            async for chunk in stream:
+                if chunk:
+                    await self.send_raw(h.send(h11.Data(data=chunk)))
+            await self.send_raw(h.send(h11.EndOfMessage()))
+        except UpstreamBodyError as e:
+            log.warning("request %s: %s; aborting the client connection", request_id, e)
+            self.framing_broken = True
+            raise _Abort() from None
+        except h11.LocalProtocolError as e:
+            # The upstream sent more or less than its Content-Length said.
+            log.warning("request %s: upstream framing broken: %s", request_id, e)
+            await stream.aclose()
+            self.framing_broken = True
+            raise _Abort() from None
+        except BaseException:
+            await stream.aclose()
+            raise
+
+
+def _timings(start: float) -> Any:
+    from engine.exchange import Timings
+
+    return Timings(start=start)
+
+
+def _forward_target(route: RouteRuntime, exchange: Exchange) -> bytes:
+    request = exchange.request
+    path = request.path
+    if route.rewrite is not None or route.config.strip_prefix:
+        segs = path.split("/")[1:] if path != "/" else []
+        n = 0
+        pattern = route.config.pattern
+        if route.config.is_prefix:
+            psegs = [s for s in pattern.split("/")[1:] if s != ""] if pattern != "/" else []
+            n = len(psegs)
+        else:
+            n = len(segs)
+        rest = segs[n:]
+        if route.rewrite is not None:
+            head = "".join(
+                exchange.captures.get(text, "") if is_cap else text
+                for is_cap, text in route.rewrite
+            )
+        else:
+            head = ""
+        if rest:
+            path = head.rstrip("/") + "/" + "/".join(rest)
+        else:
+            path = head or "/"
+        if not path.startswith("/"):
+            path = "/" + path
+    target = path.encode()
+    if request.raw_query:
+        target += b"?" + request.raw_query
+    return target
+
+
+def _strip_hop_by_hop(headers: Headers) -> None:
+    items = headers.items
+    conn = None
+    for n, v in items:
+        if n == b"connection":
+            conn = v if conn is None else conn + b"," + v
+    if conn is None:
+        if not any(n in _HOP_BY_HOP for n, _ in items):
+            return
+        headers.items = [
+            (n, v) for n, v in items if n not in _HOP_BY_HOP or n == b"transfer-encoding"
+        ]
+        return
+    named = {t.strip().lower() for t in conn.split(b",")}
+    headers.items = [
+        (n, v)
+        for n, v in items
+        if (n not in _HOP_BY_HOP or n == b"transfer-encoding") and n not in named
+    ]
+
+
+async def _buffer_response(resp: Response, cap: int) -> None:
+    assert resp.stream is not None
+    parts: list[bytes] = []
+    size = 0
+    stream = resp.stream
+    async for chunk in stream:
+        parts.append(chunk)
+        size += len(chunk)
+        if size > cap:
+            resp.stream = _ReplayStream(parts, stream)
+            return
+    resp.body = b"".join(parts)
+    resp.stream = None
+
+
+class _ReplayStream:
+    def __init__(self, prefix: list[bytes], rest: Any) -> None:
+        self._prefix = prefix
+        self._rest = rest
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._prefix:
+            return self._prefix.pop(0)
+        chunk: bytes = await self._rest.__anext__()
+        return chunk
+
+    async def aclose(self) -> None:
+        await self._rest.aclose()
+
+
+def open_listeners(addresses: list[str], reuse_port: bool = False) -> list[socket.socket]:
+    """Bound, listening, non-blocking sockets for ``host:port`` addresses (v4 and v6)."""
+    socks = []
+    for addr in addresses:
+        host, port = parse_address(addr)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+        sock.listen(4096)
+        sock.setblocking(False)
+        socks.append(sock)
+    return socks
