@@ -36,6 +36,7 @@ test: $(STAMP) redis lint
 	$(BIN)/python -m pytest -n 2 -q
 
 bench: $(STAMP)
+	sh benchmarks/install-tools.sh $(BIN)/python
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 
 clean:

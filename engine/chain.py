@@ -79,12 +79,24 @@ class FilterContext:
     """What the engine gives a filter instance when it is made.
 
     ``scope`` is ``"global"`` for an instance shared by routes using the plugin's global
-    config, else ``"route:NAME"``. ``logger`` is the instance's logger.
+    config, else ``"route:NAME"``. ``logger`` is the instance's logger. ``upstreams``
+    names the configured upstreams, so a filter that calls them can check its config;
+    ``request_id_header`` is ``[server] request_id_header``. A filter's ``__init__`` may
+    raise :class:`engine.schema.Invalid`: the engine reports it at the filter's config path.
     """
 
-    def __init__(self, filter_name: str, scope: str) -> None:
+    def __init__(
+        self,
+        filter_name: str,
+        scope: str,
+        *,
+        upstreams: frozenset[str] = frozenset(),
+        request_id_header: str = "x-request-id",
+    ) -> None:
         self.filter_name = filter_name
         self.scope = scope
+        self.upstreams = upstreams
+        self.request_id_header = request_id_header
         self.logger = logging.getLogger(f"filtergate.plugins.{filter_name}")
 
 

@@ -27,6 +27,7 @@ __all__ = [
     "RequestTimeout",
     "ServiceUnavailable",
     "Unauthorized",
+    "UpstreamReset",
     "UpstreamTimeout",
     "UpstreamUnreachable",
     "reason_phrase",
@@ -111,6 +112,12 @@ class BadGateway(GatewayError):
 
 class UpstreamUnreachable(BadGateway):
     code = "upstream_unreachable"
+
+
+class UpstreamReset(BadGateway):
+    """The upstream closed or reset the connection before any byte of a response."""
+
+    code = "upstream_reset"
 
 
 class ServiceUnavailable(GatewayError):

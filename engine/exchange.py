@@ -143,7 +143,9 @@ class Request:
     ``path`` is the canonical path (dot segments removed, duplicate slashes merged,
     unreserved characters decoded): the path that was routed and that is forwarded.
     ``client`` is the real client address (honouring ``trusted_proxies``); ``peer`` is
-    the TCP peer. ``body`` is set only on routes whose filters asked for the whole body.
+    the TCP peer. ``body`` is set only on routes whose filters asked for the whole body;
+    ``body_truncated`` says the body was larger than ``[server] max_buffered_body``, so
+    ``body`` stays ``None`` and the body streams to the upstream untouched.
     """
 
     method: bytes
@@ -156,6 +158,7 @@ class Request:
     scheme: str = "http"
     tls: TlsInfo | None = None
     body: bytes | None = None
+    body_truncated: bool = False
     _query: dict[str, list[str]] | None = None
 
     @property

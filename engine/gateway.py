@@ -27,7 +27,7 @@ from engine.errors import BadGateway
 from engine.exchange import Exchange, Response, UpstreamCall
 from engine.plugins import Registry
 from engine.router import Router
-from engine.schema import ConfigError, build
+from engine.schema import ConfigError, Invalid, build
 from engine.upstream import Pool
 
 __all__ = ["RouteRuntime", "Runtime", "compile_runtime", "effective_plugin_configs"]
@@ -193,7 +193,18 @@ def compile_runtime(config: Config, registry: Registry, previous: Runtime | None
             ikey = (name, scope, repr(cfg))
             instance = instances.get(ikey) or old_instances.get(ikey)
             if instance is None:
-                instance = cls(cfg, FilterContext(name, scope))
+                context = FilterContext(
+                    name,
+                    scope,
+                    upstreams=frozenset(config.upstreams),
+                    request_id_header=config.server.request_id_header,
+                )
+                try:
+                    instance = cls(cfg, context)
+                except Invalid as e:
+                    raise ConfigError(
+                        f"{cfg_path}.{e.key}" if e.key else cfg_path, e.message
+                    ) from None
             instances[ikey] = instance
             filters.append(instance)
         chain = compile_chain(filters)

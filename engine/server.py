@@ -43,13 +43,15 @@ from engine.errors import (
 from engine.exchange import Exchange, Headers, Request, Response, TlsInfo, UpstreamCall
 from engine.gateway import RouteRuntime, Runtime
 from engine.metrics import counter, gauge
-from engine.upstream import UpstreamBodyError
+from engine.sockets import RawSocket, StreamSocket
+from engine.upstream import _END, UpstreamBodyError, _UpstreamBody
 
 __all__ = ["Server", "open_listeners"]
 
 log = logging.getLogger("filtergate.server")
 
 READ_SIZE = 64 * 1024
+_INF = float("inf")
 
 _HOP_BY_HOP = frozenset(
     {
@@ -155,8 +157,7 @@ class Server:
                         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                     except OSError:
                         pass
-                    stream = trio.SocketStream(trio.socket.from_stdlib_socket(raw))
-                    nursery.start_soon(self._connection, stream, (addr[0], addr[1]))
+                    nursery.start_soon(self._connection, raw, (addr[0], addr[1]))
         finally:
             sock.close()
 
@@ -171,12 +172,13 @@ class Server:
 
     # -- one connection ----------------------------------------------------------------
 
-    async def _connection(self, stream: trio.SocketStream, peer: tuple[str, int]) -> None:
+    async def _connection(self, raw: socket.socket, peer: tuple[str, int]) -> None:
         _open_connections.add(1)
         tls: TlsInfo | None = None
-        client: trio.abc.Stream = stream
+        io: RawSocket | StreamSocket = RawSocket(raw)
         try:
             if self.ssl_context is not None:
+                stream = trio.SocketStream(trio.socket.from_stdlib_socket(raw))
                 ssl_stream = trio.SSLStream(stream, self.ssl_context, server_side=True)
                 with trio.move_on_after(self.runtime.config.server.head_timeout) as cs:
                     try:
@@ -193,15 +195,15 @@ class Server:
                     server_name=getattr(ssl_obj, "server_hostname", None),
                     alpn=ssl_obj.selected_alpn_protocol(),
                 )
-                client = ssl_stream
-            await _Connection(self, client, peer, tls).run()
+                io = StreamSocket(ssl_stream, raw)
+            await _Connection(self, io, peer, tls).run()
         except Exception:
             # One connection's failure must never reach the nursery that serves everyone.
             log.exception("connection from %s:%d failed", *peer)
         finally:
             _open_connections.add(-1)
             try:
-                stream.socket.close()
+                raw.close()
             except OSError:
                 pass
 
@@ -236,12 +238,15 @@ class _ClientBody:
                 raise BadRequest(f"malformed request body: {e}") from None
             if ev is h11.NEED_DATA:
                 timeout = conn.server.runtime.config.server.body_timeout
-                with trio.move_on_after(timeout) as cs:
-                    data = await conn.stream.receive_some(READ_SIZE)
-                if cs.cancelled_caught:
+                try:
+                    data = await conn.io.recv(timeout)
+                except trio.TooSlowError:
                     conn.framing_broken = True
-                    raise RequestTimeout("the request body stopped arriving")
-                h.receive_data(bytes(data))
+                    raise RequestTimeout("the request body stopped arriving") from None
+                except OSError:
+                    conn.framing_broken = True
+                    raise _Abort() from None
+                h.receive_data(data)
                 continue
             t = type(ev)
             if t is h11.Data:
@@ -297,18 +302,22 @@ class _Connection:
         "first",
         "framing_broken",
         "h11",
+        "io",
         "peer",
         "scheme",
         "server",
-        "stream",
         "tls",
     )
 
     def __init__(
-        self, server: Server, stream: trio.abc.Stream, peer: tuple[str, int], tls: TlsInfo | None
+        self,
+        server: Server,
+        io: RawSocket | StreamSocket,
+        peer: tuple[str, int],
+        tls: TlsInfo | None,
     ) -> None:
         self.server = server
-        self.stream = stream
+        self.io = io
         self.peer = peer
         self.tls = tls
         self.scheme = "https" if tls else "http"
@@ -323,43 +332,44 @@ class _Connection:
             return
         timeout = self.server.runtime.config.server.write_timeout
         try:
-            with trio.fail_after(timeout):
-                await self.stream.send_all(data)
-        except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            await self.io.send_all(data, timeout)
+        except (trio.TooSlowError, OSError):
             raise _Abort() from None
 
     async def run(self) -> None:
         h = self.h11
+        server = self.server
         try:
             while True:
                 req = await self._read_head()
                 if req is None:
                     return
                 self.first = False
-                self.server._busy += 1
+                server._busy += 1
                 try:
                     await self._handle(req)
                 finally:
-                    self.server._busy -= 1
-                    if not self.server._busy:
-                        self.server._no_busy.set()
+                    server._busy -= 1
+                    if not server._busy:
+                        server._no_busy.set()
                 if self.framing_broken or h.our_state is not h11.DONE:
                     return
                 if h.their_state is h11.SEND_BODY and not await self._drain():
                     return
-                if h.their_state is not h11.DONE or self.server.draining:
+                if h.their_state is not h11.DONE or server.draining:
                     return
                 h.start_next_cycle()
+                # Socket I/O here does not yield when the kernel is ready: yield once per
+                # request so one busy keep-alive connection cannot starve the others.
+                await trio.lowlevel.checkpoint()
         except _Abort:
-            return
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
             return
 
     async def _read_head(self) -> h11.Request | None:
         h = self.h11
-        cfg = self.server.runtime.config.server
-        now = trio.current_time()
-        deadline = now + (cfg.head_timeout if self.first else cfg.keepalive_timeout)
+        server = self.server
+        cfg = server.runtime.config.server
+        deadline = trio.current_time() + (cfg.head_timeout if self.first else cfg.keepalive_timeout)
         got_bytes = False
         while True:
             try:
@@ -368,26 +378,32 @@ class _Connection:
                 await self._send_fatal(_h11_error(e))
                 return None
             if ev is h11.NEED_DATA:
-                if self.server.draining and not got_bytes:
+                if server.draining and not got_bytes:
                     return None
-                scope = trio.CancelScope(deadline=deadline)
-                idle = not got_bytes
-                if idle:
-                    self.server._idle.add(scope)
                 try:
-                    with scope:
-                        data = await self.stream.receive_some(READ_SIZE)
-                finally:
-                    if idle:
-                        self.server._idle.discard(scope)
-                if scope.cancelled_caught:
-                    if got_bytes or (self.first and not self.server.draining):
+                    if got_bytes:
+                        data = await self.io.recv(_INF, deadline)
+                    else:
+                        # Idle between requests: shutdown may cancel this wait.
+                        scope = trio.CancelScope()
+                        server._idle.add(scope)
+                        try:
+                            with scope:
+                                data = await self.io.recv(_INF, deadline)
+                        finally:
+                            server._idle.discard(scope)
+                        if scope.cancelled_caught:
+                            return None
+                except trio.TooSlowError:
+                    if got_bytes or (self.first and not server.draining):
                         await self._send_fatal(RequestTimeout("the request head took too long"))
+                    return None
+                except OSError:
                     return None
                 if data and not got_bytes:
                     got_bytes = True
                     deadline = min(deadline, trio.current_time() + cfg.head_timeout)
-                h.receive_data(bytes(data))
+                h.receive_data(data)
                 continue
             if type(ev) is h11.Request:
                 return ev
@@ -400,26 +416,28 @@ class _Connection:
             return False
         cfg = self.server.runtime.config.server
         budget: int = cfg.drain_limit
-        with trio.move_on_after(min(cfg.body_timeout, 5.0)):
-            while True:
+        deadline = trio.current_time() + min(cfg.body_timeout, 5.0)
+        while True:
+            try:
+                ev = h.next_event()
+            except h11.RemoteProtocolError:
+                return False
+            if ev is h11.NEED_DATA:
                 try:
-                    ev = h.next_event()
-                except h11.RemoteProtocolError:
+                    data = await self.io.recv(_INF, deadline)
+                except (trio.TooSlowError, OSError):
                     return False
-                if ev is h11.NEED_DATA:
-                    data = await self.stream.receive_some(READ_SIZE)
-                    if not data:
-                        return False
-                    budget -= len(data)
-                    if budget < 0:
-                        return False
-                    h.receive_data(bytes(data))
-                    continue
-                if type(ev) is h11.EndOfMessage:
-                    return True
-                if type(ev) is not h11.Data:
+                if not data:
                     return False
-        return False
+                budget -= len(data)
+                if budget < 0:
+                    return False
+                h.receive_data(data)
+                continue
+            if type(ev) is h11.EndOfMessage:
+                return True
+            if type(ev) is not h11.Data:
+                return False
 
     async def _send_fatal(self, err: GatewayError) -> None:
         # h11 may be in an error state; write the whole response by hand and close.
@@ -589,6 +607,8 @@ class _Connection:
                     )
             if chunked or (body_length is not None and body_length > 0):
                 body = _ClientBody(self, route.max_body_size)
+            elif type(self.h11.next_event()) is not h11.EndOfMessage:
+                raise BadRequest("unexpected request body")
 
             chain = route.chain
 
@@ -598,6 +618,8 @@ class _Connection:
                 data = await body.read_all(cfg.max_buffered_body)
                 if data is not None:
                     request.body = data
+                else:
+                    request.body_truncated = True
 
             answer: Response | None
             answer, depth = await run_request_phases(
@@ -745,12 +767,38 @@ class _Connection:
         if resp.stream is None:
             await self.send_raw((data or b"") + (h.send(h11.EndOfMessage()) or b""))
             return
-        await self.send_raw(data)
         stream = resp.stream
+        pending = data or b""
         try:
+            if type(stream) is _UpstreamBody:
+                # Coalesce what the upstream already delivered into as few writes as
+                # possible: a small response goes out head and body in one send.
+                poll = stream.poll
+                while True:
+                    chunk = poll()
+                    if chunk is None:
+                        if pending:
+                            await self.send_raw(pending)
+                            pending = b""
+                            await trio.lowlevel.checkpoint()
+                        try:
+                            chunk = await stream.__anext__()
+                        except StopAsyncIteration:
+                            break
+                    elif chunk is _END:
+                        break
+                    pending += h.send(h11.Data(data=chunk)) or b""
+                    if len(pending) >= 65536:
+                        await self.send_raw(pending)
+                        pending = b""
+                        await trio.lowlevel.checkpoint()
+                await self.send_raw(pending + (h.send(h11.EndOfMessage()) or b""))
+                return
+            await self.send_raw(pending)
             async for chunk in stream:
                 if chunk:
                     await self.send_raw(h.send(h11.Data(data=chunk)))
+                    await trio.lowlevel.checkpoint()
             await self.send_raw(h.send(h11.EndOfMessage()))
         except UpstreamBodyError as e:
             log.warning("request %s: %s; aborting the client connection", request_id, e)

@@ -16,9 +16,12 @@ the gateway's types where they enter:
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import random
 import select
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -27,9 +30,17 @@ import trio
 from h11._headers import Headers as H11Headers
 
 from engine.config import OutlierConfig, TargetConfig, UpstreamConfig, parse_address
-from engine.errors import BadGateway, NoHealthyTarget, UpstreamTimeout, UpstreamUnreachable
+from engine.errors import (
+    BadGateway,
+    GatewayError,
+    NoHealthyTarget,
+    UpstreamReset,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
 from engine.exchange import Headers, Response, UpstreamCall
 from engine.metrics import counter, gauge
+from engine.sockets import RawSocket
 
 __all__ = ["Pool", "Target", "UpstreamBodyError"]
 
@@ -56,10 +67,10 @@ class UpstreamBodyError(BadGateway):
 
 
 class _Conn:
-    __slots__ = ("h11", "idle_since", "reused", "stream", "target")
+    __slots__ = ("h11", "idle_since", "io", "reused", "target")
 
-    def __init__(self, stream: trio.SocketStream, target: Target) -> None:
-        self.stream = stream
+    def __init__(self, io: RawSocket, target: Target) -> None:
+        self.io = io
         self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=64 * 1024)
         self.target = target
         self.idle_since = 0.0
@@ -69,10 +80,35 @@ class _Conn:
         # An idle connection with readable bytes is closed (EOF) or broken (garbage):
         # one zero-timeout poll, as urllib3 does, saves a request from a stale socket.
         try:
-            readable, _, _ = select.select([self.stream.socket.fileno()], [], [], 0)
+            readable, _, _ = select.select([self.io.fileno()], [], [], 0)
         except (OSError, ValueError):
             return True
         return bool(readable)
+
+
+async def open_connection(host: str, port: int, deadline: float) -> RawSocket:
+    """A connected non-blocking TCP socket. Raises ``OSError`` or ``trio.TooSlowError``."""
+    infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    if not infos:
+        raise OSError(f"cannot resolve {host}")
+    family, type_, proto, _, addr = infos[0]
+    sock = socket.socket(family, type_, proto)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        err = sock.connect_ex(addr)
+        if err in (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
+            with trio.CancelScope(deadline=deadline) as scope:
+                await trio.lowlevel.wait_writable(sock)
+            if scope.cancelled_caught:
+                raise trio.TooSlowError
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            raise OSError(err, f"connect to {host}:{port}: {os.strerror(err)}")
+    except BaseException:
+        sock.close()
+        raise
+    return RawSocket(sock)
 
 
 class Target:
@@ -113,11 +149,25 @@ class Pool:
 
     # -- balancing ------------------------------------------------------------------
 
-    def pick(self, exclude: set[str] | frozenset[str], now: float) -> Target:
-        """A target for the next call, not in ``exclude``. Raises ``NoHealthyTarget``."""
-        ts = [t for t in self.targets if t.available(now) and t.address not in exclude]
+    def pick(
+        self,
+        exclude: set[str] | frozenset[str],
+        now: float,
+        failed: set[str] | frozenset[str] = frozenset(),
+    ) -> Target:
+        """A target for the next call. Raises ``NoHealthyTarget``.
+
+        ``failed`` targets are never picked; ``exclude`` ones only when nothing else is
+        available.
+        """
+        ts = [t for t in self.targets if t.available(now) and t.address not in failed]
         if not ts:
             raise NoHealthyTarget(f"upstream {self.name!r} has no healthy target")
+        if exclude:
+            # ``exclude`` is a preference (a retry would rather go elsewhere), not a
+            # reason to fail while an excluded target is still in rotation.
+            preferred = [t for t in ts if t.address not in exclude]
+            ts = preferred or ts
         if len(ts) == 1:
             return ts[0]
         balance = self.config.balance
@@ -143,13 +193,8 @@ class Pool:
     # -- connections -----------------------------------------------------------------
 
     async def _connect(self, target: Target, limit: float) -> _Conn:
-        with trio.fail_after(limit):
-            stream = await trio.open_tcp_stream(target.host, target.port)
-        try:
-            stream.setsockopt(6, 1, 1)  # TCP_NODELAY (also set by trio; kept explicit)
-        except OSError:
-            pass
-        return _Conn(stream, target)
+        io = await open_connection(target.host, target.port, trio.current_time() + limit)
+        return _Conn(io, target)
 
     def _checkout_idle(self, target: Target, now: float) -> _Conn | None:
         idle = target.idle
@@ -185,8 +230,7 @@ class Pool:
 
     @staticmethod
     def _discard(conn: _Conn) -> None:
-        # Closing a socket needs no await; trio's aclose would only add a checkpoint.
-        conn.stream.socket.close()
+        conn.io.close()
 
     def close(self) -> None:
         """Close every idle connection; connections in use close when released."""
@@ -257,11 +301,11 @@ class Pool:
         deadline = trio.current_time() + total if total else float("inf")
         timed_out = 0
         refused = 0
-        exclude = set(call.exclude)
+        failed: set[str] = set()  # targets that refused this call: never tried again
         while True:
             now = trio.current_time()
             try:
-                target = self.pick(exclude, now)
+                target = self.pick(call.exclude, now, failed)
             except NoHealthyTarget:
                 if timed_out and not refused:
                     raise UpstreamTimeout(
@@ -279,116 +323,122 @@ class Pool:
                     conn = await self._connect(target, min(ct, max(0.0, deadline - now)))
                 except trio.TooSlowError:
                     timed_out += 1
-                    self._eject(target, trio.current_time())
-                    exclude.add(target.address)
-                    self.record_result(target.address, True, trio.current_time())
+                    self._connect_failed(target, failed)
                     continue
                 except OSError:
                     refused += 1
-                    self._eject(target, trio.current_time())
-                    exclude.add(target.address)
-                    self.record_result(target.address, True, trio.current_time())
+                    self._connect_failed(target, failed)
                     continue
             target.active += 1
             try:
-                return await self._exchange(call, conn, rt, deadline)
-            except _StaleConnection:
-                # A reused connection the server had closed: nothing reached it, so
-                # the call can go again on a fresh connection to the same target.
-                target.active -= 1
-                conn.reused = False
                 try:
-                    conn = await self._connect(target, min(ct, max(0.0, deadline - now)))
-                except (trio.TooSlowError, OSError):
-                    self._eject(target, trio.current_time())
-                    exclude.add(target.address)
-                    refused += 1
-                    continue
-                target.active += 1
-                try:
-                    return await self._exchange(call, conn, rt, deadline)
+                    resp = await self._exchange(call, conn, rt, deadline)
                 except _StaleConnection:
-                    target.active -= 1
-                    raise BadGateway(f"upstream {self.name!r} closed the connection") from None
-                except BaseException:
-                    target.active -= 1
-                    raise
+                    # A reused connection the server had closed: nothing reached it, so
+                    # the call can go again on a fresh connection to the same target.
+                    try:
+                        conn = await self._connect(target, min(ct, max(0.0, deadline - now)))
+                    except (trio.TooSlowError, OSError):
+                        refused += 1
+                        target.active -= 1
+                        self._connect_failed(target, failed)
+                        continue
+                    try:
+                        resp = await self._exchange(call, conn, rt, deadline)
+                    except _StaleConnection:
+                        raise UpstreamReset(
+                            f"upstream {self.name!r} closed the connection without answering"
+                        ) from None
+            except GatewayError:
+                target.active -= 1
+                self.record_result(target.address, True, trio.current_time())
+                raise
             except BaseException:
                 target.active -= 1
                 raise
+            if self.config.outlier is not None:
+                self.record_result(
+                    target.address, self.is_failure_status(resp.status), trio.current_time()
+                )
+            return resp
+
+    def _connect_failed(self, target: Target, failed: set[str]) -> None:
+        now = trio.current_time()
+        self._eject(target, now)
+        failed.add(target.address)
+        self.record_result(target.address, True, now)
 
     async def _exchange(
         self, call: UpstreamCall, conn: _Conn, read_timeout: float, deadline: float
     ) -> Response:
         h = conn.h11
-        stream = conn.stream
-        items = call.headers.items
+        io = conn.io
         body = call.body
-        framing: list[tuple[bytes, bytes, bytes]] = []
-        if body is None:
-            if call.method in _METHODS_WITH_BODY:
-                framing.append((b"content-length", b"content-length", b"0"))
-        elif isinstance(body, bytes):
-            framing.append((b"content-length", b"content-length", str(len(body)).encode()))
-        elif call.body_length is not None:
-            framing.append((b"content-length", b"content-length", str(call.body_length).encode()))
-        else:
-            framing.append((b"transfer-encoding", b"transfer-encoding", b"chunked"))
-        full = [(n, n, v) for n, v in items]
+        full = [(n, n, v) for n, v in call.headers.items]
         if call.headers.get(b"host") is None:
             host = self.config.host_header or conn.target.address
             full.append((b"host", b"host", host.encode()))
-        full += framing
-        event = h11.Request(
-            method=call.method, target=call.target, headers=H11Headers(full), _parsed=True
-        )
+        if body is None:
+            if call.method in _METHODS_WITH_BODY:
+                full.append((b"content-length", b"content-length", b"0"))
+        elif isinstance(body, bytes):
+            full.append((b"content-length", b"content-length", str(len(body)).encode()))
+        elif call.body_length is not None:
+            full.append((b"content-length", b"content-length", str(call.body_length).encode()))
+        else:
+            full.append((b"transfer-encoding", b"transfer-encoding", b"chunked"))
         reused = conn.reused
-        got_bytes = False
         try:
-            with trio.fail_after(max(0.0, deadline - trio.current_time())):
-                try:
-                    data = h.send(event)
-                    if isinstance(body, bytes):
-                        data = (data or b"") + (h.send(h11.Data(data=body)) or b"")
-                        data += h.send(h11.EndOfMessage()) or b""
-                    elif body is None:
-                        data = (data or b"") + (h.send(h11.EndOfMessage()) or b"")
-                    assert data is not None
-                    with trio.fail_after(self.config.write_timeout):
-                        await stream.send_all(data)
-                    if body is not None and not isinstance(body, bytes):
-                        call.body_started = True
-                        async for chunk in body:
-                            if chunk:
-                                with trio.fail_after(self.config.write_timeout):
-                                    await stream.send_all(h.send(h11.Data(data=chunk)) or b"")
-                        with trio.fail_after(self.config.write_timeout):
-                            await stream.send_all(h.send(h11.EndOfMessage()) or b"")
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    # The upstream may have answered early and closed; read what it said.
-                    if reused and not call.body_started:
-                        self._discard(conn)
-                        raise _StaleConnection() from None
-                # Response head: skip 1xx, keep the final one.
-                while True:
-                    ev = h.next_event()
-                    if ev is h11.NEED_DATA:
-                        with trio.fail_after(read_timeout):
-                            chunk = await stream.receive_some(READ_SIZE)
+            event = h11.Request(
+                method=call.method, target=call.target, headers=H11Headers(full), _parsed=True
+            )
+            data = h.send(event) or b""
+        except h11.LocalProtocolError as e:
+            self._discard(conn)
+            raise BadGateway(f"cannot forward this request: {e}") from None
+        got_bytes = False
+        wt = self.config.write_timeout
+        try:
+            try:
+                if isinstance(body, bytes):
+                    data += h.send(h11.Data(data=body)) or b""
+                    data += h.send(h11.EndOfMessage()) or b""
+                elif body is None:
+                    data += h.send(h11.EndOfMessage()) or b""
+                await io.send_all(data, wt, deadline)
+                if body is not None and not isinstance(body, bytes):
+                    call.body_started = True
+                    async for chunk in body:
                         if chunk:
-                            got_bytes = True
-                        elif reused and not got_bytes and not call.body_started:
-                            self._discard(conn)
+                            await io.send_all(h.send(h11.Data(data=chunk)) or b"", wt, deadline)
+                            await trio.lowlevel.checkpoint()
+                    await io.send_all(h.send(h11.EndOfMessage()) or b"", wt, deadline)
+            except OSError:
+                # The upstream may have answered early and closed; read what it said.
+                if reused and not call.body_started:
+                    self._discard(conn)
+                    raise _StaleConnection() from None
+            # Response head: skip 1xx, keep the final one.
+            while True:
+                ev = h.next_event()
+                if ev is h11.NEED_DATA:
+                    chunk = await io.recv(read_timeout, deadline)
+                    if chunk:
+                        got_bytes = True
+                    elif not got_bytes:
+                        self._discard(conn)
+                        if reused and not call.body_started:
                             raise _StaleConnection()
-                        h.receive_data(chunk)
-                        continue
-                    if type(ev) is h11.InformationalResponse:
-                        continue
-                    if type(ev) is h11.Response:
-                        break
-                    if type(ev) is h11.ConnectionClosed:
-                        raise BadGateway(f"upstream {self.name!r} closed without answering")
-                    raise BadGateway(f"upstream {self.name!r} sent an unexpected {ev!r}")
+                        raise UpstreamReset(
+                            f"upstream {self.name!r} closed the connection without answering"
+                        )
+                    h.receive_data(chunk)
+                    continue
+                if type(ev) is h11.InformationalResponse:
+                    continue
+                if type(ev) is h11.Response:
+                    break
+                raise BadGateway(f"upstream {self.name!r} sent an unexpected {type(ev).__name__}")
         except trio.TooSlowError:
             self._discard(conn)
             _requests.inc(upstream=self.name, result="timeout")
@@ -397,10 +447,12 @@ class Pool:
             self._discard(conn)
             _requests.inc(upstream=self.name, result="garbage")
             raise BadGateway(f"upstream {self.name!r} answered garbage: {e}") from None
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+        except OSError as e:
             self._discard(conn)
             _requests.inc(upstream=self.name, result="reset")
-            raise BadGateway(f"upstream {self.name!r} reset the connection: {e}") from None
+            if got_bytes:
+                raise BadGateway(f"upstream {self.name!r} reset the connection: {e}") from None
+            raise UpstreamReset(f"upstream {self.name!r} reset the connection: {e}") from None
         except BaseException:
             self._discard(conn)
             raise
@@ -508,6 +560,10 @@ class _StaleConnection(Exception):
     pass
 
 
+_END: Any = object()
+"""Returned by :meth:`_UpstreamBody.poll` when the body is complete."""
+
+
 class _UpstreamBody:
     """The upstream's response body, chunk by chunk; releases the connection at the end."""
 
@@ -523,6 +579,29 @@ class _UpstreamBody:
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self
 
+    def poll(self) -> Any:
+        """The next chunk if it is already here, ``_END`` at the end, else ``None``.
+
+        Raises :class:`UpstreamBodyError` like ``__anext__``; never does I/O.
+        """
+        if self._done:
+            return _END
+        try:
+            ev = self._conn.h11.next_event()
+        except h11.RemoteProtocolError as e:
+            self._finish(clean=False)
+            raise UpstreamBodyError(f"upstream {self._pool.name!r} broke the body: {e}") from None
+        t = type(ev)
+        if t is h11.Data:
+            return bytes(ev.data)  # type: ignore[union-attr]
+        if t is h11.EndOfMessage:
+            self._finish(clean=True)
+            return _END
+        if ev is h11.NEED_DATA:
+            return None
+        self._finish(clean=False)
+        raise UpstreamBodyError(f"upstream {self._pool.name!r} ended the body early")
+
     async def __anext__(self) -> bytes:
         if self._done:
             raise StopAsyncIteration
@@ -532,10 +611,7 @@ class _UpstreamBody:
             while True:
                 ev = h.next_event()
                 if ev is h11.NEED_DATA:
-                    timeout = min(self._read_timeout, self._deadline - trio.current_time())
-                    with trio.fail_after(max(0.0, timeout)):
-                        data = await conn.stream.receive_some(READ_SIZE)
-                    h.receive_data(data)
+                    h.receive_data(await conn.io.recv(self._read_timeout, self._deadline))
                     continue
                 t = type(ev)
                 if t is h11.Data:
@@ -552,12 +628,12 @@ class _UpstreamBody:
         except h11.RemoteProtocolError as e:
             self._finish(clean=False)
             raise UpstreamBodyError(f"upstream {self._pool.name!r} broke the body: {e}") from None
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+        except OSError as e:
             self._finish(clean=False)
             raise UpstreamBodyError(
                 f"upstream {self._pool.name!r} reset the connection: {e}"
             ) from None
-        except trio.Cancelled:
+        except BaseException:
             self._finish(clean=False)
             raise
 
