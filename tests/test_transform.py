@@ -1,0 +1,772 @@
+"""The transform filter, its dotted paths and its templates.
+
+Three layers: the path and template mini-languages as tables; the filter on an
+in-memory exchange; and end to end through a running gateway against the echo stub.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import trio
+
+from engine.chain import FilterContext
+from engine.exchange import Exchange, Headers, Identity, Request, Response, Timings
+from engine.schema import ConfigError, build
+from engine.testing import Stubs, http_request, open_gateway, open_stubs
+from plugins._jsonpath import MISSING, JsonPath, JsonPathError
+from plugins._template import (
+    REQUEST_ROOTS,
+    MissingValue,
+    TemplateError,
+    compile_template,
+    exchange_lookup,
+)
+from plugins.transform import BODY_SKIPPED, Transform, TransformConfig, is_json
+
+# -- dotted paths ------------------------------------------------------------------------
+
+
+def _doc() -> dict[str, Any]:
+    return {
+        "user": {
+            "id": 7,
+            "name": "Ada",
+            "addresses": [{"zip": "111", "city": "A"}, {"zip": "222", "city": "B"}],
+        },
+        "items": [{"id": 1, "secret": "x"}, {"id": 2, "secret": "y"}],
+        "tags": ["a", "b"],
+    }
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("user.id", [7]),
+        ("user.addresses[*].zip", ["111", "222"]),
+        ("user.addresses[1].city", ["B"]),
+        ("items[-1].id", [2]),
+        ("items[5].id", []),
+        ("tags[*]", ["a", "b"]),
+        ("nope.deeper", []),
+        ("user.id.deeper", []),
+        ("", [_doc()]),
+    ],
+)
+def test_jsonpath_find(path: str, expected: list[Any]) -> None:
+    assert JsonPath.parse(path).find(_doc()) == expected
+
+
+def test_jsonpath_root_array() -> None:
+    assert JsonPath.parse("[*].id").find([{"id": 1}, {"id": 2}]) == [1, 2]
+    assert JsonPath.parse("[0]").get([5, 6]) == 5
+    assert JsonPath.parse("[3]").get([5, 6]) is MISSING
+
+
+@pytest.mark.parametrize("bad", ["a..b", "a[x]", "a[", ".a", "a.", "a]b", "a.[0]"])
+def test_jsonpath_parse_errors(bad: str) -> None:
+    with pytest.raises(JsonPathError):
+        JsonPath.parse(bad)
+
+
+def test_jsonpath_set_creates_objects_and_copies_values() -> None:
+    doc: dict[str, Any] = {}
+    value = {"k": [1]}
+    assert JsonPath.parse("a.b.c").set(doc, value) == 1
+    assert doc == {"a": {"b": {"c": {"k": [1]}}}}
+    doc["a"]["b"]["c"]["k"].append(2)
+    assert value == {"k": [1]}
+    # Arrays are not invented: no index to fill.
+    assert JsonPath.parse("x[0].y").set(doc, 1) == 0
+    assert "x" not in doc
+
+
+def test_jsonpath_set_through_wildcard_and_index() -> None:
+    doc = _doc()
+    assert JsonPath.parse("items[*].seen").set(doc, True) == 2
+    assert [i["seen"] for i in doc["items"]] == [True, True]
+    assert JsonPath.parse("tags[0]").set(doc, "z") == 1
+    assert doc["tags"] == ["z", "b"]
+    assert JsonPath.parse("user.name").set(doc, "Bob", only_if_absent=True) == 0
+    assert doc["user"]["name"] == "Ada"
+
+
+def test_jsonpath_remove() -> None:
+    doc = _doc()
+    assert JsonPath.parse("items[*].secret").remove(doc) == 2
+    assert doc["items"] == [{"id": 1}, {"id": 2}]
+    assert JsonPath.parse("tags[*]").remove(doc) == 2
+    assert doc["tags"] == []
+    assert JsonPath.parse("user.missing").remove(doc) == 0
+
+
+def test_jsonpath_rename_in_place_keeps_order() -> None:
+    doc = _doc()
+    n = JsonPath.parse("user.addresses[*].zip").rename(doc, JsonPath.parse("postcode"))
+    assert n == 2
+    assert list(doc["user"]["addresses"][0]) == ["postcode", "city"]
+
+
+def test_jsonpath_rename_moves() -> None:
+    doc = _doc()
+    assert JsonPath.parse("user.name").rename(doc, JsonPath.parse("profile.display")) == 1
+    assert doc["profile"] == {"display": "Ada"}
+    assert "name" not in doc["user"]
+    with pytest.raises(JsonPathError):
+        JsonPath.parse("items[*].id").check_rename(JsonPath.parse("x.y"))
+
+
+# -- templates ---------------------------------------------------------------------------
+
+
+def _exchange(
+    method: str = "GET",
+    path: str = "/api/v1/things",
+    query: bytes = b"",
+    headers: list[tuple[bytes, bytes]] | None = None,
+    body: bytes | None = None,
+    identity: Identity | None = None,
+) -> Exchange:
+    request = Request(
+        method=method.encode(),
+        path=path,
+        raw_query=query,
+        headers=Headers(list(headers or [])),
+        http_version=b"1.1",
+        client="203.0.113.9",
+        peer=("203.0.113.9", 5555),
+        body=body,
+    )
+    return Exchange(
+        request=request,
+        request_id="req-1",
+        timings=Timings(start=0.0),
+        captures={"id": "42"},
+        identity=identity,
+    )
+
+
+@pytest.mark.parametrize(
+    ("template", "expected"),
+    [
+        ("plain", "plain"),
+        ("{request_id}", "req-1"),
+        ("{client}/{method}", "203.0.113.9/GET"),
+        ("/users/{path.id}", "/users/42"),
+        ("{path}", "/api/v1/things"),
+        ("p={query.page}", "p=3"),
+        ("{query.absent|10}", "10"),
+        ("{header.x-tenant}", "acme"),
+        ("{claims.sub}:{claims.roles[1]}", "u-1:admin"),
+        ("{claims.n}", "5"),
+        ("{consumer}", "alice"),
+        ("{{literal}} {{{request_id}}}", "{literal} {req-1}"),
+    ],
+)
+def test_template_render(template: str, expected: str) -> None:
+    ex = _exchange(
+        query=b"page=3&page=4",
+        headers=[(b"x-tenant", b"acme")],
+        identity=Identity("alice", claims={"sub": "u-1", "roles": ["user", "admin"], "n": 5}),
+    )
+    assert compile_template(template).render(exchange_lookup(ex)) == expected
+
+
+def test_template_missing_and_typed_values() -> None:
+    ex = _exchange(identity=Identity("a", claims={"n": 5}))
+    lookup = exchange_lookup(ex)
+    with pytest.raises(MissingValue):
+        compile_template("{query.absent}").render(lookup)
+    assert compile_template("x{query.absent}y").render(lookup, missing="") == "xy"
+    assert compile_template("{claims.n}").evaluate(lookup) == 5
+    assert compile_template("n={claims.n}").evaluate(lookup) == "n=5"
+
+
+@pytest.mark.parametrize(
+    "bad", ["{", "}", "{nope}", "{query}", "{client.x}", "{claims.a..b}", "{ }", "a{b"]
+)
+def test_template_errors(bad: str) -> None:
+    with pytest.raises(TemplateError):
+        compile_template(bad)
+
+
+def test_template_extra_roots() -> None:
+    t = compile_template("/orders?user_id={user.id}", REQUEST_ROOTS | {"user"})
+    assert [r.root for r in t.refs] == ["user"]
+    assert t.refs[0].json_path == JsonPath.parse("id")
+
+
+# -- the filter on an in-memory exchange ---------------------------------------------------
+
+
+def _transform(table: dict[str, Any]) -> Transform:
+    config = build(TransformConfig, table, "plugins.transform")
+    return Transform(config, FilterContext("transform", "global"))
+
+
+def test_request_headers_every_operation() -> None:
+    t = _transform(
+        {
+            "request": {
+                "headers": {
+                    "remove": ["x-debug"],
+                    "rename": {"x-old": "x-new"},
+                    "set": {"x-tenant": "t-{path.id}"},
+                    "add": {"x-request-id": "{request_id}", "x-present": "no"},
+                    "append": {"x-trace": "gw"},
+                }
+            }
+        }
+    )
+    ex = _exchange(
+        headers=[
+            (b"x-debug", b"1"),
+            (b"x-old", b"v"),
+            (b"x-tenant", b"a"),
+            (b"x-tenant", b"b"),
+            (b"x-present", b"yes"),
+            (b"x-trace", b"client"),
+        ]
+    )
+    t.on_request(ex)
+    h = ex.request.headers
+    assert "x-debug" not in h
+    assert h.get("x-new") == b"v"
+    assert "x-old" not in h
+    assert h.get_all("x-tenant") == [b"t-42"]
+    assert h.get("x-request-id") == b"req-1"
+    assert h.get_all("x-present") == [b"yes"]
+    assert h.get_all("x-trace") == [b"client", b"gw"]
+
+
+def test_request_header_values_cannot_inject_lines() -> None:
+    t = _transform({"request": {"headers": {"set": {"x-echo": "{query.q}"}}}})
+    ex = _exchange(query=b"q=a%0D%0AInjected:%20yes")
+    t.on_request(ex)
+    assert ex.request.headers.get("x-echo") == b"aInjected: yes"
+
+
+def test_path_rewrite_query_and_method() -> None:
+    t = _transform(
+        {
+            "request": {
+                "method": "POST",
+                "path_rewrite": {"pattern": "^/api/v1/(.*)$", "replacement": r"/v2/\1"},
+                "query": {
+                    "remove": ["debug"],
+                    "set": {"page": "{query.page|1}"},
+                    "add": {"tenant": "{path.id}", "keep": "no"},
+                },
+            }
+        }
+    )
+    ex = _exchange(query=b"keep=yes&debug=1&page=2&page=3&q=a+b%2Fc")
+    assert ex.request.query["debug"] == ["1"]  # parsed (and cached) before the change
+    t.on_request(ex)
+    assert ex.request.path == "/v2/things"
+    assert ex.request.method == b"POST"
+    # Untouched parameters keep their exact bytes; the parsed view follows the change.
+    assert ex.request.raw_query == b"keep=yes&q=a+b%2Fc&page=2&tenant=42"
+    assert ex.request.query == {"keep": ["yes"], "q": ["a b/c"], "page": ["2"], "tenant": ["42"]}
+
+
+def test_path_rewrite_no_match_leaves_path() -> None:
+    t = _transform(
+        {"request": {"path_rewrite": {"pattern": "^/other/(.*)$", "replacement": r"/\1"}}}
+    )
+    ex = _exchange(path="/api/v1/things")
+    t.on_request(ex)
+    assert ex.request.path == "/api/v1/things"
+
+
+def test_phases_without_work_are_hidden_from_the_engine() -> None:
+    from engine.chain import compile_chain
+
+    request_only = _transform({"request": {"headers": {"set": {"a": "b"}}}})
+    chain = compile_chain([request_only])
+    assert len(chain.request) == 1
+    assert chain.response == []
+    response_only = _transform({"response": {"headers": {"remove": ["server"]}}})
+    chain = compile_chain([response_only])
+    assert chain.request == []
+    assert len(chain.response) == 1
+
+
+def test_needs_body_only_with_json_ops() -> None:
+    assert not _transform({"request": {"headers": {"set": {"a": "b"}}}}).needs_request_body
+    both = _transform(
+        {"request": {"json": {"remove": ["a"]}}, "response": {"json": {"remove": ["a"]}}}
+    )
+    assert both.needs_request_body
+    assert both.needs_response_body
+    assert not _transform({}).needs_response_body
+
+
+JSON = (b"content-type", b"application/json; charset=utf-8")
+
+
+def test_request_json_every_operation() -> None:
+    t = _transform(
+        {
+            "request": {
+                "json": {
+                    "remove": ["password", "items[*].internal"],
+                    "rename": {"usr": "user", "meta.v": "meta_version"},
+                    "set": {"source": "gateway", "by": "{consumer}", "sub": "{claims.n}"},
+                    "add": {"priority": 1, "user": "never", "extra": {"list": ["{request_id}"]}},
+                }
+            }
+        }
+    )
+    body = {
+        "usr": "ada",
+        "password": "pw",
+        "items": [{"id": 1, "internal": 1}],
+        "meta": {"v": 2},
+    }
+    ex = _exchange(
+        method="POST",
+        headers=[JSON, (b"content-length", b"99")],
+        body=json.dumps(body).encode(),
+        identity=Identity("alice", claims={"n": 5}),
+    )
+    t.on_request(ex)
+    assert ex.request.body is not None
+    assert json.loads(ex.request.body) == {
+        "user": "ada",
+        "items": [{"id": 1}],
+        "meta": {"meta_version": 2},
+        "source": "gateway",
+        "by": "alice",
+        "sub": 5,
+        "priority": 1,
+        "extra": {"list": ["req-1"]},
+    }
+
+
+def _skipped(direction: str, reason: str) -> float:
+    return BODY_SKIPPED.value(route="", direction=direction, reason=reason)
+
+
+def test_request_json_skips_invalid_compressed_and_non_json() -> None:
+    t = _transform({"request": {"json": {"set": {"a": 1}}}})
+    before = _skipped("request", "invalid_json")
+    ex = _exchange(method="POST", headers=[JSON], body=b"{not json")
+    t.on_request(ex)
+    assert ex.request.body == b"{not json"
+    assert _skipped("request", "invalid_json") == before + 1
+
+    before = _skipped("request", "compressed")
+    ex = _exchange(method="POST", headers=[JSON, (b"content-encoding", b"gzip")], body=b"\x1f\x8b")
+    t.on_request(ex)
+    assert ex.request.body == b"\x1f\x8b"
+    assert _skipped("request", "compressed") == before + 1
+
+    ex = _exchange(method="POST", headers=[(b"content-type", b"text/plain")], body=b"{}")
+    t.on_request(ex)
+    assert ex.request.body == b"{}"
+    ex = _exchange(
+        method="POST", headers=[(b"content-type", b"application/problem+json")], body=b"{}"
+    )
+    t.on_request(ex)
+    assert ex.request.body == b'{"a":1}'
+
+
+def test_request_json_too_large() -> None:
+    lenient = _transform({"request": {"json": {"set": {"a": 1}}}})
+    ex = _exchange(method="POST", headers=[JSON, (b"content-length", b"5000000")], body=None)
+    before = _skipped("request", "too_large")
+    lenient.on_request(ex)
+    assert _skipped("request", "too_large") == before + 1
+    strict = _transform({"request": {"json": {"set": {"a": 1}, "mandatory": True}}})
+    from engine.errors import PayloadTooLarge
+
+    with pytest.raises(PayloadTooLarge):
+        strict.on_request(ex)
+    # No body at all is not "too large".
+    strict.on_request(_exchange(method="GET", headers=[JSON]))
+
+
+class _Stream:
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = chunks
+        self.closed = False
+
+    def __aiter__(self) -> _Stream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if not self.chunks:
+            raise StopAsyncIteration
+        return self.chunks.pop(0)
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+async def test_response_headers_and_json() -> None:
+    t = _transform(
+        {
+            "response": {
+                "headers": {
+                    "remove": ["server", "x-powered-by"],
+                    "rename": {"x-upstream-id": "x-backend-id"},
+                    "set": {"x-request-id": "{request_id}"},
+                    "add": {"cache-control": "no-store"},
+                    "append": {"vary": "x-tenant"},
+                },
+                "json": {
+                    "remove": ["internal"],
+                    "rename": {"data.items[*].nm": "name"},
+                    "set": {"api_version": 2},
+                    "add": {"data.count": 0},
+                },
+            }
+        }
+    )
+    body = {"internal": True, "data": {"items": [{"nm": "a"}, {"nm": "b"}], "count": 2}}
+    resp = Response(
+        status=200,
+        headers=Headers(
+            [
+                (b"server", b"gunicorn"),
+                (b"x-powered-by", b"php"),
+                (b"x-upstream-id", b"u1"),
+                (b"vary", b"accept"),
+                (b"content-type", b"application/json"),
+                (b"content-length", b"999"),
+            ]
+        ),
+        body=json.dumps(body).encode(),
+    )
+    with trio.fail_after(1):
+        await t.on_response(_exchange(), resp)
+    h = resp.headers
+    assert "server" not in h
+    assert "x-powered-by" not in h
+    assert h.get("x-backend-id") == b"u1"
+    assert h.get("x-request-id") == b"req-1"
+    assert h.get("cache-control") == b"no-store"
+    assert h.get_all("vary") == [b"accept", b"x-tenant"]
+    assert "content-length" not in h
+    assert resp.body is not None
+    assert json.loads(resp.body) == {
+        "data": {"items": [{"name": "a"}, {"name": "b"}], "count": 2},
+        "api_version": 2,
+    }
+
+
+async def test_response_status_map_hides_upstream_body() -> None:
+    t = _transform({"response": {"status_map": {"500": 502, "201": 200}}})
+    stream = _Stream([b"Traceback: secret internals"])
+    resp = Response(
+        status=500,
+        headers=Headers([(b"content-type", b"text/plain"), (b"set-cookie", b"s=1")]),
+        stream=stream,
+    )
+    with trio.fail_after(1):
+        await t.on_response(_exchange(), resp)
+        assert resp.status == 502
+        assert stream.closed
+        assert resp.stream is None
+        assert resp.body is not None
+        assert json.loads(resp.body)["error"] == {
+            "status": 502,
+            "code": "bad_gateway",
+            "message": "Bad Gateway",
+            "request_id": "req-1",
+        }
+        assert "set-cookie" not in resp.headers
+        ok = Response(status=201, headers=Headers(), body=b"created")
+        await t.on_response(_exchange(), ok)
+        assert (ok.status, ok.reason, ok.body) == (200, b"OK", b"created")
+
+    keep = _transform({"response": {"status_map": {"500": 503}, "error_body": False}})
+    resp = Response(status=500, headers=Headers(), body=b"kept")
+    with trio.fail_after(1):
+        await keep.on_response(_exchange(), resp)
+    assert (resp.status, resp.body) == (503, b"kept")
+
+
+async def test_response_json_too_large_and_invalid() -> None:
+    lenient = _transform({"response": {"json": {"set": {"a": 1}}}})
+    strict = _transform({"response": {"json": {"set": {"a": 1}, "mandatory": True}}})
+    with trio.fail_after(1):
+        stream = _Stream([b"{}"])
+        resp = Response(status=200, headers=Headers([JSON]), stream=stream)
+        await lenient.on_response(_exchange(), resp)
+        assert resp.stream is stream
+        assert not stream.closed
+
+        resp = Response(status=200, headers=Headers([JSON]), stream=stream)
+        await strict.on_response(_exchange(), resp)
+        assert resp.status == 502
+        assert stream.closed
+
+        before = _skipped("response", "invalid_json")
+        resp = Response(status=200, headers=Headers([JSON]), body=b"[1,")
+        await lenient.on_response(_exchange(), resp)
+        assert resp.body == b"[1,"
+        assert _skipped("response", "invalid_json") == before + 1
+
+
+@pytest.mark.parametrize(
+    ("table", "path"),
+    [
+        ({"request": {"headers": {"set": {"bad name": "x"}}}}, "request.headers.set.bad name"),
+        ({"request": {"headers": {"remove": ["content-length"]}}}, "request.headers.remove[0]"),
+        ({"request": {"headers": {"add": {"x-a": "{nope}"}}}}, "request.headers.add.x-a"),
+        ({"request": {"query": {"set": {"a": "{query}"}}}}, "request.query.set.a"),
+        ({"request": {"method": "get"}}, "request.method"),
+        (
+            {"request": {"path_rewrite": {"pattern": "(", "replacement": "/"}}},
+            "request.path_rewrite.pattern",
+        ),
+        (
+            {"request": {"path_rewrite": {"pattern": "^/(a)$", "replacement": r"/\2"}}},
+            "request.path_rewrite.replacement",
+        ),
+        ({"request": {"json": {"remove": ["a..b"]}}}, "request.json.remove[0]"),
+        ({"request": {"json": {"set": {"": 1}}}}, "request.json.set."),
+        ({"request": {"json": {"rename": {"a[*].b": "c.d"}}}}, "request.json.rename.a[*].b"),
+        ({"request": {"json": {"set": {"a": {"b": "{x}"}}}}}, "request.json.set.a.b"),
+        ({"response": {"status_map": {"5xx": 502}}}, "response.status_map.5xx"),
+        ({"response": {"status_map": {"500": 999}}}, "response.status_map.500"),
+        ({"response": {"headers": {"drop": ["server"]}}}, "response.headers.drop"),
+        ({"reqest": {}}, "reqest"),
+    ],
+)
+def test_config_errors(table: dict[str, Any], path: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        build(TransformConfig, table, "routes[0].plugins.transform")
+    assert info.value.path == f"routes[0].plugins.transform.{path}"
+
+
+def test_is_json() -> None:
+    assert is_json(b"application/json")
+    assert is_json(b"Application/JSON; charset=utf-8")
+    assert is_json(b"application/vnd.api+json")
+    assert not is_json(b"text/json+html")
+    assert not is_json(b"text/plain")
+    assert not is_json(None)
+
+
+# -- end to end: a running gateway in front of the echo stub ---------------------------------
+
+
+def _gateway_config(
+    stubs: Stubs, transform: dict[str, Any], upstream: str = "echo", buffered: int = 1 << 20
+) -> dict[str, Any]:
+    return {
+        "server": {"max_buffered_body": buffered},
+        "upstreams": {upstream: {"targets": [f"127.0.0.1:{stubs.ports[upstream]}"]}},
+        "routes": [
+            {
+                "name": "t",
+                "path": "/api/v1/things/{id}",
+                "upstream": upstream,
+                "plugins": {"transform": transform},
+            }
+        ],
+    }
+
+
+async def test_e2e_request_side_every_operation() -> None:
+    transform = {
+        "request": {
+            "method": "PUT",
+            "path_rewrite": {"pattern": "^/api/v1/(.*)$", "replacement": r"/v2/\1"},
+            "headers": {
+                "remove": ["x-debug"],
+                "rename": {"x-old": "x-new"},
+                "set": {"x-thing": "{path.id}"},
+                "add": {"x-tenant": "default"},
+                "append": {"x-trace": "{client}"},
+            },
+            "query": {"remove": ["debug"], "set": {"page": "2"}, "add": {"size": "10"}},
+            "json": {
+                "remove": ["password"],
+                "rename": {"usr": "user"},
+                "set": {"id": "{path.id}"},
+                "add": {"source": "gateway"},
+            },
+        }
+    }
+    with trio.fail_after(10):
+        async with (
+            open_stubs(names=["echo"]) as stubs,
+            open_gateway(_gateway_config(stubs, transform)) as gw,
+        ):
+            resp = await http_request(
+                gw.port,
+                "POST",
+                "/api/v1/things/7?debug=1&page=1&keep=a%20b",
+                headers=[
+                    ("content-type", "application/json"),
+                    ("x-debug", "1"),
+                    ("x-old", "o"),
+                    ("x-tenant", "acme"),
+                    ("x-trace", "client"),
+                ],
+                body=b'{"usr": "ada", "password": "pw"}',
+            )
+    assert resp.status == 200
+    echo = resp.json()
+    assert echo["method"] == "PUT"
+    assert echo["path"] == "/v2/things/7"
+    assert echo["query"] == "keep=a%20b&page=2&size=10"
+    h = echo["headers"]
+    assert "x-debug" not in h
+    assert "x-old" not in h
+    assert h["x-new"] == "o"
+    assert h["x-thing"] == "7"
+    assert h["x-tenant"] == "acme"
+    assert h["x-trace"] == "client, 127.0.0.1"
+    assert json.loads(echo["body"]) == {"user": "ada", "id": "7", "source": "gateway"}
+    assert h["content-length"] == str(len(echo["body"].encode()))
+
+
+async def test_e2e_response_side_every_operation() -> None:
+    transform = {
+        "response": {
+            "headers": {
+                "remove": ["x-stub"],
+                "rename": {"date": "x-upstream-date"},
+                "set": {"x-request-id-copy": "{request_id}"},
+                "add": {"cache-control": "no-store"},
+                "append": {"vary": "accept"},
+            },
+            "json": {
+                "remove": ["header_list", "headers", "args"],
+                "rename": {"method": "verb"},
+                "set": {"gateway": True},
+                "add": {"path": "never"},
+            },
+            "status_map": {"200": 203},
+        }
+    }
+    with trio.fail_after(10):
+        async with (
+            open_stubs(names=["echo"]) as stubs,
+            open_gateway(_gateway_config(stubs, transform)) as gw,
+        ):
+            resp = await http_request(gw.port, "GET", "/api/v1/things/1")
+    assert resp.status == 203
+    assert resp.header("x-stub") is None
+    assert resp.header("x-upstream-date") is not None
+    assert resp.header("cache-control") == "no-store"
+    assert resp.header("vary") == "accept"
+    assert resp.header("x-request-id-copy") == resp.header("x-request-id")
+    assert resp.json() == {
+        "verb": "GET",
+        "path": "/api/v1/things/1",
+        "query": "",
+        "body": "",
+        "gateway": True,
+    }
+    assert resp.header("content-length") == str(len(resp.body))
+
+
+async def test_e2e_status_map_hides_upstream_error() -> None:
+    transform = {"response": {"status_map": {"404": 502}}}
+    with trio.fail_after(10):
+        async with open_stubs(names=["users"]) as stubs:
+            config = _gateway_config(stubs, transform, upstream="users")
+            config["routes"][0]["path"] = "/users/{id}"
+            async with open_gateway(config) as gw:
+                resp = await http_request(gw.port, "GET", "/users/999")
+    assert resp.status == 502
+    error = resp.json()["error"]
+    assert error["code"] == "bad_gateway"
+    assert error["request_id"] == resp.header("x-request-id")
+    assert b"not_found" not in resp.body
+    assert resp.header("x-stub") is None
+
+
+async def test_e2e_invalid_json_passes_through() -> None:
+    transform = {"request": {"json": {"set": {"a": 1}}}, "response": {"json": {"set": {"b": 2}}}}
+    before = BODY_SKIPPED.value(route="t", direction="request", reason="invalid_json")
+    with trio.fail_after(10):
+        async with (
+            open_stubs(names=["echo"]) as stubs,
+            open_gateway(_gateway_config(stubs, transform)) as gw,
+        ):
+            resp = await http_request(
+                gw.port,
+                "POST",
+                "/api/v1/things/1",
+                headers=[("content-type", "application/json")],
+                body=b"{not json",
+            )
+    assert resp.status == 200
+    assert resp.json()["body"] == "{not json"
+    assert resp.json()["b"] == 2
+    assert BODY_SKIPPED.value(route="t", direction="request", reason="invalid_json") == before + 1
+
+
+BIG = json.dumps({"blob": "x" * 4000}).encode()
+
+
+async def test_e2e_large_bodies_stream_through_or_are_refused() -> None:
+    lenient = {"request": {"json": {"set": {"a": 1}}}, "response": {"json": {"set": {"b": 2}}}}
+    strict_response = {"response": {"json": {"set": {"b": 2}, "mandatory": True}}}
+    headers = [("content-type", "application/json")]
+    big = BIG
+    before = BODY_SKIPPED.value(route="t", direction="response", reason="too_large")
+    with trio.fail_after(10):
+        async with (
+            open_stubs(names=["echo"]) as stubs,
+            open_gateway(_gateway_config(stubs, lenient, buffered=1024)) as gw,
+        ):
+            resp = await http_request(gw.port, "POST", "/api/v1/things/1", headers, big)
+            assert resp.status == 200
+            assert resp.json()["body"] == big.decode()  # request untouched
+            assert "b" not in resp.json()  # response untouched (it is over 1 KiB too)
+            skipped = BODY_SKIPPED.value(route="t", direction="response", reason="too_large")
+            assert skipped == before + 1
+            async with open_gateway(_gateway_config(stubs, strict_response, buffered=1024)) as gw:
+                resp = await http_request(gw.port, "POST", "/api/v1/things/1", headers, big)
+                assert resp.status == 502
+                assert resp.json()["error"]["code"] == "bad_gateway"
+                small = await http_request(gw.port, "GET", "/api/v1/things/1")
+                assert small.json()["b"] == 2
+
+
+async def test_e2e_config_error_names_the_path() -> None:
+    config = {
+        "upstreams": {"echo": {"targets": ["127.0.0.1:9"]}},
+        "routes": [
+            {
+                "name": "t",
+                "prefix": "/",
+                "upstream": "echo",
+                "plugins": {"transform": {"request": {"headers": {"set": {"x": "{nope}"}}}}},
+            }
+        ],
+    }
+    with trio.fail_after(5), pytest.raises(ConfigError) as info:
+        async with open_gateway(config):
+            pass
+    assert info.value.path == "routes[0].plugins.transform.request.headers.set.x"
+
+
+@pytest.mark.skipif(
+    "body_truncated" not in Request.__dataclass_fields__,
+    reason="the engine does not yet mark a request body over the buffer cap "
+    "(Request.body_truncated)",
+)
+async def test_e2e_mandatory_request_body_over_cap_is_413() -> None:
+    strict = {"request": {"json": {"set": {"a": 1}, "mandatory": True}}}
+    headers = [("content-type", "application/json")]
+    with trio.fail_after(10):
+        async with (
+            open_stubs(names=["echo"]) as stubs,
+            open_gateway(_gateway_config(stubs, strict, buffered=1024)) as gw,
+        ):
+            resp = await http_request(gw.port, "POST", "/api/v1/things/1", headers, BIG)
+            assert resp.status == 413
+            assert resp.json()["error"]["code"] == "body_too_large"
+            small = await http_request(gw.port, "POST", "/api/v1/things/1", headers, b"{}")
+            assert json.loads(small.json()["body"]) == {"a": 1}
