@@ -1,0 +1,221 @@
+"""The benchmark harness's pure parts, and its load generator against the raw stub.
+
+No timing is asserted: benchmarks measure, tests check behaviour.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+
+import pytest
+import trio
+
+from benchmarks import loadgen, report, scenarios, wrk
+from benchmarks.report import Result
+from benchmarks.servers import HOST, ROOT
+
+
+def load_row(name: str, target: str, rps: float, **kw: object) -> Result:
+    row = Result(name=name, title=name, target=target, rps=rps, **kw)  # type: ignore[arg-type]
+    row.latency_ms = {"p50": 1.0, "p99": 3.0, "max": 9.0}
+    return row
+
+
+def test_ratios_use_the_matching_baseline() -> None:
+    rows = [
+        load_row("direct", "direct", 50_000.0),
+        load_row("forwarder", "forwarder", 5_000.0, cpu_us_per_req=200.0),
+        load_row("direct-c64", "direct", 40_000.0, connections=64),
+        load_row("filtergate", "filtergate", 6_000.0, cpu_us_per_req=100.0),
+        load_row("filtergate-c64", "filtergate", 8_000.0, connections=64),
+    ]
+    report.add_ratios(rows)
+    gw, gw64 = rows[3], rows[4]
+    assert gw.ratio_direct == pytest.approx(0.12)
+    assert gw.ratio_forwarder == pytest.approx(1.2)
+    assert gw.cpu_ratio_forwarder == pytest.approx(0.5)
+    assert gw64.ratio_direct == pytest.approx(0.2)  # the c64 direct run
+    assert gw64.ratio_forwarder == pytest.approx(1.6)  # no c64 forwarder: the c32 one
+
+
+def test_table_lists_measured_rows_and_says_why_others_did_not_run() -> None:
+    rows = [
+        load_row("direct", "direct", 50_000.0),
+        load_row("forwarder", "forwarder", 5_000.0),
+        Result(
+            name="nginx", title="nginx", target="nginx", status="skipped: nginx is not installed"
+        ),
+        Result(
+            name="bodies",
+            title="bodies",
+            target="filtergate",
+            kind="bodies",
+            peak_rss_mb=40.0,
+            extra={"size_mib": 1024, "up_mib_s": 500.0, "down_mib_s": 600.0},
+        ),
+    ]
+    report.add_ratios(rows)
+    text = report.render_table(rows)
+    lines = text.splitlines()
+    assert lines[0].startswith("| scenario")
+    assert any(line.startswith("| direct ") and "50,000" in line for line in lines)
+    assert "nginx: skipped: nginx is not installed" in text
+    assert "1,024 MiB up 500 MiB/s" in text
+
+
+def test_median_result_keeps_the_middle_run_and_every_rate() -> None:
+    runs = [load_row("x", "filtergate", rps) for rps in (300.0, 100.0, 200.0)]
+    chosen = report.median_result(runs)
+    assert chosen.rps == 200.0
+    assert sorted(chosen.runs) == [100.0, 200.0, 300.0]
+
+
+def test_target_checks_and_json() -> None:
+    rows = [
+        load_row("forwarder", "forwarder", 5_000.0),
+        load_row("filtergate", "filtergate", 6_500.0),
+        load_row("full-chain", "filtergate", 4_000.0),
+    ]
+    checks = {c.name: c for c in report.check_targets(rows)}
+    assert checks["filtergate / forwarder req/s"].verdict == "PASS"
+    assert checks["full chain / no filters req/s"].verdict == "FAIL"
+    assert checks["filtergate p99 / p50"].value == pytest.approx(3.0)
+    assert checks["10,000 routes / 10 routes req/s"].verdict == "not measured"
+    data = json.loads(report.to_json(rows, {"load_tool": "wrk"}, list(checks.values())))
+    assert data["meta"]["load_tool"] == "wrk"
+    assert [r["name"] for r in data["results"]] == ["forwarder", "filtergate", "full-chain"]
+    assert {t["verdict"] for t in data["targets"]} >= {"PASS", "FAIL", "not measured"}
+
+
+def test_percentiles_are_nearest_rank_in_milliseconds() -> None:
+    summary = loadgen.summarize_latencies(list(range(1000, 101_000, 1000)))  # 1..100 ms
+    assert summary["p50"] == 51.0
+    assert summary["p99"] == 100.0
+    assert summary["max"] == 100.0
+    assert loadgen.summarize_latencies([]) == {}
+
+
+def test_browser_request_is_about_900_bytes_with_a_dozen_headers() -> None:
+    raw = loadgen.request_bytes("127.0.0.1", 8080, "/api/v1/items?page=2", loadgen.BROWSER_HEADERS)
+    assert 850 <= len(raw) <= 1000
+    assert raw.count(b"\r\n") == 2 + 1 + len(loadgen.BROWSER_HEADERS)
+    assert len(loadgen.BROWSER_HEADERS) >= 12
+
+
+def test_wrk_script_and_summary_parsing() -> None:
+    lua = wrk.script("/x", [("Authorization", 'Bearer "q"')])
+    assert 'wrk.path = "/x"' in lua
+    assert 'wrk.headers["Authorization"] = "Bearer \\"q\\""' in lua
+    assert "done = function" in lua
+    line = wrk.MARK + json.dumps(
+        {
+            "requests": 1000,
+            "duration_us": 2_000_000,
+            "connect": 0,
+            "read": 2,
+            "write": 0,
+            "status": 1,
+            "timeout": 0,
+            "max_us": 9000,
+            "mean_us": 1200.5,
+            "percentiles_us": [1000, 1100, 1500, 4000, 8000],
+        }
+    )
+    result = wrk.parse("Running 2s test\n" + line + "\n", connections=32)
+    assert result.rps == pytest.approx(500.0)
+    assert result.errors == 3
+    assert result.latency_ms["p99"] == 4.0
+    assert result.latency_ms["max"] == 9.0
+    with pytest.raises(ValueError, match="no summary"):
+        wrk.parse("garbage", connections=1)
+
+
+def test_load_only_goes_to_loopback() -> None:
+    with pytest.raises(ValueError, match="loopback"):
+        loadgen.run_load("10.0.0.1", 80, b"GET / HTTP/1.1\r\n\r\n", 1, 0.1)
+
+
+def test_scenarios_have_unique_names_and_plans_build_configs(tmp_path: Path) -> None:
+    all_ = scenarios.all_scenarios(["jwt-auth", "rate-limit"])
+    names = [s.name for s in all_]
+    assert len(names) == len(set(names))
+    assert {"direct", "forwarder", "filtergate", "full-chain", "routes-10000"} <= set(names)
+    env = scenarios.Env(
+        workdir=tmp_path,
+        stub_port=1111,
+        gateway_port=2222,
+        available_filters=frozenset({"jwt-auth", "rate-limit"}),
+        redis_port=lambda: 3333,
+        noop_pythonpath=lambda: str(tmp_path),
+    )
+    by_name = {s.name: s for s in all_}
+    full = by_name["full-chain"].plan
+    assert full is not None
+    plan = full(env)
+    assert plan.config["server"]["listen"] == ["127.0.0.1:2222"]
+    assert set(plan.config["routes"][0]["plugins"]) == {"jwt-auth", "rate-limit"}
+    assert plan.headers[0][1].startswith("Bearer ")
+    routes = by_name["routes-10000"].plan
+    assert routes is not None
+    plan = routes(env)
+    assert len(plan.config["routes"]) == 10_000
+    assert plan.path.startswith("/svc9999/")
+    redis = by_name["rate-limit-redis"].plan
+    assert redis is not None
+    table = redis(env).config["routes"][0]["plugins"]["rate-limit"]
+    assert table["redis"]["url"] == "redis://127.0.0.1:3333/0"
+
+
+def test_noop_distribution_is_found_as_an_entry_point(tmp_path: Path) -> None:
+    path = scenarios.noop_distribution(tmp_path)
+    code = (
+        "import sys; from importlib.metadata import entry_points; "
+        "print([e.value for e in entry_points(group='filtergate')])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"PYTHONPATH": path},
+        check=True,
+    )
+    assert "benchmarks.noop_plugin" in out.stdout
+
+
+async def test_loadgen_against_the_raw_stub() -> None:
+    with trio.fail_after(30):
+        proc = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "benchmarks.rawstub", "--port", "0"],
+            stdout=subprocess.PIPE,
+            cwd=ROOT,
+        )
+        try:
+            assert proc.stdout is not None
+            line = b""
+            while not line.endswith(b"\n"):
+                chunk = await proc.stdout.receive_some(100)
+                assert chunk, "the raw stub exited"
+                line += chunk
+            port = int(line.split()[1])
+            for headers, path in (((), "/"), (loadgen.BROWSER_HEADERS, "/x?y=1")):
+                request = loadgen.request_bytes(HOST, port, path, headers)
+                result = await trio.to_thread.run_sync(
+                    partial(loadgen.run_load, HOST, port, request, 4, 0.3)
+                )
+                assert result.requests > 0
+                assert result.errors == 0
+                assert result.latency_ms["p50"] <= result.latency_ms["max"]
+            close = loadgen.request_bytes(HOST, port, "/", [("Connection", "close")])
+            result = await trio.to_thread.run_sync(
+                partial(loadgen.run_load, HOST, port, close, 2, 0.3)
+            )
+            assert result.requests > 0
+            assert result.errors == 0
+        finally:
+            proc.kill()
+            await proc.wait()
