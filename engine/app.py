@@ -65,15 +65,18 @@ class Gateway:
         self._ready = False
 
     async def _setup(self, runtime: Runtime) -> None:
-        for instance in {id(i): i for i in runtime.instances.values()}.values():
-            setup = getattr(instance, "setup", None)
-            if setup is not None:
-                await setup()
+        # Concurrently: several identity providers that are down must not add up.
+        unique = {id(entry[3]): entry[3] for entry in runtime.instances}
+        async with trio.open_nursery() as nursery:
+            for instance in unique.values():
+                setup = getattr(instance, "setup", None)
+                if setup is not None:
+                    nursery.start_soon(setup)
 
     def _start_background(self, runtime: Runtime) -> None:
         assert self._nursery is not None
         wanted: dict[int, Any] = {}
-        for instance in runtime.instances.values():
+        for *_, instance in runtime.instances:
             if getattr(instance, "background", None) is not None:
                 wanted[id(instance)] = instance.background
         for pool in runtime.pools.values():
@@ -123,7 +126,11 @@ class Gateway:
                 len(config.routes),
             )
             task_status.started(self)
-            await trio.sleep_forever()
+            try:
+                await trio.sleep_forever()
+            finally:
+                for pool in self.runtime.pools.values():
+                    pool.close()
 
     async def reload(self, config: Config) -> None:
         """Swap in ``config``; raises (and keeps the old config) when it is bad."""

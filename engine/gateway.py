@@ -74,7 +74,7 @@ class Runtime:
     router: Router[RouteRuntime]
     routes: list[RouteRuntime]
     pools: dict[str, Pool]
-    instances: dict[tuple[str, str, str], Any]
+    instances: list[tuple[str, str, Any, Any]]  # (filter name, scope, config, instance)
     trusted: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
     router_needs_query: bool
     _trusted_cache: dict[str, bool] = field(default_factory=dict)
@@ -153,8 +153,8 @@ def _check_enabled_key(path: str, table: dict[str, Any]) -> None:
 
 def compile_runtime(config: Config, registry: Registry, previous: Runtime | None = None) -> Runtime:
     """Compile ``config``; raises :class:`ConfigError` naming the path of any problem."""
-    old_instances = previous.instances if previous else {}
-    instances: dict[tuple[str, str, str], Any] = {}
+    old_instances = previous.instances if previous else []
+    instances: list[tuple[str, str, Any, Any]] = []
     for name, table in config.plugins.items():
         _check_enabled_key(f"plugins.{name}", table)
         if registry.get(name) is None:
@@ -190,8 +190,12 @@ def compile_runtime(config: Config, registry: Registry, previous: Runtime | None
                             f"plugins.{name}.{e.path[len(cfg_path) + 1 :]}", e.message
                         ) from None
                 raise
-            ikey = (name, scope, repr(cfg))
-            instance = instances.get(ikey) or old_instances.get(ikey)
+            # Same filter, scope and (equal) config: the same instance, and its state.
+            instance = _find_instance(instances, name, scope, cfg)
+            if instance is None:
+                instance = _find_instance(old_instances, name, scope, cfg)
+                if instance is not None:
+                    instances.append((name, scope, cfg, instance))
             if instance is None:
                 context = FilterContext(
                     name,
@@ -205,7 +209,7 @@ def compile_runtime(config: Config, registry: Registry, previous: Runtime | None
                     raise ConfigError(
                         f"{cfg_path}.{e.key}" if e.key else cfg_path, e.message
                     ) from None
-            instances[ikey] = instance
+                instances.append((name, scope, cfg, instance))
             filters.append(instance)
         chain = compile_chain(filters)
         has_terminal = any(int(f.stage) >= 50 for f in chain.filters)
@@ -245,6 +249,15 @@ def compile_runtime(config: Config, registry: Registry, previous: Runtime | None
         trusted=trusted,
         router_needs_query=any(r.query for r in config.routes),
     )
+
+
+def _find_instance(
+    instances: list[tuple[str, str, Any, Any]], name: str, scope: str, cfg: Any
+) -> Any:
+    for n, s, c, instance in instances:
+        if n == name and s == scope and type(c) is type(cfg) and c == cfg:
+            return instance
+    return None
 
 
 def _unknown_plugin(name: str, registry: Registry) -> str:

@@ -197,6 +197,10 @@ class Server:
                 )
                 io = StreamSocket(ssl_stream, raw)
             await _Connection(self, io, peer, tls).run()
+            if isinstance(io, StreamSocket):
+                # close_notify, so a TLS client can tell a complete close from a cut.
+                with trio.move_on_after(1):
+                    await io.stream.aclose()
         except Exception:
             # One connection's failure must never reach the nursery that serves everyone.
             log.exception("connection from %s:%d failed", *peer)

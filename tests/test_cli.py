@@ -1,0 +1,214 @@
+"""The filtergate command: check, init, plugins, run with signals, workers, TLS."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+import trio
+import trustme
+
+from engine.testing import Stubs, http_request, open_gateway
+
+CLI = [sys.executable, "-m", "engine.cli"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, *args], capture_output=True, text=True, timeout=60, cwd=cwd, check=False
+    )
+
+
+def _write(path: Path, config: dict[str, Any]) -> Path:
+    path.write_text(tomli_w.dumps(config))
+    return path
+
+
+def _config(port: int, echo: str, **server: Any) -> dict[str, Any]:
+    return {
+        "server": {"listen": [f"127.0.0.1:{port}"], **server},
+        "admin": {"enabled": False},
+        "upstreams": {"echo": {"targets": [echo]}},
+        "routes": [{"name": "echo", "prefix": "/", "upstream": "echo"}],
+    }
+
+
+def test_check_accepts_the_default_config() -> None:
+    r = _run("check", "-c", "gateway.toml")
+    assert r.returncode == 0, r.stderr
+    assert "route users:" in r.stdout
+    assert "chain:" in r.stdout
+
+
+def test_check_names_the_key_path_and_exits_2(tmp_path: Path) -> None:
+    bad = {
+        "upstreams": {"orders": {"targets": ["127.0.0.1:1"]}},
+        "routes": [{"prefix": "/a", "upstream": "orders"}, {"prefix": "/b", "upstream": "ordrs"}],
+    }
+    r = _run("check", "-c", str(_write(tmp_path / "g.toml", bad)))
+    assert r.returncode == 2
+    assert 'routes[1].upstream: no upstream named "ordrs"' in r.stderr.replace("'", '"')
+    cases: dict[str, dict[str, Any]] = {
+        "server.head_timeout": {"server": {"head_timeout": "soon"}},
+        "server.bogus": {"server": {"bogus": 1}},
+        "upstreams.u.targets[0]": {"upstreams": {"u": {"targets": ["no-port"]}}},
+    }
+    for path, config in cases.items():
+        r = _run("check", "-c", str(_write(tmp_path / "c.toml", config)))
+        assert r.returncode == 2, path
+        assert f"{path}:" in r.stderr, r.stderr
+
+
+def test_check_reports_invalid_toml_and_missing_files(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[server\nlisten = 1")
+    r = _run("check", "-c", str(broken))
+    assert r.returncode == 2
+    assert "not valid TOML" in r.stderr
+    assert _run("check", "-c", str(tmp_path / "missing.toml")).returncode == 2
+
+
+def test_init_writes_a_config_that_checks(tmp_path: Path) -> None:
+    r = _run("init", str(tmp_path / "new.toml"))
+    assert r.returncode == 0
+    assert _run("check", "-c", str(tmp_path / "new.toml")).returncode == 0
+    assert _run("init", str(tmp_path / "new.toml")).returncode == 1  # never overwrites
+
+
+def test_help_lists_every_verb() -> None:
+    out = _run("--help").stdout
+    for verb in ("run", "check", "init", "plugins", "stubs", "hash-key"):
+        assert verb in out
+
+
+@asynccontextmanager
+async def _gateway_process(config_path: Path, port: int) -> AsyncIterator[trio.Process]:
+    proc = await trio.lowlevel.open_process([*CLI, "run", "-c", str(config_path)])
+    try:
+        with trio.fail_after(20):
+            while True:
+                try:
+                    stream = await trio.open_tcp_stream("127.0.0.1", port)
+                    await stream.aclose()
+                    break
+                except OSError:
+                    await trio.sleep(0.05)
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+
+
+async def test_sigterm_lets_the_request_in_flight_finish(stubs: Stubs, tmp_path: Path) -> None:
+    port = _free_port()
+    cfg = _write(tmp_path / "g.toml", _config(port, stubs.target("slow")))
+    with trio.fail_after(40):
+        async with _gateway_process(cfg, port) as proc:
+            results: list[int] = []
+
+            async def slow_request() -> None:
+                results.append((await http_request(port, "GET", "/?delay=1")).status)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(slow_request)
+                await stubs.slow.wait_started(1)
+                proc.send_signal(signal.SIGTERM)
+            assert results == [200]
+            assert await proc.wait() == 0
+
+
+async def test_sighup_reloads_and_refuses_a_bad_config(stubs: Stubs, tmp_path: Path) -> None:
+    port = _free_port()
+    config = _config(port, stubs.target("echo"))
+    cfg = _write(tmp_path / "g.toml", config)
+    with trio.fail_after(40):
+        async with _gateway_process(cfg, port) as proc:
+            assert (await http_request(port, "GET", "/new")).status == 200
+            config["routes"].append(
+                {"name": "gone", "path": "/gone", "methods": ["GET"], "upstream": "echo"}
+            )
+            config["routes"][0]["methods"] = ["POST"]
+            _write(cfg, config)
+            proc.send_signal(signal.SIGHUP)
+            for _ in range(200):
+                if (await http_request(port, "GET", "/new")).status == 405:
+                    break
+                await trio.sleep(0.05)
+            assert (await http_request(port, "GET", "/new")).status == 405
+            cfg.write_text("[server\n")  # broken: refused, the last good config serves
+            proc.send_signal(signal.SIGHUP)
+            await trio.sleep(0.5)
+            assert (await http_request(port, "GET", "/gone")).status == 200
+            assert proc.returncode is None
+
+
+async def test_two_workers_share_the_port(stubs: Stubs, tmp_path: Path) -> None:
+    port = _free_port()
+    cfg = _write(tmp_path / "g.toml", _config(port, stubs.target("echo"), workers=2))
+    with trio.fail_after(40):
+        async with _gateway_process(cfg, port) as proc:
+            ids = set()
+            for _ in range(40):
+                r = await http_request(port, "GET", "/")
+                assert r.status == 200
+                rid = r.header("x-request-id")
+                assert rid is not None
+                ids.add(rid.split("-")[0])  # the per-process prefix
+                if len(ids) == 2:
+                    break
+                await trio.sleep(0.05)
+            assert len(ids) == 2, "both worker processes answered"
+            proc.send_signal(signal.SIGTERM)
+            assert await proc.wait() == 0
+
+
+async def test_tls_termination(stubs: Stubs, tmp_path: Path) -> None:
+    ca = trustme.CA()
+    cert = ca.issue_cert("gateway.test")
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.private_key_and_cert_chain_pem.write_to_path(str(cert_file))
+    cert.private_key_pem.write_to_path(str(key_file))
+    config = {
+        "server": {"tls": {"cert": str(cert_file), "key": str(key_file)}},
+        "upstreams": {"echo": {"targets": [stubs.target("echo")]}},
+        "routes": [{"name": "echo", "prefix": "/", "upstream": "echo"}],
+    }
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    with trio.fail_after(20):
+        async with open_gateway(config) as gw:
+            tcp = await trio.open_tcp_stream("127.0.0.1", gw.port)
+            stream = trio.SSLStream(tcp, client_ctx, server_hostname="gateway.test")
+            await stream.send_all(
+                b"GET /tls HTTP/1.1\r\nHost: gateway.test\r\nConnection: close\r\n\r\n"
+            )
+            data = b""
+            while chunk := await stream.receive_some(65536):
+                data += chunk
+            assert data.startswith(b"HTTP/1.1 200 ")
+            assert b'"x-forwarded-proto":"https"' in data
+            await stream.aclose()
+
+
+def test_make_run_uses_only_files_in_the_repo() -> None:
+    makefile = Path("Makefile").read_text()
+    assert "filtergate stubs" in makefile
+    assert "filtergate run -c $(CONFIG)" in makefile
+    assert os.access(".ci/run", os.X_OK)

@@ -1,0 +1,144 @@
+"""Upstream pools end to end: 502/503/504, failover, balancing, health, outliers, reuse."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any
+
+import trio
+
+from engine.testing import Stubs, http_request, open_gateway
+from tests.upstreams import open_counting_upstream, open_refusing_upstream
+
+
+def _config(targets: list[Any], **upstream: Any) -> dict[str, Any]:
+    return {
+        "upstreams": {"up": {"targets": targets, **upstream}},
+        "routes": [{"name": "all", "prefix": "/", "upstream": "up"}],
+    }
+
+
+async def test_refused_connection_is_502_then_503_while_ejected(autojump_clock: Any) -> None:
+    with trio.fail_after(30):
+        async with (
+            open_refusing_upstream() as dead,
+            open_gateway(_config([dead.target], eject_cooldown="10s")) as gw,
+        ):
+            first = await http_request(gw.port, "GET", "/")
+            assert first.status == 502
+            assert first.json()["error"]["code"] == "upstream_unreachable"
+            second = await http_request(gw.port, "GET", "/")
+            assert second.status == 503
+            assert second.json()["error"]["code"] == "no_healthy_target"
+            await trio.sleep(11)  # the cooldown ends: the target is tried again
+            assert (await http_request(gw.port, "GET", "/")).status == 502
+
+
+async def test_connect_failure_moves_to_another_target() -> None:
+    with trio.fail_after(20):
+        async with open_refusing_upstream() as dead, open_counting_upstream() as live:
+            async with open_gateway(_config([dead.target, live.target])) as gw:
+                statuses = [(await http_request(gw.port, "GET", f"/{i}")).status for i in range(6)]
+            assert statuses == [200] * 6
+            assert len(live.requests) == 6
+
+
+async def test_read_timeout_is_504(stubs: Stubs, autojump_clock: Any) -> None:
+    with trio.fail_after(30):
+        async with open_gateway(_config([stubs.target("slow")], read_timeout="1s")) as gw:
+            r = await http_request(gw.port, "GET", "/slow?delay=5")
+            assert r.status == 504
+            assert r.json()["error"]["code"] == "upstream_timeout"
+            assert (await http_request(gw.port, "GET", "/slow?delay=0.1")).status == 200
+
+
+async def test_route_timeout_overrides_the_upstream(stubs: Stubs, autojump_clock: Any) -> None:
+    config = _config([stubs.target("slow")], read_timeout="60s")
+    config["routes"][0]["timeout"] = "1s"
+    with trio.fail_after(30):
+        async with open_gateway(config) as gw:
+            assert (await http_request(gw.port, "GET", "/slow?delay=3")).status == 504
+
+
+async def test_pool_keeps_upstream_connections_alive() -> None:
+    with trio.fail_after(20):
+        async with open_counting_upstream() as up, open_gateway(_config([up.target])) as gw:
+            for i in range(20):  # a new client connection each time
+                assert (await http_request(gw.port, "GET", f"/{i}")).status == 200
+            assert up.connections == 1
+            assert len(up.requests) == 20
+
+
+async def test_weighted_round_robin() -> None:
+    with trio.fail_after(20):
+        async with open_counting_upstream() as a, open_counting_upstream() as b:
+            targets = [{"address": a.target, "weight": 3}, {"address": b.target, "weight": 1}]
+            async with open_gateway(_config(targets)) as gw:
+                for i in range(40):
+                    await http_request(gw.port, "GET", f"/{i}")
+            assert (len(a.requests), len(b.requests)) == (30, 10)
+
+
+async def test_least_conn_and_random_use_every_target() -> None:
+    for balance in ("least_conn", "random"):
+        with trio.fail_after(20):
+            async with open_counting_upstream() as a, open_counting_upstream() as b:
+                async with open_gateway(_config([a.target, b.target], balance=balance)) as gw:
+
+                    async def one(i: int, port: int) -> None:
+                        assert (await http_request(port, "GET", f"/{i}")).status == 200
+
+                    async with trio.open_nursery() as nursery:
+                        for i in range(40):
+                            nursery.start_soon(one, i, gw.port)
+                assert len(a.requests) + len(b.requests) == 40
+                assert a.requests, balance
+                assert b.requests, balance
+
+
+async def test_health_checks_take_a_target_out_and_back(autojump_clock: Any) -> None:
+    hc = {"path": "/healthz", "interval": "1s", "unhealthy_threshold": 2, "healthy_threshold": 1}
+    with trio.fail_after(60):
+        async with open_counting_upstream() as live, open_refusing_upstream() as dead:
+            async with open_gateway(_config([live.target, dead.target], health_check=hc)) as gw:
+                await trio.sleep(3.5)
+                snap = await _admin(gw.admin_port, "/upstreams")
+                health = {t["address"]: t["healthy"] for t in snap["up"]["targets"]}
+                assert health == {live.target: True, dead.target: False}
+                for i in range(10):
+                    assert (await http_request(gw.port, "GET", f"/{i}")).status == 200
+
+
+async def test_outlier_ejection_and_return(stubs: Stubs, autojump_clock: Any) -> None:
+    outlier = {"consecutive_failures": 2, "base_ejection": "30s", "max_ejected_percent": 50}
+    config = _config([stubs.target("flaky"), stubs.target("echo")], outlier=outlier)
+    with trio.fail_after(120):
+        async with open_gateway(config) as gw:
+            seen: Counter[int] = Counter()
+            for _ in range(12):
+                seen[(await http_request(gw.port, "GET", "/x?rate=1")).status] += 1
+            # Two 500s from the flaky target eject it; then only echo answers.
+            assert seen[500] == 2
+            assert seen[200] == 10
+            await trio.sleep(31)  # the ejection ends: the flaky target is back
+            statuses = {(await http_request(gw.port, "GET", "/x?rate=1")).status for _ in range(2)}
+            assert 500 in statuses
+
+
+async def test_ipv6_listener(stubs: Stubs) -> None:
+    config = _config([stubs.target("echo")])
+    config["server"] = {"listen": ["[::1]:0", "127.0.0.1:0"]}
+    with trio.fail_after(20):
+        async with open_gateway(config) as gw:
+            v6 = await http_request(gw.gateway.ports[0], "GET", "/v6", address="::1")
+            v4 = await http_request(gw.gateway.ports[1], "GET", "/v4")
+            assert (v6.status, v4.status) == (200, 200)
+            assert v6.json()["headers"]["x-forwarded-for"] == "::1"
+
+
+async def _admin(port: int | None, path: str) -> Any:
+    assert port is not None
+    r = await http_request(port, "GET", path)
+    assert r.status == 200
+    return json.loads(r.body)
