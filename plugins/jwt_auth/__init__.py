@@ -1,0 +1,404 @@
+"""The ``jwt-auth`` filter: verify a bearer JWT at the edge, hand the identity on.
+
+Per request (stage AUTHENTICATE):
+
+1. strip client-supplied identity headers (:mod:`plugins._identity`);
+2. read the token (``Authorization: Bearer``, another header, or a cookie); none:
+   401 with a bare ``Bearer`` challenge, or, with ``allow_anonymous``, continue with no
+   identity;
+3. pick the issuer by the token's (unverified) ``iss``, refuse an ``alg`` outside that
+   issuer's allow-list, verify the signature with pyjwt using only that algorithm and
+   the issuer's keys of that type, then the claims; a JWKS issuer whose key set never
+   loaded answers 503 (the gateway cannot decide);
+4. check required scopes/roles (403 ``insufficient_scope``), set ``exchange.identity``
+   and inject ``claims_to_headers``.
+
+Whatever the token holds, a refusal is a 401 (or 400/403/503 as above), never a 500.
+"""
+
+from __future__ import annotations
+
+import time
+from types import MappingProxyType
+from typing import Any
+
+import jwt
+import trio
+from jwt.types import Options
+
+from engine.chain import Filter, FilterContext, Stage
+from engine.errors import BadRequest, Forbidden, ServiceUnavailable, Unauthorized
+from engine.exchange import Exchange, Identity
+from engine.metrics import counter
+from engine.plugins import hookimpl
+from plugins._identity import (
+    DEFAULT_IDENTITY_HEADERS,
+    HeaderPatterns,
+    challenge,
+    fingerprint,
+    header_value,
+    inject_header,
+    register_credential_header,
+    strip_identity_headers,
+)
+
+from .claims import (
+    AuthFailure,
+    check_times,
+    claim_at,
+    granted_roles,
+    granted_scopes,
+    matches,
+    parse_unverified,
+)
+from .config import IssuerConfig, JwtAuthConfig
+from .keys import JwksSource, KeySet, VerifyKey
+
+__all__ = ["IssuerConfig", "JwtAuth", "JwtAuthConfig", "filtergate_filters"]
+
+_FAILURES = counter(
+    "filtergate_auth_failures_total",
+    "Requests refused by an authentication filter, by plugin and reason",
+    ("plugin", "reason"),
+)
+
+
+class _Issuer:
+    """An issuer's config with its live keys (static ones plus a JWKS URL's)."""
+
+    def __init__(self, config: IssuerConfig, context: FilterContext) -> None:
+        self.config = config
+        self.static = config.static_keys
+        self.jwks: JwksSource | None = None
+        if config.jwks_url is not None:
+            self.jwks = JwksSource(
+                config.jwks_url,
+                config.algorithms,
+                ttl=config.jwks_ttl,
+                cooldown=config.jwks_cooldown,
+                timeout=config.jwks_timeout,
+                max_bytes=config.jwks_max_size,
+                ssl_context=config.tls_context(),
+                logger=context.logger,
+            )
+        audience = config.audience
+        self.audience: list[str] | None = (
+            [audience] if isinstance(audience, str) else list(audience) if audience else None
+        )
+        self.options: Options = {
+            "verify_signature": True,
+            # Times are checked by claims.check_times against an explicit ``now``.
+            "verify_exp": False,
+            "verify_nbf": False,
+            "verify_iat": False,
+            "verify_aud": self.audience is not None,
+            "verify_iss": config.issuer is not None,
+            "require": list(dict.fromkeys([*config.required_claims, config.consumer_claim])),
+        }
+
+    def keyset(self) -> KeySet | None:
+        """Static keys plus the JWKS ones; ``None`` if the JWKS never loaded."""
+        if self.jwks is None:
+            return self.static
+        if self.jwks.keys is None:
+            return None
+        return self.static.union(self.jwks.keys) if len(self.static) else self.jwks.keys
+
+    async def candidates(self, alg: str, kid: str | None) -> tuple[VerifyKey, ...]:
+        """Keys to try; refetches the JWKS on an unknown ``kid`` (once per cooldown).
+
+        Raises :class:`AuthFailure` (unknown kid, no key) or ``ServiceUnavailable``
+        when the JWKS never loaded.
+        """
+        keys = self.keyset()
+        jwks = self.jwks
+        unknown = keys is None or (kid is not None and not keys.knows_kid(kid))
+        if jwks is not None and unknown and jwks.may_refetch(trio.current_time()):
+            await jwks.refresh()
+            keys = self.keyset()
+        if keys is None:
+            assert jwks is not None
+            raise ServiceUnavailable(
+                "the identity provider's keys are not available yet",
+                retry_after=jwks.retry_after(trio.current_time()) or None,
+            )
+        found = keys.candidates(alg, kid)
+        if not found:
+            if kid is not None:
+                raise AuthFailure("unknown_kid", "unknown key id")
+            raise AuthFailure("no_key", "no key for this token")
+        return found
+
+
+class JwtAuth(Filter):
+    """Verifies a JWT bearer token; see the module docstring for the contract."""
+
+    name = "jwt-auth"
+    stage = Stage.AUTHENTICATE
+    Config = JwtAuthConfig
+
+    def __init__(self, config: JwtAuthConfig, context: FilterContext) -> None:
+        super().__init__(config, context)
+        self.config: JwtAuthConfig = config
+        self.log = context.logger
+        self.issuers = [_Issuer(c, context) for c in config.issuers]
+        self.by_iss = {i.config.issuer: i for i in self.issuers}
+        self.default_issuer = self.by_iss.get(None)
+        self.strip = HeaderPatterns(
+            [*DEFAULT_IDENTITY_HEADERS, *config.strip_headers, *config.claims_to_headers.values()]
+        )
+        self._header = config.header.lower().encode() if config.header else None
+        if config.header:
+            register_credential_header(config.header)
+        self._scheme = config.scheme.lower().encode()
+
+    async def setup(self) -> None:
+        """Fetch every JWKS URL once; a provider that is down does not stop start-up."""
+        async with trio.open_nursery() as nursery:
+            for issuer in self.issuers:
+                if issuer.jwks is not None:
+                    nursery.start_soon(issuer.jwks.refresh)
+
+    async def background(self) -> None:
+        """Keep every JWKS URL's key set fresh for as long as the instance is in use."""
+        async with trio.open_nursery() as nursery:
+            for issuer in self.issuers:
+                if issuer.jwks is not None:
+                    nursery.start_soon(issuer.jwks.serve_refresh)
+
+    async def on_request(self, exchange: Exchange) -> None:
+        strip_identity_headers(exchange, self.strip)
+        token = self.read_token(exchange)
+        if token is None:
+            if self.config.allow_anonymous:
+                return
+            _FAILURES.inc(plugin=self.name, reason="missing")
+            raise Unauthorized(
+                "authentication required",
+                headers=[challenge("Bearer", self.config.realm)],
+            )
+        try:
+            # Wall-clock time: exp/nbf/iat are seconds since the epoch, not intervals.
+            claims, issuer = await self.verify(token, time.time())
+            identity = self.identity(claims, issuer)
+            headers = self.headers_for(claims)
+        except ServiceUnavailable:
+            _FAILURES.inc(plugin=self.name, reason="keys_unavailable")
+            raise
+        except AuthFailure as e:
+            _FAILURES.inc(plugin=self.name, reason=e.reason)
+            self.log.debug(
+                "refused token %s on route %s: %s",
+                fingerprint(token),
+                exchange.route.name if exchange.route is not None else "-",
+                e.reason,
+            )
+            if e.status == 403:
+                scope = " ".join(self.config.required_scopes) or None
+                raise Forbidden(
+                    e.description,
+                    headers=[
+                        challenge(
+                            "Bearer", self.config.realm, "insufficient_scope", e.description, scope
+                        )
+                    ],
+                ) from None
+            raise Unauthorized(
+                f"invalid token: {e.description}",
+                headers=[challenge("Bearer", self.config.realm, "invalid_token", e.description)],
+            ) from None
+        exchange.identity = identity
+        for name, value in headers:
+            inject_header(exchange, name, value)
+        if self.config.hide_credentials:
+            self.remove_credentials(exchange)
+
+    def read_token(self, exchange: Exchange) -> str | None:
+        """The token from the header, else the cookie; ``None`` when there is none.
+
+        Raises ``BadRequest`` (``invalid_request``) when the credential is ambiguous
+        (the header twice, the cookie twice).
+        """
+        headers = exchange.request.headers
+        if self._header is not None:
+            values = headers.get_all(self._header)
+            if len(values) > 1:
+                self._invalid_request(f"more than one {self.config.header} header")
+            if values:
+                token = self._token_from_header(values[0])
+                if token is not None:
+                    return token
+        if self.config.cookie is not None:
+            found = _cookies(headers.get_all(b"cookie"), self.config.cookie)
+            if len(found) > 1:
+                self._invalid_request(f"more than one {self.config.cookie} cookie")
+            if found and found[0]:
+                return found[0]
+        return None
+
+    def _token_from_header(self, value: bytes) -> str | None:
+        value = value.strip()
+        if self._scheme:
+            scheme, _, rest = value.partition(b" ")
+            if scheme.lower() != self._scheme:
+                return None  # another scheme (Basic ...): no bearer credentials
+            value = rest.strip()
+        # Not token68 (RFC 9110 §11.2)? Still a token, a malformed one: verify refuses it.
+        return value.decode("latin-1") or None
+
+    def _invalid_request(self, description: str) -> None:
+        _FAILURES.inc(plugin=self.name, reason="ambiguous")
+        raise BadRequest(
+            description,
+            headers=[challenge("Bearer", self.config.realm, "invalid_request", description)],
+            close=False,
+        )
+
+    async def verify(self, token: str, now: float) -> tuple[dict[str, Any], _Issuer]:
+        """The verified claims of ``token`` at ``now`` (seconds since the epoch), and
+        the issuer that vouched for them.
+
+        Raises :class:`AuthFailure` (401/403), or ``ServiceUnavailable`` when the
+        issuer's key set never loaded. Never anything else, whatever ``token`` is.
+        """
+        if len(token) > self.config.max_token_size:
+            raise AuthFailure("too_large", "the token is too large")
+        header, unverified = parse_unverified(token)
+        alg = header.get("alg")
+        kid = header.get("kid")
+        if not isinstance(alg, str):
+            raise AuthFailure("malformed", "malformed token")
+        if kid is not None and not isinstance(kid, str):
+            raise AuthFailure("malformed", "malformed token")
+        iss = unverified.get("iss")
+        if iss is not None and not isinstance(iss, str):
+            raise AuthFailure("bad_claim", "the iss claim is not a string")
+        issuer = self.by_iss.get(iss) if iss is not None else None
+        if issuer is None:
+            issuer = self.default_issuer
+        if issuer is None:
+            raise AuthFailure("untrusted_issuer", "untrusted issuer")
+        cfg = issuer.config
+        if alg not in cfg.algorithms:
+            raise AuthFailure("bad_algorithm", "algorithm not allowed")
+        candidates = await issuer.candidates(alg, kid)
+        claims = _decode(token, candidates, issuer)
+        check_times(
+            claims, now, leeway=cfg.leeway, require_exp=cfg.require_exp, max_age=cfg.max_age
+        )
+        consumer = claim_at(claims, cfg.consumer_claim)
+        if not isinstance(consumer, str) or not consumer:
+            raise AuthFailure("bad_claim", f"the {cfg.consumer_claim} claim is not a string")
+        self.authorize(claims, issuer)
+        return claims, issuer
+
+    def authorize(self, claims: dict[str, Any], issuer: _Issuer) -> None:
+        """Raise a 403 :class:`AuthFailure` unless the claims grant the required
+        scopes and roles."""
+        cfg = self.config
+        if cfg.required_scopes and not matches(
+            cfg.required_scopes, granted_scopes(claims), cfg.scope_match
+        ):
+            raise AuthFailure("insufficient_scope", "insufficient scope", status=403)
+        if cfg.required_roles:
+            roles = granted_roles(claims, issuer.config.roles_claims)
+            if not matches(cfg.required_roles, roles, cfg.role_match):
+                raise AuthFailure("insufficient_role", "insufficient role", status=403)
+
+    def identity(self, claims: dict[str, Any], issuer: _Issuer) -> Identity:
+        consumer = claim_at(claims, issuer.config.consumer_claim)
+        return Identity(
+            consumer=str(consumer),
+            groups=granted_roles(claims, issuer.config.roles_claims),
+            scopes=granted_scopes(claims),
+            claims=MappingProxyType(claims),
+            source=self.name,
+        )
+
+    def headers_for(self, claims: dict[str, Any]) -> list[tuple[str, bytes]]:
+        """``claims_to_headers`` as header fields; a claim that is absent is skipped.
+
+        Raises :class:`AuthFailure` when a present claim cannot be a header value
+        (fail closed rather than forward a mangled identity).
+        """
+        out = []
+        for claim, name in self.config.claims_to_headers.items():
+            value = claim_at(claims, claim)
+            if value is None:
+                continue
+            encoded = header_value(value)
+            if encoded is None:
+                raise AuthFailure("bad_claim", f"the {claim} claim cannot be sent as a header")
+            out.append((name, encoded))
+        return out
+
+    def remove_credentials(self, exchange: Exchange) -> None:
+        headers = exchange.request.headers
+        if self._header is not None:
+            headers.remove(self._header)
+        if self.config.cookie is not None:
+            _remove_cookie(headers.items, self.config.cookie)
+
+
+def _decode(token: str, candidates: tuple[VerifyKey, ...], issuer: _Issuer) -> dict[str, Any]:
+    """Verify ``token`` with the first candidate key whose signature matches."""
+    cfg = issuer.config
+    last: AuthFailure = AuthFailure("bad_signature", "invalid signature")
+    for key in candidates:
+        try:
+            claims = jwt.decode(
+                token,
+                key=key.key,
+                algorithms=[key.alg],
+                options=issuer.options,
+                audience=issuer.audience,
+                issuer=cfg.issuer,
+            )
+        except jwt.InvalidSignatureError:
+            continue
+        except jwt.InvalidAlgorithmError:
+            last = AuthFailure("bad_algorithm", "algorithm not allowed")
+            continue
+        except jwt.InvalidAudienceError:
+            raise AuthFailure("bad_audience", "invalid audience") from None
+        except jwt.InvalidIssuerError:
+            raise AuthFailure("untrusted_issuer", "untrusted issuer") from None
+        except jwt.MissingRequiredClaimError as e:
+            raise AuthFailure("missing_claim", f"the token has no {e.claim} claim") from None
+        except jwt.PyJWTError:
+            raise AuthFailure("malformed", "malformed token") from None
+        except Exception:
+            # Garbage can reach code paths pyjwt does not wrap (key loading, JSON types):
+            # still the client's fault, never a 500.
+            raise AuthFailure("malformed", "malformed token") from None
+        if not isinstance(claims, dict):
+            raise AuthFailure("malformed", "malformed token")
+        return claims
+    raise last
+
+
+def _cookies(values: list[bytes], name: str) -> list[str]:
+    """Every value of cookie ``name`` in the Cookie header fields ``values``."""
+    key = name.encode("latin-1")
+    out = []
+    for value in values:
+        for pair in value.split(b";"):
+            k, sep, v = pair.strip().partition(b"=")
+            if sep and k == key:
+                out.append(v.strip().strip(b'"').decode("latin-1"))
+    return out
+
+
+def _remove_cookie(items: list[tuple[bytes, bytes]], name: str) -> None:
+    key = name.encode("latin-1")
+    for i, (n, v) in enumerate(items):
+        if n != b"cookie":
+            continue
+        kept = [p for p in v.split(b";") if p.strip().partition(b"=")[0] != key]
+        items[i] = (n, b";".join(kept).strip())
+    items[:] = [(n, v) for n, v in items if n != b"cookie" or v]
+
+
+@hookimpl
+def filtergate_filters() -> list[type[Filter]]:
+    return [JwtAuth]

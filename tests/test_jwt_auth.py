@@ -1,0 +1,994 @@
+"""The jwt-auth filter: a table of tokens, claims and scopes, identity hygiene, config
+errors, a JWKS URL served by a real local HTTP server, and end to end through a gateway.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import logging
+import random
+import socket
+import ssl
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import h11
+import jwt
+import pytest
+import trio
+import trio.testing
+import trustme
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
+
+from engine.chain import FilterContext
+from engine.errors import BadRequest, Forbidden, GatewayError, ServiceUnavailable, Unauthorized
+from engine.exchange import Exchange, Headers, Identity, Request, Timings
+from engine.schema import ConfigError, build
+from plugins._fetch import FetchError, fetch
+from plugins._identity import DEFAULT_IDENTITY_HEADERS, HeaderPatterns, challenge, header_value
+from plugins.jwt_auth import JwtAuth, JwtAuthConfig
+from plugins.jwt_auth.claims import (
+    AuthFailure,
+    check_times,
+    granted_roles,
+    granted_scopes,
+    parse_unverified,
+)
+
+ISS = "https://idp.example.test/"
+AUD = "orders-api"
+SECRET = "s3cret-that-is-long-enough-for-hs256!!"  # >= 32 bytes (RFC 7518 §3.2)
+
+RSA_A = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+RSA_B = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+EC_A = ec.generate_private_key(ec.SECP256R1())
+ED_A = ed25519.Ed25519PrivateKey.generate()
+
+
+def _pem(key: Any) -> str:
+    data: bytes = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return data.decode()
+
+
+def _jwk(key: Any, kid: str) -> dict[str, Any]:
+    public = key.public_key()
+    if isinstance(public, rsa.RSAPublicKey):
+        d = RSAAlgorithm.to_jwk(public, as_dict=True)
+    elif isinstance(public, ec.EllipticCurvePublicKey):
+        d = ECAlgorithm.to_jwk(public, as_dict=True)
+    else:
+        d = OKPAlgorithm.to_jwk(public, as_dict=True)
+    return {**d, "kid": kid, "use": "sig"}
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _claims(**over: Any) -> dict[str, Any]:
+    now = int(time.time())
+    claims: dict[str, Any] = {
+        "iss": ISS,
+        "aud": AUD,
+        "sub": "alice",
+        "iat": now,
+        "exp": now + 300,
+        "scope": "orders:read orders:write",
+        "roles": ["gold"],
+    }
+    for k, v in over.items():
+        if v is None:
+            claims.pop(k, None)
+        else:
+            claims[k] = v
+    return claims
+
+
+def _token(key: Any = RSA_A, alg: str = "RS256", kid: str | None = "k1", **over: Any) -> str:
+    headers = {"kid": kid} if kid is not None else None
+    # PyJWS, not jwt.encode: tests need claims pyjwt would refuse to encode.
+    payload = json.dumps(_claims(**over)).encode()
+    return jwt.PyJWS().encode(payload, key, algorithm=alg, headers=headers)
+
+
+def _raw_token(header: dict[str, Any], payload: Any, sign: Callable[[bytes], bytes]) -> str:
+    signing_input = f"{_b64(json.dumps(header).encode())}.{_b64(json.dumps(payload).encode())}"
+    return f"{signing_input}.{_b64(sign(signing_input.encode()))}"
+
+
+def _hs256_with(secret: bytes) -> Callable[[bytes], bytes]:
+    return lambda msg: hmac.new(secret, msg, hashlib.sha256).digest()
+
+
+def _rsa_config(**over: Any) -> dict[str, Any]:
+    issuer = {"issuer": ISS, "algorithms": ["RS256"], "public_keys": [_pem(RSA_A)], "audience": AUD}
+    issuer.update(over.pop("issuer_over", {}))
+    return {"issuers": [issuer], **over}
+
+
+def _filter(config: dict[str, Any]) -> JwtAuth:
+    cfg = build(JwtAuthConfig, config, "plugins.jwt-auth")
+    return JwtAuth(cfg, FilterContext("jwt-auth", "global"))
+
+
+def _exchange(headers: list[tuple[str, str]] | None = None) -> Exchange:
+    request = Request(
+        method=b"GET",
+        path="/orders",
+        raw_query=b"",
+        headers=Headers([(k.lower().encode(), v.encode()) for k, v in headers or []]),
+        http_version=b"1.1",
+        client="127.0.0.1",
+        peer=("127.0.0.1", 5555),
+    )
+    return Exchange(request=request, request_id="test", timings=Timings(start=0.0))
+
+
+def _bearer(token: str) -> list[tuple[str, str]]:
+    return [("Authorization", f"Bearer {token}")]
+
+
+async def _run(f: JwtAuth, headers: list[tuple[str, str]]) -> Exchange:
+    ex = _exchange(headers)
+    await f.on_request(ex)
+    return ex
+
+
+def _www(err: GatewayError) -> str:
+    return dict(err.headers)[b"www-authenticate"].decode()
+
+
+# -- the table of tokens -----------------------------------------------------------------
+
+NOW = int(time.time())
+
+
+def _json_array_payload() -> str:
+    return _raw_token({"alg": "RS256", "kid": "k1"}, [1, 2, 3], lambda m: b"sig")
+
+
+def _alg_none(alg: str) -> str:
+    return _raw_token({"alg": alg}, _claims(), lambda m: b"")
+
+
+def _key_confusion() -> str:
+    # HS256 "signed" with the RSA public key as the HMAC secret (RFC 8725 §2.1).
+    return _raw_token({"alg": "HS256", "kid": "k1"}, _claims(), _hs256_with(_pem(RSA_A).encode()))
+
+
+TOKENS: list[tuple[str, Callable[[], str], str | None]] = [
+    ("valid", lambda: _token(), None),
+    ("valid, no kid", lambda: _token(kid=None), None),
+    ("expired", lambda: _token(exp=NOW - 3600), "the token has expired"),
+    ("expired within leeway", lambda: _token(exp=NOW - 5), None),
+    ("not yet valid", lambda: _token(nbf=NOW + 3600), "the token is not valid yet"),
+    ("issued in the future", lambda: _token(iat=NOW + 3600), "issued in the future"),
+    ("wrong issuer", lambda: _token(iss="https://evil.example/"), "untrusted issuer"),
+    ("iss not a string", lambda: _token(iss=["x"]), "iss claim is not a string"),
+    ("wrong audience", lambda: _token(aud="billing-api"), "invalid audience"),
+    ("no audience", lambda: _token(aud=None), "the token has no aud claim"),
+    ("missing exp", lambda: _token(exp=None), "the token has no exp claim"),
+    ("exp not a number", lambda: _token(exp="tomorrow"), "exp claim is not a number"),
+    ("exp is true", lambda: _token(exp=True), "exp claim is not a number"),
+    ("missing sub", lambda: _token(sub=None), "the token has no sub claim"),
+    ("bad signature", lambda: _token(key=RSA_B), "invalid signature"),
+    ("alg none", lambda: _alg_none("none"), "algorithm not allowed"),
+    ("alg None", lambda: _alg_none("None"), "algorithm not allowed"),
+    ("alg missing", lambda: _raw_token({"typ": "JWT"}, _claims(), lambda m: b""), "malformed"),
+    ("HMAC with the RSA public key", _key_confusion, "algorithm not allowed"),
+    ("EC token, RS256 issuer", lambda: _token(key=EC_A, alg="ES256"), "algorithm not allowed"),
+    ("PS256 not in allow-list", lambda: _token(alg="PS256"), "algorithm not allowed"),
+    ("malformed base64", lambda: "eyJhbGciOiJSUzI1NiJ9.!!!not-base64!!!.c2ln", "malformed"),
+    ("base64 of junk", lambda: ".".join(_b64(b) for b in (b"\xff\xfe", b"junk", b"x")), "malf"),
+    ("one segment", lambda: "abc", "malformed"),
+    ("five segments (JWE)", lambda: "a.b.c.d.e", "malformed"),
+    ("empty segments", lambda: "..", "malformed"),
+    ("non-ascii", lambda: "é.é.é", "malformed"),
+    ("json array payload", _json_array_payload, "malformed"),
+    ("header is a string", lambda: ".".join((_b64(b'"x"'), _b64(b"{}"), "")), "malformed"),
+    ("kid is a number", lambda: _raw_token({"alg": "RS256", "kid": 3}, _claims(), bytes), "malf"),
+    ("deeply nested", lambda: ".".join((_b64(b"[" * 5000), _b64(b"{}"), "")), "malformed"),
+    ("oversized", lambda: _token(pad="x" * 9000), "the token is too large"),
+]
+
+
+@pytest.mark.parametrize(("name", "make", "error"), TOKENS, ids=[t[0] for t in TOKENS])
+async def test_token_table(name: str, make: Callable[[], str], error: str | None) -> None:
+    with trio.fail_after(5):
+        f = _filter(_rsa_config())
+        token = make()
+        if error is None:
+            ex = await _run(f, _bearer(token))
+            assert ex.identity is not None
+            assert ex.identity.consumer == "alice"
+            assert ex.request.headers.get("x-user-id") == b"alice"
+            return
+        with pytest.raises(Unauthorized) as info:
+            await _run(f, _bearer(token))
+        www = _www(info.value)
+        assert www.startswith('Bearer realm="filtergate", error="invalid_token"'), www
+        assert error in www
+        assert token not in info.value.message
+
+
+async def test_tokens_never_reach_the_logs(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    f = _filter(_rsa_config())
+    tokens = [_token(exp=NOW - 3600), _token(key=RSA_B), _key_confusion()]
+    with trio.fail_after(5):
+        for token in tokens:
+            with pytest.raises(Unauthorized):
+                await _run(f, _bearer(token))
+    assert caplog.records
+    for token in tokens:
+        assert token not in caplog.text
+        assert token.rsplit(".", 1)[-1] not in caplog.text
+    assert "sha256:" in caplog.text
+
+
+async def test_random_garbage_is_always_a_401() -> None:
+    # Whatever the token holds, the answer is a 401 (never a 500 from an escaped exception).
+    f = _filter(_rsa_config())
+    rng = random.Random(4)
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.=+/"
+    good = _token()
+    with trio.fail_after(10):
+        for i in range(400):
+            if i % 2:
+                token = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 300)))
+            else:  # a valid token with bytes flipped: always refused
+                chars = list(good)
+                for _ in range(rng.randint(1, 5)):
+                    chars[rng.randrange(len(chars))] = rng.choice(alphabet)
+                token = "".join(chars)
+                if token == good:
+                    continue
+            with pytest.raises(Unauthorized):
+                await _run(f, _bearer(token))
+
+
+async def test_every_algorithm_family_verifies() -> None:
+    config = {
+        "issuers": [
+            {"issuer": "https://hs/", "algorithms": ["HS256", "HS512"], "secret": SECRET * 2},
+            {
+                "issuer": "https://rsa/",
+                "algorithms": ["RS256", "PS384"],
+                "public_keys": [_pem(RSA_A)],
+            },
+            {"issuer": "https://ec/", "algorithms": ["ES256"], "public_keys": [_pem(EC_A)]},
+            {"issuer": "https://ed/", "algorithms": ["EdDSA"], "public_keys": [_pem(ED_A)]},
+        ]
+    }
+    f = _filter(config)
+    cases = [
+        ((SECRET * 2).encode(), "HS256", "https://hs/"),
+        ((SECRET * 2).encode(), "HS512", "https://hs/"),
+        (RSA_A, "RS256", "https://rsa/"),
+        (RSA_A, "PS384", "https://rsa/"),
+        (EC_A, "ES256", "https://ec/"),
+        (ED_A, "EdDSA", "https://ed/"),
+    ]
+    with trio.fail_after(5):
+        for key, alg, iss in cases:
+            ex = await _run(f, _bearer(_token(key=key, alg=alg, iss=iss, aud=None)))
+            assert ex.identity is not None, alg
+            assert ex.identity.claims["iss"] == iss
+        # One issuer's key never verifies another issuer's tokens.
+        forged = _token(key=(SECRET * 2).encode(), alg="HS256", iss="https://rsa/", aud=None)
+        with pytest.raises(Unauthorized, match="algorithm not allowed"):
+            await _run(f, _bearer(forged))
+
+
+async def test_hmac_secret_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FG_TEST_JWT_SECRET", SECRET)
+    f = _filter({"issuers": [{"algorithms": ["HS256"], "secret_env": "FG_TEST_JWT_SECRET"}]})
+    with trio.fail_after(5):
+        # The only issuer has no `issuer`: iss is not checked.
+        ex = await _run(f, _bearer(_token(key=SECRET.encode(), alg="HS256", iss="anything")))
+        assert ex.identity is not None
+        with pytest.raises(Unauthorized, match="invalid signature"):
+            await _run(f, _bearer(_token(key=(SECRET + "x").encode(), alg="HS256")))
+
+
+async def test_jwks_file_and_unknown_kid(tmp_path: Any) -> None:
+    path = tmp_path / "jwks.json"
+    path.write_text(json.dumps({"keys": [_jwk(RSA_A, "k1"), _jwk(EC_A, "e1")]}))
+    f = _filter(
+        {"issuers": [{"issuer": ISS, "algorithms": ["RS256", "ES256"], "jwks_file": str(path)}]}
+    )
+    with trio.fail_after(5):
+        assert (await _run(f, _bearer(_token(aud=None)))).identity is not None
+        ec_token = _token(key=EC_A, alg="ES256", kid="e1", aud=None)
+        assert (await _run(f, _bearer(ec_token))).identity is not None
+        with pytest.raises(Unauthorized, match="unknown key id"):
+            await _run(f, _bearer(_token(kid="nope", aud=None)))
+        # The right kid with the wrong key type: the EC key cannot verify RS256.
+        with pytest.raises(Unauthorized, match="unknown key id"):
+            await _run(f, _bearer(_token(kid="e1", aud=None)))
+
+
+# -- identity, hygiene, scopes -----------------------------------------------------------
+
+
+async def test_spoofed_identity_headers_are_replaced() -> None:
+    f = _filter(_rsa_config(claims_to_headers={"sub": "X-User-Id", "roles": "X-User-Roles"}))
+    spoof = [
+        ("X-User-Id", "admin"),
+        ("x-user-id", "root"),
+        ("X-Consumer-Id", "admin"),
+        ("X-Authenticated-Userid", "admin"),
+        ("X-Forwarded-User", "admin"),
+        ("X-Other", "kept"),
+    ]
+    with trio.fail_after(5):
+        ex = await _run(f, [*spoof, *_bearer(_token())])
+        h = ex.request.headers
+        assert h.get_all("x-user-id") == [b"alice"]
+        assert h.get("x-user-roles") == b"gold"
+        assert "x-consumer-id" not in h
+        assert "x-authenticated-userid" not in h
+        assert "x-forwarded-user" not in h
+        assert h.get("x-other") == b"kept"
+        assert h.get("authorization") is not None  # hide_credentials is off by default
+        assert ex.identity == Identity(
+            consumer="alice",
+            groups=("gold",),
+            scopes=("orders:read", "orders:write"),
+            claims=ex.identity.claims if ex.identity else {},
+            source="jwt-auth",
+        )
+
+
+async def test_missing_token_and_anonymous() -> None:
+    strict = _filter(_rsa_config())
+    anonymous = _filter(_rsa_config(allow_anonymous=True))
+    with trio.fail_after(5):
+        for headers in ([], [("Authorization", "Basic YTpi")], [("Authorization", "Bearer ")]):
+            with pytest.raises(Unauthorized) as info:
+                await _run(strict, headers)
+            # RFC 6750 §3.1: no error code when the request had no credentials.
+            assert _www(info.value) == 'Bearer realm="filtergate"'
+            ex = await _run(anonymous, [*headers, ("X-User-Id", "admin")])
+            assert ex.identity is None
+            assert "x-user-id" not in ex.request.headers
+        # An invalid token is refused even where anonymous access is allowed.
+        with pytest.raises(Unauthorized, match="expired"):
+            await _run(anonymous, _bearer(_token(exp=NOW - 3600)))
+
+
+async def test_two_authorization_headers_are_a_bad_request() -> None:
+    f = _filter(_rsa_config())
+    with trio.fail_after(5), pytest.raises(BadRequest) as info:
+        await _run(f, [*_bearer(_token()), *_bearer(_token(sub="bob"))])
+    assert 'error="invalid_request"' in _www(info.value)
+    assert info.value.close is False
+
+
+@pytest.mark.parametrize(
+    ("required", "match", "claims", "ok"),
+    [
+        (["orders:read"], "all", {"scope": "orders:read orders:write"}, True),
+        (["orders:read", "admin"], "all", {"scope": "orders:read"}, False),
+        (["orders:read", "admin"], "any", {"scope": "orders:read"}, True),
+        (["admin"], "any", {"scope": "orders:read"}, False),
+        (["orders:read"], "all", {"scope": None, "scp": ["orders:read"]}, True),
+        (["orders:read"], "all", {"scope": None}, False),
+        (["orders:read"], "all", {"scope": 42}, False),
+    ],
+)
+async def test_required_scopes(
+    required: list[str], match: str, claims: dict[str, Any], ok: bool
+) -> None:
+    f = _filter(_rsa_config(required_scopes=required, scope_match=match))
+    token = _token(**claims)
+    with trio.fail_after(5):
+        if ok:
+            assert (await _run(f, _bearer(token))).identity is not None
+            return
+        with pytest.raises(Forbidden) as info:
+            await _run(f, _bearer(token))
+        www = _www(info.value)
+        assert 'error="insufficient_scope"' in www
+        assert f'scope="{" ".join(required)}"' in www
+
+
+async def test_required_roles_from_a_nested_claim() -> None:
+    f = _filter(
+        _rsa_config(
+            required_roles=["admin", "ops"],
+            role_match="any",
+            issuer_over={"roles_claims": ["realm_access.roles"]},
+        )
+    )
+    with trio.fail_after(5):
+        ex = await _run(f, _bearer(_token(realm_access={"roles": ["ops", "dev"]})))
+        assert ex.identity is not None
+        assert ex.identity.groups == ("ops", "dev")
+        with pytest.raises(Forbidden):
+            await _run(f, _bearer(_token(realm_access={"roles": ["dev"]})))
+        with pytest.raises(Forbidden):
+            await _run(f, _bearer(_token()))  # "roles" is not looked at any more
+
+
+async def test_cookie_token_and_hide_credentials() -> None:
+    f = _filter(_rsa_config(header="", cookie="session", hide_credentials=True))
+    token = _token()
+    with trio.fail_after(5):
+        ex = await _run(f, [("Cookie", f"theme=dark; session={token}; lang=en")])
+        assert ex.identity is not None
+        assert ex.request.headers.get("cookie") == b"theme=dark; lang=en"
+        ex = await _run(f, [("Cookie", f"session={token}")])
+        assert "cookie" not in ex.request.headers
+        with pytest.raises(BadRequest):
+            await _run(f, [("Cookie", f"session={token}; session=x")])
+    g = _filter(_rsa_config(hide_credentials=True))
+    ex = await _run(g, _bearer(token))
+    assert "authorization" not in ex.request.headers
+
+
+async def test_a_claim_that_cannot_be_a_header_fails_closed() -> None:
+    f = _filter(_rsa_config(claims_to_headers={"sub": "X-User-Id", "email": "X-User-Email"}))
+    with trio.fail_after(5):
+        ex = await _run(f, _bearer(_token()))  # absent claim: header skipped
+        assert "x-user-email" not in ex.request.headers
+        with pytest.raises(Unauthorized, match="cannot be sent as a header"):
+            await _run(f, _bearer(_token(email="a@b\r\nX-Admin: yes")))
+
+
+# -- pure helpers --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("claims", "now", "require_exp", "max_age", "reason"),
+    [
+        ({"exp": 100}, 129.0, True, None, None),  # within the 30 s leeway
+        ({"exp": 100}, 130.0, True, None, "expired"),
+        ({"nbf": 200}, 170.0, False, None, None),
+        ({"nbf": 200}, 169.0, False, None, "not_yet_valid"),
+        ({"iat": 200}, 169.0, False, None, "not_yet_valid"),
+        ({}, 100.0, True, None, "missing_claim"),
+        ({}, 100.0, False, None, None),
+        ({"iat": 50}, 100.0, False, 60.0, None),
+        ({"iat": 10}, 100.0, False, 60.0, None),  # 90 s old: within max_age + leeway
+        ({"iat": 0}, 100.0, False, 60.0, "too_old"),
+        ({}, 100.0, False, 60.0, "missing_claim"),  # max_age needs iat
+        ({"exp": float("nan")}, 100.0, True, None, "bad_claim"),
+        ({"exp": float("inf")}, 100.0, True, None, "bad_claim"),
+        ({"nbf": "soon"}, 100.0, False, None, "bad_claim"),
+        ({"exp": 10**400}, 100.0, True, None, "bad_claim"),
+    ],
+)
+def test_check_times(
+    claims: dict[str, Any], now: float, require_exp: bool, max_age: float | None, reason: str | None
+) -> None:
+    if reason is None:
+        check_times(claims, now, leeway=30.0, require_exp=require_exp, max_age=max_age)
+        return
+    with pytest.raises(AuthFailure) as info:
+        check_times(claims, now, leeway=30.0, require_exp=require_exp, max_age=max_age)
+    assert info.value.reason == reason
+
+
+def test_parse_scopes_roles_and_headers() -> None:
+    assert granted_scopes({"scope": "a b  a", "scp": ["c", 1]}) == ("a", "b", "c")
+    assert granted_roles({"roles": "x, y z", "groups": ["g"]}, ["roles", "groups"]) == (
+        "x",
+        "y",
+        "z",
+        "g",
+    )
+    header, payload = parse_unverified(_token())
+    assert header["kid"] == "k1"
+    assert payload["sub"] == "alice"
+    assert header_value(["a", "b"]) == b"a,b"
+    assert header_value("é") == "é".encode()
+    assert header_value({"a": 1}) is None
+    assert header_value([["a"]]) is None
+    assert header_value(10**5000) is None
+    assert header_value("a\nb") is None
+    patterns = HeaderPatterns(DEFAULT_IDENTITY_HEADERS)
+    assert patterns(b"x-consumer-custom-id")
+    assert not patterns(b"x-request-id")
+    assert challenge("Bearer", 'a"b', "invalid_token", "x\\y") == (
+        b"www-authenticate",
+        b'Bearer realm="ab", error="invalid_token", error_description="xy"',
+    )
+
+
+# -- config errors -------------------------------------------------------------------------
+
+PRIVATE_PEM = RSA_A.private_bytes(
+    serialization.Encoding.PEM,
+    serialization.PrivateFormat.PKCS8,
+    serialization.NoEncryption(),
+).decode()
+
+
+@pytest.mark.parametrize(
+    ("config", "path", "message"),
+    [
+        ({}, "plugins.jwt-auth.issuers", "required key is missing"),
+        ({"issuers": []}, "plugins.jwt-auth.issuers", "at least one issuer"),
+        (
+            {"issuers": [{"algorithms": ["none"], "secret": SECRET}]},
+            "plugins.jwt-auth.issuers[0].algorithms[0]",
+            "never accepted",
+        ),
+        (
+            {"issuers": [{"algorithms": ["HS256", "RS256"], "secret": SECRET}]},
+            "plugins.jwt-auth.issuers[0].algorithms",
+            "do not mix",
+        ),
+        (
+            {"issuers": [{"algorithms": ["HS256"], "secret_env": "FG_TEST_UNSET_VARIABLE"}]},
+            "plugins.jwt-auth.issuers[0].secret_env",
+            "is not set",
+        ),
+        (
+            {"issuers": [{"algorithms": ["HS512"], "secret": SECRET}]},
+            "plugins.jwt-auth.issuers[0].secret",
+            "at least 64 bytes",
+        ),
+        (
+            {"issuers": [{"algorithms": ["RS256"]}]},
+            "plugins.jwt-auth.issuers[0]",
+            "no keys",
+        ),
+        (
+            {"issuers": [{"algorithms": ["RS256"], "public_key_files": ["/nonexistent.pem"]}]},
+            "plugins.jwt-auth.issuers[0].public_key_files[0]",
+            "cannot read",
+        ),
+        (
+            {"issuers": [{"algorithms": ["RS256"], "public_keys": [PRIVATE_PEM]}]},
+            "plugins.jwt-auth.issuers[0].public_keys[0]",
+            "private key",
+        ),
+        (
+            {"issuers": [{"algorithms": ["ES256"], "public_keys": [_pem(RSA_A)]}]},
+            "plugins.jwt-auth.issuers[0].public_keys[0]",
+            "cannot verify",
+        ),
+        (
+            {"issuers": [{"algorithms": ["RS256"], "jwks_url": "ftp://idp/keys"}]},
+            "plugins.jwt-auth.issuers[0].jwks_url",
+            "http",
+        ),
+        (
+            {"issuers": [{"algorithms": ["RS256"], "jwks_url": "https://x/", "leeway": "soon"}]},
+            "plugins.jwt-auth.issuers[0].leeway",
+            "duration",
+        ),
+        (
+            {"issuers": [{"algorithms": ["RS256"], "jwks_url": "https://x/", "nope": 1}]},
+            "plugins.jwt-auth.issuers[0].nope",
+            "unknown key",
+        ),
+        (
+            {
+                "issuers": [
+                    {"issuer": "a", "algorithms": ["RS256"], "jwks_url": "https://x/"},
+                    {"issuer": "a", "algorithms": ["RS256"], "jwks_url": "https://y/"},
+                ]
+            },
+            "plugins.jwt-auth.issuers[1].issuer",
+            "already declared",
+        ),
+        (
+            {
+                "issuers": [
+                    {"issuer": "a", "algorithms": ["RS256"], "jwks_url": "https://x/"},
+                    {"algorithms": ["RS256"], "jwks_url": "https://y/"},
+                ]
+            },
+            "plugins.jwt-auth.issuers[1].issuer",
+            "required when there are several",
+        ),
+        (
+            _rsa_config(claims_to_headers={"sub": "X User"}),
+            "plugins.jwt-auth.claims_to_headers.sub",
+            "header name",
+        ),
+        (_rsa_config(scope_match="most"), "plugins.jwt-auth.scope_match", "one of"),
+        (
+            {"issuers": [{"algorithms": ["RS256"], "jwks_url": "https://x/", "jwks_ca_file": "/"}]},
+            "plugins.jwt-auth.issuers[0].jwks_ca_file",
+            "cannot load",
+        ),
+        (_rsa_config(strip_headers=["X-*-Id"]), "plugins.jwt-auth.strip_headers[0]", "prefix"),
+    ],
+)
+def test_config_errors(config: dict[str, Any], path: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        build(JwtAuthConfig, config, "plugins.jwt-auth")
+    assert info.value.path == path
+    assert message in info.value.message
+    assert SECRET not in str(info.value)
+
+
+def test_secrets_stay_out_of_reprs_and_reloads_see_changed_keys(tmp_path: Any) -> None:
+    # The engine reuses a filter instance across a reload when repr(config) is unchanged.
+    def hs(secret: str) -> JwtAuthConfig:
+        return build(JwtAuthConfig, {"issuers": [{"algorithms": ["HS256"], "secret": secret}]})
+
+    assert SECRET not in repr(hs(SECRET))
+    assert repr(hs(SECRET)) == repr(hs(SECRET))
+    assert repr(hs(SECRET)) != repr(hs(SECRET + "-rotated"))
+    path = tmp_path / "key.pem"
+    path.write_text(_pem(RSA_A))
+    raw = {"issuers": [{"algorithms": ["RS256"], "public_key_files": [str(path)]}]}
+    first, same = build(JwtAuthConfig, raw), build(JwtAuthConfig, raw)
+    assert first == same  # an unchanged config keeps its filter instance on reload
+    assert repr(first) == repr(same)
+    path.write_text(_pem(RSA_B))
+    rotated = build(JwtAuthConfig, raw)
+    assert rotated != first  # a rotated key file makes a new one
+    assert repr(rotated) != repr(first)
+
+
+# -- a JWKS URL served by a real local HTTP server -----------------------------------------
+
+
+class JwksServer:
+    """A tiny HTTP server on 127.0.0.1 whose key set and health tests change at will."""
+
+    def __init__(self, keys: list[dict[str, Any]]) -> None:
+        self.document: Any = {"keys": keys}
+        self.status = 200
+        self.hits = 0
+        self.port = 0
+        self.scheme = "http"
+
+    async def serve(
+        self,
+        tls: ssl.SSLContext | None = None,
+        *,
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        tcp = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = tcp[0].socket.getsockname()[1]
+        listeners: list[trio.abc.Listener[Any]] = list(tcp)
+        if tls is not None:
+            self.scheme = "https"
+            listeners = [trio.SSLListener(t, tls, https_compatible=True) for t in tcp]
+        task_status.started(self.port)
+        await trio.serve_listeners(self._handle, listeners)
+
+    async def _handle(self, stream: trio.abc.Stream) -> None:
+        try:
+            await self._answer(stream)
+        except trio.BrokenResourceError:
+            pass  # a client that gave up (or refused our certificate)
+
+    async def _answer(self, stream: trio.abc.Stream) -> None:
+        conn = h11.Connection(h11.SERVER)
+        async with stream:
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    conn.receive_data(bytes(await stream.receive_some(65536)))
+                    continue
+                if isinstance(event, h11.Request):
+                    continue
+                if isinstance(event, h11.EndOfMessage):
+                    break
+                return
+            self.hits += 1
+            body = json.dumps(self.document).encode()
+            headers = [("content-type", "application/json"), ("content-length", str(len(body)))]
+            await stream.send_all(conn.send(h11.Response(status_code=self.status, headers=headers)))
+            await stream.send_all(conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage()))
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://127.0.0.1:{self.port}/.well-known/jwks.json"
+
+
+@pytest.fixture
+def clock() -> trio.testing.MockClock:
+    # Autojump, but only after 10 ms of real idleness: the loopback sockets of the JWKS
+    # server answer well within that, so a fetch never sees virtual time jump past its
+    # deadline, while TTLs and cooldowns of minutes pass instantly.
+    return trio.testing.MockClock(autojump_threshold=0.01)
+
+
+@asynccontextmanager
+async def _jwks_server(keys: list[dict[str, Any]]) -> AsyncIterator[JwksServer]:
+    server = JwksServer(keys)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve)
+        yield server
+        nursery.cancel_scope.cancel()
+
+
+def _jwks_filter(url: str, **issuer: Any) -> JwtAuth:
+    return _filter(
+        {
+            "issuers": [
+                {
+                    "issuer": ISS,
+                    "algorithms": ["RS256", "ES256"],
+                    "jwks_url": url,
+                    "jwks_ttl": "10m",
+                    "jwks_cooldown": "30s",
+                    **issuer,
+                }
+            ]
+        }
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+# Under the mock clock a deadline is in virtual time: it must cover the TTLs the test
+# sleeps through, and a real hang still ends at once (the clock jumps to the deadline).
+VIRTUAL_DEADLINE = 3600
+
+
+async def test_jwks_startup_fetch_and_rotation(clock: trio.testing.MockClock) -> None:
+    with trio.fail_after(VIRTUAL_DEADLINE):
+        async with _jwks_server([_jwk(RSA_A, "k1")]) as server:
+            f = _jwks_filter(server.url)
+            await f.setup()
+            assert server.hits == 1
+            assert (await _run(f, _bearer(_token(aud=None)))).identity is not None
+            assert server.hits == 1  # a known kid needs no fetch
+
+            # The IdP rotates to k2. Its first token triggers a refetch (cooldown passed).
+            server.document = {"keys": [_jwk(RSA_B, "k2"), _jwk(EC_A, "e1")]}
+            await trio.sleep(31)
+            ex = await _run(f, _bearer(_token(key=RSA_B, kid="k2", aud=None)))
+            assert ex.identity is not None
+            assert server.hits == 2
+            ec_token = _token(key=EC_A, alg="ES256", kid="e1", aud=None)
+            assert (await _run(f, _bearer(ec_token))).identity is not None
+            with pytest.raises(Unauthorized, match="unknown key id"):
+                await _run(f, _bearer(_token(kid="k1", aud=None)))  # k1 was retired
+
+
+async def test_jwks_background_refresh_on_ttl(clock: trio.testing.MockClock) -> None:
+    with trio.fail_after(VIRTUAL_DEADLINE):
+        async with _jwks_server([_jwk(RSA_A, "k1")]) as server, trio.open_nursery() as n:
+            f = _jwks_filter(server.url)
+            await f.setup()
+            n.start_soon(f.background)
+            server.document = {"keys": [_jwk(RSA_B, "k2")]}
+            await trio.sleep(599)
+            assert server.hits == 1
+            await trio.sleep(2)
+            assert server.hits == 2  # refreshed after the 10 min TTL, without any request
+            hits = server.hits
+            ex = await _run(f, _bearer(_token(key=RSA_B, kid="k2", aud=None)))
+            assert ex.identity is not None
+            assert server.hits == hits
+            n.cancel_scope.cancel()
+
+
+async def test_unknown_kid_spray_is_limited_by_the_cooldown(
+    clock: trio.testing.MockClock,
+) -> None:
+    with trio.fail_after(VIRTUAL_DEADLINE):
+        async with _jwks_server([_jwk(RSA_A, "k1")]) as server:
+            f = _jwks_filter(server.url)
+            await f.setup()
+            await trio.sleep(31)
+
+            async def spray(i: int) -> None:
+                with pytest.raises(Unauthorized, match="unknown key id"):
+                    await _run(f, _bearer(_token(kid=f"bogus-{i}", aud=None)))
+
+            async with trio.open_nursery() as nursery:  # concurrent: they share one fetch
+                for i in range(50):
+                    nursery.start_soon(spray, i)
+            for i in range(50):  # sequential, within the cooldown: no fetch at all
+                await spray(i)
+            assert server.hits == 2
+            await trio.sleep(31)
+            for i in range(50):
+                await spray(i)
+            assert server.hits == 3
+            assert (await _run(f, _bearer(_token(aud=None)))).identity is not None
+
+
+async def test_provider_down_keeps_the_last_good_key_set(clock: trio.testing.MockClock) -> None:
+    with trio.fail_after(VIRTUAL_DEADLINE):
+        async with _jwks_server([_jwk(RSA_A, "k1")]) as server, trio.open_nursery() as n:
+            f = _jwks_filter(server.url)
+            await f.setup()
+            n.start_soon(f.background)
+            server.status = 503
+            await trio.sleep(601)  # the TTL refresh fails ...
+            server.document = "garbage"
+            server.status = 200
+            await trio.sleep(31)  # ... and so does the retry, on a document that is no JWKS
+            assert server.hits == 3
+            source = f.issuers[0].jwks
+            assert source is not None
+            assert source.last_error is not None
+            assert "JSON Web Key Set" in source.last_error
+            ex = await _run(f, _bearer(_token(aud=None)))  # still served by the last good set
+            assert ex.identity is not None
+            n.cancel_scope.cancel()
+
+
+async def test_provider_down_from_the_start_is_a_503(clock: trio.testing.MockClock) -> None:
+    port = _free_port()  # nothing listens there
+    f = _jwks_filter(f"http://127.0.0.1:{port}/jwks.json")
+    with trio.fail_after(VIRTUAL_DEADLINE):
+        await f.setup()  # does not raise: the gateway starts without its IdP
+        with pytest.raises(ServiceUnavailable) as info:
+            await _run(f, _bearer(_token(aud=None)))
+        assert dict(info.value.headers)[b"retry-after"] == b"30"
+        # A missing token is still a plain 401: no key set is needed to say so.
+        with pytest.raises(Unauthorized):
+            await _run(f, [])
+        # The IdP comes up on that port; after the cooldown the next request loads keys.
+        server = JwksServer([_jwk(RSA_A, "k1")])
+        listeners = [trio.SocketListener(_bind(port))]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.serve_listeners, server._handle, listeners)
+            with pytest.raises(ServiceUnavailable):
+                await _run(f, _bearer(_token(aud=None)))  # within the cooldown: no fetch
+            assert server.hits == 0
+            await trio.sleep(30)
+            assert (await _run(f, _bearer(_token(aud=None)))).identity is not None
+            assert server.hits == 1
+            nursery.cancel_scope.cancel()
+
+
+def _bind(port: int) -> trio.socket.SocketType:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen(16)
+    return trio.socket.from_stdlib_socket(sock)
+
+
+async def test_jwks_over_https_with_a_private_ca(tmp_path: Any) -> None:
+    ca = trustme.CA()
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_tls)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    server = JwksServer([_jwk(RSA_A, "k1")])
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve, server_tls)
+            trusted = _jwks_filter(server.url, jwks_ca_file=str(ca_file))
+            await trusted.setup()
+            assert (await _run(trusted, _bearer(_token(aud=None)))).identity is not None
+            # Without the private CA the certificate is not trusted: no keys, 503.
+            untrusted = _jwks_filter(server.url)
+            await untrusted.setup()
+            source = untrusted.issuers[0].jwks
+            assert source is not None
+            assert source.last_error is not None
+            assert "CERTIFICATE_VERIFY_FAILED" in source.last_error
+            with pytest.raises(ServiceUnavailable):
+                await _run(untrusted, _bearer(_token(aud=None)))
+            assert server.hits == 1
+            nursery.cancel_scope.cancel()
+
+
+async def test_fetch_limits() -> None:
+    with trio.fail_after(10):
+        async with _jwks_server([_jwk(RSA_A, "k1")]) as server:
+            result = await fetch(server.url, time_limit=5, max_bytes=100_000)
+            assert result.status == 200
+            assert json.loads(result.body)["keys"][0]["kid"] == "k1"
+            with pytest.raises(FetchError, match="over 100 bytes"):
+                await fetch(server.url, time_limit=5, max_bytes=100)
+        with pytest.raises(FetchError, match="cannot fetch"):
+            await fetch(f"http://127.0.0.1:{_free_port()}/", time_limit=5, max_bytes=100)
+        with pytest.raises(FetchError, match="http"):
+            await fetch("file:///etc/passwd", time_limit=5, max_bytes=100)
+
+
+async def test_fetch_deadline(autojump_clock: trio.testing.MockClock) -> None:
+    # A server that accepts and never answers: the fetch gives up at its deadline.
+    async def silent(stream: trio.SocketStream) -> None:
+        await trio.sleep_forever()
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(trio.serve_tcp, silent, 0)
+            port = listeners[0].socket.getsockname()[1]
+            with pytest.raises(FetchError, match="within 5s"):
+                await fetch(f"http://127.0.0.1:{port}/", time_limit=5, max_bytes=100)
+            nursery.cancel_scope.cancel()
+
+
+# -- end to end through a running gateway --------------------------------------------------
+
+
+async def test_end_to_end_through_the_gateway() -> None:
+    testing = pytest.importorskip("engine.testing")
+    with trio.fail_after(20):
+        async with testing.open_stubs() as stubs:
+            config = {
+                "upstreams": {"echo": {"targets": [f"127.0.0.1:{stubs.ports['echo']}"]}},
+                "plugins": {"jwt-auth": _rsa_config()},
+                "routes": [
+                    {"name": "orders", "prefix": "/orders", "upstream": "echo"},
+                    {
+                        "name": "public",
+                        "prefix": "/public",
+                        "upstream": "echo",
+                        "plugins": {"jwt-auth": _rsa_config(allow_anonymous=True)},
+                    },
+                ],
+            }
+            async with testing.open_gateway(config) as gw:
+                headers = [("authorization", f"Bearer {_token()}"), ("x-user-id", "admin")]
+                resp = await testing.http_request(gw.port, "GET", "/orders/1", headers=headers)
+                assert resp.status == 200
+                seen = {k.lower(): v for k, v in resp.json()["headers"].items()}
+                assert seen["x-user-id"] == "alice"
+
+                resp = await testing.http_request(gw.port, "GET", "/orders/1")
+                assert resp.status == 401
+                assert resp.header("www-authenticate") == 'Bearer realm="filtergate"'
+                assert resp.json()["error"]["code"] == "unauthorized"
+
+                bad = [("authorization", f"Bearer {_token(exp=NOW - 3600)}")]
+                resp = await testing.http_request(gw.port, "GET", "/orders/1", headers=bad)
+                assert resp.status == 401
+                assert 'error="invalid_token"' in (resp.header("www-authenticate") or "")
+
+                garbage = [("authorization", "Bearer " + _b64(b"[1]") * 3)]
+                resp = await testing.http_request(gw.port, "GET", "/orders/1", headers=garbage)
+                assert resp.status == 401
+
+                resp = await testing.http_request(
+                    gw.port, "GET", "/public/x", headers=[("x-user-id", "admin")]
+                )
+                assert resp.status == 200
+                seen = {k.lower(): v for k, v in resp.json()["headers"].items()}
+                assert "x-user-id" not in seen
+
+
+async def test_jwks_end_to_end_through_the_gateway() -> None:
+    testing = pytest.importorskip("engine.testing")
+
+    def route(name: str, url: str) -> dict[str, Any]:
+        issuer = {"issuer": ISS, "algorithms": ["RS256"], "jwks_url": url, "jwks_timeout": "2s"}
+        return {
+            "name": name,
+            "prefix": f"/{name}",
+            "upstream": "echo",
+            "plugins": {"jwt-auth": {"issuers": [issuer]}},
+        }
+
+    with trio.fail_after(20):
+        async with testing.open_stubs() as stubs, _jwks_server([_jwk(RSA_A, "k1")]) as idp:
+            config = {
+                "upstreams": {"echo": {"targets": [f"127.0.0.1:{stubs.ports['echo']}"]}},
+                "routes": [
+                    route("up", idp.url),
+                    route("down", f"http://127.0.0.1:{_free_port()}/jwks.json"),
+                ],
+            }
+            # The gateway starts although one identity provider is down.
+            async with testing.open_gateway(config) as gw:
+                assert idp.hits == 1  # fetched during start-up, before serving
+                headers = [("authorization", f"Bearer {_token(aud=None)}")]
+                resp = await testing.http_request(gw.port, "GET", "/up", headers=headers)
+                assert resp.status == 200
+                resp = await testing.http_request(gw.port, "GET", "/down", headers=headers)
+                assert resp.status == 503
+                assert resp.header("retry-after") is not None
