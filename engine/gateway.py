@@ -77,6 +77,8 @@ class Runtime:
     instances: list[tuple[str, str, Any, Any]]  # (filter name, scope, config, instance)
     trusted: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
     router_needs_query: bool
+    via_header: bytes = b""
+    rid_header: bytes = b""
     _trusted_cache: dict[str, bool] = field(default_factory=dict)
 
     def is_trusted(self, address: str) -> bool:
@@ -248,6 +250,8 @@ def compile_runtime(config: Config, registry: Registry, previous: Runtime | None
         instances=instances,
         trusted=trusted,
         router_needs_query=any(r.query for r in config.routes),
+        via_header=b"1.1 " + config.server.via.encode(),
+        rid_header=config.server.request_id_header.lower().encode(),
     )
 
 

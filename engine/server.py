@@ -40,7 +40,15 @@ from engine.errors import (
     reason_phrase,
     render_error,
 )
-from engine.exchange import Exchange, Headers, Request, Response, TlsInfo, UpstreamCall
+from engine.exchange import (
+    Exchange,
+    Headers,
+    Request,
+    Response,
+    Timings,
+    TlsInfo,
+    UpstreamCall,
+)
 from engine.gateway import RouteRuntime, Runtime
 from engine.metrics import counter, gauge
 from engine.sockets import RawSocket, StreamSocket
@@ -78,6 +86,8 @@ _REQ_SPECIAL = {name: 1 for name in _HOP_BY_HOP} | {
 }
 
 _responses = counter("filtergate_responses_total", "Responses sent, by status class", ("code",))
+_RESPONSES = [_responses.bind(code=f"{c}xx") for c in range(10)]
+_EOM = h11.EndOfMessage()  # events are immutable: one instance serves every message
 _open_connections = gauge("filtergate_open_connections", "Client connections open")
 
 
@@ -452,7 +462,7 @@ class _Connection:
             head.append(n + b": " + v + b"\r\n")
         head.append(b"x-request-id: " + request_id.encode() + b"\r\n")
         head.append(b"connection: close\r\n\r\n")
-        _responses.inc(code=f"{status // 100}xx")
+        _RESPONSES[status // 100].inc()
         try:
             await self.send_raw(b"".join(head) + body)
         except _Abort:
@@ -486,7 +496,7 @@ class _Connection:
             authz = 0
             content_length: bytes | None = None
             chunked = False
-            rid_header = cfg.request_id_header.encode()
+            rid_header = rt.rid_header
             client_rid: bytes | None = None
             special = _REQ_SPECIAL
             for _raw, name, value in items:
@@ -588,7 +598,7 @@ class _Connection:
                 scheme=self.scheme,
                 tls=self.tls,
             )
-            exchange = Exchange(request=request, request_id=request_id, timings=_timings(start))
+            exchange = Exchange(request=request, request_id=request_id, timings=Timings(start))
             match = rt.router.match(
                 host_name, path, method, fwd, request.query if rt.router_needs_query else None
             )
@@ -615,20 +625,23 @@ class _Connection:
                 raise BadRequest("unexpected request body")
 
             chain = route.chain
+            answer: Response | None = None
+            if chain.request_body_at is not None:
 
-            async def buffer_body() -> None:
-                if body is None or request.body is not None:
-                    return
-                data = await body.read_all(cfg.max_buffered_body)
-                if data is not None:
-                    request.body = data
-                else:
-                    request.body_truncated = True
+                async def buffer_body() -> None:
+                    if body is None or request.body is not None:
+                        return
+                    data = await body.read_all(cfg.max_buffered_body)
+                    if data is not None:
+                        request.body = data
+                    else:
+                        request.body_truncated = True
 
-            answer: Response | None
-            answer, depth = await run_request_phases(
-                chain, exchange, buffer_body if chain.request_body_at is not None else None
-            )
+                answer, depth = await run_request_phases(chain, exchange, buffer_body)
+            elif chain.request:
+                answer, depth = await run_request_phases(chain, exchange)
+            else:
+                depth = len(chain.filters)
             if answer is None:
                 if route.pool is None:
                     raise BadGateway("the route has no upstream and no filter answered")
@@ -649,7 +662,7 @@ class _Connection:
                 out_headers.items.append((b"x-forwarded-proto", proto))
                 if fwd_host:
                     out_headers.items.append((b"x-forwarded-host", fwd_host))
-                out_headers.items.append((b"via", b"1.1 " + cfg.via.encode()))
+                out_headers.items.append((b"via", rt.via_header))
                 out_headers.items.append((rid_header, request_id.encode()))
                 call = UpstreamCall(
                     upstream=route.pool.name,
@@ -663,21 +676,22 @@ class _Connection:
                 exchange.timings.upstream_start = trio.current_time()
                 pool = route.pool
                 ct, rtmo = route.connect_timeout, route.read_timeout
-
-                async def send(c: UpstreamCall) -> Response:
-                    p = rt.pools.get(c.upstream, pool)
-                    return await p.send(c, connect_timeout=ct, read_timeout=rtmo)
-
                 if chain.around:
+
+                    async def send(c: UpstreamCall) -> Response:
+                        p = rt.pools.get(c.upstream, pool)
+                        return await p.send(c, connect_timeout=ct, read_timeout=rtmo)
+
                     answer = await wrap_upstream(chain.around, exchange, send)(call)
                 else:
-                    answer = await send(call)
+                    answer = await pool.send(call, connect_timeout=ct, read_timeout=rtmo)
                 exchange.upstream_target = call.target_address
                 exchange.timings.upstream_headers = trio.current_time()
                 _strip_hop_by_hop(answer.headers)
             if chain.needs_response_body and answer.stream is not None and answer.body is None:
                 await _buffer_response(answer, cfg.max_buffered_body)
-            await run_response_phases(chain.response_for(depth), exchange, answer)
+            if chain.response:
+                await run_response_phases(chain.response_for(depth), exchange, answer)
         except GatewayError as err:
             if request_id is None:
                 request_id = server.ids.next()
@@ -755,7 +769,7 @@ class _Connection:
             reason=resp.reason or reason_phrase(resp.status),
             _parsed=True,
         )
-        _responses.inc(code=f"{resp.status // 100}xx")
+        _RESPONSES[resp.status // 100].inc()
         try:
             data = h.send(event)
         except h11.LocalProtocolError:
@@ -763,13 +777,11 @@ class _Connection:
             raise _Abort() from None
         if body is not None:
             await self.send_raw(
-                (data or b"")
-                + (h.send(h11.Data(data=body)) or b"")
-                + (h.send(h11.EndOfMessage()) or b"")
+                (data or b"") + (h.send(h11.Data(data=body)) or b"") + (h.send(_EOM) or b"")
             )
             return
         if resp.stream is None:
-            await self.send_raw((data or b"") + (h.send(h11.EndOfMessage()) or b""))
+            await self.send_raw((data or b"") + (h.send(_EOM) or b""))
             return
         stream = resp.stream
         pending = data or b""
@@ -796,14 +808,14 @@ class _Connection:
                         await self.send_raw(pending)
                         pending = b""
                         await trio.lowlevel.checkpoint()
-                await self.send_raw(pending + (h.send(h11.EndOfMessage()) or b""))
+                await self.send_raw(pending + (h.send(_EOM) or b""))
                 return
             await self.send_raw(pending)
             async for chunk in stream:
                 if chunk:
                     await self.send_raw(h.send(h11.Data(data=chunk)))
                     await trio.lowlevel.checkpoint()
-            await self.send_raw(h.send(h11.EndOfMessage()))
+            await self.send_raw(h.send(_EOM))
         except UpstreamBodyError as e:
             log.warning("request %s: %s; aborting the client connection", request_id, e)
             self.framing_broken = True
@@ -817,12 +829,6 @@ class _Connection:
         except BaseException:
             await stream.aclose()
             raise
-
-
-def _timings(start: float) -> Any:
-    from engine.exchange import Timings
-
-    return Timings(start=start)
 
 
 def _forward_target(route: RouteRuntime, exchange: Exchange) -> bytes:

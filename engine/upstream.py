@@ -47,6 +47,7 @@ __all__ = ["Pool", "Target", "UpstreamBodyError"]
 log = logging.getLogger("filtergate.upstream")
 
 READ_SIZE = 64 * 1024
+_EOM = h11.EndOfMessage()  # events are immutable: one instance serves every message
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 _METHODS_WITH_BODY = frozenset({b"POST", b"PUT", b"PATCH"})
 
@@ -144,6 +145,10 @@ class Pool:
         self._rng = random.Random()
         self._rr = 0
         self.closed = False
+        self._count = {
+            r: _requests.bind(upstream=name, result=r)
+            for r in ("response", "timeout", "garbage", "reset")
+        }
         for t in self.targets:
             _healthy.set(1, upstream=name, target=t.address)
 
@@ -402,9 +407,9 @@ class Pool:
             try:
                 if isinstance(body, bytes):
                     data += h.send(h11.Data(data=body)) or b""
-                    data += h.send(h11.EndOfMessage()) or b""
+                    data += h.send(_EOM) or b""
                 elif body is None:
-                    data += h.send(h11.EndOfMessage()) or b""
+                    data += h.send(_EOM) or b""
                 await io.send_all(data, wt, deadline)
                 if body is not None and not isinstance(body, bytes):
                     call.body_started = True
@@ -412,7 +417,7 @@ class Pool:
                         if chunk:
                             await io.send_all(h.send(h11.Data(data=chunk)) or b"", wt, deadline)
                             await trio.lowlevel.checkpoint()
-                    await io.send_all(h.send(h11.EndOfMessage()) or b"", wt, deadline)
+                    await io.send_all(h.send(_EOM) or b"", wt, deadline)
             except OSError:
                 # The upstream may have answered early and closed; read what it said.
                 if reused and not call.body_started:
@@ -441,22 +446,22 @@ class Pool:
                 raise BadGateway(f"upstream {self.name!r} sent an unexpected {type(ev).__name__}")
         except trio.TooSlowError:
             self._discard(conn)
-            _requests.inc(upstream=self.name, result="timeout")
+            self._count["timeout"].inc()
             raise UpstreamTimeout(f"upstream {self.name!r} did not answer in time") from None
         except h11.RemoteProtocolError as e:
             self._discard(conn)
-            _requests.inc(upstream=self.name, result="garbage")
+            self._count["garbage"].inc()
             raise BadGateway(f"upstream {self.name!r} answered garbage: {e}") from None
         except OSError as e:
             self._discard(conn)
-            _requests.inc(upstream=self.name, result="reset")
+            self._count["reset"].inc()
             if got_bytes:
                 raise BadGateway(f"upstream {self.name!r} reset the connection: {e}") from None
             raise UpstreamReset(f"upstream {self.name!r} reset the connection: {e}") from None
         except BaseException:
             self._discard(conn)
             raise
-        _requests.inc(upstream=self.name, result="response")
+        self._count["response"].inc()
         headers = Headers([(n, v) for _, n, v in ev.headers._full_items])
         resp = Response(status=ev.status_code, headers=headers, reason=ev.reason)
         resp.stream = _UpstreamBody(self, conn, read_timeout, deadline)
@@ -493,9 +498,7 @@ class Pool:
                         target=hc.path.encode(),
                         headers=[(b"host", host), (b"connection", b"close")],
                     )
-                    await stream.send_all(
-                        (h.send(req) or b"") + (h.send(h11.EndOfMessage()) or b"")
-                    )
+                    await stream.send_all((h.send(req) or b"") + (h.send(_EOM) or b""))
                     while True:
                         ev = h.next_event()
                         if ev is h11.NEED_DATA:

@@ -615,7 +615,9 @@ async def test_end_to_end_a_hanging_backend_gets_fast_503s() -> None:
                 assert stubs.slow.stats()["started"] == 2
 
 
-async def test_end_to_end_half_open_lets_exactly_probes_through_100_clients() -> None:
+async def test_end_to_end_half_open_lets_exactly_probes_through_100_clients(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     with trio.fail_after(20):
         async with open_stubs(names=["slow"]) as stubs:
             config = {
