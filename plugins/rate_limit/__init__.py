@@ -1,0 +1,464 @@
+"""rate-limit: sliding-window limits per consumer, in memory or shared through Redis.
+
+Runs in the LIMIT stage, after authentication, so a limit applies to the verified
+caller (``exchange.identity``) and a refused request never reaches the upstream. A
+refusal raises :class:`~engine.errors.RateLimited` (429 with ``Retry-After`` and the
+gateway's JSON body). Every response on a limited route, the 429 included, carries
+``RateLimit-Limit``, ``RateLimit-Remaining``, ``RateLimit-Reset`` and
+``RateLimit-Policy`` (IETF draft "RateLimit header fields for HTTP"), and optionally the
+``X-RateLimit-*`` forms.
+
+The user guide is ``docs/rate-limit.md``; the algorithms and the sliding-window
+counter's error bound are in :mod:`plugins.rate_limit.algorithms`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple
+
+import trio
+
+from engine import metrics
+from engine.chain import Filter, FilterContext, Stage
+from engine.errors import RateLimited, ServiceUnavailable
+from engine.exchange import Exchange, Response, StashKey
+from engine.plugins import hookimpl
+from engine.schema import Duration, Invalid
+from plugins.rate_limit.algorithms import Quota
+from plugins.rate_limit.memory import MemoryStore
+from plugins.rate_limit.redis import RedisError, RedisPool, RedisStore, parse_redis_url
+from plugins.rate_limit.store import Outcome, Policy, Store, StoreUnavailable
+
+__all__ = [
+    "GroupConfig",
+    "LimitConfig",
+    "RateLimit",
+    "RateLimitConfig",
+    "RateLimitUnavailable",
+    "RedisConfig",
+    "filtergate_filters",
+]
+
+Algorithm = Literal["sliding-window", "sliding-log", "token-bucket"]
+
+
+@dataclass(frozen=True)
+class LimitConfig:
+    """One quota: ``limit`` requests per ``window``."""
+
+    limit: int = field(metadata={"doc": "requests admitted per window (at least 1)"})
+    window: Duration = field(metadata={"doc": 'the window, e.g. "1s", "1m", "1h"'})
+    burst: int | None = field(
+        default=None,
+        metadata={"doc": "token-bucket only: the bucket size (default: limit)"},
+    )
+
+    def __post_init__(self) -> None:
+        if self.limit < 1:
+            raise Invalid("limit", f"expected at least 1, got {self.limit}")
+        if self.window <= 0:
+            raise Invalid("window", "expected a duration longer than 0")
+        if self.burst is not None and self.burst < 1:
+            raise Invalid("burst", f"expected at least 1, got {self.burst}")
+
+    def quota(self) -> Quota:
+        return Quota(self.limit, float(self.window), self.burst)
+
+
+@dataclass(frozen=True)
+class GroupConfig:
+    """The limits of a tier: callers whose identity is in this consumer group."""
+
+    limits: tuple[LimitConfig, ...] = field(
+        metadata={"doc": "the group's quotas; they replace the route's `limits`"}
+    )
+
+    def __post_init__(self) -> None:
+        if not self.limits:
+            raise Invalid("limits", "expected at least one limit")
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    """Where the shared counters live (``store = "redis"``)."""
+
+    # Redis' own default port; database 0 as redis-cli assumes.
+    url: str = field(
+        default="redis://127.0.0.1:6379/0",
+        metadata={"doc": "redis://[[user]:password@]host[:port][/db]"},
+    )
+    password: str | None = field(
+        default=None, metadata={"doc": "overrides a password given in the URL"}
+    )
+    # A local Redis answers in well under a millisecond; 100 ms is a slow network
+    # round trip, and the most a request waits before the failure policy applies.
+    timeout: Duration = field(
+        default=Duration(0.1),
+        metadata={"doc": "the most one decision waits for Redis (connecting included)"},
+    )
+    # One connection serves thousands of decisions per second; a few hide latency.
+    pool_size: int = field(default=8, metadata={"doc": "connections per gateway process"})
+    # After a failure, do not make every request pay a timeout to find Redis still down.
+    retry_interval: Duration = field(
+        default=Duration(1.0),
+        metadata={"doc": "after a failure, decide by `failure` without asking Redis this long"},
+    )
+    key_prefix: str = field(
+        default="filtergate:rl:", metadata={"doc": "prefix of every key this plugin writes"}
+    )
+
+    def __post_init__(self) -> None:
+        try:
+            parse_redis_url(self.url, self.password)
+        except ValueError as e:
+            raise Invalid("url", str(e)) from None
+        if self.pool_size < 1:
+            raise Invalid("pool_size", f"expected at least 1, got {self.pool_size}")
+        if self.timeout <= 0:
+            raise Invalid("timeout", "expected a duration longer than 0")
+
+
+_KEY_HELP = 'expected "consumer", "ip", "route", "header:NAME" or "claim:NAME"'
+
+
+def _check_key_part(part: str) -> bool:
+    if part in ("consumer", "ip", "route"):
+        return True
+    kind, sep, name = part.partition(":")
+    return bool(sep) and kind in ("header", "claim") and bool(name.strip())
+
+
+@dataclass(frozen=True)
+class RateLimitConfig:
+    """``[plugins.rate-limit]`` / ``[routes.plugins.rate-limit]``."""
+
+    limits: tuple[LimitConfig, ...] = field(
+        metadata={"doc": 'quotas, all enforced: [{ limit = 10, window = "1s" }, ...]'}
+    )
+    algorithm: Algorithm = field(
+        default="sliding-window",
+        metadata={"doc": '"sliding-window" (approximate), "sliding-log" (exact), "token-bucket"'},
+    )
+    key: str | tuple[str, ...] = field(
+        default=("consumer",),
+        metadata={"doc": "who is counted: consumer, ip, route, header:NAME, claim:NAME"},
+    )
+    groups: dict[str, GroupConfig] = field(
+        default_factory=dict,
+        metadata={"doc": "limits per consumer group (tiers); the first matching group wins"},
+    )
+    store: Literal["memory", "redis"] = field(
+        default="memory", metadata={"doc": '"memory" (this process) or "redis" (shared)'}
+    )
+    redis: RedisConfig = field(default_factory=RedisConfig, metadata={"doc": "store = redis"})
+    failure: Literal["fail_open", "fail_closed"] = field(
+        default="fail_open",
+        metadata={"doc": "when Redis cannot decide: admit (fail_open) or answer 503"},
+    )
+    headers: bool = field(default=True, metadata={"doc": "send the RateLimit-* headers"})
+    legacy_headers: bool = field(
+        default=False, metadata={"doc": "also send X-RateLimit-Limit/-Remaining/-Reset"}
+    )
+    # 100k keys of the sliding-window counter (two quotas) take about 37 MB.
+    max_keys: int = field(
+        default=100_000, metadata={"doc": "memory store: the most keys kept (LRU beyond)"}
+    )
+
+    def __post_init__(self) -> None:
+        if not self.limits:
+            raise Invalid("limits", "expected at least one limit")
+        parts = self.key_parts
+        if not parts:
+            raise Invalid("key", "expected at least one key part")
+        for i, part in enumerate(parts):
+            if not _check_key_part(part):
+                where = "key" if isinstance(self.key, str) else f"key[{i}]"
+                raise Invalid(where, f"{_KEY_HELP}, got {part!r}")
+        if self.algorithm != "token-bucket":
+            bursts = [(f"limits[{i}]", lim) for i, lim in enumerate(self.limits)]
+            for name, group in self.groups.items():
+                bursts += [
+                    (f"groups.{name}.limits[{i}]", lim) for i, lim in enumerate(group.limits)
+                ]
+            for where, lim in bursts:
+                if lim.burst is not None:
+                    raise Invalid(f"{where}.burst", 'applies only to algorithm = "token-bucket"')
+        if self.max_keys < 1:
+            raise Invalid("max_keys", f"expected at least 1, got {self.max_keys}")
+
+    @property
+    def key_parts(self) -> tuple[str, ...]:
+        return (self.key,) if isinstance(self.key, str) else tuple(self.key)
+
+
+class RateLimitUnavailable(ServiceUnavailable):
+    """``failure = "fail_closed"`` and the store could not decide: 503."""
+
+    code = "rate_limit_unavailable"
+
+
+# --- keys ---------------------------------------------------------------------------------
+
+KeyPart = Callable[[Exchange], str]
+
+
+def _escape(value: str) -> str:
+    # "|" separates key parts; escape it (and the escape character) in caller-chosen values.
+    if "|" in value or "%" in value:
+        return value.replace("%", "%25").replace("|", "%7C")
+    return value
+
+
+def _consumer(ex: Exchange) -> str:
+    # Anonymous traffic is counted per client address, so a coarse per-IP limit applies.
+    identity = ex.identity
+    if identity is None:
+        return "ip:" + ex.request.client
+    return "c:" + _escape(identity.consumer)
+
+
+def _ip(ex: Exchange) -> str:
+    return ex.request.client
+
+
+def _route(ex: Exchange) -> str:
+    return _escape(ex.route.name) if ex.route is not None else ""
+
+
+def _header(name: str) -> KeyPart:
+    raw = name.lower().encode("latin-1")
+
+    def part(ex: Exchange) -> str:
+        value = ex.request.headers.get(raw)
+        return "" if value is None else _escape(value.decode("latin-1"))
+
+    return part
+
+
+def _claim(name: str) -> KeyPart:
+    def part(ex: Exchange) -> str:
+        identity = ex.identity
+        value = identity.claims.get(name) if identity is not None else None
+        if value is None:
+            return ""
+        if isinstance(value, str):
+            return _escape(value)
+        return _escape(json.dumps(value, sort_keys=True, separators=(",", ":")))
+
+    return part
+
+
+def compile_key(parts: Sequence[str]) -> Callable[[Exchange], str]:
+    """A function giving the counting key of an exchange for the configured ``parts``.
+
+    Missing headers and claims count as the empty value (so all such callers share one
+    counter); very long keys are replaced by their SHA-256 to bound memory.
+    """
+    fns: list[KeyPart] = []
+    for p in parts:
+        if p == "consumer":
+            fns.append(_consumer)
+        elif p == "ip":
+            fns.append(_ip)
+        elif p == "route":
+            fns.append(_route)
+        elif p.startswith("header:"):
+            fns.append(_header(p.partition(":")[2].strip()))
+        else:
+            fns.append(_claim(p.partition(":")[2].strip()))
+
+    def key(ex: Exchange) -> str:
+        k = fns[0](ex) if len(fns) == 1 else "|".join(f(ex) for f in fns)
+        if len(k) > _MAX_KEY:
+            return "sha256:" + hashlib.sha256(k.encode("utf-8", "surrogatepass")).hexdigest()
+        return k
+
+    return key
+
+
+_MAX_KEY = 200  # characters; a header may be kilobytes long
+
+
+# --- the filter ---------------------------------------------------------------------------
+
+
+class _Stamp(NamedTuple):
+    """What on_request learnt, for on_response's headers; ``outcome`` None if no store."""
+
+    policy: Policy
+    outcome: Outcome | None
+
+
+_STAMP: StashKey[_Stamp] = StashKey("rate-limit")
+
+_OUR_HEADERS = frozenset(
+    {
+        b"ratelimit-limit",
+        b"ratelimit-remaining",
+        b"ratelimit-reset",
+        b"ratelimit-policy",
+        b"x-ratelimit-limit",
+        b"x-ratelimit-remaining",
+        b"x-ratelimit-reset",
+    }
+)
+
+# Refusals only: admitted requests are the route's requests minus these, and counting
+# them too would cost every request a metric update.
+_limited = metrics.counter(
+    "filtergate_rate_limit_limited_total",
+    "Requests refused with 429 by the rate limiter, by route.",
+    ("route",),
+)
+_store_failures = metrics.counter(
+    "filtergate_rate_limit_store_failures_total",
+    "Decisions the rate-limit store could not make, by store and the policy applied.",
+    ("store", "policy"),
+)
+
+
+class RateLimit(Filter):
+    """Counts requests per key and refuses those over a quota with 429."""
+
+    name = "rate-limit"
+    stage = Stage.LIMIT
+    Config = RateLimitConfig
+
+    def __init__(self, config: RateLimitConfig, context: FilterContext) -> None:
+        super().__init__(config, context)
+        self.config: RateLimitConfig = config
+        self.log = context.logger
+        self._key = compile_key(config.key_parts)
+        self._scope = _escape(context.scope)
+        self._default = Policy.build("", config.algorithm, [lim.quota() for lim in config.limits])
+        self._groups = [
+            (
+                name,
+                Policy.build("g:" + _escape(name), config.algorithm, [q.quota() for q in g.limits]),
+            )
+            for name, g in config.groups.items()
+        ]
+        self._legacy = config.legacy_headers
+        self.store: Store
+        # The memory store decides synchronously: no coroutine per request.
+        self._memory: MemoryStore | None = None
+        if config.store == "redis":
+            r = config.redis
+            pool = RedisPool(
+                parse_redis_url(r.url, r.password), timeout=float(r.timeout), pool_size=r.pool_size
+            )
+            self.store = RedisStore(
+                pool, prefix=r.key_prefix, retry_interval=float(r.retry_interval)
+            )
+        else:
+            self.store = self._memory = MemoryStore(config.max_keys)
+
+    def policy_for(self, exchange: Exchange) -> Policy:
+        """The tier of the caller: its first configured group, else the default limits."""
+        identity = exchange.identity
+        if identity is not None and identity.groups and self._groups:
+            for name, policy in self._groups:
+                if name in identity.groups:
+                    return policy
+        return self._default
+
+    async def on_request(self, exchange: Exchange) -> None:
+        """Count the request; raises RateLimited (429) when a quota is spent.
+
+        Raises :class:`RateLimitUnavailable` (503) when the store cannot decide and
+        ``failure = "fail_closed"``.
+        """
+        policy = self.policy_for(exchange)
+        key = f"{self._scope}|{policy.name}|{self._key(exchange)}"
+        memory = self._memory
+        try:
+            if memory is not None:
+                outcome = memory.decide_now(key, policy, trio.current_time())
+            else:
+                outcome = await self.store.decide(key, policy, trio.current_time())
+        except StoreUnavailable as e:
+            self._store_failed(exchange, key, e)
+            exchange.stash[_STAMP] = _Stamp(policy, None)
+            if self.config.failure == "fail_closed":
+                raise RateLimitUnavailable(
+                    "rate limiting is unavailable",
+                    retry_after=float(self.config.redis.retry_interval),
+                ) from e
+            return
+        exchange.stash[_STAMP] = _Stamp(policy, outcome)
+        if not outcome.allowed:
+            _limited.inc(route=exchange.route.name if exchange.route is not None else "")
+            q = outcome.quota
+            raise RateLimited(
+                outcome.retry_after,
+                f"rate limit exceeded: {q.limit} requests per {q.window:g}s",
+            )
+
+    def _store_failed(self, exchange: Exchange, key: str, error: Exception) -> None:
+        policy = self.config.failure
+        route = exchange.route.name if exchange.route is not None else ""
+        _store_failures.inc(store=self.config.store, policy=policy)
+        self.log.warning(
+            "rate-limit store unavailable (%s): %s request %s on route %r, key %r",
+            error,
+            "admitting" if policy == "fail_open" else "refusing",
+            exchange.request_id,
+            route,
+            key,
+        )
+
+    def on_response(self, exchange: Exchange, response: Response) -> None:
+        """Add the RateLimit-* headers (also to this filter's own 429)."""
+        if not self.config.headers:
+            return
+        stamp = exchange.stash.get(_STAMP)
+        if stamp is None:
+            return
+        headers = response.headers
+        headers.remove_where(_OUR_HEADERS.__contains__)
+        add = headers.items.append
+        add((b"ratelimit-policy", stamp.policy.header))
+        outcome = stamp.outcome
+        if outcome is None:
+            return
+        limit = str(outcome.quota.limit).encode()
+        remaining = str(outcome.remaining).encode()
+        reset = str(math.ceil(outcome.reset)).encode()
+        add((b"ratelimit-limit", limit))
+        add((b"ratelimit-remaining", remaining))
+        add((b"ratelimit-reset", reset))
+        if self._legacy:
+            add((b"x-ratelimit-limit", limit))
+            add((b"x-ratelimit-remaining", remaining))
+            add((b"x-ratelimit-reset", reset))
+
+    async def setup(self) -> None:
+        """With Redis, check it answers; a failure is logged, never fatal (see ``failure``)."""
+        if isinstance(self.store, RedisStore):
+            try:
+                await self.store.ping()
+            except RedisError as e:
+                self.log.warning(
+                    "Redis for rate limits is not answering at start-up (%s); "
+                    "decisions follow failure = %r until it does",
+                    e,
+                    self.config.failure,
+                )
+
+    async def background(self) -> None:
+        """Hold the store open while this instance is in use; close it when dropped."""
+        try:
+            await trio.sleep_forever()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.store.aclose()
+
+
+@hookimpl
+def filtergate_filters() -> list[type[Any]]:
+    return [RateLimit]

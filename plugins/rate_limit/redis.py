@@ -1,0 +1,548 @@
+"""The shared store: counters in Redis, one atomic Lua script per decision.
+
+Every decision is a single ``EVALSHA`` (``EVAL`` when the server answers ``NOSCRIPT``,
+e.g. after a restart) of the algorithm's script over all the quotas of a policy. The
+script reads the server's clock with ``TIME``, so gateways with skewed clocks enforce
+one limit, and it counts the request in every quota or in none. All keys of one
+decision share a hash tag, so they live in one slot should the server be a cluster.
+
+The client underneath is deliberately small: RESP over trio TCP streams, parsed by
+``hiredis.Reader``; a pool of at most ``pool_size`` connections, made on demand; every
+command bounded by ``timeout`` (waiting for a connection included). A connection that
+failed or timed out mid-command is closed, never reused, so reconnection is simply the
+next command making a new one.
+
+When Redis fails, the store raises :class:`~plugins.rate_limit.store.StoreUnavailable`
+and, for ``retry_interval`` seconds, answers every decision that way without touching
+the network (so a dead server costs no request a timeout); then one decision probes
+the server while the others keep failing fast, and the first success restores service.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import hiredis
+import trio
+
+from plugins.rate_limit.algorithms import Verdict
+from plugins.rate_limit.store import Outcome, Policy, StoreUnavailable, combine
+
+__all__ = [
+    "RedisAddress",
+    "RedisError",
+    "RedisPool",
+    "RedisReplyError",
+    "RedisStore",
+    "RedisUnavailable",
+    "parse_redis_url",
+]
+
+log = logging.getLogger("filtergate.plugins.rate-limit")
+
+
+class RedisError(Exception):
+    """Base of the Redis client's errors."""
+
+
+class RedisUnavailable(RedisError):
+    """No answer: cannot connect, connection lost, timed out, or garbled protocol."""
+
+
+class _ConnectionLost(RedisUnavailable):
+    """The server closed the connection."""
+
+
+class RedisReplyError(RedisError):
+    """The server answered with an error reply (``-ERR ...``, ``-NOSCRIPT ...``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RedisAddress:
+    host: str
+    port: int
+    db: int
+    username: str | None = None
+    password: str | None = None
+
+
+def parse_redis_url(url: str, password: str | None = None) -> RedisAddress:
+    """The address in ``redis://[[user]:password@]host[:port][/db]``.
+
+    ``password``, when given, overrides the URL's. Raises ``ValueError`` with a message
+    for the user.
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "redis":
+        raise ValueError(f'expected a URL like "redis://127.0.0.1:6379/0", got {url!r}')
+    try:
+        port = parts.port or 6379
+    except ValueError:
+        raise ValueError(f"bad port in {url!r}") from None
+    host = parts.hostname
+    if not host:
+        raise ValueError(f"no host in {url!r}")
+    path = parts.path.strip("/")
+    if path and not path.isdigit():
+        raise ValueError(f"expected a database number after the port, got {path!r}")
+    if parts.query or parts.fragment:
+        raise ValueError(f"unexpected query or fragment in {url!r}")
+    return RedisAddress(
+        host=host,
+        port=port,
+        db=int(path or 0),
+        username=unquote(parts.username) if parts.username else None,
+        password=password
+        if password is not None
+        else (unquote(parts.password) if parts.password is not None else None),
+    )
+
+
+def _encode(args: Sequence[bytes | str | int | float]) -> bytes:
+    out = [b"*%d\r\n" % len(args)]
+    for a in args:
+        if isinstance(a, bytes):
+            b = a
+        elif isinstance(a, str):
+            b = a.encode()
+        else:
+            b = repr(a).encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(b), b))
+    return b"".join(out)
+
+
+class _Connection:
+    __slots__ = ("reader", "stream")
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.reader = hiredis.Reader()
+
+    async def roundtrip(self, payload: bytes) -> Any:
+        """Send one command, return its reply (a ``hiredis.ReplyError`` is returned)."""
+        await self.stream.send_all(payload)
+        reader = self.reader
+        while True:
+            reply = reader.gets()
+            if reply is not False:
+                return reply
+            data = await self.stream.receive_some(65536)
+            if not data:
+                raise _ConnectionLost("connection closed by the server")
+            reader.feed(data)
+
+
+class RedisPool:
+    """At most ``pool_size`` connections to one server, each command within ``timeout``."""
+
+    def __init__(self, address: RedisAddress, *, timeout: float, pool_size: int) -> None:
+        self.address = address
+        self.timeout = timeout
+        self._limiter = trio.CapacityLimiter(pool_size)
+        self._idle: list[_Connection] = []
+        self._closed = False
+
+    async def _connect(self) -> _Connection:
+        a = self.address
+        stream = await trio.open_tcp_stream(a.host, a.port)
+        conn = _Connection(stream)
+        try:
+            if a.password is not None:
+                auth = ["AUTH", a.username, a.password] if a.username else ["AUTH", a.password]
+                self._check(await conn.roundtrip(_encode(auth)))
+            if a.db:
+                self._check(await conn.roundtrip(_encode(["SELECT", a.db])))
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+        return conn
+
+    @staticmethod
+    def _check(reply: Any) -> Any:
+        if isinstance(reply, hiredis.ReplyError):
+            raise RedisUnavailable(f"connection set-up refused: {reply}")
+        return reply
+
+    async def execute(self, *args: bytes | str | int | float) -> Any:
+        """The reply to one command.
+
+        Raises :class:`RedisReplyError` for an error reply and :class:`RedisUnavailable`
+        when there is no reply within ``timeout``, or the connection fails.
+        """
+        if self._closed:
+            raise RedisUnavailable("the pool is closed")
+        payload = _encode(args)
+        reply: Any = None
+        with trio.move_on_after(self.timeout) as scope:
+            async with self._limiter:
+                conn = self._idle.pop() if self._idle else None
+                reused = conn is not None
+                try:
+                    if conn is None:
+                        conn = await self._connect()
+                    try:
+                        reply = await conn.roundtrip(payload)
+                    except (_ConnectionLost, trio.BrokenResourceError, OSError) as e:
+                        if not reused:
+                            raise
+                        # A pooled connection the server closed while idle (restart,
+                        # timeout): try once more on a fresh one.
+                        log.debug("pooled Redis connection was dead (%s); reconnecting", e)
+                        await trio.aclose_forcefully(conn.stream)
+                        conn = None
+                        conn = await self._connect()
+                        reply = await conn.roundtrip(payload)
+                except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                    if conn is not None:
+                        await trio.aclose_forcefully(conn.stream)
+                    raise RedisUnavailable(f"{type(e).__name__}: {e}") from e
+                except hiredis.ProtocolError as e:
+                    if conn is not None:
+                        await trio.aclose_forcefully(conn.stream)
+                    raise RedisUnavailable(f"protocol error: {e}") from e
+                except BaseException:
+                    # Cancelled (our timeout or the caller's) mid-command: the reply may
+                    # still come, so this connection can never be trusted again.
+                    if conn is not None:
+                        await trio.aclose_forcefully(conn.stream)
+                    raise
+                if self._closed:
+                    await trio.aclose_forcefully(conn.stream)
+                else:
+                    self._idle.append(conn)
+        if scope.cancelled_caught:
+            raise RedisUnavailable(f"no answer within {self.timeout:g}s")
+        if isinstance(reply, hiredis.ReplyError):
+            raise RedisReplyError(str(reply))
+        return reply
+
+    async def aclose(self) -> None:
+        """Close idle connections; connections in use close when their command ends."""
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await trio.aclose_forcefully(conn.stream)
+
+
+# --- the scripts --------------------------------------------------------------------------
+#
+# Each script takes one key per quota and returns {allowed, v1..., v2..., ...} where each
+# quota's v is {allowed, remaining, reset_us, retry_after_us}. Times are integers in
+# microseconds (exact in Lua's doubles). The arithmetic mirrors algorithms.py.
+
+_CLOCK = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+"""
+
+_SLIDING_WINDOW = (
+    _CLOCK
+    + """
+local n = #KEYS
+local out = {1}
+local new = {}
+local all = true
+for i = 1, n do
+  local limit = tonumber(ARGV[2 * i - 1])
+  local w = tonumber(ARGV[2 * i])
+  local index = math.floor(now / w)
+  local h = redis.call('HMGET', KEYS[i], 'i', 'c', 'p')
+  local si, cur, prev = tonumber(h[1]), tonumber(h[2]) or 0, tonumber(h[3]) or 0
+  if si == nil then
+    cur, prev = 0, 0
+  elseif index == si + 1 then
+    cur, prev = 0, cur
+  elseif index ~= si then
+    cur, prev = 0, 0
+  end
+  local start = index * w
+  local estimate = prev * (1 - (now - start) / w) + cur
+  new[i] = {index, cur, prev}
+  if estimate + 1 <= limit then
+    local rem = math.floor(limit - estimate - 1)
+    if rem < 0 then rem = 0 end
+    out[#out + 1] = 1
+    out[#out + 1] = rem
+    out[#out + 1] = math.ceil(start + 2 * w - now)
+    out[#out + 1] = 0
+  else
+    all = false
+    local reset = 0
+    if cur > 0 then reset = start + 2 * w - now elseif prev > 0 then reset = start + w - now end
+    local room = limit - 1
+    local retry
+    if cur <= room and prev > 0 then
+      retry = start + (1 - (room - cur) / prev) * w - now
+    else
+      retry = start + w + (1 - room / cur) * w - now
+    end
+    if retry < 0 then retry = 0 end
+    out[#out + 1] = 0
+    out[#out + 1] = 0
+    out[#out + 1] = math.ceil(reset)
+    out[#out + 1] = math.ceil(retry)
+  end
+end
+if all then
+  for i = 1, n do
+    local w = tonumber(ARGV[2 * i])
+    redis.call('HSET', KEYS[i], 'i', new[i][1], 'c', new[i][2] + 1, 'p', new[i][3])
+    redis.call('PEXPIRE', KEYS[i], math.ceil(2 * w / 1000) + 1000)
+  end
+else
+  out[1] = 0
+end
+return out
+"""
+)
+
+_SLIDING_LOG = (
+    _CLOCK
+    + """
+local n = #KEYS
+local out = {1}
+local all = true
+for i = 1, n do
+  local limit = tonumber(ARGV[2 * i])
+  local w = tonumber(ARGV[2 * i + 1])
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - w)
+  local count = redis.call('ZCARD', KEYS[i])
+  if count < limit then
+    out[#out + 1] = 1
+    out[#out + 1] = limit - count - 1
+    out[#out + 1] = w
+    out[#out + 1] = 0
+  else
+    all = false
+    local oldest = redis.call('ZRANGE', KEYS[i], count - limit, count - limit, 'WITHSCORES')
+    local newest = redis.call('ZRANGE', KEYS[i], -1, -1, 'WITHSCORES')
+    local retry = tonumber(oldest[2]) + w - now
+    if retry < 0 then retry = 0 end
+    out[#out + 1] = 0
+    out[#out + 1] = 0
+    out[#out + 1] = math.ceil(tonumber(newest[2]) + w - now)
+    out[#out + 1] = math.ceil(retry)
+  end
+end
+if all then
+  local member = tostring(now) .. '-' .. ARGV[1]
+  for i = 1, n do
+    local w = tonumber(ARGV[2 * i + 1])
+    redis.call('ZADD', KEYS[i], now, member)
+    redis.call('PEXPIRE', KEYS[i], math.ceil(w / 1000) + 1000)
+  end
+else
+  out[1] = 0
+end
+return out
+"""
+)
+
+_TOKEN_BUCKET = (
+    _CLOCK
+    + """
+local n = #KEYS
+local out = {1}
+local left = {}
+local all = true
+for i = 1, n do
+  local limit = tonumber(ARGV[3 * i - 2])
+  local w = tonumber(ARGV[3 * i - 1])
+  local cap = tonumber(ARGV[3 * i])
+  local rate = limit / w
+  local h = redis.call('HMGET', KEYS[i], 't', 's')
+  local tokens, stamp = tonumber(h[1]), tonumber(h[2])
+  if tokens == nil or stamp == nil then
+    tokens = cap
+  else
+    local gap = now - stamp
+    if gap < 0 then gap = 0 end
+    tokens = math.min(cap, tokens + gap * rate)
+  end
+  if tokens >= 1 then
+    left[i] = tokens - 1
+    out[#out + 1] = 1
+    out[#out + 1] = math.floor(tokens - 1)
+    out[#out + 1] = math.ceil((cap - tokens + 1) / rate)
+    out[#out + 1] = 0
+  else
+    all = false
+    out[#out + 1] = 0
+    out[#out + 1] = 0
+    out[#out + 1] = math.ceil((cap - tokens) / rate)
+    out[#out + 1] = math.ceil((1 - tokens) / rate)
+  end
+end
+if all then
+  for i = 1, n do
+    local limit = tonumber(ARGV[3 * i - 2])
+    local w = tonumber(ARGV[3 * i - 1])
+    local cap = tonumber(ARGV[3 * i])
+    redis.call('HSET', KEYS[i], 't', string.format('%.17g', left[i]), 's', now)
+    redis.call('PEXPIRE', KEYS[i], math.ceil((cap - left[i]) / (limit / w) / 1000) + 1000)
+  end
+else
+  out[1] = 0
+end
+return out
+"""
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _Script:
+    source: bytes
+    sha: bytes
+
+    @classmethod
+    def of(cls, source: str) -> _Script:
+        data = source.encode()
+        return cls(data, hashlib.sha1(data).hexdigest().encode())
+
+
+_SCRIPTS = {
+    "sliding-window": _Script.of(_SLIDING_WINDOW),
+    "sliding-log": _Script.of(_SLIDING_LOG),
+    "token-bucket": _Script.of(_TOKEN_BUCKET),
+}
+
+_ABBREV = {"sliding-window": "sw", "sliding-log": "sl", "token-bucket": "tb"}
+
+
+def _micros(seconds: float) -> int:
+    return max(1, round(seconds * 1_000_000))
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """What a policy sends with every decision: key suffixes and script arguments."""
+
+    script: _Script
+    suffixes: tuple[str, ...]
+    argv: tuple[int, ...]
+
+
+class RedisStore:
+    """Counters in Redis, shared by every gateway that uses the same server and prefix.
+
+    ``prefix`` starts every key; the filter's key (scope, tier, caller) is the hash tag.
+    """
+
+    def __init__(self, pool: RedisPool, *, prefix: str, retry_interval: float) -> None:
+        self.pool = pool
+        self.prefix = prefix
+        self.retry_interval = retry_interval
+        self._plans: dict[Policy, _Plan] = {}
+        # Unique sliding-log members across processes: a random process part + a count.
+        self._nonce_base = os.urandom(6).hex()
+        self._nonces = itertools.count()
+        self._down_since: float | None = None
+        self._retry_at = 0.0
+        self._probing = False
+
+    @property
+    def available(self) -> bool:
+        """False from a failure until the next successful decision."""
+        return self._down_since is None
+
+    def _plan(self, policy: Policy) -> _Plan:
+        plan = self._plans.get(policy)
+        if plan is None:
+            abbrev = _ABBREV[policy.algorithm]
+            suffixes = []
+            argv: list[int] = []
+            for q in policy.quotas:
+                w = _micros(q.window)
+                suffixes.append(f":{abbrev}:{q.limit}/{w}")
+                argv += [q.limit, w]
+                if policy.algorithm == "token-bucket":
+                    suffixes[-1] += f"/{q.capacity}"
+                    argv.append(q.capacity)
+            plan = self._plans[policy] = _Plan(
+                _SCRIPTS[policy.algorithm], tuple(suffixes), tuple(argv)
+            )
+        return plan
+
+    async def _eval(self, script: _Script, keys: list[str], argv: list[bytes | str | int]) -> Any:
+        try:
+            return await self.pool.execute(b"EVALSHA", script.sha, len(keys), *keys, *argv)
+        except RedisReplyError as e:
+            if not str(e).startswith("NOSCRIPT"):
+                raise
+        # EVAL also caches the script, so the next EVALSHA finds it.
+        return await self.pool.execute(b"EVAL", script.source, len(keys), *keys, *argv)
+
+    async def decide(self, key: str, policy: Policy, now: float) -> Outcome:
+        if self._down_since is not None and (now < self._retry_at or self._probing):
+            raise StoreUnavailable("Redis is unavailable; retrying shortly")
+        probing = self._down_since is not None
+        self._probing = probing
+        plan = self._plan(policy)
+        base = f"{self.prefix}{{{key}}}"
+        keys = [base + s for s in plan.suffixes]
+        argv: list[bytes | str | int] = list(plan.argv)
+        if policy.algorithm == "sliding-log":
+            argv.insert(0, f"{self._nonce_base}.{next(self._nonces)}")
+        try:
+            reply = await self._eval(plan.script, keys, argv)
+        except RedisError as e:
+            self._failed(now, e)
+            raise StoreUnavailable(str(e)) from e
+        finally:
+            if probing:
+                self._probing = False
+        try:
+            outcome = self._outcome(policy, reply)
+        except (TypeError, ValueError, IndexError) as e:
+            self._failed(now, e)
+            raise StoreUnavailable(f"unexpected reply from Redis: {reply!r}") from e
+        if self._down_since is not None:
+            log.warning(
+                "Redis at %s:%d is available again after %.1fs",
+                self.pool.address.host,
+                self.pool.address.port,
+                now - self._down_since,
+            )
+            self._down_since = None
+        return outcome
+
+    def _failed(self, now: float, error: Exception) -> None:
+        if self._down_since is None:
+            self._down_since = now
+            log.error(
+                "Redis at %s:%d is unavailable: %s",
+                self.pool.address.host,
+                self.pool.address.port,
+                error,
+            )
+        self._retry_at = now + self.retry_interval
+
+    @staticmethod
+    def _outcome(policy: Policy, reply: Any) -> Outcome:
+        quotas = policy.quotas
+        if not isinstance(reply, list) or len(reply) != 1 + 4 * len(quotas):
+            raise ValueError("wrong reply shape")
+        verdicts = [
+            Verdict(
+                bool(reply[1 + 4 * i]),
+                int(reply[2 + 4 * i]),
+                int(reply[3 + 4 * i]) / 1_000_000,
+                int(reply[4 + 4 * i]) / 1_000_000,
+            )
+            for i in range(len(quotas))
+        ]
+        return combine(quotas, verdicts)
+
+    async def ping(self) -> None:
+        """Raises :class:`RedisError` unless the server answers ``PING`` in time."""
+        await self.pool.execute(b"PING")
+
+    async def aclose(self) -> None:
+        await self.pool.aclose()

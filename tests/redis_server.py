@@ -1,0 +1,104 @@
+"""A private ``redis-server`` for tests: a free port on 127.0.0.1, a temp dir, no disk.
+
+::
+
+    async with open_redis_server() as redis:
+        redis.url          # "redis://127.0.0.1:PORT/0"
+        await redis.stop() # and later: await redis.start() (same port, empty data)
+
+A missing ``redis-server`` fails the test (``make test`` installs it): a skipped Redis
+test would hide that the shared store is untested.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+
+__all__ = ["RedisServer", "open_redis_server"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RedisServer:
+    """One redis-server process that can be stopped and started again on its port."""
+
+    def __init__(self, binary: str, directory: str, password: str | None) -> None:
+        self.binary = binary
+        self.directory = directory
+        self.password = password
+        self.port = _free_port()
+        self.process: trio.Process | None = None
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    async def start(self) -> None:
+        """Start the server and wait until it accepts connections (within 10 s)."""
+        args = [
+            self.binary,
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--dir", self.directory,
+            "--save", "",
+            "--appendonly", "no",
+            "--protected-mode", "no",
+            "--loglevel", "warning",
+        ]  # fmt: skip
+        if self.password:
+            args += ["--requirepass", self.password]
+        self.process = await trio.lowlevel.open_process(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        with trio.fail_after(10):
+            while True:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"redis-server exited with {self.process.returncode}")
+                try:
+                    stream = await trio.open_tcp_stream("127.0.0.1", self.port)
+                except OSError:
+                    await trio.sleep(0.02)
+                    continue
+                await stream.aclose()
+                return
+
+    async def stop(self) -> None:
+        """Stop the server (its data is lost: it never saves)."""
+        process, self.process = self.process, None
+        if process is None:
+            return
+        process.terminate()
+        with trio.move_on_after(5):
+            await process.wait()
+            return
+        process.kill()
+        await process.wait()
+
+
+@asynccontextmanager
+async def open_redis_server(password: str | None = None) -> AsyncIterator[RedisServer]:
+    """A running private redis-server, stopped on exit."""
+    binary = shutil.which("redis-server") or shutil.which("redis-server", path="/usr/bin")
+    if binary is None:
+        pytest.fail("redis-server is not installed (`make test` installs it)")
+    with tempfile.TemporaryDirectory(prefix="filtergate-redis-") as directory:
+        server = RedisServer(binary, directory, password)
+        await server.start()
+        try:
+            yield server
+        finally:
+            with trio.CancelScope(shield=True):
+                await server.stop()
