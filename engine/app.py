@@ -64,9 +64,11 @@ class Gateway:
         self._scopes: dict[int, trio.CancelScope] = {}
         self._ready = False
 
-    async def _setup(self, runtime: Runtime) -> None:
+    async def _setup(self, runtime: Runtime, previous: Runtime | None = None) -> None:
         # Concurrently: several identity providers that are down must not add up.
-        unique = {id(entry[3]): entry[3] for entry in runtime.instances}
+        # Instances carried over from the previous config were set up already.
+        done = {id(entry[3]) for entry in previous.instances} if previous else set()
+        unique = {id(e[3]): e[3] for e in runtime.instances if id(e[3]) not in done}
         async with trio.open_nursery() as nursery:
             for instance in unique.values():
                 setup = getattr(instance, "setup", None)
@@ -140,7 +142,7 @@ class Gateway:
             entry_points=config.discovery.entry_points,
         )
         runtime = compile_runtime(config, registry, previous=self.runtime)
-        await self._setup(runtime)
+        await self._setup(runtime, self.runtime)
         old = self.runtime
         self.registry = registry
         self.runtime = runtime

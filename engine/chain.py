@@ -237,11 +237,19 @@ async def run_request_phases(
 
 
 async def run_response_phases(phases: list[Phase], exchange: Exchange, response: Response) -> None:
-    """Run ``on_response`` phases (already reversed) on ``response``."""
-    for phase in phases:
-        r = phase.fn(exchange, response)
-        if phase.is_async:
-            await r
+    """Run ``on_response`` phases (already reversed) on ``response``.
+
+    An exception carries ``phases_left``: the phases after the one that raised, which
+    the error response still goes through (the raising filter does not see it twice).
+    """
+    for i, phase in enumerate(phases):
+        try:
+            r = phase.fn(exchange, response)
+            if phase.is_async:
+                await r
+        except BaseException as e:
+            e.phases_left = phases[i + 1 :]  # type: ignore[attr-defined]
+            raise
 
 
 def run_log_phases(chain: Chain, exchange: Exchange) -> list[Awaitable[None]]:

@@ -77,8 +77,16 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
+    blocked: list[str] = []
+    entry_points = True
+    if args.config:
+        try:
+            config = load_file(args.config)
+        except ConfigError as e:
+            return _config_error(e, args.config)
+        blocked, entry_points = config.discovery.blocked, config.discovery.entry_points
     try:
-        registry = discover(entry_points=True)
+        registry = discover(blocked, entry_points=entry_points)
     except PluginError as e:
         print(f"filtergate: {e}", file=sys.stderr)
         return EXIT_CONFIG
@@ -187,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     init.set_defaults(fn=cmd_init)
 
     plugins = sub.add_parser("plugins", help="list discovered filter types and their config")
+    plugins.add_argument(
+        "-c", "--config", default=None, help="apply this config's [discovery] settings"
+    )
     plugins.set_defaults(fn=cmd_plugins)
 
     stubs = sub.add_parser("stubs", help="serve the demo upstream services", add_help=False)

@@ -132,9 +132,9 @@ def effective_plugin_configs(
         if override is not None:
             enabled = override.get("enabled", True)
             changes = {k: v for k, v in override.items() if k != "enabled"}
-            if changes:
+            merged = {**base, **changes}
+            if merged != base:
                 if enabled:
-                    merged = {**base, **changes}
                     out.append((name, merged, f"route:{route.name}", f"routes[{route_index}]"))
                 continue
         if enabled:

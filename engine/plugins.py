@@ -20,7 +20,9 @@ and its module implements::
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import importlib.metadata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -94,6 +96,9 @@ def _validate_type(cls: Any, plugin: str) -> None:
         )
     if not any(hasattr(cls, p) for p in ("on_request", "on_response", "around_upstream", "on_log")):
         raise PluginError(f"plugin {plugin!r}: filter {cls.name!r} defines no phase")
+    config = getattr(cls, "Config", None)
+    if config is None or not dataclasses.is_dataclass(config):
+        raise PluginError(f"plugin {plugin!r}: filter {cls.name!r}: Config must be a dataclass")
 
 
 def _builtin_modules() -> list[str]:
@@ -118,31 +123,55 @@ def discover(
     blocked = tuple(blocked)
     for name in blocked:
         pm.set_blocked(name)
+    dists: dict[int, tuple[str, str]] = {}
+
+    def register(obj: object, name: str) -> None:
+        try:
+            pm.register(obj, name=name)
+        except (pluggy.PluginValidationError, ValueError) as e:
+            raise PluginError(f"plugin {name!r}: {e}") from None
+
     for modname in _builtin_modules():
         short = modname.rsplit(".", 1)[-1].replace("_", "-")
-        if pm.is_blocked(short):
-            continue
-        pm.register(importlib.import_module(modname), name=short)
+        if not pm.is_blocked(short):
+            register(importlib.import_module(modname), short)
     for name, obj in extra:
         if not pm.is_blocked(name):
-            pm.register(obj, name=name)
+            register(obj, name)
     if entry_points:
-        pm.load_setuptools_entrypoints(PROJECT)
-    pm.check_pending()
+        # pluggy's load_setuptools_entrypoints would let an import error of one broken
+        # package escape as a traceback; each is loaded here and named when it fails.
+        for ep in importlib.metadata.entry_points(group=PROJECT):
+            if pm.is_blocked(ep.name) or pm.has_plugin(ep.name):
+                continue
+            dist = ep.dist
+            dname = dist.metadata["name"] if dist is not None else "?"
+            dversion = dist.version if dist is not None else "?"
+            try:
+                obj = ep.load()
+            except Exception as e:
+                raise PluginError(
+                    f"plugin {ep.name!r} ({dname} {dversion}): cannot be loaded: {e}"
+                ) from None
+            register(obj, ep.name)
+            dists[id(obj)] = (dname, dversion)
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as e:
+        raise PluginError(f"plugin {pm.get_name(e.plugin)!r}: {e}") from None
 
-    dists = {id(plugin): dist for plugin, dist in pm.list_plugin_distinfo()}
     filters: dict[str, FilterInfo] = {}
     for plugin in pm.get_plugins():
         pname = pm.get_name(plugin) or repr(plugin)
         impl = getattr(plugin, "filtergate_filters", None)
         if impl is None:
             continue
-        dist = dists.get(id(plugin))
-        if dist is not None:
-            dname, dversion = dist.metadata["name"], dist.version
-        else:
-            dname, dversion = "filtergate (built-in)", _own_version()
-        for cls in impl():
+        dname, dversion = dists.get(id(plugin), ("filtergate (built-in)", _own_version()))
+        try:
+            types = list(impl())
+        except Exception as e:
+            raise PluginError(f"plugin {pname!r}: filtergate_filters() failed: {e}") from None
+        for cls in types:
             _validate_type(cls, pname)
             if cls.name in filters:
                 other = filters[cls.name].plugin

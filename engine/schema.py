@@ -113,6 +113,8 @@ def _type_name(tp: Any) -> str:
     if tp is ByteSize:
         return 'a size like "16KiB"'
     origin = get_origin(tp)
+    if origin is Union or origin is types.UnionType:
+        return " or ".join(_type_name(a) for a in get_args(tp) if a is not type(None))
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in get_args(tp))
     if origin in (list, tuple):

@@ -477,6 +477,7 @@ class _Connection:
         cfg = rt.config.server
         start = trio.current_time()
         request_id: str | None = None
+        answer: Response | None = None
         exchange: Exchange | None = None
         route: RouteRuntime | None = None
         depth = 0
@@ -625,7 +626,6 @@ class _Connection:
                 raise BadRequest("unexpected request body")
 
             chain = route.chain
-            answer: Response | None = None
             if chain.request_body_at is not None:
 
                 async def buffer_body() -> None:
@@ -695,15 +695,27 @@ class _Connection:
         except GatewayError as err:
             if request_id is None:
                 request_id = server.ids.next()
+            if answer is not None:
+                await answer.aclose()  # an upstream body nobody will read: release it
             answer = await self._error_response(err, exchange, route, request_id)
         except (_Abort, trio.Cancelled):
+            if answer is not None:
+                await answer.aclose()
             raise
         except Exception as e:  # a filter's bug must not take the connection's framing down
             if request_id is None:
                 request_id = server.ids.next()
+            if answer is not None:
+                await answer.aclose()
             log.exception("request %s failed", request_id)
             internal = GatewayError("internal error")
             internal.__cause__ = e
+            # Only the filters whose request side ran see the error on the response side.
+            internal.filter_depth = getattr(  # type: ignore[attr-defined]
+                e, "filter_depth", len(route.chain.filters) if route is not None else 0
+            )
+            if hasattr(e, "phases_left"):
+                internal.phases_left = e.phases_left  # type: ignore[attr-defined]
             answer = await self._error_response(internal, exchange, route, request_id)
         await self._send_response(answer, request_id, req.method)
         if exchange is not None:
@@ -729,9 +741,12 @@ class _Connection:
         answer = Response(status=status, headers=Headers(headers), body=body)
         if exchange is not None and route is not None:
             exchange.error = err
-            depth = getattr(err, "filter_depth", len(route.chain.filters))
+            phases = getattr(err, "phases_left", None)
+            if phases is None:
+                depth = getattr(err, "filter_depth", len(route.chain.filters))
+                phases = route.chain.response_for(depth)
             try:
-                await run_response_phases(route.chain.response_for(depth), exchange, answer)
+                await run_response_phases(phases, exchange, answer)
             except GatewayError as again:
                 status, headers, body = render_error(again, request_id)
                 answer = Response(status=status, headers=Headers(headers), body=body)

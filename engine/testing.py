@@ -319,6 +319,8 @@ async def run_chain(
     except GatewayError as err:
         status, hdrs, body = render_error(err, exchange.request_id)
         answer = Response(status=status, headers=Headers(hdrs), body=body)
+        exchange.error = err
+        await run_response_phases(getattr(err, "phases_left", []), exchange, answer)
     exchange.response = answer
     for pending in run_log_phases(chain, exchange):
         try:
