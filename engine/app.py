@@ -9,6 +9,7 @@ and a bad new config is refused while the old one keeps serving.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import socket
@@ -38,6 +39,15 @@ def _ssl_context(config: Config) -> ssl.SSLContext | None:
     ctx.load_cert_chain(tls.cert, tls.key)
     ctx.set_alpn_protocols(["http/1.1"])
     return ctx
+
+
+def _jsonable(value: Any) -> Any:
+    as_dict = getattr(value, "as_dict", None)
+    if callable(as_dict):
+        return as_dict()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    return str(value)
 
 
 class Gateway:
@@ -205,6 +215,18 @@ class Gateway:
                 for r in rt.routes
             ]
             return 200, b"application/json", json.dumps(doc, indent=2).encode()
+        if path == "/plugins":
+            # Any filter instance may expose its state with snapshot() (circuit breakers do).
+            states: dict[str, Any] = {}
+            for name, scope, _cfg, instance in rt.instances:
+                snapshot = getattr(instance, "snapshot", None)
+                if callable(snapshot):
+                    states[f"{name} ({scope})"] = snapshot()
+            return (
+                200,
+                b"application/json",
+                json.dumps(states, indent=2, default=_jsonable).encode(),
+            )
         if path == "/upstreams":
             doc2 = {name: pool.snapshot() for name, pool in rt.pools.items()}
             return 200, b"application/json", json.dumps(doc2, indent=2).encode()
