@@ -88,6 +88,7 @@ _REQ_SPECIAL = {name: 1 for name in _HOP_BY_HOP} | {
 _responses = counter("filtergate_responses_total", "Responses sent, by status class", ("code",))
 _RESPONSES = [_responses.bind(code=f"{c}xx") for c in range(10)]
 _EOM = h11.EndOfMessage()  # events are immutable: one instance serves every message
+_OWN_RESPONSE_FIELDS = frozenset({b"content-length", b"transfer-encoding", b"connection"})
 _open_connections = gauge("filtergate_open_connections", "Client connections open")
 
 
@@ -758,9 +759,22 @@ class _Connection:
         h = self.h11
         server = self.server
         items = resp.headers.items
-        out = [(n, n, v) for n, v in items if n != b"content-length" and n != b"transfer-encoding"]
+        rid = server.runtime.rid_header
+        # Framing is the gateway's own; an upstream's request id never doubles ours.
+        out = [(n, n, v) for n, v in items if n not in _OWN_RESPONSE_FIELDS and n != rid]
         body = resp.body
-        if body is not None:
+        status = resp.status
+        if status < 200 or status == 204:
+            # No body and no framing fields, whatever the upstream or a filter said.
+            body = None
+            await _end_bodiless(resp)
+        elif status == 304:
+            cl = resp.headers.get(b"content-length")
+            if cl is not None:  # a 304 may state the length of the representation
+                out.append((b"content-length", b"content-length", cl))
+            body = None
+            await _end_bodiless(resp)
+        elif body is not None:
             out.append((b"content-length", b"content-length", str(len(body)).encode()))
             if resp.stream is not None:
                 await resp.aclose()
@@ -770,10 +784,10 @@ class _Connection:
                 out.append((b"content-length", b"content-length", cl))
             else:
                 out.append((b"transfer-encoding", b"transfer-encoding", b"chunked"))
-        elif resp.status >= 200 and resp.status not in (204, 304):
+        else:
             cl = resp.headers.get(b"content-length") if method == b"HEAD" else None
             out.append((b"content-length", b"content-length", cl or b"0"))
-        out.append((b"x-request-id", b"x-request-id", request_id.encode()))
+        out.append((rid, rid, request_id.encode()))
         if self.framing_broken or server.draining:
             out.append((b"connection", b"connection", b"close"))
         if h.their_state is h11.SEND_BODY and h.they_are_waiting_for_100_continue:
@@ -844,6 +858,17 @@ class _Connection:
         except BaseException:
             await stream.aclose()
             raise
+
+
+async def _end_bodiless(resp: Response) -> None:
+    stream = resp.stream
+    if stream is None:
+        return
+    # An upstream's 204/304 ends at once: release its connection clean, not closed.
+    if type(stream) is _UpstreamBody and stream.poll() is _END:
+        resp.stream = None
+        return
+    await resp.aclose()
 
 
 def _forward_target(route: RouteRuntime, exchange: Exchange) -> bytes:

@@ -462,7 +462,21 @@ class Pool:
             self._discard(conn)
             raise
         self._count["response"].inc()
-        headers = Headers([(n, v) for _, n, v in ev.headers._full_items])
+        items = [(n, v) for _, n, v in ev.headers._full_items]
+        te = cl = False
+        for n, _ in items:
+            if n == b"transfer-encoding":
+                te = True
+            elif n == b"content-length":
+                cl = True
+        if te and cl:
+            # h11 would read it as chunked; a client behind us might not. Refuse it.
+            self._discard(conn)
+            self._count["garbage"].inc()
+            raise BadGateway(
+                f"upstream {self.name!r} sent both Content-Length and Transfer-Encoding"
+            )
+        headers = Headers(items)
         resp = Response(status=ev.status_code, headers=headers, reason=ev.reason)
         resp.stream = _UpstreamBody(self, conn, read_timeout, deadline)
         return resp
