@@ -19,7 +19,7 @@ from typing import Any
 
 import h11
 import trio
-from h11._headers import Headers as H11Headers
+from h11._state import MIGHT_SWITCH_PROTOCOL
 
 from engine.canonical import canonical_path, split_target
 from engine.chain import (
@@ -243,8 +243,9 @@ class _ClientBody:
             raise StopAsyncIteration
         conn = self._conn
         h = conn.h11
-        if h.they_are_waiting_for_100_continue:
-            await conn.send_raw(h.send(h11.InformationalResponse(status_code=100, headers=[])))
+        if h.they_are_waiting_for_100_continue and not conn.sent_100:
+            conn.sent_100 = True
+            await conn.send_raw(b"HTTP/1.1 100 Continue\r\n\r\n")
         while True:
             try:
                 ev = h.next_event()
@@ -317,9 +318,13 @@ class _Connection:
         "first",
         "framing_broken",
         "h11",
+        "http11",
         "io",
+        "keep_alive",
+        "max_head",
         "peer",
         "scheme",
+        "sent_100",
         "server",
         "tls",
     )
@@ -336,11 +341,13 @@ class _Connection:
         self.peer = peer
         self.tls = tls
         self.scheme = "https" if tls else "http"
-        self.h11 = h11.Connection(
-            h11.SERVER, max_incomplete_event_size=server.runtime.config.server.max_head_size
-        )
+        self.max_head = server.runtime.config.server.max_head_size
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_head)
         self.first = True
         self.framing_broken = False
+        self.http11 = True
+        self.keep_alive = True
+        self.sent_100 = False
 
     async def send_raw(self, data: bytes | None) -> None:
         if not data:
@@ -367,13 +374,23 @@ class _Connection:
                     server._busy -= 1
                     if not server._busy:
                         server._no_busy.set()
-                if self.framing_broken or h.our_state is not h11.DONE:
+                if self.framing_broken or not self.keep_alive:
                     return
                 if h.their_state is h11.SEND_BODY and not await self._drain():
                     return
-                if h.their_state is not h11.DONE or server.draining:
+                # MIGHT_SWITCH_PROTOCOL: an Upgrade request, answered without switching.
+                if server.draining or (
+                    h.their_state is not h11.DONE and h.their_state is not MIGHT_SWITCH_PROTOCOL
+                ):
                     return
-                h.start_next_cycle()
+                # The response was written by the gateway, not through h11: the next
+                # request gets a fresh parser holding whatever was pipelined behind.
+                leftover, closed = h.trailing_data
+                h = self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_head)
+                if leftover:
+                    h.receive_data(leftover)
+                if closed:
+                    h.receive_data(b"")
                 # Socket I/O here does not yield when the kernel is ready: yield once per
                 # request so one busy keep-alive connection cannot starve the others.
                 await trio.lowlevel.checkpoint()
@@ -535,9 +552,14 @@ class _Connection:
                 raise BadRequest("both Content-Length and Transfer-Encoding: ambiguous framing")
             if authz > 1:
                 raise BadRequest("more than one Authorization header")
+            self.http11 = req.http_version == b"1.1"
+            self.keep_alive = self.http11  # HTTP/1.0 keep-alive is not offered (as h11)
+            self.sent_100 = False
             if conn_tokens is not None:
                 tokens = {t.strip().lower() for t in conn_tokens.split(b",")}
                 tokens.discard(b"")
+                if b"close" in tokens:
+                    self.keep_alive = False
                 if tokens - {b"close", b"keep-alive"}:
                     fwd = [(n, v) for n, v in fwd if n not in tokens]
 
@@ -756,64 +778,69 @@ class _Connection:
         return answer
 
     async def _send_response(self, resp: Response, request_id: str, method: bytes) -> None:
-        h = self.h11
+        """Write ``resp`` to the client, framed by the gateway.
+
+        h11 parsed and validated every field this response carries (the upstream's head)
+        or the field was checked when a filter set it (:class:`Headers`), so the head is
+        written here directly instead of being validated again by h11's writer; the
+        framing (Content-Length, chunked, or close-delimited for HTTP/1.0) is decided here.
+        """
         server = self.server
-        items = resp.headers.items
         rid = server.runtime.rid_header
         # Framing is the gateway's own; an upstream's request id never doubles ours.
-        out = [(n, n, v) for n, v in items if n not in _OWN_RESPONSE_FIELDS and n != rid]
+        head = [_STATUS_LINES.get(resp.status) or _status_line(resp.status, resp.reason)]
+        for n, v in resp.headers.items:
+            if n not in _OWN_RESPONSE_FIELDS and n != rid:
+                head.append(n + b": " + v + b"\r\n")
+        head.append(rid + b": " + request_id.encode() + b"\r\n")
         body = resp.body
+        stream = resp.stream
         status = resp.status
-        if status < 200 or status == 204:
-            # No body and no framing fields, whatever the upstream or a filter said.
+        chunked = False
+        close_delimited = False
+        if status < 200 or status == 204 or status == 304:
+            if status == 304 and (cl := resp.headers.get(b"content-length")) is not None:
+                head.append(b"content-length: " + cl + b"\r\n")  # the representation's
             body = None
             await _end_bodiless(resp)
-        elif status == 304:
-            cl = resp.headers.get(b"content-length")
-            if cl is not None:  # a 304 may state the length of the representation
-                out.append((b"content-length", b"content-length", cl))
-            body = None
-            await _end_bodiless(resp)
+            stream = None
         elif body is not None:
-            out.append((b"content-length", b"content-length", str(len(body)).encode()))
-            if resp.stream is not None:
+            head.append(b"content-length: %d\r\n" % len(body))
+            if stream is not None:
                 await resp.aclose()
-        elif resp.stream is not None:
+                stream = None
+        elif stream is not None:
             cl = resp.headers.get(b"content-length")
             if cl is not None:
-                out.append((b"content-length", b"content-length", cl))
+                head.append(b"content-length: " + cl + b"\r\n")
+            elif self.http11:
+                head.append(b"transfer-encoding: chunked\r\n")
+                chunked = True
             else:
-                out.append((b"transfer-encoding", b"transfer-encoding", b"chunked"))
+                close_delimited = True  # HTTP/1.0 has no chunked: the end is the close
         else:
             cl = resp.headers.get(b"content-length") if method == b"HEAD" else None
-            out.append((b"content-length", b"content-length", cl or b"0"))
-        out.append((rid, rid, request_id.encode()))
-        if self.framing_broken or server.draining:
-            out.append((b"connection", b"connection", b"close"))
+            head.append(b"content-length: " + (cl or b"0") + b"\r\n")
+        h = self.h11
         if h.their_state is h11.SEND_BODY and h.they_are_waiting_for_100_continue:
-            self.framing_broken = True
-        event = h11.Response(
-            status_code=resp.status,
-            headers=H11Headers(out),
-            reason=resp.reason or reason_phrase(resp.status),
-            _parsed=True,
-        )
-        _RESPONSES[resp.status // 100].inc()
-        try:
-            data = h.send(event)
-        except h11.LocalProtocolError:
-            self.framing_broken = True
-            raise _Abort() from None
-        if body is not None:
-            await self.send_raw(
-                (data or b"") + (h.send(h11.Data(data=body)) or b"") + (h.send(_EOM) or b"")
-            )
+            self.framing_broken = True  # answered without the body it holds back: close
+        if not self.keep_alive or self.framing_broken or server.draining or close_delimited:
+            self.keep_alive = False
+            head.append(b"connection: close\r\n")
+        head.append(b"\r\n")
+        _RESPONSES[status // 100].inc()
+        if method == b"HEAD":
+            # The head says what a GET would have carried; no body follows.
+            if stream is not None:
+                await _end_bodiless(resp)
+            await self.send_raw(b"".join(head))
             return
-        if resp.stream is None:
-            await self.send_raw((data or b"") + (h.send(_EOM) or b""))
+        if stream is None:
+            if body:
+                head.append(body)
+            await self.send_raw(b"".join(head))
             return
-        stream = resp.stream
-        pending = data or b""
+        pending = b"".join(head)
         try:
             if type(stream) is _UpstreamBody:
                 # Coalesce what the upstream already delivered into as few writes as
@@ -832,32 +859,54 @@ class _Connection:
                             break
                     elif chunk is _END:
                         break
-                    pending += h.send(h11.Data(data=chunk)) or b""
+                    if chunked:
+                        pending += b"%x\r\n" % len(chunk) + chunk + b"\r\n"
+                    else:
+                        pending += chunk
                     if len(pending) >= 65536:
                         await self.send_raw(pending)
                         pending = b""
                         await trio.lowlevel.checkpoint()
-                await self.send_raw(pending + (h.send(_EOM) or b""))
+                await self.send_raw(pending + b"0\r\n\r\n" if chunked else pending)
                 return
+            # A stream from a filter: count it against the length it declared.
+            declared = resp.headers.get(b"content-length")
+            expected = int(declared) if declared is not None and not chunked else None
+            sent = 0
             await self.send_raw(pending)
             async for chunk in stream:
                 if chunk:
-                    await self.send_raw(h.send(h11.Data(data=chunk)))
+                    sent += len(chunk)
+                    if expected is not None and sent > expected:
+                        raise _Abort()
+                    await self.send_raw(
+                        b"%x\r\n" % len(chunk) + chunk + b"\r\n" if chunked else chunk
+                    )
                     await trio.lowlevel.checkpoint()
-            await self.send_raw(h.send(_EOM))
+            if expected is not None and sent != expected:
+                raise _Abort()
+            if chunked:
+                await self.send_raw(b"0\r\n\r\n")
         except UpstreamBodyError as e:
             log.warning("request %s: %s; aborting the client connection", request_id, e)
             self.framing_broken = True
             raise _Abort() from None
-        except h11.LocalProtocolError as e:
-            # The upstream sent more or less than its Content-Length said.
-            log.warning("request %s: upstream framing broken: %s", request_id, e)
-            await stream.aclose()
+        except _Abort:
             self.framing_broken = True
-            raise _Abort() from None
-        except BaseException:
             await stream.aclose()
             raise
+        except BaseException:
+            self.framing_broken = True
+            await stream.aclose()
+            raise
+
+
+def _status_line(status: int, reason: bytes) -> bytes:
+    return b"HTTP/1.1 %d %s\r\n" % (status, reason or reason_phrase(status))
+
+
+# The status lines of the standard codes, made once.
+_STATUS_LINES = {s: _status_line(s, b"") for s in range(100, 600) if reason_phrase(s)}
 
 
 async def _end_bodiless(resp: Response) -> None:

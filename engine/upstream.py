@@ -214,20 +214,9 @@ class Pool:
         return None
 
     def _release(self, conn: _Conn) -> None:
+        """Back to the pool: the response ended cleanly, with nothing after it."""
         target = conn.target
-        h = conn.h11
-        if (
-            self.closed
-            or h.our_state is not h11.DONE
-            or h.their_state is not h11.DONE
-            or h.trailing_data[0]
-            or len(target.idle) >= self.config.pool_max_idle
-        ):
-            self._discard(conn)
-            return
-        try:
-            h.start_next_cycle()
-        except h11.LocalProtocolError:
+        if self.closed or len(target.idle) >= self.config.pool_max_idle:
             self._discard(conn)
             return
         conn.idle_since = trio.current_time()
@@ -376,7 +365,10 @@ class Pool:
     async def _exchange(
         self, call: UpstreamCall, conn: _Conn, read_timeout: float, deadline: float
     ) -> Response:
-        h = conn.h11
+        # A fresh parser per exchange: the gateway frames what it sends itself (h11 is
+        # told only the request head, for the response's framing rules), so the state
+        # machine is never walked through a body it did not write.
+        h = conn.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=64 * 1024)
         io = conn.io
         body = call.body
         full = [(n, n, v) for n, v in call.headers.items]
@@ -392,6 +384,7 @@ class Pool:
             full.append((b"content-length", b"content-length", str(call.body_length).encode()))
         else:
             full.append((b"transfer-encoding", b"transfer-encoding", b"chunked"))
+        chunked = full[-1][0] == b"transfer-encoding"
         reused = conn.reused
         try:
             event = h11.Request(
@@ -406,18 +399,22 @@ class Pool:
         try:
             try:
                 if isinstance(body, bytes):
-                    data += h.send(h11.Data(data=body)) or b""
-                    data += h.send(_EOM) or b""
-                elif body is None:
-                    data += h.send(_EOM) or b""
+                    data += body
                 await io.send_all(data, wt, deadline)
                 if body is not None and not isinstance(body, bytes):
                     call.body_started = True
+                    sent = 0
                     async for chunk in body:
                         if chunk:
-                            await io.send_all(h.send(h11.Data(data=chunk)) or b"", wt, deadline)
+                            sent += len(chunk)
+                            if chunked:
+                                chunk = b"%x\r\n" % len(chunk) + chunk + b"\r\n"
+                            await io.send_all(chunk, wt, deadline)
                             await trio.lowlevel.checkpoint()
-                    await io.send_all(h.send(_EOM) or b"", wt, deadline)
+                    if chunked:
+                        await io.send_all(b"0\r\n\r\n", wt, deadline)
+                    elif sent != call.body_length:
+                        raise BadGateway("the request body did not match its Content-Length")
             except OSError:
                 # The upstream may have answered early and closed; read what it said.
                 if reused and not call.body_started:
@@ -463,13 +460,17 @@ class Pool:
             raise
         self._count["response"].inc()
         items = [(n, v) for _, n, v in ev.headers._full_items]
-        te = cl = False
-        for n, _ in items:
+        te = False
+        cl: bytes | None = None
+        keep_alive = ev.http_version == b"1.1"
+        for n, v in items:
             if n == b"transfer-encoding":
                 te = True
             elif n == b"content-length":
-                cl = True
-        if te and cl:
+                cl = v
+            elif n == b"connection" and b"close" in v.lower():
+                keep_alive = False
+        if te and cl is not None:
             # h11 would read it as chunked; a client behind us might not. Refuse it.
             self._discard(conn)
             self._count["garbage"].inc()
@@ -478,7 +479,14 @@ class Pool:
             )
         headers = Headers(items)
         resp = Response(status=ev.status_code, headers=headers, reason=ev.reason)
-        resp.stream = _UpstreamBody(self, conn, read_timeout, deadline)
+        status = ev.status_code
+        if call.method == b"HEAD" or status == 204 or status == 304:
+            length: int | None = 0
+        elif cl is not None and not te:
+            length = int(cl)  # h11 checked it is one well-formed number
+        else:
+            length = None  # chunked or close-delimited: h11 reads the body
+        resp.stream = _UpstreamBody(self, conn, read_timeout, deadline, length, keep_alive)
         return resp
 
     # -- active health checks ----------------------------------------------------------
@@ -582,16 +590,50 @@ _END: Any = object()
 
 
 class _UpstreamBody:
-    """The upstream's response body, chunk by chunk; releases the connection at the end."""
+    """The upstream's response body, chunk by chunk; releases the connection at the end.
 
-    __slots__ = ("_conn", "_deadline", "_done", "_pool", "_read_timeout")
+    A body with a Content-Length is relayed as the bytes arrive, counted, without
+    passing each chunk through h11 (there is nothing to parse in it); chunked and
+    close-delimited bodies are read by h11. A connection is reused only when the
+    response allowed it and ended exactly where its framing said.
+    """
 
-    def __init__(self, pool: Pool, conn: _Conn, read_timeout: float, deadline: float) -> None:
+    __slots__ = (
+        "_conn",
+        "_deadline",
+        "_done",
+        "_keep_alive",
+        "_pending",
+        "_pool",
+        "_read_timeout",
+        "_remaining",
+    )
+
+    def __init__(
+        self,
+        pool: Pool,
+        conn: _Conn,
+        read_timeout: float,
+        deadline: float,
+        length: int | None,
+        keep_alive: bool,
+    ) -> None:
         self._pool = pool
         self._conn = conn
         self._read_timeout = read_timeout
         self._deadline = deadline
         self._done = False
+        self._keep_alive = keep_alive
+        self._remaining = length
+        self._pending = b""
+        if length is not None:
+            # What h11 read past the head is the start of the body.
+            buffered = conn.h11.trailing_data[0]
+            if len(buffered) > length:
+                buffered = buffered[:length]
+                self._keep_alive = False  # bytes after the body: never reuse
+            self._pending = buffered
+            self._remaining = length - len(buffered)
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self
@@ -603,6 +645,14 @@ class _UpstreamBody:
         """
         if self._done:
             return _END
+        if self._remaining is not None:
+            if self._pending:
+                chunk, self._pending = self._pending, b""
+                return chunk
+            if self._remaining == 0:
+                self._finish(clean=True)
+                return _END
+            return None
         try:
             ev = self._conn.h11.next_event()
         except h11.RemoteProtocolError as e:
@@ -623,8 +673,23 @@ class _UpstreamBody:
         if self._done:
             raise StopAsyncIteration
         conn = self._conn
-        h = conn.h11
         try:
+            if self._remaining is not None:
+                if self._pending:
+                    chunk, self._pending = self._pending, b""
+                    return chunk
+                if self._remaining == 0:
+                    self._finish(clean=True)
+                    raise StopAsyncIteration
+                data = await conn.io.recv(self._read_timeout, self._deadline)
+                if not data:
+                    raise UpstreamBodyError(f"upstream {self._pool.name!r} ended the body early")
+                if len(data) > self._remaining:
+                    data = data[: self._remaining]
+                    self._keep_alive = False
+                self._remaining -= len(data)
+                return data
+            h = conn.h11
             while True:
                 ev = h.next_event()
                 if ev is h11.NEED_DATA:
@@ -650,6 +715,8 @@ class _UpstreamBody:
             raise UpstreamBodyError(
                 f"upstream {self._pool.name!r} reset the connection: {e}"
             ) from None
+        except StopAsyncIteration:
+            raise
         except BaseException:
             self._finish(clean=False)
             raise
@@ -659,10 +726,15 @@ class _UpstreamBody:
             return
         self._done = True
         self._conn.target.active -= 1
-        if clean:
-            self._pool._release(self._conn)
+        conn = self._conn
+        if (
+            clean
+            and self._keep_alive
+            and (self._remaining is not None or not conn.h11.trailing_data[0])
+        ):
+            self._pool._release(conn)
         else:
-            self._pool._discard(self._conn)
+            self._pool._discard(conn)
 
     async def aclose(self) -> None:
         """Abandon the rest of the body: the connection is closed, not reused."""
