@@ -315,6 +315,7 @@ class _PrefixedBody:
 
 class _Connection:
     __slots__ = (
+        "bodyless",
         "first",
         "framing_broken",
         "h11",
@@ -344,6 +345,7 @@ class _Connection:
         self.max_head = server.runtime.config.server.max_head_size
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_head)
         self.first = True
+        self.bodyless = False
         self.framing_broken = False
         self.http11 = True
         self.keep_alive = True
@@ -367,6 +369,7 @@ class _Connection:
                 if req is None:
                     return
                 self.first = False
+                self.bodyless = False
                 server._busy += 1
                 try:
                     await self._handle(req)
@@ -376,13 +379,15 @@ class _Connection:
                         server._no_busy.set()
                 if self.framing_broken or not self.keep_alive:
                     return
-                if h.their_state is h11.SEND_BODY and not await self._drain():
+                if server.draining:
                     return
-                # MIGHT_SWITCH_PROTOCOL: an Upgrade request, answered without switching.
-                if server.draining or (
-                    h.their_state is not h11.DONE and h.their_state is not MIGHT_SWITCH_PROTOCOL
-                ):
-                    return
+                if not self.bodyless:
+                    if h.their_state is h11.SEND_BODY and not await self._drain():
+                        return
+                    # MIGHT_SWITCH_PROTOCOL: an Upgrade request answered without switching.
+                    state = h.their_state
+                    if state is not h11.DONE and state is not MIGHT_SWITCH_PROTOCOL:
+                        return
                 # The response was written by the gateway, not through h11: the next
                 # request gets a fresh parser holding whatever was pipelined behind.
                 leftover, closed = h.trailing_data
@@ -645,8 +650,10 @@ class _Connection:
                     )
             if chunked or (body_length is not None and body_length > 0):
                 body = _ClientBody(self, route.max_body_size)
-            elif type(self.h11.next_event()) is not h11.EndOfMessage:
-                raise BadRequest("unexpected request body")
+            else:
+                # No Content-Length, no chunked: h11's EndOfMessage would consume no
+                # bytes, so it is not asked for; what follows is the next request.
+                self.bodyless = True
 
             chain = route.chain
             if chain.request_body_at is not None:
