@@ -24,6 +24,7 @@ from engine.config import Config
 from engine.gateway import Runtime, compile_runtime
 from engine.plugins import Registry, discover
 from engine.server import Server, open_listeners
+from engine.sockets import accept_backoff
 
 __all__ = ["Gateway"]
 
@@ -184,6 +185,10 @@ class Gateway:
                 try:
                     raw, _ = sock.accept()
                 except BlockingIOError:
+                    continue
+                except OSError as e:
+                    # Out of descriptors must not take the gateway down with the admin port.
+                    await accept_backoff(e, log)
                     continue
                 raw.setblocking(False)
                 stream = trio.SocketStream(trio.socket.from_stdlib_socket(raw))

@@ -22,7 +22,7 @@ def split_target(target: bytes) -> tuple[bytes, bytes]:
     """``(path, query)`` of an origin-form request target; the query without ``?``."""
     path, _sep, query = target.partition(b"?")
     if b"#" in query:
-        query = query.split(b"#", 1)[0]
+        raise BadRequest("a request target cannot carry a fragment")
     return path, query
 
 
@@ -30,6 +30,8 @@ def canonical_path(raw: bytes) -> str:
     """The canonical form of ``raw``, an origin-form path. Raises ``BadRequest``."""
     if not raw.startswith(b"/"):
         raise BadRequest("the request path must start with /")
+    if b"#" in raw:
+        raise BadRequest("a request target cannot carry a fragment")
     # Fast path: most paths need no work at all.
     if b"%" not in raw and b"//" not in raw and b"/." not in raw and b"\\" not in raw:
         try:

@@ -9,6 +9,7 @@ header hygiene and re-framing in both directions, and graceful shutdown.
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import logging
 import os
@@ -51,7 +52,7 @@ from engine.exchange import (
 )
 from engine.gateway import RouteRuntime, Runtime
 from engine.metrics import counter, gauge
-from engine.sockets import RawSocket, StreamSocket
+from engine.sockets import RawSocket, StreamSocket, accept_backoff
 from engine.upstream import _END, UpstreamBodyError, _UpstreamBody
 
 __all__ = ["Server", "open_listeners"]
@@ -161,7 +162,7 @@ class Server:
                     except BlockingIOError:
                         break
                     except OSError as e:
-                        log.warning("accept failed: %s", e)
+                        await accept_backoff(e, log)  # e.g. out of file descriptors
                         break
                     raw.setblocking(False)
                     try:
@@ -574,9 +575,16 @@ class _Connection:
             client_ip = peer_ip
             if trusted:
                 if xff:
+                    # The rightmost hop our trusted proxies did not add is the client;
+                    # an empty or malformed hop ends the walk (it cannot be trusted).
                     for hop in reversed(xff.split(b",")):
-                        client_ip = hop.strip().decode("latin-1")
-                        if not rt.is_trusted(client_ip):
+                        candidate = hop.strip().decode("latin-1")
+                        if not candidate:
+                            continue
+                        if not _is_ip(candidate):
+                            break
+                        client_ip = candidate
+                        if not rt.is_trusted(candidate):
                             break
                     xff_out = xff + b", " + peer_ip.encode()
                 else:
@@ -914,6 +922,14 @@ def _status_line(status: int, reason: bytes) -> bytes:
 
 # The status lines of the standard codes, made once.
 _STATUS_LINES = {s: _status_line(s, b"") for s in range(100, 600) if reason_phrase(s)}
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 async def _end_bodiless(resp: Response) -> None:

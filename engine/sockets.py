@@ -12,14 +12,26 @@ TLS connections use :class:`StreamSocket`, the same interface over a trio stream
 
 from __future__ import annotations
 
+import errno
+import logging
 import socket
 
 import trio
 
-__all__ = ["READ_SIZE", "RawSocket", "StreamSocket"]
+__all__ = ["READ_SIZE", "RESOURCE_ERRORS", "RawSocket", "StreamSocket", "accept_backoff"]
 
 READ_SIZE = 64 * 1024
 _INF = float("inf")
+
+# accept() errors that mean "out of resources": wait for some to be freed, do not spin.
+RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+async def accept_backoff(error: OSError, log: logging.Logger) -> None:
+    """After a failed ``accept()``: back off when out of resources, else go on."""
+    if error.errno in RESOURCE_ERRORS:
+        log.warning("accept failed (%s); pausing accepts for 100 ms", error)
+        await trio.sleep(0.1)
 
 
 class RawSocket:

@@ -27,7 +27,6 @@ from typing import Any
 
 import h11
 import trio
-from h11._headers import Headers as H11Headers
 
 from engine.config import OutlierConfig, TargetConfig, UpstreamConfig, parse_address
 from engine.errors import (
@@ -145,6 +144,7 @@ class Pool:
         self._rng = random.Random()
         self._rr = 0
         self.closed = False
+        self._host_header = config.host_header.encode() if config.host_header else None
         self._count = {
             r: _requests.bind(upstream=name, result=r)
             for r in ("response", "timeout", "garbage", "reset")
@@ -371,30 +371,41 @@ class Pool:
         h = conn.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=64 * 1024)
         io = conn.io
         body = call.body
-        full = [(n, n, v) for n, v in call.headers.items]
-        if call.headers.get(b"host") is None:
-            host = self.config.host_header or conn.target.address
-            full.append((b"host", b"host", host.encode()))
-        if body is None:
-            if call.method in _METHODS_WITH_BODY:
-                full.append((b"content-length", b"content-length", b"0"))
-        elif isinstance(body, bytes):
-            full.append((b"content-length", b"content-length", str(len(body)).encode()))
-        elif call.body_length is not None:
-            full.append((b"content-length", b"content-length", str(call.body_length).encode()))
-        else:
-            full.append((b"transfer-encoding", b"transfer-encoding", b"chunked"))
-        chunked = full[-1][0] == b"transfer-encoding"
-        reused = conn.reused
-        try:
-            event = h11.Request(
-                method=call.method, target=call.target, headers=H11Headers(full), _parsed=True
-            )
-            data = h.send(event) or b""
-        except h11.LocalProtocolError as e:
+        method = call.method
+        target = call.target
+        if b" " in target or b"\r" in target or b"\n" in target or not method.isalpha():
+            # Filters may rewrite these; nothing may break the request line.
             self._discard(conn)
-            raise BadGateway(f"cannot forward this request: {e}") from None
+            raise BadGateway("cannot forward this request: invalid method or target")
+        # The head is written here: every field was validated by h11 when it was parsed
+        # or by Headers when a filter set it, and is not validated again.
+        head = [method, b" ", target, b" HTTP/1.1\r\n"]
+        has_host = False
+        for n, v in call.headers.items:
+            if n == b"host":
+                has_host = True
+            head += (n, b": ", v, b"\r\n")
+        if not has_host:
+            head += (b"host: ", self._host_header or conn.target.address.encode(), b"\r\n")
+        chunked = False
+        if body is None:
+            if method in _METHODS_WITH_BODY:
+                head.append(b"content-length: 0\r\n")
+        elif isinstance(body, bytes):
+            head.append(b"content-length: %d\r\n" % len(body))
+        elif call.body_length is not None:
+            head.append(b"content-length: %d\r\n" % call.body_length)
+        else:
+            head.append(b"transfer-encoding: chunked\r\n")
+            chunked = True
+        head.append(b"\r\n")
+        data = b"".join(head)
+        # h11 only needs to know the method (a HEAD response has no body): it is told
+        # with a one-field request of the same method, whose bytes are not sent.
+        h.send(_probe(method))
+        reused = conn.reused
         got_bytes = False
+        informational = 0
         wt = self.config.write_timeout
         try:
             try:
@@ -437,6 +448,9 @@ class Pool:
                     h.receive_data(chunk)
                     continue
                 if type(ev) is h11.InformationalResponse:
+                    informational += 1
+                    if informational > 10:  # an upstream may not stall us with 1xx forever
+                        raise BadGateway(f"upstream {self.name!r} sent too many 1xx responses")
                     continue
                 if type(ev) is h11.Response:
                     break
@@ -579,6 +593,18 @@ class Pool:
                 for t in self.targets
             ],
         }
+
+
+_PROBES: dict[bytes, h11.Request] = {}
+
+
+def _probe(method: bytes) -> h11.Request:
+    probe = _PROBES.get(method)
+    if probe is None:
+        probe = h11.Request(method=method, target=b"/", headers=[(b"host", b"upstream")])
+        if len(_PROBES) < 64:  # methods are tokens; bound the cache all the same
+            _PROBES[method] = probe
+    return probe
 
 
 class _StaleConnection(Exception):

@@ -64,4 +64,7 @@ def test_same_path_whatever_the_encoding() -> None:
 def test_split_target() -> None:
     assert split_target(b"/a?b=1&c") == (b"/a", b"b=1&c")
     assert split_target(b"/a") == (b"/a", b"")
-    assert split_target(b"/a?x#frag") == (b"/a", b"x")
+    with pytest.raises(BadRequest, match="fragment"):
+        split_target(b"/a?x#frag")
+    with pytest.raises(BadRequest, match="fragment"):
+        canonical_path(b"/a#frag")

@@ -1,0 +1,836 @@
+"""Hostile and malformed client input, end to end through a running gateway.
+
+Every case sends literal bytes over a real socket on 127.0.0.1 and checks the status,
+the gateway's JSON error body, whether the connection was closed, what (if anything)
+reached the upstream, and that the gateway still serves a normal request afterwards.
+The upstream is :func:`tests.upstreams.open_counting_upstream`, which answers with the
+exact target and header list it received.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import socket
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
+
+import pytest
+import trio
+
+from engine.chain import Filter, Stage
+from engine.exchange import Exchange
+from engine.plugins import hookimpl
+from engine.testing import Client, RunningGateway, open_gateway, open_stubs
+from tests.upstreams import Upstream, open_counting_upstream, open_headers_upstream
+
+DEADLINE = 10
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+@dataclass
+class RawResponse:
+    status: int
+    reason: bytes
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        key = name.lower().encode()
+        for n, v in self.headers:
+            if n == key:
+                return v.decode("latin-1")
+        return None
+
+    def header_all(self, name: str) -> list[str]:
+        key = name.lower().encode()
+        return [v.decode("latin-1") for n, v in self.headers if n == key]
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def parse_responses(data: bytes) -> list[RawResponse]:
+    """Every complete Content-Length framed response in ``data``, in order.
+
+    Deliberately independent of h11: it is what a client sees on the wire.
+    """
+    out: list[RawResponse] = []
+    while data:
+        head, sep, rest = data.partition(b"\r\n\r\n")
+        if not sep:
+            break
+        lines = head.split(b"\r\n")
+        version, status, reason = [*lines[0].split(b" ", 2), b""][:3]
+        assert version == b"HTTP/1.1", lines[0]
+        headers = []
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            headers.append((name.strip().lower(), value.strip()))
+        length = int(dict(headers).get(b"content-length", b"0"))
+        if len(rest) < length:
+            break
+        out.append(RawResponse(int(status), reason, headers, rest[:length]))
+        data = rest[length:]
+    return out
+
+
+async def send_raw(
+    port: int, data: bytes | Sequence[bytes], *, wait_close: bool = True
+) -> tuple[list[RawResponse], bool]:
+    """Send ``data`` (pieces written one by one), read until the gateway closes.
+
+    Returns the responses and whether the connection was closed by the gateway. With
+    ``wait_close`` false, stops reading as soon as one complete response arrived.
+    Writing stops quietly when the gateway has closed (it may answer mid-request).
+    """
+    pieces = [data] if isinstance(data, bytes) else list(data)
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    received = bytearray()
+    closed = False
+
+    async def writer() -> None:
+        try:
+            for piece in pieces:
+                await stream.send_all(piece)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer)
+            while True:
+                try:
+                    chunk = await stream.receive_some(65536)
+                except trio.BrokenResourceError:  # reset: closed, whatever was unread
+                    chunk = b""
+                if not chunk:
+                    closed = True
+                    break
+                received += chunk
+                if not wait_close and parse_responses(bytes(received)):
+                    break
+            nursery.cancel_scope.cancel()
+    finally:
+        await stream.aclose()
+    return parse_responses(bytes(received)), closed
+
+
+def assert_gateway_error(resp: RawResponse, status: int) -> None:
+    """``resp`` is one of the gateway's own error responses, with status ``status``."""
+    assert resp.status == status, (resp.status, resp.body)
+    assert resp.reason == HTTPStatus(status).phrase.encode()
+    assert resp.header("content-type") == "application/json"
+    err = resp.json()["error"]
+    assert err["status"] == status
+    assert err["code"]
+    assert err["message"]
+    assert err["request_id"]
+    assert err["request_id"] == resp.header("x-request-id")
+
+
+class ClientIpProbe(Filter):
+    """Puts what the engine thinks the client address is into a request header."""
+
+    name = "client-ip-probe"
+    stage = Stage.EDGE
+
+    def on_request(self, exchange: Exchange) -> None:
+        exchange.request.headers.set(b"x-seen-client", exchange.request.client)
+
+
+class ProbePlugin:
+    @hookimpl
+    def filtergate_filters(self) -> list[type[Any]]:
+        return [ClientIpProbe]
+
+
+MAX_BODY = 256 * 1024
+DRAIN_LIMIT = 16 * 1024
+
+
+def make_config(target: str, **server: Any) -> dict[str, Any]:
+    """Routes: /api (any method), /get-only (GET), /abs (absolute-form allowed).
+
+    There is no catch-all route, so any other path is a 404.
+    """
+    return {
+        "server": {"max_body_size": MAX_BODY, "drain_limit": DRAIN_LIMIT, **server},
+        "upstreams": {"u": {"targets": [target]}},
+        "plugins": {"client-ip-probe": {}},
+        "routes": [
+            {"name": "api", "prefix": "/api", "upstream": "u"},
+            {"name": "get-only", "prefix": "/get-only", "methods": ["GET"], "upstream": "u"},
+            {"name": "abs", "prefix": "/abs", "upstream": "u", "allow_absolute_form": True},
+        ],
+    }
+
+
+@dataclass
+class Setup:
+    gw: RunningGateway
+    up: Upstream
+
+    @property
+    def port(self) -> int:
+        return self.gw.port
+
+    async def assert_still_serving(self) -> None:
+        """A normal request on a new connection gets the upstream's answer."""
+        before = len(self.up.requests)
+        async with Client.open(self.port) as client:
+            resp = await client.request("GET", "/api/still-serving")
+        assert resp.status == 200, resp.body
+        assert resp.json()["target"] == "/api/still-serving"
+        assert len(self.up.requests) == before + 1
+
+
+PLUGINS = [("client-ip-probe", ProbePlugin())]
+
+
+@pytest.fixture
+async def setup() -> AsyncIterator[Setup]:
+    async with (
+        open_counting_upstream() as up,
+        open_gateway(make_config(up.target), extra_plugins=PLUGINS) as gw,
+    ):
+        yield Setup(gw, up)
+
+
+@pytest.fixture
+async def trusted_setup() -> AsyncIterator[Setup]:
+    config = make_config("", trusted_proxies=["127.0.0.0/8"])
+    async with open_counting_upstream() as up:
+        config["upstreams"]["u"]["targets"] = [up.target]
+        async with open_gateway(config, extra_plugins=PLUGINS) as gw:
+            yield Setup(gw, up)
+
+
+def head(target: str = "/api/x", *headers: str, method: str = "GET", version: str = "1.1") -> bytes:
+    lines = [f"{method} {target} HTTP/{version}", *headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+# -- refused before routing: status, JSON body, close, nothing upstream -------------------
+
+BIG_VALUE = "a" * (20 * 1024)
+
+REFUSED: list[tuple[str, bytes, int]] = [
+    (
+        "content-length-and-transfer-encoding",
+        head(
+            "/api/x",
+            "Host: a",
+            "Content-Length: 5",
+            "Transfer-Encoding: chunked",
+            method="POST",
+        )
+        + b"0\r\n\r\n",
+        400,
+    ),
+    (
+        "transfer-encoding-and-content-length",
+        head(
+            "/api/x",
+            "Host: a",
+            "Transfer-Encoding: chunked",
+            "Content-Length: 5",
+            method="POST",
+        )
+        + b"0\r\n\r\n",
+        400,
+    ),
+    ("garbage-request-line", b"GARBAGE\r\n\r\n", 400),
+    ("space-before-colon", head("/api/x", "Host: a", "X-A : b"), 400),
+    ("header-without-colon", head("/api/x", "Host: a", "NoColonHere"), 400),
+    (
+        "conflicting-content-lengths",
+        head("/api/x", "Host: a", "Content-Length: 1", "Content-Length: 2", method="POST") + b"ab",
+        400,
+    ),
+    (
+        "negative-content-length",
+        head("/api/x", "Host: a", "Content-Length: -1", method="POST"),
+        400,
+    ),
+    (
+        "transfer-encoding-gzip",
+        head("/api/x", "Host: a", "Transfer-Encoding: gzip", method="POST"),
+        400,
+    ),
+    ("missing-host", head("/api/x"), 400),
+    ("http-2.0", head("/api/x", "Host: a", version="2.0"), 505),
+    ("http-1.2", head("/api/x", "Host: a", version="1.2"), 505),
+    ("connect", head("example.com:443", "Host: example.com:443", method="CONNECT"), 400),
+    ("asterisk-form", head("*", "Host: a", method="OPTIONS"), 400),
+    ("absolute-form", head("http://evil.example/api/x", "Host: a"), 400),
+    ("duplicate-host", head("/api/x", "Host: a", "Host: b"), 400),
+    (
+        "duplicate-authorization",
+        head("/api/x", "Host: a", "Authorization: a", "Authorization: b"),
+        400,
+    ),
+    ("head-too-large", head("/api/x", "Host: a", f"X-Big: {BIG_VALUE}"), 431),
+    ("too-many-headers", head("/api/x", "Host: a", *(f"X-H{i}: v" for i in range(101))), 431),
+    (
+        "content-length-over-limit",
+        head("/api/x", "Host: a", f"Content-Length: {MAX_BODY + 1}", method="POST"),
+        413,
+    ),
+    ("encoded-slash", head("/api/a%2Fb", "Host: a"), 400),
+    ("encoded-slash-lower", head("/api/a%2fb", "Host: a"), 400),
+    ("encoded-backslash", head("/api/a%5Cb", "Host: a"), 400),
+    ("encoded-nul", head("/api/a%00b", "Host: a"), 400),
+    ("invalid-utf8", head("/api/a%C3%28", "Host: a"), 400),
+    ("overlong-utf8-dot", head("/api/%C0%AE%C0%AE/x", "Host: a"), 400),
+    ("malformed-escape", head("/api/a%zz", "Host: a"), 400),
+    ("raw-backslash", head("/api/a\\b", "Host: a"), 400),
+    ("raw-non-ascii", b"GET /api/\xff HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+]
+
+
+REFUSED_PARAMS = [pytest.param(data, status, id=name) for name, data, status in REFUSED] + [
+    pytest.param(
+        head("/api/x#frag", "Host: a", "Connection: close"),
+        400,
+        id="fragment-in-target",
+    )
+]
+
+
+@pytest.mark.parametrize(("data", "status"), REFUSED_PARAMS)
+async def test_refused_requests(setup: Setup, data: bytes, status: int) -> None:
+    with trio.fail_after(DEADLINE):
+        responses, closed = await send_raw(setup.port, data)
+        assert len(responses) == 1
+        assert_gateway_error(responses[0], status)
+        assert responses[0].header("connection") == "close"
+        assert closed
+        assert setup.up.requests == []  # refused before anything reached the upstream
+        await setup.assert_still_serving()
+
+
+async def test_head_too_large_in_many_small_writes(setup: Setup) -> None:
+    data = head("/api/x", "Host: a", f"X-Big: {BIG_VALUE}")
+    pieces = [data[i : i + 512] for i in range(0, len(data), 512)]
+    with trio.fail_after(DEADLINE):
+        responses, closed = await send_raw(setup.port, pieces)
+        assert len(responses) == 1
+        assert_gateway_error(responses[0], 431)
+        assert closed
+        assert setup.up.requests == []
+        await setup.assert_still_serving()
+
+
+async def test_huge_head_without_end_in_one_write(setup: Setup) -> None:
+    # 1 MiB of header that never ends: refused on size, not after waiting for the end.
+    data = b"GET /api/x HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * (1024 * 1024)
+    with trio.fail_after(DEADLINE):
+        responses, closed = await send_raw(setup.port, data)
+        assert len(responses) == 1
+        assert_gateway_error(responses[0], 431)
+        assert closed
+        await setup.assert_still_serving()
+
+
+async def test_head_at_the_limit_is_accepted(setup: Setup) -> None:
+    # A head comfortably under max_head_size (16 KiB) goes through.
+    value = "b" * (12 * 1024)
+    with trio.fail_after(DEADLINE):
+        async with Client.open(setup.port) as client:
+            resp = await client.request("GET", "/api/x", [("x-big", value)])
+        assert resp.status == 200
+        assert ["x-big", value] in resp.json()["headers"]
+
+
+async def test_header_count_at_the_limit_is_accepted(setup: Setup) -> None:
+    # Host plus 99 more: exactly max_header_count (100) fields.
+    headers = [(f"x-h{i}", "v") for i in range(99)]
+    with trio.fail_after(DEADLINE):
+        async with Client.open(setup.port) as client:
+            resp = await client.request("GET", "/api/x", headers)
+        assert resp.status == 200
+
+
+async def test_chunked_body_crossing_the_limit(setup: Setup) -> None:
+    piece = b"x" * 32 * 1024
+    chunk = b"%x\r\n%s\r\n" % (len(piece), piece)
+    pieces = [head("/api/upload", "Host: a", "Transfer-Encoding: chunked", method="POST")]
+    pieces += [chunk] * (2 * MAX_BODY // len(piece)) + [b"0\r\n\r\n"]
+    with trio.fail_after(DEADLINE):
+        responses, closed = await send_raw(setup.port, pieces)
+        assert len(responses) == 1
+        assert_gateway_error(responses[0], 413)
+        assert closed
+        # The upstream may have seen the start of the request, never a complete one.
+        assert setup.up.body_bytes <= MAX_BODY
+        assert setup.up.completed == 0
+        await setup.assert_still_serving()
+
+
+async def test_chunked_body_under_the_limit_is_forwarded(setup: Setup) -> None:
+    piece = b"y" * 1000
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(piece), piece) for _ in range(10))
+    data = head(
+        "/api/upload", "Host: a", "Transfer-Encoding: chunked", "Connection: close", method="POST"
+    )
+    with trio.fail_after(DEADLINE):
+        responses, _ = await send_raw(setup.port, data + chunks + b"0\r\n\r\n")
+        assert len(responses) == 1
+        assert responses[0].status == 200
+        assert responses[0].json()["received"] == 10_000
+
+
+INVALID_CHUNKED = [
+    ("bad-size", b"zz\r\nabc\r\n0\r\n\r\n"),
+    ("size-too-short", b"2\r\nabcdef\r\n0\r\n\r\n"),
+    ("no-crlf-after-data", b"3\r\nabcXY0\r\n\r\n"),
+]
+
+
+@pytest.mark.parametrize(
+    "body", [c[1] for c in INVALID_CHUNKED], ids=[c[0] for c in INVALID_CHUNKED]
+)
+async def test_invalid_chunked_framing(setup: Setup, body: bytes) -> None:
+    data = head("/api/upload", "Host: a", "Transfer-Encoding: chunked", method="POST") + body
+    with trio.fail_after(DEADLINE):
+        responses, closed = await send_raw(setup.port, data)
+        assert len(responses) == 1
+        assert_gateway_error(responses[0], 400)
+        assert closed
+        assert setup.up.completed == 0
+        await setup.assert_still_serving()
+
+
+# -- absolute form ---------------------------------------------------------------------
+
+
+async def test_absolute_form_allowed_on_a_route_that_says_so(setup: Setup) -> None:
+    data = head("http://backend.example/abs/x?q=1", "Host: a", "Connection: close")
+    with trio.fail_after(DEADLINE):
+        responses, _ = await send_raw(setup.port, data)
+        assert [r.status for r in responses] == [200]
+        seen = responses[0].json()
+        # Forwarded in origin form: the upstream never sees the client's absolute URI.
+        assert seen["target"] == "/abs/x?q=1"
+
+
+# -- one canonical path, routed and forwarded ------------------------------------------
+
+CANONICAL = [
+    ("/api/a/../b", "/api/b"),
+    ("/nowhere/../api/x", "/api/x"),  # routed as /api/x, not 404 on /nowhere
+    ("/api/./a/./b", "/api/a/b"),
+    ("//api///a//b", "/api/a/b"),
+    ("/api/%61%62%63", "/api/abc"),  # unreserved escapes decoded
+    ("/api/%7e%2D%5f%2e", "/api/~-_."),
+    ("/api/a%20b", "/api/a%20b"),  # reserved/other escapes kept, upper-case hex
+    ("/api/a%3fb", "/api/a%3Fb"),
+    ("/api/%2e%2e/api/x", "/api/x"),  # encoded dots are dots
+    ("/api/x?a=../b&c=%2F", "/api/x?a=../b&c=%2F"),  # the query is not a path
+]
+
+
+@pytest.mark.parametrize(("sent", "forwarded"), CANONICAL, ids=[c[0] for c in CANONICAL])
+async def test_canonical_path_forwarded(setup: Setup, sent: str, forwarded: str) -> None:
+    with trio.fail_after(DEADLINE):
+        responses, _ = await send_raw(setup.port, head(sent, "Host: a", "Connection: close"))
+        assert [r.status for r in responses] == [200]
+        assert responses[0].json()["target"] == forwarded
+
+
+async def test_dot_segments_cannot_escape_a_route(setup: Setup) -> None:
+    # /api/../admin is /admin: no route, so 404, and the upstream sees nothing.
+    for path in ("/api/../admin", "/api/%2e%2e/admin", "/api/.%2E/admin"):
+        with trio.fail_after(DEADLINE):
+            responses, _ = await send_raw(setup.port, head(path, "Host: a", "Connection: close"))
+            assert len(responses) == 1
+            assert_gateway_error(responses[0], 404)
+    assert setup.up.requests == []
+
+
+async def test_echo_stub_sees_the_canonical_path() -> None:
+    with trio.fail_after(DEADLINE):
+        async with open_stubs(names=["echo"]) as stubs:
+            config = {
+                "upstreams": {"echo": {"targets": [stubs.target("echo")]}},
+                "routes": [{"name": "echo", "prefix": "/echo", "upstream": "echo"}],
+            }
+            async with open_gateway(config) as gw, Client.open(gw.port) as client:
+                resp = await client.request("GET", "/x/../echo/a/./b//c/%64")
+                assert resp.status == 200
+                assert resp.json()["path"] == "/echo/a/b/c/d"
+
+
+# -- header hygiene --------------------------------------------------------------------
+
+HOP_BY_HOP_REQUEST = [
+    ("connection", "keep-alive, X-Secret, x-other"),
+    ("x-secret", "1"),
+    ("x-other", "2"),
+    ("keep-alive", "timeout=5"),
+    ("proxy-connection", "keep-alive"),
+    ("te", "trailers"),
+    ("trailer", "x-t"),
+    ("proxy-authorization", "Basic Zm9vOmJhcg=="),
+    ("x-kept", "yes"),
+]
+HOP_BY_HOP_NAMES = {
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "x-secret",
+    "x-other",
+}
+
+
+async def test_hop_by_hop_request_headers_removed(setup: Setup) -> None:
+    with trio.fail_after(DEADLINE):
+        async with Client.open(setup.port) as client:
+            resp = await client.request("GET", "/api/x", HOP_BY_HOP_REQUEST)
+            names = {n for n, _ in resp.json()["headers"]}
+            assert "x-kept" in names
+            assert not names & HOP_BY_HOP_NAMES
+            # An upgrade request is not passed on either; the connection stays usable.
+            resp = await client.request(
+                "GET", "/api/y", [("connection", "upgrade"), ("upgrade", "websocket")]
+            )
+            assert resp.status == 200
+            names = {n for n, _ in resp.json()["headers"]}
+            assert not names & HOP_BY_HOP_NAMES
+            resp = await client.request("GET", "/api/z")
+            assert resp.status == 200
+        assert setup.up.connections == 1
+
+
+async def test_hop_by_hop_response_headers_removed() -> None:
+    headers = [
+        ("Connection", "X-Secret, x-other"),
+        ("X-Secret", "1"),
+        ("X-Other", "2"),
+        ("Keep-Alive", "timeout=5, max=100"),
+        ("Proxy-Connection", "keep-alive"),
+        ("Proxy-Authenticate", "Basic"),
+        ("Trailer", "x-t"),
+        ("Upgrade", "h2c"),
+        ("X-Fine", "yes"),
+    ]
+    with trio.fail_after(DEADLINE):
+        async with open_headers_upstream(headers) as up:
+            config = {
+                "upstreams": {"u": {"targets": [up.target]}},
+                "routes": [{"name": "r", "prefix": "/", "upstream": "u"}],
+            }
+            async with open_gateway(config) as gw, Client.open(gw.port) as client:
+                for _ in range(2):
+                    resp = await client.request("GET", "/x")
+                    assert resp.status == 200
+                    assert resp.body == b"ok"
+                    names = {n.decode() for n, _ in resp.headers}
+                    assert resp.header("x-fine") == "yes"
+                    assert not names & HOP_BY_HOP_NAMES, names
+
+
+async def test_forwarded_headers_from_an_untrusted_peer(setup: Setup) -> None:
+    spoofed = [
+        ("x-forwarded-for", "6.6.6.6"),
+        ("x-forwarded-proto", "https"),
+        ("x-forwarded-host", "evil.example"),
+    ]
+    with trio.fail_after(DEADLINE):
+        async with Client.open(setup.port) as client:
+            resp = await client.request("GET", "/api/x", spoofed, host="api.example")
+        seen = setup.up.requests[-1]
+        assert seen.header_all("x-forwarded-for") == ["127.0.0.1"]
+        assert seen.header_all("x-forwarded-proto") == ["http"]
+        assert seen.header_all("x-forwarded-host") == ["api.example"]
+        assert seen.header("x-seen-client") == "127.0.0.1"
+        assert seen.header("via") == "1.1 filtergate"
+        assert resp.status == 200
+
+
+XFF_CASES: list[Any] = [
+    # (client-sent X-Forwarded-For, the client address the gateway should settle on)
+    ("1.1.1.1", "1.1.1.1"),
+    ("1.1.1.1, 2.2.2.2", "2.2.2.2"),  # rightmost untrusted
+    ("1.1.1.1, 127.0.0.9", "1.1.1.1"),  # trusted hops are skipped
+    ("1.1.1.1,2.2.2.2 , 127.0.0.9,127.0.0.10", "2.2.2.2"),
+    pytest.param(
+        "1.1.1.1, , 127.0.0.9",
+        "1.1.1.1",
+        id="empty-hop",
+    ),
+]
+
+
+@pytest.mark.parametrize(("xff", "client"), XFF_CASES)
+async def test_forwarded_headers_from_a_trusted_peer(
+    trusted_setup: Setup, xff: str, client: str
+) -> None:
+    headers = [
+        ("x-forwarded-for", xff),
+        ("x-forwarded-proto", "https"),
+        ("x-forwarded-host", "public.example"),
+    ]
+    with trio.fail_after(DEADLINE):
+        async with Client.open(trusted_setup.port) as c:
+            resp = await c.request("GET", "/api/x", headers)
+        assert resp.status == 200
+        seen = trusted_setup.up.requests[-1]
+        assert seen.header("x-seen-client") == client
+        hops = [h.strip() for h in (seen.header("x-forwarded-for") or "").split(",")]
+        assert hops == [h.strip() for h in xff.split(",")] + ["127.0.0.1"]
+        assert seen.header("x-forwarded-proto") == "https"
+        assert seen.header("x-forwarded-host") == "public.example"
+
+
+async def test_request_id_generated_returned_and_forwarded(setup: Setup) -> None:
+    with trio.fail_after(DEADLINE):
+        async with Client.open(setup.port) as client:
+            first = await client.request("GET", "/api/x")
+            second = await client.request("GET", "/api/x")
+        ids = [first.header("x-request-id"), second.header("x-request-id")]
+        assert all(ids)
+        assert ids[0] != ids[1]
+        assert [r.header("x-request-id") for r in setup.up.requests] == ids
+        assert all(len(r.header_all("x-request-id")) == 1 for r in setup.up.requests)
+
+
+async def test_request_id_from_an_untrusted_peer_is_replaced(setup: Setup) -> None:
+    with trio.fail_after(DEADLINE):
+        async with Client.open(setup.port) as client:
+            resp = await client.request("GET", "/api/x", [("x-request-id", "forged-1")])
+        rid = resp.header("x-request-id")
+        assert rid
+        assert rid != "forged-1"
+        assert setup.up.requests[-1].header_all("x-request-id") == [rid]
+
+
+async def test_request_id_from_a_trusted_peer_is_kept(trusted_setup: Setup) -> None:
+    with trio.fail_after(DEADLINE):
+        async with Client.open(trusted_setup.port) as client:
+            resp = await client.request("GET", "/api/x", [("x-request-id", "edge-42")])
+            assert resp.header_all("x-request-id") == ["edge-42"]
+            assert trusted_setup.up.requests[-1].header_all("x-request-id") == ["edge-42"]
+            # Also on an error the gateway makes itself.
+            resp = await client.request("GET", "/nowhere", [("x-request-id", "edge-43")])
+            assert resp.status == 404
+            assert resp.header("x-request-id") == "edge-43"
+            assert resp.json()["error"]["request_id"] == "edge-43"
+
+
+# -- connection reuse: keep-alive, pipelining, early answers ---------------------------
+
+
+async def test_keep_alive_serves_several_requests_on_one_connection(setup: Setup) -> None:
+    with trio.fail_after(DEADLINE):
+        async with Client.open(setup.port) as client:
+            for i in range(5):
+                resp = await client.request("POST", f"/api/{i}", body=b"z" * i)
+                assert resp.status == 200
+                assert resp.json()["target"] == f"/api/{i}"
+                assert resp.json()["received"] == i
+        assert setup.up.connections == 1  # the upstream connection was pooled too
+
+
+async def test_pipelined_requests_answered_in_order(setup: Setup) -> None:
+    data = (
+        head("/api/first", "Host: a")
+        + head("/api/second", "Host: a", "Content-Length: 3", method="POST")
+        + b"abc"
+        + head("/nowhere", "Host: a")
+        + head("/api/fourth", "Host: a", "Connection: close")
+    )
+    with trio.fail_after(DEADLINE):
+        responses, closed = await send_raw(setup.port, data)
+        assert [r.status for r in responses] == [200, 200, 404, 200]
+        assert responses[0].json()["target"] == "/api/first"
+        assert responses[1].json()["target"] == "/api/second"
+        assert responses[1].json()["received"] == 3
+        assert_gateway_error(responses[2], 404)
+        assert responses[3].json()["target"] == "/api/fourth"
+        assert closed
+
+
+EARLY = [
+    ("/nowhere", 404),
+    ("/get-only/x", 405),
+]
+
+
+@pytest.mark.parametrize(("path", "status"), EARLY)
+async def test_early_answer_drains_a_small_body(setup: Setup, path: str, status: int) -> None:
+    body = b"q" * 1000
+    data = head(path, "Host: a", f"Content-Length: {len(body)}", method="POST") + body
+    data += head("/api/after", "Host: a", "Connection: close")
+    with trio.fail_after(DEADLINE):
+        responses, _ = await send_raw(setup.port, data)
+        assert [r.status for r in responses] == [status, 200]
+        assert_gateway_error(responses[0], status)
+        if status == 405:
+            assert responses[0].header("allow") == "GET"
+        assert responses[0].header("connection") is None  # kept alive
+        assert responses[1].json()["target"] == "/api/after"
+        assert [r.target for r in setup.up.requests] == [b"/api/after"]
+
+
+@pytest.mark.parametrize(("path", "status"), EARLY)
+async def test_early_answer_closes_on_a_big_body(setup: Setup, path: str, status: int) -> None:
+    size = 8 * DRAIN_LIMIT  # over drain_limit, under max_body_size
+    assert size < MAX_BODY
+    pieces = [head(path, "Host: a", f"Content-Length: {size}", method="POST")]
+    pieces += [b"q" * 4096] * (size // 4096)
+    pieces.append(head("/api/after", "Host: a"))
+    with trio.fail_after(DEADLINE):
+        responses, closed = await send_raw(setup.port, pieces)
+        assert [r.status for r in responses] == [status]
+        assert_gateway_error(responses[0], status)
+        assert closed
+        assert setup.up.requests == []
+        await setup.assert_still_serving()
+
+
+async def test_early_answer_with_a_big_chunked_body_closes(setup: Setup) -> None:
+    piece = b"c" * 4096
+    chunk = b"%x\r\n%s\r\n" % (len(piece), piece)
+    pieces = [head("/nowhere", "Host: a", "Transfer-Encoding: chunked", method="POST")]
+    pieces += [chunk] * (8 * DRAIN_LIMIT // len(piece)) + [b"0\r\n\r\n"]
+    with trio.fail_after(DEADLINE):
+        responses, closed = await send_raw(setup.port, pieces)
+        assert [r.status for r in responses] == [404]
+        assert closed
+        await setup.assert_still_serving()
+
+
+async def test_gateway_errors_have_the_json_body(setup: Setup) -> None:
+    # A sample of errors made after routing (the refused table covers the others).
+    with trio.fail_after(DEADLINE):
+        async with Client.open(setup.port) as client:
+            for method, path, status in (
+                ("GET", "/nowhere", 404),
+                ("DELETE", "/get-only/x", 405),
+            ):
+                resp = await client.request(method, path)
+                raw = RawResponse(resp.status, resp.reason, resp.headers, resp.body)
+                assert_gateway_error(raw, status)
+                assert resp.header("cache-control") == "no-store"
+
+
+@pytest.mark.parametrize(("path", "status"), [("/nowhere", 404), ("/get-only/x", 405)])
+async def test_gateway_error_to_a_head_request(setup: Setup, path: str, status: int) -> None:
+    # The error has no body on the wire (HEAD), and the connection stays usable.
+    with trio.fail_after(DEADLINE):
+        async with Client.open(setup.port) as client:
+            resp = await client.request("HEAD", path)
+            assert resp.status == status
+            assert resp.body == b""
+            assert resp.header("x-request-id")
+            resp = await client.request("GET", "/api/after-head")
+            assert resp.status == 200
+
+
+async def test_head_request_proxied(setup: Setup) -> None:
+    with trio.fail_after(DEADLINE):
+        async with Client.open(setup.port) as client:
+            resp = await client.request("HEAD", "/api/x")
+            assert resp.status == 200
+            assert resp.body == b""
+            resp = await client.request("GET", "/api/y")
+            assert resp.json()["target"] == "/api/y"
+
+
+# -- running out of file descriptors ---------------------------------------------------
+
+
+@contextmanager
+def no_spare_file_descriptors() -> Iterator[None]:
+    """Leave this process no free file descriptor: every accept() fails with EMFILE,
+    as it does on a gateway flooded with connections."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 8, hard))
+    fillers: list[int] = []
+    try:
+        while True:  # take whatever numbers are still free under the limit
+            try:
+                fillers.append(os.dup(0))
+            except OSError:
+                break
+        yield
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def pending_clients(count: int) -> list[socket.socket]:
+    socks = []
+    for _ in range(count):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        socks.append(sock)
+    return socks
+
+
+async def request_on(sock: socket.socket) -> RawResponse:
+    stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+    await stream.send_all(head("/api/late", "Host: a", "Connection: close"))
+    data = b""
+    while chunk := await stream.receive_some(65536):
+        data += chunk
+    await stream.aclose()
+    [resp] = parse_responses(data)
+    return resp
+
+
+async def test_admin_accept_without_file_descriptors_does_not_kill_the_gateway(
+    setup: Setup,
+) -> None:
+    assert setup.gw.admin_port is not None
+    socks = pending_clients(2)
+    try:
+        with trio.fail_after(DEADLINE):
+            with no_spare_file_descriptors():
+                socks[0].connect_ex(("127.0.0.1", setup.gw.admin_port))
+                socks[1].connect_ex(("127.0.0.1", setup.port))
+                await trio.sleep(0.3)
+            await setup.assert_still_serving()
+            async with Client.open(setup.gw.admin_port) as admin:
+                assert (await admin.request("GET", "/healthz")).status == 200
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+async def test_accept_without_file_descriptors_backs_off(
+    setup: Setup, caplog: pytest.LogCaptureFixture
+) -> None:
+    socks = pending_clients(5)
+    try:
+        with trio.fail_after(DEADLINE):
+            with no_spare_file_descriptors():
+                for sock in socks:
+                    sock.connect_ex(("127.0.0.1", setup.port))
+                await trio.sleep(0.5)
+            failures = [r for r in caplog.records if "accept" in r.getMessage()]
+            # A back-off (trio's serve_listeners sleeps 0.1 s) logs a handful, not
+            # tens of thousands per second.
+            assert len(failures) <= 20
+            # Once descriptors are free again, the connections that waited are served.
+            for sock in socks:
+                resp = await request_on(sock)
+                assert resp.status == 200
+    finally:
+        for sock in socks:
+            sock.close()

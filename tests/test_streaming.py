@@ -1,0 +1,486 @@
+"""Bodies stream through the gateway, and a broken upstream never looks like a good one.
+
+* 200 MB up and 200 MB down through a gateway run as its own process (``filtergate run``),
+  whose peak RSS (``VmHWM``) must grow by less than 30 MB: memory per connection stays
+  bounded whatever the body size.
+* Upstream failures around a response: closed or stalled mid-body (the client connection
+  is aborted, so the client can tell the body is incomplete), garbage (502), bytes after
+  a response (that connection is not reused), 1xx before the final response, and a
+  client's ``Expect: 100-continue``.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import h11
+import pytest
+import trio
+import trio.testing
+
+from engine.testing import Client, open_gateway
+from tests.test_hostile import RawResponse, assert_gateway_error, head, parse_responses
+from tests.upstreams import (
+    CHUNK,
+    AbstractUpstream,
+    UpstreamConn,
+    open_counting_upstream,
+    open_garbage_upstream,
+    open_informational_upstream,
+    open_streaming_upstream,
+    open_trailing_bytes_upstream,
+    open_truncating_upstream,
+    response_head,
+    serve_upstream,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+BIG = 200 * 1024 * 1024
+RSS_GROWTH_LIMIT = 30_000_000  # bytes
+
+
+# -- the gateway as a process ----------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def memory(pid: int) -> dict[str, int]:
+    """``VmHWM`` (peak) and ``VmRSS`` of a process, in bytes."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmHWM", "VmRSS"):
+            out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+@asynccontextmanager
+async def run_gateway_process(tmp_path: Path, target: str) -> AsyncIterator[tuple[int, int]]:
+    """``filtergate run`` in front of ``target``; yields ``(pid, port)``."""
+    port = free_port()
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        f"""
+[server]
+listen = ["127.0.0.1:{port}"]
+max_body_size = "1GiB"
+
+[admin]
+enabled = false
+
+[upstreams.u]
+targets = ["{target}"]
+
+[[routes]]
+name = "all"
+prefix = "/"
+upstream = "u"
+"""
+    )
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "engine.cli", "--log-level", "warning", "run", "-c", str(config)],
+        cwd=str(REPO),
+    )
+    try:
+        with trio.fail_after(15):
+            while True:
+                assert proc.returncode is None, "the gateway process exited"
+                try:
+                    stream = await trio.open_tcp_stream("127.0.0.1", port)
+                except OSError:
+                    await trio.sleep(0.05)
+                    continue
+                await stream.aclose()
+                break
+        yield proc.pid, port
+    finally:
+        proc.terminate()
+        with trio.move_on_after(10) as cs:
+            await proc.wait()
+        if cs.cancelled_caught:
+            proc.kill()
+            await proc.wait()
+
+
+async def upload(port: int, size: int) -> Any:
+    """POST ``size`` bytes in 64 KiB writes; returns the upstream's JSON answer."""
+    block = b"u" * CHUNK
+    async with Client.open(port) as client:
+        h = client.h11
+        hdrs = [("host", "a"), ("content-length", str(size))]
+        await client.stream.send_all(
+            h.send(h11.Request(method="POST", target="/up", headers=hdrs)) or b""
+        )
+        left = size
+        while left:
+            n = min(CHUNK, left)
+            await client.stream.send_all(h.send(h11.Data(data=block[:n])) or b"")
+            left -= n
+        await client.stream.send_all(h.send(h11.EndOfMessage()) or b"")
+        resp = await client.read_response()
+    assert resp.status == 200, resp.body
+    return resp.json()
+
+
+async def download(port: int) -> tuple[int, int]:
+    """GET a body over a raw socket; returns (declared Content-Length, bytes received)."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    try:
+        await stream.send_all(head("/down", "Host: a"))
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            chunk = await stream.receive_some(CHUNK)
+            assert chunk, "closed before the response head"
+            buf += chunk
+        head_bytes, _, rest = buf.partition(b"\r\n\r\n")
+        assert head_bytes.startswith(b"HTTP/1.1 200 ")
+        declared = 0
+        for line in head_bytes.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                declared = int(value)
+        received = len(rest)
+        assert rest.count(b"Z") == len(rest)
+        while received < declared:
+            chunk = await stream.receive_some(CHUNK)
+            if not chunk:
+                break
+            assert chunk.count(b"Z") == len(chunk)
+            received += len(chunk)
+        return declared, received
+    finally:
+        await stream.aclose()
+
+
+async def test_200mb_request_body_streams_in_bounded_memory(tmp_path: Path) -> None:
+    with trio.fail_after(40):
+        async with (
+            open_counting_upstream(keep=16) as up,
+            run_gateway_process(tmp_path, up.target) as (pid, port),
+        ):
+            assert (await upload(port, 1024))["received"] == 1024  # warm up
+            before = memory(pid)
+            answer = await upload(port, BIG)
+            after = memory(pid)
+        assert answer["received"] == BIG
+        assert up.body_bytes == BIG + 1024
+        growth = after["VmHWM"] - before["VmHWM"]
+        assert growth < RSS_GROWTH_LIMIT, (before, after)
+
+
+async def test_200mb_response_body_streams_in_bounded_memory(tmp_path: Path) -> None:
+    with trio.fail_after(40):
+        async with (
+            open_streaming_upstream(BIG) as up,
+            run_gateway_process(tmp_path, up.target) as (pid, port),
+        ):
+            before = memory(pid)
+            declared, received = await download(port)
+            after = memory(pid)
+        assert declared == received == BIG
+        growth = after["VmHWM"] - before["VmHWM"]
+        assert growth < RSS_GROWTH_LIMIT, (before, after)
+
+
+# -- upstream failures -----------------------------------------------------------------
+
+
+def make_config(target: str, **upstream: Any) -> dict[str, Any]:
+    return {
+        "upstreams": {"u": {"targets": [target], **upstream}},
+        "routes": [{"name": "r", "prefix": "/", "upstream": "u"}],
+    }
+
+
+async def fetch_raw(port: int, target: str = "/x") -> bytes:
+    """One GET; everything the gateway sent until it closed the connection."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    try:
+        await stream.send_all(head(target, "Host: a"))
+        data = bytearray()
+        while True:
+            try:
+                chunk = await stream.receive_some(CHUNK)
+            except trio.BrokenResourceError:
+                break
+            if not chunk:
+                break
+            data += chunk
+        return bytes(data)
+    finally:
+        await stream.aclose()
+
+
+def read_events(h: h11.Connection, events: list[type[Any]]) -> None:
+    """Record the types of ``h``'s events up to the end of the message."""
+    while True:
+        ev = h.next_event()
+        assert ev is not h11.NEED_DATA
+        events.append(type(ev))
+        if isinstance(ev, h11.EndOfMessage):
+            return
+
+
+def assert_incomplete(data: bytes) -> None:
+    """``data`` (a whole connection's worth) holds a response whose body is cut short.
+
+    What a careful client checks: h11 must report the body incomplete at end of stream.
+    """
+    h = h11.Connection(h11.CLIENT)
+    h.send(h11.Request(method="GET", target="/x", headers=[("host", "a")]))
+    h.send(h11.EndOfMessage())
+    h.receive_data(data)
+    h.receive_data(b"")
+    events: list[type[Any]] = []
+    with pytest.raises(h11.RemoteProtocolError):
+        read_events(h, events)
+    assert events[0] is h11.Response
+    assert h11.EndOfMessage not in events
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+async def test_upstream_closing_mid_body_aborts_the_client(chunked: bool) -> None:
+    declared, sent = 1024 * 1024, 300 * 1024
+    with trio.fail_after(10):
+        async with (
+            open_truncating_upstream(declared, sent, chunked=chunked) as up,
+            open_gateway(make_config(up.target)) as gw,
+        ):
+            data = await fetch_raw(gw.port)
+            assert_incomplete(data)
+            if chunked:
+                assert b"transfer-encoding: chunked" in data.lower()
+            else:
+                assert f"content-length: {declared}".encode() in data.lower()
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+async def test_upstream_stalling_mid_body_aborts_the_client_after_read_timeout(
+    autojump_clock: trio.testing.MockClock, chunked: bool
+) -> None:
+    with trio.fail_after(100):
+        async with (
+            open_truncating_upstream(1024 * 1024, 100 * 1024, chunked=chunked, stall=True) as up,
+            open_gateway(make_config(up.target, read_timeout="5s")) as gw,
+        ):
+            start = trio.current_time()
+            data = await fetch_raw(gw.port)
+            assert trio.current_time() - start == pytest.approx(5.0, abs=0.1)
+            assert_incomplete(data)
+
+
+async def test_upstream_garbage_is_502() -> None:
+    with trio.fail_after(10):
+        async with open_garbage_upstream() as up, open_gateway(make_config(up.target)) as gw:
+            async with Client.open(gw.port) as client:
+                for _ in range(2):
+                    resp = await client.request("GET", "/x")
+                    raw = RawResponse(resp.status, resp.reason, resp.headers, resp.body)
+                    assert_gateway_error(raw, 502)
+                    assert resp.json()["error"]["code"] == "bad_gateway"
+            assert up.connections == 2
+
+
+async def test_upstream_trailing_bytes_connection_not_reused() -> None:
+    with trio.fail_after(10):
+        async with open_trailing_bytes_upstream() as up, open_gateway(make_config(up.target)) as gw:
+            async with Client.open(gw.port) as client:
+                for i in range(1, 4):
+                    resp = await client.request("GET", f"/r{i}")
+                    assert resp.status == 200
+                    # The answer of connection i, never the smuggled bytes.
+                    assert resp.body == f"ok {i}".encode()
+            assert up.connections == 3
+            assert len(up.requests) == 3
+
+
+async def test_upstream_trailing_bytes_arriving_later_connection_not_reused() -> None:
+    async def handler(conn: UpstreamConn) -> None:
+        while await conn.read_request() is not None:
+            number = conn.upstream.connections
+            body = f"ok {number}".encode()
+            await conn.send(response_head(200, content_length=len(body)) + body)
+            await trio.sleep(0.05)  # after the gateway has read the response
+            await conn.send(b"HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\nsmuggled")
+
+    with trio.fail_after(10):
+        async with serve_upstream(handler) as up, open_gateway(make_config(up.target)) as gw:
+            for i in range(1, 4):
+                async with Client.open(gw.port) as client:
+                    resp = await client.request("GET", f"/r{i}")
+                assert resp.body == f"ok {i}".encode()
+                await trio.sleep(0.2)
+            assert up.connections == 3
+
+
+async def test_clean_upstream_connection_is_reused() -> None:
+    # The contrast to the two tests above: a clean response leaves a reusable connection.
+    with trio.fail_after(10):
+        async with open_counting_upstream() as up, open_gateway(make_config(up.target)) as gw:
+            for i in range(3):
+                async with Client.open(gw.port) as client:
+                    resp = await client.request("GET", f"/r{i}")
+                assert resp.status == 200
+            assert up.connections == 1
+
+
+async def test_upstream_informational_responses_then_the_final_one() -> None:
+    with trio.fail_after(10):
+        async with open_informational_upstream() as up, open_gateway(make_config(up.target)) as gw:
+            async with Client.open(gw.port) as client:
+                for _ in range(2):
+                    resp = await client.request("POST", "/x", body=b"hello")
+                    assert resp.status == 200
+                    assert resp.json() == {"final": True, "received": 5}
+            assert up.connections == 1
+
+
+async def test_client_expect_100_continue() -> None:
+    body = b"b" * 50_000
+    with trio.fail_after(10):
+        async with open_counting_upstream() as up, open_gateway(make_config(up.target)) as gw:
+            stream = await trio.open_tcp_stream("127.0.0.1", gw.port)
+            try:
+                await stream.send_all(
+                    head(
+                        "/upload",
+                        "Host: a",
+                        "Expect: 100-continue",
+                        f"Content-Length: {len(body)}",
+                        method="POST",
+                    )
+                )
+                got = b""
+                while b"\r\n\r\n" not in got:
+                    got += await stream.receive_some(CHUNK)
+                interim, _, rest = got.partition(b"\r\n\r\n")
+                assert interim.startswith(b"HTTP/1.1 100 ")
+                assert rest == b""
+                await stream.send_all(body + head("/next", "Host: a", "Connection: close"))
+                data = bytearray(rest)
+                while True:
+                    chunk = await stream.receive_some(CHUNK)
+                    if not chunk:
+                        break
+                    data += chunk
+            finally:
+                await stream.aclose()
+            first, second = parse_responses(bytes(data))
+            assert first.status == 200
+            assert first.json()["received"] == len(body)
+            assert "expect" not in {n for n, _ in first.json()["headers"]}
+            assert second.json()["target"] == "/next"
+
+
+async def test_expect_100_continue_answered_early_without_the_100() -> None:
+    with trio.fail_after(10):
+        async with open_counting_upstream() as up:
+            config = make_config(up.target)
+            config["routes"][0]["prefix"] = "/api"
+            async with open_gateway(config) as gw:
+                stream = await trio.open_tcp_stream("127.0.0.1", gw.port)
+                try:
+                    await stream.send_all(
+                        head(
+                            "/nowhere",
+                            "Host: a",
+                            "Expect: 100-continue",
+                            "Content-Length: 100000",
+                            method="POST",
+                        )
+                    )
+                    data = bytearray()
+                    while True:
+                        chunk = await stream.receive_some(CHUNK)
+                        if not chunk:
+                            break
+                        data += chunk
+                finally:
+                    await stream.aclose()
+                # The final answer straight away (no 100), and the unsent body is not
+                # waited for: the connection is closed.
+                [resp] = parse_responses(bytes(data))
+                assert_gateway_error(resp, 404)
+                assert up.requests == []
+
+
+# -- re-framing of relayed responses ---------------------------------------------------
+
+
+def raw_upstream(response: bytes) -> AbstractUpstream:
+    """Keep-alive; answers every request with the literal bytes ``response``."""
+
+    async def handler(conn: UpstreamConn) -> None:
+        while await conn.read_request() is not None:
+            await conn.send(response)
+
+    return serve_upstream(handler)
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        b"HTTP/1.1 204 No Content\r\nx-a: 1\r\n\r\n",
+        b'HTTP/1.1 304 Not Modified\r\netag: "v1"\r\n\r\n',
+    ],
+    ids=["204", "304"],
+)
+async def test_bodiless_status_relayed_without_body_framing(response: bytes) -> None:
+    # RFC 9112 6.1: no Transfer-Encoding in a 204 (or 304); a client that believed one
+    # would wait for a chunked body that never comes.
+    with trio.fail_after(10):
+        async with raw_upstream(response) as up, open_gateway(make_config(up.target)) as gw:
+            stream = await trio.open_tcp_stream("127.0.0.1", gw.port)
+            try:
+                await stream.send_all(head("/a", "Host: a") + head("/b", "Host: a"))
+                data = b""
+                while data.count(b"\r\n\r\n") < 2:
+                    data += await stream.receive_some(CHUNK)
+            finally:
+                await stream.aclose()
+            first, second = data.split(b"\r\n\r\n")[:2]
+            status = response[9:12]
+            for resp_head in (first, second):
+                assert resp_head.startswith(b"HTTP/1.1 " + status)
+                assert b"transfer-encoding" not in resp_head.lower()
+
+
+async def test_upstream_response_with_content_length_and_chunked() -> None:
+    # h11 reads this body as chunked ("hello"); relaying the upstream's Content-Length
+    # beside it would promise 100 bytes. Either refuse (502) or relay it re-framed.
+    response = (
+        b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\ntransfer-encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n0\r\n\r\n"
+    )
+    with trio.fail_after(10):
+        async with raw_upstream(response) as up, open_gateway(make_config(up.target)) as gw:
+            async with Client.open(gw.port) as client:
+                try:
+                    resp = await client.request("GET", "/x")
+                except (ConnectionError, h11.RemoteProtocolError) as e:
+                    pytest.fail(f"the client got no usable answer: {e!r}")
+            if resp.status == 502:
+                assert resp.json()["error"]["code"] == "bad_gateway"
+            else:
+                assert (resp.status, resp.body) == (200, b"hello")
+
+
+async def test_upstream_request_id_not_duplicated() -> None:
+    # A service that echoes a request id must not give the client two of them.
+    response = b"HTTP/1.1 200 OK\r\nx-request-id: upstream-made\r\ncontent-length: 2\r\n\r\nok"
+    with trio.fail_after(10):
+        async with raw_upstream(response) as up, open_gateway(make_config(up.target)) as gw:
+            async with Client.open(gw.port) as client:
+                resp = await client.request("GET", "/x")
+            assert resp.status == 200
+            assert resp.header_all("x-request-id") == [up.requests[0].header("x-request-id")]

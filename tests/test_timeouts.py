@@ -1,0 +1,341 @@
+"""Client-side and upstream timeouts, in virtual time.
+
+Every party (client, gateway, upstream) runs in this trio run, so with pytest-trio's
+``autojump_clock`` the clock jumps to the next deadline whenever all of them are
+blocked: no test waits in real time, and elapsed times are measured exactly with
+``trio.current_time()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from engine.testing import Client, RunningGateway, open_gateway
+from tests.test_hostile import assert_gateway_error, head, parse_responses
+from tests.upstreams import (
+    Upstream,
+    open_blackhole_upstream,
+    open_counting_upstream,
+    open_refusing_upstream,
+    open_stalling_upstream,
+    open_streaming_upstream,
+)
+
+HEAD_TIMEOUT = 5.0
+BODY_TIMEOUT = 7.0
+KEEPALIVE_TIMEOUT = 20.0
+WRITE_TIMEOUT = 3.0
+DEADLINE = 120  # virtual seconds: far above every timeout under test
+
+SERVER = {
+    "head_timeout": f"{HEAD_TIMEOUT}s",
+    "body_timeout": f"{BODY_TIMEOUT}s",
+    "keepalive_timeout": f"{KEEPALIVE_TIMEOUT}s",
+    "write_timeout": f"{WRITE_TIMEOUT}s",
+}
+
+
+def make_config(
+    target: str, upstream: dict[str, Any] | None = None, **route: Any
+) -> dict[str, Any]:
+    return {
+        "server": dict(SERVER),
+        "upstreams": {"u": {"targets": [target], **(upstream or {})}},
+        "routes": [{"name": "r", "prefix": "/", "upstream": "u", **route}],
+    }
+
+
+@dataclass
+class Setup:
+    gw: RunningGateway
+    up: Upstream
+
+
+@pytest.fixture
+async def setup() -> AsyncIterator[Setup]:
+    async with open_counting_upstream() as up, open_gateway(make_config(up.target)) as gw:
+        yield Setup(gw, up)
+
+
+@dataclass
+class Outcome:
+    data: bytes
+    closed_at: float  # virtual time at which the gateway closed the connection
+
+
+async def read_until_closed(stream: trio.SocketStream) -> Outcome:
+    data = bytearray()
+    while True:
+        try:
+            chunk = await stream.receive_some(65536)
+        except trio.BrokenResourceError:
+            chunk = b""
+        if not chunk:
+            return Outcome(bytes(data), trio.current_time())
+        data += chunk
+
+
+async def assert_serves(port: int) -> float:
+    """A normal request is answered; returns how long it took (virtual seconds)."""
+    start = trio.current_time()
+    async with Client.open(port) as client:
+        resp = await client.request("GET", "/normal")
+    assert resp.status == 200, resp.body
+    return trio.current_time() - start
+
+
+# -- client side -----------------------------------------------------------------------
+
+
+async def test_half_a_head_gets_408_after_head_timeout(
+    autojump_clock: trio.testing.MockClock, setup: Setup
+) -> None:
+    with trio.fail_after(DEADLINE):
+        stream = await trio.open_tcp_stream("127.0.0.1", setup.gw.port)
+        start = trio.current_time()
+        await stream.send_all(b"GET /half HTTP/1.1\r\nHost: a\r\nX-Par")
+        out = await read_until_closed(stream)
+        await stream.aclose()
+        assert out.closed_at - start == pytest.approx(HEAD_TIMEOUT, abs=0.1)
+        [resp] = parse_responses(out.data)
+        assert_gateway_error(resp, 408)
+        assert setup.up.requests == []
+        await assert_serves(setup.gw.port)
+
+
+async def test_dribbling_a_head_does_not_extend_the_head_timeout(
+    autojump_clock: trio.testing.MockClock, setup: Setup
+) -> None:
+    data = b"GET /dribble HTTP/1.1\r\nHost: a\r\nX-Long: " + b"d" * 1000
+
+    with trio.fail_after(DEADLINE):
+        stream = await trio.open_tcp_stream("127.0.0.1", setup.gw.port)
+        start = trio.current_time()
+
+        async def dribble() -> None:
+            try:
+                for i in range(len(data)):
+                    await stream.send_all(data[i : i + 1])
+                    await trio.sleep(0.5)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(dribble)
+            out = await read_until_closed(stream)
+            nursery.cancel_scope.cancel()
+        await stream.aclose()
+        assert out.closed_at - start == pytest.approx(HEAD_TIMEOUT, abs=0.6)
+        [resp] = parse_responses(out.data)
+        assert_gateway_error(resp, 408)
+
+
+async def test_idle_keep_alive_connection_closed_after_keepalive_timeout(
+    autojump_clock: trio.testing.MockClock, setup: Setup
+) -> None:
+    with trio.fail_after(DEADLINE):
+        stream = await trio.open_tcp_stream("127.0.0.1", setup.gw.port)
+        await stream.send_all(head("/first", "Host: a"))
+        data = bytearray()
+        while not parse_responses(bytes(data)):
+            data += await stream.receive_some(65536)
+        assert parse_responses(bytes(data))[0].status == 200
+        start = trio.current_time()
+        out = await read_until_closed(stream)
+        await stream.aclose()
+        # Closed silently (no 408 for a connection between requests) on time.
+        assert out.data == b""
+        assert out.closed_at - start == pytest.approx(KEEPALIVE_TIMEOUT, abs=0.1)
+
+
+async def test_keep_alive_connection_in_use_is_not_cut(
+    autojump_clock: trio.testing.MockClock, setup: Setup
+) -> None:
+    # Requests spaced under keepalive_timeout keep one connection alive past it.
+    with trio.fail_after(DEADLINE):
+        async with Client.open(setup.gw.port) as client:
+            for _ in range(4):
+                resp = await client.request("GET", "/again")
+                assert resp.status == 200
+                await trio.sleep(KEEPALIVE_TIMEOUT * 0.75)
+
+
+async def test_stalled_request_body_gets_408_after_body_timeout(
+    autojump_clock: trio.testing.MockClock, setup: Setup
+) -> None:
+    with trio.fail_after(DEADLINE):
+        stream = await trio.open_tcp_stream("127.0.0.1", setup.gw.port)
+        await stream.send_all(head("/upload", "Host: a", "Content-Length: 1000", method="POST"))
+        await stream.send_all(b"x" * 100)
+        start = trio.current_time()
+        out = await read_until_closed(stream)
+        await stream.aclose()
+        assert out.closed_at - start == pytest.approx(BODY_TIMEOUT, abs=0.1)
+        [resp] = parse_responses(out.data)
+        assert_gateway_error(resp, 408)
+        assert setup.up.completed == 0  # the upstream never got a complete request
+        await assert_serves(setup.gw.port)
+
+
+async def test_client_that_never_reads_is_cut_off_after_write_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    size = 512 * 1024 * 1024  # far more than socket buffers hold
+    with trio.fail_after(DEADLINE):
+        async with open_streaming_upstream(size) as big, open_counting_upstream() as normal:
+            config = make_config(normal.target)
+            config["upstreams"]["big"] = {"targets": [big.target]}
+            config["routes"].insert(0, {"name": "big", "prefix": "/big", "upstream": "big"})
+            async with open_gateway(config) as gw:
+                stream = await trio.open_tcp_stream("127.0.0.1", gw.port)
+                # A small receive buffer, so that the gateway blocks soon.
+                stream.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 64 * 1024)
+                start = trio.current_time()
+                await stream.send_all(head("/big", "Host: a"))
+                await big.wait_requests(1)
+                # Read nothing for a long time: the gateway gives up after write_timeout
+                # and drops the upstream connection too.
+                await trio.sleep(10 * WRITE_TIMEOUT)
+                assert len(big.closed_at) == 1
+                assert big.closed_at[0] - start == pytest.approx(WRITE_TIMEOUT, abs=0.5)
+                out = await read_until_closed(stream)
+                await stream.aclose()
+                assert out.data.startswith(b"HTTP/1.1 200 ")
+                assert len(out.data) < size
+                await assert_serves(gw.port)
+
+
+async def test_slowloris_does_not_stop_normal_requests(
+    autojump_clock: trio.testing.MockClock, setup: Setup
+) -> None:
+    count = 300
+    closed: list[float] = []
+    start = trio.current_time()
+
+    async def slow_client() -> None:
+        stream = await trio.open_tcp_stream("127.0.0.1", setup.gw.port)
+        data = b"GET /slow HTTP/1.1\r\nHost: a\r\nX-A: " + b"s" * 100
+
+        async def dribble() -> None:
+            try:
+                for i in range(len(data)):
+                    await stream.send_all(data[i : i + 1])
+                    await trio.sleep(1.0)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(dribble)
+            out = await read_until_closed(stream)
+            closed.append(out.closed_at)
+            nursery.cancel_scope.cancel()
+        await stream.aclose()
+
+    with trio.fail_after(DEADLINE):
+        async with trio.open_nursery() as nursery:
+            for _ in range(count):
+                nursery.start_soon(slow_client)
+            await trio.sleep(2.5)  # every slow client is connected and dribbling
+            assert not closed
+            # Normal requests are answered at once, over and over, while they dribble.
+            for _ in range(3):
+                assert await assert_serves(setup.gw.port) < 0.1
+                await trio.sleep(0.7)
+        # Each slow client was cut off at head_timeout, none later.
+        assert len(closed) == count
+        assert max(closed) - start <= HEAD_TIMEOUT + 1.0
+        assert len(setup.up.requests) == 3
+
+
+# -- upstream side ---------------------------------------------------------------------
+
+
+async def timed_request(port: int, path: str = "/x") -> tuple[int, float, Any]:
+    start = trio.current_time()
+    async with Client.open(port) as client:
+        resp = await client.request("GET", path)
+    return resp.status, trio.current_time() - start, resp
+
+
+async def test_upstream_read_timeout_is_504(autojump_clock: trio.testing.MockClock) -> None:
+    with trio.fail_after(DEADLINE):
+        async with (
+            open_stalling_upstream() as up,
+            open_gateway(make_config(up.target, {"read_timeout": "4s"})) as gw,
+        ):
+            status, elapsed, resp = await timed_request(gw.port)
+            assert status == 504
+            assert elapsed == pytest.approx(4.0, abs=0.1)
+            assert resp.json()["error"]["code"] == "upstream_timeout"
+
+
+async def test_route_read_timeout_overrides_the_upstream(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with trio.fail_after(DEADLINE):
+        async with (
+            open_stalling_upstream() as up,
+            open_gateway(
+                make_config(up.target, {"read_timeout": "30s"}, read_timeout="1500ms")
+            ) as gw,
+        ):
+            status, elapsed, _ = await timed_request(gw.port)
+            assert status == 504
+            assert elapsed == pytest.approx(1.5, abs=0.1)
+
+
+async def test_route_total_timeout_overrides_the_upstream(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with trio.fail_after(DEADLINE):
+        async with (
+            open_stalling_upstream() as up,
+            open_gateway(
+                make_config(up.target, {"read_timeout": "30s", "timeout": "20s"}, timeout="2s")
+            ) as gw,
+        ):
+            status, elapsed, _ = await timed_request(gw.port)
+            assert status == 504
+            assert elapsed == pytest.approx(2.0, abs=0.1)
+
+
+async def test_connect_timeout_is_504(autojump_clock: trio.testing.MockClock) -> None:
+    with trio.fail_after(DEADLINE):
+        async with (
+            open_blackhole_upstream() as up,
+            open_gateway(make_config(up.target, {"connect_timeout": "3s"})) as gw,
+        ):
+            status, elapsed, resp = await timed_request(gw.port)
+            assert status == 504
+            assert elapsed == pytest.approx(3.0, abs=0.1)
+            assert resp.json()["error"]["code"] == "upstream_timeout"
+
+
+async def test_route_connect_timeout_overrides_the_upstream(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with trio.fail_after(DEADLINE):
+        async with (
+            open_blackhole_upstream() as up,
+            open_gateway(
+                make_config(up.target, {"connect_timeout": "30s"}, connect_timeout="1s")
+            ) as gw,
+        ):
+            status, elapsed, _ = await timed_request(gw.port)
+            assert status == 504
+            assert elapsed == pytest.approx(1.0, abs=0.1)
+
+
+async def test_refused_connect_is_502_at_once(autojump_clock: trio.testing.MockClock) -> None:
+    with trio.fail_after(DEADLINE):
+        async with open_refusing_upstream() as up, open_gateway(make_config(up.target)) as gw:
+            status, elapsed, resp = await timed_request(gw.port)
+            assert status == 502
+            assert elapsed < 0.1
+            assert resp.json()["error"]["code"] == "upstream_unreachable"
