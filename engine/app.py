@@ -10,7 +10,6 @@ and a bad new config is refused while the old one keeps serving.
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 import logging
 import socket
@@ -134,10 +133,6 @@ class Gateway:
                 nursery.start_soon(self._serve_admin, admin_socks[0])
             await nursery.start(self.server.serve, sockets)
             self._ready = True
-            # Everything made so far (modules, config, compiled chains) lives as long as
-            # the process: keep it out of the collector's full passes, which would
-            # otherwise walk it again and again and show up as latency spikes.
-            gc.freeze()
             log.info(
                 "filtergate serving on %s (%d routes)",
                 ", ".join(config.server.listen),

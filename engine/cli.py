@@ -6,6 +6,7 @@ Exit codes: 0 success, 2 a configuration (or plugin) error, 1 anything else.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import signal
@@ -141,6 +142,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         gateway = Gateway(config, registry)
         async with trio.open_nursery() as nursery:
             await nursery.start(gateway.serve)
+            # Everything made so far (modules, config, compiled chains) lives as long as
+            # the process: keep it out of the collector's full passes, which would walk
+            # it again and again and show up as latency spikes. (A process-wide choice,
+            # so it is made here and not by Gateway, which tests run many times over.)
+            gc.freeze()
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
                 async for signum in sigs:
                     for w in workers:
