@@ -239,6 +239,9 @@ class RouteConfig:
     timeout: Duration | None = None
     max_body_size: ByteSize | None = None
     allow_absolute_form: bool = False
+    # CONNECT host:port opens a TCP tunnel to this route's upstream (never to the host
+    # the client names: the gateway is no open proxy). Matched on `hosts` only.
+    allow_connect: bool = False
     plugins: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -266,6 +269,8 @@ class RouteConfig:
                 raise Invalid(
                     f"hosts[{i}]", f'expected "api.example.com" or "*.example.com", got {h!r}'
                 )
+        if self.allow_connect and self.upstream is None:
+            raise Invalid("allow_connect", 'needs "upstream": the tunnel goes there')
         if self.strip_prefix and self.prefix is None:
             raise Invalid("strip_prefix", 'needs "prefix"')
         if self.rewrite is not None and not self.rewrite.startswith("/"):

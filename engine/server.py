@@ -38,6 +38,7 @@ from engine.errors import (
     HttpVersionNotSupported,
     PayloadTooLarge,
     RequestTimeout,
+    UpstreamUnreachable,
     reason_phrase,
     render_error,
 )
@@ -53,7 +54,7 @@ from engine.exchange import (
 from engine.gateway import RouteRuntime, Runtime
 from engine.metrics import counter, gauge
 from engine.sockets import RawSocket, StreamSocket, accept_backoff
-from engine.upstream import _END, UpstreamBodyError, _UpstreamBody
+from engine.upstream import _END, UpstreamBodyError, _UpstreamBody, open_connection
 
 __all__ = ["Server", "open_listeners"]
 
@@ -604,7 +605,11 @@ class _Connection:
             target = req.target
             absolute = False
             if method == b"CONNECT":
-                raise BadRequest("CONNECT is not supported by this gateway")
+                tunnel_route = _connect_route(rt, target)
+                if tunnel_route is None:
+                    raise BadRequest("CONNECT is not allowed here")
+                await self._tunnel(tunnel_route, request_id)
+                return
             if not target.startswith(b"/"):
                 if target.startswith((b"http://", b"https://")):
                     absolute = True
@@ -766,6 +771,54 @@ class _Connection:
                     except Exception:
                         log.exception("an on_log phase failed")
 
+    async def _tunnel(self, route: RouteRuntime, request_id: str) -> None:
+        """Answer CONNECT with a TCP tunnel to the route's upstream, until both sides end."""
+        assert route.pool is not None
+        pool = route.pool
+        self.framing_broken = True  # whatever happens, this connection speaks no more HTTP
+        target = pool.pick(frozenset(), trio.current_time())
+        connect_timeout = route.connect_timeout or pool.config.connect_timeout
+        try:
+            upstream = await open_connection(
+                target.host, target.port, trio.current_time() + connect_timeout
+            )
+        except (OSError, trio.TooSlowError):
+            raise UpstreamUnreachable(
+                f"upstream {pool.name!r}: the tunnel target refused"
+            ) from None
+        idle = route.read_timeout or pool.config.read_timeout
+        try:
+            await self.send_raw(
+                b"HTTP/1.1 200 Connection Established\r\n"
+                + self.server.runtime.rid_header
+                + b": "
+                + request_id.encode()
+                + b"\r\n\r\n"
+            )
+            leftover = self.h11.trailing_data[0]
+            if leftover:
+                await upstream.send_all(leftover, idle)
+            client = self.io
+
+            async def pump(src: RawSocket | StreamSocket, dst: RawSocket | StreamSocket) -> None:
+                try:
+                    while data := await src.recv(idle):
+                        await dst.send_all(data, idle)
+                        await trio.lowlevel.checkpoint()
+                except (OSError, trio.TooSlowError):
+                    nursery.cancel_scope.cancel()  # one side broke: end the tunnel
+                    return
+                if isinstance(dst, RawSocket):
+                    dst.shutdown_write()  # pass the half-close on, keep the other way
+                else:
+                    nursery.cancel_scope.cancel()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pump, client, upstream)
+                nursery.start_soon(pump, upstream, client)
+        finally:
+            upstream.close()
+
     async def _error_response(
         self,
         err: GatewayError,
@@ -922,6 +975,19 @@ def _status_line(status: int, reason: bytes) -> bytes:
 
 # The status lines of the standard codes, made once.
 _STATUS_LINES = {s: _status_line(s, b"") for s in range(100, 600) if reason_phrase(s)}
+
+
+def _connect_route(rt: Runtime, authority: bytes) -> RouteRuntime | None:
+    host = authority.rsplit(b":", 1)[0].decode("latin-1").lower().strip("[]")
+    for route in rt.routes:
+        cfg = route.config
+        if not cfg.allow_connect:
+            continue
+        if not cfg.hosts or any(
+            h == host or (h.startswith("*.") and host.endswith(h[1:])) for h in cfg.hosts
+        ):
+            return route
+    return None
 
 
 def _is_ip(text: str) -> bool:

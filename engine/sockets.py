@@ -83,6 +83,13 @@ class RawSocket:
             return
         raise trio.TooSlowError
 
+    def shutdown_write(self) -> None:
+        """Half-close: the peer reads EOF, this side can still receive."""
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
     def close(self) -> None:
         self.sock.close()
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from functools import partial
 from typing import Any
 
 import trio
 
-from engine.testing import Stubs, http_request, open_gateway
+from engine.testing import Stubs, http_request, open_gateway, raw_exchange
 from tests.upstreams import open_counting_upstream, open_refusing_upstream
 
 
@@ -142,3 +143,46 @@ async def _admin(port: int | None, path: str) -> Any:
     r = await http_request(port, "GET", path)
     assert r.status == 200
     return json.loads(r.body)
+
+
+async def test_connect_tunnels_only_where_a_route_allows_it() -> None:
+    async def echo(stream: trio.SocketStream) -> None:
+        async with stream:
+            while data := await stream.receive_some(65536):
+                await stream.send_all(data)
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(partial(trio.serve_tcp, echo, 0, host="127.0.0.1"))
+            port = listeners[0].socket.getsockname()[1]
+            config = {
+                "upstreams": {"tcp": {"targets": [f"127.0.0.1:{port}"]}},
+                "routes": [
+                    {
+                        "name": "tunnel",
+                        "hosts": ["db.internal"],
+                        "allow_connect": True,
+                        "upstream": "tcp",
+                    },
+                    {"name": "web", "prefix": "/", "upstream": "tcp"},
+                ],
+            }
+            async with open_gateway(config) as gw:
+                stream = await trio.open_tcp_stream("127.0.0.1", gw.port)
+                await stream.send_all(
+                    b"CONNECT db.internal:5432 HTTP/1.1\r\nHost: db.internal:5432\r\n\r\nping"
+                )
+                data = b""
+                while not data.endswith(b"ping"):
+                    data += await stream.receive_some(65536)
+                assert data.startswith(b"HTTP/1.1 200 ")
+                await stream.send_all(b" pong")
+                assert await stream.receive_some(65536) == b" pong"
+                await stream.send_eof()
+                assert await stream.receive_some(65536) == b""  # the half-close came back
+                await stream.aclose()
+                refused = await raw_exchange(
+                    gw.port, b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n\r\n"
+                )
+                assert refused.startswith(b"HTTP/1.1 400 ")
+            nursery.cancel_scope.cancel()
