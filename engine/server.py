@@ -419,26 +419,33 @@ class _Connection:
             if ev is h11.NEED_DATA:
                 if server.draining and not got_bytes:
                     return None
+                data: bytes | None
                 try:
                     if got_bytes:
                         data = await self.io.recv(_INF, deadline)
                     else:
-                        # Idle between requests: shutdown may cancel this wait.
-                        scope = trio.CancelScope()
-                        server._idle.add(scope)
-                        try:
-                            with scope:
-                                data = await self.io.recv(_INF, deadline)
-                        finally:
-                            server._idle.discard(scope)
-                        if scope.cancelled_caught:
-                            return None
+                        data = self.io.recv_nowait()
+                        if data is None:
+                            # Idle between requests: one scope is both the keep-alive
+                            # deadline and what shutdown cancels.
+                            scope = trio.CancelScope(deadline=deadline)
+                            server._idle.add(scope)
+                            try:
+                                with scope:
+                                    data = await self.io.recv_ready()
+                            finally:
+                                server._idle.discard(scope)
+                            if scope.cancelled_caught:
+                                if server.draining:
+                                    return None
+                                raise trio.TooSlowError
                 except trio.TooSlowError:
                     if got_bytes or (self.first and not server.draining):
                         await self._send_fatal(RequestTimeout("the request head took too long"))
                     return None
                 except OSError:
                     return None
+                assert data is not None
                 if data and not got_bytes:
                     got_bytes = True
                     deadline = min(deadline, trio.current_time() + cfg.head_timeout)

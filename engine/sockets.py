@@ -63,6 +63,23 @@ class RawSocket:
                     continue
         raise trio.TooSlowError
 
+    def recv_nowait(self) -> bytes | None:
+        """What is readable now (``b""`` at EOF), or ``None`` when a wait is needed."""
+        try:
+            return self.sock.recv(READ_SIZE)
+        except BlockingIOError:
+            return None
+
+    async def recv_ready(self) -> bytes:
+        """Wait until readable and read, with no deadline: the caller's scope bounds it."""
+        sock = self.sock
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            try:
+                return sock.recv(READ_SIZE)
+            except BlockingIOError:
+                continue
+
     async def send_all(self, data: bytes, max_wait: float, deadline: float = _INF) -> None:
         """All of ``data``; waits at most ``max_wait`` seconds and never past ``deadline``."""
         sock = self.sock
@@ -113,6 +130,15 @@ class StreamSocket:
             except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
                 raise OSError(str(e)) from None
         raise trio.TooSlowError
+
+    def recv_nowait(self) -> bytes | None:
+        return None  # TLS records need the stream: always wait through it
+
+    async def recv_ready(self) -> bytes:
+        try:
+            return bytes(await self.stream.receive_some(READ_SIZE))
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            raise OSError(str(e)) from None
 
     async def send_all(self, data: bytes, max_wait: float, deadline: float = _INF) -> None:
         with trio.CancelScope(deadline=min(deadline, trio.current_time() + max_wait)):
