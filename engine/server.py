@@ -43,6 +43,7 @@ from engine.errors import (
     render_error,
 )
 from engine.exchange import (
+    BodyStream,
     Exchange,
     Headers,
     Request,
@@ -60,7 +61,6 @@ __all__ = ["Server", "open_listeners"]
 
 log = logging.getLogger("filtergate.server")
 
-READ_SIZE = 64 * 1024
 _INF = float("inf")
 
 _HOP_BY_HOP = frozenset(
@@ -297,9 +297,9 @@ class _ClientBody:
 
 
 class _PrefixedBody:
-    """A body stream whose first chunks were already read (buffer cap was crossed)."""
+    """A body stream whose first chunks were already read (a buffer cap was crossed)."""
 
-    def __init__(self, prefix: list[bytes], rest: _ClientBody) -> None:
+    def __init__(self, prefix: list[bytes], rest: BodyStream) -> None:
         self._prefix = prefix
         self._rest = rest
 
@@ -309,7 +309,8 @@ class _PrefixedBody:
     async def __anext__(self) -> bytes:
         if self._prefix:
             return self._prefix.pop(0)
-        return await self._rest.__anext__()
+        chunk: bytes = await self._rest.__aiter__().__anext__()
+        return chunk
 
     async def aclose(self) -> None:
         await self._rest.aclose()
@@ -1078,28 +1079,11 @@ async def _buffer_response(resp: Response, cap: int) -> None:
         parts.append(chunk)
         size += len(chunk)
         if size > cap:
-            resp.stream = _ReplayStream(parts, stream)
+            resp.stream = _PrefixedBody(parts, stream)
             return
     resp.body = b"".join(parts)
     resp.stream = None
 
-
-class _ReplayStream:
-    def __init__(self, prefix: list[bytes], rest: Any) -> None:
-        self._prefix = prefix
-        self._rest = rest
-
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return self
-
-    async def __anext__(self) -> bytes:
-        if self._prefix:
-            return self._prefix.pop(0)
-        chunk: bytes = await self._rest.__anext__()
-        return chunk
-
-    async def aclose(self) -> None:
-        await self._rest.aclose()
 
 
 def open_listeners(addresses: list[str], reuse_port: bool = False) -> list[socket.socket]:

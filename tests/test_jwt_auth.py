@@ -992,3 +992,46 @@ async def test_jwks_end_to_end_through_the_gateway() -> None:
                 resp = await testing.http_request(gw.port, "GET", "/down", headers=headers)
                 assert resp.status == 503
                 assert resp.header("retry-after") is not None
+
+
+# -- the verified-token cache ---------------------------------------------------------------
+
+
+async def test_a_verified_token_is_remembered_until_it_expires(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from engine.testing import build_filter, make_exchange
+
+    secret = "s" * 40
+    now = time.time()
+    token = jwt.encode({"sub": "ada", "exp": int(now) + 100}, secret, algorithm="HS256")
+    f = build_filter(
+        JwtAuth,
+        {"issuers": [{"algorithms": ["HS256"], "secret": secret, "leeway": 0}], "cache_size": 2},
+    )
+    calls = 0
+    verify = f.verify
+
+    async def counting_verify(token: str, at: float) -> Any:
+        nonlocal calls
+        calls += 1
+        return await verify(token, at)
+
+    monkeypatch.setattr(f, "verify", counting_verify)
+    for _ in range(3):
+        ex = make_exchange(headers=[("authorization", f"Bearer {token}")])
+        await f.on_request(ex)
+        assert ex.identity is not None
+        assert ex.identity.consumer == "ada"
+    assert calls == 1
+    # Past its expiry the entry no longer holds: the token is verified again, and refused.
+    monkeypatch.setattr(time, "time", lambda: now + 101)
+    with pytest.raises(Unauthorized):
+        await f.on_request(make_exchange(headers=[("authorization", f"Bearer {token}")]))
+    assert calls == 2
+    # Bounded: only the newest cache_size tokens stay.
+    monkeypatch.setattr(time, "time", lambda: now)
+    for sub in ("a", "b", "c"):
+        t = jwt.encode({"sub": sub, "exp": int(now) + 100}, secret, algorithm="HS256")
+        await f.on_request(make_exchange(headers=[("authorization", f"Bearer {t}")]))
+    assert len(f._verified) == 2

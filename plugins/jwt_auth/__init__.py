@@ -19,6 +19,7 @@ Whatever the token holds, a refusal is a 401 (or 400/403/503 as above), never a 
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from types import MappingProxyType
 from typing import Any
 
@@ -130,6 +131,30 @@ class _Issuer:
         return found
 
 
+class _Verified:
+    """What verifying one token gave, and until when it holds."""
+
+    __slots__ = ("headers", "identity", "issuer", "jwks_keys", "until")
+
+    def __init__(
+        self,
+        identity: Identity,
+        headers: list[tuple[str, bytes]],
+        until: float,
+        issuer: _Issuer,
+        jwks_keys: object,
+    ) -> None:
+        self.identity = identity
+        self.headers = headers
+        self.until = until
+        self.issuer = issuer
+        self.jwks_keys = jwks_keys
+
+    def still_valid(self, now: float) -> bool:
+        jwks = self.issuer.jwks
+        return now < self.until and (jwks is None or jwks.keys is self.jwks_keys)
+
+
 class JwtAuth(Filter):
     """Verifies a JWT bearer token; see the module docstring for the contract."""
 
@@ -151,6 +176,8 @@ class JwtAuth(Filter):
         if config.header:
             register_credential_header(config.header)
         self._scheme = config.scheme.lower().encode()
+        # token -> what verifying it gave; bounded, oldest first out (see _remember).
+        self._verified: OrderedDict[str, _Verified] = OrderedDict()
 
     async def setup(self) -> None:
         """Fetch every JWKS URL once; a provider that is down does not stop start-up."""
@@ -177,11 +204,19 @@ class JwtAuth(Filter):
                 "authentication required",
                 headers=[challenge("Bearer", self.config.realm)],
             )
+        # Wall-clock time: exp/nbf/iat are seconds since the epoch, not intervals.
+        now = time.time()
         try:
-            # Wall-clock time: exp/nbf/iat are seconds since the epoch, not intervals.
-            claims, issuer = await self.verify(token, time.time())
-            identity = self.identity(claims, issuer)
-            headers = self.headers_for(claims)
+            known = self._verified.get(token)
+            if known is not None and known.still_valid(now):
+                identity, headers = known.identity, known.headers
+            else:
+                if len(token) > self.config.max_token_size:
+                    raise AuthFailure("too_large", "the token is too large")
+                claims, issuer = await self.verify(token, now)
+                identity = self.identity(claims, issuer)
+                headers = self.headers_for(claims)
+                self._remember(token, claims, issuer, identity, headers, now)
         except ServiceUnavailable:
             _FAILURES.inc(plugin=self.name, reason="keys_unavailable")
             raise
@@ -212,6 +247,38 @@ class JwtAuth(Filter):
             inject_header(exchange, name, value)
         if self.config.hide_credentials:
             self.remove_credentials(exchange)
+
+    def _remember(
+        self,
+        token: str,
+        claims: dict[str, Any],
+        issuer: _Issuer,
+        identity: Identity,
+        headers: list[tuple[str, bytes]],
+        now: float,
+    ) -> None:
+        """Keep a verified token's outcome until it could first change.
+
+        That is its expiry (plus leeway), its ``max_age``, or a minute without ``exp``;
+        and only while the issuer's JWKS key set is the one that verified it (a
+        rotation that drops the key invalidates the entry).
+        """
+        size = self.config.cache_size
+        if size <= 0:
+            return
+        cfg = issuer.config
+        until = now + 60.0
+        exp = claims.get("exp")
+        if isinstance(exp, int | float) and not isinstance(exp, bool):
+            until = min(until, exp + cfg.leeway)
+        iat = claims.get("iat")
+        if cfg.max_age is not None and isinstance(iat, int | float):
+            until = min(until, iat + cfg.max_age + cfg.leeway)
+        jwks_keys = issuer.jwks.keys if issuer.jwks is not None else None
+        verified = self._verified
+        verified[token] = _Verified(identity, headers, until, issuer, jwks_keys)
+        while len(verified) > size:
+            verified.popitem(last=False)
 
     def read_token(self, exchange: Exchange) -> str | None:
         """The token from the header, else the cookie; ``None`` when there is none.

@@ -270,6 +270,11 @@ class JwtAuthConfig:
     max_token_size: ByteSize = field(
         default=ByteSize(8 * 1024), metadata=_doc("longer tokens are refused")
     )
+    # Verifying a signature costs ~100 us; a client sends the same token many times.
+    cache_size: int = field(
+        default=10_000,
+        metadata=_doc("verified tokens remembered until they expire (0: verify every time)"),
+    )
     allow_anonymous: bool = field(
         default=False,
         metadata=_doc("no token: continue with no identity (an invalid token is still 401)"),
@@ -319,6 +324,8 @@ class JwtAuthConfig:
             raise Invalid("cookie", "not a valid cookie name")
         if " " in self.scheme:
             raise Invalid("scheme", "a scheme is a single word such as Bearer")
+        if self.cache_size < 0:
+            raise Invalid("cache_size", "must not be negative")
         if self.max_token_size < 16:
             raise Invalid("max_token_size", "too small for any token")
         for claim, name in self.claims_to_headers.items():
