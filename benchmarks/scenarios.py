@@ -101,6 +101,11 @@ def plugin_settings(name: str, env: Env) -> tuple[dict[str, Any], list[tuple[str
             "request": {"headers": {"set": {"x-bench": "1"}, "remove": ["cookie"]}},
             "response": {"headers": {"set": {"x-served-by": "filtergate"}}},
         }, []
+    if name == "aggregate":
+        # Three backend calls composed into one answer; compare its latency with three
+        # sequential direct calls (3 x the direct row's).
+        calls = [{"name": n, "upstream": "stub", "path": f"/{n}"} for n in ("a", "b", "c")]
+        return {"calls": calls}, []
     if name in ("circuit-breaker", "retry"):
         return {}, []
     return None
