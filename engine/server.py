@@ -1085,7 +1085,6 @@ async def _buffer_response(resp: Response, cap: int) -> None:
     resp.stream = None
 
 
-
 def open_listeners(addresses: list[str], reuse_port: bool = False) -> list[socket.socket]:
     """Bound, listening, non-blocking sockets for ``host:port`` addresses (v4 and v6)."""
     socks = []

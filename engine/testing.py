@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import socket
 import tomllib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -45,11 +46,13 @@ __all__ = [
     "RunningGateway",
     "Stubs",
     "build_filter",
+    "free_port",
     "http_request",
     "make_exchange",
     "open_gateway",
     "open_stubs",
     "run_chain",
+    "wait_listening",
 ]
 
 
@@ -200,6 +203,31 @@ class RunningGateway:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for subprocess gateways)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def wait_listening(port: int, process: trio.Process | None = None) -> None:
+    """Return once 127.0.0.1:``port`` accepts; raise if ``process`` exits first.
+
+    Put it under a deadline (``trio.fail_after``): it waits as long as it takes.
+    """
+    while True:
+        if process is not None and process.returncode is not None:
+            raise RuntimeError(f"the process exited with {process.returncode} before listening")
+        try:
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+        except OSError:
+            await trio.sleep(0.05)
+            continue
+        await stream.aclose()
+        return
 
 
 def _as_config(config: dict[str, Any] | str | Config) -> Config:

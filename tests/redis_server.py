@@ -13,7 +13,6 @@ test would hide that the shared store is untested.
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import AsyncIterator
@@ -22,13 +21,9 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 
+from engine.testing import free_port as _free_port
+
 __all__ = ["RedisServer", "open_redis_server"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class RedisServer:

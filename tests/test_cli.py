@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -17,16 +16,10 @@ import tomli_w
 import trio
 import trustme
 
-from engine.testing import Stubs, http_request, open_gateway
+from engine.testing import Stubs, http_request, open_gateway, wait_listening
+from engine.testing import free_port as _free_port
 
 CLI = [sys.executable, "-m", "engine.cli"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -102,13 +95,7 @@ async def _gateway_process(config_path: Path, port: int) -> AsyncIterator[trio.P
     proc = await trio.lowlevel.open_process([*CLI, "run", "-c", str(config_path)])
     try:
         with trio.fail_after(20):
-            while True:
-                try:
-                    stream = await trio.open_tcp_stream("127.0.0.1", port)
-                    await stream.aclose()
-                    break
-                except OSError:
-                    await trio.sleep(0.05)
+            await wait_listening(port, proc)
         yield proc
     finally:
         if proc.returncode is None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -26,7 +25,9 @@ import pytest
 import tomli_w
 import trio
 
+from engine.testing import free_port as _free_port
 from engine.testing import http_request, open_stubs
+from engine.testing import wait_listening as _wait_for
 
 pytestmark = pytest.mark.xdist_group("example-plugin")
 
@@ -153,26 +154,6 @@ def test_configured_from_gateway_toml_and_checked(installed: Installed, tmp_path
     result = filtergate(installed, "check", "-c", str(file))
     assert result.returncode == 2
     assert "plugins.header-stamp: no filter type named 'header-stamp'" in result.stderr
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-async def _wait_for(port: int, process: trio.Process) -> None:
-    while True:
-        if process.returncode is not None:
-            raise AssertionError(f"filtergate run exited with {process.returncode}")
-        try:
-            stream = await trio.open_tcp_stream("127.0.0.1", port)
-        except OSError:
-            await trio.sleep(0.05)
-            continue
-        await stream.aclose()
-        return
 
 
 async def test_running_in_the_chain_of_a_running_gateway(

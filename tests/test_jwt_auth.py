@@ -31,6 +31,7 @@ from engine.chain import FilterContext
 from engine.errors import BadRequest, Forbidden, GatewayError, ServiceUnavailable, Unauthorized
 from engine.exchange import Exchange, Headers, Identity, Request, Timings
 from engine.schema import ConfigError, build
+from engine.testing import free_port as _free_port
 from plugins._fetch import FetchError, fetch
 from plugins._identity import DEFAULT_IDENTITY_HEADERS, HeaderPatterns, challenge, header_value
 from plugins.jwt_auth import JwtAuth, JwtAuthConfig
@@ -726,13 +727,6 @@ def _jwks_filter(url: str, **issuer: Any) -> JwtAuth:
             ]
         }
     )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 # Under the mock clock a deadline is in virtual time: it must cover the TTLs the test

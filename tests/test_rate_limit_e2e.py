@@ -4,7 +4,6 @@ Redis, and two gateway processes (``filtergate run``) sharing one Redis limit.""
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,8 @@ import trio
 
 from engine.schema import ConfigError
 from engine.testing import HttpResponse, Stubs, http_request, open_gateway
+from engine.testing import free_port as _free_port
+from engine.testing import wait_listening as _wait_listening
 from plugins.key_auth import hash_key
 from tests.redis_server import RedisServer, open_redis_server
 
@@ -110,25 +111,6 @@ async def test_config_errors_through_the_gateway(stubs: Stubs) -> None:
             'routes[0].plugins.rate-limit.limits[0].window: expected a duration like "1m", '
             "got 'soon'"
         )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def _wait_listening(port: int, process: trio.Process) -> None:
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(f"filtergate run exited with {process.returncode}")
-        try:
-            stream = await trio.open_tcp_stream("127.0.0.1", port)
-        except OSError:
-            await trio.sleep(0.05)
-            continue
-        await stream.aclose()
-        return
 
 
 async def test_two_gateway_processes_share_one_redis_limit(stubs: Stubs, tmp_path: Path) -> None:

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import socket
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,7 +22,7 @@ import pytest
 import trio
 import trio.testing
 
-from engine.testing import Client, open_gateway
+from engine.testing import Client, free_port, open_gateway, wait_listening
 from tests.test_hostile import RawResponse, assert_gateway_error, head, parse_responses
 from tests.upstreams import (
     CHUNK,
@@ -45,13 +44,6 @@ RSS_GROWTH_LIMIT = 30_000_000  # bytes
 
 
 # -- the gateway as a process ----------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def memory(pid: int) -> dict[str, int]:
@@ -93,15 +85,7 @@ upstream = "u"
     )
     try:
         with trio.fail_after(15):
-            while True:
-                assert proc.returncode is None, "the gateway process exited"
-                try:
-                    stream = await trio.open_tcp_stream("127.0.0.1", port)
-                except OSError:
-                    await trio.sleep(0.05)
-                    continue
-                await stream.aclose()
-                break
+            await wait_listening(port, proc)
         yield proc.pid, port
     finally:
         proc.terminate()
