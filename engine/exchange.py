@@ -88,21 +88,32 @@ class Headers:
     def set(self, name: bytes | str, value: bytes | str) -> None:
         """Replace every field named ``name`` by one with ``value``."""
         field = _field(name, value)
-        self.items = [(n, v) for n, v in self.items if n != field[0]]
-        self.items.append(field)
+        key = field[0]
+        items = self.items
+        for n, _ in items:
+            if n == key:
+                self.items = items = [(n, v) for n, v in items if n != key]
+                break
+        items.append(field)
 
     def remove(self, name: bytes | str) -> int:
         """Remove every field named ``name``; returns how many were removed."""
         key = _b(name)
-        before = len(self.items)
-        self.items = [(n, v) for n, v in self.items if n != key]
-        return before - len(self.items)
+        items = self.items
+        for n, _ in items:
+            if n == key:
+                self.items = [(n, v) for n, v in items if n != key]
+                return len(items) - len(self.items)
+        return 0
 
     def remove_where(self, predicate: Callable[[bytes], bool]) -> int:
         """Remove every field whose (lowercase) name matches ``predicate``."""
-        before = len(self.items)
-        self.items = [(n, v) for n, v in self.items if not predicate(n)]
-        return before - len(self.items)
+        items = self.items
+        for n, _ in items:
+            if predicate(n):
+                self.items = [(n, v) for n, v in items if not predicate(n)]
+                return len(items) - len(self.items)
+        return 0
 
     def __contains__(self, name: object) -> bool:
         if not isinstance(name, bytes | str):
