@@ -38,6 +38,7 @@ test: $(STAMP) redis lint
 bench: $(STAMP)
 	sh benchmarks/install-tools.sh $(BIN)/python
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)
+	$(BIN)/python -m benchmarks.chaincost
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache build *.egg-info

@@ -1,0 +1,142 @@
+"""What each filter adds to a request, measured in-process: ``python -m benchmarks.chaincost``.
+
+The load runs of ``python -m benchmarks`` compare whole processes on a noisy machine
+(±20% between runs), which hides a cost of a few percent. This measures the chain alone:
+each built-in filter with the benchmark's config, 10 no-op filters, and the full chain,
+run through the engine's own phase runners on an in-memory exchange (no sockets), many
+times, in one process. It prints microseconds per request and, given the CPU time a
+proxied request costs without filters (``--baseline-us``, by default the ``filtergate``
+row of ``benchmarks/results/latest.json``), the share of throughput each would cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from benchmarks import noop_plugin
+from benchmarks.scenarios import NOT_IN_FULL_CHAIN, plugin_settings
+from engine.chain import (
+    compile_chain,
+    run_log_phases,
+    run_request_phases,
+    run_response_phases,
+    wrap_upstream,
+)
+from engine.exchange import Headers, Response, UpstreamCall
+from engine.plugins import discover
+from engine.testing import build_filter, make_exchange
+
+RESULTS = Path(__file__).parent / "results" / "latest.json"
+
+
+class _Env:
+    stub_port = 0
+
+
+def _filters(names: Sequence[str], registry: Any) -> tuple[list[Any], list[tuple[str, str]]]:
+    filters: list[Any] = []
+    headers: list[tuple[str, str]] = []
+    for name in names:
+        if name.startswith("bench-noop-"):
+            cls = next(c for c in noop_plugin.filtergate_filters() if c.name == name)
+            filters.append(build_filter(cls, {}))
+            continue
+        settings = plugin_settings(name, _Env())  # type: ignore[arg-type]
+        table, extra = settings if settings is not None else ({}, [])
+        filters.append(build_filter(registry.filters[name].type, table, scope="route:bench"))
+        headers += extra
+    return filters, headers
+
+
+async def _measure(filters: list[Any], headers: list[tuple[str, str]], n: int) -> float:
+    chain = compile_chain(filters)
+
+    async def upstream(call: UpstreamCall) -> Response:
+        return Response(
+            status=200,
+            headers=Headers([(b"content-type", b"application/json"), (b"content-length", b"2")]),
+            body=b"{}",
+        )
+
+    async def one() -> None:
+        ex = make_exchange("GET", "/items/1", headers, route_name="bench")
+        answer, depth = await run_request_phases(chain, ex)
+        if answer is None:
+            call = UpstreamCall(
+                upstream="stub", method=b"GET", target=b"/items/1", headers=ex.request.headers
+            )
+            if chain.around:
+                answer = await wrap_upstream(chain.around, ex, upstream)(call)
+            else:
+                answer = await upstream(call)
+        await run_response_phases(chain.response_for(depth), ex, answer)
+        ex.response = answer
+        for pending in run_log_phases(chain, ex):
+            await pending
+
+    for _ in range(min(n, 500)):  # warm caches (a verified token, limiter keys)
+        await one()
+    empty_start = time.perf_counter()
+    for _ in range(n):
+        make_exchange("GET", "/items/1", headers, route_name="bench")
+    empty = time.perf_counter() - empty_start
+    start = time.perf_counter()
+    for _ in range(n):
+        await one()
+    return max(0.0, (time.perf_counter() - start - empty) / n * 1e6)
+
+
+def _baseline() -> float | None:
+    try:
+        doc = json.loads(RESULTS.read_text())
+    except (OSError, ValueError):
+        return None
+    for row in doc.get("results", []):
+        if row.get("name") == "filtergate" and row.get("cpu_us_per_req"):
+            return float(row["cpu_us_per_req"])
+    return None
+
+
+def main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.chaincost", description=__doc__)
+    parser.add_argument("-n", type=int, default=20000, help="requests per measurement")
+    parser.add_argument("--baseline-us", type=float, help="CPU us of a proxied request")
+    args = parser.parse_args(argv)
+    registry = discover(entry_points=False)
+    names = sorted(n for n in registry.filters if plugin_settings(n, _Env()) is not None)  # type: ignore[arg-type]
+    cases: list[tuple[str, list[str]]] = [("(no filters)", [])]
+    cases += [(n, [n]) for n in names if n not in ("aggregate",)]
+    cases.append(("10 no-op filters", [f"bench-noop-{i}" for i in range(noop_plugin.COUNT)]))
+    full = ["jwt-auth", "rate-limit"]
+    full += [n for n in names if n not in full and n not in NOT_IN_FULL_CHAIN]
+    cases.append(("full chain: " + ", ".join(full), full))
+    baseline = args.baseline_us or _baseline()
+    rows = []
+    for label, chain in cases:
+        filters, headers = _filters(chain, registry)
+        us = trio.run(_measure, filters, headers, args.n)
+        rows.append((label, us))
+    base_us = rows[0][1]
+    out = sys.stdout
+    out.write(f"chain cost per request, in-process, {args.n} requests each\n")
+    if baseline:
+        out.write(f"baseline: a proxied request without filters costs {baseline:.0f} us of CPU\n")
+    out.write("\n| chain | us/request | added us | est. throughput vs no filters |\n")
+    out.write("|---|---|---|---|\n")
+    for label, us in rows:
+        added = max(0.0, us - base_us)
+        est = f"{baseline / (baseline + added):.2f}" if baseline else "-"
+        out.write(f"| {label} | {us:.1f} | {added:.1f} | {est} |\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
