@@ -219,3 +219,12 @@ async def test_loadgen_against_the_raw_stub() -> None:
         finally:
             proc.kill()
             await proc.wait()
+
+
+def test_chaincost_measures_every_builtin_chain(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import chaincost
+
+    assert chaincost.main(["-n", "50", "--baseline-us", "200"]) == 0
+    out = capsys.readouterr().out
+    for row in ("(no filters)", "rate-limit", "jwt-auth", "10 no-op filters", "full chain"):
+        assert f"| {row}" in out
