@@ -186,3 +186,24 @@ async def test_connect_tunnels_only_where_a_route_allows_it() -> None:
                 )
                 assert refused.startswith(b"HTTP/1.1 400 ")
             nursery.cancel_scope.cancel()
+
+
+async def test_a_passing_health_check_ends_an_outlier_ejection_early(
+    stubs: Stubs, autojump_clock: Any
+) -> None:
+    outlier = {"consecutive_failures": 2, "base_ejection": "60s", "max_ejected_percent": 50}
+    hc = {"path": "/healthz", "interval": "5s", "healthy_threshold": 1}
+    config = _config(
+        [stubs.target("flaky"), stubs.target("echo")], outlier=outlier, health_check=hc
+    )
+    with trio.fail_after(120):
+        async with open_gateway(config) as gw:
+            for _ in range(4):
+                await http_request(gw.port, "GET", "/x?rate=1")
+            snap = await _admin(gw.admin_port, "/upstreams")
+            flaky = next(t for t in snap["up"]["targets"] if t["address"] == stubs.target("flaky"))
+            assert not flaky["available"]  # ejected for 60 s
+            await trio.sleep(6)  # one health-check interval, far less than the ejection
+            snap = await _admin(gw.admin_port, "/upstreams")
+            flaky = next(t for t in snap["up"]["targets"] if t["address"] == stubs.target("flaky"))
+            assert flaky["available"]
