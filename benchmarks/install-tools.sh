@@ -1,7 +1,8 @@
 #!/bin/sh
 # Install the benchmark's optional tools where this machine allows it: wrk (the load
 # generator; without it the bundled one is used), nginx (the C reference), redis-server
-# (the rate-limit-on-redis scenario) and proxy.py (the Python reference, into .venv).
+# (the rate-limit-on-redis scenario), proxy.py (the Python reference, into .venv) and
+# matplotlib (for --png, into .venv).
 # Never fails the benchmark: whatever cannot be installed is reported as skipped.
 set -u
 missing=""
@@ -21,5 +22,9 @@ PY="${1:-.venv/bin/python}"
 if [ -x "$PY" ] && ! "$PY" -c "import proxy" >/dev/null 2>&1; then
     "$PY" -m pip install -q proxy.py >/dev/null 2>&1 \
         || echo "bench: could not install proxy.py; its scenario will be skipped" >&2
+fi
+if [ -x "$PY" ] && ! "$PY" -c "import matplotlib" >/dev/null 2>&1; then
+    "$PY" -m pip install -q matplotlib >/dev/null 2>&1 \
+        || echo "bench: could not install matplotlib; --png will be skipped" >&2
 fi
 exit 0
