@@ -585,7 +585,7 @@ class _Connection:
             if trusted:
                 if xff:
                     # The rightmost hop our trusted proxies did not add is the client;
-                    # an empty or malformed hop ends the walk (it cannot be trusted).
+                    # empty hops are skipped, a malformed one ends the walk.
                     for hop in reversed(xff.split(b",")):
                         candidate = hop.strip().decode("latin-1")
                         if not candidate:
