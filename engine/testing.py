@@ -42,6 +42,7 @@ from engine.stubs import Stubs, open_stubs
 
 __all__ = [
     "Client",
+    "HeaderLookup",
     "HttpResponse",
     "RunningGateway",
     "Stubs",
@@ -56,13 +57,10 @@ __all__ = [
 ]
 
 
-@dataclass
-class HttpResponse:
-    status: int
-    reason: bytes
+class HeaderLookup:
+    """``header``/``header_all`` over a ``headers`` list of ``(lowercase name, value)``."""
+
     headers: list[tuple[bytes, bytes]]
-    body: bytes
-    http_version: bytes = b"1.1"
 
     def header(self, name: str) -> str | None:
         """The first value of header ``name`` (case-insensitive), decoded."""
@@ -73,8 +71,18 @@ class HttpResponse:
         return None
 
     def header_all(self, name: str) -> list[str]:
+        """Every value of header ``name``, in order, decoded."""
         key = name.lower().encode()
         return [v.decode("latin-1") for n, v in self.headers if n == key]
+
+
+@dataclass
+class HttpResponse(HeaderLookup):
+    status: int
+    reason: bytes
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    http_version: bytes = b"1.1"
 
     def json(self) -> Any:
         return json.loads(self.body)

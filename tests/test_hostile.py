@@ -9,7 +9,6 @@ exact target and header list it received.
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import socket
@@ -25,7 +24,7 @@ import trio
 from engine.chain import Filter, Stage
 from engine.exchange import Exchange
 from engine.plugins import hookimpl
-from engine.testing import Client, RunningGateway, open_gateway, open_stubs
+from engine.testing import Client, HttpResponse, RunningGateway, open_gateway, open_stubs
 from tests.upstreams import Upstream, open_counting_upstream, open_headers_upstream
 
 DEADLINE = 10
@@ -34,26 +33,7 @@ DEADLINE = 10
 # -- helpers ---------------------------------------------------------------------------
 
 
-@dataclass
-class RawResponse:
-    status: int
-    reason: bytes
-    headers: list[tuple[bytes, bytes]]
-    body: bytes
-
-    def header(self, name: str) -> str | None:
-        key = name.lower().encode()
-        for n, v in self.headers:
-            if n == key:
-                return v.decode("latin-1")
-        return None
-
-    def header_all(self, name: str) -> list[str]:
-        key = name.lower().encode()
-        return [v.decode("latin-1") for n, v in self.headers if n == key]
-
-    def json(self) -> Any:
-        return json.loads(self.body)
+RawResponse = HttpResponse  # a response parsed from raw bytes
 
 
 def parse_responses(data: bytes) -> list[RawResponse]:

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import h11
 import trio
 
+from engine.testing import HeaderLookup
+
 __all__ = [
     "CHUNK",
     "RecordedRequest",
@@ -39,24 +41,13 @@ CHUNK = 64 * 1024
 
 
 @dataclass
-class RecordedRequest:
+class RecordedRequest(HeaderLookup):
     """One request as the upstream received it (the body only counted, not kept)."""
 
     method: bytes
     target: bytes
     headers: list[tuple[bytes, bytes]]
     body_length: int
-
-    def header(self, name: str) -> str | None:
-        key = name.lower().encode()
-        for n, v in self.headers:
-            if n == key:
-                return v.decode("latin-1")
-        return None
-
-    def header_all(self, name: str) -> list[str]:
-        key = name.lower().encode()
-        return [v.decode("latin-1") for n, v in self.headers if n == key]
 
 
 @dataclass
