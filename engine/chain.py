@@ -252,17 +252,15 @@ async def run_response_phases(phases: list[Phase], exchange: Exchange, response:
             raise
 
 
-def run_log_phases(chain: Chain, exchange: Exchange) -> list[Awaitable[None]]:
-    """Call sync log phases now; return the awaitables of async ones for the caller."""
-    pending: list[Awaitable[None]] = []
+async def run_log_phases(chain: Chain, exchange: Exchange) -> None:
+    """Run the ``on_log`` phases in order; an exception is logged and goes no further."""
     for phase in chain.log:
         try:
             r = phase.fn(exchange)
             if phase.is_async:
-                pending.append(r)
+                await r
         except Exception:
             log.exception("on_log of filter %r failed", phase.filter.name)
-    return pending
 
 
 def wrap_upstream(

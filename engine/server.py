@@ -773,11 +773,7 @@ class _Connection:
             exchange.response = answer
             exchange.timings.end = trio.current_time()
             if route is not None and route.chain.log:
-                for pending in run_log_phases(route.chain, exchange):
-                    try:
-                        await pending
-                    except Exception:
-                        log.exception("an on_log phase failed")
+                await run_log_phases(route.chain, exchange)
 
     async def _tunnel(self, route: RouteRuntime, request_id: str) -> None:
         """Answer CONNECT with a TCP tunnel to the route's upstream, until both sides end."""

@@ -358,9 +358,5 @@ async def run_chain(
         exchange.error = err
         await run_response_phases(getattr(err, "phases_left", []), exchange, answer)
     exchange.response = answer
-    for pending in run_log_phases(chain, exchange):
-        try:
-            await pending
-        except Exception:
-            pass
+    await run_log_phases(chain, exchange)
     return answer
