@@ -222,7 +222,11 @@ def main(argv: list[str] | None = None) -> int:
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    result: int = args.fn(args)
+    try:
+        result: int = args.fn(args)
+    except BrokenPipeError:  # `filtergate plugins | head`: the reader left, not an error
+        sys.stderr.close()
+        return 0
     return result
 
 
