@@ -78,6 +78,7 @@ class Runtime:
     trusted: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
     router_needs_query: bool
     via_header: bytes = b""
+    any_absolute_form: bool = False
     rid_header: bytes = b""
     _trusted_cache: dict[str, bool] = field(default_factory=dict)
 
@@ -251,6 +252,7 @@ def compile_runtime(config: Config, registry: Registry, previous: Runtime | None
         trusted=trusted,
         router_needs_query=any(r.query for r in config.routes),
         via_header=b"1.1 " + config.server.via.encode(),
+        any_absolute_form=any(r.allow_absolute_form for r in config.routes),
         rid_header=config.server.request_id_header.lower().encode(),
     )
 

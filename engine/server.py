@@ -620,6 +620,8 @@ class _Connection:
                 return
             if not target.startswith(b"/"):
                 if target.startswith((b"http://", b"https://")):
+                    if not rt.any_absolute_form:  # refused as such, not as an unknown path
+                        raise BadRequest("absolute-form request targets are not accepted")
                     absolute = True
                     rest = target.split(b"://", 1)[1]
                     authority, slash, path_part = rest.partition(b"/")

@@ -24,7 +24,14 @@ import trio
 from engine.chain import Filter, Stage
 from engine.exchange import Exchange
 from engine.plugins import hookimpl
-from engine.testing import Client, HttpResponse, RunningGateway, open_gateway, open_stubs
+from engine.testing import (
+    Client,
+    HttpResponse,
+    RunningGateway,
+    open_gateway,
+    open_stubs,
+    raw_exchange,
+)
 from tests.upstreams import Upstream, open_counting_upstream, open_headers_upstream
 
 DEADLINE = 10
@@ -814,3 +821,16 @@ async def test_accept_without_file_descriptors_backs_off(
     finally:
         for sock in socks:
             sock.close()
+
+
+async def test_absolute_form_is_400_even_where_no_route_matches() -> None:
+    config = {
+        "upstreams": {"up": {"targets": ["127.0.0.1:9"]}},
+        "routes": [{"name": "only", "path": "/only", "upstream": "up"}],
+    }
+    with trio.fail_after(DEADLINE):
+        async with open_gateway(config) as gw:
+            data = await raw_exchange(
+                gw.port, b"GET http://elsewhere.example/nothing HTTP/1.1\r\nHost: x\r\n\r\n"
+            )
+            assert data.startswith(b"HTTP/1.1 400 ")
