@@ -696,53 +696,43 @@ class _UpstreamBody:
         raise UpstreamBodyError(f"upstream {self._pool.name!r} ended the body early")
 
     async def __anext__(self) -> bytes:
-        if self._done:
-            raise StopAsyncIteration
+        while True:
+            chunk = self.poll()
+            if chunk is _END:
+                raise StopAsyncIteration
+            if chunk is not None:
+                return chunk  # type: ignore[no-any-return]
+            await self._receive()
+
+    async def _receive(self) -> None:
+        """Read what the upstream sends next, for ``poll`` to hand out.
+
+        Raises :class:`UpstreamBodyError` (and ends the body) on a stall, a reset, or a
+        Content-Length body that ends early.
+        """
         conn = self._conn
         try:
-            if self._remaining is not None:
-                if self._pending:
-                    chunk, self._pending = self._pending, b""
-                    return chunk
-                if self._remaining == 0:
-                    self._finish(clean=True)
-                    raise StopAsyncIteration
-                data = await conn.io.recv(self._read_timeout, self._deadline)
-                if not data:
-                    raise UpstreamBodyError(f"upstream {self._pool.name!r} ended the body early")
-                if len(data) > self._remaining:
-                    data = data[: self._remaining]
-                    self._keep_alive = False
-                self._remaining -= len(data)
-                return data
-            h = conn.h11
-            while True:
-                ev = h.next_event()
-                if ev is h11.NEED_DATA:
-                    h.receive_data(await conn.io.recv(self._read_timeout, self._deadline))
-                    continue
-                t = type(ev)
-                if t is h11.Data:
-                    return bytes(ev.data)  # type: ignore[union-attr]
-                if t is h11.EndOfMessage:
-                    self._finish(clean=True)
-                    raise StopAsyncIteration
+            data = await conn.io.recv(self._read_timeout, self._deadline)
+            if self._remaining is None:
+                conn.h11.receive_data(data)  # h11 frames it: EOF may be the end
+                return
+            if not data:
                 raise UpstreamBodyError(f"upstream {self._pool.name!r} ended the body early")
+            if len(data) > self._remaining:
+                data = data[: self._remaining]
+                self._keep_alive = False  # bytes after the body: never reuse
+            self._remaining -= len(data)
+            self._pending = data
         except trio.TooSlowError:
             self._finish(clean=False)
             raise UpstreamBodyError(
                 f"upstream {self._pool.name!r} stalled in the middle of a body"
             ) from None
-        except h11.RemoteProtocolError as e:
-            self._finish(clean=False)
-            raise UpstreamBodyError(f"upstream {self._pool.name!r} broke the body: {e}") from None
         except OSError as e:
             self._finish(clean=False)
             raise UpstreamBodyError(
                 f"upstream {self._pool.name!r} reset the connection: {e}"
             ) from None
-        except StopAsyncIteration:
-            raise
         except BaseException:
             self._finish(clean=False)
             raise
