@@ -1,7 +1,10 @@
 """proxy.py's documented reverse-proxy route, pointed at the benchmark upstream.
 
 proxy.py loads this class by its dotted name (``--plugins``); the upstream URL comes
-from the environment variable ``FILTERGATE_BENCH_UPSTREAM``.
+from the environment variable ``FILTERGATE_BENCH_UPSTREAM``. It opens a new upstream
+connection per request and fails on a keep-alive connection's second request, so the
+``proxypy`` scenario sends ``Connection: close``; ``proxypy_keepalive`` is the plugin
+that serves keep-alive clients.
 """
 
 from __future__ import annotations

@@ -135,16 +135,24 @@ class Bench:
             if servers.nginx_binary() is None:
                 raise Skip("nginx is not installed")
             server = servers.start_nginx(self.workdir, self.stub.port, gateway_cpus)
-        elif sc.target == "proxypy":
-            try:
-                import proxy  # noqa: F401
-            except ImportError:
-                raise Skip("proxy.py is not installed (pip install proxy.py)") from None
-            server = servers.start_proxypy(self.workdir, self.stub.port, gateway_cpus)
-            # Its documented reverse-proxy route breaks on a keep-alive connection's
-            # second request (see docs/benchmarks.md): clients close after each one.
-            headers.append(("Connection", "close"))
-            result.extra["client"] = "Connection: close"
+        elif sc.target in ("proxypy", "proxypy-keepalive"):
+            version = proxypy_version()
+            if version is None:
+                raise Skip("proxy.py is not installed (pip install proxy.py)")
+            result.extra["proxypy"] = version
+            if sc.target == "proxypy":
+                server = servers.start_proxypy(self.workdir, self.stub.port, gateway_cpus)
+                # Its documented reverse-proxy route breaks on a keep-alive connection's
+                # second request (see proxypy_plugin.py): clients close after each one.
+                headers.append(("Connection", "close"))
+                result.extra["client"] = PROXYPY_CLIENT
+                result.extra["plugin"] = servers.PROXYPY_PLUGIN
+            else:
+                server = servers.start_proxypy_keepalive(self.workdir, self.stub.port, gateway_cpus)
+                result.extra["client"] = PROXYPY_KEEPALIVE_CLIENT
+                result.extra["plugin"] = servers.PROXYPY_KEEPALIVE_PLUGIN
+                result.extra["proxypy_args"] = " ".join(servers.PROXYPY_KEEPALIVE_ARGS)
+                result.extra["writes"] = proxypy_keepalive_writes()
         else:
             why = servers.gateway_available()
             if why is not None:
@@ -264,6 +272,30 @@ class Bench:
 
 class Skip(Exception):
     """The scenario cannot run here; the message says why."""
+
+
+PROXYPY_CLIENT = "Connection: close (its reverse-proxy route fails on keep-alive)"
+PROXYPY_KEEPALIVE_CLIENT = (
+    "keep-alive; plugin keeps one upstream connection per client connection and relays "
+    "the response bytes unparsed"
+)
+
+
+def proxypy_keepalive_writes() -> str:
+    """How the keep-alive plugin writes (``FILTERGATE_BENCH_PROXYPY_FLUSH``)."""
+    if os.environ.get("FILTERGATE_BENCH_PROXYPY_FLUSH") == "loop":
+        return "when proxy.py's loop finds the socket writable"
+    return "sent at once, the rest when proxy.py's loop finds the socket writable"
+
+
+def proxypy_version() -> str | None:
+    """The installed proxy.py's version, or None when it is not installed."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("proxy.py")
+    except metadata.PackageNotFoundError:
+        return None
 
 
 # -- the bundled clients of the bodies and idle scenarios ------------------------------
@@ -525,7 +557,13 @@ def metadata(bench: Bench, args: argparse.Namespace, stub: Server) -> dict[str, 
         "duration_s": args.duration,
         "warmup_s": args.warmup,
         "repeat": args.repeat,
-        "proxypy_client": "Connection: close (its reverse-proxy route fails on keep-alive)",
+        "proxypy_client": PROXYPY_CLIENT,
+        "proxypy_plugin": servers.PROXYPY_PLUGIN,
+        "proxypy_keepalive_client": PROXYPY_KEEPALIVE_CLIENT,
+        "proxypy_keepalive_plugin": servers.PROXYPY_KEEPALIVE_PLUGIN,
+        "proxypy_keepalive_args": " ".join(servers.PROXYPY_KEEPALIVE_ARGS),
+        "proxypy_keepalive_writes": proxypy_keepalive_writes(),
+        "proxypy_version": proxypy_version() or "not installed",
         "filters": sorted(bench.filters),
     }
 

@@ -49,8 +49,10 @@ class GatewayPlan:
 class Scenario:
     """One row of the table.
 
-    ``target``: direct | forwarder | proxypy | nginx | filtergate. ``kind``: load (a
-    throughput run), bodies (1 GiB up and down) or idle (many idle connections).
+    ``target``: direct | forwarder | proxypy (Connection: close clients) |
+    proxypy-keepalive (keep-alive clients, the relay plugin) | nginx | filtergate.
+    ``kind``: load (a throughput run), bodies (1 GiB up and down) or idle (many idle
+    connections).
     """
 
     name: str
@@ -253,6 +255,14 @@ def all_scenarios(builtin_filters: list[str]) -> list[Scenario]:
         )
     )
     s.append(Scenario("proxypy", "proxy.py 1 worker (Connection: close)", "proxypy", quick=True))
+    s.append(
+        Scenario(
+            "proxypy-keepalive",
+            "proxy.py 1 worker, keep-alive plugin",
+            "proxypy-keepalive",
+            quick=True,
+        )
+    )
     s.append(Scenario("nginx", "nginx reverse proxy, 1 worker", "nginx", quick=True))
     s.append(
         Scenario(

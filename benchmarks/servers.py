@@ -205,9 +205,34 @@ http {{
     return start(name, cmd, port, workdir, cpus, cleanup=[prefix])
 
 
-def start_proxypy(workdir: Path, upstream: int, cpus: Iterable[int] | None) -> Server:
-    """proxy.py 2.x as a reverse proxy with one worker (its documented reverse-proxy
-    route; keep-alive clients break it, so the scenario sends Connection: close)."""
+#: proxy.py's documented reverse-proxy route (new upstream connection per request).
+PROXYPY_PLUGIN = "benchmarks.proxypy_plugin.BenchReverseProxy"
+#: One upstream connection per client connection, response bytes relayed unparsed.
+PROXYPY_KEEPALIVE_PLUGIN = "benchmarks.proxypy_keepalive.BenchKeepAliveRelay"
+#: proxy.py's single-worker settings of the keep-alive scenario: threadless, one
+#: acceptor handing connections to one worker process (``--local-executor 0``; with
+#: the default local executor the acceptor serves its connections in a thread of its
+#: own, which was ~15% slower here).
+PROXYPY_KEEPALIVE_ARGS = (
+    "--threadless",
+    "--local-executor",
+    "0",
+    "--num-acceptors",
+    "1",
+    "--num-workers",
+    "1",
+    "--enable-web-server",
+)
+
+
+def _start_proxypy(
+    name: str,
+    workdir: Path,
+    upstream: int,
+    cpus: Iterable[int] | None,
+    args: Sequence[str],
+    timeout: float = 20.0,
+) -> Server:
     port = free_port()
     cmd = [
         sys.executable,
@@ -217,18 +242,36 @@ def start_proxypy(workdir: Path, upstream: int, cpus: Iterable[int] | None) -> S
         HOST,
         "--port",
         str(port),
+        *args,
+        "--log-level",
+        "ERROR",
+    ]
+    env = {"FILTERGATE_BENCH_UPSTREAM": f"http://{HOST}:{upstream}/"}
+    return start(name, cmd, port, workdir, cpus, env=env, timeout=timeout)
+
+
+def start_proxypy(workdir: Path, upstream: int, cpus: Iterable[int] | None) -> Server:
+    """proxy.py 2.x as a reverse proxy with one worker (its documented reverse-proxy
+    route; keep-alive clients break it, so the scenario sends Connection: close)."""
+    args = [
         "--num-workers",
         "1",
         "--num-acceptors",
         "1",
         "--enable-reverse-proxy",
         "--plugins",
-        "benchmarks.proxypy_plugin.BenchReverseProxy",
-        "--log-level",
-        "ERROR",
+        PROXYPY_PLUGIN,
     ]
-    env = {"FILTERGATE_BENCH_UPSTREAM": f"http://{HOST}:{upstream}/"}
-    return start("proxypy", cmd, port, workdir, cpus, env=env)
+    return _start_proxypy("proxypy", workdir, upstream, cpus, args)
+
+
+def start_proxypy_keepalive(
+    workdir: Path, upstream: int, cpus: Iterable[int] | None, timeout: float = 20.0
+) -> Server:
+    """proxy.py 2.x with one worker and the keep-alive relay plugin
+    (``benchmarks/proxypy_keepalive.py``): keep-alive clients work."""
+    args = [*PROXYPY_KEEPALIVE_ARGS, "--plugins", PROXYPY_KEEPALIVE_PLUGIN]
+    return _start_proxypy("proxypy-keepalive", workdir, upstream, cpus, args, timeout)
 
 
 def start_redis(workdir: Path, cpus: Iterable[int] | None) -> Server:

@@ -6,6 +6,7 @@ No timing is asserted: benchmarks measure, tests check behaviour.
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from functools import partial
@@ -228,3 +229,76 @@ def test_chaincost_measures_every_builtin_chain(capsys: pytest.CaptureFixture[st
     out = capsys.readouterr().out
     for row in ("(no filters)", "rate-limit", "jwt-auth", "10 no-op filters", "full chain"):
         assert f"| {row}" in out
+
+
+def test_proxypy_target_prefers_the_keepalive_row() -> None:
+    both = [
+        load_row("filtergate", "filtergate", 6_000.0),
+        load_row("proxypy", "proxypy", 2_000.0),
+        load_row("proxypy-keepalive", "proxypy-keepalive", 12_000.0),
+    ]
+    check = next(c for c in report.check_targets(both) if "proxy.py" in c.name)
+    assert check.name == "filtergate / proxy.py req/s (keep-alive plugin)"
+    assert check.value == pytest.approx(0.5)
+    assert check.verdict == "FAIL"
+    check = next(c for c in report.check_targets(both[:2]) if "proxy.py" in c.name)
+    assert check.name == "filtergate / proxy.py req/s (Connection: close)"
+    assert check.value == pytest.approx(3.0)
+    check = next(c for c in report.check_targets(both[:1]) if "proxy.py" in c.name)
+    assert check.verdict == "not measured"
+
+
+def _established_to(port: int) -> int | None:
+    """Established TCP connections to 127.0.0.1:port, from /proc/net/tcp (Linux)."""
+    try:
+        lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    except OSError:
+        return None
+    remote = f"0100007F:{port:04X}"
+    return sum(1 for line in lines if line.split()[2] == remote and line.split()[3] == "01")
+
+
+@pytest.mark.timeout(20)
+def test_proxypy_keepalive_plugin_serves_two_requests_on_one_connection(
+    tmp_path: Path,
+) -> None:
+    pytest.importorskip("proxy")
+    from benchmarks import servers
+    from benchmarks.rawstub import BODY
+
+    stub = servers.start_rawstub(tmp_path, None)
+    try:
+        proxy = servers.start_proxypy_keepalive(tmp_path, stub.port, None, timeout=10.0)
+        try:
+            with socket.create_connection((HOST, proxy.port), timeout=5) as sock:
+                for path in ("/first", "/second?x=1"):
+                    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+                    head, body = _read_one(sock)
+                    assert head.startswith(b"HTTP/1.1 200 ")
+                    assert body == BODY
+                    # One upstream connection for the client connection, kept open.
+                    assert _established_to(stub.port) in (1, None)
+        finally:
+            proxy.stop()
+    finally:
+        stub.stop()
+
+
+def _read_one(sock: socket.socket) -> tuple[bytes, bytes]:
+    """One Content-Length framed response: (head, body)."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed before the response head"
+        buf += chunk
+    head, _, body = buf.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")[1:]
+        if line.lower().startswith(b"content-length:")
+    )
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed inside the body"
+        body += chunk
+    return head, body
