@@ -20,7 +20,6 @@ from typing import Any
 
 import h11
 import trio
-from h11._state import MIGHT_SWITCH_PROTOCOL
 
 from engine.canonical import canonical_path, split_target
 from engine.chain import (
@@ -56,6 +55,7 @@ from engine.gateway import RouteRuntime, Runtime
 from engine.metrics import counter, gauge
 from engine.sockets import RawSocket, StreamSocket, accept_backoff
 from engine.upstream import _END, UpstreamBodyError, _UpstreamBody, open_connection
+from engine.wire import BodyReader, ChunkedReader, ContentLengthReader, ProtocolError, Reader
 
 __all__ = ["Server", "open_listeners"]
 
@@ -89,7 +89,6 @@ _REQ_SPECIAL = {name: 1 for name in _HOP_BY_HOP} | {
 
 _responses = counter("filtergate_responses_total", "Responses sent, by status class", ("code",))
 _RESPONSES = [_responses.bind(code=f"{c}xx") for c in range(10)]
-_EOM = h11.EndOfMessage()  # events are immutable: one instance serves every message
 _OWN_RESPONSE_FIELDS = frozenset({b"content-length", b"transfer-encoding", b"connection"})
 _open_connections = gauge("filtergate_open_connections", "Client connections open")
 
@@ -98,9 +97,8 @@ class _Abort(Exception):
     """The client connection must be dropped without a word (framing cannot be kept)."""
 
 
-def _h11_error(e: h11.RemoteProtocolError) -> GatewayError:
-    hint = e.error_status_hint
-    if hint == 431:
+def _parse_error(e: ProtocolError) -> GatewayError:
+    if e.status == 431:
         return HeaderTooLarge("request head too large")
     return BadRequest(f"malformed request: {e}")
 
@@ -228,10 +226,11 @@ class Server:
 class _ClientBody:
     """The client's request body as it arrives, with the size cap and idle timeout."""
 
-    __slots__ = ("_conn", "_done", "_limit", "_prefix", "_seen")
+    __slots__ = ("_conn", "_done", "_limit", "_prefix", "_reader", "_seen")
 
-    def __init__(self, conn: _Connection, limit: int) -> None:
+    def __init__(self, conn: _Connection, reader: BodyReader, limit: int) -> None:
         self._conn = conn
+        self._reader = reader
         self._limit = limit
         self._seen = 0
         self._done = False
@@ -244,17 +243,18 @@ class _ClientBody:
         if self._done:
             raise StopAsyncIteration
         conn = self._conn
-        h = conn.h11
-        if h.they_are_waiting_for_100_continue and not conn.sent_100:
-            conn.sent_100 = True
+        if conn.expect_100:  # the client holds the body back until told to send it
+            conn.expect_100 = False
             await conn.send_raw(b"HTTP/1.1 100 Continue\r\n\r\n")
+        wire = conn.wire
+        reader = self._reader
         while True:
             try:
-                ev = h.next_event()
-            except h11.RemoteProtocolError as e:
+                ev = wire.body(reader)
+            except ProtocolError as e:
                 conn.framing_broken = True
                 raise BadRequest(f"malformed request body: {e}") from None
-            if ev is h11.NEED_DATA:
+            if ev is None:
                 timeout = conn.server.runtime.config.server.body_timeout
                 try:
                     data = await conn.io.recv(timeout)
@@ -264,21 +264,18 @@ class _ClientBody:
                 except OSError:
                     conn.framing_broken = True
                     raise _Abort() from None
-                h.receive_data(data)
+                wire.feed(data)
                 continue
-            t = type(ev)
-            if t is h11.Data:
-                data = ev.data  # type: ignore[union-attr]
+            if type(ev) is h11.Data:
+                data = ev.data
                 self._seen += len(data)
                 if self._seen > self._limit:
                     conn.framing_broken = True
                     raise PayloadTooLarge(f"request body larger than {self._limit} bytes")
                 return bytes(data)
-            if t is h11.EndOfMessage:
-                self._done = True
-                raise StopAsyncIteration
-            conn.framing_broken = True
-            raise BadRequest("the request body ended early")
+            self._done = True  # EndOfMessage
+            conn.body_reader = None
+            raise StopAsyncIteration
 
     async def read_all(self, cap: int) -> bytes | None:
         """The whole body if it fits in ``cap`` bytes, else ``None`` (body left unread)."""
@@ -318,19 +315,18 @@ class _PrefixedBody:
 
 class _Connection:
     __slots__ = (
-        "bodyless",
+        "body_reader",
+        "expect_100",
         "first",
         "framing_broken",
-        "h11",
         "http11",
         "io",
         "keep_alive",
-        "max_head",
         "peer",
         "scheme",
-        "sent_100",
         "server",
         "tls",
+        "wire",
     )
 
     def __init__(
@@ -345,14 +341,16 @@ class _Connection:
         self.peer = peer
         self.tls = tls
         self.scheme = "https" if tls else "http"
-        self.max_head = server.runtime.config.server.max_head_size
-        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_head)
+        # One reader for the connection's life: bytes pipelined behind a request stay
+        # in its buffer for the next one.
+        self.wire = Reader(server.runtime.config.server.max_head_size)
         self.first = True
-        self.bodyless = False
+        # The framing of the request body not read yet; None once read or when bodiless.
+        self.body_reader: BodyReader | None = None
+        self.expect_100 = False  # the client waits for "100 Continue" before its body
         self.framing_broken = False
         self.http11 = True
         self.keep_alive = True
-        self.sent_100 = False
 
     async def send_raw(self, data: bytes | None) -> None:
         if not data:
@@ -364,7 +362,6 @@ class _Connection:
             raise _Abort() from None
 
     async def run(self) -> None:
-        h = self.h11
         server = self.server
         try:
             while True:
@@ -372,7 +369,8 @@ class _Connection:
                 if req is None:
                     return
                 self.first = False
-                self.bodyless = False
+                self.body_reader = None
+                self.expect_100 = False
                 server._busy += 1
                 try:
                     await self._handle(req)
@@ -384,21 +382,8 @@ class _Connection:
                     return
                 if server.draining:
                     return
-                if not self.bodyless:
-                    if h.their_state is h11.SEND_BODY and not await self._drain():
-                        return
-                    # MIGHT_SWITCH_PROTOCOL: an Upgrade request answered without switching.
-                    state = h.their_state
-                    if state is not h11.DONE and state is not MIGHT_SWITCH_PROTOCOL:
-                        return
-                # The response was written by the gateway, not through h11: the next
-                # request gets a fresh parser holding whatever was pipelined behind.
-                leftover, closed = h.trailing_data
-                h = self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_head)
-                if leftover:
-                    h.receive_data(leftover)
-                if closed:
-                    h.receive_data(b"")
+                if self.body_reader is not None and not await self._drain(self.body_reader):
+                    return
                 # Socket I/O here does not yield when the kernel is ready: yield once per
                 # request so one busy keep-alive connection cannot starve the others.
                 await trio.lowlevel.checkpoint()
@@ -406,70 +391,71 @@ class _Connection:
             return
 
     async def _read_head(self) -> h11.Request | None:
-        h = self.h11
+        """The next request head; ``None`` when the connection should end (answered
+        already if the client deserved an answer)."""
+        wire = self.wire
         server = self.server
         cfg = server.runtime.config.server
         deadline = trio.current_time() + (cfg.head_timeout if self.first else cfg.keepalive_timeout)
-        got_bytes = False
+        got_bytes = len(wire) > 0  # pipelined behind the previous request
         while True:
             try:
-                ev = h.next_event()
-            except h11.RemoteProtocolError as e:
-                await self._send_fatal(_h11_error(e))
+                req = wire.request()
+            except ProtocolError as e:
+                await self._send_fatal(_parse_error(e))
                 return None
-            if ev is h11.NEED_DATA:
-                if server.draining and not got_bytes:
-                    return None
-                data: bytes | None
-                try:
-                    if got_bytes:
-                        data = await self.io.recv(_INF, deadline)
-                    else:
-                        data = self.io.recv_nowait()
-                        if data is None:
-                            # Idle between requests: one scope is both the keep-alive
-                            # deadline and what shutdown cancels.
-                            scope = trio.CancelScope(deadline=deadline)
-                            server._idle.add(scope)
-                            try:
-                                with scope:
-                                    data = await self.io.recv_ready()
-                            finally:
-                                server._idle.discard(scope)
-                            if scope.cancelled_caught:
-                                if server.draining:
-                                    return None
-                                raise trio.TooSlowError
-                except trio.TooSlowError:
-                    if got_bytes or (self.first and not server.draining):
-                        await self._send_fatal(RequestTimeout("the request head took too long"))
-                    return None
-                except OSError:
-                    return None
-                assert data is not None
-                if data and not got_bytes:
-                    got_bytes = True
-                    deadline = min(deadline, trio.current_time() + cfg.head_timeout)
-                h.receive_data(data)
-                continue
-            if type(ev) is h11.Request:
-                return ev
-            return None  # ConnectionClosed
+            if req is not None:
+                return req
+            if wire.eof:
+                return None  # the client closed between requests
+            if server.draining and not got_bytes:
+                return None
+            data: bytes | None
+            try:
+                if got_bytes:
+                    data = await self.io.recv(_INF, deadline)
+                else:
+                    data = self.io.recv_nowait()
+                    if data is None:
+                        # Idle between requests: one scope is both the keep-alive
+                        # deadline and what shutdown cancels.
+                        scope = trio.CancelScope(deadline=deadline)
+                        server._idle.add(scope)
+                        try:
+                            with scope:
+                                data = await self.io.recv_ready()
+                        finally:
+                            server._idle.discard(scope)
+                        if scope.cancelled_caught:
+                            if server.draining:
+                                return None
+                            raise trio.TooSlowError
+            except trio.TooSlowError:
+                if got_bytes or (self.first and not server.draining):
+                    await self._send_fatal(RequestTimeout("the request head took too long"))
+                return None
+            except OSError:
+                return None
+            assert data is not None
+            if data and not got_bytes:
+                got_bytes = True
+                deadline = min(deadline, trio.current_time() + cfg.head_timeout)
+            wire.feed(data)
 
-    async def _drain(self) -> bool:
+    async def _drain(self, reader: BodyReader) -> bool:
         """Read and drop an unread request body, within limits; ``False``: close instead."""
-        h = self.h11
-        if h.they_are_waiting_for_100_continue:
-            return False
+        if self.expect_100:
+            return False  # the client still holds its body back: close instead of waiting
         cfg = self.server.runtime.config.server
         budget: int = cfg.drain_limit
         deadline = trio.current_time() + min(cfg.body_timeout, 5.0)
+        wire = self.wire
         while True:
             try:
-                ev = h.next_event()
-            except h11.RemoteProtocolError:
+                ev = wire.body(reader)
+            except ProtocolError:
                 return False
-            if ev is h11.NEED_DATA:
+            if ev is None:
                 try:
                     data = await self.io.recv(_INF, deadline)
                 except (trio.TooSlowError, OSError):
@@ -479,12 +465,11 @@ class _Connection:
                 budget -= len(data)
                 if budget < 0:
                     return False
-                h.receive_data(data)
+                wire.feed(data)
                 continue
             if type(ev) is h11.EndOfMessage:
+                self.body_reader = None
                 return True
-            if type(ev) is not h11.Data:
-                return False
 
     async def _send_fatal(self, err: GatewayError) -> None:
         # h11 may be in an error state; write the whole response by hand and close.
@@ -529,6 +514,7 @@ class _Connection:
             conn_tokens: bytes | None = None
             authz = 0
             content_length: bytes | None = None
+            expect: bytes | None = None
             chunked = False
             rid_header = rt.rid_header
             client_rid: bytes | None = None
@@ -559,8 +545,16 @@ class _Connection:
                     xfp = value
                 elif kind == 6:
                     xfh = value
-                else:  # expect: h11 handles 100-continue; never forwarded
-                    pass
+                else:  # expect: answered here (100 Continue), never forwarded
+                    expect = value
+            # The body's framing first: whatever is refused below, the body must be
+            # read past (or the connection closed) before the next request.
+            if chunked:
+                self.body_reader = ChunkedReader()
+            elif content_length is not None and content_length != b"0":
+                self.body_reader = ContentLengthReader(int(content_length))
+            if expect is not None and req.http_version == b"1.1" and self.body_reader:
+                self.expect_100 = b"100-continue" in expect.lower()
             if head_size > cfg.max_head_size:
                 raise HeaderTooLarge(f"request head larger than {cfg.max_head_size} bytes")
             if chunked and content_length is not None:
@@ -569,7 +563,6 @@ class _Connection:
                 raise BadRequest("more than one Authorization header")
             self.http11 = req.http_version == b"1.1"
             self.keep_alive = self.http11  # HTTP/1.0 keep-alive is not offered (as h11)
-            self.sent_100 = False
             if conn_tokens is not None:
                 tokens = {t.strip().lower() for t in conn_tokens.split(b",")}
                 tokens.discard(b"")
@@ -671,12 +664,8 @@ class _Connection:
                     raise PayloadTooLarge(
                         f"request body of {body_length} bytes is over {route.max_body_size}"
                     )
-            if chunked or (body_length is not None and body_length > 0):
-                body = _ClientBody(self, route.max_body_size)
-            else:
-                # No Content-Length, no chunked: h11's EndOfMessage would consume no
-                # bytes, so it is not asked for; what follows is the next request.
-                self.bodyless = True
+            if self.body_reader is not None:
+                body = _ClientBody(self, self.body_reader, route.max_body_size)
 
             chain = route.chain
             if chain.request_body_at is not None:
@@ -801,7 +790,7 @@ class _Connection:
                 + request_id.encode()
                 + b"\r\n\r\n"
             )
-            leftover = self.h11.trailing_data[0]
+            leftover = self.wire.take()
             if leftover:
                 await upstream.send_all(leftover, idle)
             client = self.io
@@ -895,8 +884,7 @@ class _Connection:
         else:
             cl = resp.headers.get(b"content-length") if method == b"HEAD" else None
             head.append(b"content-length: " + (cl or b"0") + b"\r\n")
-        h = self.h11
-        if h.their_state is h11.SEND_BODY and h.they_are_waiting_for_100_continue:
+        if self.body_reader is not None and self.expect_100:
             self.framing_broken = True  # answered without the body it holds back: close
         if not self.keep_alive or self.framing_broken or server.draining or close_delimited:
             self.keep_alive = False

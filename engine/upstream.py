@@ -1,8 +1,9 @@
-"""Upstream pools: keep-alive h11 client connections per target, balancing, health.
+"""Upstream pools: keep-alive client connections per target, balancing, health.
 
-Only this module and :mod:`engine.server` touch sockets. A pool hands out connections
-with an idle (keep-alive) h11 client state; a connection goes back only when its
-response ended cleanly (``EndOfMessage``, no bytes after it, no error). Errors become
+Only this module and :mod:`engine.server` touch sockets. The gateway writes each
+request head itself; h11 parses the responses (:mod:`engine.wire`). A connection goes
+back to its pool only when its response ended cleanly (where its framing said, no bytes
+after it, no error). Errors become
 the gateway's types where they enter:
 
 * refused / unreachable connect -> the target is ejected for ``eject_cooldown`` and the
@@ -40,6 +41,7 @@ from engine.errors import (
 from engine.exchange import Headers, Response, UpstreamCall
 from engine.metrics import counter, gauge
 from engine.sockets import RawSocket
+from engine.wire import BodyReader, ChunkedReader, Http10Reader, ProtocolError, Reader
 
 __all__ = ["Pool", "Target", "UpstreamBodyError"]
 
@@ -66,12 +68,18 @@ class UpstreamBodyError(BadGateway):
     """
 
 
+#: The largest response head accepted from an upstream.
+MAX_RESPONSE_HEAD = 64 * 1024
+
+
 class _Conn:
-    __slots__ = ("h11", "idle_since", "io", "reused", "target")
+    __slots__ = ("idle_since", "io", "reused", "target", "wire")
 
     def __init__(self, io: RawSocket, target: Target) -> None:
         self.io = io
-        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=64 * 1024)
+        # Empty whenever the connection is idle: it is pooled only when a response
+        # ended exactly where its framing said.
+        self.wire = Reader(MAX_RESPONSE_HEAD)
         self.target = target
         self.idle_since = 0.0
         self.reused = False
@@ -365,10 +373,8 @@ class Pool:
     async def _exchange(
         self, call: UpstreamCall, conn: _Conn, read_timeout: float, deadline: float
     ) -> Response:
-        # A fresh parser per exchange: the gateway frames what it sends itself (h11 is
-        # told only the request head, for the response's framing rules), so the state
-        # machine is never walked through a body it did not write.
-        h = conn.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=64 * 1024)
+        # The gateway writes the request; h11 parses the response (engine.wire).
+        wire = conn.wire
         io = conn.io
         body = call.body
         method = call.method
@@ -400,9 +406,6 @@ class Pool:
             chunked = True
         head.append(b"\r\n")
         data = b"".join(head)
-        # h11 only needs to know the method (a HEAD response has no body): it is told
-        # with a one-field request of the same method, whose bytes are not sent.
-        h.send(_probe(method))
         reused = conn.reused
         got_bytes = False
         informational = 0
@@ -433,8 +436,8 @@ class Pool:
                     raise _StaleConnection() from None
             # Response head: skip 1xx, keep the final one.
             while True:
-                ev = h.next_event()
-                if ev is h11.NEED_DATA:
+                ev = wire.response()
+                if ev is None:
                     chunk = await io.recv(read_timeout, deadline)
                     if chunk:
                         got_bytes = True
@@ -445,21 +448,20 @@ class Pool:
                         raise UpstreamReset(
                             f"upstream {self.name!r} closed the connection without answering"
                         )
-                    h.receive_data(chunk)
-                    continue
-                if type(ev) is h11.InformationalResponse:
-                    informational += 1
-                    if informational > 10:  # an upstream may not stall us with 1xx forever
-                        raise BadGateway(f"upstream {self.name!r} sent too many 1xx responses")
+                    wire.feed(chunk)
                     continue
                 if type(ev) is h11.Response:
                     break
-                raise BadGateway(f"upstream {self.name!r} sent an unexpected {type(ev).__name__}")
+                if ev.status_code == 101:  # never asked for: the gateway sends no Upgrade
+                    raise BadGateway(f"upstream {self.name!r} switched protocols unasked")
+                informational += 1
+                if informational > 10:  # an upstream may not stall us with 1xx forever
+                    raise BadGateway(f"upstream {self.name!r} sent too many 1xx responses")
         except trio.TooSlowError:
             self._discard(conn)
             self._count["timeout"].inc()
             raise UpstreamTimeout(f"upstream {self.name!r} did not answer in time") from None
-        except h11.RemoteProtocolError as e:
+        except ProtocolError as e:
             self._discard(conn)
             self._count["garbage"].inc()
             raise BadGateway(f"upstream {self.name!r} answered garbage: {e}") from None
@@ -476,7 +478,7 @@ class Pool:
         items = [(n, v) for _, n, v in ev.headers._full_items]
         te = False
         cl: bytes | None = None
-        keep_alive = ev.http_version == b"1.1"
+        keep_alive = ev.http_version == b"1.1"  # HTTP/1.0 keep-alive is not used (as h11)
         for n, v in items:
             if n == b"transfer-encoding":
                 te = True
@@ -494,13 +496,20 @@ class Pool:
         headers = Headers(items)
         resp = Response(status=ev.status_code, headers=headers, reason=ev.reason)
         status = ev.status_code
+        # The response's framing, as RFC 9112 6.3 (and h11) decide it.
+        reader: BodyReader | None = None
         if call.method == b"HEAD" or status == 204 or status == 304:
             length: int | None = 0
-        elif cl is not None and not te:
+        elif te:
+            length = None
+            reader = ChunkedReader()  # h11 refused any coding but chunked
+        elif cl is not None:
             length = int(cl)  # h11 checked it is one well-formed number
         else:
-            length = None  # chunked or close-delimited: h11 reads the body
-        resp.stream = _UpstreamBody(self, conn, read_timeout, deadline, length, keep_alive)
+            length = None
+            reader = Http10Reader()  # the body ends when the upstream closes
+            keep_alive = False
+        resp.stream = _UpstreamBody(self, conn, read_timeout, deadline, length, reader, keep_alive)
         return resp
 
     # -- active health checks ----------------------------------------------------------
@@ -595,18 +604,6 @@ class Pool:
         }
 
 
-_PROBES: dict[bytes, h11.Request] = {}
-
-
-def _probe(method: bytes) -> h11.Request:
-    probe = _PROBES.get(method)
-    if probe is None:
-        probe = h11.Request(method=method, target=b"/", headers=[(b"host", b"upstream")])
-        if len(_PROBES) < 64:  # methods are tokens; bound the cache all the same
-            _PROBES[method] = probe
-    return probe
-
-
 class _StaleConnection(Exception):
     pass
 
@@ -632,6 +629,7 @@ class _UpstreamBody:
         "_pending",
         "_pool",
         "_read_timeout",
+        "_reader",
         "_remaining",
     )
 
@@ -642,6 +640,7 @@ class _UpstreamBody:
         read_timeout: float,
         deadline: float,
         length: int | None,
+        reader: BodyReader | None,
         keep_alive: bool,
     ) -> None:
         self._pool = pool
@@ -651,10 +650,11 @@ class _UpstreamBody:
         self._done = False
         self._keep_alive = keep_alive
         self._remaining = length
+        self._reader = reader
         self._pending = b""
         if length is not None:
-            # What h11 read past the head is the start of the body.
-            buffered = conn.h11.trailing_data[0]
+            # What was read past the head is the start of the body.
+            buffered = conn.wire.take()
             if len(buffered) > length:
                 buffered = buffered[:length]
                 self._keep_alive = False  # bytes after the body: never reuse
@@ -679,21 +679,18 @@ class _UpstreamBody:
                 self._finish(clean=True)
                 return _END
             return None
+        assert self._reader is not None
         try:
-            ev = self._conn.h11.next_event()
-        except h11.RemoteProtocolError as e:
+            ev = self._conn.wire.body(self._reader)
+        except ProtocolError as e:
             self._finish(clean=False)
             raise UpstreamBodyError(f"upstream {self._pool.name!r} broke the body: {e}") from None
-        t = type(ev)
-        if t is h11.Data:
-            return bytes(ev.data)  # type: ignore[union-attr]
-        if t is h11.EndOfMessage:
-            self._finish(clean=True)
-            return _END
-        if ev is h11.NEED_DATA:
+        if ev is None:
             return None
-        self._finish(clean=False)
-        raise UpstreamBodyError(f"upstream {self._pool.name!r} ended the body early")
+        if type(ev) is h11.Data:
+            return bytes(ev.data)
+        self._finish(clean=True)  # EndOfMessage
+        return _END
 
     async def __anext__(self) -> bytes:
         while True:
@@ -714,7 +711,7 @@ class _UpstreamBody:
         try:
             data = await conn.io.recv(self._read_timeout, self._deadline)
             if self._remaining is None:
-                conn.h11.receive_data(data)  # h11 frames it: EOF may be the end
+                conn.wire.feed(data)  # h11 frames it: EOF may be the end
                 return
             if not data:
                 raise UpstreamBodyError(f"upstream {self._pool.name!r} ended the body early")
@@ -743,11 +740,7 @@ class _UpstreamBody:
         self._done = True
         self._conn.target.active -= 1
         conn = self._conn
-        if (
-            clean
-            and self._keep_alive
-            and (self._remaining is not None or not conn.h11.trailing_data[0])
-        ):
+        if clean and self._keep_alive and (self._remaining is not None or not conn.wire):
             self._pool._release(conn)
         else:
             self._pool._discard(conn)

@@ -329,6 +329,23 @@ async def test_upstream_informational_responses_then_the_final_one() -> None:
             assert up.connections == 1
 
 
+async def test_upstream_switching_protocols_unasked_is_502() -> None:
+    # The gateway never forwards Upgrade, so a 101 is garbage, not a tunnel to open.
+    switch = (
+        b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n"
+    )
+    with trio.fail_after(10):
+        async with (
+            open_informational_upstream(switch) as up,
+            open_gateway(make_config(up.target)) as gw,
+        ):
+            async with Client.open(gw.port) as client:
+                resp = await client.request("GET", "/x")
+                assert resp.status == 502
+                again = await client.request("GET", "/y")  # the client connection is fine
+                assert again.status == 502
+
+
 async def test_client_expect_100_continue() -> None:
     body = b"b" * 50_000
     with trio.fail_after(10):
