@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
@@ -127,11 +128,38 @@ PhaseFn = Callable[..., Any]
 
 @dataclass(frozen=True, slots=True)
 class Phase:
-    """One bound phase method and whether it must be awaited."""
+    """One bound phase method and whether it must be awaited.
+
+    ``call_next_keyword`` (``around_upstream`` only) names the parameter that takes
+    ``call_next`` when it can be passed by keyword: :func:`wrap_upstream` then binds the
+    phase with :func:`functools.partial` instead of wrapping it in a coroutine of its own.
+    """
 
     fn: PhaseFn
     is_async: bool
     filter: Any
+    call_next_keyword: str | None = dataclasses.field(default=None, repr=False, compare=False)
+
+
+def _call_next_keyword(fn: PhaseFn) -> str | None:
+    """The name of ``fn``'s ``call_next`` parameter if it may be passed by keyword.
+
+    ``fn`` is a bound ``around_upstream(exchange, call, call_next)``. Decorated functions
+    (whose real parameters are not known) and any other shape answer ``None``.
+    """
+    try:
+        params = list(inspect.signature(fn, follow_wrapped=False).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if len(params) < 3 or any(p.kind not in positional for p in params[:2]):
+        return None
+    third = params[2]
+    if third.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD:
+        return None
+    if any(p.default is inspect.Parameter.empty and p.kind in positional for p in params[3:]):
+        return None
+    return third.name
 
 
 def _phase(instance: Any, name: str) -> Phase | None:
@@ -139,8 +167,10 @@ def _phase(instance: Any, name: str) -> Phase | None:
     if fn is None:
         return None
     is_async = inspect.iscoroutinefunction(fn)
-    if name == "around_upstream" and not is_async:
-        raise TypeError(f"filter {instance.name!r}: around_upstream must be async")
+    if name == "around_upstream":
+        if not is_async:
+            raise TypeError(f"filter {instance.name!r}: around_upstream must be async")
+        return Phase(fn, is_async, instance, _call_next_keyword(fn))
     return Phase(fn, is_async, instance)
 
 
@@ -159,6 +189,9 @@ class Chain:
     request_body_at: int | None  # index into ``filters`` of the first body-needing filter
     needs_response_body: bool
     _response_by_depth: list[list[Phase]] = dataclasses.field(default_factory=list)
+    # ``request`` as (depth, fn, is_async): depth counts the filters up to and including
+    # the phase's own, so the runner need not walk the filters that have no request side.
+    _request_steps: list[tuple[int, PhaseFn, bool]] = dataclasses.field(default_factory=list)
 
     def response_for(self, depth: int) -> list[Phase]:
         """Response phases, reversed, of the first ``depth`` filters of the chain."""
@@ -182,6 +215,11 @@ def compile_chain(filters: list[Any]) -> Chain:
     body_at = next(
         (i for i, f in enumerate(ordered) if getattr(f, "needs_request_body", False)), None
     )
+    steps: list[tuple[int, PhaseFn, bool]] = []
+    for i, f in enumerate(ordered):
+        if len(steps) < len(request) and request[len(steps)].filter is f:
+            p = request[len(steps)]
+            steps.append((i + 1, p.fn, p.is_async))
     return Chain(
         filters=ordered,
         request=request,
@@ -191,6 +229,7 @@ def compile_chain(filters: list[Any]) -> Chain:
         request_body_at=body_at,
         needs_response_body=any(getattr(f, "needs_response_body", False) for f in ordered),
         _response_by_depth=by_depth,
+        _request_steps=steps,
     )
 
 
@@ -205,6 +244,27 @@ async def run_request_phases(
     or raised), so the caller runs ``chain.response_for(depth)``. Exceptions propagate
     with ``exchange.stash``-independent depth available as ``exc.filter_depth``.
     """
+    if buffer_request_body is not None and chain.request_body_at is not None:
+        return await _run_request_phases_buffering(chain, exchange, buffer_request_body)
+    for depth, fn, is_async in chain._request_steps:
+        try:
+            r = fn(exchange)
+            if is_async:
+                r = await r
+        except BaseException as e:
+            e.filter_depth = depth  # type: ignore[attr-defined]
+            raise
+        if r is None:
+            r = exchange.response
+        if r is not None:
+            return r, depth
+    return None, len(chain.filters)
+
+
+async def _run_request_phases_buffering(
+    chain: Chain, exchange: Exchange, buffer_request_body: Callable[[], Awaitable[None]]
+) -> tuple[Response | None, int]:
+    """:func:`run_request_phases` for a chain that buffers the body before a filter."""
     filters = chain.filters
     body_at = chain.request_body_at
     depth = 0
@@ -213,7 +273,7 @@ async def run_request_phases(
     n_phases = len(phases)
     for i, f in enumerate(filters):
         depth = i + 1
-        if body_at == i and buffer_request_body is not None:
+        if body_at == i:
             try:
                 await buffer_request_body()
             except BaseException as e:
@@ -266,14 +326,28 @@ async def run_log_phases(chain: Chain, exchange: Exchange) -> None:
 def wrap_upstream(
     phases: list[Phase], exchange: Exchange, send: CallNext, start: int = 0
 ) -> CallNext:
-    """``send`` wrapped by the ``around_upstream`` phases from index ``start`` on."""
-    if start >= len(phases):
-        return send
-    phase = phases[start]
-    inner = wrap_upstream(phases, exchange, send, start + 1)
+    """``send`` wrapped by the ``around_upstream`` phases from index ``start`` on.
 
+    Made per call, so it is cheap: a phase whose ``call_next`` parameter takes a keyword
+    is bound with :func:`functools.partial` (calling it starts the phase's own coroutine,
+    with no wrapper coroutine around it); others get a small closure.
+    """
+    call_next = send
+    for i in range(len(phases) - 1, start - 1, -1):
+        phase = phases[i]
+        keyword = phase.call_next_keyword
+        if keyword == "call_next":  # the documented name: no keyword dict to build
+            call_next = functools.partial(phase.fn, exchange, call_next=call_next)
+        elif keyword is not None:
+            call_next = functools.partial(phase.fn, exchange, **{keyword: call_next})
+        else:
+            call_next = _wrap_one(phase.fn, exchange, call_next)
+    return call_next
+
+
+def _wrap_one(fn: PhaseFn, exchange: Exchange, inner: CallNext) -> CallNext:
     async def call(c: UpstreamCall) -> Response:
-        r: Response = await phase.fn(exchange, c, inner)
+        r: Response = await fn(exchange, c, inner)
         return r
 
     return call

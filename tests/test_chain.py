@@ -7,15 +7,22 @@ with a ``filtergate_filters`` hook implementation, passed to ``open_gateway`` as
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import pytest
 import trio
 
-from engine.chain import Filter, Stage, compile_chain
+from engine.chain import (
+    Filter,
+    Stage,
+    compile_chain,
+    run_request_phases,
+    wrap_upstream,
+)
 from engine.errors import CircuitOpen, Forbidden, GatewayError, RateLimited, Unauthorized
 from engine.exchange import Exchange, Headers, Identity, Response, StashKey, UpstreamCall
 from engine.plugins import hookimpl
@@ -708,6 +715,138 @@ def test_compile_decides_sync_or_async_once_and_skips_missing_phases() -> None:
     # Response phases for a request that stopped after the first two filters.
     assert [p.filter.name for p in chain.response_for(2)] == ["b"]
     assert chain.response_for(0) == []
+
+
+async def test_the_request_depth_counts_filters_without_a_request_side() -> None:
+    log: list[str] = []
+
+    class OnlyResponse(Filter):
+        name, stage = "only-response", Stage.EDGE
+
+        def on_response(self, exchange: Exchange, response: Response) -> None:
+            log.append("resp:only-response")
+
+    class Answer(Filter):
+        name, stage = "answer", Stage.LIMIT
+
+        async def on_request(self, exchange: Exchange) -> Response:
+            return Response(204)
+
+    class Deny(Filter):
+        name, stage = "deny", Stage.LIMIT
+
+        def on_request(self, exchange: Exchange) -> None:
+            raise Forbidden()
+
+    edge = build_filter(recorder("edge", Stage.EDGE, log, is_async=False))
+    late = build_filter(recorder("late", Stage.TRANSFORM, log, is_async=True))
+    only = build_filter(OnlyResponse)
+    with trio.fail_after(5):
+        # No answer: every filter counts, those without a request side too.
+        chain = compile_chain([late, only, edge])
+        assert await run_request_phases(chain, make_exchange()) == (None, 3)
+        # An answer from the 4th filter of 5, two of which have no request side.
+        chain = compile_chain([late, build_filter(Answer), only, edge, build_filter(OnlyResponse)])
+        assert chain.names == ["only-response", "edge", "only-response", "answer", "late"]
+        answer, depth = await run_request_phases(chain, make_exchange())
+        assert answer is not None
+        assert answer.status == 204
+        assert depth == 4
+        # An error carries the depth of the filter that raised.
+        chain = compile_chain([late, build_filter(Deny), only, edge])
+        with pytest.raises(Forbidden) as caught:
+            await run_request_phases(chain, make_exchange())
+        assert caught.value.filter_depth == 3  # type: ignore[attr-defined]
+        assert chain.names == ["only-response", "edge", "deny", "late"]
+        assert [p.filter.name for p in chain.response_for(3)] == ["edge", "only-response"]
+        # No filter with a request side at all.
+        chain = compile_chain([only])
+        assert await run_request_phases(chain, make_exchange()) == (None, 1)
+        assert await run_request_phases(compile_chain([]), make_exchange()) == (None, 0)
+
+
+def _logged(log: list[str], fn: Callable[..., Awaitable[Response]]) -> Any:
+    """A decorator hiding ``fn``'s parameters behind ``*args, **kwargs``."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> Response:
+        log.append("decorated")
+        return await fn(*args, **kwargs)
+
+    return wrapper
+
+
+async def test_wrap_upstream_nests_any_shape_of_around_upstream() -> None:
+    events: list[str] = []
+
+    class Named(Filter):
+        name, stage = "named", Stage.EDGE
+
+        async def around_upstream(
+            self, exchange: Exchange, call: UpstreamCall, call_next: CallNext
+        ) -> Response:
+            events.append("named>")
+            response: Response = await call_next(call)
+            events.append("named<")
+            return response
+
+    class OtherName(Filter):
+        name, stage = "other-name", Stage.AUTHENTICATE
+
+        async def around_upstream(self, exchange: Exchange, c: UpstreamCall, nxt: Any) -> Any:
+            events.append("other>")
+            return await nxt(c)
+
+    class PositionalOnly(Filter):
+        name, stage = "positional-only", Stage.LIMIT
+
+        async def around_upstream(self, exchange: Exchange, c: UpstreamCall, n: Any, /) -> Any:
+            events.append("positional>")
+            return await n(c)
+
+    class Decorated(Filter):
+        name, stage = "decorated", Stage.TRANSFORM
+
+        async def _around(self, exchange: Exchange, call: UpstreamCall, call_next: Any) -> Any:
+            events.append("decorated>")
+            return await call_next(call)
+
+        around_upstream = _logged(events, _around)
+
+    filters = [build_filter(t) for t in (Decorated, PositionalOnly, OtherName, Named)]
+    chain = compile_chain(filters)
+    keywords = [(p.filter.name, p.call_next_keyword) for p in chain.around]
+    assert keywords == [
+        ("named", "call_next"),
+        ("other-name", "nxt"),
+        ("positional-only", None),
+        ("decorated", None),  # its real parameters are hidden: called positionally
+    ]
+
+    async def send(call: UpstreamCall) -> Response:
+        events.append(f"send {call.target.decode()}")
+        return Response(200)
+
+    exchange = make_exchange()
+    call = UpstreamCall(upstream="u", method=b"GET", target=b"/x", headers=Headers())
+    with trio.fail_after(5):
+        response = await wrap_upstream(chain.around, exchange, send)(call)
+        assert response.status == 200
+        assert events == [
+            "named>",
+            "other>",
+            "positional>",
+            "decorated",
+            "decorated>",
+            "send /x",
+            "named<",
+        ]
+        events.clear()
+        # From an index on: the outer wrappers are left out.
+        await wrap_upstream(chain.around, exchange, send, start=2)(call)
+        assert events == ["positional>", "decorated", "decorated>", "send /x"]
+        events.clear()
+        assert wrap_upstream(chain.around, exchange, send, start=4) is send
 
 
 def test_a_sync_around_upstream_is_refused_at_compile_time() -> None:
