@@ -243,10 +243,15 @@ async def run_request_phases(
     ``depth`` counts the filters whose request side ran (including one that answered
     or raised), so the caller runs ``chain.response_for(depth)``. Exceptions propagate
     with ``exchange.stash``-independent depth available as ``exc.filter_depth``.
+    ``buffer_request_body`` is awaited once the filters before the first one that needs
+    the body have run (``chain.request_body_at``), unless one of them answered.
     """
-    if buffer_request_body is not None and chain.request_body_at is not None:
-        return await _run_request_phases_buffering(chain, exchange, buffer_request_body)
+    # The filter index before which the body is buffered, while it still is to be.
+    body_at = chain.request_body_at if buffer_request_body is not None else None
     for depth, fn, is_async in chain._request_steps:
+        if body_at is not None and depth > body_at:
+            await _buffer_body(buffer_request_body, body_at + 1)
+            body_at = None
         try:
             r = fn(exchange)
             if is_async:
@@ -258,42 +263,18 @@ async def run_request_phases(
             r = exchange.response
         if r is not None:
             return r, depth
+    if body_at is not None:
+        await _buffer_body(buffer_request_body, body_at + 1)
     return None, len(chain.filters)
 
 
-async def _run_request_phases_buffering(
-    chain: Chain, exchange: Exchange, buffer_request_body: Callable[[], Awaitable[None]]
-) -> tuple[Response | None, int]:
-    """:func:`run_request_phases` for a chain that buffers the body before a filter."""
-    filters = chain.filters
-    body_at = chain.request_body_at
-    depth = 0
-    phases = chain.request
-    pi = 0
-    n_phases = len(phases)
-    for i, f in enumerate(filters):
-        depth = i + 1
-        if body_at == i:
-            try:
-                await buffer_request_body()
-            except BaseException as e:
-                e.filter_depth = depth  # type: ignore[attr-defined]
-                raise
-        if pi < n_phases and phases[pi].filter is f:
-            phase = phases[pi]
-            pi += 1
-            try:
-                r = phase.fn(exchange)
-                if phase.is_async:
-                    r = await r
-            except BaseException as e:
-                e.filter_depth = depth  # type: ignore[attr-defined]
-                raise
-            if r is None:
-                r = exchange.response
-            if r is not None:
-                return r, depth
-    return None, depth
+async def _buffer_body(buffer: Callable[[], Awaitable[None]] | None, depth: int) -> None:
+    assert buffer is not None
+    try:
+        await buffer()
+    except BaseException as e:
+        e.filter_depth = depth  # type: ignore[attr-defined]
+        raise
 
 
 async def run_response_phases(phases: list[Phase], exchange: Exchange, response: Response) -> None:

@@ -765,6 +765,62 @@ async def test_the_request_depth_counts_filters_without_a_request_side() -> None
         assert await run_request_phases(compile_chain([]), make_exchange()) == (None, 0)
 
 
+async def test_the_body_is_buffered_just_before_the_first_filter_that_needs_it() -> None:
+    log: list[str] = []
+
+    class NeedsBody(Filter):
+        name, stage = "needs-body", Stage.LIMIT
+        needs_request_body = True
+
+        def on_response(self, exchange: Exchange, response: Response) -> None:
+            pass
+
+    async def buffer() -> None:
+        log.append("buffer")
+
+    async def failing_buffer() -> None:
+        raise GatewayError("the body broke")
+
+    edge = build_filter(recorder("edge", Stage.EDGE, log, is_async=False))
+    late = build_filter(recorder("late", Stage.TRANSFORM, log, is_async=True))
+    needs = build_filter(NeedsBody)  # no request side of its own
+    with trio.fail_after(5):
+        chain = compile_chain([late, needs, edge])
+        assert chain.request_body_at == 1
+        assert await run_request_phases(chain, make_exchange(), buffer) == (None, 3)
+        assert log == ["req:edge", "buffer", "req:late"]
+        log.clear()
+        # Without a buffer function nothing is buffered (the route has no body).
+        assert await run_request_phases(chain, make_exchange()) == (None, 3)
+        assert log == ["req:edge", "req:late"]
+        log.clear()
+        # The filter that needs it is the last one: buffered after every request phase.
+        chain = compile_chain([needs, edge])
+        assert await run_request_phases(chain, make_exchange(), buffer) == (None, 2)
+        assert log == ["req:edge", "buffer"]
+        log.clear()
+        # A failure while buffering counts the filter that needed the body.
+        chain = compile_chain([late, needs, edge])
+        with pytest.raises(GatewayError) as caught:
+            await run_request_phases(chain, make_exchange(), failing_buffer)
+        assert caught.value.filter_depth == 2  # type: ignore[attr-defined]
+        assert log == ["req:edge"]
+        log.clear()
+
+        # A filter before it answers: the body is never read.
+        class Answer(Filter):
+            name, stage = "answer", Stage.AUTHENTICATE
+
+            def on_request(self, exchange: Exchange) -> Response:
+                return Response(401)
+
+        chain = compile_chain([late, needs, build_filter(Answer), edge])
+        answer, depth = await run_request_phases(chain, make_exchange(), buffer)
+        assert answer is not None
+        assert (answer.status, depth) == (401, 2)
+        assert log == ["req:edge"]
+
+
 def _logged(log: list[str], fn: Callable[..., Awaitable[Response]]) -> Any:
     """A decorator hiding ``fn``'s parameters behind ``*args, **kwargs``."""
 
