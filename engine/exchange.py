@@ -37,19 +37,36 @@ def _b(name: bytes | str) -> bytes:
     return name.lower() if isinstance(name, bytes) else name.lower().encode("latin-1")
 
 
-_TOKEN = re.compile(rb"^[-!#$%&'*+.^_`|~0-9a-z]+$")
-_BAD_VALUE = re.compile(rb"[\x00\r\n]")
+_TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-z]+")
+
+# Names already checked, lowercased, by what the caller passed (bytes and str apart: a
+# str and a bytes key must never be compared). Filters set headers with a few names from
+# their config or code, so each name is checked once, not per request; the bound keeps
+# a filter that makes up names from growing it without limit.
+_CHECKED_BYTES: dict[bytes, bytes] = {}
+_CHECKED_STR: dict[str, bytes] = {}
+_MAX_CHECKED = 1024
+
+
+def _checked_name(name: bytes | str) -> bytes:
+    cache: dict[Any, bytes] = _CHECKED_BYTES if isinstance(name, bytes) else _CHECKED_STR
+    key = cache.get(name)
+    if key is None:
+        key = _b(name)
+        if not _TOKEN.fullmatch(key):
+            raise ValueError(f"invalid header name {key!r}")
+        if len(cache) < _MAX_CHECKED:
+            cache[name] = key
+    return key
 
 
 def _field(name: bytes | str, value: bytes | str) -> tuple[bytes, bytes]:
     # The engine forwards header fields without re-validating them (h11 validated what
     # it parsed), so every field a filter adds is checked here, once: a value built from
     # a query parameter must never smuggle a CR LF into the upstream request.
-    key = _b(name)
+    key = _checked_name(name)
     val = value if isinstance(value, bytes) else value.encode()
-    if not _TOKEN.match(key):
-        raise ValueError(f"invalid header name {key!r}")
-    if _BAD_VALUE.search(val):
+    if b"\r" in val or b"\n" in val or b"\0" in val:
         raise ValueError(f"invalid header value for {key!r}: contains CR, LF or NUL")
     return key, val.strip(b" \t")
 
