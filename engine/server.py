@@ -122,7 +122,7 @@ class Server:
         self.ssl_context = ssl_context
         self.draining = False
         self.ids = _RequestIds()
-        self._idle: set[trio.CancelScope] = set()
+        self._idle: set[RawSocket | StreamSocket] = set()  # waiting for a next request
         self._busy = 0
         self._no_busy = trio.Event()
 
@@ -178,8 +178,8 @@ class Server:
         acceptors = getattr(self, "_acceptors", None)
         if acceptors is not None:
             acceptors.cancel_scope.cancel()
-        for scope in list(self._idle):
-            scope.cancel()
+        for io in list(self._idle):
+            io.expire()
 
     # -- one connection ----------------------------------------------------------------
 
@@ -417,19 +417,13 @@ class _Connection:
                 else:
                     data = self.io.recv_nowait()
                     if data is None:
-                        # Idle between requests: one scope is both the keep-alive
-                        # deadline and what shutdown cancels.
-                        scope = trio.CancelScope(deadline=deadline)
-                        server._idle.add(scope)
+                        # Idle between requests, until the keep-alive deadline or a
+                        # shutdown (which expires the wait early).
+                        server._idle.add(self.io)
                         try:
-                            with scope:
-                                data = await self.io.recv_ready()
+                            data = await self.io.recv_until(deadline)
                         finally:
-                            server._idle.discard(scope)
-                        if scope.cancelled_caught:
-                            if server.draining:
-                                return None
-                            raise trio.TooSlowError
+                            server._idle.discard(self.io)
             except trio.TooSlowError:
                 if got_bytes or (self.first and not server.draining):
                     await self._send_fatal(RequestTimeout("the request head took too long"))

@@ -3,25 +3,47 @@
 trio's ``SocketStream`` checkpoints (yields to the scheduler) on every send and receive
 and wraps each in a cancel scope; on a proxy's hot path that is several scheduler
 passes per request for sockets that are almost always ready. :class:`RawSocket` tries
-the non-blocking syscall first and waits (``wait_readable``/``wait_writable`` under one
-deadline) only when the kernel says it must. Callers checkpoint once per request
-cycle, and once per chunk in body loops, so a busy connection cannot starve the rest.
+the non-blocking syscall first and waits (``wait_readable``/``wait_writable``) only when
+the kernel says it must. Callers checkpoint once per request cycle, and once per chunk
+in body loops, so a busy connection cannot starve the rest.
 
-TLS connections use :class:`StreamSocket`, the same interface over a trio stream.
+Timeouts. A cancel scope with a deadline costs about as much as parsing a request's
+head here (it is entered and left on every wait, and files its deadline in trio's
+deadline heap), and a proxied request waits at least twice. A wait of a
+:class:`RawSocket` files its deadline in :class:`Timers` instead, a wheel of
+``TICK``-wide slots: one system task per trio run wakes once per tick while any wait is
+filed, and ends the waits whose deadline passed with ``trio.lowlevel.notify_closing``;
+the waiting task then raises ``trio.TooSlowError``. Timeouts therefore fire up to one
+tick late, never early.
+
+TLS connections use :class:`StreamSocket`, the same interface over a trio stream, with
+a cancel scope per wait.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import math
 import socket
+from collections.abc import Awaitable, Callable
 
 import trio
 
-__all__ = ["READ_SIZE", "RESOURCE_ERRORS", "RawSocket", "StreamSocket", "accept_backoff"]
+__all__ = [
+    "READ_SIZE",
+    "RESOURCE_ERRORS",
+    "TICK",
+    "RawSocket",
+    "StreamSocket",
+    "Timers",
+    "accept_backoff",
+]
 
 READ_SIZE = 64 * 1024
-_INF = float("inf")
+_INF = math.inf
+#: The resolution of socket timeouts, in seconds.
+TICK = 0.05
 
 # accept() errors that mean "out of resources": wait for some to be freed, do not spin.
 RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -34,18 +56,112 @@ async def accept_backoff(error: OSError, log: logging.Logger) -> None:
         await trio.sleep(0.1)
 
 
+class Timers:
+    """The deadlines of the socket waits in progress, in slots of ``TICK`` seconds.
+
+    Filing and withdrawing a wait is a set insertion and removal; the system task
+    (:meth:`run`) ends the waits of every slot whose time has come. Get the run's
+    instance with :func:`timers`.
+    """
+
+    def __init__(self, tick: float = TICK) -> None:
+        self.tick = tick
+        self.slots: dict[int, set[RawSocket]] = {}
+        self.done = int(trio.current_time() // tick)  # slots up to this one have fired
+        self._wake = trio.Event()
+
+    def add(self, sock: RawSocket, deadline: float) -> int:
+        """File ``sock``'s wait until ``deadline``; returns the slot for :meth:`discard`."""
+        slot = int(deadline // self.tick) + 1  # the first slot that starts after it
+        if slot <= self.done:
+            slot = self.done + 1
+        waits = self.slots.get(slot)
+        if waits is None:
+            waits = self.slots[slot] = set()
+            if len(self.slots) == 1:
+                self._wake.set()
+        waits.add(sock)
+        return slot
+
+    def discard(self, sock: RawSocket, slot: int) -> None:
+        waits = self.slots.get(slot)
+        if waits is not None:
+            waits.discard(sock)
+
+    async def run(self) -> None:
+        tick = self.tick
+        slots = self.slots
+        while True:
+            if not slots:
+                self._wake = trio.Event()
+                await self._wake.wait()
+            await trio.sleep_until((self.done + 1) * tick)
+            # (at least the slot slept for: the float division may land just below it)
+            now = max(int(trio.current_time() // tick), self.done + 1)
+            if len(slots) < now - self.done:
+                due = sorted(k for k in slots if k <= now)  # a long jump of the clock
+            else:
+                due = list(range(self.done + 1, now + 1))
+            self.done = now
+            for slot in due:
+                for sock in slots.pop(slot, ()):
+                    sock.expire()
+
+
+_TIMERS: trio.lowlevel.RunVar[Timers] = trio.lowlevel.RunVar("filtergate_timers")
+
+
+def timers() -> Timers:
+    """This trio run's :class:`Timers`, its task started on first use."""
+    try:
+        return _TIMERS.get()
+    except LookupError:
+        wheel = Timers()
+        _TIMERS.set(wheel)
+        trio.lowlevel.spawn_system_task(wheel.run, name="filtergate socket timers")
+        return wheel
+
+
 class RawSocket:
     """A connected non-blocking socket. Timeouts raise ``trio.TooSlowError``;
     resets raise ``OSError``; ``recv`` returns ``b""`` at EOF."""
 
-    __slots__ = ("sock",)
+    __slots__ = ("expired", "sock", "timers")
 
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)
         self.sock = sock
+        self.timers = timers()
+        self.expired = False
 
     def fileno(self) -> int:
         return self.sock.fileno()
+
+    def expire(self) -> None:
+        """End the wait in progress with ``trio.TooSlowError`` (a timeout, a shutdown)."""
+        self.expired = True
+        try:
+            trio.lowlevel.notify_closing(self.sock)
+        except (OSError, ValueError):
+            pass  # closed already: no wait to end
+
+    async def _wait(
+        self, wait: Callable[[socket.socket], Awaitable[None]], deadline: float
+    ) -> None:
+        if deadline == _INF:
+            await wait(self.sock)
+            return
+        wheel = self.timers
+        self.expired = False
+        slot = wheel.add(self, deadline)
+        try:
+            await wait(self.sock)
+        except trio.ClosedResourceError:
+            if self.expired:  # (every task waiting on this socket sees it)
+                raise trio.TooSlowError from None
+            raise
+        finally:
+            wheel.discard(self, slot)
 
     async def recv(self, max_wait: float, deadline: float = _INF) -> bytes:
         """Up to 64 KiB; waits at most ``max_wait`` seconds and never past ``deadline``."""
@@ -54,14 +170,7 @@ class RawSocket:
             return sock.recv(READ_SIZE)
         except BlockingIOError:
             pass
-        with trio.CancelScope(deadline=min(deadline, trio.current_time() + max_wait)):
-            while True:
-                await trio.lowlevel.wait_readable(sock)
-                try:
-                    return sock.recv(READ_SIZE)
-                except BlockingIOError:
-                    continue
-        raise trio.TooSlowError
+        return await self.recv_until(min(deadline, trio.current_time() + max_wait))
 
     def recv_nowait(self) -> bytes | None:
         """What is readable now (``b""`` at EOF), or ``None`` when a wait is needed."""
@@ -70,11 +179,12 @@ class RawSocket:
         except BlockingIOError:
             return None
 
-    async def recv_ready(self) -> bytes:
-        """Wait until readable and read, with no deadline: the caller's scope bounds it."""
+    async def recv_until(self, deadline: float) -> bytes:
+        """Wait until readable, then read; ``trio.TooSlowError`` at ``deadline`` or on
+        :meth:`expire`."""
         sock = self.sock
         while True:
-            await trio.lowlevel.wait_readable(sock)
+            await self._wait(trio.lowlevel.wait_readable, deadline)
             try:
                 return sock.recv(READ_SIZE)
             except BlockingIOError:
@@ -90,15 +200,13 @@ class RawSocket:
         if sent == len(data):
             return
         view = memoryview(data)[sent:]
-        with trio.CancelScope(deadline=min(deadline, trio.current_time() + max_wait)):
-            while view:
-                await trio.lowlevel.wait_writable(sock)
-                try:
-                    view = view[sock.send(view) :]
-                except BlockingIOError:
-                    continue
-            return
-        raise trio.TooSlowError
+        until = min(deadline, trio.current_time() + max_wait)
+        while view:
+            await self._wait(trio.lowlevel.wait_writable, until)
+            try:
+                view = view[sock.send(view) :]
+            except BlockingIOError:
+                continue
 
     def shutdown_write(self) -> None:
         """Half-close: the peer reads EOF, this side can still receive."""
@@ -114,11 +222,12 @@ class RawSocket:
 class StreamSocket:
     """The :class:`RawSocket` interface over a trio stream (used for TLS)."""
 
-    __slots__ = ("raw", "stream")
+    __slots__ = ("_scope", "raw", "stream")
 
     def __init__(self, stream: trio.abc.Stream, raw: socket.socket) -> None:
         self.stream = stream
         self.raw = raw
+        self._scope: trio.CancelScope | None = None
 
     def fileno(self) -> int:
         return self.raw.fileno()
@@ -134,11 +243,21 @@ class StreamSocket:
     def recv_nowait(self) -> bytes | None:
         return None  # TLS records need the stream: always wait through it
 
-    async def recv_ready(self) -> bytes:
-        try:
-            return bytes(await self.stream.receive_some(READ_SIZE))
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
-            raise OSError(str(e)) from None
+    async def recv_until(self, deadline: float) -> bytes:
+        with trio.CancelScope(deadline=deadline) as scope:
+            self._scope = scope
+            try:
+                return bytes(await self.stream.receive_some(READ_SIZE))
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                raise OSError(str(e)) from None
+            finally:
+                self._scope = None
+        raise trio.TooSlowError
+
+    def expire(self) -> None:
+        """End the wait of :meth:`recv_until` in progress with ``trio.TooSlowError``."""
+        if self._scope is not None:
+            self._scope.cancel()
 
     async def send_all(self, data: bytes, max_wait: float, deadline: float = _INF) -> None:
         with trio.CancelScope(deadline=min(deadline, trio.current_time() + max_wait)):
