@@ -21,6 +21,7 @@ from typing import Any
 import h11
 import trio
 
+from engine import sockets
 from engine.canonical import canonical_path, split_target
 from engine.chain import (
     run_log_phases,
@@ -368,6 +369,7 @@ class _Connection:
                 req = await self._read_head()
                 if req is None:
                     return
+                parks = sockets.parks
                 self.first = False
                 self.body_reader = None
                 self.expect_100 = False
@@ -384,9 +386,11 @@ class _Connection:
                     return
                 if self.body_reader is not None and not await self._drain(self.body_reader):
                     return
-                # Socket I/O here does not yield when the kernel is ready: yield once per
-                # request so one busy keep-alive connection cannot starve the others.
-                await trio.lowlevel.checkpoint()
+                # Socket I/O does not yield when the kernel is ready: unless this
+                # request waited for a socket (or another task ran meanwhile), yield
+                # once, so one busy keep-alive connection cannot starve the others.
+                if sockets.parks == parks:
+                    await trio.lowlevel.checkpoint()
         except _Abort:
             return
 

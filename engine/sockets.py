@@ -44,6 +44,10 @@ READ_SIZE = 64 * 1024
 _INF = math.inf
 #: The resolution of socket timeouts, in seconds.
 TICK = 0.05
+#: How many times a :class:`RawSocket` waited, in any task. When it did not change
+#: across a stretch of a task's code, no other task ran meanwhile, so that code did not
+#: yield to the scheduler (the server's fairness check).
+parks = 0
 
 # accept() errors that mean "out of resources": wait for some to be freed, do not spin.
 RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -148,6 +152,8 @@ class RawSocket:
     async def _wait(
         self, wait: Callable[[socket.socket], Awaitable[None]], deadline: float
     ) -> None:
+        global parks
+        parks += 1
         if deadline == _INF:
             await wait(self.sock)
             return

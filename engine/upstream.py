@@ -438,7 +438,9 @@ class Pool:
             while True:
                 ev = wire.response()
                 if ev is None:
-                    chunk = await io.recv(read_timeout, deadline)
+                    # Just sent: the answer is seldom here yet, so wait before reading.
+                    until = min(deadline, trio.current_time() + read_timeout)
+                    chunk = await io.recv_until(until)
                     if chunk:
                         got_bytes = True
                     elif not got_bytes:

@@ -834,3 +834,32 @@ async def test_absolute_form_is_400_even_where_no_route_matches() -> None:
                 gw.port, b"GET http://elsewhere.example/nothing HTTP/1.1\r\nHost: x\r\n\r\n"
             )
             assert data.startswith(b"HTTP/1.1 400 ")
+
+
+async def test_a_pipelining_client_does_not_starve_the_others(setup: Setup) -> None:
+    # 404s are answered without waiting on any socket: the connection must still yield
+    # between requests, or one client's pipeline holds every other client back.
+    n = 2000
+    data = head("/nowhere", "Host: a") * n
+    finished: list[str] = []
+    with trio.fail_after(DEADLINE):
+        stream = await trio.open_tcp_stream("127.0.0.1", setup.port)
+
+        async def pipeline() -> None:
+            await stream.send_all(data)
+            received = b""
+            while received.count(b"HTTP/1.1 404") < n:
+                received += await stream.receive_some(1 << 16)
+            finished.append("pipeline")
+
+        async def single() -> None:
+            async with Client.open(setup.port) as client:
+                resp = await client.request("GET", "/api/meanwhile")
+            assert resp.status == 200
+            finished.append("single")
+
+        async with stream, trio.open_nursery() as nursery:
+            nursery.start_soon(pipeline)
+            await trio.sleep(0.01)
+            nursery.start_soon(single)
+    assert finished == ["single", "pipeline"]
