@@ -9,6 +9,8 @@ Other escapes are kept, with upper-case hex, so the forwarded path means what it
 
 from __future__ import annotations
 
+import re
+
 from engine.errors import BadRequest
 
 __all__ = ["canonical_path", "split_target"]
@@ -16,6 +18,9 @@ __all__ = ["canonical_path", "split_target"]
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _HEX = frozenset(b"0123456789ABCDEFabcdef")
 _FORBIDDEN_ESCAPES = {0x2F: "/", 0x5C: "\\", 0x00: "NUL"}
+# What a path needs more than an ASCII decode for: escapes, fragments, backslashes,
+# raw non-ASCII bytes, duplicate slashes and dot segments.
+_NEEDS_WORK = re.compile(rb"[%#\\\x80-\xff]|//|/\.")
 
 
 def split_target(target: bytes) -> tuple[bytes, bytes]:
@@ -28,19 +33,16 @@ def split_target(target: bytes) -> tuple[bytes, bytes]:
 
 def canonical_path(raw: bytes) -> str:
     """The canonical form of ``raw``, an origin-form path. Raises ``BadRequest``."""
-    if not raw.startswith(b"/"):
+    if raw[:1] != b"/":
         raise BadRequest("the request path must start with /")
+    # Fast path: most paths need no work at all (one scan finds any that may).
+    if _NEEDS_WORK.search(raw) is None:
+        return raw.decode("ascii")
     if b"#" in raw:
         raise BadRequest("a request target cannot carry a fragment")
-    # Fast path: most paths need no work at all.
-    if b"%" not in raw and b"//" not in raw and b"/." not in raw and b"\\" not in raw:
-        try:
-            return raw.decode("ascii")
-        except UnicodeDecodeError:
-            raise BadRequest("the request path has raw non-ASCII bytes") from None
     if b"\\" in raw:
         raise BadRequest("the request path contains a backslash")
-    decoded = _decode_unreserved(raw)
+    decoded = _decode_unreserved(raw)  # refuses raw non-ASCII bytes
     return _remove_dot_segments(decoded)
 
 

@@ -39,6 +39,7 @@ class _Entry(Generic[R]):
     query: list[tuple[str, str | None]]
     prefix_len: int  # number of pattern segments (for strip_prefix)
     order: int
+    conditional: bool = False  # has header or query conditions
 
 
 @dataclass(slots=True)
@@ -89,6 +90,7 @@ class Router(Generic[R]):
             for root in roots:
                 self._insert(root, route, entry)
         self._wildcards = sorted(wild.items(), key=lambda kv: -len(kv[0]))
+        self._any_only = [self._any]
         for root in [self._any, *self._exact_hosts.values(), *(n for _, n in self._wildcards)]:
             self._sort(root)
 
@@ -110,6 +112,7 @@ class Router(Generic[R]):
             query=[(k, None if v == "*" else v) for k, v in route.query.items()],
             prefix_len=len(segs),
             order=order,
+            conditional=bool(route.headers or route.query),
         )
 
     @staticmethod
@@ -136,8 +139,10 @@ class Router(Generic[R]):
             self._sort(node.param)
 
     def _roots(self, host: str) -> list[_Node[R]]:
-        roots = []
         exact = self._exact_hosts.get(host)
+        if not self._wildcards:
+            return self._any_only if exact is None else [exact, self._any]
+        roots = []
         if exact is not None:
             roots.append(exact)
         for suffix, node in self._wildcards:
@@ -166,12 +171,11 @@ class Router(Generic[R]):
             exact: list[tuple[list[_Entry[R]], list[str]]] = []
             prefixes: list[tuple[int, list[_Entry[R]], list[str]]] = []
             self._walk(root, segs, 0, [], exact, prefixes)
-            prefixes.sort(key=lambda t: -t[0])
-            candidates = [(es, vals) for es, vals in exact]
-            candidates += [(es, vals) for _, es, vals in prefixes]
-            for entries, values in candidates:
+            if len(prefixes) > 1:
+                prefixes.sort(key=_depth, reverse=True)  # stable: the walk's order on ties
+            for entries, values in [*exact, *((es, vals) for _, es, vals in prefixes)]:
                 for e in entries:
-                    if not _conditions_hold(e, headers, query):
+                    if e.conditional and not _conditions_hold(e, headers, query):
                         continue
                     if e.methods is not None and method not in e.methods:
                         allowed |= e.methods
@@ -179,7 +183,9 @@ class Router(Generic[R]):
                     return Match(
                         route=e.route,
                         value=e.value,
-                        captures={name: unquote(values[i]) for i, name in e.captures},
+                        captures={name: unquote(values[i]) for i, name in e.captures}
+                        if e.captures
+                        else {},
                         prefix_len=e.prefix_len,
                     )
         if allowed:
@@ -208,6 +214,10 @@ class Router(Generic[R]):
             self._walk(child, segs, i + 1, [*values, seg], exact, prefixes)
         if node.param is not None and seg != "":
             self._walk(node.param, segs, i + 1, [*values, seg], exact, prefixes)
+
+
+def _depth(t: tuple[int, list[_Entry[R]], list[str]]) -> int:
+    return t[0]
 
 
 def _conditions_hold(
