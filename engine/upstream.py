@@ -48,10 +48,6 @@ __all__ = ["Pool", "Target", "UpstreamBodyError"]
 log = logging.getLogger("filtergate.upstream")
 
 READ_SIZE = 64 * 1024
-#: A pooled connection idle for less than this (seconds) is reused without a liveness
-#: poll by a call without a streamed body: upstreams keep idle connections open for
-#: seconds, and a stale one costs only a retry on a new connection (``_StaleConnection``).
-_TRUST_IDLE = 1.0
 _EOM = h11.EndOfMessage()  # events are immutable: one instance serves every message
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 _METHODS_WITH_BODY = frozenset({b"POST", b"PUT", b"PATCH"})
@@ -213,18 +209,12 @@ class Pool:
         io = await open_connection(target.host, target.port, trio.current_time() + limit)
         return _Conn(io, target)
 
-    def _checkout_idle(self, target: Target, now: float, replayable: bool) -> _Conn | None:
+    def _checkout_idle(self, target: Target, now: float) -> _Conn | None:
         idle = target.idle
         limit = self.config.pool_idle_timeout
         while idle:
             conn = idle.pop()
-            idle_for = now - conn.idle_since
-            # The liveness poll is a syscall. For a call that can go again on a new
-            # connection (no body, or a buffered one), a connection idle for less than
-            # a second is taken as it is; a streamed body could not be sent twice.
-            if idle_for > limit or (
-                (idle_for > _TRUST_IDLE or not replayable) and conn.looks_dead()
-            ):
+            if now - conn.idle_since > limit or conn.looks_dead():
                 self._discard(conn)
                 continue
             conn.reused = True
@@ -329,8 +319,7 @@ class Pool:
                     ) from None
                 raise
             call.target_address = target.address
-            body = call.body
-            conn = self._checkout_idle(target, now, body is None or type(body) is bytes)
+            conn = self._checkout_idle(target, now)
             if conn is None:
                 try:
                     conn = await self._connect(target, min(ct, max(0.0, deadline - now)))
