@@ -485,3 +485,27 @@ async def test_upstream_request_id_not_duplicated() -> None:
                 resp = await client.request("GET", "/x")
             assert resp.status == 200
             assert resp.header_all("x-request-id") == [up.requests[0].header("x-request-id")]
+
+
+@pytest.mark.parametrize("pause", [0.05, 2.0], ids=["soon", "later"])
+@pytest.mark.parametrize("body", [None, b"streamed"], ids=["bodyless", "streamed-body"])
+async def test_a_pooled_connection_the_upstream_closed_is_not_a_failure(
+    autojump_clock: trio.testing.MockClock, pause: float, body: bytes | None
+) -> None:
+    # The upstream answers one request per connection and then closes it without a
+    # word (as on its own idle timeout): the liveness poll drops the pooled connection
+    # before use, so even a call whose body streams (it could not be sent twice) is
+    # not failed by it. The client sees only 200s.
+    async def one_shot(conn: UpstreamConn) -> None:
+        if await conn.read_request() is not None:
+            await conn.send(response_head(200, [], content_length=2) + b"ok")
+
+    with trio.fail_after(30):
+        async with serve_upstream(one_shot) as up, open_gateway(make_config(up.target)) as gw:
+            async with Client.open(gw.port) as client:
+                for i in range(3):
+                    resp = await client.request("POST", f"/r{i}", body=body)
+                    assert resp.status == 200
+                    assert resp.body == b"ok"
+                    await trio.sleep(pause)
+            assert up.connections == 3
