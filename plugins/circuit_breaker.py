@@ -31,6 +31,7 @@ filter instance) or :meth:`CircuitBreaker.snapshot`, and through the metrics
 from __future__ import annotations
 
 import enum
+import itertools
 import logging
 import re
 import weakref
@@ -44,7 +45,7 @@ import trio
 from engine.chain import CallNext, Filter, FilterContext, Stage
 from engine.errors import BadGateway, CircuitOpen, GatewayError, UpstreamTimeout
 from engine.exchange import Exchange, Headers, Response, StashKey, UpstreamCall
-from engine.metrics import counter, gauge
+from engine.metrics import BoundCounter, counter, gauge
 from engine.plugins import hookimpl
 from engine.schema import Duration, Invalid
 
@@ -443,6 +444,8 @@ class Breaker:
         self.open_until = 0.0
         self.probes_admitted = 0
         self.probes_succeeded = 0
+        # Permits are immutable: a closed breaker hands out one per epoch, not one per call.
+        self._permit = Permit(self.epoch, probe=False)
 
     # -- the two calls of the protocol
 
@@ -458,7 +461,10 @@ class Breaker:
                 return Permit(self.epoch, probe=True)
             # The probes are out; nobody knows yet when they will settle it.
             return Rejection(0.0)
-        return Permit(self.epoch, probe=False)
+        permit = self._permit
+        if permit.epoch != self.epoch:
+            permit = self._permit = Permit(self.epoch, probe=False)
+        return permit
 
     def record(self, permit: Permit, outcome: Outcome, now: float, detail: str = "") -> None:
         """Account for the end of a call made under ``permit``.
@@ -595,7 +601,11 @@ _CALLS_TOTAL = counter(
 
 _FALLBACK_ANSWER: StashKey[list[Response]] = StashKey("circuit-breaker.fallback")
 
-_INSTANCES: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()
+# Live instances by creation order: an instance a reload replaced lingers here until it
+# is garbage collected, and where its breakers' names clash with the newer instance's,
+# the newer one must be what breaker_states() reports.
+_INSTANCES: weakref.WeakValueDictionary[int, CircuitBreaker] = weakref.WeakValueDictionary()
+_CREATED = itertools.count()
 
 
 def is_fallback(exchange: Exchange, response: Response) -> bool:
@@ -619,6 +629,26 @@ def _failure_detail(err: GatewayError) -> str | None:
     return None
 
 
+class _CallCounts:
+    """``filtergate_circuit_breaker_calls_total`` of one breaker, by outcome.
+
+    Each outcome's counter is bound on its first call, so a series appears with its
+    first count (as with ``inc(**labels)``) and later calls skip the label handling.
+    """
+
+    __slots__ = ("_bound", "_name")
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._bound: dict[str, BoundCounter] = {}
+
+    def inc(self, outcome: str) -> None:
+        bound = self._bound.get(outcome)
+        if bound is None:
+            bound = self._bound[outcome] = _CALLS_TOTAL.bind(breaker=self._name, outcome=outcome)
+        bound.inc()
+
+
 class CircuitBreaker(Filter):
     """Refuses upstream calls while the upstream's breaker is open.
 
@@ -635,8 +665,12 @@ class CircuitBreaker(Filter):
     def __init__(self, config: CircuitBreakerConfig, context: FilterContext) -> None:
         super().__init__(config, context)
         self.config: CircuitBreakerConfig = config
-        self.breakers: dict[str, Breaker] = {}
+        # Per breaker key (see breaker_for): the breaker and its call counters.
+        self._entries: dict[str, tuple[Breaker, _CallCounts]] = {}
         self.logger = context.logger
+        self._per_route = config.scope == "route"
+        self._failure_statuses = config.failure_status_set
+        self._slow = config.slow_call_threshold
         # Instances configured on one route get their own breakers: name them apart.
         self._prefix = "" if context.scope == "global" else f"{context.scope}/"
         fb = config.fallback
@@ -649,16 +683,24 @@ class CircuitBreaker(Filter):
                 fb.body.encode(),
             )
         )
-        _INSTANCES.add(self)
+        _INSTANCES[next(_CREATED)] = self
+
+    @property
+    def breakers(self) -> dict[str, Breaker]:
+        """Every breaker of this instance, by key: the upstream, or ``ROUTE/UPSTREAM``."""
+        return {key: breaker for key, (breaker, _counts) in self._entries.items()}
 
     def breaker_for(self, route: str | None, upstream: str, now: float) -> Breaker:
         """The breaker of ``upstream`` (reached through ``route``), made on first use."""
-        if self.config.scope == "route":
+        return self._entry(route, upstream, now)[0]
+
+    def _entry(self, route: str | None, upstream: str, now: float) -> tuple[Breaker, _CallCounts]:
+        if self._per_route:
             key = f"{route or '-'}/{upstream}"
         else:
             key, route = upstream, None
-        breaker = self.breakers.get(key)
-        if breaker is None:
+        entry = self._entries.get(key)
+        if entry is None:
             name = self._prefix + key
             breaker = Breaker(
                 name,
@@ -668,9 +710,9 @@ class CircuitBreaker(Filter):
                 route=route,
                 on_transition=self._on_transition,
             )
-            self.breakers[key] = breaker
+            entry = self._entries[key] = (breaker, _CallCounts(name))
             _publish_state(name, breaker.state)
-        return breaker
+        return entry
 
     def _on_transition(self, breaker: Breaker, old: State, new: State, reason: str) -> None:
         level = logging.WARNING if new is State.OPEN else logging.INFO
@@ -690,44 +732,52 @@ class CircuitBreaker(Filter):
     def snapshot(self, now: float | None = None) -> dict[str, BreakerSnapshot]:
         """Every breaker of this instance by name; ``now`` defaults to trio's clock."""
         t = trio.current_time() if now is None else now
-        return {b.name: b.snapshot(t) for b in list(self.breakers.values())}
+        return {b.name: b.snapshot(t) for b, _counts in list(self._entries.values())}
 
     async def around_upstream(
         self, exchange: Exchange, call: UpstreamCall, call_next: CallNext
     ) -> Response:
-        route = exchange.route.name if exchange.route is not None else None
         start = trio.current_time()
-        breaker = self.breaker_for(route, call.upstream, start)
+        if self._per_route:
+            route = exchange.route.name if exchange.route is not None else None
+            breaker, counts = self._entry(route, call.upstream, start)
+        else:
+            entry = self._entries.get(call.upstream)
+            breaker, counts = entry or self._entry(None, call.upstream, start)
         admission = breaker.admit(start)
         if isinstance(admission, Rejection):
-            _CALLS_TOTAL.inc(breaker=breaker.name, outcome="rejected")
+            counts.inc("rejected")
             return self._refuse(exchange, breaker, admission)
         try:
             response = await call_next(call)
         except GatewayError as e:
             detail = _failure_detail(e)
             outcome = Outcome.IGNORED if detail is None else Outcome.FAILURE
-            self._record(breaker, admission, outcome, detail or e.code)
+            self._record(breaker, counts, admission, outcome, detail or e.code)
             raise
         except BaseException:
             # Cancelled (the client went away) or a bug below: nothing about the upstream.
-            self._record(breaker, admission, Outcome.IGNORED, "")
+            self._record(breaker, counts, admission, Outcome.IGNORED, "")
             raise
         end = trio.current_time()
-        cfg = self.config
-        if response.status in cfg.failure_status_set:
-            self._record(breaker, admission, Outcome.FAILURE, f"status {response.status}")
-            if cfg.hide_failed_responses:
+        if response.status in self._failure_statuses:
+            counts.inc("failure")
+            breaker.record(admission, Outcome.FAILURE, end, f"status {response.status}")
+            if self.config.hide_failed_responses:
                 await response.aclose()
                 raise BadGateway(f"upstream answered {response.status}")
-        elif cfg.slow_call_threshold is not None and end - start >= cfg.slow_call_threshold:
-            self._record(breaker, admission, Outcome.FAILURE, f"slow call {end - start:.3g}s")
+        elif self._slow is not None and end - start >= self._slow:
+            counts.inc("failure")
+            breaker.record(admission, Outcome.FAILURE, end, f"slow call {end - start:.3g}s")
         else:
-            self._record(breaker, admission, Outcome.SUCCESS, "")
+            counts.inc("success")
+            breaker.record(admission, Outcome.SUCCESS, end)
         return response
 
-    def _record(self, breaker: Breaker, permit: Permit, outcome: Outcome, detail: str) -> None:
-        _CALLS_TOTAL.inc(breaker=breaker.name, outcome=outcome.value)
+    def _record(
+        self, breaker: Breaker, counts: _CallCounts, permit: Permit, outcome: Outcome, detail: str
+    ) -> None:
+        counts.inc(outcome.value)
         breaker.record(permit, outcome, trio.current_time(), detail)
 
     def _refuse(self, exchange: Exchange, breaker: Breaker, rejection: Rejection) -> Response:
@@ -752,11 +802,13 @@ def breaker_states(now: float | None = None) -> dict[str, BreakerSnapshot]:
     Names are the upstream (``"users"``), or ``"ROUTE/UPSTREAM"`` with ``scope =
     "route"``; an instance configured on one route prefixes them with ``"route:NAME/"``.
     ``now`` defaults to ``trio.current_time()`` (so call it from the gateway's trio run).
+    When two instances have a breaker of one name (a reload replaced an instance that is
+    not garbage collected yet), the newer instance's is reported.
     The admin listener serves this; :meth:`BreakerSnapshot.as_dict` is its JSON form.
     """
     t = trio.current_time() if now is None else now
     out: dict[str, BreakerSnapshot] = {}
-    for instance in list(_INSTANCES):
+    for _created, instance in sorted(_INSTANCES.items()):
         out.update(instance.snapshot(t))
     return out
 

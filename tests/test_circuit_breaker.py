@@ -289,6 +289,28 @@ def test_results_from_before_a_state_change_are_ignored() -> None:
     assert b.snapshot(10.5).probes_succeeded == 0
 
 
+def test_a_closed_breaker_permits_with_the_epoch_of_the_moment() -> None:
+    # A closed breaker hands out one permit object per epoch; a permit kept across a
+    # trip and a recovery must still be one from before the state changes.
+    b = Breaker("users", config(consecutive_failures=2, probes=1, window_size=10), 0.0)
+    before = b.admit(0.0)
+    assert isinstance(before, Permit)
+    assert b.admit(0.0) == before
+    run(b, "FF")  # trip
+    probe = b.admit(10.0)  # half-open
+    assert isinstance(probe, Permit)
+    b.record(probe, Outcome.SUCCESS, 10.0)  # closed again
+    assert state_of(b) is State.CLOSED
+    after = b.admit(10.0)
+    assert isinstance(after, Permit)
+    assert (after.epoch, after.probe) == (b.epoch, False)
+    assert before.epoch != b.epoch
+    b.record(before, Outcome.FAILURE, 10.0)  # from before the trip: ignored
+    assert b.snapshot(10.0).calls == 0
+    b.record(after, Outcome.FAILURE, 10.0)
+    assert b.snapshot(10.0).failures == 1
+
+
 def test_snapshot() -> None:
     b = Breaker("users", config(consecutive_failures=3), 5.0, upstream="users")
     run(b, "SF", now=6.0)
@@ -498,6 +520,40 @@ async def test_states_are_logged_exposed_and_counted(caplog: pytest.LogCaptureFi
         assert (
             'filtergate_circuit_breaker_calls_total{breaker="logged",outcome="failure"} 2'
         ) in metrics
+
+
+async def test_the_newest_instance_reports_a_breaker_name_they_share() -> None:
+    # A reload replaces an instance; until the old one is garbage collected both are
+    # alive, and their breakers of one upstream have one name.
+    with trio.fail_after(5):
+        for first_status, second_status, expected in [(500, 200, "closed"), (200, 500, "open")]:
+            first = make_filter(consecutive_failures=1)
+            await first.around_upstream(make_exchange(), make_call("shared"), Backend(first_status))
+            second = make_filter(consecutive_failures=1)
+            await second.around_upstream(
+                make_exchange(), make_call("shared"), Backend(second_status)
+            )
+            assert breaker_states()["shared"].state == expected
+            del first, second
+
+
+async def test_call_counts_appear_with_their_first_call() -> None:
+    with trio.fail_after(5):
+        f = make_filter()
+        call = make_call("counted")
+        for _ in range(3):
+            await f.around_upstream(make_exchange(), call, Backend())
+        metrics = render().decode()
+        assert 'filtergate_circuit_breaker_calls_total{breaker="counted",outcome="success"} 3' in (
+            metrics
+        )
+        assert 'breaker="counted",outcome="failure"' not in metrics
+        await f.around_upstream(make_exchange(), call, Backend(status=503))
+        metrics = render().decode()
+        assert 'filtergate_circuit_breaker_calls_total{breaker="counted",outcome="failure"} 1' in (
+            metrics
+        )
+        assert list(f.breakers) == ["counted"]
 
 
 # --------------------------------------------------------------------------- config
