@@ -185,7 +185,7 @@ class Retry(Filter):
         self, exchange: Exchange, call: UpstreamCall, call_next: CallNext
     ) -> Response:
         cfg = self.config
-        budget = self.budget_for(call.upstream)
+        budget = self.budgets.get(call.upstream) or self.budget_for(call.upstream)
         budget.record_request(trio.current_time())
         if cfg.per_try_timeout is not None:
             call.timeout = (
@@ -195,7 +195,7 @@ class Retry(Filter):
             )
         retryable_method = cfg.attempts > 1 and call.method in self.methods
         retries = 0
-        excluded: set[str] = set()  # targets this filter added to call.exclude
+        excluded: set[str] | None = None  # targets this filter added to call.exclude
         while True:
             call.attempt = retries
             try:
@@ -206,7 +206,7 @@ class Retry(Filter):
                 # Every target left is one that failed: go back to them rather than
                 # fail a retry that has a target to go to.
                 call.exclude -= excluded
-                excluded.clear()
+                excluded = None
                 continue
             except GatewayError as e:
                 if e.code in _UNSENT_CODES:
@@ -239,6 +239,8 @@ class Retry(Filter):
             address = call.target_address
             if address is not None and address not in call.exclude:
                 call.exclude.add(address)
+                if excluded is None:
+                    excluded = set()
                 excluded.add(address)
             call.target_address = None
             delay = self.random.uniform(
