@@ -64,17 +64,19 @@ def make_exchange(
 
 
 async def attempt(f: RateLimit, ex: Exchange | None = None) -> tuple[bool, Response, Exchange]:
-    """One request through the filter's phases: (admitted, response, exchange)."""
+    """One request through the filter's phases, run as the engine runs them (sync or
+    async as the instance's phases are): (admitted, response, exchange)."""
     ex = ex or make_exchange()
+    chain = compile_chain([f])
     try:
-        await f.on_request(ex)
+        await run_request_phases(chain, ex)
     except RateLimited as e:
         status, headers, body = render_error(e, ex.request_id)
         response = Response(status, Headers(list(headers)), body)
-        f.on_response(ex, response)
+        await run_response_phases(chain.response, ex, response)
         return False, response, ex
     response = Response(200, Headers([(b"content-type", b"text/plain")]), b"ok")
-    f.on_response(ex, response)
+    await run_response_phases(chain.response, ex, response)
     return True, response, ex
 
 
@@ -214,6 +216,25 @@ def test_sliding_log_and_bucket_are_exact() -> None:
         assert _max_in_interval(tb_admitted, d) <= 15 + 10 * d + 1e-9
 
 
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
+@pytest.mark.parametrize("seed", range(3))
+def test_take_is_check_then_commit(algorithm: str, seed: int) -> None:
+    """The fused single-quota path decides and counts exactly as check + commit do."""
+    rng = random.Random(seed)
+    quota = Quota(rng.randint(1, 6), rng.choice([1.0, 2.5, 10.0]), burst=rng.randint(1, 8))
+    alg = ALGORITHMS[algorithm]
+    fused = alg.new_state(quota, 0.0)
+    split = alg.new_state(quota, 0.0)
+    now = 0.0
+    for _ in range(300):
+        now += rng.choice([0.0, 0.0, 0.01, rng.random(), rng.random() * 3 * quota.window])
+        expected = alg.check(split, quota, now)
+        if expected.allowed:
+            alg.commit(split, quota, now)
+        assert alg.take(fused, quota, now) == expected
+        assert alg.idle_at(fused, quota) == alg.idle_at(split, quota)
+
+
 def test_sliding_window_idle_at() -> None:
     alg = SlidingWindow()
     q = Quota(5, 10)
@@ -286,6 +307,19 @@ async def test_headers_can_be_switched_off(autojump_clock: trio.testing.MockCloc
         ok, r, _ = await attempt(f)
         assert ok
         assert h(r, "ratelimit-limit") is None
+
+
+def test_phases_are_chosen_once_by_store_and_headers() -> None:
+    # The memory store decides synchronously, so its request phase is a plain call;
+    # Redis needs an await. Without headers there is nothing to do on the way out.
+    memory = compile_chain([make_filter()])
+    assert [(p.filter.name, p.is_async) for p in memory.request] == [("rate-limit", False)]
+    assert [p.is_async for p in memory.response] == [False]
+    redis = compile_chain([make_filter(store="redis")])
+    assert [p.is_async for p in redis.request] == [True]
+    quiet = compile_chain([make_filter(headers=False)])
+    assert quiet.response == []
+    assert len(quiet.request) == 1
 
 
 async def test_reported_quota_is_closest_to_exhaustion(

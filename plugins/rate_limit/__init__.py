@@ -343,6 +343,11 @@ class RateLimit(Filter):
             )
             for name, g in config.groups.items()
         ]
+        # Each tier's counting keys start "SCOPE|POLICY|": made once, not per request.
+        self._prefixes = {
+            policy.name: f"{self._scope}|{policy.name}|"
+            for policy in [self._default, *(p for _, p in self._groups)]
+        }
         self._legacy = config.legacy_headers
         self.store: Store
         # The memory store decides synchronously: no coroutine per request.
@@ -357,6 +362,12 @@ class RateLimit(Filter):
             )
         else:
             self.store = self._memory = MemoryStore(config.max_keys)
+            # The memory store decides synchronously: the engine calls this phase
+            # without making and awaiting a coroutine per request.
+            vars(self)["on_request"] = self._on_request_memory
+        if not config.headers:
+            # Nothing to add to responses: no response phase at all.
+            vars(self)["on_response"] = None
 
     def policy_for(self, exchange: Exchange) -> Policy:
         """The tier of the caller: its first configured group, else the default limits."""
@@ -371,16 +382,13 @@ class RateLimit(Filter):
         """Count the request; raises RateLimited (429) when a quota is spent.
 
         Raises :class:`RateLimitUnavailable` (503) when the store cannot decide and
-        ``failure = "fail_closed"``.
+        ``failure = "fail_closed"``. (With the memory store, the instance's
+        ``on_request`` is :meth:`_on_request_memory`, the same without a coroutine.)
         """
         policy = self.policy_for(exchange)
-        key = f"{self._scope}|{policy.name}|{self._key(exchange)}"
-        memory = self._memory
+        key = self._prefixes[policy.name] + self._key(exchange)
         try:
-            if memory is not None:
-                outcome = memory.decide_now(key, policy, trio.current_time())
-            else:
-                outcome = await self.store.decide(key, policy, trio.current_time())
+            outcome = await self.store.decide(key, policy, trio.current_time())
         except StoreUnavailable as e:
             self._store_failed(exchange, key, e)
             exchange.stash[_STAMP] = _Stamp(policy, None)
@@ -390,6 +398,16 @@ class RateLimit(Filter):
                     retry_after=float(self.config.redis.retry_interval),
                 ) from e
             return
+        self._count(exchange, policy, outcome)
+
+    def _on_request_memory(self, exchange: Exchange) -> None:
+        assert self._memory is not None
+        policy = self.policy_for(exchange)
+        key = self._prefixes[policy.name] + self._key(exchange)
+        self._count(exchange, policy, self._memory.decide_now(key, policy, trio.current_time()))
+
+    def _count(self, exchange: Exchange, policy: Policy, outcome: Outcome) -> None:
+        """Stamp the decision for the response side; raise RateLimited when refused."""
         exchange.stash[_STAMP] = _Stamp(policy, outcome)
         if not outcome.allowed:
             _limited.inc(route=exchange.route.name if exchange.route is not None else "")
@@ -414,8 +432,6 @@ class RateLimit(Filter):
 
     def on_response(self, exchange: Exchange, response: Response) -> None:
         """Add the RateLimit-* headers (also to this filter's own 429)."""
-        if not self.config.headers:
-            return
         stamp = exchange.stash.get(_STAMP)
         if stamp is None:
             return

@@ -8,6 +8,9 @@ at an instant ``now`` (seconds on any monotonic clock):
     Does not change the state.
 ``commit(state, quota, now)``
     Count the request (call only after ``check`` admitted it at the same ``now``).
+``take(state, quota, now) -> Verdict``
+    ``check``, then ``commit`` when admitted, in one call: what a single-quota policy
+    does per request.
 
 Splitting the two lets a route with several quotas (10 per second *and* 1000 per hour)
 admit a request only when every quota has room, and spend from none when one refuses.
@@ -88,6 +91,8 @@ class Algorithm(Protocol, Generic[S]):
 
     def commit(self, state: S, quota: Quota, now: float) -> None: ...
 
+    def take(self, state: S, quota: Quota, now: float) -> Verdict: ...
+
     def idle_at(self, state: S, quota: Quota) -> float:
         """The instant from which ``state`` is equivalent to a new one (may be dropped)."""
         ...
@@ -132,6 +137,13 @@ class SlidingWindow:
         return 0, 0
 
     def check(self, state: SlidingWindowState, quota: Quota, now: float) -> Verdict:
+        return self._decide(state, quota, now, False)
+
+    def take(self, state: SlidingWindowState, quota: Quota, now: float) -> Verdict:
+        return self._decide(state, quota, now, True)
+
+    def _decide(self, state: SlidingWindowState, quota: Quota, now: float, count: bool) -> Verdict:
+        """``check``, and with ``count`` the ``commit`` of an admitted request too."""
         w = quota.window
         index = math.floor(now / w)
         previous, current = self._roll(state, index)
@@ -140,6 +152,8 @@ class SlidingWindow:
         weight = 1.0 - elapsed
         estimate = previous * weight + current
         if estimate + 1 <= quota.limit:
+            if count:
+                state.index, state.previous, state.current = index, previous, current + 1
             after = estimate + 1
             remaining = max(0, math.floor(quota.limit - after))
             # Whole again once the current window (with this request) has slid out.
@@ -227,6 +241,12 @@ class SlidingLog:
     def commit(self, state: SlidingLogState, quota: Quota, now: float) -> None:
         state.log.append(now)
 
+    def take(self, state: SlidingLogState, quota: Quota, now: float) -> Verdict:
+        verdict = self.check(state, quota, now)
+        if verdict.allowed:
+            state.log.append(now)
+        return verdict
+
     def idle_at(self, state: SlidingLogState, quota: Quota) -> float:
         return state.log[-1] + quota.window if state.log else -math.inf
 
@@ -271,6 +291,12 @@ class TokenBucket:
     def commit(self, state: TokenBucketState, quota: Quota, now: float) -> None:
         state.tokens = self._tokens(state, quota, now) - 1.0
         state.stamp = now
+
+    def take(self, state: TokenBucketState, quota: Quota, now: float) -> Verdict:
+        verdict = self.check(state, quota, now)
+        if verdict.allowed:
+            self.commit(state, quota, now)
+        return verdict
 
     def idle_at(self, state: TokenBucketState, quota: Quota) -> float:
         rate = quota.limit / quota.window

@@ -73,9 +73,7 @@ class MemoryStore:
         states = entry.states
         if len(quotas) == 1:
             quota = quotas[0]
-            v = algorithm.check(states[0], quota, now)
-            if v.allowed:
-                algorithm.commit(states[0], quota, now)
+            v = algorithm.take(states[0], quota, now)
             outcome = Outcome(v.allowed, quota, v.remaining, v.reset, v.retry_after)
         else:
             verdicts = [algorithm.check(s, q, now) for s, q in zip(states, quotas, strict=True)]
