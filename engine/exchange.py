@@ -48,15 +48,14 @@ _CHECKED_STR: dict[str, bytes] = {}
 _MAX_CHECKED = 1024
 
 
-def _checked_name(name: bytes | str) -> bytes:
+def _check_name(name: bytes | str) -> bytes:
+    """``name`` lowercased, once checked to be a token; remembered for the next time."""
+    key = _b(name)
+    if not _TOKEN.fullmatch(key):
+        raise ValueError(f"invalid header name {key!r}")
     cache: dict[Any, bytes] = _CHECKED_BYTES if isinstance(name, bytes) else _CHECKED_STR
-    key = cache.get(name)
-    if key is None:
-        key = _b(name)
-        if not _TOKEN.fullmatch(key):
-            raise ValueError(f"invalid header name {key!r}")
-        if len(cache) < _MAX_CHECKED:
-            cache[name] = key
+    if len(cache) < _MAX_CHECKED:
+        cache[name] = key
     return key
 
 
@@ -64,9 +63,12 @@ def _field(name: bytes | str, value: bytes | str) -> tuple[bytes, bytes]:
     # The engine forwards header fields without re-validating them (h11 validated what
     # it parsed), so every field a filter adds is checked here, once: a value built from
     # a query parameter must never smuggle a CR LF into the upstream request.
-    key = _checked_name(name)
+    key = _CHECKED_BYTES.get(name) if isinstance(name, bytes) else _CHECKED_STR.get(name)
+    if key is None:
+        key = _check_name(name)
     val = value if isinstance(value, bytes) else value.encode()
-    if b"\r" in val or b"\n" in val or b"\0" in val:
+    # Byte values, not b"\r": "int in bytes" is a memchr, several times faster here.
+    if 13 in val or 10 in val or 0 in val:
         raise ValueError(f"invalid header value for {key!r}: contains CR, LF or NUL")
     return key, val.strip(b" \t")
 
