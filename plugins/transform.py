@@ -43,6 +43,7 @@ from engine.schema import Invalid
 from plugins._jsonpath import MISSING, JsonPath, JsonPathError
 from plugins._template import (
     Lookup,
+    Ref,
     Template,
     TemplateError,
     compile_template,
@@ -305,26 +306,33 @@ def _header_value(text: str) -> HeaderValue:
     return _CTL_RE.sub("", constant).encode() if constant is not None else template
 
 
-def _render_header(value: HeaderValue, lookup: Callable[[], Lookup]) -> bytes:
+def _render_header(value: HeaderValue, lookup: Lookup) -> bytes:
     if isinstance(value, bytes):
         return value
-    return _CTL_RE.sub("", value.render(lookup(), missing="")).encode()
+    return _CTL_RE.sub("", value.render(lookup, missing="")).encode()
+
+
+def _no_lookup(ref: Ref) -> Any:
+    """The lookup given to plans whose values are all constant: never asked."""
+    return MISSING
 
 
 class _HeaderPlan:
-    __slots__ = ("add", "append", "remove", "rename", "set")
+    __slots__ = ("add", "append", "drop", "needs_lookup", "rename", "set")
 
     def __init__(self, ops: HeaderOps) -> None:
-        self.remove = tuple(n.lower().encode() for n in ops.remove)
+        self.drop = frozenset(n.lower().encode() for n in ops.remove)
         self.rename = tuple((o.lower().encode(), n.lower().encode()) for o, n in ops.rename.items())
         self.set = tuple((n.lower().encode(), _header_value(v)) for n, v in ops.set.items())
         self.add = tuple((n.lower().encode(), _header_value(v)) for n, v in ops.add.items())
         self.append = tuple((n.lower().encode(), _header_value(v)) for n, v in ops.append.items())
+        # Only a template reads the exchange: a plan of constants needs no lookup made.
+        values = [v for _, v in (*self.set, *self.add, *self.append)]
+        self.needs_lookup = any(isinstance(v, Template) for v in values)
 
-    def apply(self, headers: Headers, lookup: Callable[[], Lookup]) -> None:
-        if self.remove:
-            drop = self.remove
-            headers.remove_where(lambda name: name in drop)
+    def apply(self, headers: Headers, lookup: Lookup) -> None:
+        if self.drop:
+            headers.remove_where(self.drop.__contains__)
         for old, new in self.rename:
             headers.items = [(new if n == old else n, v) for n, v in headers.items]
         for name, value in self.set:
@@ -488,6 +496,12 @@ class Transform(Filter):
         self._error_body = resp.error_body
         self._resp_headers = None if resp.headers.empty else _HeaderPlan(resp.headers)
         self._resp_json = None if resp.json.empty else _JsonPlan(resp.json)
+        # Whether the request side reads the exchange through templates at all.
+        self._req_lookup = (
+            self._req_json is not None
+            or self._query is not None
+            or (self._req_headers is not None and self._req_headers.needs_lookup)
+        )
         # The engine reads these per instance: only a transform with JSON edits for a
         # direction makes the engine buffer that direction's body.
         vars(self).update(
@@ -501,28 +515,26 @@ class Transform(Filter):
             vars(self)["on_request"] = None
         if not (self._status_map or self._resp_json or self._resp_headers):
             vars(self)["on_response"] = None
+        elif not (self._status_map or self._resp_json):
+            # Header edits only: nothing to wait for, so a plain call instead of a
+            # coroutine per response (the engine decides sync or async per instance).
+            vars(self)["on_response"] = self._on_response_headers
 
     # -- request side ----------------------------------------------------------------
 
     def on_request(self, exchange: Exchange) -> None:
         request = exchange.request
-        lookup_cache: list[Lookup] = []
-
-        def lookup() -> Lookup:
-            # Made once, and only when a template actually needs a value.
-            if not lookup_cache:
-                lookup_cache.append(exchange_lookup(exchange))
-            return lookup_cache[0]
-
+        # Lazy: it reads the exchange only when a template asks for a value.
+        lookup = exchange_lookup(exchange) if self._req_lookup else _no_lookup
         if self._req_json is not None:
-            self._transform_request_body(exchange, lookup())
+            self._transform_request_body(exchange, lookup)
         if self._rewrite is not None:
             pattern, replacement = self._rewrite
             path = pattern.sub(replacement, request.path, count=1)
             if path != request.path:
                 request.path = quote(path if path.startswith("/") else "/" + path, safe=_PATH_SAFE)
         if self._query is not None:
-            self._query.apply(request, lookup())
+            self._query.apply(request, lookup)
         if self._req_headers is not None:
             self._req_headers.apply(request.headers, lookup)
         if self._method is not None:
@@ -566,7 +578,12 @@ class Transform(Filter):
         if self._resp_json is not None and not replaced:
             await self._transform_response_body(exchange, response)
         if self._resp_headers is not None:
-            self._resp_headers.apply(response.headers, lambda: exchange_lookup(exchange))
+            self._on_response_headers(exchange, response)
+
+    def _on_response_headers(self, exchange: Exchange, response: Response) -> None:
+        plan = self._resp_headers
+        assert plan is not None
+        plan.apply(response.headers, exchange_lookup(exchange) if plan.needs_lookup else _no_lookup)
 
     async def _transform_response_body(self, exchange: Exchange, response: Response) -> None:
         assert self._resp_json is not None

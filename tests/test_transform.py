@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 import trio
 
-from engine.chain import FilterContext
+from engine.chain import FilterContext, compile_chain
 from engine.exchange import Exchange, Headers, Identity, Request, Response, Timings
 from engine.schema import ConfigError, build
-from engine.testing import Stubs, http_request, open_gateway, open_stubs
+from engine.testing import Stubs, http_request, make_exchange, open_gateway, open_stubs, run_chain
 from plugins._jsonpath import MISSING, JsonPath, JsonPathError
 from plugins._template import (
     REQUEST_ROOTS,
@@ -204,6 +204,71 @@ def test_template_extra_roots() -> None:
 def _transform(table: dict[str, Any]) -> Transform:
     config = build(TransformConfig, table, "plugins.transform")
     return Transform(config, FilterContext("transform", "global"))
+
+
+@pytest.mark.parametrize(
+    ("response", "response_phase"),
+    [
+        ({}, None),
+        ({"headers": {"set": {"x-a": "1"}}}, "sync"),
+        ({"headers": {"set": {"x-a": "{request_id}"}}}, "sync"),
+        ({"status_map": {"500": 502}, "headers": {"set": {"x-a": "1"}}}, "async"),
+        ({"json": {"set": {"a": 1}}}, "async"),
+    ],
+)
+def test_only_what_may_wait_is_async(response: dict[str, Any], response_phase: str | None) -> None:
+    # Header edits never wait, so the engine calls them; a status mapped to the error
+    # body (which closes the upstream's body) and JSON edits are awaited.
+    chain = compile_chain([_transform({"request": {"method": "PUT"}, "response": response})])
+    assert [p.is_async for p in chain.request] == [False]
+    kinds = [("async" if p.is_async else "sync") for p in chain.response]
+    assert kinds == ([response_phase] if response_phase else [])
+
+
+async def test_constant_and_template_header_values_on_both_sides() -> None:
+    # A plan of constants skips the exchange lookup; one template in it must not.
+    t = _transform(
+        {
+            "request": {
+                "headers": {
+                    "remove": ["cookie", "x-debug"],
+                    "set": {"x-const": " padded ", "x-route": "{route}-{header.x-in}"},
+                    "add": {"x-const": "not added"},
+                }
+            },
+            "response": {
+                "headers": {"set": {"x-served-by": "gw", "x-id": "{request_id}"}},
+            },
+        }
+    )
+    constants = _transform(
+        {
+            "request": {"headers": {"set": {"x-const": "c"}, "remove": ["cookie"]}},
+            "response": {"headers": {"append": {"x-served-by": "gw"}}},
+        }
+    )
+    with trio.fail_after(5):
+        headers = [("cookie", "a=1"), ("x-debug", "1"), ("x-in", "v"), ("x-keep", "k")]
+        ex = make_exchange(headers=headers, route_name="orders")
+        response = await run_chain([t], ex)
+        assert ex.request.headers.items == [
+            (b"x-in", b"v"),
+            (b"x-keep", b"k"),
+            (b"x-const", b"padded"),
+            (b"x-route", b"orders-v"),
+        ]
+        assert response.headers.get("x-served-by") == b"gw"
+        assert response.headers.get("x-id") == b"test-1"
+
+        ex = make_exchange(headers=headers)
+        response = await run_chain([constants], ex)
+        assert ex.request.headers.items == [
+            (b"x-debug", b"1"),
+            (b"x-in", b"v"),
+            (b"x-keep", b"k"),
+            (b"x-const", b"c"),
+        ]
+        assert response.headers.get_all("x-served-by") == [b"gw"]
 
 
 def test_request_headers_every_operation() -> None:
