@@ -30,8 +30,10 @@ __all__ = [
     "check_header_name",
     "check_header_pattern",
     "fingerprint",
+    "header_key",
     "header_value",
     "inject_header",
+    "inject_headers",
     "register_credential_header",
     "strip_identity_headers",
 ]
@@ -127,24 +129,49 @@ def strip_identity_headers(exchange: Exchange, patterns: HeaderPatterns) -> int:
     Kept: headers an earlier auth filter injected on this exchange, and credential
     headers (:func:`register_credential_header`).
     """
+    headers = exchange.request.headers
+    # Clients rarely send identity headers: one pass to find none is the common case.
+    exact, prefixes = patterns.exact, patterns.prefixes
+    for name, _value in headers.items:
+        if name in exact or name.startswith(prefixes):
+            break
+    else:
+        return 0
     injected = exchange.stash.get(INJECTED_HEADERS) or ()
     credentials = _CREDENTIAL_HEADERS
 
     def spoofable(name: bytes) -> bool:
         return patterns(name) and name not in credentials and name not in injected
 
-    return exchange.request.headers.remove_where(spoofable)
+    return headers.remove_where(spoofable)
+
+
+def header_key(name: str) -> bytes:
+    """A configured header name as the exchange's headers hold it: lowercase bytes."""
+    return name.lower().encode("latin-1")
 
 
 def inject_header(exchange: Exchange, name: str, value: bytes) -> None:
     """Set request header ``name`` to ``value`` and remember it was injected."""
-    key = name.lower().encode("latin-1")
-    exchange.request.headers.set(key, value)
-    injected = exchange.stash.get(INJECTED_HEADERS)
-    if injected is None:
-        injected = set()
-        exchange.stash[INJECTED_HEADERS] = injected
-    injected.add(key)
+    inject_headers(exchange, [(header_key(name), value)])
+
+
+def inject_headers(exchange: Exchange, fields: Iterable[tuple[bytes, bytes]]) -> None:
+    """Set each request header ``(lowercase name, value)`` and remember it was injected.
+
+    For the fields an auth filter prepared at load or at verification time; the
+    remembered set is made on the first field, as :func:`inject_header` does.
+    """
+    headers = exchange.request.headers
+    injected: set[bytes] | None = None
+    for key, value in fields:
+        headers.set(key, value)
+        if injected is None:
+            injected = exchange.stash.get(INJECTED_HEADERS)
+            if injected is None:
+                injected = set()
+                exchange.stash[INJECTED_HEADERS] = injected
+        injected.add(key)
 
 
 _UNSAFE_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")

@@ -34,8 +34,9 @@ from plugins._identity import (
     check_header_name,
     check_header_pattern,
     fingerprint,
+    header_key,
     header_value,
-    inject_header,
+    inject_headers,
     register_credential_header,
     strip_identity_headers,
 )
@@ -177,7 +178,7 @@ class KeyAuthConfig:
 class _Entry:
     digest: bytes
     identity: Identity
-    headers: tuple[tuple[str, bytes], ...]
+    headers: tuple[tuple[bytes, bytes], ...]  # (lowercase name, value), to inject
 
 
 class KeyAuth(Filter):
@@ -194,11 +195,11 @@ class KeyAuth(Filter):
         self.by_digest: dict[bytes, _Entry] = {}
         for c in config.consumers:
             identity = Identity(consumer=c.id, groups=tuple(c.groups), source=self.name)
-            headers: list[tuple[str, bytes]] = []
+            headers: list[tuple[bytes, bytes]] = []
             if config.consumer_header:
-                headers.append((config.consumer_header, c.id.encode()))
+                headers.append((header_key(config.consumer_header), c.id.encode()))
             if config.groups_header and c.groups:
-                headers.append((config.groups_header, ",".join(c.groups).encode()))
+                headers.append((header_key(config.groups_header), ",".join(c.groups).encode()))
             for h in c.hashes:
                 digest = bytes.fromhex(h)
                 self.by_digest[digest] = _Entry(digest, identity, tuple(headers))
@@ -231,8 +232,7 @@ class KeyAuth(Filter):
                 headers=[challenge("Key", self.config.realm, "invalid_key", "unknown API key")],
             )
         exchange.identity = entry.identity
-        for name, value in entry.headers:
-            inject_header(exchange, name, value)
+        inject_headers(exchange, entry.headers)
         if self.config.hide_credentials:
             self.remove_credentials(exchange)
 

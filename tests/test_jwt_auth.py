@@ -33,7 +33,13 @@ from engine.exchange import Exchange, Headers, Identity, Request, Timings
 from engine.schema import ConfigError, build
 from engine.testing import free_port as _free_port
 from plugins._fetch import FetchError, fetch
-from plugins._identity import DEFAULT_IDENTITY_HEADERS, HeaderPatterns, challenge, header_value
+from plugins._identity import (
+    DEFAULT_IDENTITY_HEADERS,
+    INJECTED_HEADERS,
+    HeaderPatterns,
+    challenge,
+    header_value,
+)
 from plugins.jwt_auth import JwtAuth, JwtAuthConfig
 from plugins.jwt_auth.claims import (
     AuthFailure,
@@ -348,6 +354,29 @@ async def test_spoofed_identity_headers_are_replaced() -> None:
             claims=ex.identity.claims if ex.identity else {},
             source="jwt-auth",
         )
+
+
+async def test_a_remembered_token_strips_and_injects_like_a_fresh_one() -> None:
+    f = _filter(_rsa_config(claims_to_headers={"sub": "X-User-Id", "roles": "X-User-Roles"}))
+    token = _token()
+    with trio.fail_after(5):
+        for _ in range(3):  # verified, then twice from the cache
+            ex = await _run(f, [("X-User-Id", "admin"), ("X-Auth-User", "x"), *_bearer(token)])
+            h = ex.request.headers
+            assert h.get_all("x-user-id") == [b"alice"]
+            assert h.get_all("x-user-roles") == [b"gold"]
+            assert "x-auth-user" not in h
+            assert ex.stash.get(INJECTED_HEADERS) == {b"x-user-id", b"x-user-roles"}
+        assert len(f._verified) == 1
+        # No spoofable header at all: nothing stripped, the rest kept in order.
+        ex = await _run(f, [("Accept", "*/*"), *_bearer(token), ("X-Other", "1")])
+        assert [n for n, _ in ex.request.headers] == [
+            b"accept",
+            b"authorization",
+            b"x-other",
+            b"x-user-id",
+            b"x-user-roles",
+        ]
 
 
 async def test_missing_token_and_anonymous() -> None:

@@ -37,8 +37,9 @@ from plugins._identity import (
     HeaderPatterns,
     challenge,
     fingerprint,
+    header_key,
     header_value,
-    inject_header,
+    inject_headers,
     register_credential_header,
     strip_identity_headers,
 )
@@ -139,13 +140,13 @@ class _Verified:
     def __init__(
         self,
         identity: Identity,
-        headers: list[tuple[str, bytes]],
+        headers: list[tuple[bytes, bytes]],
         until: float,
         issuer: _Issuer,
         jwks_keys: object,
     ) -> None:
         self.identity = identity
-        self.headers = headers
+        self.headers = headers  # claims_to_headers fields: (lowercase name, value)
         self.until = until
         self.issuer = issuer
         self.jwks_keys = jwks_keys
@@ -215,7 +216,7 @@ class JwtAuth(Filter):
                     raise AuthFailure("too_large", "the token is too large")
                 claims, issuer = await self.verify(token, now)
                 identity = self.identity(claims, issuer)
-                headers = self.headers_for(claims)
+                headers = [(header_key(n), v) for n, v in self.headers_for(claims)]
                 self._remember(token, claims, issuer, identity, headers, now)
         except ServiceUnavailable:
             _FAILURES.inc(plugin=self.name, reason="keys_unavailable")
@@ -243,8 +244,8 @@ class JwtAuth(Filter):
                 headers=[challenge("Bearer", self.config.realm, "invalid_token", e.description)],
             ) from None
         exchange.identity = identity
-        for name, value in headers:
-            inject_header(exchange, name, value)
+        if headers:
+            inject_headers(exchange, headers)
         if self.config.hide_credentials:
             self.remove_credentials(exchange)
 
@@ -254,7 +255,7 @@ class JwtAuth(Filter):
         claims: dict[str, Any],
         issuer: _Issuer,
         identity: Identity,
-        headers: list[tuple[str, bytes]],
+        headers: list[tuple[bytes, bytes]],
         now: float,
     ) -> None:
         """Keep a verified token's outcome until it could first change.
@@ -287,12 +288,16 @@ class JwtAuth(Filter):
         (the header twice, the cookie twice).
         """
         headers = exchange.request.headers
-        if self._header is not None:
-            values = headers.get_all(self._header)
-            if len(values) > 1:
-                self._invalid_request(f"more than one {self.config.header} header")
-            if values:
-                token = self._token_from_header(values[0])
+        key = self._header
+        if key is not None:
+            value = None
+            for name, v in headers.items:
+                if name == key:
+                    if value is not None:
+                        self._invalid_request(f"more than one {self.config.header} header")
+                    value = v
+            if value is not None:
+                token = self._token_from_header(value)
                 if token is not None:
                     return token
         if self.config.cookie is not None:

@@ -1,0 +1,61 @@
+"""Identity hygiene shared by the auth plugins (plugins/_identity.py): what is stripped,
+what is kept, and what is remembered as injected."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.testing import make_exchange
+from plugins._identity import (
+    INJECTED_HEADERS,
+    HeaderPatterns,
+    inject_header,
+    inject_headers,
+    register_credential_header,
+    strip_identity_headers,
+)
+
+PATTERNS = HeaderPatterns(["X-User-Id", "X-Auth-*", "X-Strip-Test-Key"])
+
+
+@pytest.mark.parametrize(
+    ("headers", "kept", "removed"),
+    [
+        ([], [], 0),
+        ([("accept", "*/*"), ("x-other", "1")], ["accept", "x-other"], 0),
+        ([("x-user-id", "a"), ("accept", "*/*"), ("x-user-id", "b")], ["accept"], 2),
+        ([("x-auth-user", "a"), ("x-auth", "b"), ("x-authx", "c")], ["x-auth", "x-authx"], 1),
+        # A credential header some auth filter reads is never stripped.
+        ([("x-strip-test-key", "k"), ("x-user-id", "a")], ["x-strip-test-key"], 1),
+    ],
+)
+def test_strip_identity_headers(
+    headers: list[tuple[str, str]], kept: list[str], removed: int
+) -> None:
+    register_credential_header("X-Strip-Test-Key")
+    ex = make_exchange(headers=headers)
+    assert strip_identity_headers(ex, PATTERNS) == removed
+    assert [n.decode() for n, _ in ex.request.headers] == kept
+
+
+def test_what_an_earlier_auth_filter_injected_is_kept() -> None:
+    ex = make_exchange(headers=[("X-User-Id", "spoofed"), ("X-Auth-Scope", "all")])
+    assert strip_identity_headers(ex, PATTERNS) == 2
+    inject_header(ex, "X-User-Id", b"alice")
+    assert strip_identity_headers(ex, PATTERNS) == 0  # a second auth filter's strip
+    assert ex.request.headers.items == [(b"x-user-id", b"alice")]
+
+
+def test_inject_headers_sets_and_remembers() -> None:
+    ex = make_exchange(headers=[("x-user-id", "old"), ("x-user-id", "older"), ("accept", "*/*")])
+    inject_headers(ex, [])
+    assert INJECTED_HEADERS not in ex.stash  # nothing injected, nothing remembered
+    inject_headers(ex, [(b"x-user-id", b"alice"), (b"x-user-groups", b"a,b")])
+    inject_header(ex, "X-Tenant", b"acme")
+    assert ex.request.headers.items == [
+        (b"accept", b"*/*"),
+        (b"x-user-id", b"alice"),
+        (b"x-user-groups", b"a,b"),
+        (b"x-tenant", b"acme"),
+    ]
+    assert ex.stash[INJECTED_HEADERS] == {b"x-user-id", b"x-user-groups", b"x-tenant"}
