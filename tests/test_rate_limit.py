@@ -22,7 +22,13 @@ from engine.errors import RateLimited, render_error
 from engine.exchange import Exchange, Headers, Identity, Request, Response, Timings
 from engine.metrics import counter
 from engine.schema import ConfigError, build
-from plugins.rate_limit import RateLimit, RateLimitConfig, RateLimitUnavailable, filtergate_filters
+from plugins.rate_limit import (
+    RateLimit,
+    RateLimitConfig,
+    RateLimitUnavailable,
+    compile_key,
+    filtergate_filters,
+)
 from plugins.rate_limit.algorithms import ALGORITHMS, Quota, SlidingWindow
 from plugins.rate_limit.memory import MemoryStore
 from plugins.rate_limit.store import Policy
@@ -396,6 +402,35 @@ async def test_keys(autojump_clock: trio.testing.MockClock) -> None:
         by_ip = make_filter(key="ip", limits=[{"limit": 1, "window": "1m"}])
         assert (await attempt(by_ip, make_exchange(identity=alice)))[0]
         assert not (await attempt(by_ip, make_exchange(identity=bob)))[0]
+
+
+@pytest.mark.parametrize(
+    ("key", "short_key"),
+    [
+        (("consumer",), "c:a%7Cb"),
+        (("ip",), "10.0.0.1"),
+        (("route",), "a%7Cb"),
+        (("header:x-tenant",), "a%7Cb"),
+        (("consumer", "ip"), "c:a%7Cb|10.0.0.1"),
+    ],
+)
+async def test_compiled_keys_escape_and_bound_every_shape(
+    key: tuple[str, ...], short_key: str
+) -> None:
+    compiled = compile_key(key)
+
+    def exchange(value: str) -> Exchange:
+        return make_exchange(
+            identity=Identity(value), headers=[(b"x-tenant", value.encode())], route=value
+        )
+
+    assert compiled(exchange("a|b")) == short_key
+    long = compiled(exchange("a|b%" * 100))
+    if key != ("ip",):
+        assert long.startswith("sha256:")
+        assert len(long) < 100
+        assert compiled(exchange("a|b%" * 100)) == long
+    assert compile_key(("consumer",))(make_exchange(client="10.0.0.9")) == "ip:10.0.0.9"
 
 
 async def test_groups_are_tiers(autojump_clock: trio.testing.MockClock) -> None:
