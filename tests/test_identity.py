@@ -19,6 +19,27 @@ PATTERNS = HeaderPatterns(["X-User-Id", "X-Auth-*", "X-Strip-Test-Key"])
 
 
 @pytest.mark.parametrize(
+    ("patterns", "matching", "other"),
+    [
+        (["X-User-Id", "X-Auth-*"], ["x-user-id", "x-auth-", "x-auth-user"], ["x-auth", "x-authx"]),
+        # Prefixes of different lengths: the short one must not hide the long one.
+        (["X-*", "Remote-User-Long-*"], ["x-", "x-a", "remote-user-long-1"], ["remote-user", "y"]),
+        (["X-Ab-*", "X-Abcdef-*"], ["x-ab-1", "x-abcdef-", "x-abcdef-2"], ["x-abc", "x-abcdef"]),
+        (["Only-Exact"], ["only-exact"], ["only-exact-no", "only-exac", ""]),
+        ([], [], ["x-user-id", ""]),
+    ],
+)
+def test_header_patterns(patterns: list[str], matching: list[str], other: list[str]) -> None:
+    compiled = HeaderPatterns(patterns)
+    for name in matching:
+        assert compiled(name.encode())
+        assert compiled.any_of([(b"accept", b"v"), (name.encode(), b"v")])
+    for name in other:
+        assert not compiled(name.encode())
+    assert not compiled.any_of([(n.encode(), b"v") for n in other])
+
+
+@pytest.mark.parametrize(
     ("headers", "kept", "removed"),
     [
         ([], [], 0),
