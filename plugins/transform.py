@@ -306,10 +306,8 @@ def _header_value(text: str) -> HeaderValue:
     return _CTL_RE.sub("", constant).encode() if constant is not None else template
 
 
-def _render_header(value: HeaderValue, lookup: Lookup) -> bytes:
-    if isinstance(value, bytes):
-        return value
-    return _CTL_RE.sub("", value.render(lookup, missing="")).encode()
+def _render_header(template: Template, lookup: Lookup) -> bytes:
+    return _CTL_RE.sub("", template.render(lookup, missing="")).encode()
 
 
 def _no_lookup(ref: Ref) -> Any:
@@ -335,13 +333,16 @@ class _HeaderPlan:
             headers.remove_where(self.drop.__contains__)
         for old, new in self.rename:
             headers.items = [(new if n == old else n, v) for n, v in headers.items]
+        # Constant values are bytes already: no call to render them.
         for name, value in self.set:
-            headers.set(name, _render_header(value, lookup))
+            headers.set(name, value if isinstance(value, bytes) else _render_header(value, lookup))
         for name, value in self.add:
             if name not in headers:
-                headers.add(name, _render_header(value, lookup))
+                headers.add(
+                    name, value if isinstance(value, bytes) else _render_header(value, lookup)
+                )
         for name, value in self.append:
-            headers.add(name, _render_header(value, lookup))
+            headers.add(name, value if isinstance(value, bytes) else _render_header(value, lookup))
 
 
 def _query_name(segment: bytes) -> str:
