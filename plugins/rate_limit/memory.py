@@ -84,7 +84,8 @@ class MemoryStore:
         # An upper bound of when the counters are idle again, cheaper than the exact one;
         # entries are in last-use order, so idle ones gather at the front.
         entry.idle_at = now + policy.horizon
-        self._sweep(now)
+        if next(iter(entries.values())).idle_at <= now:  # else _sweep would stop at once
+            self._sweep(now)
         return outcome
 
     async def decide(self, key: str, policy: Policy, now: float) -> Outcome:
