@@ -27,11 +27,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
-from engine.chain import FilterContext
+from engine.chain import FilterContext, compile_chain, run_request_phases
 from engine.errors import BadRequest, Forbidden, GatewayError, ServiceUnavailable, Unauthorized
 from engine.exchange import Exchange, Headers, Identity, Request, Timings
 from engine.schema import ConfigError, build
 from engine.testing import free_port as _free_port
+from plugins import jwt_auth as jwt_auth_module
 from plugins._fetch import FetchError, fetch
 from plugins._identity import (
     DEFAULT_IDENTITY_HEADERS,
@@ -144,9 +145,16 @@ def _bearer(token: str) -> list[tuple[str, str]]:
     return [("Authorization", f"Bearer {token}")]
 
 
+async def _request_phase(f: JwtAuth, ex: Exchange) -> None:
+    """``f``'s request side as the engine runs it: a plain call for static keys, an
+    await with a JWKS URL (the instance decides which at load)."""
+    answer, _depth = await run_request_phases(compile_chain([f]), ex)
+    assert answer is None
+
+
 async def _run(f: JwtAuth, headers: list[tuple[str, str]]) -> Exchange:
     ex = _exchange(headers)
-    await f.on_request(ex)
+    await _request_phase(f, ex)
     return ex
 
 
@@ -784,6 +792,44 @@ async def test_jwks_startup_fetch_and_rotation(clock: trio.testing.MockClock) ->
                 await _run(f, _bearer(_token(kid="k1", aud=None)))  # k1 was retired
 
 
+async def test_static_keys_verify_without_a_coroutine_and_jwks_refuses_alike(
+    clock: trio.testing.MockClock,
+) -> None:
+    # Static keys never wait: the engine calls the request phase. A JWKS URL may make
+    # it wait for a fetch: awaited. Both refuse and fail closed the same way.
+    static = _filter(_rsa_config())
+    assert [p.is_async for p in compile_chain([static]).request] == [False]
+    with trio.fail_after(VIRTUAL_DEADLINE):
+        async with _jwks_server([_jwk(RSA_A, "k1")]) as server:
+            jwks = _jwks_filter(server.url)
+            assert [p.is_async for p in compile_chain([jwks]).request] == [True]
+            await jwks.setup()
+            bad_header = _filter(
+                {
+                    "issuers": [{"issuer": ISS, "algorithms": ["RS256"], "jwks_url": server.url}],
+                    "claims_to_headers": {"email": "X-User-Email"},
+                }
+            )
+            admin_only = _filter(
+                {
+                    "issuers": [{"issuer": ISS, "algorithms": ["RS256"], "jwks_url": server.url}],
+                    "required_scopes": ["admin"],
+                }
+            )
+            for f in (bad_header, admin_only):
+                await f.setup()
+            ok = await _run(jwks, _bearer(_token(aud=None)))
+            assert ok.identity is not None
+            assert ok.identity.consumer == "alice"
+            with pytest.raises(Unauthorized, match="cannot be sent as a header"):
+                await _run(bad_header, _bearer(_token(aud=None, email="a\nb")))
+            with pytest.raises(Forbidden) as info:
+                await _run(admin_only, _bearer(_token(aud=None)))
+            assert 'error="insufficient_scope"' in _www(info.value)
+            with pytest.raises(Unauthorized, match="invalid signature"):
+                await _run(jwks, _bearer(_token(key=RSA_B, aud=None)))
+
+
 async def test_jwks_background_refresh_on_ttl(clock: trio.testing.MockClock) -> None:
     with trio.fail_after(VIRTUAL_DEADLINE):
         async with _jwks_server([_jwk(RSA_A, "k1")]) as server, trio.open_nursery() as n:
@@ -1033,28 +1079,28 @@ async def test_a_verified_token_is_remembered_until_it_expires(
         {"issuers": [{"algorithms": ["HS256"], "secret": secret, "leeway": 0}], "cache_size": 2},
     )
     calls = 0
-    verify = f.verify
+    decode = jwt_auth_module._decode
 
-    async def counting_verify(token: str, at: float) -> Any:
+    def counting_decode(*args: Any) -> Any:
         nonlocal calls
         calls += 1
-        return await verify(token, at)
+        return decode(*args)
 
-    monkeypatch.setattr(f, "verify", counting_verify)
+    monkeypatch.setattr(jwt_auth_module, "_decode", counting_decode)
     for _ in range(3):
         ex = make_exchange(headers=[("authorization", f"Bearer {token}")])
-        await f.on_request(ex)
+        await _request_phase(f, ex)
         assert ex.identity is not None
         assert ex.identity.consumer == "ada"
     assert calls == 1
     # Past its expiry the entry no longer holds: the token is verified again, and refused.
     monkeypatch.setattr(time, "time", lambda: now + 101)
     with pytest.raises(Unauthorized):
-        await f.on_request(make_exchange(headers=[("authorization", f"Bearer {token}")]))
+        await _request_phase(f, make_exchange(headers=[("authorization", f"Bearer {token}")]))
     assert calls == 2
     # Bounded: only the newest cache_size tokens stay.
     monkeypatch.setattr(time, "time", lambda: now)
     for sub in ("a", "b", "c"):
         t = jwt.encode({"sub": sub, "exp": int(now) + 100}, secret, algorithm="HS256")
-        await f.on_request(make_exchange(headers=[("authorization", f"Bearer {t}")]))
+        await _request_phase(f, make_exchange(headers=[("authorization", f"Bearer {t}")]))
     assert len(f._verified) == 2

@@ -28,7 +28,13 @@ import trio
 from jwt.types import Options
 
 from engine.chain import Filter, FilterContext, Stage
-from engine.errors import BadRequest, Forbidden, ServiceUnavailable, Unauthorized
+from engine.errors import (
+    BadRequest,
+    Forbidden,
+    GatewayError,
+    ServiceUnavailable,
+    Unauthorized,
+)
 from engine.exchange import Exchange, Identity
 from engine.metrics import counter
 from engine.plugins import hookimpl
@@ -124,12 +130,21 @@ class _Issuer:
                 "the identity provider's keys are not available yet",
                 retry_after=jwks.retry_after(trio.current_time()) or None,
             )
-        found = keys.candidates(alg, kid)
-        if not found:
-            if kid is not None:
-                raise AuthFailure("unknown_kid", "unknown key id")
-            raise AuthFailure("no_key", "no key for this token")
-        return found
+        return _found(keys, alg, kid)
+
+    def static_candidates(self, alg: str, kid: str | None) -> tuple[VerifyKey, ...]:
+        """:meth:`candidates` of an issuer without a JWKS URL: nothing to wait for."""
+        assert self.jwks is None
+        return _found(self.static, alg, kid)
+
+
+def _found(keys: KeySet, alg: str, kid: str | None) -> tuple[VerifyKey, ...]:
+    found = keys.candidates(alg, kid)
+    if not found:
+        if kid is not None:
+            raise AuthFailure("unknown_kid", "unknown key id")
+        raise AuthFailure("no_key", "no key for this token")
+    return found
 
 
 class _Verified:
@@ -179,6 +194,11 @@ class JwtAuth(Filter):
         self._scheme = config.scheme.lower().encode()
         # token -> what verifying it gave; bounded, oldest first out (see _remember).
         self._verified: OrderedDict[str, _Verified] = OrderedDict()
+        # Static keys only: verifying never waits, so the engine calls the request phase
+        # instead of making and awaiting a coroutine per request.
+        self._static = all(issuer.jwks is None for issuer in self.issuers)
+        if self._static:
+            vars(self)["on_request"] = self._authenticate
 
     async def setup(self) -> None:
         """Fetch every JWKS URL once; a provider that is down does not stop start-up."""
@@ -195,11 +215,37 @@ class JwtAuth(Filter):
                     nursery.start_soon(issuer.jwks.serve_refresh)
 
     async def on_request(self, exchange: Exchange) -> None:
+        """Strip spoofable headers, read the token, verify it (or recall it), admit it.
+
+        When no issuer has a JWKS URL nothing here ever waits, and the instance's
+        ``on_request`` is :meth:`_authenticate` itself, a plain call.
+        """
+        token = self._authenticate(exchange)
+        if token is None:
+            return
+        now = time.time()
+        try:
+            claims, issuer = await self.verify(token, now)
+            verified = self._remember(token, claims, issuer, now)
+        except ServiceUnavailable:
+            _FAILURES.inc(plugin=self.name, reason="keys_unavailable")
+            raise
+        except AuthFailure as e:
+            raise self._refusal(e, token, exchange) from None
+        self._admit(exchange, verified)
+
+    def _authenticate(self, exchange: Exchange) -> str | None:
+        """All of :meth:`on_request` that cannot wait.
+
+        Returns the token when it still needs a verification that may wait (an issuer
+        with a JWKS URL); ``None`` when the request was admitted (or is anonymous).
+        Raises the refusals.
+        """
         strip_identity_headers(exchange, self.strip)
         token = self.read_token(exchange)
         if token is None:
             if self.config.allow_anonymous:
-                return
+                return None
             _FAILURES.inc(plugin=self.name, reason="missing")
             raise Unauthorized(
                 "authentication required",
@@ -207,66 +253,63 @@ class JwtAuth(Filter):
             )
         # Wall-clock time: exp/nbf/iat are seconds since the epoch, not intervals.
         now = time.time()
-        try:
-            known = self._verified.get(token)
-            if known is not None and known.still_valid(now):
-                identity, headers = known.identity, known.headers
-            else:
-                if len(token) > self.config.max_token_size:
-                    raise AuthFailure("too_large", "the token is too large")
-                claims, issuer = await self.verify(token, now)
-                identity = self.identity(claims, issuer)
-                headers = [(header_key(n), v) for n, v in self.headers_for(claims)]
-                self._remember(token, claims, issuer, identity, headers, now)
-        except ServiceUnavailable:
-            _FAILURES.inc(plugin=self.name, reason="keys_unavailable")
-            raise
-        except AuthFailure as e:
-            _FAILURES.inc(plugin=self.name, reason=e.reason)
-            self.log.debug(
-                "refused token %s on route %s: %s",
-                fingerprint(token),
-                exchange.route.name if exchange.route is not None else "-",
-                e.reason,
-            )
-            if e.status == 403:
-                scope = " ".join(self.config.required_scopes) or None
-                raise Forbidden(
-                    e.description,
-                    headers=[
-                        challenge(
-                            "Bearer", self.config.realm, "insufficient_scope", e.description, scope
-                        )
-                    ],
-                ) from None
-            raise Unauthorized(
-                f"invalid token: {e.description}",
-                headers=[challenge("Bearer", self.config.realm, "invalid_token", e.description)],
-            ) from None
-        exchange.identity = identity
-        if headers:
-            inject_headers(exchange, headers)
+        known = self._verified.get(token)
+        if known is None or not known.still_valid(now):
+            if not self._static:
+                return token
+            try:
+                claims, issuer = self._verify_static(token, now)
+                known = self._remember(token, claims, issuer, now)
+            except AuthFailure as e:
+                raise self._refusal(e, token, exchange) from None
+        self._admit(exchange, known)
+        return None
+
+    def _admit(self, exchange: Exchange, verified: _Verified) -> None:
+        exchange.identity = verified.identity
+        if verified.headers:
+            inject_headers(exchange, verified.headers)
         if self.config.hide_credentials:
             self.remove_credentials(exchange)
 
+    def _refusal(self, e: AuthFailure, token: str, exchange: Exchange) -> GatewayError:
+        """The 401 (or 403) to answer a token refused for ``e``; counted and logged."""
+        _FAILURES.inc(plugin=self.name, reason=e.reason)
+        self.log.debug(
+            "refused token %s on route %s: %s",
+            fingerprint(token),
+            exchange.route.name if exchange.route is not None else "-",
+            e.reason,
+        )
+        if e.status == 403:
+            scope = " ".join(self.config.required_scopes) or None
+            return Forbidden(
+                e.description,
+                headers=[
+                    challenge(
+                        "Bearer", self.config.realm, "insufficient_scope", e.description, scope
+                    )
+                ],
+            )
+        return Unauthorized(
+            f"invalid token: {e.description}",
+            headers=[challenge("Bearer", self.config.realm, "invalid_token", e.description)],
+        )
+
     def _remember(
-        self,
-        token: str,
-        claims: dict[str, Any],
-        issuer: _Issuer,
-        identity: Identity,
-        headers: list[tuple[bytes, bytes]],
-        now: float,
-    ) -> None:
-        """Keep a verified token's outcome until it could first change.
+        self, token: str, claims: dict[str, Any], issuer: _Issuer, now: float
+    ) -> _Verified:
+        """What verifying ``token`` gave, kept until it could first change.
+
+        Raises :class:`AuthFailure` when a claim cannot be sent as a header.
 
         That is its expiry (plus leeway), its ``max_age``, or a minute without ``exp``;
         and only while the issuer's JWKS key set is the one that verified it (a
-        rotation that drops the key invalidates the entry).
+        rotation that drops the key invalidates the entry). Not kept with
+        ``cache_size = 0``.
         """
-        size = self.config.cache_size
-        if size <= 0:
-            return
+        identity = self.identity(claims, issuer)
+        headers = [(header_key(n), v) for n, v in self.headers_for(claims)]
         cfg = issuer.config
         until = now + 60.0
         exp = claims.get("exp")
@@ -276,10 +319,14 @@ class JwtAuth(Filter):
         if cfg.max_age is not None and isinstance(iat, int | float):
             until = min(until, iat + cfg.max_age + cfg.leeway)
         jwks_keys = issuer.jwks.keys if issuer.jwks is not None else None
-        verified = self._verified
-        verified[token] = _Verified(identity, headers, until, issuer, jwks_keys)
-        while len(verified) > size:
-            verified.popitem(last=False)
+        verified = _Verified(identity, headers, until, issuer, jwks_keys)
+        size = self.config.cache_size
+        if size > 0:
+            cache = self._verified
+            cache[token] = verified
+            while len(cache) > size:
+                cache.popitem(last=False)
+        return verified
 
     def read_token(self, exchange: Exchange) -> str | None:
         """The token from the header, else the cookie; ``None`` when there is none.
@@ -333,6 +380,18 @@ class JwtAuth(Filter):
         Raises :class:`AuthFailure` (401/403), or ``ServiceUnavailable`` when the
         issuer's key set never loaded. Never anything else, whatever ``token`` is.
         """
+        issuer, alg, kid = self._issuer_of(token)
+        candidates = await issuer.candidates(alg, kid)
+        return self._check(token, now, issuer, candidates), issuer
+
+    def _verify_static(self, token: str, now: float) -> tuple[dict[str, Any], _Issuer]:
+        """:meth:`verify` when no issuer has a JWKS URL: nothing to wait for."""
+        issuer, alg, kid = self._issuer_of(token)
+        return self._check(token, now, issuer, issuer.static_candidates(alg, kid)), issuer
+
+    def _issuer_of(self, token: str) -> tuple[_Issuer, str, str | None]:
+        """The issuer to verify ``token`` with, its ``alg`` and ``kid``, from its
+        (unverified) header and ``iss``; raises :class:`AuthFailure`."""
         if len(token) > self.config.max_token_size:
             raise AuthFailure("too_large", "the token is too large")
         header, unverified = parse_unverified(token)
@@ -350,10 +409,15 @@ class JwtAuth(Filter):
             issuer = self.default_issuer
         if issuer is None:
             raise AuthFailure("untrusted_issuer", "untrusted issuer")
-        cfg = issuer.config
-        if alg not in cfg.algorithms:
+        if alg not in issuer.config.algorithms:
             raise AuthFailure("bad_algorithm", "algorithm not allowed")
-        candidates = await issuer.candidates(alg, kid)
+        return issuer, alg, kid
+
+    def _check(
+        self, token: str, now: float, issuer: _Issuer, candidates: tuple[VerifyKey, ...]
+    ) -> dict[str, Any]:
+        """The claims of ``token``, its signature, times, consumer and grants checked."""
+        cfg = issuer.config
         claims = _decode(token, candidates, issuer)
         check_times(
             claims, now, leeway=cfg.leeway, require_exp=cfg.require_exp, max_age=cfg.max_age
@@ -362,7 +426,7 @@ class JwtAuth(Filter):
         if not isinstance(consumer, str) or not consumer:
             raise AuthFailure("bad_claim", f"the {cfg.consumer_claim} claim is not a string")
         self.authorize(claims, issuer)
-        return claims, issuer
+        return claims
 
     def authorize(self, claims: dict[str, Any], issuer: _Issuer) -> None:
         """Raise a 403 :class:`AuthFailure` unless the claims grant the required
