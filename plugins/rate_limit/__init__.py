@@ -364,8 +364,7 @@ class RateLimit(Filter):
         }
         self._legacy = config.legacy_headers
         self.store: Store
-        # The memory store decides synchronously: no coroutine per request.
-        self._memory: MemoryStore | None = None
+        self._memory: MemoryStore | None = None  # set when decisions are synchronous
         if config.store == "redis":
             r = config.redis
             pool = RedisPool(
@@ -376,8 +375,8 @@ class RateLimit(Filter):
             )
         else:
             self.store = self._memory = MemoryStore(config.max_keys)
-            # The memory store decides synchronously: the engine calls this phase
-            # without making and awaiting a coroutine per request.
+            # The memory store decides synchronously, so the request phase is a plain
+            # call: no coroutine made and awaited per request.
             vars(self)["on_request"] = self._on_request_memory
         if not config.headers:
             # Nothing to add to responses: no response phase at all.
@@ -418,10 +417,7 @@ class RateLimit(Filter):
         assert self._memory is not None
         policy = self.policy_for(exchange) if self._groups else self._default
         key = self._prefixes[policy.name] + self._key(exchange)
-        outcome = self._memory.decide_now(key, policy, trio.current_time())
-        exchange.stash[_STAMP] = (policy, outcome)
-        if not outcome.allowed:
-            self._refuse(exchange, outcome)
+        self._count(exchange, policy, self._memory.decide_now(key, policy, trio.current_time()))
 
     def _count(self, exchange: Exchange, policy: Policy, outcome: Outcome) -> None:
         """Stamp the decision for the response side; raise RateLimited when refused."""
