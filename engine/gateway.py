@@ -50,6 +50,15 @@ class RouteRuntime:
     host_header: bytes | None
     pools: dict[str, Pool]
 
+    async def send_proxied(self, call: UpstreamCall) -> Response:
+        """The proxied call's last step, under the route's around filters: the pool the
+        call names (a filter may have changed it), with the route's timeouts."""
+        pool = self.pools.get(call.upstream, self.pool)
+        assert pool is not None
+        return await pool.send(
+            call, connect_timeout=self.connect_timeout, read_timeout=self.read_timeout
+        )
+
     async def call_upstream(self, exchange: Exchange, call: UpstreamCall) -> Response:
         """A call a filter makes (``exchange.call_upstream``): around filters, then pool."""
         pool = self.pools.get(call.upstream)

@@ -714,17 +714,12 @@ class _Connection:
                     body_length=body_length if call_body is body else None,
                 )
                 exchange.timings.upstream_start = trio.current_time()
-                pool = route.pool
-                ct, rtmo = route.connect_timeout, route.read_timeout
                 if chain.around:
-
-                    async def send(c: UpstreamCall) -> Response:
-                        p = rt.pools.get(c.upstream, pool)
-                        return await p.send(c, connect_timeout=ct, read_timeout=rtmo)
-
-                    answer = await wrap_upstream(chain.around, exchange, send)(call)
+                    answer = await wrap_upstream(chain.around, exchange, route.send_proxied)(call)
                 else:
-                    answer = await pool.send(call, connect_timeout=ct, read_timeout=rtmo)
+                    answer = await route.pool.send(
+                        call, connect_timeout=route.connect_timeout, read_timeout=route.read_timeout
+                    )
                 exchange.upstream_target = call.target_address
                 exchange.timings.upstream_headers = trio.current_time()
                 _strip_hop_by_hop(answer.headers)
