@@ -218,6 +218,13 @@ def check_targets(results: Sequence[Result]) -> list[Check]:
             0.75,
         ),
         Check(
+            "full chain / no filters, same request",
+            _ratio(rps("full-chain"), rps("filtergate-full-request")),
+            ">=",
+            0.75,
+            note="the no-filter row sends the full chain's request (its bearer token)",
+        ),
+        Check(
             "10,000 routes / 10 routes req/s",
             _ratio(rps("routes-10000"), rps("routes-10")),
             ">=",

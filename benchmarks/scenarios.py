@@ -142,6 +142,13 @@ def plan_full(env: Env, port: int) -> GatewayPlan:
     return with_plugins(env, base_config(env, port), wanted)
 
 
+def plan_full_request(env: Env, port: int) -> GatewayPlan:
+    """No filters, but the full chain's request (its bearer token and all): the
+    baseline that leaves only the chain's own cost in the full chain's ratio."""
+    full = plan_full(env, port)
+    return GatewayPlan(base_config(env, port), headers=full.headers, needs=full.needs)
+
+
 def plan_plugin(name: str) -> Callable[[Env, int], GatewayPlan]:
     def plan(env: Env, port: int) -> GatewayPlan:
         return with_plugins(env, base_config(env, port), [name])
@@ -276,6 +283,15 @@ def all_scenarios(builtin_filters: list[str]) -> list[Scenario]:
     s.append(
         Scenario(
             "full-chain", "filtergate full chain", "filtergate", plan=_bind(plan_full), quick=True
+        )
+    )
+    s.append(
+        Scenario(
+            "filtergate-full-request",
+            "filtergate no filters, full chain's request",
+            "filtergate",
+            plan=_bind(plan_full_request),
+            quick=True,
         )
     )
     s.append(
