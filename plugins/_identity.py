@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from engine.exchange import Exchange, StashKey
 
@@ -32,6 +32,7 @@ __all__ = [
     "fingerprint",
     "header_key",
     "header_value",
+    "inject_checked_headers",
     "inject_header",
     "inject_headers",
     "register_credential_header",
@@ -182,6 +183,22 @@ def inject_headers(exchange: Exchange, fields: Iterable[tuple[bytes, bytes]]) ->
                 injected = set()
                 exchange.stash[INJECTED_HEADERS] = injected
         injected.add(key)
+
+
+def inject_checked_headers(exchange: Exchange, fields: Sequence[tuple[bytes, bytes]]) -> None:
+    """:func:`inject_headers` for fields :func:`engine.exchange.checked_field` returned:
+    they are set without being checked again."""
+    if not fields:
+        return
+    headers = exchange.request.headers
+    stash = exchange.stash
+    injected = stash.get(INJECTED_HEADERS)
+    if injected is None:
+        injected = set()
+        stash[INJECTED_HEADERS] = injected
+    for field in fields:
+        headers.set_checked(field)
+        injected.add(field[0])
 
 
 _UNSAFE_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")

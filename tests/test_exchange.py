@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from engine import exchange as exchange_module
-from engine.exchange import Headers, Stash, StashKey
+from engine.exchange import Headers, Stash, StashKey, checked_field
 
 
 @pytest.mark.parametrize(
@@ -101,3 +101,18 @@ def test_the_stash_is_typed_by_its_keys() -> None:
     with pytest.raises(KeyError):
         stash[count]
     assert repr(tenant) == "StashKey('tenant')"
+
+
+def test_a_checked_field_is_set_as_set_sets_it() -> None:
+    field = checked_field("X-User-Id", " alice ")
+    assert field == (b"x-user-id", b"alice")
+    for value in (b"a\r\nb", b"a\nb", b"a\x00b"):
+        with pytest.raises(ValueError, match="invalid header value"):
+            checked_field(b"x-user-id", value)
+    with pytest.raises(ValueError, match="invalid header name"):
+        checked_field("x user", b"v")
+    h = Headers([(b"x-user-id", b"mallory"), (b"accept", b"*/*"), (b"x-user-id", b"eve")])
+    h.set_checked(field)
+    assert h.items == [(b"accept", b"*/*"), (b"x-user-id", b"alice")]
+    h.set_checked((b"x-other", b"1"))
+    assert h.items[-1] == (b"x-other", b"1")

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import pytest
 
+from engine.exchange import checked_field
 from engine.testing import make_exchange
 from plugins._identity import (
     INJECTED_HEADERS,
     HeaderPatterns,
+    inject_checked_headers,
     inject_header,
     inject_headers,
     register_credential_header,
@@ -80,3 +82,17 @@ def test_inject_headers_sets_and_remembers() -> None:
         (b"x-tenant", b"acme"),
     ]
     assert ex.stash[INJECTED_HEADERS] == {b"x-user-id", b"x-user-groups", b"x-tenant"}
+
+
+def test_inject_checked_headers_sets_and_remembers_like_inject_headers() -> None:
+    ex = make_exchange(headers=[("x-user-id", "old"), ("accept", "*/*")])
+    inject_checked_headers(ex, [])
+    assert INJECTED_HEADERS not in ex.stash
+    inject_checked_headers(ex, [checked_field(b"x-user-id", b"alice")])
+    inject_header(ex, "X-Tenant", b"acme")
+    assert ex.request.headers.items == [
+        (b"accept", b"*/*"),
+        (b"x-user-id", b"alice"),
+        (b"x-tenant", b"acme"),
+    ]
+    assert ex.stash[INJECTED_HEADERS] == {b"x-user-id", b"x-tenant"}

@@ -1066,6 +1066,19 @@ async def test_jwks_end_to_end_through_the_gateway() -> None:
 # -- the verified-token cache ---------------------------------------------------------------
 
 
+def _count_calls(monkeypatch: pytest.MonkeyPatch, name: str) -> list[int]:
+    """Count the calls of the jwt-auth module's function ``name``: ``[count]``."""
+    count = [0]
+    fn = getattr(jwt_auth_module, name)
+
+    def counting(*args: Any) -> Any:
+        count[0] += 1
+        return fn(*args)
+
+    monkeypatch.setattr(jwt_auth_module, name, counting)
+    return count
+
+
 async def test_a_verified_token_is_remembered_until_it_expires(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -1078,29 +1091,83 @@ async def test_a_verified_token_is_remembered_until_it_expires(
         JwtAuth,
         {"issuers": [{"algorithms": ["HS256"], "secret": secret, "leeway": 0}], "cache_size": 2},
     )
-    calls = 0
-    decode = jwt_auth_module._decode
-
-    def counting_decode(*args: Any) -> Any:
-        nonlocal calls
-        calls += 1
-        return decode(*args)
-
-    monkeypatch.setattr(jwt_auth_module, "_decode", counting_decode)
+    decodes = _count_calls(monkeypatch, "_decode")
     for _ in range(3):
         ex = make_exchange(headers=[("authorization", f"Bearer {token}")])
         await _request_phase(f, ex)
         assert ex.identity is not None
         assert ex.identity.consumer == "ada"
-    assert calls == 1
+    assert decodes[0] == 1
     # Past its expiry the entry no longer holds: the token is verified again, and refused.
     monkeypatch.setattr(time, "time", lambda: now + 101)
     with pytest.raises(Unauthorized):
         await _request_phase(f, make_exchange(headers=[("authorization", f"Bearer {token}")]))
-    assert calls == 2
+    assert decodes[0] == 2
     # Bounded: only the newest cache_size tokens stay.
     monkeypatch.setattr(time, "time", lambda: now)
     for sub in ("a", "b", "c"):
         t = jwt.encode({"sub": sub, "exp": int(now) + 100}, secret, algorithm="HS256")
         await _request_phase(f, make_exchange(headers=[("authorization", f"Bearer {t}")]))
     assert len(f._verified) == 2
+
+
+async def test_a_remembered_token_is_found_by_the_raw_header_without_parsing_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    f = _filter(_rsa_config())
+    token = _token()
+    parses = _count_calls(monkeypatch, "parse_unverified")
+    with trio.fail_after(5):
+        for _ in range(3):
+            ex = await _run(f, _bearer(token))
+            assert ex.identity is not None
+            assert ex.identity.consumer == "alice"
+        assert parses[0] == 1
+        assert list(f._verified) == [f"Bearer {token}".encode()]
+        # Another spelling of the same credential is another key: verified once more.
+        ex = await _run(f, [("Authorization", f"bearer {token}")])
+        assert ex.identity is not None
+        assert parses[0] == 2
+        # A remembered value sent twice is still ambiguous.
+        with pytest.raises(BadRequest):
+            await _run(f, [*_bearer(token), *_bearer(token)])
+        # Another scheme is no token, whatever else is remembered.
+        with pytest.raises(Unauthorized):
+            await _run(f, [("Authorization", f"Basic {token}")])
+
+
+async def test_a_cookie_token_is_remembered_apart_from_header_values(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # scheme = "": the header's whole value is the token, so a header value and a
+    # cookie token can be the same text; each is remembered under its own key.
+    f = _filter(_rsa_config(scheme="", cookie="session"))
+    token = _token()
+    decodes = _count_calls(monkeypatch, "_decode")
+    with trio.fail_after(5):
+        for _ in range(2):
+            ex = await _run(f, [("Cookie", f"session={token}")])
+            assert ex.identity is not None
+        assert decodes[0] == 1
+        ex = await _run(f, [("Authorization", token)])
+        assert ex.identity is not None
+        assert decodes[0] == 2
+        assert list(f._verified) == [("cookie", token), token.encode()]
+        # The header wins over the cookie, remembered or not.
+        with pytest.raises(Unauthorized):
+            await _run(f, [("Authorization", "not-a-token"), ("Cookie", f"session={token}")])
+
+
+async def test_a_remembered_token_past_its_end_is_verified_again() -> None:
+    f = _filter(_rsa_config())
+    token = _token()
+    with trio.fail_after(5):
+        await _run(f, _bearer(token))
+        (key, entry) = next(iter(f._verified.items()))
+        assert entry.still_valid(time.time())
+        # Past its end the entry no longer holds: the token is verified again (and
+        # remembered afresh under the same key).
+        entry.until = time.time() - 1
+        ex = await _run(f, _bearer(token))
+        assert ex.identity is not None
+        assert f._verified[key] is not entry

@@ -35,7 +35,7 @@ from engine.errors import (
     ServiceUnavailable,
     Unauthorized,
 )
-from engine.exchange import Exchange, Identity
+from engine.exchange import Exchange, Identity, checked_field
 from engine.metrics import counter
 from engine.plugins import hookimpl
 from plugins._identity import (
@@ -45,7 +45,7 @@ from plugins._identity import (
     fingerprint,
     header_key,
     header_value,
-    inject_headers,
+    inject_checked_headers,
     register_credential_header,
     strip_identity_headers,
 )
@@ -147,6 +147,11 @@ def _found(keys: KeySet, alg: str, kid: str | None) -> tuple[VerifyKey, ...]:
     return found
 
 
+# The verified-token cache's key: the raw value of the token header (all of it, scheme
+# included), or ("cookie", token) for a token read from the cookie.
+_CacheKey = bytes | tuple[str, str]
+
+
 class _Verified:
     """What verifying one token gave, and until when it holds."""
 
@@ -192,8 +197,9 @@ class JwtAuth(Filter):
         if config.header:
             register_credential_header(config.header)
         self._scheme = config.scheme.lower().encode()
-        # token -> what verifying it gave; bounded, oldest first out (see _remember).
-        self._verified: OrderedDict[str, _Verified] = OrderedDict()
+        # The token header's raw value (or ("cookie", token)) -> what verifying the token
+        # gave; bounded, oldest first out (see _remember).
+        self._verified: OrderedDict[_CacheKey, _Verified] = OrderedDict()
         # Static keys only: verifying never waits, so the engine calls the request phase
         # instead of making and awaiting a coroutine per request.
         self._static = all(issuer.jwks is None for issuer in self.issuers)
@@ -220,13 +226,14 @@ class JwtAuth(Filter):
         When no issuer has a JWKS URL nothing here ever waits, and the instance's
         ``on_request`` is :meth:`_authenticate` itself, a plain call.
         """
-        token = self._authenticate(exchange)
-        if token is None:
+        found = self._authenticate(exchange)
+        if found is None:
             return
+        token, key = found
         now = time.time()
         try:
             claims, issuer = await self.verify(token, now)
-            verified = self._remember(token, claims, issuer, now)
+            verified = self._remember(key, claims, issuer, now)
         except ServiceUnavailable:
             _FAILURES.inc(plugin=self.name, reason="keys_unavailable")
             raise
@@ -234,16 +241,26 @@ class JwtAuth(Filter):
             raise self._refusal(e, token, exchange) from None
         self._admit(exchange, verified)
 
-    def _authenticate(self, exchange: Exchange) -> str | None:
+    def _authenticate(self, exchange: Exchange) -> tuple[str, _CacheKey] | None:
         """All of :meth:`on_request` that cannot wait.
 
-        Returns the token when it still needs a verification that may wait (an issuer
-        with a JWKS URL); ``None`` when the request was admitted (or is anonymous).
-        Raises the refusals.
+        Returns the token and its cache key when it still needs a verification that may
+        wait (an issuer with a JWKS URL); ``None`` when the request was admitted (or is
+        anonymous). Raises the refusals.
         """
         strip_identity_headers(exchange, self.strip)
-        token = self.read_token(exchange)
-        if token is None:
+        # Wall-clock time: exp/nbf/iat are seconds since the epoch, not intervals.
+        now = time.time()
+        raw = self._header_field(exchange) if self._header is not None else None
+        if raw is not None:
+            # The common case: a token seen before, found by the header's raw value
+            # without parsing it again (the same value always holds the same token).
+            known = self._verified.get(raw)
+            if known is not None and known.still_valid(now):
+                self._admit(exchange, known)
+                return None
+        found = self._credential(exchange, raw)
+        if found is None:
             if self.config.allow_anonymous:
                 return None
             _FAILURES.inc(plugin=self.name, reason="missing")
@@ -251,24 +268,26 @@ class JwtAuth(Filter):
                 "authentication required",
                 headers=[challenge("Bearer", self.config.realm)],
             )
-        # Wall-clock time: exp/nbf/iat are seconds since the epoch, not intervals.
-        now = time.time()
-        known = self._verified.get(token)
-        if known is None or not known.still_valid(now):
-            if not self._static:
-                return token
-            try:
-                claims, issuer = self._verify_static(token, now)
-                known = self._remember(token, claims, issuer, now)
-            except AuthFailure as e:
-                raise self._refusal(e, token, exchange) from None
+        token, key = found
+        if key is not raw:  # from the cookie: not looked up yet
+            known = self._verified.get(key)
+            if known is not None and known.still_valid(now):
+                self._admit(exchange, known)
+                return None
+        if not self._static:
+            return found
+        try:
+            claims, issuer = self._verify_static(token, now)
+            known = self._remember(key, claims, issuer, now)
+        except AuthFailure as e:
+            raise self._refusal(e, token, exchange) from None
         self._admit(exchange, known)
         return None
 
     def _admit(self, exchange: Exchange, verified: _Verified) -> None:
         exchange.identity = verified.identity
         if verified.headers:
-            inject_headers(exchange, verified.headers)
+            inject_checked_headers(exchange, verified.headers)
         if self.config.hide_credentials:
             self.remove_credentials(exchange)
 
@@ -297,9 +316,9 @@ class JwtAuth(Filter):
         )
 
     def _remember(
-        self, token: str, claims: dict[str, Any], issuer: _Issuer, now: float
+        self, key: _CacheKey, claims: dict[str, Any], issuer: _Issuer, now: float
     ) -> _Verified:
-        """What verifying ``token`` gave, kept until it could first change.
+        """What verifying a token gave, kept under ``key`` until it could first change.
 
         Raises :class:`AuthFailure` when a claim cannot be sent as a header.
 
@@ -309,7 +328,8 @@ class JwtAuth(Filter):
         ``cache_size = 0``.
         """
         identity = self.identity(claims, issuer)
-        headers = [(header_key(n), v) for n, v in self.headers_for(claims)]
+        # Checked once here, not on every request that reuses them.
+        headers = [checked_field(header_key(n), v) for n, v in self.headers_for(claims)]
         cfg = issuer.config
         until = now + 60.0
         exp = claims.get("exp")
@@ -323,7 +343,7 @@ class JwtAuth(Filter):
         size = self.config.cache_size
         if size > 0:
             cache = self._verified
-            cache[token] = verified
+            cache[key] = verified
             while len(cache) > size:
                 cache.popitem(last=False)
         return verified
@@ -334,25 +354,36 @@ class JwtAuth(Filter):
         Raises ``BadRequest`` (``invalid_request``) when the credential is ambiguous
         (the header twice, the cookie twice).
         """
-        headers = exchange.request.headers
+        raw = self._header_field(exchange) if self._header is not None else None
+        found = self._credential(exchange, raw)
+        return found[0] if found is not None else None
+
+    def _header_field(self, exchange: Exchange) -> bytes | None:
+        """The raw value of the token header, ``None`` without one; raises
+        ``BadRequest`` when there are several."""
         key = self._header
-        if key is not None:
-            value = None
-            for name, v in headers.items:
-                if name == key:
-                    if value is not None:
-                        self._invalid_request(f"more than one {self.config.header} header")
-                    value = v
-            if value is not None:
-                token = self._token_from_header(value)
-                if token is not None:
-                    return token
+        value = None
+        for name, v in exchange.request.headers.items:
+            if name == key:
+                if value is not None:
+                    self._invalid_request(f"more than one {self.config.header} header")
+                value = v
+        return value
+
+    def _credential(self, exchange: Exchange, raw: bytes | None) -> tuple[str, _CacheKey] | None:
+        """The token (from ``raw``, the token header's value, else from the cookie) and
+        the key of the verified-token cache for it: ``raw`` itself, or, for a cookie,
+        ``("cookie", token)`` (the same text in the header would be another token)."""
+        if raw is not None:
+            token = self._token_from_header(raw)
+            if token is not None:
+                return token, raw
         if self.config.cookie is not None:
-            found = _cookies(headers.get_all(b"cookie"), self.config.cookie)
+            found = _cookies(exchange.request.headers.get_all(b"cookie"), self.config.cookie)
             if len(found) > 1:
                 self._invalid_request(f"more than one {self.config.cookie} cookie")
             if found and found[0]:
-                return found[0]
+                return found[0], ("cookie", found[0])
         return None
 
     def _token_from_header(self, value: bytes) -> str | None:
