@@ -36,7 +36,7 @@ from engine.errors import (
     reason_phrase,
     render_error,
 )
-from engine.exchange import Exchange, Headers, Request, Response
+from engine.exchange import Exchange, Headers, Request, Response, checked_field
 from engine.metrics import counter
 from engine.plugins import hookimpl
 from engine.schema import Invalid
@@ -315,13 +315,18 @@ def _no_lookup(ref: Ref) -> Any:
     return MISSING
 
 
+def _set_op(name: bytes, value: HeaderValue) -> tuple[bytes, tuple[bytes, bytes] | Template]:
+    """A ``set`` operation: a constant value as its field, checked once here."""
+    return name, checked_field(name, value) if isinstance(value, bytes) else value
+
+
 class _HeaderPlan:
     __slots__ = ("add", "append", "drop", "needs_lookup", "rename", "set")
 
     def __init__(self, ops: HeaderOps) -> None:
         self.drop = frozenset(n.lower().encode() for n in ops.remove)
         self.rename = tuple((o.lower().encode(), n.lower().encode()) for o, n in ops.rename.items())
-        self.set = tuple((n.lower().encode(), _header_value(v)) for n, v in ops.set.items())
+        self.set = tuple(_set_op(n.lower().encode(), _header_value(v)) for n, v in ops.set.items())
         self.add = tuple((n.lower().encode(), _header_value(v)) for n, v in ops.add.items())
         self.append = tuple((n.lower().encode(), _header_value(v)) for n, v in ops.append.items())
         # Only a template reads the exchange: a plan of constants needs no lookup made.
@@ -333,9 +338,12 @@ class _HeaderPlan:
             headers.remove_where(self.drop.__contains__)
         for old, new in self.rename:
             headers.items = [(new if n == old else n, v) for n, v in headers.items]
-        # Constant values are bytes already: no call to render them.
-        for name, value in self.set:
-            headers.set(name, value if isinstance(value, bytes) else _render_header(value, lookup))
+        # Constant values are checked fields already: no call to render or check them.
+        for name, op in self.set:
+            if isinstance(op, tuple):
+                headers.set_checked(op)
+            else:
+                headers.set(name, _render_header(op, lookup))
         for name, value in self.add:
             if name not in headers:
                 headers.add(

@@ -835,3 +835,24 @@ async def test_e2e_mandatory_request_body_over_cap_is_413() -> None:
             assert resp.json()["error"]["code"] == "body_too_large"
             small = await http_request(gw.port, "POST", "/api/v1/things/1", headers, b"{}")
             assert json.loads(small.json()["body"]) == {"a": 1}
+
+
+async def test_a_constant_set_value_replaces_every_field_of_its_name_in_config_order() -> None:
+    # Constant values are checked once at load; setting them still replaces, in order.
+    t = _transform(
+        {
+            "request": {
+                "headers": {"set": {"x-a": "1", "x-b": "{route}", "x-c": "\tthree\t"}},
+            }
+        }
+    )
+    with trio.fail_after(5):
+        headers = [("x-a", "old"), ("x-keep", "k"), ("x-a", "older"), ("x-c", "c")]
+        ex = make_exchange(headers=headers, route_name="orders")
+        await run_chain([t], ex)
+        assert ex.request.headers.items == [
+            (b"x-keep", b"k"),
+            (b"x-a", b"1"),
+            (b"x-b", b"orders"),
+            (b"x-c", b"three"),
+        ]
