@@ -29,9 +29,9 @@ from plugins.rate_limit import (
     compile_key,
     filtergate_filters,
 )
-from plugins.rate_limit.algorithms import ALGORITHMS, Quota, SlidingWindow
+from plugins.rate_limit.algorithms import ALGORITHMS, Quota, SlidingWindow, Verdict, new_verdict
 from plugins.rate_limit.memory import MemoryStore
-from plugins.rate_limit.store import Policy
+from plugins.rate_limit.store import Outcome, Policy, new_outcome
 
 PATH = "routes[0].plugins.rate-limit"
 
@@ -239,6 +239,32 @@ def test_take_is_check_then_commit(algorithm: str, seed: int) -> None:
             alg.commit(split, quota, now)
         assert alg.take(fused, quota, now) == expected
         assert alg.idle_at(fused, quota) == alg.idle_at(split, quota)
+
+
+def test_verdicts_and_outcomes_made_in_c_are_the_named_tuples() -> None:
+    v = new_verdict((True, 3, 1.5, 0.0))
+    assert type(v) is Verdict
+    assert v == Verdict(True, 3, 1.5, 0.0)
+    assert (v.allowed, v.remaining, v.reset, v.retry_after) == (True, 3, 1.5, 0.0)
+    q = Quota(5, 1.0)
+    o = new_outcome((True, q, 3, 1.5, 0.0))
+    assert type(o) is Outcome
+    assert o == Outcome(True, q, 3, 1.5, 0.0)
+    assert (o.allowed, o.quota, o.remaining, o.reset) == (True, q, 3, 1.5)
+
+
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
+def test_the_memory_store_decides_one_quota_as_its_algorithm_does(algorithm: str) -> None:
+    quota = Quota(3, 1.0, burst=3)
+    policy = Policy.build("", algorithm, [quota])
+    store = MemoryStore(max_keys=10)
+    alg = ALGORITHMS[algorithm]
+    state = alg.new_state(quota, 100.0)
+    for now in (100.0, 100.1, 100.2, 100.3, 100.9, 101.5, 103.0):
+        outcome = store.decide_now("k", policy, now)
+        v = alg.take(state, quota, now)
+        assert type(outcome) is Outcome
+        assert outcome == Outcome(v.allowed, quota, v.remaining, v.reset, v.retry_after)
 
 
 def test_sliding_window_idle_at() -> None:

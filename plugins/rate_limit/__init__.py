@@ -458,9 +458,10 @@ class RateLimit(Filter):
         add((b"ratelimit-policy", policy.header))
         if outcome is None:
             return
-        limit = str(outcome.quota.limit).encode()
-        remaining = str(outcome.remaining).encode()
-        reset = str(math.ceil(outcome.reset)).encode()
+        # Integers written out by the bytes formatting itself: no str, no encode call.
+        limit = b"%d" % outcome.quota.limit
+        remaining = b"%d" % outcome.remaining
+        reset = b"%d" % math.ceil(outcome.reset)
         add((b"ratelimit-limit", limit))
         add((b"ratelimit-remaining", remaining))
         add((b"ratelimit-reset", reset))

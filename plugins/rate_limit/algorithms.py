@@ -30,8 +30,10 @@ Use ``sliding-log`` where the limit must be exact.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
@@ -46,6 +48,7 @@ __all__ = [
     "TokenBucket",
     "TokenBucketState",
     "Verdict",
+    "new_verdict",
 ]
 
 S = TypeVar("S")
@@ -78,6 +81,13 @@ class Verdict(NamedTuple):
     remaining: int
     reset: float
     retry_after: float
+
+
+# ``Verdict(...)`` runs the NamedTuple's ``__new__``, a Python function; this makes the
+# same tuple in C, for verdicts made once per request: all four fields, in order.
+new_verdict: Callable[[tuple[bool, int, float, float]], Verdict] = functools.partial(
+    tuple.__new__, Verdict
+)
 
 
 class Algorithm(Protocol, Generic[S]):
@@ -137,16 +147,25 @@ class SlidingWindow:
         return 0, 0
 
     def check(self, state: SlidingWindowState, quota: Quota, now: float) -> Verdict:
-        return self._decide(state, quota, now, False)
+        return self.take(state, quota, now, False)
 
-    def take(self, state: SlidingWindowState, quota: Quota, now: float) -> Verdict:
-        return self._decide(state, quota, now, True)
+    def take(
+        self, state: SlidingWindowState, quota: Quota, now: float, count: bool = True
+    ) -> Verdict:
+        """``check``, and with ``count`` (the default) the ``commit`` of an admitted request.
 
-    def _decide(self, state: SlidingWindowState, quota: Quota, now: float, count: bool) -> Verdict:
-        """``check``, and with ``count`` the ``commit`` of an admitted request too."""
+        The per-request path of a single-quota policy: ``_roll`` is inlined and an
+        admitted verdict made without the NamedTuple's Python ``__new__``.
+        """
         w = quota.window
         index = math.floor(now / w)
-        previous, current = self._roll(state, index)
+        last = state.index
+        if index == last:  # the counts as they are in window ``index``: see _roll
+            previous, current = state.previous, state.current
+        elif index == last + 1:
+            previous, current = state.current, 0
+        else:
+            previous = current = 0
         start = index * w
         elapsed = (now - start) / w
         weight = 1.0 - elapsed
@@ -158,7 +177,7 @@ class SlidingWindow:
             remaining = max(0, math.floor(quota.limit - after))
             # Whole again once the current window (with this request) has slid out.
             reset = start + 2 * w - now
-            return Verdict(True, remaining, reset, 0.0)
+            return new_verdict((True, remaining, reset, 0.0))
         return Verdict(
             False,
             0,

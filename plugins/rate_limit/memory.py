@@ -15,7 +15,7 @@ from collections import OrderedDict
 
 from engine import metrics
 from plugins.rate_limit.algorithms import ALGORITHMS
-from plugins.rate_limit.store import Outcome, Policy, combine
+from plugins.rate_limit.store import Outcome, Policy, combine, new_outcome
 
 __all__ = ["MemoryStore"]
 
@@ -73,8 +73,8 @@ class MemoryStore:
         states = entry.states
         if len(quotas) == 1:
             quota = quotas[0]
-            v = algorithm.take(states[0], quota, now)
-            outcome = Outcome(v.allowed, quota, v.remaining, v.reset, v.retry_after)
+            allowed, remaining, reset, retry_after = algorithm.take(states[0], quota, now)
+            outcome = new_outcome((allowed, quota, remaining, reset, retry_after))
         else:
             verdicts = [algorithm.check(s, q, now) for s, q in zip(states, quotas, strict=True)]
             outcome = combine(quotas, verdicts)
