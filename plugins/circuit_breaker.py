@@ -469,10 +469,32 @@ class Breaker:
                 return Permit(self.epoch, probe=True)
             # The probes are out; nobody knows yet when they will settle it.
             return Rejection(0.0)
+        return self.closed_permit()
+
+    def closed_permit(self) -> Permit:
+        """:meth:`admit` of a closed breaker, which needs no clock: leave to call."""
+        assert self.state is _CLOSED
         permit = self._permit
         if permit.epoch != self.epoch:
             permit = self._permit = Permit(self.epoch, probe=False)
         return permit
+
+    def record_success_untimed(self, permit: Permit) -> bool:
+        """:meth:`record` of a success when that needs no clock, else ``False`` with
+        nothing done (then call :meth:`record` with the time).
+
+        It needs none for a call admitted while closed with a count window (which
+        counts calls, not seconds), nor for a permit from before the last state change.
+        """
+        if permit.epoch != self.epoch:
+            return True
+        window = self.window
+        if permit.probe or not isinstance(window, CountWindow):
+            return False
+        assert self.state is _CLOSED  # a current non-probe permit: see record
+        window.add(False, 0.0)  # a count window is not told the time
+        self.consecutive = 0
+        return True
 
     def record(self, permit: Permit, outcome: Outcome, now: float, detail: str = "") -> None:
         """Account for the end of a call made under ``permit``.
@@ -702,7 +724,11 @@ class CircuitBreaker(Filter):
         """The breaker of ``upstream`` (reached through ``route``), made on first use."""
         return self._entry(route, upstream, now)[0]
 
-    def _entry(self, route: str | None, upstream: str, now: float) -> tuple[Breaker, _CallCounts]:
+    def _entry(
+        self, route: str | None, upstream: str, now: float | None
+    ) -> tuple[Breaker, _CallCounts]:
+        """The breaker of ``upstream`` and its counters, made on first use at ``now``
+        (``None``: trio's clock, read only then)."""
         if self._per_route:
             key = f"{route or '-'}/{upstream}"
         else:
@@ -713,7 +739,7 @@ class CircuitBreaker(Filter):
             breaker = Breaker(
                 name,
                 self.config,
-                now,
+                trio.current_time() if now is None else now,
                 upstream=upstream,
                 route=route,
                 on_transition=self._on_transition,
@@ -745,14 +771,21 @@ class CircuitBreaker(Filter):
     async def around_upstream(
         self, exchange: Exchange, call: UpstreamCall, call_next: CallNext
     ) -> Response:
-        start = trio.current_time()
+        # The clock is read only when needed: to make a breaker, to admit through one
+        # that is not closed, to time a slow call, to record what a count window cannot.
+        slow = self._slow
         if self._per_route:
             route = exchange.route.name if exchange.route is not None else None
-            breaker, counts = self._entry(route, call.upstream, start)
+            breaker, counts = self._entry(route, call.upstream, None)
         else:
             entry = self._entries.get(call.upstream)
-            breaker, counts = entry or self._entry(None, call.upstream, start)
-        admission = breaker.admit(start)
+            breaker, counts = entry or self._entry(None, call.upstream, None)
+        if breaker.state is _CLOSED and slow is None:
+            start = 0.0  # not used: nothing is timed
+            admission: Permit | Rejection = breaker.closed_permit()
+        else:
+            start = trio.current_time()
+            admission = breaker.admit(start)
         if isinstance(admission, Rejection):
             counts.inc("rejected")
             return self._refuse(exchange, breaker, admission)
@@ -767,19 +800,25 @@ class CircuitBreaker(Filter):
             # Cancelled (the client went away) or a bug below: nothing about the upstream.
             self._record(breaker, counts, admission, _IGNORED, "")
             raise
-        end = trio.current_time()
         if response.status in self._failure_statuses:
             counts.inc("failure")
-            breaker.record(admission, _FAILURE, end, f"status {response.status}")
+            breaker.record(admission, _FAILURE, trio.current_time(), f"status {response.status}")
             if self.config.hide_failed_responses:
                 await response.aclose()
                 raise BadGateway(f"upstream answered {response.status}")
-        elif self._slow is not None and end - start >= self._slow:
-            counts.inc("failure")
-            breaker.record(admission, _FAILURE, end, f"slow call {end - start:.3g}s")
-        else:
+            return response
+        if slow is not None:
+            end = trio.current_time()
+            if end - start >= slow:
+                counts.inc("failure")
+                breaker.record(admission, _FAILURE, end, f"slow call {end - start:.3g}s")
+                return response
             counts.inc("success")
             breaker.record(admission, _SUCCESS, end)
+            return response
+        counts.inc("success")
+        if not breaker.record_success_untimed(admission):
+            breaker.record(admission, _SUCCESS, trio.current_time())
         return response
 
     def _record(

@@ -311,6 +311,65 @@ def test_a_closed_breaker_permits_with_the_epoch_of_the_moment() -> None:
     assert b.snapshot(10.0).failures == 1
 
 
+def test_an_untimed_success_counts_as_a_timed_one_in_a_count_window() -> None:
+    timed = Breaker("users", config(consecutive_failures=3, window_size=10, min_calls=10), 0.0)
+    untimed = Breaker("users", config(consecutive_failures=3, window_size=10, min_calls=10), 0.0)
+    for b in (timed, untimed):
+        run(b, "FF")
+    p = timed.closed_permit()
+    timed.record(p, Outcome.SUCCESS, 5.0)
+    q = untimed.closed_permit()
+    assert q == untimed.admit(5.0)
+    assert untimed.record_success_untimed(q)
+    assert untimed.snapshot(5.0) == timed.snapshot(5.0)
+    assert untimed.consecutive == 0
+    # Two failures more do not trip on consecutive failures: the success reset them.
+    run(untimed, "FF")
+    assert state_of(untimed) is State.CLOSED
+
+
+def test_an_untimed_success_needs_a_clock_with_a_time_window_or_a_probe() -> None:
+    b = Breaker("users", config(window="time", window_duration=10.0), 0.0)
+    permit = b.closed_permit()
+    assert not b.record_success_untimed(permit)
+    assert b.snapshot(0.0).calls == 0  # nothing recorded: the caller records with a time
+    b = Breaker("users", config(consecutive_failures=1, probes=1), 0.0)
+    stale = b.closed_permit()
+    run(b, "F")  # trip
+    probe = b.admit(100.0)
+    assert isinstance(probe, Permit)
+    assert probe.probe
+    assert not b.record_success_untimed(probe)
+    assert b.record_success_untimed(stale)  # from before the trip: nothing to record
+    assert state_of(b) is State.HALF_OPEN
+
+
+async def test_a_closed_breaker_admits_and_records_without_reading_the_clock(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    f = make_filter()
+    assert await send(f, Backend()) == 200  # makes the breaker (reads the clock once)
+    reads = 0
+    clock = trio.current_time
+
+    def counting_clock() -> float:
+        nonlocal reads
+        reads += 1
+        return clock()
+
+    monkeypatch.setattr(trio, "current_time", counting_clock)
+    assert await send(f, Backend()) == 200
+    assert reads == 0
+    assert await send(f, Backend(status=503)) == 503  # a failure is recorded with its time
+    assert reads == 1
+    assert f.breakers["users"].snapshot(clock()).failures == 1
+    timed = make_filter(slow_call_threshold=1.0)
+    assert await send(timed, Backend()) == 200
+    reads = 0
+    assert await send(timed, Backend()) == 200
+    assert reads == 2  # start and end, to time the call
+
+
 def test_snapshot() -> None:
     b = Breaker("users", config(consecutive_failures=3), 5.0, upstream="users")
     run(b, "SF", now=6.0)
