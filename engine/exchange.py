@@ -264,25 +264,22 @@ class StashKey(Generic[T]):
         return f"StashKey({self.name!r})"
 
 
-class Stash:
-    """Values filters pass to later filters, keyed by :class:`StashKey` for typing."""
+class Stash(dict["StashKey[Any]", Any]):
+    """Values filters pass to later filters, keyed by :class:`StashKey` for typing.
 
-    __slots__ = ("_data",)
+    A ``dict`` underneath, so that its reads and writes (several per request) run in C;
+    the signatures below are what type checkers see: a ``StashKey[T]`` gives a ``T``.
+    """
 
-    def __init__(self) -> None:
-        self._data: dict[StashKey[Any], Any] = {}
+    __slots__ = ()
 
-    def __setitem__(self, key: StashKey[T], value: T) -> None:
-        self._data[key] = value
+    if TYPE_CHECKING:
 
-    def __getitem__(self, key: StashKey[T]) -> T:
-        return self._data[key]  # type: ignore[no-any-return]
+        def __setitem__(self, key: StashKey[T], value: T) -> None: ...
 
-    def get(self, key: StashKey[T], default: T | None = None) -> T | None:
-        return self._data.get(key, default)
+        def __getitem__(self, key: StashKey[T]) -> T: ...
 
-    def __contains__(self, key: object) -> bool:
-        return key in self._data
+        def get(self, key: StashKey[T], default: T | None = None) -> T | None: ...
 
 
 @dataclass(slots=True)

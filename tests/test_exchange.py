@@ -101,6 +101,11 @@ def test_the_stash_is_typed_by_its_keys() -> None:
     with pytest.raises(KeyError):
         stash[count]
     assert repr(tenant) == "StashKey('tenant')"
+    # A dict underneath (its methods in C), one per stash.
+    assert isinstance(stash, dict)
+    assert dict(stash) == {tenant: "acme"}
+    assert Stash() is not Stash()
+    assert not hasattr(stash, "__dict__")
 
 
 def test_a_checked_field_is_set_as_set_sets_it() -> None:
