@@ -334,14 +334,25 @@ class _HeaderPlan:
         self.needs_lookup = any(isinstance(v, Template) for v in values)
 
     def apply(self, headers: Headers, lookup: Lookup) -> None:
-        if self.drop:
-            headers.remove_where(self.drop.__contains__)
+        drop = self.drop
+        if drop:  # Headers.remove_where, without a call per name
+            items = headers.items
+            for n, _ in items:
+                if n in drop:
+                    headers.items = [f for f in items if f[0] not in drop]
+                    break
         for old, new in self.rename:
             headers.items = [(new if n == old else n, v) for n, v in headers.items]
-        # Constant values are checked fields already: no call to render or check them.
+        # Constant values are checked fields already: no call to render or check them,
+        # and set here as Headers.set_checked does (one call fewer per request).
         for name, op in self.set:
             if isinstance(op, tuple):
-                headers.set_checked(op)
+                items = headers.items
+                for n, _ in items:
+                    if n == name:
+                        headers.items = items = [f for f in items if f[0] != name]
+                        break
+                items.append(op)
             else:
                 headers.set(name, _render_header(op, lookup))
         for name, value in self.add:

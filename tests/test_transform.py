@@ -837,17 +837,21 @@ async def test_e2e_mandatory_request_body_over_cap_is_413() -> None:
             assert json.loads(small.json()["body"]) == {"a": 1}
 
 
-async def test_a_constant_set_value_replaces_every_field_of_its_name_in_config_order() -> None:
+async def test_constant_set_values_replace_every_field_of_their_name_in_config_order() -> None:
     # Constant values are checked once at load; setting them still replaces, in order.
     t = _transform(
         {
             "request": {
-                "headers": {"set": {"x-a": "1", "x-b": "{route}", "x-c": "\tthree\t"}},
+                "headers": {
+                    "set": {"x-a": "1", "x-b": "{route}", "x-c": "\tthree\t"},
+                    "remove": ["cookie"],
+                },
             }
         }
     )
     with trio.fail_after(5):
-        headers = [("x-a", "old"), ("x-keep", "k"), ("x-a", "older"), ("x-c", "c")]
+        headers = [("x-a", "old"), ("cookie", "a=1"), ("x-keep", "k"), ("x-a", "older")]
+        headers += [("cookie", "b=2"), ("x-c", "c")]
         ex = make_exchange(headers=headers, route_name="orders")
         await run_chain([t], ex)
         assert ex.request.headers.items == [
