@@ -186,7 +186,7 @@ class Retry(Filter):
     ) -> Response:
         cfg = self.config
         budget = self.budgets.get(call.upstream) or self.budget_for(call.upstream)
-        budget.record_request(trio.current_time())
+        budget.requests.add(trio.current_time())  # record_request, one call fewer
         if cfg.per_try_timeout is not None:
             call.timeout = (
                 cfg.per_try_timeout
