@@ -400,8 +400,9 @@ class _Connection:
         wire = self.wire
         server = self.server
         cfg = server.runtime.config.server
-        deadline = trio.current_time() + (cfg.head_timeout if self.first else cfg.keepalive_timeout)
         got_bytes = len(wire) > 0  # pipelined behind the previous request
+        wait = cfg.head_timeout if self.first or got_bytes else cfg.keepalive_timeout
+        deadline = trio.current_time() + wait
         while True:
             try:
                 req = wire.request()

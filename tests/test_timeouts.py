@@ -109,6 +109,24 @@ async def test_half_a_head_gets_408_after_head_timeout(
         await assert_serves(setup.gw.port)
 
 
+async def test_half_a_head_pipelined_behind_a_request_gets_the_head_timeout(
+    autojump_clock: trio.testing.MockClock, setup: Setup
+) -> None:
+    # The part of a second head that arrived with the first request starts the head
+    # clock at once: it does not get the (longer) keep-alive wait.
+    with trio.fail_after(DEADLINE):
+        stream = await trio.open_tcp_stream("127.0.0.1", setup.gw.port)
+        start = trio.current_time()
+        await stream.send_all(b"GET /first HTTP/1.1\r\nHost: a\r\n\r\nGET /second HTTP/1.1\r\nHo")
+        out = await read_until_closed(stream)
+        await stream.aclose()
+        assert out.closed_at - start == pytest.approx(HEAD_TIMEOUT, abs=0.1)
+        first, second = parse_responses(out.data)
+        assert first.status == 200
+        assert_gateway_error(second, 408)
+        await assert_serves(setup.gw.port)
+
+
 async def test_dribbling_a_head_does_not_extend_the_head_timeout(
     autojump_clock: trio.testing.MockClock, setup: Setup
 ) -> None:
