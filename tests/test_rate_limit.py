@@ -333,6 +333,47 @@ async def test_headers_and_429(autojump_clock: trio.testing.MockClock) -> None:
         assert h(r, "ratelimit-remaining") == "1"
 
 
+async def test_upstream_ratelimit_headers_are_replaced_not_repeated() -> None:
+    f = make_filter(limits=[{"limit": 2, "window": "1m"}], legacy_headers=True)
+    chain = compile_chain([f])
+    ex = make_exchange()
+    await run_request_phases(chain, ex)
+    upstream = [
+        (b"content-type", b"text/plain"),
+        (b"ratelimit-remaining", b"999"),
+        (b"x-ratelimit-limit", b"999"),
+        (b"etag", b'"1"'),
+    ]
+    response = Response(200, Headers(list(upstream)), b"ok")
+    await run_response_phases(chain.response, ex, response)
+    items = response.headers.items
+    assert [n for n, _ in items] == [
+        b"content-type",
+        b"etag",
+        b"ratelimit-policy",
+        b"ratelimit-limit",
+        b"ratelimit-remaining",
+        b"ratelimit-reset",
+        b"x-ratelimit-limit",
+        b"x-ratelimit-remaining",
+        b"x-ratelimit-reset",
+    ]
+    assert items[1:5] == [
+        (b"etag", b'"1"'),
+        (b"ratelimit-policy", b"2;w=60"),
+        (b"ratelimit-limit", b"2"),
+        (b"ratelimit-remaining", b"1"),
+    ]
+    assert items[6:8] == [(b"x-ratelimit-limit", b"2"), (b"x-ratelimit-remaining", b"1")]
+
+
+@pytest.mark.parametrize(
+    ("consumer", "key"), [("plain", "c:plain"), ("50%", "c:50%25"), ("a|b", "c:a%7Cb")]
+)
+async def test_consumer_key_escapes_only_values_that_need_it(consumer: str, key: str) -> None:
+    assert compile_key(("consumer",))(make_exchange(identity=Identity(consumer))) == key
+
+
 async def test_headers_can_be_switched_off(autojump_clock: trio.testing.MockClock) -> None:
     with trio.fail_after(10):
         f = make_filter(headers=False)
