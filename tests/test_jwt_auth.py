@@ -13,6 +13,7 @@ import random
 import socket
 import ssl
 import time
+import types
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -1168,6 +1169,26 @@ async def test_a_remembered_token_past_its_end_is_verified_again() -> None:
         # Past its end the entry no longer holds: the token is verified again (and
         # remembered afresh under the same key).
         entry.until = time.time() - 1
+        ex = await _run(f, _bearer(token))
+        assert ex.identity is not None
+        assert f._verified[key] is not entry
+
+
+async def test_a_remembered_token_holds_only_with_the_key_set_that_verified_it() -> None:
+    class _Jwks:
+        keys: object = None
+
+    f = _filter(_rsa_config())
+    token = _token()
+    with trio.fail_after(5):
+        await _run(f, _bearer(token))
+        (key, entry) = next(iter(f._verified.items()))
+        jwks = _Jwks()
+        jwks.keys = entry.jwks_keys = object()
+        entry.issuer = types.SimpleNamespace(jwks=jwks)  # type: ignore[assignment]
+        await _run(f, _bearer(token))
+        assert f._verified[key] is entry  # the same key set: found, not verified again
+        jwks.keys = object()  # a refresh replaced the key set
         ex = await _run(f, _bearer(token))
         assert ex.identity is not None
         assert f._verified[key] is not entry

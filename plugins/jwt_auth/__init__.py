@@ -248,7 +248,9 @@ class JwtAuth(Filter):
         wait (an issuer with a JWKS URL); ``None`` when the request was admitted (or is
         anonymous). Raises the refusals.
         """
-        strip_identity_headers(exchange, self.strip)
+        strip = self.strip
+        if strip.any_of(exchange.request.headers.items):  # else strip_identity_headers is a no-op
+            strip_identity_headers(exchange, strip)
         # Wall-clock time: exp/nbf/iat are seconds since the epoch, not intervals.
         now = time.time()
         raw = self._header_field(exchange) if self._header is not None else None
@@ -256,9 +258,11 @@ class JwtAuth(Filter):
             # The common case: a token seen before, found by the header's raw value
             # without parsing it again (the same value always holds the same token).
             known = self._verified.get(raw)
-            if known is not None and known.still_valid(now):
-                self._admit(exchange, known)
-                return None
+            if known is not None and now < known.until:  # still_valid inlined
+                jwks = known.issuer.jwks
+                if jwks is None or jwks.keys is known.jwks_keys:
+                    self._admit(exchange, known)
+                    return None
         found = self._credential(exchange, raw)
         if found is None:
             if self.config.allow_anonymous:
