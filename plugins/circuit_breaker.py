@@ -782,7 +782,11 @@ class CircuitBreaker(Filter):
             breaker, counts = entry or self._entry(None, call.upstream, None)
         if breaker.state is _CLOSED and slow is None:
             start = 0.0  # not used: nothing is timed
-            admission: Permit | Rejection = breaker.closed_permit()
+            # closed_permit inlined for its common case: the permit of the current epoch.
+            permit = breaker._permit
+            admission: Permit | Rejection = (
+                permit if permit.epoch == breaker.epoch else breaker.closed_permit()
+            )
         else:
             start = trio.current_time()
             admission = breaker.admit(start)
@@ -816,7 +820,11 @@ class CircuitBreaker(Filter):
             counts.inc("success")
             breaker.record(admission, _SUCCESS, end)
             return response
-        counts.inc("success")
+        bound = counts._bound.get("success")  # _CallCounts.inc inlined once it is bound
+        if bound is None:
+            counts.inc("success")
+        else:
+            bound.inc()
         if not breaker.record_success_untimed(admission):
             breaker.record(admission, _SUCCESS, trio.current_time())
         return response

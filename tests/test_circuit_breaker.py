@@ -802,3 +802,24 @@ async def test_end_to_end_config_error_names_the_path() -> None:
                 async with open_gateway(config):
                     pass
             assert info.value.path == "routes[0].plugins.circuit-breaker.failure_ratio"
+
+
+async def test_the_filter_permits_a_recovered_breaker_under_its_new_epoch() -> None:
+    # The filter takes a closed breaker's permit without the clock; after a trip and a
+    # recovery it must be the new epoch's, or its successes would not be counted.
+    with trio.fail_after(5):
+        f = make_filter(consecutive_failures=1, probes=1, window_size=10)
+        call = make_call("recovering")
+        await f.around_upstream(make_exchange(), call, Backend())
+        b = f.breakers["recovering"]
+        now = trio.current_time()
+        run(b, "F", now)  # trip
+        probe = b.admit(now + 1000.0)  # half-open
+        assert isinstance(probe, Permit)
+        b.record(probe, Outcome.SUCCESS, now + 1000.0)  # closed again
+        assert state_of(b) is State.CLOSED
+        calls = b.snapshot(now + 1000.0).calls
+        await f.around_upstream(make_exchange(), call, Backend())
+        assert b.snapshot(now + 1000.0).calls == calls + 1
+        await f.around_upstream(make_exchange(), call, Backend())
+        assert b.snapshot(now + 1000.0).calls == calls + 2
