@@ -492,7 +492,11 @@ class Breaker:
         if permit.probe or not isinstance(window, CountWindow):
             return False
         assert self.state is _CLOSED  # a current non-probe permit: see record
-        window.add(False, 0.0)  # a count window is not told the time
+        # CountWindow.add(False, now) inlined (a count window is not told the time).
+        outcomes = window._outcomes
+        if len(outcomes) == outcomes.maxlen and outcomes[0]:
+            window._failures -= 1
+        outcomes.append(False)
         self.consecutive = 0
         return True
 

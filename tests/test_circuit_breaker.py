@@ -823,3 +823,14 @@ async def test_the_filter_permits_a_recovered_breaker_under_its_new_epoch() -> N
         assert b.snapshot(now + 1000.0).calls == calls + 1
         await f.around_upstream(make_exchange(), call, Backend())
         assert b.snapshot(now + 1000.0).calls == calls + 2
+
+
+def test_an_untimed_success_in_a_full_count_window_drops_the_oldest_outcome() -> None:
+    cfg = config(consecutive_failures=5, window_size=3, min_calls=3, failure_ratio=1.0)
+    timed, untimed = Breaker("users", cfg, 0.0), Breaker("users", cfg, 0.0)
+    for b in (timed, untimed):
+        run(b, "FSF")  # full: the oldest outcome is a failure
+    timed.record(timed.closed_permit(), Outcome.SUCCESS, 1.0)
+    assert untimed.record_success_untimed(untimed.closed_permit())
+    assert untimed.snapshot(1.0) == timed.snapshot(1.0)
+    assert (untimed.snapshot(1.0).calls, untimed.snapshot(1.0).failures) == (3, 1)
