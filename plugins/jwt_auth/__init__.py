@@ -261,7 +261,12 @@ class JwtAuth(Filter):
             if known is not None and now < known.until:  # still_valid inlined
                 jwks = known.issuer.jwks
                 if jwks is None or jwks.keys is known.jwks_keys:
-                    self._admit(exchange, known)
+                    # _admit inlined: the per-request path of a remembered token.
+                    exchange.identity = known.identity
+                    if known.headers:
+                        inject_checked_headers(exchange, known.headers)
+                    if self.config.hide_credentials:
+                        self.remove_credentials(exchange)
                     return None
         found = self._credential(exchange, raw)
         if found is None:
