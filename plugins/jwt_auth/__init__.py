@@ -258,16 +258,9 @@ class JwtAuth(Filter):
             # The common case: a token seen before, found by the header's raw value
             # without parsing it again (the same value always holds the same token).
             known = self._verified.get(raw)
-            if known is not None and now < known.until:  # still_valid inlined
-                jwks = known.issuer.jwks
-                if jwks is None or jwks.keys is known.jwks_keys:
-                    # _admit inlined: the per-request path of a remembered token.
-                    exchange.identity = known.identity
-                    if known.headers:
-                        inject_checked_headers(exchange, known.headers)
-                    if self.config.hide_credentials:
-                        self.remove_credentials(exchange)
-                    return None
+            if known is not None and known.still_valid(now):
+                self._admit(exchange, known)
+                return None
         found = self._credential(exchange, raw)
         if found is None:
             if self.config.allow_anonymous:
