@@ -492,11 +492,7 @@ class Breaker:
         if permit.probe or not isinstance(window, CountWindow):
             return False
         assert self.state is _CLOSED  # a current non-probe permit: see record
-        # CountWindow.add(False, now) inlined (a count window is not told the time).
-        outcomes = window._outcomes
-        if len(outcomes) == outcomes.maxlen and outcomes[0]:
-            window._failures -= 1
-        outcomes.append(False)
+        window.add(False, 0.0)  # a count window is not told the time
         self.consecutive = 0
         return True
 
@@ -786,11 +782,7 @@ class CircuitBreaker(Filter):
             breaker, counts = entry or self._entry(None, call.upstream, None)
         if breaker.state is _CLOSED and slow is None:
             start = 0.0  # not used: nothing is timed
-            # closed_permit inlined for its common case: the permit of the current epoch.
-            permit = breaker._permit
-            admission: Permit | Rejection = (
-                permit if permit.epoch == breaker.epoch else breaker.closed_permit()
-            )
+            admission: Permit | Rejection = breaker.closed_permit()
         else:
             start = trio.current_time()
             admission = breaker.admit(start)
@@ -824,11 +816,7 @@ class CircuitBreaker(Filter):
             counts.inc("success")
             breaker.record(admission, _SUCCESS, end)
             return response
-        bound = counts._bound.get("success")  # _CallCounts.inc inlined once it is bound
-        if bound is None:
-            counts.inc("success")
-        else:
-            bound.inc()
+        counts.inc("success")
         if not breaker.record_success_untimed(admission):
             breaker.record(admission, _SUCCESS, trio.current_time())
         return response
