@@ -279,18 +279,6 @@ def compile_key(parts: Sequence[str]) -> Callable[[Exchange], str]:
             return k if len(k) <= _MAX_KEY else _digest(k)
 
         return key
-    if fns[0] is _consumer:  # the default: _consumer inlined, one call fewer per request
-
-        def consumer_key(ex: Exchange) -> str:
-            identity = ex.identity
-            if identity is None:
-                k = "ip:" + ex.request.client
-            else:
-                c = identity.consumer  # _escape inlined for the common value
-                k = "c:" + (_escape(c) if "|" in c or "%" in c else c)
-            return k if len(k) <= _MAX_KEY else _digest(k)
-
-        return consumer_key
     part = fns[0]
 
     def single_key(ex: Exchange) -> str:
@@ -421,10 +409,7 @@ class RateLimit(Filter):
         assert self._memory is not None
         policy = self.policy_for(exchange) if self._groups else self._default
         key = self._prefixes[policy.name] + self._key(exchange)
-        outcome = self._memory.decide_now(key, policy, trio.current_time())
-        exchange.stash[_STAMP] = (policy, outcome)  # _count inlined: one call fewer
-        if not outcome.allowed:
-            self._refuse(exchange, outcome)
+        self._count(exchange, policy, self._memory.decide_now(key, policy, trio.current_time()))
 
     def _count(self, exchange: Exchange, policy: Policy, outcome: Outcome) -> None:
         """Stamp the decision for the response side; raise RateLimited when refused."""
