@@ -154,18 +154,12 @@ class SlidingWindow:
     ) -> Verdict:
         """``check``, and with ``count`` (the default) the ``commit`` of an admitted request.
 
-        The per-request path of a single-quota policy: ``_roll`` is inlined and an
-        admitted verdict made without the NamedTuple's Python ``__new__``.
+        The per-request path of a single-quota policy: the window is rolled once, and an
+        admitted verdict is made without the NamedTuple's Python ``__new__``.
         """
         w = quota.window
         index = math.floor(now / w)
-        last = state.index
-        if index == last:  # the counts as they are in window ``index``: see _roll
-            previous, current = state.previous, state.current
-        elif index == last + 1:
-            previous, current = state.current, 0
-        else:
-            previous = current = 0
+        previous, current = self._roll(state, index)
         start = index * w
         elapsed = (now - start) / w
         weight = 1.0 - elapsed
