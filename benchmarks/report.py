@@ -257,6 +257,34 @@ def proxypy_check(filtergate: float | None, keepalive: float | None, close: floa
     return Check(name, _ratio(filtergate, close), ">=", 1.0, note="proxypy")
 
 
+def context(results: Sequence[Result]) -> list[str]:
+    """Where the stack's floor (``benchmarks/floor.py``) sits between filtergate and
+    proxy.py: how much of the proxy.py gap any gateway on trio + h11 must keep."""
+    by = {r.name: r for r in results if r.ok}
+    floor = by.get("floor")
+    if floor is None:
+        return []
+    lines = []
+    proxypy = by.get("proxypy-keepalive")
+    if proxypy is not None and proxypy.rps:
+        ratio = floor.rps / proxypy.rps
+        verdict = "behind" if ratio < 1 else "ahead of"
+        lines.append(
+            f"trio+h11 floor / proxy.py keep-alive req/s: {ratio:.2f}; parsing both heads "
+            f"with h11 on trio, and nothing else, is {verdict} proxy.py's unparsed relay here"
+        )
+    gateway = by.get("filtergate")
+    if gateway is not None and floor.rps:
+        cpu = ""
+        if gateway.cpu_us_per_req and floor.cpu_us_per_req:
+            cpu = (
+                f"; CPU {gateway.cpu_us_per_req:.0f} vs {floor.cpu_us_per_req:.0f} us/req, "
+                f"{gateway.cpu_us_per_req - floor.cpu_us_per_req:.0f} us/req above the floor"
+            )
+        lines.append(f"filtergate / trio+h11 floor req/s: {gateway.rps / floor.rps:.2f}{cpu}")
+    return lines
+
+
 def render_checks(checks: Sequence[Check]) -> str:
     rows: list[tuple[str, ...]] = [("target", "measured", "bound", "verdict")]
     for c in checks:
@@ -270,6 +298,7 @@ def to_json(results: Sequence[Result], meta: dict[str, Any], checks: Sequence[Ch
             "meta": meta,
             "results": [asdict(r) for r in results],
             "targets": [{**asdict(c), "verdict": c.verdict} for c in checks],
+            "context": context(results),
         },
         indent=2,
     )

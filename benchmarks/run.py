@@ -131,6 +131,8 @@ class Bench:
             return
         if sc.target == "forwarder":
             server = servers.start_forwarder(self.workdir, self.stub.port, gateway_cpus)
+        elif sc.target == "floor":
+            server = servers.start_floor(self.workdir, self.stub.port, gateway_cpus)
         elif sc.target == "nginx":
             if servers.nginx_binary() is None:
                 raise Skip("nginx is not installed")
@@ -504,10 +506,13 @@ def main(argv: Sequence[str]) -> int:
         RESULTS_DIR.mkdir(exist_ok=True)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         out = args.output or RESULTS_DIR / f"bench-{stamp}.json"
-        out.write_text(report.to_json(results, meta, checks))
-        (RESULTS_DIR / "latest.json").write_text(report.to_json(results, meta, checks))
+        json_text = report.to_json(results, meta, checks)
+        out.write_text(json_text)
+        (RESULTS_DIR / "latest.json").write_text(json_text)
         sys.stdout.write(header_text(meta) + "\n\n" + report.render_table(results) + "\n\n")
         sys.stdout.write(report.render_checks(checks) + "\n\n")
+        for line in report.context(results):
+            sys.stdout.write(line + "\n")
         sys.stdout.write(f"results: {out}\n")
         if args.png:
             png = out.with_suffix(".png")

@@ -49,8 +49,9 @@ class GatewayPlan:
 class Scenario:
     """One row of the table.
 
-    ``target``: direct | forwarder | proxypy (Connection: close clients) |
-    proxypy-keepalive (keep-alive clients, the relay plugin) | nginx | filtergate.
+    ``target``: direct | forwarder | floor (trio + h11 parsing both heads, nothing
+    else) | proxypy (Connection: close clients) | proxypy-keepalive (keep-alive clients,
+    the relay plugin) | nginx | filtergate.
     ``kind``: load (a throughput run), bodies (1 GiB up and down) or idle (many idle
     connections).
     """
@@ -269,6 +270,9 @@ def all_scenarios(builtin_filters: list[str]) -> list[Scenario]:
             "proxypy-keepalive",
             quick=True,
         )
+    )
+    s.append(
+        Scenario("floor", "trio+h11 floor: both heads parsed, nothing else", "floor", quick=True)
     )
     s.append(Scenario("nginx", "nginx reverse proxy, 1 worker", "nginx", quick=True))
     s.append(

@@ -148,6 +148,12 @@ def start_forwarder(workdir: Path, upstream: int, cpus: Iterable[int] | None) ->
     return start("forwarder", [*cmd, "--upstream", f"{HOST}:{upstream}"], port, workdir, cpus)
 
 
+def start_floor(workdir: Path, upstream: int, cpus: Iterable[int] | None) -> Server:
+    port = free_port()
+    cmd = [sys.executable, "-m", "benchmarks.floor", "--port", str(port)]
+    return start("floor", [*cmd, "--upstream", f"{HOST}:{upstream}"], port, workdir, cpus)
+
+
 def nginx_binary() -> str | None:
     return shutil.which("nginx") or (
         "/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None

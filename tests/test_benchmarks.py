@@ -302,3 +302,50 @@ def _read_one(sock: socket.socket) -> tuple[bytes, bytes]:
         assert chunk, "connection closed inside the body"
         body += chunk
     return head, body
+
+
+def test_context_places_the_floor_between_filtergate_and_proxypy() -> None:
+    rows = [
+        load_row("filtergate", "filtergate", 6_000.0, cpu_us_per_req=150.0),
+        load_row("floor", "floor", 9_000.0, cpu_us_per_req=100.0),
+        load_row("proxypy-keepalive", "proxypy-keepalive", 12_000.0),
+    ]
+    lines = report.context(rows)
+    assert lines[0].startswith("trio+h11 floor / proxy.py keep-alive req/s: 0.75;")
+    assert "is behind proxy.py" in lines[0]
+    assert lines[1] == (
+        "filtergate / trio+h11 floor req/s: 0.67; CPU 150 vs 100 us/req, 50 us/req above the floor"
+    )
+    assert report.context(rows[:1]) == []  # no floor row: nothing to say
+    data = json.loads(report.to_json(rows, {}, []))
+    assert data["context"] == lines
+
+
+@pytest.mark.timeout(20)
+def test_floor_relays_keepalive_requests_and_ends_what_it_does_not_do(tmp_path: Path) -> None:
+    from benchmarks import servers
+    from benchmarks.rawstub import BODY
+
+    stub = servers.start_rawstub(tmp_path, None)
+    try:
+        floor = servers.start_floor(tmp_path, stub.port, None)
+        try:
+            with socket.create_connection((HOST, floor.port), timeout=5) as sock:
+                for path in ("/first", "/second?x=1"):
+                    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+                    head, body = _read_one(sock)
+                    assert head.startswith(b"HTTP/1.1 200 ")
+                    assert body == BODY
+                # A request body is not relayed: the floor ends the connection.
+                sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi")
+                assert sock.recv(100) == b""
+            with socket.create_connection((HOST, floor.port), timeout=5) as sock:
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                head, body = _read_one(sock)
+                assert body == BODY
+                assert sock.recv(100) == b""  # closed after the response, as asked
+                assert floor.proc.poll() is None  # and still serving
+        finally:
+            floor.stop()
+    finally:
+        stub.stop()
