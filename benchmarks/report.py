@@ -35,6 +35,7 @@ class Result:
     peak_rss_mb: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     runs: list[float] = field(default_factory=list)  # req/s of every repeat
+    tails: list[float] = field(default_factory=list)  # p99/p50 of every repeat
     ratio_direct: float | None = None
     ratio_forwarder: float | None = None
     cpu_ratio_forwarder: float | None = None
@@ -53,7 +54,22 @@ def median_result(runs: Sequence[Result]) -> Result:
     ordered = sorted(done, key=lambda r: r.rps)
     chosen = ordered[(len(ordered) - 1) // 2]
     chosen.runs = [r.rps for r in done]
+    chosen.tails = [t for r in done if (t := tail_ratio(r)) is not None]
     return chosen
+
+
+def tail_ratio(r: Result) -> float | None:
+    """p99 / p50 of one run."""
+    p50 = r.latency_ms.get("p50")
+    if not p50 or "p99" not in r.latency_ms:
+        return None
+    return r.latency_ms["p99"] / p50
+
+
+def median_tail(r: Result) -> float | None:
+    """p99 / p50 as the tail target judges it: the median over the repeats (as req/s
+    is), since a single 5-second run's p99 moves with the machine's stalls."""
+    return statistics.median(r.tails) if r.tails else tail_ratio(r)
 
 
 def _baseline(results: Sequence[Result], target: str, row: Result) -> Result | None:
@@ -233,10 +249,10 @@ def check_targets(results: Sequence[Result]) -> list[Check]:
     ]
     for name in ("filtergate", "filtergate-c64", "filtergate-c256"):
         r = by.get(name)
-        tail = None
-        if r and r.latency_ms.get("p50"):
-            tail = r.latency_ms.get("p99", 0.0) / r.latency_ms["p50"]
-        checks.append(Check(f"{name} p99 / p50", tail, "<=", 4.0))
+        tail = median_tail(r) if r else None
+        runs = ", ".join(f"{t:.2f}" for t in r.tails) if r and len(r.tails) > 1 else ""
+        note = f"median of the repeats: {runs}" if runs else ""
+        checks.append(Check(f"{name} p99 / p50", tail, "<=", 4.0, note=note))
     bodies = by.get("bodies")
     checks.append(
         Check("1 GiB each way: peak RSS MB", bodies.peak_rss_mb if bodies else None, "<=", 64.0)
@@ -286,9 +302,9 @@ def context(results: Sequence[Result]) -> list[str]:
 
 
 def render_checks(checks: Sequence[Check]) -> str:
-    rows: list[tuple[str, ...]] = [("target", "measured", "bound", "verdict")]
+    rows: list[tuple[str, ...]] = [("target", "measured", "bound", "verdict", "note")]
     for c in checks:
-        rows.append((c.name, _f(c.value, ".2f"), f"{c.op} {c.bound:g}", c.verdict))
+        rows.append((c.name, _f(c.value, ".2f"), f"{c.op} {c.bound:g}", c.verdict, c.note))
     return _grid(rows)
 
 
