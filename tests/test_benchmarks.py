@@ -279,7 +279,6 @@ def test_proxypy_keepalive_plugin_serves_two_requests_on_one_connection(
 ) -> None:
     pytest.importorskip("proxy")
     from benchmarks import servers
-    from benchmarks.rawstub import BODY
 
     stub = servers.start_rawstub(tmp_path, None)
     try:
@@ -287,16 +286,23 @@ def test_proxypy_keepalive_plugin_serves_two_requests_on_one_connection(
         try:
             with socket.create_connection((HOST, proxy.port), timeout=5) as sock:
                 for path in ("/first", "/second?x=1"):
-                    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
-                    head, body = _read_one(sock)
-                    assert head.startswith(b"HTTP/1.1 200 ")
-                    assert body == BODY
+                    _get_ok(sock, path)
                     # One upstream connection for the client connection, kept open.
                     assert _established_to(stub.port) in (1, None)
         finally:
             proxy.stop()
     finally:
         stub.stop()
+
+
+def _get_ok(sock: socket.socket, path: str) -> None:
+    """One keep-alive GET on ``sock``, answered 200 with the raw stub's body."""
+    from benchmarks.rawstub import BODY
+
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+    head, body = _read_one(sock)
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert body == BODY
 
 
 def _read_one(sock: socket.socket) -> tuple[bytes, bytes]:
@@ -347,16 +353,14 @@ def test_floor_relays_keepalive_requests_and_ends_what_it_does_not_do(tmp_path: 
         try:
             with socket.create_connection((HOST, floor.port), timeout=5) as sock:
                 for path in ("/first", "/second?x=1"):
-                    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
-                    head, body = _read_one(sock)
-                    assert head.startswith(b"HTTP/1.1 200 ")
-                    assert body == BODY
+                    _get_ok(sock, path)
                 # A request body is not relayed: the floor ends the connection.
                 sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi")
                 assert sock.recv(100) == b""
             with socket.create_connection((HOST, floor.port), timeout=5) as sock:
                 sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
                 head, body = _read_one(sock)
+                assert head.startswith(b"HTTP/1.1 200 ")
                 assert body == BODY
                 assert sock.recv(100) == b""  # closed after the response, as asked
                 assert floor.proc.poll() is None  # and still serving
