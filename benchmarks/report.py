@@ -183,13 +183,14 @@ def describe_extra(r: Result) -> str:
     return json.dumps(e)
 
 
-def _grid(rows: Sequence[tuple[str, ...]], left: int = 1) -> str:
-    """A Markdown table; the first ``left`` columns left-aligned, the rest right."""
+def _grid(rows: Sequence[tuple[str, ...]], left: int = 1, text: Sequence[int] = ()) -> str:
+    """A Markdown table; the first ``left`` columns and the ``text`` ones left-aligned,
+    the rest (numbers) right-aligned."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = []
     for k, row in enumerate(rows):
         cells = [
-            cell.ljust(w) if i < left or k == 0 else cell.rjust(w)
+            cell.ljust(w) if i < left or i in text or k == 0 else cell.rjust(w)
             for i, (cell, w) in enumerate(zip(row, widths, strict=True))
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -305,7 +306,7 @@ def render_checks(checks: Sequence[Check]) -> str:
     rows: list[tuple[str, ...]] = [("target", "measured", "bound", "verdict", "note")]
     for c in checks:
         rows.append((c.name, _f(c.value, ".2f"), f"{c.op} {c.bound:g}", c.verdict, c.note))
-    return _grid(rows)
+    return _grid(rows, text=(4,))
 
 
 def to_json(results: Sequence[Result], meta: dict[str, Any], checks: Sequence[Check]) -> str:
