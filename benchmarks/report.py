@@ -336,9 +336,15 @@ def write_png(results: Sequence[Result], path: Path) -> str | None:
         return "no latency to draw"
     labels = ["p50", "p75", "p90", "p99", "p99.9", "max"]
     fig, ax = plt.subplots(figsize=(10, 0.35 * len(rows) + 3))
-    for r in rows:
+    for i, r in enumerate(rows):
+        # matplotlib cycles ten colours: every ten rows, another line style and marker,
+        # so no two rows look alike.
         ax.plot(
-            labels, [r.latency_ms.get(k, float("nan")) for k in labels], marker="o", label=r.name
+            labels,
+            [r.latency_ms.get(k, float("nan")) for k in labels],
+            linestyle=("-", "--", ":", "-.")[i // 10 % 4],
+            marker="os^D"[i // 10 % 4],
+            label=r.name,
         )
     ax.set_yscale("log")
     ax.set_ylabel("latency (ms, log scale)")
