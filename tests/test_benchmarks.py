@@ -368,3 +368,17 @@ def test_floor_relays_keepalive_requests_and_ends_what_it_does_not_do(tmp_path: 
             floor.stop()
     finally:
         stub.stop()
+
+
+def test_png_draws_every_row_or_says_why_not(tmp_path: Path) -> None:
+    rows = [load_row(f"row-{i}", "filtergate", 1_000.0) for i in range(12)]
+    path = tmp_path / "lat.png"
+    why = report.write_png(rows, path)
+    try:
+        import matplotlib  # type: ignore[import-not-found,unused-ignore]  # noqa: F401
+    except ImportError:
+        assert why == "matplotlib is not installed (pip install matplotlib)"
+        return
+    assert why is None
+    assert path.read_bytes().startswith(b"\x89PNG")
+    assert report.write_png([], tmp_path / "none.png") == "no latency to draw"
