@@ -32,6 +32,7 @@ import h11
 import trio
 from trio.lowlevel import wait_readable, wait_writable
 
+from benchmarks.forwarder import open_listener
 from engine.wire import ContentLengthReader, ProtocolError, Reader
 
 READ_SIZE = 65536
@@ -142,10 +143,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--upstream", required=True, help="HOST:PORT of the upstream")
     args = parser.parse_args(argv)
     up_host, _, up_port = args.upstream.rpartition(":")
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind((args.host, args.port))
-    listener.listen(4096)
+    listener = open_listener(args.host, args.port)
     listener.setblocking(False)
     sys.stdout.write(f"READY {listener.getsockname()[1]}\n")
     sys.stdout.flush()

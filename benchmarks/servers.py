@@ -142,16 +142,19 @@ def start_rawstub(workdir: Path, cpus: Iterable[int] | None, procs: int = 1) -> 
     return start("rawstub", [*cmd, "--procs", str(procs)], port, workdir, cpus)
 
 
-def start_forwarder(workdir: Path, upstream: int, cpus: Iterable[int] | None) -> Server:
+def _start_reference(name: str, workdir: Path, upstream: int, cpus: Iterable[int] | None) -> Server:
+    """``python -m benchmarks.<name> --port P --upstream HOST:PORT``."""
     port = free_port()
-    cmd = [sys.executable, "-m", "benchmarks.forwarder", "--port", str(port)]
-    return start("forwarder", [*cmd, "--upstream", f"{HOST}:{upstream}"], port, workdir, cpus)
+    cmd = [sys.executable, "-m", f"benchmarks.{name}", "--port", str(port)]
+    return start(name, [*cmd, "--upstream", f"{HOST}:{upstream}"], port, workdir, cpus)
+
+
+def start_forwarder(workdir: Path, upstream: int, cpus: Iterable[int] | None) -> Server:
+    return _start_reference("forwarder", workdir, upstream, cpus)
 
 
 def start_floor(workdir: Path, upstream: int, cpus: Iterable[int] | None) -> Server:
-    port = free_port()
-    cmd = [sys.executable, "-m", "benchmarks.floor", "--port", str(port)]
-    return start("floor", [*cmd, "--upstream", f"{HOST}:{upstream}"], port, workdir, cpus)
+    return _start_reference("floor", workdir, upstream, cpus)
 
 
 def nginx_binary() -> str | None:
