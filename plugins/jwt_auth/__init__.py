@@ -254,13 +254,10 @@ class JwtAuth(Filter):
         # Wall-clock time: exp/nbf/iat are seconds since the epoch, not intervals.
         now = time.time()
         raw = self._header_field(exchange) if self._header is not None else None
-        if raw is not None:
-            # The common case: a token seen before, found by the header's raw value
-            # without parsing it again (the same value always holds the same token).
-            known = self._verified.get(raw)
-            if known is not None and known.still_valid(now):
-                self._admit(exchange, known)
-                return None
+        # The common case: a token seen before, found by the header's raw value
+        # without parsing it again (the same value always holds the same token).
+        if raw is not None and self._recall(raw, exchange, now):
+            return None
         found = self._credential(exchange, raw)
         if found is None:
             if self.config.allow_anonymous:
@@ -271,11 +268,8 @@ class JwtAuth(Filter):
                 headers=[challenge("Bearer", self.config.realm)],
             )
         token, key = found
-        if key is not raw:  # from the cookie: not looked up yet
-            known = self._verified.get(key)
-            if known is not None and known.still_valid(now):
-                self._admit(exchange, known)
-                return None
+        if key is not raw and self._recall(key, exchange, now):  # from the cookie
+            return None
         if not self._static:
             return found
         try:
@@ -285,6 +279,14 @@ class JwtAuth(Filter):
             raise self._refusal(e, token, exchange) from None
         self._admit(exchange, known)
         return None
+
+    def _recall(self, key: _CacheKey, exchange: Exchange, now: float) -> bool:
+        """Admit ``exchange`` on a still valid earlier verification of ``key``'s token."""
+        known = self._verified.get(key)
+        if known is None or not known.still_valid(now):
+            return False
+        self._admit(exchange, known)
+        return True
 
     def _admit(self, exchange: Exchange, verified: _Verified) -> None:
         exchange.identity = verified.identity
