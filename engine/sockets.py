@@ -239,12 +239,7 @@ class StreamSocket:
         return self.raw.fileno()
 
     async def recv(self, max_wait: float, deadline: float = _INF) -> bytes:
-        with trio.CancelScope(deadline=min(deadline, trio.current_time() + max_wait)):
-            try:
-                return bytes(await self.stream.receive_some(READ_SIZE))
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
-                raise OSError(str(e)) from None
-        raise trio.TooSlowError
+        return await self.recv_until(min(deadline, trio.current_time() + max_wait))
 
     def recv_nowait(self) -> bytes | None:
         return None  # TLS records need the stream: always wait through it
