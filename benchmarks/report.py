@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmarks.jitter import window_tail
+
 MiB = 1024 * 1024
 
 
@@ -215,8 +217,9 @@ class Check:
         return "PASS" if ok else "FAIL"
 
 
-def check_targets(results: Sequence[Result]) -> list[Check]:
-    """The issue's targets, each a ratio or bound within this run."""
+def check_targets(results: Sequence[Result], machine: Sequence[float] = ()) -> list[Check]:
+    """The issue's targets, each a ratio or bound within this run; ``machine`` is the
+    machine probe's unit durations, set next to each tail check at the row's p50."""
     by = {r.name: r for r in results if r.ok}
 
     def rps(name: str) -> float | None:
@@ -252,7 +255,11 @@ def check_targets(results: Sequence[Result]) -> list[Check]:
         r = by.get(name)
         tail = median_tail(r) if r else None
         runs = ", ".join(f"{t:.2f}" for t in r.tails) if r and len(r.tails) > 1 else ""
-        note = f"median of the repeats: {runs}" if runs else ""
+        notes = [f"median of the repeats: {runs}"] if runs else []
+        alone = window_tail(machine, r.latency_ms.get("p50", 0) / 1000) if r else None
+        if alone is not None:
+            notes.insert(0, f"machine alone {alone:.2f}")
+        note = "; ".join(notes)
         checks.append(Check(f"{name} p99 / p50", tail, "<=", 4.0, note=note))
     bodies = by.get("bodies")
     checks.append(
@@ -274,14 +281,34 @@ def proxypy_check(filtergate: float | None, keepalive: float | None, close: floa
     return Check(name, _ratio(filtergate, close), ">=", 1.0, note="proxypy")
 
 
-def context(results: Sequence[Result]) -> list[str]:
-    """Where the stack's floor (``benchmarks/floor.py``) sits between filtergate and
-    proxy.py: how much of the proxy.py gap any gateway on trio + h11 must keep."""
+MACHINE_WINDOWS_MS = (2, 5, 10, 40)
+
+
+def machine_tails(machine: Sequence[float]) -> dict[str, float]:
+    """The machine probe's p99/p50 over windows of 2 to 40 ms of work, by window."""
+    tails = {f"{ms} ms": window_tail(machine, ms / 1000) for ms in MACHINE_WINDOWS_MS}
+    return {k: v for k, v in tails.items() if v is not None}
+
+
+def context(results: Sequence[Result], machine: Sequence[float] = ()) -> list[str]:
+    """What the targets cannot show alone: the tail the machine adds by itself
+    (``benchmarks/jitter.py``), and where the stack's floor (``benchmarks/floor.py``)
+    sits between filtergate and proxy.py, i.e. how much of the proxy.py gap any gateway
+    on trio + h11 must keep."""
+    lines = []
+    tails = machine_tails(machine)
+    if tails:
+        unit = statistics.median(machine) * 1e3
+        over = ", ".join(f"{v:.2f} over {k}" for k, v in tails.items())
+        lines.append(
+            f"machine alone: fixed work on the gateway's CPU ({len(machine):,} units of "
+            f"{unit:.2f} ms, nothing else on that CPU) has p99 / p50 {over}; each tail "
+            f"check's note gives it at the row's own p50"
+        )
     by = {r.name: r for r in results if r.ok}
     floor = by.get("floor")
     if floor is None:
-        return []
-    lines = []
+        return lines
     proxypy = by.get("proxypy-keepalive")
     if proxypy is not None and proxypy.rps:
         ratio = floor.rps / proxypy.rps
@@ -309,13 +336,23 @@ def render_checks(checks: Sequence[Check]) -> str:
     return _grid(rows, text=(4,))
 
 
-def to_json(results: Sequence[Result], meta: dict[str, Any], checks: Sequence[Check]) -> str:
+def to_json(
+    results: Sequence[Result],
+    meta: dict[str, Any],
+    checks: Sequence[Check],
+    machine: Sequence[float] = (),
+) -> str:
     return json.dumps(
         {
             "meta": meta,
             "results": [asdict(r) for r in results],
             "targets": [{**asdict(c), "verdict": c.verdict} for c in checks],
-            "context": context(results),
+            "machine": {
+                "units": len(machine),
+                "unit_ms": statistics.median(machine) * 1e3 if machine else None,
+                "p99_p50": machine_tails(machine),
+            },
+            "context": context(results, machine),
         },
         indent=2,
     )

@@ -52,6 +52,19 @@ class Bench:
         self.noop_path: str | None = None
         self.filters: frozenset[str] = frozenset()
         self.filter_error: str | None = None
+        self.machine: list[float] = []  # benchmarks.jitter's unit durations, every pass
+
+    def probe_machine(self) -> None:
+        """Time fixed work on the gateway's CPU, nothing else running there (the
+        tail the machine adds by itself; see ``benchmarks/jitter.py``)."""
+        seconds = self.args.machine_probe
+        if seconds <= 0:
+            return
+        progress(f"machine probe: {seconds:g}s of fixed work on the gateway's CPU ...")
+        try:
+            self.machine += servers.probe_machine(seconds, self.cpus(GATEWAY_CPUS))
+        except (OSError, ValueError, subprocess.SubprocessError) as exc:
+            progress(f"    machine probe failed: {type(exc).__name__}: {exc}")
 
     def cpus(self, which: list[int]) -> list[int] | None:
         return which if self.pin else None
@@ -426,6 +439,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     parser.add_argument("--stub-procs", type=int, default=1, help="raw stub processes")
     parser.add_argument(
+        "--machine-probe",
+        type=float,
+        help="seconds of fixed work timed on the gateway's CPU before each pass, "
+        "the tail the machine adds by itself (default 4, quick 2; 0 skips it)",
+    )
+    parser.add_argument(
         "--body-mib", type=int, help="body size of the bodies scenario (default 1024, quick 128)"
     )
     parser.add_argument("--idle", type=int, help="idle connections (default 10000, quick 2000)")
@@ -439,6 +458,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args.repeat = args.repeat or (1 if quick else 3)
     args.body_mib = args.body_mib or (128 if quick else 1024)
     args.idle = args.idle or (2000 if quick else 10_000)
+    if args.machine_probe is None:
+        args.machine_probe = 2.0 if quick else 4.0
     return args
 
 
@@ -491,6 +512,8 @@ def main(argv: Sequence[str]) -> int:
         total = len(chosen) * args.repeat
         step = 0
         for rep in range(args.repeat):
+            if any(sc.kind == "load" for sc in chosen):
+                bench.probe_machine()
             for sc in chosen:
                 step += 1
                 if rep and (runs[sc.name][0].status.startswith("skipped") or sc.kind != "load"):
@@ -501,17 +524,17 @@ def main(argv: Sequence[str]) -> int:
                 progress(f"    {summary_line(res)}")
         results = [report.median_result(runs[s.name]) for s in chosen]
         report.add_ratios(results)
-        checks = report.check_targets(results)
+        checks = report.check_targets(results, bench.machine)
         meta = metadata(bench, args, stub)
         RESULTS_DIR.mkdir(exist_ok=True)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         out = args.output or RESULTS_DIR / f"bench-{stamp}.json"
-        json_text = report.to_json(results, meta, checks)
+        json_text = report.to_json(results, meta, checks, bench.machine)
         out.write_text(json_text)
         (RESULTS_DIR / "latest.json").write_text(json_text)
         sys.stdout.write(header_text(meta) + "\n\n" + report.render_table(results) + "\n\n")
         sys.stdout.write(report.render_checks(checks) + "\n\n")
-        for line in report.context(results):
+        for line in report.context(results, bench.machine):
             sys.stdout.write(line + "\n")
         sys.stdout.write(f"results: {out}\n")
         if args.png:

@@ -7,6 +7,7 @@ output in a log file; ``stop()`` ends the whole group.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -82,24 +83,45 @@ class Server:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _spawn(
-    name: str, cmd: Sequence[str], env: Mapping[str, str] | None, log: Path
-) -> subprocess.Popen[bytes]:
+def _env(env: Mapping[str, str] | None) -> dict[str, str]:
+    """This environment, with the repository first on PYTHONPATH and ``env`` on top."""
     full_env = dict(os.environ)
     full_env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(ROOT), full_env.get("PYTHONPATH", "")) if p
     )
     full_env.update(env or {})
+    return full_env
+
+
+def _spawn(
+    name: str, cmd: Sequence[str], env: Mapping[str, str] | None, log: Path
+) -> subprocess.Popen[bytes]:
     with open(log, "wb") as out:
         return subprocess.Popen(
             list(cmd),
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env=full_env,
+            env=_env(env),
             cwd=ROOT,
             start_new_session=True,
         )
+
+
+def probe_machine(seconds: float, cpus: Iterable[int] | None) -> list[float]:
+    """``benchmarks.jitter``'s unit durations, measured on ``cpus`` for ``seconds``."""
+    cmd = [sys.executable, "-m", "benchmarks.jitter", "--seconds", str(seconds)]
+    done = subprocess.run(
+        pinned(cmd, cpus),
+        capture_output=True,
+        text=True,
+        check=True,
+        env=_env(None),
+        cwd=ROOT,
+        timeout=seconds + 60,
+    )
+    units: list[float] = json.loads(done.stdout)
+    return units
 
 
 def wait_port(proc: subprocess.Popen[bytes], port: int, timeout: float) -> bool:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from benchmarks import loadgen, report, scenarios, wrk
+from benchmarks import jitter, loadgen, report, scenarios, servers, wrk
 from benchmarks.report import Result
 from benchmarks.servers import HOST, ROOT
 
@@ -105,6 +105,45 @@ def test_tail_target_takes_the_median_of_the_repeats() -> None:
     assert check.value == pytest.approx(3.5)
     assert check.note == "median of the repeats: 5.00, 2.50, 3.50"
     assert "median of the repeats" in report.render_checks([check])
+
+
+def test_window_tail_is_p99_over_p50_of_consecutive_work() -> None:
+    steady = [0.001] * 2_000
+    assert jitter.window_tail(steady, 0.01) == pytest.approx(1.0)
+    # Every 1,000 units, a stretch of 20 units runs 5x slower.
+    bursty = ([0.005] * 20 + [0.001] * 980) * 10
+    assert jitter.window_tail(bursty, 0.001) == pytest.approx(5.0)  # 2% of units are slow
+    # 11 of every 1,000 windows of 10 units fall wholly inside a stretch: still over 1%.
+    assert jitter.window_tail(bursty, 0.01) == pytest.approx(5.0)
+    # 100-unit windows dilute a 20-unit stretch: (20 * 5 + 80) / 100.
+    assert jitter.window_tail(bursty, 0.1) == pytest.approx(1.8)
+    assert jitter.window_tail(steady[:150], 0.1) is None  # fewer than 100 windows
+    assert jitter.window_tail([], 0.01) is None
+
+
+def test_machine_probe_sits_next_to_the_tail_checks_and_in_the_json() -> None:
+    row = load_row("filtergate", "filtergate", 6_000.0)  # p50 1 ms
+    machine = ([0.0005] * 2 + [0.0001] * 98) * 20  # 0.1 ms units, slow 2% of the time
+    check = next(
+        c for c in report.check_targets([row], machine) if c.name == row.name + " p99 / p50"
+    )
+    assert check.note == "machine alone 1.80"  # 10 units: (2 * 0.5 + 8 * 0.1) / 1.0
+    assert next(c for c in report.check_targets([row]) if c.name == check.name).note == ""
+    line = report.context([row], machine)[0]
+    assert line.startswith("machine alone: fixed work on the gateway's CPU (2,000 units of 0.10 ms")
+    assert "1.40 over 2 ms" in line  # 20 units: (2 * 0.5 + 18 * 0.1) / 2.0
+    assert report.context([row]) == []
+    data = json.loads(report.to_json([row], {}, [check], machine))
+    assert data["machine"]["units"] == 2_000
+    assert data["machine"]["p99_p50"]["2 ms"] == pytest.approx(1.4)
+    assert data["context"] == [line]
+
+
+@pytest.mark.timeout(60)
+def test_machine_probe_times_units_on_the_given_cpu() -> None:
+    units = servers.probe_machine(0.2, [0])
+    assert len(units) >= 10
+    assert all(u > 0 for u in units)
 
 
 def test_percentiles_are_nearest_rank_in_milliseconds() -> None:
@@ -278,7 +317,6 @@ def test_proxypy_keepalive_plugin_serves_two_requests_on_one_connection(
     tmp_path: Path,
 ) -> None:
     pytest.importorskip("proxy")
-    from benchmarks import servers
 
     stub = servers.start_rawstub(tmp_path, None)
     try:
@@ -344,7 +382,6 @@ def test_context_places_the_floor_between_filtergate_and_proxypy() -> None:
 
 @pytest.mark.timeout(20)
 def test_floor_relays_keepalive_requests_and_ends_what_it_does_not_do(tmp_path: Path) -> None:
-    from benchmarks import servers
     from benchmarks.rawstub import BODY
 
     stub = servers.start_rawstub(tmp_path, None)
