@@ -22,11 +22,17 @@ socket writable: that saves a loop pass per direction and made the relay ~1.5x f
 here. ``FILTERGATE_BENCH_PROXYPY_FLUSH=loop`` leaves every write to proxy.py's loop.
 
 It does less work than a gateway must (a gateway parses and frames every response), so
-it is the peer to beat, not a like-for-like one. Requests are not pipelined (wrk does
-not pipeline): bytes after a complete request in the same read are dropped, as in
-proxy.py's own web server; a slow client makes it buffer the upstream's bytes in memory
-(no backpressure). proxy.py loads the class by its dotted name (``--plugins``); the
-upstream URL comes from the environment variable ``FILTERGATE_BENCH_UPSTREAM``.
+it is the peer to beat, not a like-for-like one. :class:`BenchKeepAliveParsed` does that
+part of a gateway's work too: it parses every response with proxy.py's own
+``HttpParser`` and sends the client the response proxy.py rebuilds from it
+(``build_response()``), which answers whether proxy.py stays ahead of the trio + h11
+floor (``benchmarks/floor.py``) once it parses both heads as the floor does.
+
+Requests are not pipelined (wrk does not pipeline): bytes after a complete request in
+the same read are dropped, as in proxy.py's own web server; a slow client makes it
+buffer the upstream's bytes in memory (no backpressure). proxy.py loads the class by its
+dotted name (``--plugins``); the upstream URL comes from the environment variable
+``FILTERGATE_BENCH_UPSTREAM``.
 """
 
 from __future__ import annotations
@@ -129,13 +135,20 @@ class BenchKeepAliveRelay(HttpWebServerBasePlugin):  # type: ignore[misc,unused-
             return True
         if data is None:
             return True
-        self.client.queue(data)
+        out = self.relay(data)
+        if out is None:
+            return False
+        self.client.queue(out)
         if self.eager:
             try:
                 self.client.flush()
             except OSError:
                 return True
         return False
+
+    def relay(self, data: memoryview) -> memoryview | None:
+        """What to send the client for ``data`` from the upstream: the bytes themselves."""
+        return data
 
     def on_client_connection_close(self) -> None:
         if self.upstream is not None:
@@ -144,3 +157,23 @@ class BenchKeepAliveRelay(HttpWebServerBasePlugin):  # type: ignore[misc,unused-
 
     def on_access_log(self, context: dict[str, Any]) -> dict[str, Any] | None:
         return None  # no access log: the benchmark measures the relay
+
+
+class BenchKeepAliveParsed(BenchKeepAliveRelay):
+    """The same relay, but every response is parsed by proxy.py's ``HttpParser`` and the
+    client gets the response rebuilt from the parse, once it is complete (proxy.py's
+    parser buffers a body whole; the benchmark's bodies are small)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.response: Any = None  # the HttpParser of a response still arriving
+
+    def relay(self, data: memoryview) -> memoryview | None:
+        if self.response is None:
+            self.response = HttpParser(httpParserTypes.RESPONSE_PARSER)
+        self.response.parse(data)
+        if not self.response.is_complete:
+            return None
+        rebuilt: bytes = self.response.build_response()
+        self.response = None
+        return memoryview(rebuilt)

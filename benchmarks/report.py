@@ -317,6 +317,14 @@ def context(results: Sequence[Result], machine: Sequence[float] = ()) -> list[st
             f"trio+h11 floor / proxy.py keep-alive req/s: {ratio:.2f}; parsing both heads "
             f"with h11 on trio, and nothing else, is {verdict} proxy.py's unparsed relay here"
         )
+    parsed = by.get("proxypy-parsed")
+    if parsed is not None and parsed.rps:
+        ratio = floor.rps / parsed.rps
+        verdict = "behind" if ratio < 1 else "ahead of"
+        lines.append(
+            f"trio+h11 floor / proxy.py parsing both heads req/s: {ratio:.2f}; with the same "
+            f"parsing work, the floor of this stack is {verdict} proxy.py's loop and parser"
+        )
     gateway = by.get("filtergate")
     if gateway is not None and floor.rps:
         cpu = ""

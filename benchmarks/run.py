@@ -150,7 +150,7 @@ class Bench:
             if servers.nginx_binary() is None:
                 raise Skip("nginx is not installed")
             server = servers.start_nginx(self.workdir, self.stub.port, gateway_cpus)
-        elif sc.target in ("proxypy", "proxypy-keepalive"):
+        elif sc.target in ("proxypy", "proxypy-keepalive", "proxypy-parsed"):
             version = proxypy_version()
             if version is None:
                 raise Skip("proxy.py is not installed (pip install proxy.py)")
@@ -163,9 +163,16 @@ class Bench:
                 result.extra["client"] = PROXYPY_CLIENT
                 result.extra["plugin"] = servers.PROXYPY_PLUGIN
             else:
-                server = servers.start_proxypy_keepalive(self.workdir, self.stub.port, gateway_cpus)
+                if sc.target == "proxypy-parsed":
+                    start, plugin = servers.start_proxypy_parsed, servers.PROXYPY_PARSED_PLUGIN
+                else:
+                    start, plugin = (
+                        servers.start_proxypy_keepalive,
+                        servers.PROXYPY_KEEPALIVE_PLUGIN,
+                    )
+                server = start(self.workdir, self.stub.port, gateway_cpus)
                 result.extra["client"] = PROXYPY_KEEPALIVE_CLIENT
-                result.extra["plugin"] = servers.PROXYPY_KEEPALIVE_PLUGIN
+                result.extra["plugin"] = plugin
                 result.extra["proxypy_args"] = " ".join(servers.PROXYPY_KEEPALIVE_ARGS)
                 result.extra["writes"] = proxypy_keepalive_writes()
         else:
@@ -589,6 +596,7 @@ def metadata(bench: Bench, args: argparse.Namespace, stub: Server) -> dict[str, 
         "proxypy_plugin": servers.PROXYPY_PLUGIN,
         "proxypy_keepalive_client": PROXYPY_KEEPALIVE_CLIENT,
         "proxypy_keepalive_plugin": servers.PROXYPY_KEEPALIVE_PLUGIN,
+        "proxypy_parsed_plugin": servers.PROXYPY_PARSED_PLUGIN,
         "proxypy_keepalive_args": " ".join(servers.PROXYPY_KEEPALIVE_ARGS),
         "proxypy_keepalive_writes": proxypy_keepalive_writes(),
         "proxypy_version": proxypy_version() or "not installed",

@@ -51,7 +51,8 @@ class Scenario:
 
     ``target``: direct | forwarder | floor (trio + h11 parsing both heads, nothing
     else) | proxypy (Connection: close clients) | proxypy-keepalive (keep-alive clients,
-    the relay plugin) | nginx | filtergate.
+    the relay plugin) | proxypy-parsed (the same, responses parsed by proxy.py) | nginx |
+    filtergate.
     ``kind``: load (a throughput run), bodies (1 GiB up and down) or idle (many idle
     connections).
     """
@@ -269,6 +270,13 @@ def all_scenarios(builtin_filters: list[str]) -> list[Scenario]:
             "proxy.py 1 worker, keep-alive plugin",
             "proxypy-keepalive",
             quick=True,
+        )
+    )
+    s.append(
+        Scenario(
+            "proxypy-parsed",
+            "proxy.py 1 worker, keep-alive plugin, responses parsed",
+            "proxypy-parsed",
         )
     )
     s.append(

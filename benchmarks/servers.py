@@ -240,6 +240,8 @@ http {{
 PROXYPY_PLUGIN = "benchmarks.proxypy_plugin.BenchReverseProxy"
 #: One upstream connection per client connection, response bytes relayed unparsed.
 PROXYPY_KEEPALIVE_PLUGIN = "benchmarks.proxypy_keepalive.BenchKeepAliveRelay"
+#: The same, every response parsed and rebuilt by proxy.py's own parser.
+PROXYPY_PARSED_PLUGIN = "benchmarks.proxypy_keepalive.BenchKeepAliveParsed"
 #: proxy.py's single-worker settings of the keep-alive scenario: threadless, one
 #: acceptor handing connections to one worker process (``--local-executor 0``; with
 #: the default local executor the acceptor serves its connections in a thread of its
@@ -303,6 +305,15 @@ def start_proxypy_keepalive(
     (``benchmarks/proxypy_keepalive.py``): keep-alive clients work."""
     args = [*PROXYPY_KEEPALIVE_ARGS, "--plugins", PROXYPY_KEEPALIVE_PLUGIN]
     return _start_proxypy("proxypy-keepalive", workdir, upstream, cpus, args, timeout)
+
+
+def start_proxypy_parsed(
+    workdir: Path, upstream: int, cpus: Iterable[int] | None, timeout: float = 20.0
+) -> Server:
+    """The keep-alive relay with every response parsed and rebuilt by proxy.py
+    (``BenchKeepAliveParsed``): proxy.py parsing both heads, as the floor does."""
+    args = [*PROXYPY_KEEPALIVE_ARGS, "--plugins", PROXYPY_PARSED_PLUGIN]
+    return _start_proxypy("proxypy-parsed", workdir, upstream, cpus, args, timeout)
 
 
 def start_redis(workdir: Path, cpus: Iterable[int] | None) -> Server:

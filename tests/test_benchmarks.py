@@ -313,14 +313,15 @@ def _established_to(port: int) -> int | None:
 
 
 @pytest.mark.timeout(20)
-def test_proxypy_keepalive_plugin_serves_two_requests_on_one_connection(
-    tmp_path: Path,
+@pytest.mark.parametrize("start", ["start_proxypy_keepalive", "start_proxypy_parsed"])
+def test_proxypy_keepalive_plugins_serve_two_requests_on_one_connection(
+    tmp_path: Path, start: str
 ) -> None:
     pytest.importorskip("proxy")
 
     stub = servers.start_rawstub(tmp_path, None)
     try:
-        proxy = servers.start_proxypy_keepalive(tmp_path, stub.port, None, timeout=10.0)
+        proxy = getattr(servers, start)(tmp_path, stub.port, None, timeout=10.0)
         try:
             with socket.create_connection((HOST, proxy.port), timeout=5) as sock:
                 for path in ("/first", "/second?x=1"):
@@ -368,11 +369,13 @@ def test_context_places_the_floor_between_filtergate_and_proxypy() -> None:
         load_row("filtergate", "filtergate", 6_000.0, cpu_us_per_req=150.0),
         load_row("floor", "floor", 9_000.0, cpu_us_per_req=100.0),
         load_row("proxypy-keepalive", "proxypy-keepalive", 12_000.0),
+        load_row("proxypy-parsed", "proxypy-parsed", 10_000.0),
     ]
     lines = report.context(rows)
     assert lines[0].startswith("trio+h11 floor / proxy.py keep-alive req/s: 0.75;")
     assert "is behind proxy.py" in lines[0]
-    assert lines[1] == (
+    assert lines[1].startswith("trio+h11 floor / proxy.py parsing both heads req/s: 0.90;")
+    assert lines[2] == (
         "filtergate / trio+h11 floor req/s: 0.67; CPU 150 vs 100 us/req, 50 us/req above the floor"
     )
     assert report.context(rows[:1]) == []  # no floor row: nothing to say
