@@ -290,6 +290,22 @@ def machine_tails(machine: Sequence[float]) -> dict[str, float]:
     return {k: v for k, v in tails.items() if v is not None}
 
 
+# The proxy.py rows the floor is set against: (row, name in the line, what it says).
+_FLOOR_AGAINST = (
+    (
+        "proxypy-keepalive",
+        "proxy.py keep-alive",
+        "parsing both heads with h11 on trio, and nothing else, is {} proxy.py's unparsed "
+        "relay here",
+    ),
+    (
+        "proxypy-parsed",
+        "proxy.py parsing both heads",
+        "with the same parsing work, the floor of this stack is {} proxy.py's loop and parser",
+    ),
+)
+
+
 def context(results: Sequence[Result], machine: Sequence[float] = ()) -> list[str]:
     """What the targets cannot show alone: the tail the machine adds by itself
     (``benchmarks/jitter.py``), and where the stack's floor (``benchmarks/floor.py``)
@@ -309,22 +325,12 @@ def context(results: Sequence[Result], machine: Sequence[float] = ()) -> list[st
     floor = by.get("floor")
     if floor is None:
         return lines
-    proxypy = by.get("proxypy-keepalive")
-    if proxypy is not None and proxypy.rps:
-        ratio = floor.rps / proxypy.rps
-        verdict = "behind" if ratio < 1 else "ahead of"
-        lines.append(
-            f"trio+h11 floor / proxy.py keep-alive req/s: {ratio:.2f}; parsing both heads "
-            f"with h11 on trio, and nothing else, is {verdict} proxy.py's unparsed relay here"
-        )
-    parsed = by.get("proxypy-parsed")
-    if parsed is not None and parsed.rps:
-        ratio = floor.rps / parsed.rps
-        verdict = "behind" if ratio < 1 else "ahead of"
-        lines.append(
-            f"trio+h11 floor / proxy.py parsing both heads req/s: {ratio:.2f}; with the same "
-            f"parsing work, the floor of this stack is {verdict} proxy.py's loop and parser"
-        )
+    for name, against, what in _FLOOR_AGAINST:
+        peer = by.get(name)
+        if peer is not None and peer.rps:
+            ratio = floor.rps / peer.rps
+            verdict = "behind" if ratio < 1 else "ahead of"
+            lines.append(f"trio+h11 floor / {against} req/s: {ratio:.2f}; {what.format(verdict)}")
     gateway = by.get("filtergate")
     if gateway is not None and floor.rps:
         cpu = ""
