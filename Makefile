@@ -39,6 +39,7 @@ bench: $(STAMP)
 	sh benchmarks/install-tools.sh $(BIN)/python
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 	$(BIN)/python -m benchmarks.chaincost
+	$(if $(findstring --quick,$(BENCH_ARGS)),,$(BIN)/python -m benchmarks.instructions)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache build *.egg-info

@@ -1,7 +1,8 @@
 #!/bin/sh
 # Install the benchmark's optional tools where this machine allows it: wrk (the load
 # generator; without it the bundled one is used), nginx (the C reference), redis-server
-# (the rate-limit-on-redis scenario), proxy.py (the Python reference, into .venv) and
+# (the rate-limit-on-redis scenario), valgrind (instructions per request,
+# benchmarks/instructions.py), proxy.py (the Python reference, into .venv) and
 # matplotlib (for --png, into .venv).
 # Never fails the benchmark: whatever cannot be installed is reported as skipped.
 set -u
@@ -9,6 +10,7 @@ missing=""
 command -v wrk >/dev/null 2>&1 || missing="$missing wrk"
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing="$missing nginx"
 command -v redis-server >/dev/null 2>&1 || missing="$missing redis-server"
+command -v valgrind >/dev/null 2>&1 || missing="$missing valgrind"
 if [ -n "$missing" ] && command -v apt-get >/dev/null 2>&1; then
     SUDO=""
     [ "$(id -u)" = 0 ] || SUDO="sudo -n"

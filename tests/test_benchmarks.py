@@ -422,3 +422,70 @@ def test_png_draws_every_row_or_says_why_not(tmp_path: Path) -> None:
     assert why is None
     assert path.read_bytes().startswith(b"\x89PNG")
     assert report.write_png([], tmp_path / "none.png") == "no latency to draw"
+
+
+def test_instruction_counts_are_read_from_the_dump_and_set_against_the_targets() -> None:
+    from benchmarks import instructions
+    from benchmarks.instructions import Count
+
+    assert instructions.read_total("events: Ir\nsummary: 900\ntotals: 1000\n") == 1000
+    assert instructions.read_total("events: Ir\nsummary: 900\n") == 900
+    with pytest.raises(ValueError, match="no totals"):
+        instructions.read_total("events: Ir\n")
+    table = instructions.render(
+        [
+            Count("filtergate", 100, 40_000_000),
+            Count("filtergate-full-request", 100, 45_000_000),
+            Count("full-chain", 100, 60_000_000),
+        ]
+    )
+    assert "| full-chain | 100 | 600,000 | 0.67 |" in table
+    assert "full-chain / filtergate: 0.67 in instructions (the req/s target: >= 0.75)" in table
+    assert "full-chain / filtergate-full-request: 0.75 in instructions" in table
+    assert "routes-10000" not in table  # a pair not measured is not shown
+
+
+@pytest.mark.timeout(60)
+def test_instruction_client_sends_keepalive_requests_through_a_gateway(tmp_path: Path) -> None:
+    from benchmarks import instructions
+
+    stub = servers.start_rawstub(tmp_path, None)
+    try:
+        port = servers.free_port()
+        config = {
+            "server": {"listen": [f"{HOST}:{port}"]},
+            "admin": {"enabled": False},
+            "upstreams": {"stub": {"targets": [f"{HOST}:{stub.port}"]}},
+            "routes": [{"name": "bench", "prefix": "/", "upstream": "stub"}],
+        }
+        gateway = servers.start_gateway(tmp_path, config, port, None)
+        try:
+            sent = trio.run(instructions.send_requests, port, "/", [("X-Bench", "1")], 3, 4)
+            assert sent == 12
+            # A non-2xx answer stops the count: an encoded slash is refused (400).
+            with pytest.raises(BaseExceptionGroup) as refused:
+                trio.run(instructions.send_requests, port, "/a%2Fb", [], 1, 1)
+            assert refused.group_contains(RuntimeError, match="answered 400")
+        finally:
+            gateway.stop()
+    finally:
+        stub.stop()
+
+
+@pytest.mark.timeout(240)
+def test_instructions_counts_a_gateway_under_callgrind(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from benchmarks import instructions
+
+    out = tmp_path / "counts.json"
+    args = ["--scenarios", "filtergate", "--requests", "3", "--warmup", "1", "--connections", "2"]
+    assert instructions.main([*args, "--output", str(out)]) == 0
+    text = capsys.readouterr().out
+    if "skipped" in text:  # no valgrind here: the command says so and succeeds
+        assert not out.exists()
+        return
+    (row,) = json.loads(out.read_text())["counts"]
+    assert row["scenario"] == "filtergate"
+    assert row["requests"] == 6
+    assert row["instructions"] > 6 * 10_000  # a proxied request is hundreds of thousands
