@@ -290,6 +290,23 @@ def machine_tails(machine: Sequence[float]) -> dict[str, float]:
     return {k: v for k, v in tails.items() if v is not None}
 
 
+# The rows at 32 connections whose tails are set side by side: filtergate, then the
+# servers that run none of its code.
+_TAIL_PEERS = (
+    "filtergate",
+    "direct",
+    "nginx",
+    "floor",
+    "forwarder",
+    "proxypy-keepalive",
+    "proxypy-parsed",
+)
+
+
+def _tail_of(r: Result | None) -> float | None:
+    return median_tail(r) if r is not None and r.kind == "load" else None
+
+
 # The proxy.py rows the floor is set against: (row, name in the line, what it says).
 _FLOOR_AGAINST = (
     (
@@ -322,6 +339,13 @@ def context(results: Sequence[Result], machine: Sequence[float] = ()) -> list[st
             f"check's note gives it at the row's own p50"
         )
     by = {r.name: r for r in results if r.ok}
+    peers = [(name, t) for name in _TAIL_PEERS if (t := _tail_of(by.get(name))) is not None]
+    if len(peers) > 1:
+        listed = ", ".join(f"{name} {t:.2f}" for name, t in peers)
+        lines.append(
+            f"p99 / p50 at 32 connections of every server in this run: {listed}; the tail "
+            f"target's bound is 4"
+        )
     floor = by.get("floor")
     if floor is None:
         return lines
