@@ -165,7 +165,11 @@ def _www(err: GatewayError) -> str:
 
 # -- the table of tokens -----------------------------------------------------------------
 
-NOW = int(time.time())
+
+def _now() -> int:
+    """Epoch seconds when a token is made: a constant taken at import would age while
+    other tests run first, and a token 5 s past exp would leave the 30 s leeway."""
+    return int(time.time())
 
 
 def _json_array_payload() -> str:
@@ -184,10 +188,10 @@ def _key_confusion() -> str:
 TOKENS: list[tuple[str, Callable[[], str], str | None]] = [
     ("valid", lambda: _token(), None),
     ("valid, no kid", lambda: _token(kid=None), None),
-    ("expired", lambda: _token(exp=NOW - 3600), "the token has expired"),
-    ("expired within leeway", lambda: _token(exp=NOW - 5), None),
-    ("not yet valid", lambda: _token(nbf=NOW + 3600), "the token is not valid yet"),
-    ("issued in the future", lambda: _token(iat=NOW + 3600), "issued in the future"),
+    ("expired", lambda: _token(exp=_now() - 3600), "the token has expired"),
+    ("expired within leeway", lambda: _token(exp=_now() - 5), None),
+    ("not yet valid", lambda: _token(nbf=_now() + 3600), "the token is not valid yet"),
+    ("issued in the future", lambda: _token(iat=_now() + 3600), "issued in the future"),
     ("wrong issuer", lambda: _token(iss="https://evil.example/"), "untrusted issuer"),
     ("iss not a string", lambda: _token(iss=["x"]), "iss claim is not a string"),
     ("wrong audience", lambda: _token(aud="billing-api"), "invalid audience"),
@@ -239,7 +243,7 @@ async def test_token_table(name: str, make: Callable[[], str], error: str | None
 async def test_tokens_never_reach_the_logs(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     f = _filter(_rsa_config())
-    tokens = [_token(exp=NOW - 3600), _token(key=RSA_B), _key_confusion()]
+    tokens = [_token(exp=_now() - 3600), _token(key=RSA_B), _key_confusion()]
     with trio.fail_after(5):
         for token in tokens:
             with pytest.raises(Unauthorized):
@@ -402,7 +406,7 @@ async def test_missing_token_and_anonymous() -> None:
             assert "x-user-id" not in ex.request.headers
         # An invalid token is refused even where anonymous access is allowed.
         with pytest.raises(Unauthorized, match="expired"):
-            await _run(anonymous, _bearer(_token(exp=NOW - 3600)))
+            await _run(anonymous, _bearer(_token(exp=_now() - 3600)))
 
 
 async def test_two_authorization_headers_are_a_bad_request() -> None:
@@ -1018,7 +1022,7 @@ async def test_end_to_end_through_the_gateway() -> None:
                 assert resp.header("www-authenticate") == 'Bearer realm="filtergate"'
                 assert resp.json()["error"]["code"] == "unauthorized"
 
-                bad = [("authorization", f"Bearer {_token(exp=NOW - 3600)}")]
+                bad = [("authorization", f"Bearer {_token(exp=_now() - 3600)}")]
                 resp = await testing.http_request(gw.port, "GET", "/orders/1", headers=bad)
                 assert resp.status == 401
                 assert 'error="invalid_token"' in (resp.header("www-authenticate") or "")
