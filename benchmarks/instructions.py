@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,11 +33,12 @@ import tomli_w
 import trio
 
 from benchmarks import servers
-from benchmarks.scenarios import Env, Scenario, all_scenarios
+from benchmarks.scenarios import Env, Scenario, all_scenarios, noop_distribution, request_for
 from benchmarks.servers import HOST, ROOT, Server, free_port
 
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_SCENARIOS = ("filtergate", "filtergate-full-request", "full-chain")
+CONTROL_TIMEOUT = 60.0  # seconds for callgrind_control to zero or dump the counters
 
 
 @dataclass
@@ -60,47 +61,91 @@ def read_total(dump: str) -> int:
     raise ValueError("no totals or summary line in the callgrind dump")
 
 
-async def send_requests(
-    port: int, path: str, headers: Sequence[tuple[str, str]], connections: int, each: int
+class _Client:
+    """One keep-alive connection sending one request at a time, read with h11."""
+
+    def __init__(self, stream: trio.SocketStream, request: h11.Request) -> None:
+        self.stream = stream
+        self.request = request
+        self.conn = h11.Connection(h11.CLIENT)
+
+    async def requests(self, count: int) -> None:
+        """``count`` requests; every answer must be 2xx."""
+        conn = self.conn
+        for _ in range(count):
+            await self.stream.send_all(conn.send(self.request) + conn.send(h11.EndOfMessage()))
+            status = 0
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    conn.receive_data(await self.stream.receive_some(65536))
+                elif isinstance(event, h11.Response):
+                    status = event.status_code
+                elif isinstance(event, h11.EndOfMessage):
+                    break
+                elif isinstance(event, h11.ConnectionClosed):
+                    raise RuntimeError("the gateway closed a keep-alive connection")
+            if not 200 <= status < 300:
+                raise RuntimeError(f"the gateway answered {status}")
+            conn.start_next_cycle()
+
+
+Between = Callable[[], Awaitable[None]]
+
+
+async def drive(
+    port: int,
+    path: str,
+    headers: Sequence[tuple[str, str]],
+    connections: int,
+    rounds: Sequence[int],
+    between: Between | None = None,
+    after: Between | None = None,
 ) -> int:
-    """``each`` keep-alive GETs on each of ``connections`` connections, one at a time per
-    connection; every answer must be 2xx. Returns the number of requests answered."""
-    answered = 0
+    """Open ``connections`` keep-alive connections and send ``rounds[i]`` requests on
+    each in round i, awaiting ``between()`` after every round but the last and
+    ``after()`` after the last one, before the connections close; the same connections
+    serve every round. Returns the requests of the last round."""
     request = h11.Request(method="GET", target=path, headers=[("Host", f"{HOST}:{port}"), *headers])
-
-    async def one_connection() -> None:
-        nonlocal answered
-        stream = await trio.open_tcp_stream(HOST, port)
-        async with stream:
-            conn = h11.Connection(h11.CLIENT)
-            for _ in range(each):
-                await stream.send_all(conn.send(request) + conn.send(h11.EndOfMessage()))
-                status = 0
-                while True:
-                    event = conn.next_event()
-                    if event is h11.NEED_DATA:
-                        conn.receive_data(await stream.receive_some(65536))
-                    elif isinstance(event, h11.Response):
-                        status = event.status_code
-                    elif isinstance(event, h11.EndOfMessage):
-                        break
-                    elif isinstance(event, h11.ConnectionClosed):
-                        raise RuntimeError("the gateway closed a keep-alive connection")
-                if not 200 <= status < 300:
-                    raise RuntimeError(f"the gateway answered {status}")
-                answered += 1
-                conn.start_next_cycle()
-
-    async with trio.open_nursery() as nursery:
+    clients = []
+    try:
         for _ in range(connections):
-            nursery.start_soon(one_connection)
-    return answered
+            clients.append(_Client(await trio.open_tcp_stream(HOST, port), request))
+        for i, count in enumerate(rounds):
+            if i and between is not None:
+                await between()
+            async with trio.open_nursery() as nursery:
+                for client in clients:
+                    nursery.start_soon(client.requests, count)
+        if after is not None:
+            await after()
+    finally:
+        for client in clients:
+            await client.stream.aclose()
+    return connections * rounds[-1] if rounds else 0
 
 
-def _control(command: str, pid: int) -> None:
-    subprocess.run(
-        ["callgrind_control", command, str(pid)], check=True, capture_output=True, timeout=120
-    )
+_CONTROL_ERRORS = ("not detected", "No active callgrind runs", "Error")
+
+
+async def _control(command: str, pid: int) -> None:
+    """``callgrind_control COMMAND PID``, which exits 0 even when it found no run."""
+    try:
+        with trio.fail_after(CONTROL_TIMEOUT):
+            done = await trio.run_process(
+                ["callgrind_control", command, str(pid)],
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+    except trio.TooSlowError:
+        raise RuntimeError(
+            f"callgrind_control {command} got no answer in {CONTROL_TIMEOUT:g}s (it wakes "
+            "an idle process through ptrace: see kernel.yama.ptrace_scope)"
+        ) from None
+    out = (done.stdout + done.stderr).decode(errors="replace")
+    if done.returncode != 0 or any(e in out for e in _CONTROL_ERRORS):
+        raise RuntimeError(f"callgrind_control {command}: {out.strip()}")
 
 
 def count(
@@ -109,18 +154,23 @@ def count(
     """Run ``sc``'s gateway under callgrind and count its instructions per request."""
     assert sc.plan is not None
     port = free_port()
+
+    def no_redis() -> int:
+        raise RuntimeError("needs a redis-server, which this count does not start")
+
     env = Env(
         workdir=workdir,
         stub_port=stub_port,
         gateway_port=port,
         available_filters=filters,
-        redis_port=lambda: 0,
-        noop_pythonpath=lambda: "",
+        redis_port=no_redis,
+        noop_pythonpath=lambda: noop_distribution(workdir),
     )
     plan = sc.plan(env)
     missing = [n for n in plan.needs if n not in filters]
     if missing:
         raise RuntimeError(f"plugin {', '.join(missing)} not available")
+    path, headers = request_for(sc, plan)
     config = workdir / f"{sc.name}.toml"
     config.write_bytes(tomli_w.dumps(plan.config).encode())
     out = workdir / f"{sc.name}.callgrind"
@@ -135,19 +185,39 @@ def count(
         "-c",
         str(config),
     ]
-    gateway: Server = servers.start(sc.name, cmd, port, workdir, timeout=args.start_timeout)
+    gateway: Server = servers.start(
+        sc.name, cmd, port, workdir, env=plan.env, timeout=args.start_timeout
+    )
     try:
-        path = plan.path
-        trio.run(send_requests, port, path, plan.headers, args.connections, args.warmup)
-        _control("-z", gateway.pid)
-        sent = trio.run(send_requests, port, path, plan.headers, args.connections, args.requests)
-        _control("-d", gateway.pid)
-        dumps = sorted(workdir.glob(f"{out.name}.{gateway.pid}.*"), key=lambda p: p.stat().st_mtime)
+        pid = gateway.pid
+
+        async def zero() -> None:
+            await _control("-z", pid)
+
+        async def dump() -> None:
+            await _control("-d", pid)
+
+        # Zeroed after the warm-up, dumped before the connections close: the count is
+        # the counted requests and the gateway's idle waits between them, nothing else.
+        rounds = (args.warmup, args.requests)
+        sent = trio.run(drive, port, path, headers, args.connections, rounds, zero, dump)
+        dumps = sorted(workdir.glob(f"{out.name}.{pid}.*"), key=lambda p: p.stat().st_mtime)
         if not dumps:
             raise RuntimeError("callgrind wrote no dump")
         return Count(sc.name, sent, read_total(dumps[-1].read_text(errors="replace")))
     finally:
         gateway.stop()
+
+
+def countable(sc: Scenario) -> str | None:
+    """Why ``sc`` cannot be counted here, or None: one gateway process under load."""
+    if sc.target != "filtergate" or sc.plan is None:
+        return "not a filtergate scenario"
+    if sc.kind != "load":
+        return "not a load scenario"
+    if sc.workers != 1:
+        return "more than one worker (valgrind follows one process)"
+    return None
 
 
 #: The load targets that are ratios of two filtergate rows: (row, baseline row, bound).
@@ -180,48 +250,82 @@ def render(counts: Sequence[Count]) -> str:
     return "\n".join(lines)
 
 
+class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every option's default."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.instructions", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.instructions",
+        description=__doc__,
+        formatter_class=_Help,
+    )
     parser.add_argument(
         "--scenarios",
         default=",".join(DEFAULT_SCENARIOS),
-        help="comma-separated filtergate scenarios; the first is the baseline of the ratios",
+        help="comma-separated one-worker filtergate load scenarios (python -m benchmarks "
+        "--list); the first is the baseline of the ratios",
     )
-    parser.add_argument("--requests", type=int, default=60, help="per connection, counted")
-    parser.add_argument("--warmup", type=int, default=10, help="per connection, not counted")
-    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--requests", type=int, default=60, help="counted, per connection")
+    parser.add_argument(
+        "--warmup", type=int, default=10, help="per connection, before the counters are zeroed"
+    )
+    parser.add_argument(
+        "--connections", type=int, default=32, help="keep-alive connections, one request at a time"
+    )
     parser.add_argument("--start-timeout", type=float, default=120.0, help=argparse.SUPPRESS)
-    parser.add_argument("--output", type=Path, help="JSON file (default results/instructions-*)")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        help="JSON file; when None, benchmarks/results/instructions-<time>.json",
+    )
     args = parser.parse_args(argv)
-    missing = [t for t in ("valgrind", "callgrind_control") if shutil.which(t) is None]
-    if missing:
-        sys.stdout.write(f"instructions: skipped, {' and '.join(missing)} not installed\n")
-        return 0
     from engine.plugins import discover
 
     filters = frozenset(discover().filters)
     known = {s.name: s for s in all_scenarios(sorted(filters))}
     wanted = [n.strip() for n in args.scenarios.split(",") if n.strip()]
-    bad = [n for n in wanted if n not in known or known[n].target != "filtergate"]
+    bad = [
+        f"{n} ({why})" for n in wanted if (why := countable(known[n]) if n in known else "unknown")
+    ]
     if bad:
-        parser.error(f"not a filtergate scenario: {', '.join(bad)}")
+        parser.error(f"cannot count: {', '.join(bad)}")
+    missing = [t for t in ("valgrind", "callgrind_control") if shutil.which(t) is None]
+    if missing:
+        sys.stdout.write(f"instructions: skipped, {' and '.join(missing)} not installed\n")
+        return 0
     workdir = Path(tempfile.mkdtemp(prefix="filtergate-instructions-"))
-    stub = servers.start_rawstub(workdir, None)
     counts: list[Count] = []
+    failed: list[str] = []
     try:
-        for name in wanted:
-            sys.stderr.write(f"instructions: {name} under callgrind ...\n")
-            counts.append(count(known[name], workdir, stub.port, filters, args))
+        stub = servers.start_rawstub(workdir, None)
+        try:
+            for name in wanted:
+                sys.stderr.write(f"instructions: {name} under callgrind ...\n")
+                try:
+                    counts.append(count(known[name], workdir, stub.port, filters, args))
+                except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as e:
+                    failed.append(f"{name}: failed: {type(e).__name__}: {e}")
+        finally:
+            stub.stop()
+    except servers.StartError as e:
+        failed.append(f"the stub did not start: {e}")
     finally:
-        stub.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     sys.stdout.write(
         f"instructions per proxied request (callgrind, {args.connections} keep-alive "
         f"connections, {args.requests} counted requests each)\n\n{render(counts)}\n"
     )
+    for line in failed:
+        sys.stdout.write(line + "\n")
     RESULTS.mkdir(exist_ok=True)
     out = args.output or RESULTS / f"instructions-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    data = {"python": sys.version, "root": str(ROOT), "counts": [asdict(c) for c in counts]}
+    data = {
+        "python": sys.version,
+        "root": str(ROOT),
+        "counts": [asdict(c) for c in counts],
+        "failed": failed,
+    }
     out.write_text(json.dumps(data, indent=2))
     sys.stdout.write(f"results: {out}\n")
     return 0

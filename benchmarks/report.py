@@ -13,6 +13,9 @@ from benchmarks.jitter import window_tail
 
 MiB = 1024 * 1024
 
+#: The machine probes of a run: each probe's unit durations (``benchmarks/jitter.py``).
+Machine = Sequence[Sequence[float]]
+
 
 @dataclass
 class Result:
@@ -217,9 +220,9 @@ class Check:
         return "PASS" if ok else "FAIL"
 
 
-def check_targets(results: Sequence[Result], machine: Sequence[float] = ()) -> list[Check]:
+def check_targets(results: Sequence[Result], machine: Machine = ()) -> list[Check]:
     """The issue's targets, each a ratio or bound within this run; ``machine`` is the
-    machine probe's unit durations, set next to each tail check at the row's p50."""
+    machine probes' unit durations, set next to each tail check at the row's p50."""
     by = {r.name: r for r in results if r.ok}
 
     def rps(name: str) -> float | None:
@@ -284,7 +287,7 @@ def proxypy_check(filtergate: float | None, keepalive: float | None, close: floa
 MACHINE_WINDOWS_MS = (2, 5, 10, 40)
 
 
-def machine_tails(machine: Sequence[float]) -> dict[str, float]:
+def machine_tails(machine: Machine) -> dict[str, float]:
     """The machine probe's p99/p50 over windows of 2 to 40 ms of work, by window."""
     tails = {f"{ms} ms": window_tail(machine, ms / 1000) for ms in MACHINE_WINDOWS_MS}
     return {k: v for k, v in tails.items() if v is not None}
@@ -323,7 +326,7 @@ _FLOOR_AGAINST = (
 )
 
 
-def context(results: Sequence[Result], machine: Sequence[float] = ()) -> list[str]:
+def context(results: Sequence[Result], machine: Machine = ()) -> list[str]:
     """What the targets cannot show alone: the tail the machine adds by itself
     (``benchmarks/jitter.py``), and where the stack's floor (``benchmarks/floor.py``)
     sits between filtergate and proxy.py, i.e. how much of the proxy.py gap any gateway
@@ -331,10 +334,11 @@ def context(results: Sequence[Result], machine: Sequence[float] = ()) -> list[st
     lines = []
     tails = machine_tails(machine)
     if tails:
-        unit = statistics.median(machine) * 1e3
+        units = [u for run in machine for u in run]
+        unit = statistics.median(units) * 1e3
         over = ", ".join(f"{v:.2f} over {k}" for k, v in tails.items())
         lines.append(
-            f"machine alone: fixed work on the gateway's CPU ({len(machine):,} units of "
+            f"machine alone: fixed work on the gateway's CPU ({len(units):,} units of "
             f"{unit:.2f} ms, nothing else on that CPU) has p99 / p50 {over}; each tail "
             f"check's note gives it at the row's own p50"
         )
@@ -378,16 +382,18 @@ def to_json(
     results: Sequence[Result],
     meta: dict[str, Any],
     checks: Sequence[Check],
-    machine: Sequence[float] = (),
+    machine: Machine = (),
 ) -> str:
+    units = [u for run in machine for u in run]
     return json.dumps(
         {
             "meta": meta,
             "results": [asdict(r) for r in results],
             "targets": [{**asdict(c), "verdict": c.verdict} for c in checks],
             "machine": {
-                "units": len(machine),
-                "unit_ms": statistics.median(machine) * 1e3 if machine else None,
+                "probes": len(machine),
+                "units": len(units),
+                "unit_ms": statistics.median(units) * 1e3 if units else None,
                 "p99_p50": machine_tails(machine),
             },
             "context": context(results, machine),

@@ -52,7 +52,7 @@ class Bench:
         self.noop_path: str | None = None
         self.filters: frozenset[str] = frozenset()
         self.filter_error: str | None = None
-        self.machine: list[float] = []  # benchmarks.jitter's unit durations, every pass
+        self.machine: list[list[float]] = []  # benchmarks.jitter's units, one list a pass
 
     def probe_machine(self) -> None:
         """Time fixed work on the gateway's CPU, nothing else running there (the
@@ -62,7 +62,7 @@ class Bench:
             return
         progress(f"machine probe: {seconds:g}s of fixed work on the gateway's CPU ...")
         try:
-            self.machine += servers.probe_machine(seconds, self.cpus(GATEWAY_CPUS))
+            self.machine.append(servers.probe_machine(seconds, self.cpus(GATEWAY_CPUS)))
         except (OSError, ValueError, subprocess.SubprocessError) as exc:
             progress(f"    machine probe failed: {type(exc).__name__}: {exc}")
 
@@ -133,11 +133,7 @@ class Bench:
         self, sc: Scenario, result: Result
     ) -> Iterator[tuple[Server, str, list[tuple[str, str]]]]:
         assert self.stub is not None
-        headers: list[tuple[str, str]] = []
-        path = "/"
-        if sc.request == "browser":
-            headers += loadgen.BROWSER_HEADERS
-            path = "/api/v1/items?page=2&sort=desc"
+        path, headers = scenarios.request_for(sc)
         gateway_cpus = self.cpus(GATEWAY_CPUS if sc.workers == 1 else [0, 1])
         if sc.target == "direct":
             yield self.stub, path, headers
@@ -165,13 +161,15 @@ class Bench:
             else:
                 if sc.target == "proxypy-parsed":
                     start, plugin = servers.start_proxypy_parsed, servers.PROXYPY_PARSED_PLUGIN
+                    client = PROXYPY_PARSED_CLIENT
                 else:
                     start, plugin = (
                         servers.start_proxypy_keepalive,
                         servers.PROXYPY_KEEPALIVE_PLUGIN,
                     )
+                    client = PROXYPY_KEEPALIVE_CLIENT
                 server = start(self.workdir, self.stub.port, gateway_cpus)
-                result.extra["client"] = PROXYPY_KEEPALIVE_CLIENT
+                result.extra["client"] = client
                 result.extra["plugin"] = plugin
                 result.extra["proxypy_args"] = " ".join(servers.PROXYPY_KEEPALIVE_ARGS)
                 result.extra["writes"] = proxypy_keepalive_writes()
@@ -193,16 +191,9 @@ class Bench:
             missing = [n for n in plan.needs if n not in self.filters]
             if missing:
                 raise Skip(f"plugin {', '.join(missing)} not available")
-            if plan.path != "/" and sc.request == "bare":
-                path = plan.path
-            headers += plan.headers
-            extra_env = dict(plan.env)
-            if "PYTHONPATH" in extra_env:
-                extra_env["PYTHONPATH"] = os.pathsep.join(
-                    [extra_env["PYTHONPATH"], str(servers.ROOT)]
-                )
+            path, headers = scenarios.request_for(sc, plan)
             server = servers.start_gateway(
-                self.workdir, plan.config, port, gateway_cpus, name=sc.name, env=extra_env
+                self.workdir, plan.config, port, gateway_cpus, name=sc.name, env=plan.env
             )
             result.extra["filters"] = sorted(plan.config["routes"][0].get("plugins", {}))
         try:
@@ -300,6 +291,10 @@ PROXYPY_CLIENT = "Connection: close (its reverse-proxy route fails on keep-alive
 PROXYPY_KEEPALIVE_CLIENT = (
     "keep-alive; plugin keeps one upstream connection per client connection and relays "
     "the response bytes unparsed"
+)
+PROXYPY_PARSED_CLIENT = (
+    "keep-alive; plugin keeps one upstream connection per client connection, parses "
+    "every response with proxy.py's HttpParser and sends the response rebuilt from it"
 )
 
 
@@ -431,7 +426,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--duration", type=float, help="seconds per measured run (default 5, quick 2)"
     )
-    parser.add_argument("--warmup", type=float, help="seconds of unmeasured load first (default 1)")
+    parser.add_argument(
+        "--warmup", type=float, help="seconds of unmeasured load first (default 1, quick 0.5)"
+    )
     parser.add_argument(
         "--repeat", type=int, help="interleaved passes; median kept (default 3, quick 1)"
     )
@@ -456,7 +453,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     parser.add_argument("--idle", type=int, help="idle connections (default 10000, quick 2000)")
     parser.add_argument(
-        "--output", type=Path, help="JSON file (default benchmarks/results/<time>.json)"
+        "--output", type=Path, help="JSON file (default benchmarks/results/bench-<time>.json)"
     )
     args = parser.parse_args(argv)
     quick = args.quick

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmarks.loadgen import BROWSER_HEADERS
 from benchmarks.servers import HOST
 
 JWT_SECRET = "filtergate-bench-secret-0123456789abcdef"
@@ -66,6 +67,23 @@ class Scenario:
     workers: int = 1
     plan: Callable[[Env], GatewayPlan] | None = None
     quick: bool = False
+
+
+BROWSER_PATH = "/api/v1/items?page=2&sort=desc"
+
+
+def request_for(sc: Scenario, plan: GatewayPlan | None = None) -> tuple[str, list[tuple[str, str]]]:
+    """The path and headers of the load's request: the browser-like ones for a browser
+    request, and what the gateway plan asks for (its path for a bare request, the
+    headers its filters need)."""
+    path, headers = "/", []
+    if sc.request == "browser":
+        path, headers = BROWSER_PATH, list(BROWSER_HEADERS)
+    if plan is not None:
+        if plan.path != "/" and sc.request == "bare":
+            path = plan.path
+        headers += plan.headers
+    return path, headers
 
 
 def base_config(env: Env, port: int, workers: int = 1) -> dict[str, Any]:

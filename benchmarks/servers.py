@@ -84,12 +84,13 @@ class Server:
 
 
 def _env(env: Mapping[str, str] | None) -> dict[str, str]:
-    """This environment, with the repository first on PYTHONPATH and ``env`` on top."""
+    """This environment with ``env`` on top; PYTHONPATH is ``env``'s, then the
+    repository, then this environment's."""
     full_env = dict(os.environ)
-    full_env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(ROOT), full_env.get("PYTHONPATH", "")) if p
-    )
-    full_env.update(env or {})
+    extra = dict(env or {})
+    paths = (extra.pop("PYTHONPATH", ""), str(ROOT), full_env.get("PYTHONPATH", ""))
+    full_env.update(extra)
+    full_env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     return full_env
 
 

@@ -109,21 +109,28 @@ def test_tail_target_takes_the_median_of_the_repeats() -> None:
 
 def test_window_tail_is_p99_over_p50_of_consecutive_work() -> None:
     steady = [0.001] * 2_000
-    assert jitter.window_tail(steady, 0.01) == pytest.approx(1.0)
+    assert jitter.window_tail([steady], 0.01) == pytest.approx(1.0)
     # Every 1,000 units, a stretch of 20 units runs 5x slower.
     bursty = ([0.005] * 20 + [0.001] * 980) * 10
-    assert jitter.window_tail(bursty, 0.001) == pytest.approx(5.0)  # 2% of units are slow
+    assert jitter.window_tail([bursty], 0.001) == pytest.approx(5.0)  # 2% of units are slow
     # 11 of every 1,000 windows of 10 units fall wholly inside a stretch: still over 1%.
-    assert jitter.window_tail(bursty, 0.01) == pytest.approx(5.0)
+    assert jitter.window_tail([bursty], 0.01) == pytest.approx(5.0)
     # 100-unit windows dilute a 20-unit stretch: (20 * 5 + 80) / 100.
-    assert jitter.window_tail(bursty, 0.1) == pytest.approx(1.8)
-    assert jitter.window_tail(steady[:150], 0.1) is None  # fewer than 100 windows
+    assert jitter.window_tail([bursty], 0.1) == pytest.approx(1.8)
+    # Fewer units than 100 disjoint windows need: no p99 to speak of.
+    assert jitter.window_tail([steady], 0.1) is None
     assert jitter.window_tail([], 0.01) is None
+    # Windows stay within a probe. Two steady probes 5x apart: 10-unit windows are
+    # 10 ms or 50 ms, the slow ones one more than half, so p50 = p99 = 50 ms. Windows
+    # across the seam would put values in between at the median.
+    fast, slow = [0.001] * 2_000, [0.005] * 2_001
+    assert jitter.window_tail([fast, slow], 0.05) == pytest.approx(1.0)
+    assert (jitter.window_tail([fast + slow], 0.05) or 0.0) > 1.0
 
 
 def test_machine_probe_sits_next_to_the_tail_checks_and_in_the_json() -> None:
     row = load_row("filtergate", "filtergate", 6_000.0)  # p50 1 ms
-    machine = ([0.0005] * 2 + [0.0001] * 98) * 20  # 0.1 ms units, slow 2% of the time
+    machine = [([0.0005] * 2 + [0.0001] * 98) * 20]  # 0.1 ms units, 2% slow; one probe
     check = next(
         c for c in report.check_targets([row], machine) if c.name == row.name + " p99 / p50"
     )
@@ -134,6 +141,7 @@ def test_machine_probe_sits_next_to_the_tail_checks_and_in_the_json() -> None:
     assert "1.40 over 2 ms" in line  # 20 units: (2 * 0.5 + 18 * 0.1) / 2.0
     assert report.context([row]) == []
     data = json.loads(report.to_json([row], {}, [check], machine))
+    assert data["machine"]["probes"] == 1
     assert data["machine"]["units"] == 2_000
     assert data["machine"]["p99_p50"]["2 ms"] == pytest.approx(1.4)
     assert data["context"] == [line]
@@ -328,6 +336,11 @@ def test_proxypy_keepalive_plugins_serve_two_requests_on_one_connection(
                     _get_ok(sock, path)
                     # One upstream connection for the client connection, kept open.
                     assert _established_to(stub.port) in (1, None)
+                # A body that arrives in many reads comes through whole.
+                sock.sendall(f"GET /bytes/300000 HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+                head, body = _read_one(sock)
+                assert head.startswith(b"HTTP/1.1 200 ")
+                assert body == bytes(300_000)
         finally:
             proxy.stop()
     finally:
@@ -449,6 +462,34 @@ def test_instruction_counts_are_read_from_the_dump_and_set_against_the_targets()
     assert "routes-10000" not in table  # a pair not measured is not shown
 
 
+def test_instructions_count_only_one_worker_load_scenarios() -> None:
+    from benchmarks import instructions
+
+    known = {s.name: s for s in scenarios.all_scenarios(["jwt-auth", "rate-limit"])}
+    for name in ("filtergate", "full-chain", "full-chain-browser", "noop-10", "routes-10000"):
+        assert instructions.countable(known[name]) is None, name
+    assert instructions.countable(known["filtergate-2w"]) == (
+        "more than one worker (valgrind follows one process)"
+    )
+    assert instructions.countable(known["bodies"]) == "not a load scenario"
+    assert instructions.countable(known["nginx"]) == "not a filtergate scenario"
+    with pytest.raises(SystemExit) as refused:
+        instructions.main(["--scenarios", "filtergate,filtergate-2w,nope"])
+    assert refused.value.code == 2
+
+
+def test_a_failed_machine_probe_is_reported_and_the_run_goes_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from benchmarks import run
+
+    bench = run.Bench(run.parse_args(["--machine-probe", "0.1"]), tmp_path)
+    bench.cpus = lambda which: [4096]  # type: ignore[method-assign]  # no such CPU
+    bench.probe_machine()
+    assert bench.machine == []
+    assert "machine probe failed: CalledProcessError" in capsys.readouterr().err
+
+
 @pytest.mark.timeout(60)
 def test_instruction_client_sends_keepalive_requests_through_a_gateway(tmp_path: Path) -> None:
     from benchmarks import instructions
@@ -464,11 +505,26 @@ def test_instruction_client_sends_keepalive_requests_through_a_gateway(tmp_path:
         }
         gateway = servers.start_gateway(tmp_path, config, port, None)
         try:
-            sent = trio.run(instructions.send_requests, port, "/", [("X-Bench", "1")], 3, 4)
-            assert sent == 12
+            calls: list[str] = []
+
+            async def mark(what: str) -> None:
+                calls.append(what)
+
+            sent = trio.run(
+                instructions.drive,
+                port,
+                "/",
+                [("X-Bench", "1")],
+                3,
+                (2, 4),
+                partial(mark, "between"),
+                partial(mark, "after"),
+            )
+            assert sent == 12  # the last round's requests
+            assert calls == ["between", "after"]
             # A non-2xx answer stops the count: an encoded slash is refused (400).
             with pytest.raises(BaseExceptionGroup) as refused:
-                trio.run(instructions.send_requests, port, "/a%2Fb", [], 1, 1)
+                trio.run(instructions.drive, port, "/a%2Fb", [], 1, (1,))
             assert refused.group_contains(RuntimeError, match="answered 400")
         finally:
             gateway.stop()
