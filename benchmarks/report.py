@@ -339,7 +339,8 @@ def context(results: Sequence[Result], machine: Machine = ()) -> list[str]:
         over = ", ".join(f"{v:.2f} over {k}" for k, v in tails.items())
         lines.append(
             f"machine alone: fixed work on the gateway's CPU ({len(units):,} units of "
-            f"{unit:.2f} ms, nothing else on that CPU) has p99 / p50 {over}; each tail "
+            f"{unit:.2f} ms, nothing else on that CPU, the load on the stub beside it) has "
+            f"p99 / p50 {over}; each tail "
             f"check's note gives it at the row's own p50"
         )
     by = {r.name: r for r in results if r.ok}

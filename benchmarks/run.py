@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -55,16 +56,33 @@ class Bench:
         self.machine: list[list[float]] = []  # benchmarks.jitter's units, one list a pass
 
     def probe_machine(self) -> None:
-        """Time fixed work on the gateway's CPU, nothing else running there (the
-        tail the machine adds by itself; see ``benchmarks/jitter.py``)."""
+        """Time fixed work on the gateway's CPU, nothing else running there, while the
+        load drives the stub directly on the other CPU as during the rows (the tail
+        the machine adds by itself; see ``benchmarks/jitter.py``)."""
         seconds = self.args.machine_probe
         if seconds <= 0:
             return
         progress(f"machine probe: {seconds:g}s of fixed work on the gateway's CPU ...")
+        neighbour = None
+        if self.stub is not None:
+            port = self.stub.port
+            neighbour = threading.Thread(
+                target=self._neighbour_load, args=(port, seconds + 1.0), daemon=True
+            )
+            neighbour.start()
         try:
             self.machine.append(servers.probe_machine(seconds, self.cpus(GATEWAY_CPUS)))
         except (OSError, ValueError, subprocess.SubprocessError) as exc:
             progress(f"    machine probe failed: {type(exc).__name__}: {exc}")
+        finally:
+            if neighbour is not None:
+                neighbour.join()
+
+    def _neighbour_load(self, port: int, seconds: float) -> None:
+        try:
+            self.load(port, "/", [], 32, seconds)
+        except (OSError, ValueError, RuntimeError, subprocess.SubprocessError) as exc:
+            progress(f"    machine probe: no load beside it ({type(exc).__name__}: {exc})")
 
     def cpus(self, which: list[int]) -> list[int] | None:
         return which if self.pin else None
