@@ -26,10 +26,10 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import h11
-import tomli_w
 import trio
 
 from benchmarks import servers
@@ -171,32 +171,28 @@ def count(
     if missing:
         raise RuntimeError(f"plugin {', '.join(missing)} not available")
     path, headers = request_for(sc, plan)
-    config = workdir / f"{sc.name}.toml"
-    config.write_bytes(tomli_w.dumps(plan.config).encode())
     out = workdir / f"{sc.name}.callgrind"
-    cmd = [
+    under_valgrind = [
         "valgrind",
         "--tool=callgrind",
         f"--callgrind-out-file={out}.%p",
         sys.executable,
         "-m",
         "engine.cli",
-        "run",
-        "-c",
-        str(config),
     ]
-    gateway: Server = servers.start(
-        sc.name, cmd, port, workdir, env=plan.env, timeout=args.start_timeout
+    gateway: Server = servers.start_gateway(
+        workdir,
+        plan.config,
+        port,
+        None,
+        name=sc.name,
+        env=plan.env,
+        command=under_valgrind,
+        timeout=args.start_timeout,
     )
     try:
         pid = gateway.pid
-
-        async def zero() -> None:
-            await _control("-z", pid)
-
-        async def dump() -> None:
-            await _control("-d", pid)
-
+        zero, dump = partial(_control, "-z", pid), partial(_control, "-d", pid)
         # Zeroed after the warm-up, dumped before the connections close: the count is
         # the counted requests and the gateway's idle waits between them, nothing else.
         rounds = (args.warmup, args.requests)

@@ -347,9 +347,12 @@ def start_gateway(
     cpus: Iterable[int] | None,
     name: str = "filtergate",
     env: Mapping[str, str] | None = None,
+    command: Sequence[str] | None = None,
+    timeout: float = 30.0,
 ) -> Server:
-    """Write ``config`` as gateway.toml and run ``filtergate run -c FILE``."""
+    """Write ``config`` as gateway.toml and run ``filtergate run -c FILE`` (``command``
+    in place of ``filtergate``, e.g. under valgrind)."""
     path = workdir / f"{name}.toml"
     path.write_bytes(tomli_w.dumps(config).encode())
-    cmd = [*gateway_command(), "run", "-c", str(path)]
-    return start(name, cmd, port, workdir, cpus, env=env, timeout=30.0)
+    cmd = [*(command or gateway_command()), "run", "-c", str(path)]
+    return start(name, cmd, port, workdir, cpus, env=env, timeout=timeout)
