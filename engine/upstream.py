@@ -10,6 +10,9 @@ the gateway's types where they enter:
   call moves to another target (only connect failures: a request that may have reached
   a server is never replayed); all targets failing -> :class:`UpstreamUnreachable` (502),
   or :class:`UpstreamTimeout` (504) when they all timed out;
+* a pooled connection the server had closed -> the call goes again on a new connection
+  to the same target, once, when the request did not reach the server whole or is safe
+  to repeat (:func:`replayable`); otherwise :class:`UpstreamReset` (502);
 * no available target -> :class:`NoHealthyTarget` (503);
 * no response head within ``read_timeout`` or the call over its total ``timeout`` ->
   :class:`UpstreamTimeout` (504); garbage -> :class:`BadGateway` (502).
@@ -445,7 +448,9 @@ class Pool:
                         got_bytes = True
                     elif not got_bytes:
                         self._discard(conn)
-                        if reused and not call.body_started:
+                        # The whole request went out: the server may have acted on it
+                        # before closing, so only a call safe to repeat goes again.
+                        if reused and not call.body_started and replayable(call):
                             raise _StaleConnection()
                         raise UpstreamReset(
                             f"upstream {self.name!r} closed the connection without answering"
@@ -607,7 +612,21 @@ class Pool:
 
 
 class _StaleConnection(Exception):
-    pass
+    """A reused connection that the server had closed: the call can go again on a new one.
+
+    Raised when writing the request failed (it did not reach the server whole), or when
+    the server closed without a byte of a response to a :func:`replayable` call.
+    """
+
+
+def replayable(call: UpstreamCall) -> bool:
+    """Whether ``call`` may be sent again after the server may have received it.
+
+    RFC 9110 9.2.2: a proxy must not retry a non-idempotent request on its own. An
+    idempotent method is safe to repeat, and so is a request carrying an
+    ``Idempotency-Key`` (the client made it so); a POST or PATCH without one is not.
+    """
+    return call.method in IDEMPOTENT or call.headers.get(b"idempotency-key") is not None
 
 
 _END: Any = object()

@@ -10,7 +10,14 @@ from typing import Any
 import trio
 
 from engine.testing import Stubs, http_request, open_gateway, raw_exchange
-from tests.upstreams import open_counting_upstream, open_refusing_upstream
+from tests.upstreams import (
+    Upstream,
+    UpstreamConn,
+    open_counting_upstream,
+    open_refusing_upstream,
+    response_head,
+    serve_upstream,
+)
 
 
 def _config(targets: list[Any], **upstream: Any) -> dict[str, Any]:
@@ -207,3 +214,81 @@ async def test_a_passing_health_check_ends_an_outlier_ejection_early(
             snap = await _admin(gw.admin_port, "/upstreams")
             flaky = next(t for t in snap["up"]["targets"] if t["address"] == stubs.target("flaky"))
             assert flaky["available"]
+
+
+# -- a pooled connection the server closed --------------------------------------------
+
+
+def _drops_second_request() -> Any:
+    """An upstream answering the first request of each connection; on the second it
+    reads the request whole, then closes without a byte of an answer (it crashed, or
+    its idle timeout fired as the request arrived: the gateway cannot tell which)."""
+
+    async def handler(conn: UpstreamConn) -> None:
+        for turn in range(2):
+            got = await conn.read_request()
+            if got is None or turn == 1:
+                return
+            rec, _body = got
+            body = f"{rec.method.decode()} {conn.upstream.connections}".encode()
+            await conn.send(response_head(200, content_length=len(body)) + body)
+
+    return serve_upstream(handler)
+
+
+async def _second_request(
+    method: str, headers: list[tuple[str, str]] | None = None
+) -> tuple[Any, Upstream]:
+    """Prime the pool with one request, then send ``method`` without a body (a streamed
+    body is never sent twice); its response, and the upstream."""
+    async with _drops_second_request() as up, open_gateway(_config([up.target])) as gw:
+        assert (await http_request(gw.port, "GET", "/prime")).status == 200
+        resp = await http_request(gw.port, method, "/x", headers or [])
+        return resp, up
+
+
+async def test_idempotent_call_on_a_dropped_pooled_connection_goes_again() -> None:
+    with trio.fail_after(10):
+        resp, up = await _second_request("DELETE")
+    assert resp.status == 200
+    assert resp.body == b"DELETE 2"  # answered on a second, new connection
+    assert [r.method for r in up.requests] == [b"GET", b"DELETE", b"DELETE"]
+
+
+async def test_post_on_a_dropped_pooled_connection_is_not_sent_twice() -> None:
+    # RFC 9110 9.2.2: the upstream may have acted on it before closing.
+    with trio.fail_after(10):
+        resp, up = await _second_request("POST")
+    assert resp.status == 502
+    assert resp.json()["error"]["code"] == "upstream_reset"
+    assert [r.method for r in up.requests] == [b"GET", b"POST"]
+    assert up.connections == 1
+
+
+async def test_post_with_an_idempotency_key_goes_again() -> None:
+    with trio.fail_after(10):
+        resp, up = await _second_request("POST", [("Idempotency-Key", "order-7")])
+    assert resp.status == 200
+    assert [r.method for r in up.requests] == [b"GET", b"POST", b"POST"]
+
+
+async def test_post_after_the_upstream_closed_an_idle_connection_is_sent_once() -> None:
+    # The common stale case: the server closed the idle connection before the call. The
+    # pool sees it closed before writing, so even a POST goes out once, on a new one.
+    closed = trio.Event()
+
+    async def handler(conn: UpstreamConn) -> None:
+        got = await conn.read_request()
+        if got is not None:
+            await conn.send(response_head(200, content_length=2) + b"ok")
+        await conn.stream.aclose()  # on loopback, the FIN is there when this returns
+        closed.set()
+
+    with trio.fail_after(10):
+        async with serve_upstream(handler) as up, open_gateway(_config([up.target])) as gw:
+            assert (await http_request(gw.port, "GET", "/prime")).status == 200
+            await closed.wait()
+            resp = await http_request(gw.port, "POST", "/x", body=b"pay 10")
+    assert resp.status == 200
+    assert [r.method for r in up.requests] == [b"GET", b"POST"]
+    assert up.connections == 2
