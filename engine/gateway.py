@@ -25,6 +25,7 @@ from engine.chain import Chain, FilterContext, compile_chain, wrap_upstream
 from engine.config import Config, RouteConfig
 from engine.errors import BadGateway
 from engine.exchange import Exchange, Response, UpstreamCall
+from engine.metrics import BoundHistogram
 from engine.plugins import Registry
 from engine.router import Router
 from engine.schema import ConfigError, Invalid, build
@@ -49,6 +50,9 @@ class RouteRuntime:
     timeout: float | None
     host_header: bytes | None
     pools: dict[str, Pool]
+    # The request-duration series of this route by status class (index status // 100),
+    # bound on first use: a class that never occurs renders nothing.
+    latency: list[BoundHistogram | None] = field(default_factory=lambda: [None] * 10)
 
     async def send_proxied(self, call: UpstreamCall) -> Response:
         """The proxied call's last step, under the route's around filters: the pool the

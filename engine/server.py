@@ -53,7 +53,7 @@ from engine.exchange import (
     UpstreamCall,
 )
 from engine.gateway import RouteRuntime, Runtime
-from engine.metrics import counter, gauge
+from engine.metrics import BoundHistogram, counter, gauge, histogram
 from engine.sockets import RawSocket, StreamSocket, accept_backoff
 from engine.upstream import _END, UpstreamBodyError, _UpstreamBody, open_connection
 from engine.wire import BodyReader, ChunkedReader, ContentLengthReader, ProtocolError, Reader
@@ -90,8 +90,26 @@ _REQ_SPECIAL = {name: 1 for name in _HOP_BY_HOP} | {
 
 _responses = counter("filtergate_responses_total", "Responses sent, by status class", ("code",))
 _RESPONSES = [_responses.bind(code=f"{c}xx") for c in range(10)]
+#: Seconds, from a parsed request head to the last byte of its response.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_duration = histogram(
+    "filtergate_request_duration_seconds",
+    "Time from a request's head to the last byte of its response, by route and status class "
+    '(route "" when no route matched).',
+    ("route", "code"),
+    LATENCY_BUCKETS,
+)
+_UNROUTED: list[BoundHistogram | None] = [None] * 10
 _OWN_RESPONSE_FIELDS = frozenset({b"content-length", b"transfer-encoding", b"connection"})
 _open_connections = gauge("filtergate_open_connections", "Client connections open")
+
+
+def _bind_duration(route: RouteRuntime | None, cls: int) -> BoundHistogram:
+    """The duration series of ``route`` (None: no route matched) and a status class."""
+    latency = route.latency if route is not None else _UNROUTED
+    name = route.config.name if route is not None else ""
+    series = latency[cls] = _duration.bind(route=name, code=f"{cls}xx")
+    return series
 
 
 class _Abort(Exception):
@@ -754,9 +772,15 @@ class _Connection:
                 internal.phases_left = e.phases_left  # type: ignore[attr-defined]
             answer = await self._error_response(internal, exchange, route, request_id)
         await self._send_response(answer, request_id, req.method)
+        end = trio.current_time()
+        cls = answer.status // 100
+        series = (route.latency if route is not None else _UNROUTED)[cls]
+        if series is None:
+            series = _bind_duration(route, cls)
+        series.observe(end - start)
         if exchange is not None:
             exchange.response = answer
-            exchange.timings.end = trio.current_time()
+            exchange.timings.end = end
             if route is not None and route.chain.log:
                 await run_log_phases(route.chain, exchange)
 

@@ -42,3 +42,40 @@ async def test_admin_endpoints(stubs: Stubs) -> None:
             assert (await http_request(port, "GET", "/nope")).status == 404
             await gw.gateway.shutdown(grace=0)
             assert (await http_request(port, "GET", "/readyz")).status == 503
+
+
+def _series(metrics: str, prefix: str) -> dict[str, float]:
+    """The samples of ``metrics`` whose line starts with ``prefix``, by the rest of it."""
+    out = {}
+    for line in metrics.splitlines():
+        if line.startswith(prefix):
+            rest, _, value = line[len(prefix) :].rpartition(" ")
+            out[rest] = float(value)
+    return out
+
+
+async def test_request_durations_by_route_and_status_class(
+    stubs: Stubs, autojump_clock: object
+) -> None:
+    config = {
+        "upstreams": {"slow": {"targets": [stubs.target("slow")]}},
+        "routes": [{"name": "timed-route", "prefix": "/slow", "upstream": "slow"}],
+    }
+    with trio.fail_after(30):
+        async with open_gateway(config) as gw:
+            for _ in range(2):
+                assert (await http_request(gw.port, "GET", "/slow?delay=0.3")).status == 200
+            assert (await http_request(gw.port, "GET", "/nowhere")).status == 404
+            assert gw.admin_port is not None
+            metrics = (await http_request(gw.admin_port, "GET", "/metrics")).body.decode()
+    assert "# TYPE filtergate_request_duration_seconds histogram" in metrics
+    name = "filtergate_request_duration_seconds"
+    ok = _series(metrics, f'{name}_bucket{{route="timed-route",code="2xx",')
+    # 0.3 s of the stub's (virtual) time: above the 0.25 s bucket, within 0.5 s.
+    assert ok['le="0.25"}'] == 0
+    assert ok['le="0.5"}'] == ok['le="+Inf"}'] == 2
+    assert _series(metrics, f'{name}_count{{route="timed-route",code="2xx"}}') == {"": 2}
+    (total,) = _series(metrics, f'{name}_sum{{route="timed-route",code="2xx"}}').values()
+    assert 0.6 <= total < 0.7
+    assert _series(metrics, f'{name}_count{{route="",code="4xx"}}')[""] >= 1
+    assert 'route="timed-route",code="4xx"' not in metrics  # no such response: no series
