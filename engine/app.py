@@ -95,6 +95,8 @@ class Gateway:
         for pool in runtime.pools.values():
             if pool.config.health_check is not None:
                 wanted[id(pool)] = pool.serve_health_checks
+        if runtime.access_log is not None:
+            wanted[id(runtime.access_log)] = runtime.access_log.serve
         for key in list(self._scopes):
             if key not in wanted:
                 self._scopes.pop(key).cancel()

@@ -52,6 +52,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     except (ConfigError, PluginError) as e:
         return _config_error(e, args.config)
     print(f"{args.config}: ok, {len(runtime.routes)} routes, {len(runtime.pools)} upstreams")
+    access = config.access_log
+    if access.path is not None:
+        where = "standard output" if access.path == "-" else access.path
+        print(f"  access log: {where} ({access.format})")
     for r in runtime.routes:
         rc = r.config
         match = rc.path if rc.path is not None else f"{rc.pattern}*"

@@ -9,6 +9,7 @@ the key path in its error. Each default says why it is what it is. Cross-referen
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -111,6 +112,29 @@ class ServerConfig:
             raise Invalid("max_header_count", "must be at least 1")
         if self.max_head_size < 1024:
             raise Invalid("max_head_size", "must be at least 1KiB")
+
+
+@dataclass(frozen=True)
+class AccessLogConfig:
+    """``[access_log]``: see :mod:`engine.accesslog`."""
+
+    # None: no access log. "-" is standard output (containers collect it from there).
+    path: str | None = None
+    # JSON names every field for log pipelines; "combined" is for tools that read nginx's.
+    format: Literal["json", "combined"] = "json"
+    # nginx's access_log buffer= and flush= defaults are 64k and "when full".
+    buffer: ByteSize = ByteSize(64 * 1024)
+    flush: Duration = Duration(1.0)
+
+    def __post_init__(self) -> None:
+        if self.path is not None and self.path != "-":
+            folder = os.path.dirname(os.path.abspath(self.path))
+            if not os.path.isdir(folder):
+                raise Invalid("path", f"no such directory: {folder}")
+            if not os.access(folder, os.W_OK | os.X_OK) and not os.access(self.path, os.W_OK):
+                raise Invalid("path", f"cannot write to {self.path}")
+        if self.flush <= 0:
+            raise Invalid("flush", "must be positive")
 
 
 @dataclass(frozen=True)
@@ -299,6 +323,7 @@ class DiscoveryConfig:
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
+    access_log: AccessLogConfig = field(default_factory=AccessLogConfig)
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
     upstreams: dict[str, UpstreamConfig] = field(default_factory=dict)
     routes: list[RouteConfig] = field(default_factory=list)

@@ -336,7 +336,7 @@ class Exchange:
     response: Response | None = None
     error: Exception | None = None
     upstream_target: str | None = None
-    bytes_sent: int = 0
+    bytes_sent: int = 0  # of the response to the client, head included (set before on_log)
     caller: Callable[[Exchange, UpstreamCall], Awaitable[Response]] | None = None
 
     async def call_upstream(self, call: UpstreamCall) -> Response:

@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.accesslog import AccessLog
 from engine.chain import Chain, FilterContext, compile_chain, wrap_upstream
 from engine.config import Config, RouteConfig
 from engine.errors import BadGateway
@@ -93,6 +94,7 @@ class Runtime:
     via_header: bytes = b""
     any_absolute_form: bool = False
     rid_header: bytes = b""
+    access_log: AccessLog | None = None
     _trusted_cache: dict[str, bool] = field(default_factory=dict)
 
     def is_trusted(self, address: str) -> bool:
@@ -267,7 +269,18 @@ def compile_runtime(config: Config, registry: Registry, previous: Runtime | None
         via_header=b"1.1 " + config.server.via.encode(),
         any_absolute_form=any(r.allow_absolute_form for r in config.routes),
         rid_header=config.server.request_id_header.lower().encode(),
+        access_log=_access_log(config, previous),
     )
+
+
+def _access_log(config: Config, previous: Runtime | None) -> AccessLog | None:
+    """The access log of ``config``: the previous one when its config did not change."""
+    if config.access_log.path is None:
+        return None
+    old = previous.access_log if previous is not None else None
+    if old is not None and old.config == config.access_log:
+        return old
+    return AccessLog(config.access_log)
 
 
 def _find_instance(

@@ -335,6 +335,7 @@ class _PrefixedBody:
 class _Connection:
     __slots__ = (
         "body_reader",
+        "bytes_out",
         "expect_100",
         "first",
         "framing_broken",
@@ -370,6 +371,7 @@ class _Connection:
         self.framing_broken = False
         self.http11 = True
         self.keep_alive = True
+        self.bytes_out = 0  # written to the client on this connection, heads included
 
     async def send_raw(self, data: bytes | None) -> None:
         if not data:
@@ -379,6 +381,7 @@ class _Connection:
             await self.io.send_all(data, timeout)
         except (trio.TooSlowError, OSError):
             raise _Abort() from None
+        self.bytes_out += len(data)
 
     async def run(self) -> None:
         server = self.server
@@ -498,11 +501,15 @@ class _Connection:
         head.append(b"x-request-id: " + request_id.encode() + b"\r\n")
         head.append(b"connection: close\r\n\r\n")
         _RESPONSES[status // 100].inc()
+        data = b"".join(head) + body
         try:
-            await self.send_raw(b"".join(head) + body)
+            await self.send_raw(data)
         except _Abort:
             pass
         self.framing_broken = True
+        access = self.server.runtime.access_log
+        if access is not None:  # no request could be read: its line is "-"
+            access.record(self.peer[0], None, None, status, request_id, 0.0, len(data))
 
     # -- the request cycle -------------------------------------------------------------
 
@@ -771,6 +778,7 @@ class _Connection:
             if hasattr(e, "phases_left"):
                 internal.phases_left = e.phases_left  # type: ignore[attr-defined]
             answer = await self._error_response(internal, exchange, route, request_id)
+        sent_before = self.bytes_out
         await self._send_response(answer, request_id, req.method)
         end = trio.current_time()
         cls = answer.status // 100
@@ -778,9 +786,15 @@ class _Connection:
         if series is None:
             series = _bind_duration(route, cls)
         series.observe(end - start)
+        access = rt.access_log
+        if access is not None:
+            client = exchange.request.client if exchange is not None else self.peer[0]
+            sent = self.bytes_out - sent_before
+            access.record(client, req, exchange, answer.status, request_id, end - start, sent)
         if exchange is not None:
             exchange.response = answer
             exchange.timings.end = end
+            exchange.bytes_sent = self.bytes_out - sent_before
             if route is not None and route.chain.log:
                 await run_log_phases(route.chain, exchange)
 

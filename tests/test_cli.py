@@ -49,6 +49,15 @@ def test_check_accepts_the_default_config() -> None:
     assert "chain:" in r.stdout
 
 
+def test_check_shows_the_access_log(tmp_path: Path) -> None:
+    config = _config(_free_port(), "127.0.0.1:1")
+    config["access_log"] = {"path": str(tmp_path / "access.log"), "format": "combined"}
+    r = _run("check", "-c", str(_write(tmp_path / "g.toml", config)))
+    assert r.returncode == 0, r.stderr
+    assert f"access log: {tmp_path / 'access.log'} (combined)" in r.stdout
+    assert not (tmp_path / "access.log").exists()  # checking opens nothing
+
+
 def test_check_names_the_key_path_and_exits_2(tmp_path: Path) -> None:
     bad = {
         "upstreams": {"orders": {"targets": ["127.0.0.1:1"]}},
@@ -61,6 +70,7 @@ def test_check_names_the_key_path_and_exits_2(tmp_path: Path) -> None:
         "server.head_timeout": {"server": {"head_timeout": "soon"}},
         "server.bogus": {"server": {"bogus": 1}},
         "upstreams.u.targets[0]": {"upstreams": {"u": {"targets": ["no-port"]}}},
+        "access_log.path": {"access_log": {"path": str(tmp_path / "none" / "access.log")}},
     }
     for path, config in cases.items():
         r = _run("check", "-c", str(_write(tmp_path / "c.toml", config)))

@@ -1,0 +1,140 @@
+"""The access log: a line per response, JSON or combined, batched, rotated, never in the way.
+
+Every test runs a gateway in front of a real upstream and reads the file it wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from engine.config import load
+from engine.metrics import counter
+from engine.schema import ConfigError
+from engine.testing import Stubs, http_request, open_gateway, raw_exchange
+
+
+def _config(stubs: Stubs, **access_log: Any) -> dict[str, Any]:
+    return {
+        "access_log": access_log,
+        "upstreams": {"echo": {"targets": [stubs.target("echo")]}},
+        "routes": [{"name": "echo", "prefix": "/echo", "upstream": "echo"}],
+    }
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+async def test_json_lines_say_what_happened(stubs: Stubs, tmp_path: Path) -> None:
+    path = tmp_path / "access.log"
+    headers = [("User-Agent", 'curl/8 "quoted"'), ("Referer", "https://example.com/")]
+    with trio.fail_after(20):
+        async with open_gateway(_config(stubs, path=str(path))) as gw:
+            raw = await raw_exchange(
+                gw.port, b"GET /echo/a?q=1 HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+            )
+            ok = await http_request(gw.port, "GET", "/echo/b", headers)
+            missing = await http_request(gw.port, "POST", "/nowhere", body=b"x")
+            assert _lines(path) == []  # batched: nothing written while under the buffer
+    assert (ok.status, missing.status) == (200, 404)
+    first, second, third = (json.loads(line) for line in _lines(path))
+    assert first["method"] == "GET"
+    assert first["target"] == "/echo/a?q=1"
+    assert first["protocol"] == "HTTP/1.1"
+    assert first["status"] == 200
+    assert first["bytes_sent"] == len(raw)  # head and body, as the client received them
+    assert first["client"] == "127.0.0.1"
+    assert first["route"] == "echo"
+    assert first["upstream"] == stubs.target("echo")
+    assert first["duration_ms"] >= first["upstream_ms"] > 0
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", first["time"])
+    assert second["user_agent"] == 'curl/8 "quoted"'
+    assert second["referer"] == "https://example.com/"
+    assert second["request_id"] == ok.header("x-request-id")
+    assert third["status"] == 404
+    assert [third[k] for k in ("route", "upstream", "upstream_ms")] == [None, None, None]
+
+
+async def test_combined_format_and_a_malformed_request(stubs: Stubs, tmp_path: Path) -> None:
+    path = tmp_path / "access.log"
+    with trio.fail_after(20):
+        async with open_gateway(_config(stubs, path=str(path), format="combined")) as gw:
+            await http_request(gw.port, "GET", "/echo/c", [("User-Agent", 'a "b" \\c')])
+            garbage = await raw_exchange(gw.port, b"NOT HTTP AT ALL\r\n\r\n")
+    assert garbage.startswith(b"HTTP/1.1 400 ")
+    good, bad = _lines(path)
+    stamp = r"\[\d\d/[A-Z][a-z]{2}/\d{4}:\d\d:\d\d:\d\d \+0000\]"
+    assert re.fullmatch(
+        rf'127\.0\.0\.1 - - {stamp} "GET /echo/c HTTP/1\.1" 200 \d+ "-" "a \\"b\\" \\\\c"', good
+    ), good
+    assert re.fullmatch(rf'127\.0\.0\.1 - - {stamp} "-" 400 {len(garbage)} "-" "-"', bad), bad
+
+
+async def test_lines_are_written_every_flush_interval(
+    stubs: Stubs, tmp_path: Path, autojump_clock: Any
+) -> None:
+    path = tmp_path / "access.log"
+    with trio.fail_after(20):
+        async with open_gateway(_config(stubs, path=str(path), flush="2s")) as gw:
+            await http_request(gw.port, "GET", "/echo/1")
+            assert _lines(path) == []
+            await trio.sleep(2.5)
+            assert len(_lines(path)) == 1
+
+
+async def test_a_full_buffer_is_written_at_once(stubs: Stubs, tmp_path: Path) -> None:
+    path = tmp_path / "access.log"
+    with trio.fail_after(20):
+        async with open_gateway(_config(stubs, path=str(path), buffer=1, flush="1h")) as gw:
+            for i in range(3):
+                await http_request(gw.port, "GET", f"/echo/{i}")
+                assert len(_lines(path)) == i + 1
+
+
+async def test_a_rotated_file_is_reopened(
+    stubs: Stubs, tmp_path: Path, autojump_clock: Any
+) -> None:
+    path = tmp_path / "access.log"
+    with trio.fail_after(20):
+        async with open_gateway(_config(stubs, path=str(path))) as gw:
+            await http_request(gw.port, "GET", "/echo/before")
+            await trio.sleep(1.5)
+            os.rename(path, tmp_path / "access.log.1")  # what logrotate does
+            await http_request(gw.port, "GET", "/echo/after")
+            await trio.sleep(1.5)
+            rotated = _lines(tmp_path / "access.log.1")
+            current = _lines(path)
+    assert [json.loads(line)["target"] for line in rotated] == ["/echo/before"]
+    assert [json.loads(line)["target"] for line in current] == ["/echo/after"]
+
+
+async def test_a_failing_log_never_fails_a_request(stubs: Stubs) -> None:
+    dropped = counter("filtergate_access_log_dropped_lines_total", "")
+    before = dropped.value()
+    with trio.fail_after(20):
+        # /dev/full: every write fails with ENOSPC.
+        async with open_gateway(_config(stubs, path="/dev/full", buffer=1)) as gw:
+            for i in range(3):
+                assert (await http_request(gw.port, "GET", f"/echo/{i}")).status == 200
+    assert dropped.value() - before == 3
+
+
+@pytest.mark.parametrize(
+    ("access_log", "where"),
+    [
+        ({"path": "/no/such/dir/access.log"}, "access_log.path"),
+        ({"path": "-", "format": "apache"}, "access_log.format"),
+        ({"path": "-", "flush": "0s"}, "access_log.flush"),
+    ],
+)
+def test_bad_access_log_config_names_the_key(access_log: dict[str, Any], where: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load({"access_log": access_log})
+    assert e.value.path == where
