@@ -11,8 +11,8 @@ the gateway's types where they enter:
   a server is never replayed); all targets failing -> :class:`UpstreamUnreachable` (502),
   or :class:`UpstreamTimeout` (504) when they all timed out;
 * a pooled connection the server had closed -> the call goes again on a new connection
-  to the same target, once, when the request did not reach the server whole or is safe
-  to repeat (:func:`replayable`); otherwise :class:`UpstreamReset` (502);
+  to the same target, once, when the request did not reach the server whole or has an
+  idempotent method (:func:`replayable`); otherwise :class:`UpstreamReset` (502);
 * no available target -> :class:`NoHealthyTarget` (503);
 * no response head within ``read_timeout`` or the call over its total ``timeout`` ->
   :class:`UpstreamTimeout` (504); garbage -> :class:`BadGateway` (502).
@@ -24,6 +24,7 @@ import errno
 import logging
 import os
 import random
+import re
 import select
 import socket
 from collections.abc import AsyncIterator
@@ -54,6 +55,8 @@ READ_SIZE = 64 * 1024
 _EOM = h11.EndOfMessage()  # events are immutable: one instance serves every message
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 _METHODS_WITH_BODY = frozenset({b"POST", b"PUT", b"PATCH"})
+# A method is any token (RFC 9110 9.1): M-SEARCH, VERSION-CONTROL.
+_METHOD = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
 
 _requests = counter(
     "filtergate_upstream_requests_total", "Upstream calls by result", ("upstream", "result")
@@ -382,7 +385,12 @@ class Pool:
         body = call.body
         method = call.method
         target = call.target
-        if b" " in target or b"\r" in target or b"\n" in target or not method.isalpha():
+        if (
+            b" " in target
+            or b"\r" in target
+            or b"\n" in target
+            or not (method.isalpha() or _METHOD.fullmatch(method))
+        ):
             # Filters may rewrite these; nothing may break the request line.
             self._discard(conn)
             raise BadGateway("cannot forward this request: invalid method or target")
@@ -622,11 +630,12 @@ class _StaleConnection(Exception):
 def replayable(call: UpstreamCall) -> bool:
     """Whether ``call`` may be sent again after the server may have received it.
 
-    RFC 9110 9.2.2: a proxy must not retry a non-idempotent request on its own. An
-    idempotent method is safe to repeat, and so is a request carrying an
-    ``Idempotency-Key`` (the client made it so); a POST or PATCH without one is not.
+    RFC 9110 9.2.2 and RFC 9112 9.3.1: a proxy must not retry a non-idempotent request
+    on its own. Not even one with an ``Idempotency-Key``: the gateway cannot know that
+    the upstream honours the key (nginx never replays a POST either). A route that
+    knows better can say so with the ``retry`` plugin's ``methods``.
     """
-    return call.method in IDEMPOTENT or call.headers.get(b"idempotency-key") is not None
+    return call.method in IDEMPOTENT
 
 
 _END: Any = object()
