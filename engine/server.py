@@ -226,7 +226,10 @@ class Server:
                     alpn=ssl_obj.selected_alpn_protocol(),
                 )
                 io = StreamSocket(ssl_stream, raw)
-            await _Connection(self, io, peer, tls).run()
+            conn = _Connection(self, io, peer, tls)
+            await conn.run()
+            if isinstance(io, RawSocket) and conn.input_unread():
+                await _linger(io)
             if isinstance(io, StreamSocket):
                 # close_notify, so a TLS client can tell a complete close from a cut.
                 with trio.move_on_after(1):
@@ -240,6 +243,28 @@ class Server:
                 raw.close()
             except OSError:
                 pass
+
+
+# Closing in stages (RFC 9112 9.6), with nginx's lingering_time and lingering_timeout.
+_LINGER_TOTAL = 30.0
+_LINGER_IDLE = 5.0
+
+
+async def _linger(io: RawSocket) -> None:
+    """Half-close, then read and drop what the client still sends, until it closes too.
+
+    Closing a socket with unread input makes the kernel send a reset, which can destroy
+    the response the client has not read yet: a client that sends its whole body
+    before reading (Python's http.client, curl without Expect) would never see the 413
+    it was answered. Bounded in time like nginx's lingering close.
+    """
+    io.shutdown_write()
+    end = trio.current_time() + _LINGER_TOTAL
+    try:
+        while await io.recv_until(min(end, trio.current_time() + _LINGER_IDLE)):
+            pass
+    except (trio.TooSlowError, OSError):
+        pass
 
 
 class _ClientBody:
@@ -372,6 +397,11 @@ class _Connection:
         self.http11 = True
         self.keep_alive = True
         self.bytes_out = 0  # written to the client on this connection, heads included
+
+    def input_unread(self) -> bool:
+        """Whether the client may still be sending what this connection did not read: a
+        request body it gave up on, bytes behind a malformed head, pipelined requests."""
+        return self.framing_broken or self.body_reader is not None or len(self.wire) > 0
 
     async def send_raw(self, data: bytes | None) -> None:
         if not data:
@@ -916,7 +946,15 @@ class _Connection:
         else:
             cl = resp.headers.get(b"content-length") if method == b"HEAD" else None
             head.append(b"content-length: " + (cl or b"0") + b"\r\n")
-        if self.body_reader is not None and self.expect_100:
+        reader = self.body_reader
+        if reader is not None and (
+            self.expect_100
+            # A declared body longer than drain_limit will not be drained: say so now.
+            or (
+                type(reader) is ContentLengthReader
+                and reader._remaining - len(self.wire) > server.runtime.config.server.drain_limit
+            )
+        ):
             self.framing_broken = True  # answered without the body it holds back: close
         if not self.keep_alive or self.framing_broken or server.draining or close_delimited:
             self.keep_alive = False

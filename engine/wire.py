@@ -43,6 +43,11 @@ __all__ = [
 ]
 
 
+#: Empty lines skipped before a request line; more are an error (400).
+MAX_BLANK_LINES = 8
+_CR_LF = (b"\r", b"\n")
+
+
 class ProtocolError(Exception):
     """The peer broke HTTP/1.1; ``status`` is the answer h11 suggests (400, 431, 501)."""
 
@@ -91,9 +96,28 @@ class Reader:
 
     def request(self) -> h11.Request | None:
         """The next request head; at the end of the stream with nothing buffered,
-        ``None`` with ``eof`` set (the client is gone)."""
+        ``None`` with ``eof`` set (the client is gone).
+
+        Empty lines before the request line are skipped (up to ``MAX_BLANK_LINES``), as
+        RFC 9112 2.2 asks: some clients send a CRLF after a POST body. h11 refuses them.
+        """
+        if self.buf._data[:1] in _CR_LF and not self._skip_blank_lines():
+            return None
         req: h11.Request | None = self._head(maybe_read_from_IDLE_client)
         return req
+
+    def _skip_blank_lines(self) -> bool:
+        """Drop leading empty lines; ``False`` when a lone CR needs the next byte."""
+        buf = self.buf
+        for _ in range(MAX_BLANK_LINES):
+            data = buf._data
+            if data[:2] == b"\r\n":
+                buf.maybe_extract_at_most(2)
+            elif data[:1] == b"\n":
+                buf.maybe_extract_at_most(1)
+            else:
+                return not (data == b"\r" and not self.eof)
+        return True  # still blank: h11 refuses the rest
 
     def response(self) -> h11.Response | h11.InformationalResponse | None:
         """The next response head (1xx included)."""

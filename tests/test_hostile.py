@@ -651,6 +651,15 @@ async def test_pipelined_requests_answered_in_order(setup: Setup) -> None:
         assert closed
 
 
+async def test_a_crlf_after_a_body_before_the_next_request(setup: Setup) -> None:
+    data = head("/api/a", "Host: a", "Content-Length: 3", method="POST") + b"abc\r\n"
+    data += head("/api/b", "Host: a", "Connection: close")
+    with trio.fail_after(DEADLINE):
+        responses, _ = await send_raw(setup.port, b"\r\n" + data)
+    assert [r.status for r in responses] == [200, 200]
+    assert [r.target for r in setup.up.requests] == [b"/api/a", b"/api/b"]
+
+
 EARLY = [
     ("/nowhere", 404),
     ("/get-only/x", 405),
@@ -684,9 +693,36 @@ async def test_early_answer_closes_on_a_big_body(setup: Setup, path: str, status
         responses, closed = await send_raw(setup.port, pieces)
         assert [r.status for r in responses] == [status]
         assert_gateway_error(responses[0], status)
+        # The declared length is over drain_limit: the answer says the connection ends.
+        assert responses[0].header("connection") == "close"
         assert closed
         assert setup.up.requests == []
         await setup.assert_still_serving()
+
+
+async def test_a_client_sending_its_whole_body_before_reading_gets_the_answer(
+    setup: Setup,
+) -> None:
+    # As Python's http.client and curl without Expect do. Closing with the body unread
+    # would make the kernel send a reset, destroying the 413 before the client reads it;
+    # the gateway half-closes and reads the rest away first (a lingering close).
+    size = 16 * MAX_BODY
+    with trio.fail_after(DEADLINE):
+        stream = await trio.open_tcp_stream("127.0.0.1", setup.port)
+        async with stream:
+            await stream.send_all(
+                head("/api/upload", "Host: a", f"Content-Length: {size}", method="POST")
+            )
+            piece = b"u" * 65536
+            for _ in range(size // len(piece)):
+                await stream.send_all(piece)  # a reset would fail this send
+            data = bytearray()
+            while chunk := await stream.receive_some(65536):
+                data += chunk
+    (response,) = parse_responses(bytes(data))
+    assert_gateway_error(response, 413)
+    assert response.header("connection") == "close"
+    await setup.assert_still_serving()
 
 
 async def test_early_answer_with_a_big_chunked_body_closes(setup: Setup) -> None:

@@ -9,7 +9,14 @@ from __future__ import annotations
 import h11
 import pytest
 
-from engine.wire import ChunkedReader, ContentLengthReader, Http10Reader, ProtocolError, Reader
+from engine.wire import (
+    MAX_BLANK_LINES,
+    ChunkedReader,
+    ContentLengthReader,
+    Http10Reader,
+    ProtocolError,
+    Reader,
+)
 
 
 def test_request_heads_pipelined_in_one_read() -> None:
@@ -44,6 +51,24 @@ def test_malformed_heads_raise_with_h11s_status(data: bytes, status: int) -> Non
     with pytest.raises(ProtocolError) as info:
         wire.request()
     assert info.value.status == status
+
+
+def test_empty_lines_before_a_request_line_are_skipped() -> None:
+    # RFC 9112 2.2; some clients send a CRLF after a POST body.
+    wire = Reader(1024)
+    wire.feed(b"\r\n\nGET /a HTTP/1.1\r\nHost: x\r\n\r\n\r")
+    first = wire.request()
+    assert first is not None
+    assert first.target == b"/a"
+    assert wire.request() is None  # a lone CR: the LF may follow
+    wire.feed(b"\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n")
+    second = wire.request()
+    assert second is not None
+    assert second.target == b"/b"
+    blank = Reader(1024)
+    blank.feed(b"\r\n" * (MAX_BLANK_LINES + 1) + b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    with pytest.raises(ProtocolError):  # a bounded number only
+        blank.request()
 
 
 def test_an_incomplete_head_over_the_limit_is_431() -> None:
