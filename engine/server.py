@@ -15,7 +15,9 @@ import logging
 import os
 import socket
 import ssl
+import time
 from collections.abc import AsyncIterator
+from email.utils import formatdate
 from typing import Any
 
 import h11
@@ -100,7 +102,22 @@ _duration = histogram(
     LATENCY_BUCKETS,
 )
 _UNROUTED: list[BoundHistogram | None] = [None] * 10
-_OWN_RESPONSE_FIELDS = frozenset({b"content-length", b"transfer-encoding", b"connection"})
+# Written by the gateway itself (date only when the response has none).
+_OWN_RESPONSE_FIELDS = frozenset({b"content-length", b"transfer-encoding", b"connection", b"date"})
+_date_cache: list[Any] = [-1, b""]  # [second, the "date: ..." line of that second]
+
+
+def _date_line() -> bytes:
+    """``date: <IMF-fixdate>``, made once per second: RFC 9110 6.6.1 asks a server with
+    a clock for it, and a proxy to add it to a response that has none."""
+    now = int(time.time())
+    if now != _date_cache[0]:
+        _date_cache[0] = now
+        _date_cache[1] = b"date: " + formatdate(now, usegmt=True).encode() + b"\r\n"
+    line: bytes = _date_cache[1]
+    return line
+
+
 _open_connections = gauge("filtergate_open_connections", "Client connections open")
 
 
@@ -528,6 +545,7 @@ class _Connection:
         head = [b"HTTP/1.1 %d %s\r\n" % (status, reason_phrase(status))]
         for n, v in headers:
             head.append(n + b": " + v + b"\r\n")
+        head.append(_date_line())
         head.append(b"x-request-id: " + request_id.encode() + b"\r\n")
         head.append(b"connection: close\r\n\r\n")
         _RESPONSES[status // 100].inc()
@@ -914,9 +932,16 @@ class _Connection:
         rid = server.runtime.rid_header
         # Framing is the gateway's own; an upstream's request id never doubles ours.
         head = [_STATUS_LINES.get(resp.status) or _status_line(resp.status, resp.reason)]
+        dated = False
         for n, v in resp.headers.items:
-            if n not in _OWN_RESPONSE_FIELDS and n != rid:
-                head.append(n + b": " + v + b"\r\n")
+            if n not in _OWN_RESPONSE_FIELDS:
+                if n != rid:
+                    head.append(n + b": " + v + b"\r\n")
+            elif n == b"date":  # the upstream's is kept (RFC 9110 6.6.1)
+                head.append(b"date: " + v + b"\r\n")
+                dated = True
+        if not dated:
+            head.append(_date_line())
         head.append(rid + b": " + request_id.encode() + b"\r\n")
         body = resp.body
         stream = resp.stream

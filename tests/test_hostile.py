@@ -12,9 +12,11 @@ from __future__ import annotations
 import os
 import resource
 import socket
+import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 from http import HTTPStatus
 from typing import Any
 
@@ -28,6 +30,7 @@ from engine.testing import (
     Client,
     HttpResponse,
     RunningGateway,
+    http_request,
     open_gateway,
     open_stubs,
     raw_exchange,
@@ -528,6 +531,28 @@ async def test_hop_by_hop_response_headers_removed() -> None:
                     names = {n.decode() for n, _ in resp.headers}
                     assert resp.header("x-fine") == "yes"
                     assert not names & HOP_BY_HOP_NAMES, names
+
+
+async def test_every_response_has_one_date(setup: Setup) -> None:
+    # RFC 9110 6.6.1: the gateway's own answers, and proxied ones that lack it, get a
+    # Date; an upstream's own Date is kept.
+    with trio.fail_after(DEADLINE):
+        async with Client.open(setup.port) as client:
+            proxied = await client.request("GET", "/api/x")  # the test upstream sends none
+            missing = await client.request("GET", "/nowhere")
+        garbage, _ = await send_raw(setup.port, b"NOT HTTP\r\n\r\n")
+        upstream_date = "Tue, 01 Jan 2030 00:00:00 GMT"
+        async with open_headers_upstream([("Date", upstream_date)]) as up:
+            config = {
+                "upstreams": {"u": {"targets": [up.target]}},
+                "routes": [{"name": "r", "prefix": "/", "upstream": "u"}],
+            }
+            async with open_gateway(config) as gw:
+                kept = await http_request(gw.port, "GET", "/x")
+    for resp in (proxied, missing, garbage[0]):
+        (date,) = [v for n, v in resp.headers if n.lower() == b"date"]
+        assert abs(parsedate_to_datetime(date.decode()).timestamp() - time.time()) < 60
+    assert kept.header_all("date") == [upstream_date]
 
 
 async def test_forwarded_headers_from_an_untrusted_peer(setup: Setup) -> None:
