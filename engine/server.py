@@ -13,6 +13,7 @@ import ipaddress
 import itertools
 import logging
 import os
+import re
 import socket
 import ssl
 import time
@@ -119,6 +120,25 @@ def _date_line() -> bytes:
 
 
 _open_connections = gauge("filtergate_open_connections", "Client connections open")
+
+
+# RFC 9110 4.2: "http" or "https" (any case), "//", the authority up to the first
+# "/", "?" or "#", then the path and query.
+_ABSOLUTE_FORM = re.compile(rb"https?://([^/?#]*)(.*)", re.IGNORECASE | re.DOTALL)
+# A Host value: uri-host [":" port], uri-host an IP-literal or a reg-name (RFC 3986 3.2.2;
+# IPv4 addresses are reg-names by their characters). No userinfo, no spaces, no "/".
+_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[-A-Za-z0-9._~%!$&'()*+,;=]*)(?::[0-9]*)?")
+_VALID_HOSTS: dict[bytes, bool] = {}
+
+
+def _valid_host(host: bytes) -> bool:
+    """Whether ``host`` is a valid Host value; remembered, as clients repeat a few."""
+    known = _VALID_HOSTS.get(host)
+    if known is None:
+        if len(_VALID_HOSTS) >= 4096:
+            _VALID_HOSTS.clear()
+        known = _VALID_HOSTS[host] = _HOST.fullmatch(host) is not None
+    return known
 
 
 def _bind_duration(route: RouteRuntime | None, cls: int) -> BoundHistogram:
@@ -633,6 +653,8 @@ class _Connection:
                 raise BadRequest("both Content-Length and Transfer-Encoding: ambiguous framing")
             if authz > 1:
                 raise BadRequest("more than one Authorization header")
+            if host and not _valid_host(host):
+                raise BadRequest("invalid Host header")  # RFC 9112 3.2
             self.http11 = req.http_version == b"1.1"
             self.keep_alive = self.http11  # HTTP/1.0 keep-alive is not offered (as h11)
             if conn_tokens is not None:
@@ -684,17 +706,19 @@ class _Connection:
                 await self._tunnel(tunnel_route, request_id)
                 return
             if not target.startswith(b"/"):
-                if target.startswith((b"http://", b"https://")):
-                    if not rt.any_absolute_form:  # refused as such, not as an unknown path
-                        raise BadRequest("absolute-form request targets are not accepted")
-                    absolute = True
-                    rest = target.split(b"://", 1)[1]
-                    authority, slash, path_part = rest.partition(b"/")
-                    host = authority.rsplit(b"@", 1)[-1]
-                    fwd_host = host
-                    target = b"/" + path_part if slash else b"/"
-                else:
+                absolute_form = _ABSOLUTE_FORM.fullmatch(target)
+                if absolute_form is None:
                     raise BadRequest("the request target must be a path")
+                if not rt.any_absolute_form:  # refused as such, not as an unknown path
+                    raise BadRequest("absolute-form request targets are not accepted")
+                absolute = True
+                # RFC 9112 3.2.2: the target's authority replaces the Host header.
+                host, rest = absolute_form.groups()
+                if not host or not _valid_host(host) or host.startswith(b":"):
+                    # Empty (RFC 9110 4.2.1) or with userinfo (4.2.4: treat as an error).
+                    raise BadRequest("invalid authority in the request target")
+                fwd_host = host
+                target = rest if rest.startswith(b"/") else b"/" + rest
             raw_path, raw_query = split_target(target)
             path = canonical_path(raw_path)
 

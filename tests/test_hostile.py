@@ -261,6 +261,11 @@ REFUSED: list[tuple[str, bytes, int]] = [
     ("asterisk-form", head("*", "Host: a", method="OPTIONS"), 400),
     ("absolute-form", head("http://evil.example/api/x", "Host: a"), 400),
     ("duplicate-host", head("/api/x", "Host: a", "Host: b"), 400),
+    ("invalid-host", head("/api/x", "Host: a b/c@d"), 400),  # RFC 9112 3.2
+    ("host-with-userinfo", head("/api/x", "Host: user@a"), 400),
+    ("absolute-form-empty-host", head("http:///abs/x", "Host: a"), 400),  # RFC 9110 4.2.1
+    ("absolute-form-userinfo", head("http://u:p@b.example/abs/x", "Host: a"), 400),
+    ("absolute-form-port-only", head("http://:80/abs/x", "Host: a"), 400),
     (
         "duplicate-authorization",
         head("/api/x", "Host: a", "Authorization: a", "Authorization: b"),
@@ -409,6 +414,35 @@ async def test_absolute_form_allowed_on_a_route_that_says_so(setup: Setup) -> No
         seen = responses[0].json()
         # Forwarded in origin form: the upstream never sees the client's absolute URI.
         assert seen["target"] == "/abs/x?q=1"
+
+
+@pytest.mark.parametrize(
+    ("target", "forwarded", "authority"),
+    [
+        ("HTTP://Backend.example/abs/x", "/abs/x", "Backend.example"),  # any-case scheme
+        ("http://backend.example:8080/abs/y?z=1", "/abs/y?z=1", "backend.example:8080"),
+        ("https://[::1]:8443/abs/v6", "/abs/v6", "[::1]:8443"),
+    ],
+)
+async def test_absolute_form_authority_replaces_the_host(
+    setup: Setup, target: str, forwarded: str, authority: str
+) -> None:
+    with trio.fail_after(DEADLINE):
+        responses, _ = await send_raw(setup.port, head(target, "Host: a", "Connection: close"))
+    assert [r.status for r in responses] == [200]
+    seen = responses[0].json()
+    assert seen["target"] == forwarded
+    assert dict(seen["headers"])["x-forwarded-host"] == authority
+
+
+async def test_an_absolute_form_authority_ends_at_the_query(setup: Setup) -> None:
+    # "http://b.example?x=1" is the path "/" with a query, not a host "b.example?x=1".
+    with trio.fail_after(DEADLINE):
+        responses, _ = await send_raw(
+            setup.port, head("http://b.example?x=1", "Host: a", "Connection: close")
+        )
+    # 404, no route for "/": not 400, which "b.example?x=1" as a Host would get.
+    assert [r.status for r in responses] == [404]
 
 
 # -- one canonical path, routed and forwarded ------------------------------------------
