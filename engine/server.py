@@ -898,10 +898,23 @@ class _Connection:
             if leftover:
                 await upstream.send_all(leftover, idle)
             client = self.io
+            # When data last crossed, either way: the tunnel is idle only when both
+            # directions are (as HAProxy's timeout tunnel), so a download is not cut
+            # because the client has nothing to say.
+            last = [trio.current_time()]
 
             async def pump(src: RawSocket | StreamSocket, dst: RawSocket | StreamSocket) -> None:
                 try:
-                    while data := await src.recv(idle):
+                    while True:
+                        try:
+                            data = await src.recv(_INF, last[0] + idle)
+                        except trio.TooSlowError:
+                            if trio.current_time() < last[0] + idle:
+                                continue  # the other direction moved meanwhile
+                            raise
+                        if not data:
+                            break
+                        last[0] = trio.current_time()
                         await dst.send_all(data, idle)
                         await trio.lowlevel.checkpoint()
                 except (OSError, trio.TooSlowError):

@@ -302,3 +302,49 @@ async def test_post_after_the_upstream_closed_an_idle_connection_is_sent_once() 
     assert resp.status == 200
     assert [r.method for r in up.requests] == [b"GET", b"POST"]
     assert up.connections == 2
+
+
+async def _open_tunnel(gw_port: int) -> trio.SocketStream:
+    stream = await trio.open_tcp_stream("127.0.0.1", gw_port)
+    await stream.send_all(b"CONNECT db.internal:5432 HTTP/1.1\r\nHost: db.internal:5432\r\n\r\n")
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += await stream.receive_some(1)
+    assert head.startswith(b"HTTP/1.1 200 ")
+    return stream
+
+
+def _tunnel_config(port: int) -> dict[str, Any]:
+    return {
+        "upstreams": {"tcp": {"targets": [f"127.0.0.1:{port}"], "read_timeout": "1s"}},
+        "routes": [
+            {"name": "t", "hosts": ["db.internal"], "allow_connect": True, "upstream": "tcp"}
+        ],
+    }
+
+
+async def test_a_tunnel_is_idle_only_when_both_directions_are(autojump_clock: Any) -> None:
+    # The upstream talks for 2.7 s (read_timeout is 1 s) while the client says nothing:
+    # the tunnel stays; once both sides have been silent for 1 s, it ends.
+    async def ticker(stream: trio.SocketStream) -> None:
+        async with stream:
+            for i in range(10):
+                await stream.send_all(b"tick %d\n" % i)
+                await trio.sleep(0.3)
+            await trio.sleep_forever()
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(partial(trio.serve_tcp, ticker, 0, host="127.0.0.1"))
+            port = listeners[0].socket.getsockname()[1]
+            async with open_gateway(_tunnel_config(port)) as gw:
+                stream = await _open_tunnel(gw.port)
+                opened = trio.current_time()
+                received = b""
+                while chunk := await stream.receive_some(65536):
+                    received += chunk
+                ended = trio.current_time() - opened
+                await stream.aclose()
+            nursery.cancel_scope.cancel()
+    assert received == b"".join(b"tick %d\n" % i for i in range(10))
+    assert 3.5 <= ended <= 4.5  # the last tick at 2.7 s, then 1 s of silence both ways
