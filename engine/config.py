@@ -92,6 +92,9 @@ class ServerConfig:
     tls: TlsConfig | None = None
     # Accepted connections per scheduler pass are drained in a batch; this caps it.
     accept_batch: int = 256
+    # CGI/WSGI upstreams read X_User_Id as X-User-Id, a way around identity headers;
+    # nginx drops such names by default too.
+    underscores_in_headers: Literal["drop", "allow", "reject"] = "drop"
 
     def __post_init__(self) -> None:
         if not self.listen:

@@ -89,6 +89,11 @@ _REQ_SPECIAL = {name: 1 for name in _HOP_BY_HOP} | {
     b"x-forwarded-host": 6,
     b"authorization": 7,
     b"expect": 8,
+    # Forwarding headers the gateway does not rewrite: believed from trusted proxies
+    # only, dropped from anyone else (an upstream may take them for the client's).
+    b"forwarded": 9,
+    b"x-real-ip": 9,
+    b"x-forwarded-port": 9,
 }
 
 _responses = counter("filtergate_responses_total", "Responses sent, by status class", ("code",))
@@ -611,12 +616,20 @@ class _Connection:
             rid_header = rt.rid_header
             client_rid: bytes | None = None
             special = _REQ_SPECIAL
+            keep_underscores = cfg.underscores_in_headers == "allow"
+            underscored = False
+            from_proxies: list[tuple[bytes, bytes]] = []
             for _raw, name, value in items:
                 head_size += len(name) + len(value) + 4
                 kind = special.get(name)
                 if kind is None:
                     if name == rid_header:
                         client_rid = value
+                        continue
+                    if b"_" in name and not keep_underscores:
+                        # CGI and WSGI read X_User_Id as X-User-Id: a way around the
+                        # headers the gateway sets or strips. Dropped, as nginx does.
+                        underscored = True
                         continue
                     fwd.append((name, value))
                 elif kind == 1:
@@ -637,6 +650,8 @@ class _Connection:
                     xfp = value
                 elif kind == 6:
                     xfh = value
+                elif kind == 9:
+                    from_proxies.append((name, value))
                 else:  # expect: answered here (100 Continue), never forwarded
                     expect = value
             # The body's framing first: whatever is refused below, the body must be
@@ -655,6 +670,8 @@ class _Connection:
                 raise BadRequest("more than one Authorization header")
             if host and not _valid_host(host):
                 raise BadRequest("invalid Host header")  # RFC 9112 3.2
+            if underscored and cfg.underscores_in_headers == "reject":
+                raise BadRequest("header names with underscores are not accepted")
             self.http11 = req.http_version == b"1.1"
             self.keep_alive = self.http11  # HTTP/1.0 keep-alive is not offered (as h11)
             if conn_tokens is not None:
@@ -687,6 +704,7 @@ class _Connection:
                     xff_out = peer_ip.encode()
                 proto = xfp or self.scheme.encode()
                 fwd_host = xfh or host
+                fwd += from_proxies
                 if client_rid:
                     request_id = client_rid.decode("latin-1")
             else:

@@ -589,11 +589,22 @@ async def test_every_response_has_one_date(setup: Setup) -> None:
     assert kept.header_all("date") == [upstream_date]
 
 
+SPOOFABLE = [
+    ("forwarded", "for=8.8.8.8;proto=https"),
+    ("x-real-ip", "8.8.8.8"),
+    ("x-forwarded-port", "443"),
+]
+# CGI and WSGI read these as X-Forwarded-For and X-User-Id.
+UNDERSCORED = [("x_forwarded_for", "6.6.6.6"), ("x_user_id", "admin")]
+
+
 async def test_forwarded_headers_from_an_untrusted_peer(setup: Setup) -> None:
     spoofed = [
         ("x-forwarded-for", "6.6.6.6"),
         ("x-forwarded-proto", "https"),
         ("x-forwarded-host", "evil.example"),
+        *SPOOFABLE,
+        *UNDERSCORED,
     ]
     with trio.fail_after(DEADLINE):
         async with Client.open(setup.port) as client:
@@ -604,7 +615,38 @@ async def test_forwarded_headers_from_an_untrusted_peer(setup: Setup) -> None:
         assert seen.header_all("x-forwarded-host") == ["api.example"]
         assert seen.header("x-seen-client") == "127.0.0.1"
         assert seen.header("via") == "1.1 filtergate"
+        for name, _ in SPOOFABLE + UNDERSCORED:
+            assert seen.header(name) is None, name
         assert resp.status == 200
+
+
+async def test_forwarding_headers_from_a_trusted_peer_pass(trusted_setup: Setup) -> None:
+    with trio.fail_after(DEADLINE):
+        async with Client.open(trusted_setup.port) as client:
+            resp = await client.request("GET", "/api/x", SPOOFABLE + UNDERSCORED)
+    assert resp.status == 200
+    seen = trusted_setup.up.requests[-1]
+    for name, value in SPOOFABLE:
+        assert seen.header(name) == value
+    for name, _ in UNDERSCORED:  # never, even from a proxy: it is a name, not a claim
+        assert seen.header(name) is None
+
+
+@pytest.mark.parametrize(
+    ("policy", "status", "kept"), [("allow", 200, True), ("reject", 400, False)]
+)
+async def test_underscores_in_headers_policy(policy: str, status: int, kept: bool) -> None:
+    config = make_config("", underscores_in_headers=policy)
+    with trio.fail_after(DEADLINE):
+        async with open_counting_upstream() as up:
+            config["upstreams"]["u"]["targets"] = [up.target]
+            async with open_gateway(config, extra_plugins=PLUGINS) as gw:
+                resp = await http_request(gw.port, "GET", "/api/x", UNDERSCORED)
+    assert resp.status == status
+    if kept:
+        assert up.requests[-1].header("x_user_id") == "admin"
+    else:
+        assert up.requests == []
 
 
 XFF_CASES: list[Any] = [
