@@ -92,6 +92,7 @@ class Runtime:
     trusted: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
     router_needs_query: bool
     via_header: bytes = b""
+    via_10: bytes = b""  # the Via of an HTTP/1.0 request (RFC 9110 7.6.3)
     any_absolute_form: bool = False
     rid_header: bytes = b""
     access_log: AccessLog | None = None
@@ -267,6 +268,7 @@ def compile_runtime(config: Config, registry: Registry, previous: Runtime | None
         trusted=trusted,
         router_needs_query=any(r.query for r in config.routes),
         via_header=b"1.1 " + config.server.via.encode(),
+        via_10=b"1.0 " + config.server.via.encode(),
         any_absolute_form=any(r.allow_absolute_form for r in config.routes),
         rid_header=config.server.request_id_header.lower().encode(),
         access_log=_access_log(config, previous),

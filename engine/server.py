@@ -39,6 +39,7 @@ from engine.errors import (
     GatewayError,
     HeaderTooLarge,
     HttpVersionNotSupported,
+    MethodNotAllowed,
     PayloadTooLarge,
     RequestTimeout,
     UpstreamUnreachable,
@@ -144,6 +145,32 @@ def _valid_host(host: bytes) -> bool:
             _VALID_HOSTS.clear()
         known = _VALID_HOSTS[host] = _HOST.fullmatch(host) is not None
     return known
+
+
+# The Allow of a route that takes any method (TRACE only when a route lists it).
+_ANY_METHOD_ALLOW = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+# Never echoed by TRACE (RFC 9110 9.3.8: leave out fields likely to be sensitive).
+_NOT_ECHOED = frozenset({b"authorization", b"proxy-authorization", b"cookie"})
+
+
+def _max_forwards(route: RouteRuntime, request: Request, req: h11.Request) -> Response | None:
+    """RFC 9110 7.6.2 for OPTIONS and TRACE: at ``Max-Forwards: 0`` the gateway answers
+    as the final recipient; otherwise the value goes on one lower."""
+    items = request.headers.items
+    at = next((i for i, (name, _) in enumerate(items) if name == b"max-forwards"), None)
+    if at is None or not items[at][1].isdigit():
+        return None  # absent, or not a number: forwarded as it came
+    hops = int(items[at][1])
+    if hops > 0:
+        items[at] = (b"max-forwards", b"%d" % (hops - 1))
+        return None
+    if request.method == b"OPTIONS":
+        allow = ", ".join(route.config.methods or _ANY_METHOD_ALLOW).encode()
+        return Response(200, Headers([(b"allow", allow)]), body=b"")
+    lines = [b"%s %s HTTP/%s" % (req.method, req.target, req.http_version)]
+    lines += [raw + b": " + v for raw, n, v in req.headers._full_items if n not in _NOT_ECHOED]
+    echo = b"\r\n".join(lines) + b"\r\n\r\n"
+    return Response(200, Headers([(b"content-type", b"message/http")]), body=echo)
 
 
 def _bind_duration(route: RouteRuntime | None, cls: int) -> BoundHistogram:
@@ -764,6 +791,10 @@ class _Connection:
             route = match.value
             if absolute and not route.config.allow_absolute_form:
                 raise BadRequest("absolute-form request targets are not accepted on this route")
+            if method == b"TRACE" and "TRACE" not in route.config.methods:
+                # A TRACE echo shows what the gateway added (identity headers): nginx
+                # refuses it too. A route that lists TRACE in its methods may have it.
+                raise MethodNotAllowed(list(route.config.methods or _ANY_METHOD_ALLOW))
             exchange.route = route.config
             exchange.caller = route.call_upstream
             exchange.captures = match.captures
@@ -798,6 +829,8 @@ class _Connection:
                 answer, depth = await run_request_phases(chain, exchange)
             else:
                 depth = len(chain.filters)
+            if answer is None and (method == b"OPTIONS" or method == b"TRACE"):
+                answer = _max_forwards(route, request, req)
             if answer is None:
                 if route.pool is None:
                     raise BadGateway("the route has no upstream and no filter answered")
@@ -818,7 +851,7 @@ class _Connection:
                 out_headers.items.append((b"x-forwarded-proto", proto))
                 if fwd_host:
                     out_headers.items.append((b"x-forwarded-host", fwd_host))
-                out_headers.items.append((b"via", rt.via_header))
+                out_headers.items.append((b"via", rt.via_header if self.http11 else rt.via_10))
                 out_headers.items.append((rid_header, request_id.encode()))
                 call = UpstreamCall(
                     upstream=route.pool.name,

@@ -1000,3 +1000,56 @@ async def test_a_pipelining_client_does_not_starve_the_others(setup: Setup) -> N
             await trio.sleep(0.01)
             nursery.start_soon(single)
     assert finished == ["single", "pipeline"]
+
+
+# -- TRACE, OPTIONS and Max-Forwards; Via ------------------------------------------------
+
+
+@pytest.fixture
+async def trace_setup() -> AsyncIterator[Setup]:
+    config = make_config("")
+    config["routes"].append(
+        {"name": "traced", "prefix": "/traced", "methods": ["GET", "TRACE"], "upstream": "u"}
+    )
+    async with open_counting_upstream() as up:
+        config["upstreams"]["u"]["targets"] = [up.target]
+        async with open_gateway(config, extra_plugins=PLUGINS) as gw:
+            yield Setup(gw, up)
+
+
+async def test_trace_is_refused_unless_a_route_lists_it(trace_setup: Setup) -> None:
+    with trio.fail_after(DEADLINE):
+        refused = await http_request(trace_setup.port, "TRACE", "/api/x")
+        allowed = await http_request(
+            trace_setup.port, "TRACE", "/traced/x", [("Max-Forwards", "1")]
+        )
+    assert refused.status == 405
+    assert refused.header("allow") == "DELETE, GET, HEAD, OPTIONS, PATCH, POST, PUT"
+    assert allowed.status == 200
+    (seen,) = trace_setup.up.requests
+    assert (seen.method, seen.header("max-forwards")) == (b"TRACE", "0")  # one hop spent
+
+
+async def test_max_forwards_zero_is_answered_by_the_gateway(trace_setup: Setup) -> None:
+    # RFC 9110 7.6.2: the intermediary that receives Max-Forwards: 0 is the final recipient.
+    secret = [("Max-Forwards", "0"), ("Authorization", "Bearer s3cret"), ("X-Mine", "1")]
+    with trio.fail_after(DEADLINE):
+        options = await http_request(trace_setup.port, "OPTIONS", "/api/x", [secret[0]])
+        trace = await http_request(trace_setup.port, "TRACE", "/traced/x", secret)
+        onward = await http_request(trace_setup.port, "OPTIONS", "/api/x", [("Max-Forwards", "5")])
+    assert options.status == 200
+    assert options.header("allow") == "DELETE, GET, HEAD, OPTIONS, PATCH, POST, PUT"
+    assert trace.status == 200
+    assert trace.header("content-type") == "message/http"
+    assert trace.body.startswith(b"TRACE /traced/x HTTP/1.1\r\n")
+    assert b"X-Mine: 1" in trace.body
+    assert b"s3cret" not in trace.body  # credentials are never echoed
+    assert onward.status == 200
+    (seen,) = trace_setup.up.requests  # only the OPTIONS with hops left went on
+    assert (seen.method, seen.header("max-forwards")) == (b"OPTIONS", "4")
+
+
+async def test_via_names_the_protocol_version_received(setup: Setup) -> None:
+    with trio.fail_after(DEADLINE):
+        await send_raw(setup.port, head("/api/old", "Host: a", version="1.0"))
+    assert setup.up.requests[-1].header("via") == "1.0 filtergate"  # RFC 9110 7.6.3
