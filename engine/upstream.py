@@ -3,7 +3,9 @@
 Only this module and :mod:`engine.server` touch sockets. The gateway writes each
 request head itself; h11 parses the responses (:mod:`engine.wire`). A connection goes
 back to its pool only when its response ended cleanly (where its framing said, no bytes
-after it, no error). Errors become
+after it, no error). A request body is sent while the response is watched for
+(RFC 9112 9.5): a final response that comes first (a 413 or 401 right after the head)
+stops the sending and is returned, and that connection is never reused. Errors become
 the gateway's types where they enter:
 
 * refused / unreachable connect -> the target is ejected for ``eject_cooldown`` and the
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import random
 import re
@@ -42,7 +45,7 @@ from engine.errors import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
-from engine.exchange import Headers, Response, UpstreamCall
+from engine.exchange import BodyStream, Headers, Response, UpstreamCall
 from engine.metrics import counter, gauge
 from engine.sockets import RawSocket
 from engine.wire import BodyReader, ChunkedReader, Http10Reader, ProtocolError, Reader
@@ -380,7 +383,6 @@ class Pool:
         self, call: UpstreamCall, conn: _Conn, read_timeout: float, deadline: float
     ) -> Response:
         # The gateway writes the request; h11 parses the response (engine.wire).
-        wire = conn.wire
         io = conn.io
         body = call.body
         method = call.method
@@ -417,61 +419,35 @@ class Pool:
             chunked = True
         head.append(b"\r\n")
         data = b"".join(head)
-        reused = conn.reused
-        got_bytes = False
-        informational = 0
         wt = self.config.write_timeout
+        sender: _BodySender | None = None
         try:
             try:
-                if isinstance(body, bytes):
+                if body is None:
+                    await io.send_all(data, wt, deadline)
+                elif isinstance(body, bytes):
                     data += body
-                await io.send_all(data, wt, deadline)
-                if body is not None and not isinstance(body, bytes):
+                    # What the kernel takes at once goes out here, as send_all would;
+                    # a rest is sent while the upstream is watched for an early answer.
+                    try:
+                        sent = io.sock.send(data)
+                    except BlockingIOError:
+                        sent = 0
+                    if sent < len(data):
+                        sender = _BodySender(io, data[sent:], None, False, None, wt, deadline)
+                else:
+                    await io.send_all(data, wt, deadline)
                     call.body_started = True
-                    sent = 0
-                    async for chunk in body:
-                        if chunk:
-                            sent += len(chunk)
-                            if chunked:
-                                chunk = b"%x\r\n" % len(chunk) + chunk + b"\r\n"
-                            await io.send_all(chunk, wt, deadline)
-                            await trio.lowlevel.checkpoint()
-                    if chunked:
-                        await io.send_all(b"0\r\n\r\n", wt, deadline)
-                    elif sent != call.body_length:
-                        raise BadGateway("the request body did not match its Content-Length")
+                    sender = _BodySender(io, b"", body, chunked, call.body_length, wt, deadline)
             except OSError:
                 # The upstream may have answered early and closed; read what it said.
-                if reused and not call.body_started:
+                if conn.reused and not call.body_started:
                     self._discard(conn)
                     raise _StaleConnection() from None
-            # Response head: skip 1xx, keep the final one.
-            while True:
-                ev = wire.response()
-                if ev is None:
-                    # Just sent: the answer is seldom here yet, so wait before reading.
-                    until = min(deadline, trio.current_time() + read_timeout)
-                    chunk = await io.recv_until(until)
-                    if chunk:
-                        got_bytes = True
-                    elif not got_bytes:
-                        self._discard(conn)
-                        # The whole request went out: the server may have acted on it
-                        # before closing, so only a call safe to repeat goes again.
-                        if reused and not call.body_started and replayable(call):
-                            raise _StaleConnection()
-                        raise UpstreamReset(
-                            f"upstream {self.name!r} closed the connection without answering"
-                        )
-                    wire.feed(chunk)
-                    continue
-                if type(ev) is h11.Response:
-                    break
-                if ev.status_code == 101:  # never asked for: the gateway sends no Upgrade
-                    raise BadGateway(f"upstream {self.name!r} switched protocols unasked")
-                informational += 1
-                if informational > 10:  # an upstream may not stall us with 1xx forever
-                    raise BadGateway(f"upstream {self.name!r} sent too many 1xx responses")
+            if sender is None:
+                ev = await self._response_head(conn, call, read_timeout, deadline, None)
+            else:
+                ev = await self._send_watching(conn, call, sender, read_timeout, deadline)
         except trio.TooSlowError:
             self._discard(conn)
             self._count["timeout"].inc()
@@ -480,12 +456,6 @@ class Pool:
             self._discard(conn)
             self._count["garbage"].inc()
             raise BadGateway(f"upstream {self.name!r} answered garbage: {e}") from None
-        except OSError as e:
-            self._discard(conn)
-            self._count["reset"].inc()
-            if got_bytes:
-                raise BadGateway(f"upstream {self.name!r} reset the connection: {e}") from None
-            raise UpstreamReset(f"upstream {self.name!r} reset the connection: {e}") from None
         except BaseException:
             self._discard(conn)
             raise
@@ -494,6 +464,10 @@ class Pool:
         te = False
         cl: bytes | None = None
         keep_alive = ev.http_version == b"1.1"  # HTTP/1.0 keep-alive is not used (as h11)
+        if sender is not None and not sender.done:
+            # Answered before the request body went out whole: the connection is in
+            # the middle of a request, never to be reused.
+            keep_alive = False
         for n, v in items:
             if n == b"transfer-encoding":
                 te = True
@@ -526,6 +500,101 @@ class Pool:
             keep_alive = False
         resp.stream = _UpstreamBody(self, conn, read_timeout, deadline, length, reader, keep_alive)
         return resp
+
+    async def _response_head(
+        self,
+        conn: _Conn,
+        call: UpstreamCall,
+        read_timeout: float,
+        deadline: float,
+        sender: _BodySender | None,
+    ) -> h11.Response:
+        """The final response head; 1xx ones are skipped.
+
+        While ``sender`` still sends the request body, the upstream is watched without
+        ``read_timeout`` (which starts once the request is sent): it may answer before
+        reading the body. Raises :class:`_StaleConnection`, :class:`UpstreamReset`,
+        :class:`BadGateway`, ``ProtocolError`` (garbage) or ``trio.TooSlowError``.
+        """
+        wire = conn.wire
+        io = conn.io
+        got_bytes = False
+        informational = 0
+        while True:
+            ev = wire.response()
+            if ev is None:
+                try:
+                    if sender is not None and sender.running:
+                        chunk = await sender.watch()
+                        if chunk is None:
+                            continue  # the sending ended: read_timeout from now on
+                        if not chunk:
+                            sender.stop()  # the upstream closed: nobody reads the rest
+                    else:
+                        # Just sent: the answer is seldom here yet, so wait before reading.
+                        until = min(deadline, trio.current_time() + read_timeout)
+                        chunk = await io.recv_until(until)
+                except OSError as e:
+                    self._discard(conn)
+                    self._count["reset"].inc()
+                    if got_bytes:
+                        raise BadGateway(
+                            f"upstream {self.name!r} reset the connection: {e}"
+                        ) from None
+                    raise UpstreamReset(
+                        f"upstream {self.name!r} reset the connection: {e}"
+                    ) from None
+                if chunk:
+                    got_bytes = True
+                elif not got_bytes or not wire:
+                    self._discard(conn)
+                    # A request that went out whole may have been acted on before the
+                    # server closed, so only a call safe to repeat goes again.
+                    if (
+                        not got_bytes
+                        and conn.reused
+                        and not call.body_started
+                        and (replayable(call) or (sender is not None and sender.failed))
+                    ):
+                        raise _StaleConnection()
+                    raise UpstreamReset(
+                        f"upstream {self.name!r} closed the connection without answering"
+                    )
+                wire.feed(chunk)
+                continue
+            if type(ev) is h11.Response:
+                return ev
+            if ev.status_code == 101:  # never asked for: the gateway sends no Upgrade
+                raise BadGateway(f"upstream {self.name!r} switched protocols unasked")
+            informational += 1
+            if informational > 10:  # an upstream may not stall us with 1xx forever
+                raise BadGateway(f"upstream {self.name!r} sent too many 1xx responses")
+
+    async def _send_watching(
+        self,
+        conn: _Conn,
+        call: UpstreamCall,
+        sender: _BodySender,
+        read_timeout: float,
+        deadline: float,
+    ) -> h11.Response:
+        """The final response head, read while ``sender`` sends the request body.
+
+        RFC 9112 9.5: a client sending a body should watch for an error response
+        meanwhile. An upstream that refuses a request (413, 401) may answer right
+        after its head and never read the body; a final head that comes first stops
+        the sending (``sender.done`` stays false). Raises as :meth:`_response_head`,
+        and what the sending raises (``trio.TooSlowError``, :class:`BadGateway`, the
+        errors of the client's body stream), unwrapped from the nursery.
+        """
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(sender.run)
+                ev = await self._response_head(conn, call, read_timeout, deadline, sender)
+                sender.stop()
+        except BaseExceptionGroup as group:
+            raise _first_error(group) from None
+        return ev
 
     # -- active health checks ----------------------------------------------------------
 
@@ -625,6 +694,121 @@ class _StaleConnection(Exception):
     Raised when writing the request failed (it did not reach the server whole), or when
     the server closed without a byte of a response to a :func:`replayable` call.
     """
+
+
+class _BodySender:
+    """Sends the rest of a request (its body) in a task of its own.
+
+    ``done`` once the request went out whole; ``failed`` when a write failed (the
+    upstream stopped reading: its answer, if it sent one, is read all the same).
+    """
+
+    __slots__ = (
+        "_body",
+        "_chunked",
+        "_data",
+        "_deadline",
+        "_io",
+        "_length",
+        "_scope",
+        "_wake",
+        "_write_timeout",
+        "done",
+        "failed",
+        "running",
+    )
+
+    def __init__(
+        self,
+        io: RawSocket,
+        data: bytes,
+        body: BodyStream | None,
+        chunked: bool,
+        length: int | None,
+        write_timeout: float,
+        deadline: float,
+    ) -> None:
+        self._io = io
+        self._data = data
+        self._body = body
+        self._chunked = chunked
+        self._length = length
+        self._write_timeout = write_timeout
+        self._deadline = deadline
+        self._scope = trio.CancelScope()
+        self._wake: trio.CancelScope | None = None
+        self.running = True
+        self.done = False
+        self.failed = False
+
+    async def run(self) -> None:
+        try:
+            with self._scope:
+                await self._send()
+                self.done = True
+        except OSError:
+            self.failed = True
+        finally:
+            self.running = False
+            if self._wake is not None:
+                self._wake.cancel()  # ends a watch in progress: the reading goes on
+
+    async def _send(self) -> None:
+        io = self._io
+        wt = self._write_timeout
+        deadline = self._deadline
+        if self._data:
+            await io.send_all(self._data, wt, deadline)
+        body = self._body
+        if body is None:
+            return
+        chunked = self._chunked
+        length = self._length
+        sent = 0
+        async for chunk in body:
+            if chunk:
+                sent += len(chunk)
+                if chunked:
+                    chunk = b"%x\r\n" % len(chunk) + chunk + b"\r\n"
+                await io.send_all(chunk, wt, deadline)
+                if not chunked:
+                    # Sent whole with its last byte: the answer may come before the
+                    # stream has said that it ended.
+                    self.done = sent == length
+                await trio.lowlevel.checkpoint()
+        if chunked:
+            await io.send_all(b"0\r\n\r\n", wt, deadline)
+        elif sent != length:
+            raise BadGateway("the request body did not match its Content-Length")
+
+    def stop(self) -> None:
+        """Send no more (the upstream answered or closed); no-op once ended."""
+        self._scope.cancel()
+
+    async def watch(self) -> bytes | None:
+        """What the upstream sends next (``b""`` when it closed), or ``None`` when the
+        sending ended first. Raises ``OSError``; ``trio.TooSlowError`` when a write
+        timed out (the sender raises that too)."""
+        with trio.CancelScope() as wake:
+            self._wake = wake
+            try:
+                return await self._io.recv_until(math.inf)
+            except trio.ClosedResourceError:
+                # expire() ends every wait on the socket, this one too.
+                raise trio.TooSlowError from None
+        return None
+
+
+def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """What to raise for the errors of a nursery's tasks: the first that is not a
+    cancellation (a write timeout ends the watch too), else the group itself."""
+    _, rest = group.split(trio.Cancelled)
+    if rest is None:
+        return group
+    leaf: BaseException = rest
+    while isinstance(leaf, BaseExceptionGroup):
+        leaf = leaf.exceptions[0]
+    return leaf
 
 
 def replayable(call: UpstreamCall) -> bool:
