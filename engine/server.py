@@ -358,7 +358,13 @@ class _ClientBody:
         conn = self._conn
         if conn.expect_100:  # the client holds the body back until told to send it
             conn.expect_100 = False
-            await conn.send_raw(b"HTTP/1.1 100 Continue\r\n\r\n")
+            try:
+                await conn.send_raw(b"HTTP/1.1 100 Continue\r\n\r\n")
+            except trio.Cancelled:
+                # Cancelled mid-write (an upstream answered first, over TLS): the client
+                # may have part of a line. Nothing more can be said on this connection.
+                conn.framing_broken = True
+                raise
         wire = conn.wire
         reader = self._reader
         while True:
