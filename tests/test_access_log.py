@@ -115,6 +115,28 @@ async def test_a_rotated_file_is_reopened(
     assert [json.loads(line)["target"] for line in current] == ["/echo/after"]
 
 
+async def test_a_reload_keeps_an_unchanged_log_and_switches_a_changed_one(
+    stubs: Stubs, tmp_path: Path, autojump_clock: Any
+) -> None:
+    first, second = tmp_path / "first.log", tmp_path / "second.log"
+    config = _config(stubs, path=str(first))
+    config["server"] = {"listen": ["127.0.0.1:0"]}
+    config["admin"] = {"listen": "127.0.0.1:0"}
+    with trio.fail_after(20):
+        async with open_gateway(config) as gw:
+            log = gw.gateway.runtime.access_log
+            await http_request(gw.port, "GET", "/echo/1")
+            await gw.gateway.reload(load(config))  # the same [access_log]: the same log
+            assert gw.gateway.runtime.access_log is log
+            await http_request(gw.port, "GET", "/echo/2")
+            config["access_log"] = {"path": str(second)}
+            await gw.gateway.reload(load(config))
+            await trio.sleep(0.1)  # the replaced log's task ends: it writes what it held
+            assert [json.loads(line)["target"] for line in _lines(first)] == ["/echo/1", "/echo/2"]
+            await http_request(gw.port, "GET", "/echo/3")
+    assert [json.loads(line)["target"] for line in _lines(second)] == ["/echo/3"]
+
+
 async def test_a_failing_log_never_fails_a_request(stubs: Stubs) -> None:
     dropped = counter("filtergate_access_log_dropped_lines_total", "")
     before = dropped.value()
