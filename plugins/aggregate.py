@@ -34,7 +34,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import trio
 
@@ -346,8 +346,16 @@ class _CallPlan:
         self.extract = JsonPath.parse(config.extract) if config.extract is not None else None
 
     def target(self, lookup: Lookup) -> bytes:
-        """The request target; values are percent-encoded. Raises :class:`MissingValue`."""
-        return self.path.render(lookup, escape=_escape_value).encode("ascii")
+        """The request target; values are percent-encoded. Raises :class:`MissingValue`,
+        and :class:`_CallFailed` when values made a ``.`` or ``..`` segment."""
+        target = self.path.render(lookup, escape=_escape_value)
+        # quote() leaves "." alone, and an upstream decodes %2E before it removes dot
+        # segments (RFC 3986 6.2.2): a value of ".." would climb out of its segment.
+        if "." in target and any(
+            unquote(seg) in _DOT_SEGMENTS for seg in target.partition("?")[0].split("/")
+        ):
+            raise _CallFailed("a request value made a dot segment in the call's path")
+        return target.encode("ascii")
 
     def request_headers(self, exchange: Exchange, lookup: Lookup) -> Headers:
         items: list[tuple[bytes, bytes]] = [
@@ -381,6 +389,9 @@ class _CallPlan:
                     flat.append(item)
             value = flat
         return self.fields.shape(value)
+
+
+_DOT_SEGMENTS = frozenset({".", ".."})
 
 
 def _escape_value(text: str) -> str:

@@ -390,6 +390,34 @@ async def test_values_are_percent_encoded(autojump_clock: trio.testing.MockClock
     assert resp.status == 200
 
 
+@pytest.mark.parametrize("value", ["..", "."])
+async def test_a_value_never_makes_a_dot_segment(
+    autojump_clock: trio.testing.MockClock, value: str
+) -> None:
+    # quote() leaves "." alone, and upstreams decode %2E before removing dot segments
+    # (RFC 3986 6.2.2): "/users/../orders" would reach /orders. The call fails instead.
+    agg = _aggregate(
+        {"calls": [{"name": "s", "upstream": "u", "path": "/users/{header.x-uid}/orders"}]}
+    )
+    fake = FakeUpstreams({"u/orders": (0.1, 200, {}), "u/users/../orders": (0.1, 200, {})})
+    ex = _exchange(fake)
+    ex.request.headers.add("x-uid", value)
+    with trio.fail_after(5), pytest.raises(BadGateway) as info:
+        await agg.on_request(ex)
+    assert "dot segment" in info.value.message
+    assert fake.calls == []  # nothing was sent
+
+
+async def test_dots_inside_a_value_are_kept(autojump_clock: trio.testing.MockClock) -> None:
+    agg = _aggregate({"calls": [{"name": "s", "upstream": "u", "path": "/files/{header.x-f}"}]})
+    fake = FakeUpstreams({"u/files/a..b.json": (0.1, 200, {})})
+    ex = _exchange(fake)
+    ex.request.headers.add("x-f", "a..b.json")
+    with trio.fail_after(5):
+        resp = await agg.on_request(ex)
+    assert resp.status == 200
+
+
 # -- config errors ---------------------------------------------------------------------------
 
 
