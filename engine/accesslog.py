@@ -97,7 +97,15 @@ class AccessLog:
                 elif name == b"referer":
                     referer = value
             method = req.method.decode("ascii", "replace")
-            target = req.target.decode("utf-8", "backslashreplace")
+            # The target as forwarded, after the filters: a query credential that an
+            # auth filter hides from the upstream is not written here either. Before
+            # there is an exchange (a refused head), the query is left out for the same
+            # reason: no filter has looked at it.
+            if exchange is not None:
+                raw = exchange.request.target
+            else:
+                raw = req.target.partition(b"?")[0]
+            target = raw.decode("utf-8", "backslashreplace")
             version = "HTTP/" + req.http_version.decode("ascii", "replace")
         if self._json:
             route = upstream = consumer = upstream_ms = None

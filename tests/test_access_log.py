@@ -18,6 +18,7 @@ from engine.config import load
 from engine.metrics import counter
 from engine.schema import ConfigError
 from engine.testing import Stubs, http_request, open_gateway, raw_exchange
+from plugins.key_auth import hash_key
 
 
 def _config(stubs: Stubs, **access_log: Any) -> dict[str, Any]:
@@ -60,6 +61,32 @@ async def test_json_lines_say_what_happened(stubs: Stubs, tmp_path: Path) -> Non
     assert second["request_id"] == ok.header("x-request-id")
     assert third["status"] == 404
     assert [third[k] for k in ("route", "upstream", "upstream_ms")] == [None, None, None]
+
+
+async def test_a_hidden_query_credential_is_not_logged(stubs: Stubs, tmp_path: Path) -> None:
+    key = "alice-key-0123456789abcdef0123456789"
+    path = tmp_path / "access.log"
+    config = _config(stubs, path=str(path))
+    config["routes"][0]["plugins"] = {
+        "key-auth": {
+            "query_param": "apikey",
+            "hide_credentials": True,
+            "consumers": [{"id": "alice", "key_sha256": hash_key(key)}],
+        }
+    }
+    with trio.fail_after(20):
+        async with open_gateway(config) as gw:
+            ok = await http_request(gw.port, "GET", f"/echo/k?apikey={key}&a=1")
+            refused = await raw_exchange(
+                gw.port, f"GET /echo?apikey={key} HTTP/1.1\r\nHost: a b\r\n\r\n".encode()
+            )
+    assert ok.status == 200
+    assert refused.startswith(b"HTTP/1.1 400 ")  # an invalid Host: refused before any filter
+    logged = path.read_text()
+    assert key not in logged
+    first, second = (json.loads(line) for line in logged.splitlines())
+    assert (first["target"], first["consumer"]) == ("/echo/k?a=1", "alice")
+    assert second["target"] == "/echo"
 
 
 async def test_combined_format_and_a_malformed_request(stubs: Stubs, tmp_path: Path) -> None:
