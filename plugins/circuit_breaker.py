@@ -57,6 +57,7 @@ __all__ = [
     "CircuitBreakerConfig",
     "CountWindow",
     "Event",
+    "FailedResponseHidden",
     "FallbackConfig",
     "InvalidTransition",
     "Outcome",
@@ -647,6 +648,16 @@ def is_fallback(exchange: Exchange, response: Response) -> bool:
     return answers is not None and any(r is response for r in answers)
 
 
+class FailedResponseHidden(BadGateway):
+    """``hide_failed_responses``: the upstream answered ``upstream_status``, counted as a
+    failure, and the client gets a 502 instead. A ``retry`` filter around the breaker
+    still sees the upstream's status, and retries it as it would the response."""
+
+    def __init__(self, upstream_status: int) -> None:
+        super().__init__(f"upstream answered {upstream_status}")
+        self.upstream_status = upstream_status
+
+
 def _publish_state(name: str, state: State) -> None:
     for s in State:
         _STATE_GAUGE.set(1.0 if s is state else 0.0, breaker=name, state=s.value)
@@ -805,7 +816,7 @@ class CircuitBreaker(Filter):
             breaker.record(admission, _FAILURE, trio.current_time(), f"status {response.status}")
             if self.config.hide_failed_responses:
                 await response.aclose()
-                raise BadGateway(f"upstream answered {response.status}")
+                raise FailedResponseHidden(response.status)
             return response
         if slow is not None:
             end = trio.current_time()

@@ -42,7 +42,7 @@ from engine.exchange import Exchange, Response, UpstreamCall
 from engine.metrics import counter
 from engine.plugins import hookimpl
 from engine.schema import Duration, Invalid
-from plugins.circuit_breaker import RollingCount, is_fallback
+from plugins.circuit_breaker import FailedResponseHidden, RollingCount, is_fallback
 
 __all__ = ["IDEMPOTENT_METHODS", "Retry", "RetryBudget", "RetryConfig", "backoff_cap"]
 
@@ -209,13 +209,17 @@ class Retry(Filter):
                 excluded = None
                 continue
             except GatewayError as e:
+                reason = e.code
                 if e.code in _UNSENT_CODES:
                     wanted = True
+                elif isinstance(e, FailedResponseHidden):
+                    # The breaker hid the upstream's answer: judge it as that answer.
+                    wanted = e.upstream_status in self.statuses
+                    reason = f"status_{e.upstream_status}"
                 else:
                     wanted = cfg.on_timeout and isinstance(e, UpstreamTimeout)
                 if not (wanted and retryable_method and self._may_retry(call, retries, budget)):
                     raise
-                reason = e.code
             else:
                 if (
                     response.status not in self.statuses

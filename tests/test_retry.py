@@ -332,6 +332,35 @@ async def test_retry_wraps_the_breaker_and_an_open_breaker_is_not_retried(
         assert upstream.calls == 2
 
 
+@pytest.mark.parametrize("hide", [False, True])
+async def test_a_hidden_failed_response_is_retried_as_the_response(
+    autojump_clock: trio.testing.MockClock, hide: bool
+) -> None:
+    # hide_failed_responses turns the upstream's 503 into a 502 for the client; the
+    # retry around the breaker still sees the 503, and retries it as it would the response.
+    with trio.fail_after(10):
+        retry = make_retry()
+        breaker = CircuitBreaker(
+            build(CircuitBreakerConfig, {"hide_failed_responses": hide}),
+            FilterContext("circuit-breaker", "global"),
+        )
+        chain = compile_chain([retry, breaker])
+        upstream = Upstream(503, 200)
+        send = wrap_upstream(chain.around, make_exchange(), upstream)
+        response = await send(make_call())
+        assert response.status == 200
+        assert upstream.calls == 2
+        # A status the retry filter does not retry: the 502 reaches the client.
+        upstream = Upstream(500, 200)
+        send = wrap_upstream(chain.around, make_exchange(), upstream)
+        if hide:
+            with pytest.raises(BadGateway):
+                await send(make_call())
+        else:
+            assert (await send(make_call())).status == 500
+        assert upstream.calls == 1
+
+
 async def test_a_fallback_answer_is_not_retried(autojump_clock: trio.testing.MockClock) -> None:
     with trio.fail_after(10):
         retry = make_retry(attempts=3)
