@@ -224,20 +224,25 @@ TOKENS: list[tuple[str, Callable[[], str], str | None]] = [
 @pytest.mark.parametrize(("name", "make", "error"), TOKENS, ids=[t[0] for t in TOKENS])
 async def test_token_table(name: str, make: Callable[[], str], error: str | None) -> None:
     with trio.fail_after(5):
-        f = _filter(_rsa_config())
-        token = make()
-        if error is None:
-            ex = await _run(f, _bearer(token))
+        ex = await _admitted_unless(error, _filter(_rsa_config()), make())
+        if ex is not None:
             assert ex.identity is not None
             assert ex.identity.consumer == "alice"
             assert ex.request.headers.get("x-user-id") == b"alice"
-            return
-        with pytest.raises(Unauthorized) as info:
-            await _run(f, _bearer(token))
-        www = _www(info.value)
-        assert www.startswith('Bearer realm="filtergate", error="invalid_token"'), www
-        assert error in www
-        assert token not in info.value.message
+
+
+async def _admitted_unless(error: str | None, f: JwtAuth, token: str) -> Exchange | None:
+    """The exchange ``f`` admitted with ``token`` when ``error`` is ``None``; else
+    ``None``, once ``f`` refused it with a 401 ``invalid_token`` that says ``error``."""
+    if error is None:
+        return await _run(f, _bearer(token))
+    with pytest.raises(Unauthorized) as info:
+        await _run(f, _bearer(token))
+    www = _www(info.value)
+    assert www.startswith('Bearer realm="filtergate", error="invalid_token"'), www
+    assert error in www
+    assert token not in info.value.message
+    return None
 
 
 async def test_tokens_never_reach_the_logs(caplog: pytest.LogCaptureFixture) -> None:
@@ -461,6 +466,39 @@ async def test_required_roles_from_a_nested_claim() -> None:
             await _run(f, _bearer(_token(realm_access={"roles": ["dev"]})))
         with pytest.raises(Forbidden):
             await _run(f, _bearer(_token()))  # "roles" is not looked at any more
+
+
+DOTTED_CLAIMS: list[tuple[str, dict[str, Any], str | None]] = [
+    ("nested", {"user": {"id": "u-7"}, "org": {"tenant": "acme"}}, None),
+    ("named with the dots", {"user.id": "u-7", "org.tenant": "acme"}, None),
+    ("no consumer", {"org": {"tenant": "acme"}}, "the token has no user.id claim"),
+    ("consumer null", {"user": {"id": None}, "org": {"tenant": "acme"}}, "no user.id claim"),
+    ("consumer a number", {"user": {"id": 7}, "org": {"tenant": "acme"}}, "not a string"),
+    ("no required claim", {"user": {"id": "u-7"}}, "the token has no org.tenant claim"),
+    ("required not nested", {"user": {"id": "u-7"}, "org": "acme"}, "no org.tenant claim"),
+    ("no top-level claim", {"user": {"id": "u-7"}, "org": {"tenant": "a"}, "tid": None}, "tid"),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "claims", "error"), DOTTED_CLAIMS, ids=[c[0] for c in DOTTED_CLAIMS]
+)
+async def test_dotted_consumer_and_required_claims(
+    name: str, claims: dict[str, Any], error: str | None
+) -> None:
+    f = _filter(
+        _rsa_config(
+            claims_to_headers={"user.id": "X-User-Id", "org.tenant": "X-Tenant"},
+            issuer_over={"consumer_claim": "user.id", "required_claims": ["org.tenant", "tid"]},
+        )
+    )
+    with trio.fail_after(5):
+        ex = await _admitted_unless(error, f, _token(**{"sub": None, "tid": "t-1", **claims}))
+        if ex is not None:
+            assert ex.identity is not None
+            assert ex.identity.consumer == "u-7"
+            assert ex.request.headers.get("x-user-id") == b"u-7"
+            assert ex.request.headers.get("x-tenant") == b"acme"
 
 
 async def test_cookie_token_and_hide_credentials() -> None:
@@ -1037,6 +1075,41 @@ async def test_end_to_end_through_the_gateway() -> None:
                 assert resp.status == 200
                 seen = {k.lower(): v for k, v in resp.json()["headers"].items()}
                 assert "x-user-id" not in seen
+
+
+async def test_dotted_claims_end_to_end_through_the_gateway() -> None:
+    testing = pytest.importorskip("engine.testing")
+    plugin = _rsa_config(
+        claims_to_headers={"user.id": "X-User-Id"},
+        issuer_over={"consumer_claim": "user.id", "required_claims": ["org.tenant"]},
+    )
+    with trio.fail_after(20):
+        async with testing.open_stubs() as stubs:
+            config = {
+                "upstreams": {"echo": {"targets": [f"127.0.0.1:{stubs.ports['echo']}"]}},
+                "plugins": {"jwt-auth": plugin},
+                "routes": [{"name": "orders", "prefix": "/orders", "upstream": "echo"}],
+            }
+            async with testing.open_gateway(config) as gw:
+
+                async def get(token: str) -> Any:
+                    headers = [("authorization", f"Bearer {token}")]
+                    return await testing.http_request(gw.port, "GET", "/orders/1", headers=headers)
+
+                resp = await get(_token(sub=None, user={"id": "u-7"}, org={"tenant": "acme"}))
+                assert resp.status == 200
+                seen = {k.lower(): v for k, v in resp.json()["headers"].items()}
+                assert seen["x-user-id"] == "u-7"
+
+                lacking: list[tuple[dict[str, Any], str]] = [
+                    ({"org": {"tenant": "acme"}}, "user.id"),
+                    ({"user": {"id": "u-7"}}, "org.tenant"),
+                ]
+                for claims, missing in lacking:
+                    resp = await get(_token(**claims))
+                    assert resp.status == 401
+                    www = resp.header("www-authenticate") or ""
+                    assert f'error_description="the token has no {missing} claim"' in www
 
 
 async def test_jwks_end_to_end_through_the_gateway() -> None:

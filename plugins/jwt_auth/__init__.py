@@ -93,6 +93,10 @@ class _Issuer:
         self.audience: list[str] | None = (
             [audience] if isinstance(audience, str) else list(audience) if audience else None
         )
+        required = list(dict.fromkeys([*config.required_claims, config.consumer_claim]))
+        # pyjwt's ``require`` only knows top-level names: a dotted path (``user.id``)
+        # would never be found there, so those are checked by :func:`claim_at`.
+        self.required_paths = tuple(c for c in required if "." in c)
         self.options: Options = {
             "verify_signature": True,
             # Times are checked by claims.check_times against an explicit ``now``.
@@ -101,7 +105,7 @@ class _Issuer:
             "verify_iat": False,
             "verify_aud": self.audience is not None,
             "verify_iss": config.issuer is not None,
-            "require": list(dict.fromkeys([*config.required_claims, config.consumer_claim])),
+            "require": [c for c in required if "." not in c],
         }
 
     def keyset(self) -> KeySet | None:
@@ -454,6 +458,9 @@ class JwtAuth(Filter):
         """The claims of ``token``, its signature, times, consumer and grants checked."""
         cfg = issuer.config
         claims = _decode(token, candidates, issuer)
+        for path in issuer.required_paths:  # absent or null, as pyjwt's ``require``
+            if claim_at(claims, path) is None:
+                raise AuthFailure("missing_claim", f"the token has no {path} claim")
         check_times(
             claims, now, leeway=cfg.leeway, require_exp=cfg.require_exp, max_age=cfg.max_age
         )
