@@ -11,15 +11,28 @@ finds nothing renders as the empty string (or the ``|default``).
 
 Bodies are only buffered when JSON edits are configured for that direction, and only
 JSON bodies (``application/json`` or ``application/*+json``) in identity encoding are
-rewritten. A body that is not valid JSON, compressed, or larger than
+rewritten. JSON here is RFC 8259: ``NaN``/``Infinity``, numbers beyond a double and
+nesting deeper than the parser's recursion limit are invalid, and the filter never
+writes them. A body that is not valid JSON, compressed, or larger than
 ``[server] max_buffered_body`` passes through unchanged and is counted in
-``filtergate_transform_body_skipped_total``; with ``mandatory = true`` an oversized body
-is refused instead (413 for a request, 502 for a response).
+``filtergate_transform_body_skipped_total``.
+
+With ``mandatory = true`` a body the filter cannot edit never passes unedited, since
+many upstreams parse JSON whatever the Content-Type says, accept what this parser
+refuses (trailing commas) and read duplicate keys first-wins where it reads them
+last-wins. A request body is refused: 415 when its Content-Type is not JSON or it has
+a content coding, 400 when it is not valid JSON, 413 when it is over the buffer cap. A
+response body with a JSON Content-Type is replaced by a 502 when it is compressed,
+invalid or over the cap (the filter asks the upstream for ``Accept-Encoding:
+identity`` so that a client's gzip never causes one). The body is re-serialized even
+when the edits change nothing, so the receiver reads exactly the document the
+gateway edited.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +42,7 @@ from urllib.parse import quote, unquote_plus
 from engine.chain import Filter, FilterContext, Stage
 from engine.errors import (
     BadGateway,
+    BadRequest,
     GatewayError,
     PayloadTooLarge,
     ServiceUnavailable,
@@ -59,6 +73,7 @@ __all__ = [
     "ResponseTransform",
     "Transform",
     "TransformConfig",
+    "UnsupportedMediaType",
 ]
 
 BODY_SKIPPED = counter(
@@ -78,6 +93,9 @@ _FRAMING_HEADERS = frozenset(
 _CTL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _GROUP_REF_RE = re.compile(r"\\(\d+)|\\g<(\w+)>")
 _PATH_SAFE = "/%:@!$&'()*+,;=-._~"
+# Upstream statuses the filter sees are final ones (the engine skips 1xx); a 1xx sent
+# in their place would tell the client another response or another protocol follows.
+_FINAL_STATUS_RE = re.compile(r"[2-5][0-9][0-9]")
 
 
 def _check_header_name(key: str, name: str) -> None:
@@ -95,6 +113,8 @@ def _check_template(key: str, text: str) -> None:
 
 
 def _check_value(key: str, value: Any) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise Invalid(key, f"{value} is not a JSON number")
     if isinstance(value, str):
         _check_template(key, value)
     elif isinstance(value, dict):
@@ -196,8 +216,9 @@ class JsonOps:
     mandatory: bool = field(
         default=False,
         metadata={
-            "doc": "a body over [server] max_buffered_body is refused (413 request, "
-            "502 response) instead of passing through untouched"
+            "doc": "a body that cannot be edited is refused instead of passing through "
+            "untouched (request: 415 not JSON or compressed, 400 invalid, 413 too large; "
+            "response: 502)"
         },
     )
 
@@ -277,10 +298,10 @@ class ResponseTransform:
 
     def __post_init__(self) -> None:
         for key, value in self.status_map.items():
-            if not (key.isdigit() and 100 <= int(key) <= 599):
-                raise Invalid(f"status_map.{key}", 'keys are status codes like "500"')
-            if not 100 <= value <= 599:
-                raise Invalid(f"status_map.{key}", f"not a status code: {value}")
+            if not _FINAL_STATUS_RE.fullmatch(key):
+                raise Invalid(f"status_map.{key}", 'keys are final status codes like "500"')
+            if isinstance(value, bool) or not 200 <= value <= 599:
+                raise Invalid(f"status_map.{key}", f"not a final status code (200-599): {value}")
 
 
 @dataclass(frozen=True)
@@ -455,8 +476,63 @@ def _is_compressed(headers: Headers) -> bool:
     return encoding is not None and encoding.strip().lower() not in (b"", b"identity")
 
 
+class UnsupportedMediaType(GatewayError):
+    """A request body the filter must edit but cannot read: not JSON, or compressed."""
+
+    status, code = 415, "unsupported_media_type"
+
+
+class _NotJson(ValueError):
+    """A body that is not RFC 8259 JSON, or an edited document that cannot be written as
+    JSON (a non-finite number taken from a claim)."""
+
+
+def _reject_constant(name: str) -> Any:
+    raise _NotJson(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999: a double cannot hold it, and inf is not JSON
+        raise _NotJson(f"{text} is out of range")
+    return value
+
+
+def _load_json(body: bytes) -> Any:
+    """``body`` parsed as RFC 8259 JSON; raises :class:`_NotJson` for anything else.
+
+    ``NaN`` and ``Infinity`` (which :func:`json.loads` accepts), numbers that overflow a
+    double, bad UTF-8 and nesting deep enough to exhaust the parser's recursion limit are
+    all invalid, so that a body never causes a ``RecursionError`` (a 500).
+    """
+    try:
+        return json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float)
+    except _NotJson:
+        raise
+    except RecursionError:
+        raise _NotJson("nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, int digit limit
+        raise _NotJson(str(e)) from None
+
+
+def _dump_json(doc: Any) -> bytes:
+    """``doc`` as compact UTF-8 JSON; raises :class:`_NotJson` when it is not JSON."""
+    try:
+        text = json.dumps(doc, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    except RecursionError:
+        raise _NotJson("nested too deeply") from None
+    except ValueError as e:  # a non-finite number, from a claim
+        raise _NotJson(str(e)) from None
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        # A lone surrogate ("\ud800" in the source) has no UTF-8 form: keep it escaped.
+        return json.dumps(doc, allow_nan=False, separators=(",", ":")).encode()
+
+
 _STATUS_ERRORS: dict[int, type[GatewayError]] = {
     413: PayloadTooLarge,
+    415: UnsupportedMediaType,
     502: BadGateway,
     503: ServiceUnavailable,
     504: UpstreamTimeout,
@@ -530,7 +606,17 @@ class Transform(Filter):
         )
         # A phase with nothing to do is hidden from the engine (it compiles the chain
         # from the instance's attributes), so it costs nothing per request.
-        request_work = (self._req_json, self._rewrite, self._query, self._req_headers, self._method)
+        # Mandatory response edits cannot read a compressed body: ask for none, so that a
+        # client's Accept-Encoding: gzip does not turn every answer into a 502.
+        self._identity_response = self._resp_json is not None and self._resp_json.mandatory
+        request_work = (
+            self._req_json,
+            self._rewrite,
+            self._query,
+            self._req_headers,
+            self._method,
+            self._identity_response,
+        )
         if not any(request_work):
             vars(self)["on_request"] = None
         if not (self._status_map or self._resp_json or self._resp_headers):
@@ -546,6 +632,8 @@ class Transform(Filter):
         request = exchange.request
         # Lazy: it reads the exchange only when a template asks for a value.
         lookup = exchange_lookup(exchange) if self._req_lookup else _no_lookup
+        if self._identity_response:
+            request.headers.set(b"accept-encoding", b"identity")
         if self._req_json is not None:
             self._transform_request_body(exchange, lookup)
         if self._rewrite is not None:
@@ -561,22 +649,36 @@ class Transform(Filter):
             request.method = self._method
 
     def _transform_request_body(self, exchange: Exchange, lookup: Lookup) -> None:
-        assert self._req_json is not None
+        plan = self._req_json
+        assert plan is not None
         request = exchange.request
+        body = request.body
+        if not (body or (body is None and _body_over_cap(request))):
+            return  # no body: nothing to edit, nothing to refuse
         if not is_json(request.headers.get(b"content-type")):
-            return
-        if request.body is None:
-            if _body_over_cap(request):
-                self._skipped(exchange, "request", "too_large")
-                if self._req_json.mandatory:
-                    raise PayloadTooLarge("the request body is too large to transform")
-            return
-        if not request.body:
+            if plan.mandatory:
+                raise UnsupportedMediaType("the request body must be application/json")
             return
         if _is_compressed(request.headers):
             self._skipped(exchange, "request", "compressed")
+            if plan.mandatory:
+                raise UnsupportedMediaType(
+                    "the request body must not have a content coding",
+                    headers=[(b"accept-encoding", b"identity")],
+                )
             return
-        new = self._rewrite_json(exchange, "request", request.body, self._req_json, lookup)
+        if body is None:
+            self._skipped(exchange, "request", "too_large")
+            if plan.mandatory:
+                raise PayloadTooLarge("the request body is too large to transform")
+            return
+        try:
+            new = self._rewrite_json(exchange, "request", body, plan, lookup)
+        except _NotJson as e:
+            if plan.mandatory:
+                # The whole body has been read: the connection's framing is intact.
+                raise BadRequest(f"the request body is not valid JSON: {e}", close=False) from None
+            return
         if new is not None:
             request.body = new
 
@@ -606,44 +708,60 @@ class Transform(Filter):
         plan.apply(response.headers, exchange_lookup(exchange) if plan.needs_lookup else _no_lookup)
 
     async def _transform_response_body(self, exchange: Exchange, response: Response) -> None:
-        assert self._resp_json is not None
+        plan = self._resp_json
+        assert plan is not None
         if not is_json(response.headers.get(b"content-type")):
             return
         if response.body is None:
             if response.stream is not None:
                 self._skipped(exchange, "response", "too_large")
-                if self._resp_json.mandatory:
-                    await replace_with_error(
-                        response,
-                        BadGateway("the upstream's body is too large to transform"),
-                        exchange.request_id,
-                    )
+                if plan.mandatory:
+                    await self._refuse_response(exchange, response, "is too large to transform")
             return
         if not response.body:
             return
         if _is_compressed(response.headers):
             self._skipped(exchange, "response", "compressed")
+            if plan.mandatory:
+                await self._refuse_response(exchange, response, "has a content coding")
             return
         lookup = exchange_lookup(exchange)
-        new = self._rewrite_json(exchange, "response", response.body, self._resp_json, lookup)
+        try:
+            new = self._rewrite_json(exchange, "response", response.body, plan, lookup)
+        except _NotJson:
+            if plan.mandatory:
+                await self._refuse_response(exchange, response, "is not valid JSON")
+            return
         if new is not None:
             response.body = new
             # The engine recomputes Content-Length from the new body; a stale one must
             # not survive even if it is read before that.
             response.headers.remove(b"content-length")
 
+    @staticmethod
+    async def _refuse_response(exchange: Exchange, response: Response, why: str) -> None:
+        err = BadGateway(f"the upstream's body {why}")
+        await replace_with_error(response, err, exchange.request_id)
+
     def _rewrite_json(
         self, exchange: Exchange, direction: str, body: bytes, plan: _JsonPlan, lookup: Lookup
     ) -> bytes | None:
-        """The edited body, or ``None`` when it is unchanged or not valid JSON."""
+        """The edited body, or ``None`` when it is unchanged (never with ``mandatory``).
+
+        Raises :class:`_NotJson` (counted as ``invalid_json``) when the body is not JSON
+        or the edited document cannot be written as JSON.
+        """
         try:
-            doc = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+            doc = _load_json(body)
+            # Mandatory: always the gateway's serialization, even when nothing changed,
+            # so duplicate keys or odd spellings never reach a parser that reads them
+            # differently from this one.
+            if not plan.apply(doc, lookup) and not plan.mandatory:
+                return None
+            return _dump_json(doc)
+        except _NotJson:
             self._skipped(exchange, direction, "invalid_json")
-            return None
-        if not plan.apply(doc, lookup):
-            return None
-        return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+            raise
 
     def _skipped(self, exchange: Exchange, direction: str, reason: str) -> None:
         route = exchange.route.name if exchange.route is not None else ""

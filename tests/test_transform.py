@@ -6,6 +6,7 @@ in-memory exchange; and end to end through a running gateway against the echo st
 
 from __future__ import annotations
 
+import gzip
 import json
 from typing import Any
 
@@ -13,6 +14,7 @@ import pytest
 import trio
 
 from engine.chain import FilterContext, compile_chain
+from engine.errors import GatewayError
 from engine.exchange import Exchange, Headers, Identity, Request, Response, Timings
 from engine.schema import ConfigError, build
 from engine.testing import Stubs, http_request, make_exchange, open_gateway, open_stubs, run_chain
@@ -25,6 +27,7 @@ from plugins._template import (
     exchange_lookup,
 )
 from plugins.transform import BODY_SKIPPED, Transform, TransformConfig, is_json
+from tests.upstreams import AbstractUpstream, UpstreamConn, response_head, serve_upstream
 
 # -- dotted paths ------------------------------------------------------------------------
 
@@ -599,6 +602,20 @@ async def test_response_json_too_large_and_invalid() -> None:
         ({"request": {"json": {"set": {"a": {"b": "{x}"}}}}}, "request.json.set.a.b"),
         ({"response": {"status_map": {"5xx": 502}}}, "response.status_map.5xx"),
         ({"response": {"status_map": {"500": 999}}}, "response.status_map.500"),
+        # A 1xx tells the client another response or protocol follows; the filter never
+        # sees a 1xx from the upstream (the engine skips them), so none is a key either.
+        ({"response": {"status_map": {"200": 101}}}, "response.status_map.200"),
+        ({"response": {"status_map": {"200": 199}}}, "response.status_map.200"),
+        ({"response": {"status_map": {"100": 200}}}, "response.status_map.100"),
+        ({"response": {"status_map": {"0500": 502}}}, "response.status_map.0500"),
+        (
+            {"response": {"status_map": {"\u0665\u0660\u0660": 502}}},
+            "response.status_map.\u0665\u0660\u0660",
+        ),
+        ({"response": {"status_map": {"500": True}}}, "response.status_map.500"),
+        # TOML has nan and inf; JSON does not.
+        ({"request": {"json": {"set": {"a": float("nan")}}}}, "request.json.set.a"),
+        ({"response": {"json": {"add": {"a": {"b": [float("inf")]}}}}}, "response.json.add.a.b[0]"),
         ({"response": {"headers": {"drop": ["server"]}}}, "response.headers.drop"),
         ({"reqest": {}}, "reqest"),
     ],
@@ -624,9 +641,16 @@ def test_is_json() -> None:
 def _gateway_config(
     stubs: Stubs, transform: dict[str, Any], upstream: str = "echo", buffered: int = 1 << 20
 ) -> dict[str, Any]:
+    target = f"127.0.0.1:{stubs.ports[upstream]}"
+    return _target_config(target, transform, upstream, buffered)
+
+
+def _target_config(
+    target: str, transform: dict[str, Any], upstream: str = "up", buffered: int = 1 << 20
+) -> dict[str, Any]:
     return {
         "server": {"max_buffered_body": buffered},
-        "upstreams": {upstream: {"targets": [f"127.0.0.1:{stubs.ports[upstream]}"]}},
+        "upstreams": {upstream: {"targets": [target]}},
         "routes": [
             {
                 "name": "t",
@@ -860,3 +884,235 @@ async def test_constant_set_values_replace_every_field_of_their_name_in_config_o
             (b"x-b", b"orders"),
             (b"x-c", b"three"),
         ]
+
+
+# -- bodies the filter cannot edit: skipped, or refused when the edit is mandatory ----------
+
+OWNER_EDIT = {"set": {"owner": "{consumer}"}, "remove": ["is_admin"]}
+MANDATORY_OWNER = {"request": {"json": {**OWNER_EDIT, "mandatory": True}}}
+DEEP = b"[" * 200_000
+
+
+@pytest.mark.parametrize(
+    ("headers", "body", "status"),
+    [
+        ([JSON, (b"content-encoding", b"gzip")], gzip.compress(b'{"is_admin":true}'), 415),
+        ([JSON, (b"content-encoding", b"identity, gzip")], b'{"is_admin":true}', 415),
+        ([(b"content-type", b"text/plain")], b'{"is_admin":true}', 415),
+        ([], b'{"is_admin":true}', 415),
+        ([JSON], b'{"is_admin":true,}', 400),
+        ([JSON], b'{"is_admin":true,"x":NaN}', 400),
+        ([JSON], b'{"is_admin":true,"x":-Infinity}', 400),
+        ([JSON], b'{"is_admin":true,"x":1e999}', 400),
+        ([JSON], b"\xff{}", 400),
+        ([JSON], DEEP, 400),
+    ],
+)
+def test_request_body_that_cannot_be_edited(
+    headers: list[tuple[bytes, bytes]], body: bytes, status: int
+) -> None:
+    # Not mandatory: it passes through byte for byte (counted, unless simply not JSON).
+    lenient = _transform({"request": {"json": OWNER_EDIT}})
+    ex = _exchange(method="POST", headers=headers, body=body)
+    lenient.on_request(ex)
+    assert ex.request.body == body
+    # Mandatory: refused, never forwarded unedited; the framing is intact, so no close.
+    strict = _transform(MANDATORY_OWNER)
+    ex = _exchange(method="POST", headers=headers, body=body)
+    with pytest.raises(GatewayError) as info:
+        strict.on_request(ex)
+    assert info.value.status == status
+    assert not info.value.close
+
+
+def test_mandatory_request_without_a_body_is_not_refused() -> None:
+    strict = _transform(MANDATORY_OWNER)
+    for headers, body in [([], None), ([(b"content-type", b"text/plain")], b"")]:
+        ex = _exchange(method="POST", headers=headers, body=body)
+        strict.on_request(ex)
+        assert ex.request.body == body
+
+
+def test_mandatory_edit_is_always_reserialized() -> None:
+    # Duplicate keys: this parser keeps the last "items", where there is nothing to
+    # remove; an upstream that keeps the first would see the secret if the original
+    # bytes went on. Mandatory sends the document the gateway read.
+    body = b'{"items":[{"secret":1}], "items":[{"id":2}]}'
+    lenient = _transform({"request": {"json": {"remove": ["items[*].secret"]}}})
+    ex = _exchange(method="POST", headers=[JSON], body=body)
+    lenient.on_request(ex)
+    assert ex.request.body == body  # nothing changed: not re-serialized
+    strict = _transform({"request": {"json": {"remove": ["items[*].secret"], "mandatory": True}}})
+    ex = _exchange(method="POST", headers=[JSON], body=body)
+    strict.on_request(ex)
+    assert ex.request.body == b'{"items":[{"id":2}]}'
+
+
+def test_non_finite_claim_is_never_written() -> None:
+    # A claim can be NaN (a JWT payload is parsed leniently): the edited document is
+    # then not JSON, and is skipped or refused like an invalid body, never a 500.
+    claims = Identity("a", claims={"n": float("nan")})
+    lenient = _transform({"request": {"json": {"set": {"n": "{claims.n}"}}}})
+    before = _skipped("request", "invalid_json")
+    ex = _exchange(method="POST", headers=[JSON], body=b"{}", identity=claims)
+    lenient.on_request(ex)
+    assert ex.request.body == b"{}"
+    assert _skipped("request", "invalid_json") == before + 1
+    strict = _transform({"request": {"json": {"set": {"n": "{claims.n}"}, "mandatory": True}}})
+    ex = _exchange(method="POST", headers=[JSON], body=b"{}", identity=claims)
+    with pytest.raises(GatewayError) as info:
+        strict.on_request(ex)
+    assert info.value.status == 400
+
+
+def test_lone_surrogate_is_written_escaped() -> None:
+    t = _transform({"request": {"json": {"set": {"a": 1}}}})
+    ex = _exchange(method="POST", headers=[JSON], body=b'{"s":"\\ud800\xc3\xa9"}')
+    t.on_request(ex)
+    assert ex.request.body == b'{"s":"\\ud800\\u00e9","a":1}'
+
+
+@pytest.mark.parametrize(
+    ("headers", "body"),
+    [
+        ([JSON, (b"content-encoding", b"gzip")], gzip.compress(b'{"secret":1}')),
+        ([JSON], b'{"secret":1,}'),
+        ([JSON], b'{"secret":NaN}'),
+        ([JSON], b"[" * 10_000),
+    ],
+)
+async def test_response_body_that_cannot_be_edited(
+    headers: list[tuple[bytes, bytes]], body: bytes
+) -> None:
+    lenient = _transform({"response": {"json": {"remove": ["secret"]}}})
+    strict = _transform({"response": {"json": {"remove": ["secret"], "mandatory": True}}})
+    with trio.fail_after(1):
+        resp = Response(status=200, headers=Headers(list(headers)), body=body)
+        await lenient.on_response(_exchange(), resp)
+        assert (resp.status, resp.body) == (200, body)
+        resp = Response(status=200, headers=Headers(list(headers)), body=body)
+        await strict.on_response(_exchange(), resp)
+    assert resp.status == 502
+    assert resp.body is not None
+    assert b"secret" not in resp.body
+    assert json.loads(resp.body)["error"]["code"] == "bad_gateway"
+
+
+async def test_e2e_mandatory_request_edit_cannot_be_bypassed() -> None:
+    transform = {
+        **MANDATORY_OWNER,
+        "response": {"json": {"remove": ["header_list"], "mandatory": True}},
+    }
+    post = "/api/v1/things/1"
+    with trio.fail_after(10):
+        async with (
+            open_stubs(names=["echo"]) as stubs,
+            open_gateway(_gateway_config(stubs, transform)) as gw,
+        ):
+            json_type = ("content-type", "application/json")
+            cases = [
+                ([json_type, ("content-encoding", "gzip")], gzip.compress(b'{"is_admin":1}'), 415),
+                ([("content-type", "text/plain")], b'{"is_admin":true}', 415),
+                ([json_type], b'{"is_admin":true,}', 400),
+                ([json_type], b'{"is_admin":true,"x":NaN}', 400),
+            ]
+            for headers, body, status in cases:
+                resp = await http_request(gw.port, "POST", post, headers, body)
+                assert resp.status == status, body
+                error = resp.json()["error"]
+                assert error["code"] == (
+                    "bad_request" if status == 400 else "unsupported_media_type"
+                )
+                assert error["request_id"] == resp.header("x-request-id")
+            gzipped = await http_request(gw.port, "POST", post, cases[0][0], cases[0][1])
+            assert gzipped.header("accept-encoding") == "identity"
+            # What the filter can edit is edited; a request without a body passes. A
+            # client's gzip is not passed on: the response edit could not read it.
+            ok = await http_request(gw.port, "POST", post, [json_type], b'{"is_admin":true}')
+            assert ok.status == 200
+            assert json.loads(ok.json()["body"]) == {"owner": ""}
+            get = await http_request(gw.port, "GET", post, [("accept-encoding", "gzip, br")])
+            assert get.status == 200
+            assert get.json()["headers"]["accept-encoding"] == "identity"
+
+
+def _open_answering_upstream(body: bytes, received: list[bytes]) -> AbstractUpstream:
+    """Answers every request with ``body`` as JSON; keeps each request body."""
+
+    async def handler(conn: UpstreamConn) -> None:
+        while True:
+            got = await conn.read_request(keep=1 << 20)
+            if got is None:
+                return
+            received.append(got[1])
+            head = response_head(
+                200, [("content-type", "application/json")], content_length=len(body)
+            )
+            await conn.send(head + body)
+
+    return serve_upstream(handler)
+
+
+@pytest.mark.parametrize("mandatory", [False, True])
+async def test_e2e_deeply_nested_json_is_invalid_not_500(mandatory: bool) -> None:
+    deep_answer = b"[" * 10_000 + b"]" * 10_000
+    edit = {"set": {"a": 1}, "mandatory": mandatory}
+    transform = {"request": {"json": edit}, "response": {"json": edit}}
+    skipped = {
+        d: BODY_SKIPPED.value(route="t", direction=d, reason="invalid_json")
+        for d in ("request", "response")
+    }
+    received: list[bytes] = []
+    headers = [("content-type", "application/json")]
+    with trio.fail_after(10):
+        async with _open_answering_upstream(deep_answer, received) as up:
+            async with open_gateway(_target_config(up.target, transform)) as gw:
+                resp = await http_request(gw.port, "POST", "/api/v1/things/1", headers, DEEP)
+                get = await http_request(gw.port, "GET", "/api/v1/things/1")
+    if mandatory:
+        assert resp.status == 400
+        assert resp.json()["error"]["code"] == "bad_request"
+        assert received == [b""]  # only the GET reached the upstream
+        assert get.status == 502
+        assert get.json()["error"]["code"] == "bad_gateway"
+    else:
+        assert (resp.status, resp.body) == (200, deep_answer)
+        assert received == [DEEP, b""]
+        assert (get.status, get.body) == (200, deep_answer)
+    after = {d: BODY_SKIPPED.value(route="t", direction=d, reason="invalid_json") for d in skipped}
+    assert after == {
+        "request": skipped["request"] + 1,
+        "response": skipped["response"] + 2 - mandatory,
+    }
+
+
+async def test_e2e_nan_and_infinity_are_never_written() -> None:
+    answer = b'{"x":NaN,"y":-Infinity}'
+    received: list[bytes] = []
+    transform = {"request": {"json": {"set": {"a": 1}}}, "response": {"json": {"set": {"b": 2}}}}
+    headers = [("content-type", "application/json")]
+    with trio.fail_after(10):
+        async with _open_answering_upstream(answer, received) as up:
+            async with open_gateway(_target_config(up.target, transform)) as gw:
+                resp = await http_request(
+                    gw.port, "POST", "/api/v1/things/1", headers, b'{"x": NaN}'
+                )
+                big = await http_request(
+                    gw.port, "POST", "/api/v1/things/1", headers, b'{"x": 1e999}'
+                )
+    # Not JSON: not edited (so not re-serialized with NaN), passed on as it came.
+    assert received == [b'{"x": NaN}', b'{"x": 1e999}']
+    assert (resp.status, resp.body) == (200, answer)
+    assert big.status == 200
+
+
+@pytest.mark.parametrize("status_map", [{"200": 101}, {"101": 200}])
+async def test_e2e_status_map_refuses_1xx(status_map: dict[str, int]) -> None:
+    transform = {"response": {"status_map": status_map}}
+    with trio.fail_after(5), pytest.raises(ConfigError) as info:
+        async with open_gateway(_target_config("127.0.0.1:9", transform)):
+            pass
+    assert (
+        info.value.path
+        == f"routes[0].plugins.transform.response.status_map.{next(iter(status_map))}"
+    )
