@@ -12,8 +12,11 @@ import logging
 import random
 import socket
 import ssl
+import subprocess
+import sys
 import time
 import types
+import warnings
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -21,12 +24,14 @@ from typing import Any
 import h11
 import jwt
 import pytest
+import tomli_w
 import trio
 import trio.testing
 import trustme
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
+from jwt.utils import der_to_raw_signature
 
 from engine.chain import FilterContext, compile_chain, run_request_phases
 from engine.errors import BadRequest, Forbidden, GatewayError, ServiceUnavailable, Unauthorized
@@ -58,7 +63,10 @@ SECRET = "s3cret-that-is-long-enough-for-hs256!!"  # >= 32 bytes (RFC 7518 §3.2
 RSA_A = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 RSA_B = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 EC_A = ec.generate_private_key(ec.SECP256R1())
+EC_P384 = ec.generate_private_key(ec.SECP384R1())
 ED_A = ed25519.Ed25519PrivateKey.generate()
+# Under the 2048 bits RFC 7518 §3.3 requires of RS*/PS* keys: never to be trusted.
+RSA_1024 = rsa.generate_private_key(public_exponent=65537, key_size=1024)
 
 
 def _pem(key: Any) -> str:
@@ -107,6 +115,13 @@ def _token(key: Any = RSA_A, alg: str = "RS256", kid: str | None = "k1", **over:
     # PyJWS, not jwt.encode: tests need claims pyjwt would refuse to encode.
     payload = json.dumps(_claims(**over)).encode()
     return jwt.PyJWS().encode(payload, key, algorithm=alg, headers=headers)
+
+
+def _weak_token(**over: Any) -> str:
+    """A token signed by :data:`RSA_1024` (pyjwt warns when it signs with it)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _token(key=RSA_1024, **over)
 
 
 def _raw_token(header: dict[str, Any], payload: Any, sign: Callable[[bytes], bytes]) -> str:
@@ -644,6 +659,16 @@ PRIVATE_PEM = RSA_A.private_bytes(
             "cannot verify",
         ),
         (
+            {"issuers": [{"algorithms": ["RS256"], "public_keys": [_pem(RSA_1024)]}]},
+            "plugins.jwt-auth.issuers[0].public_keys[0]",
+            "this key is an RSA key of 1024 bits, and RS*/PS* need at least 2048",
+        ),
+        (  # an EC key verifies only the algorithm of its curve: P-384 is ES384's
+            {"issuers": [{"algorithms": ["ES256"], "public_keys": [_pem(EC_P384)]}]},
+            "plugins.jwt-auth.issuers[0].public_keys[0]",
+            "cannot verify any of ES256 (it verifies ES384)",
+        ),
+        (
             {"issuers": [{"algorithms": ["RS256"], "jwks_url": "ftp://idp/keys"}]},
             "plugins.jwt-auth.issuers[0].jwks_url",
             "http",
@@ -698,6 +723,70 @@ def test_config_errors(config: dict[str, Any], path: str, message: str) -> None:
     assert info.value.path == path
     assert message in info.value.message
     assert SECRET not in str(info.value)
+
+
+def test_check_refuses_a_short_rsa_key_file_and_exits_2(tmp_path: Any) -> None:
+    path = tmp_path / "idp.pem"
+    path.write_text(_pem(RSA_1024))
+    config = {
+        "upstreams": {"orders": {"targets": ["127.0.0.1:1"]}},
+        "routes": [{"prefix": "/", "upstream": "orders"}],
+        "plugins": {
+            "jwt-auth": {"issuers": [{"algorithms": ["RS256"], "public_key_files": [str(path)]}]}
+        },
+    }
+    (tmp_path / "g.toml").write_text(tomli_w.dumps(config))
+    r = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "check", "-c", str(tmp_path / "g.toml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert r.returncode == 2, r.stderr
+    assert "plugins.jwt-auth.issuers[0].public_key_files[0]:" in r.stderr
+    assert f"{str(path)!r} is an RSA key of 1024 bits" in r.stderr
+
+
+def _ec_p384_as_es256(**over: Any) -> str:
+    """An ES256 token signed with a P-384 key: the wrong curve for its algorithm."""
+    return _raw_token(
+        {"alg": "ES256", "kid": "e384"},
+        _claims(aud=None, **over),
+        lambda m: der_to_raw_signature(EC_P384.sign(m, ec.ECDSA(hashes.SHA256())), EC_P384.curve),
+    )
+
+
+async def test_a_jwks_file_leaves_out_short_rsa_keys_and_wrong_curves(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    path = tmp_path / "jwks.json"
+    p384_as_es256 = {**_jwk(EC_P384, "e384"), "alg": "ES256"}
+    keys = [_jwk(RSA_1024, "weak"), _jwk(RSA_A, "k1"), p384_as_es256]
+    path.write_text(json.dumps({"keys": keys}))
+    f = _filter(
+        {"issuers": [{"issuer": ISS, "algorithms": ["RS256", "ES256"], "jwks_file": str(path)}]}
+    )
+    warned = [r.getMessage() for r in caplog.records if "ignoring" in r.getMessage()]
+    assert warned == [
+        f"jwks_file {path}: ignoring key 'weak': an RSA key of 1024 bits, "
+        "and RS*/PS* need at least 2048 (RFC 7518 §3.3)"
+    ]
+    with trio.fail_after(5):
+        assert (await _run(f, _bearer(_token(aud=None)))).identity is not None
+        with pytest.raises(Unauthorized, match="unknown key id"):
+            await _run(f, _bearer(_weak_token(kid="weak", aud=None)))
+        with pytest.raises(Unauthorized, match="invalid signature"):
+            await _run(f, _bearer(_weak_token(kid=None, aud=None)))
+        with pytest.raises(Unauthorized, match="unknown key id"):
+            await _run(f, _bearer(_ec_p384_as_es256()))
+    # Nothing but the short key: nothing to verify with, and the error says why.
+    path.write_text(json.dumps({"keys": [_jwk(RSA_1024, "weak")]}))
+    with pytest.raises(ConfigError) as info:
+        build(JwtAuthConfig, {"issuers": [{"algorithms": ["RS256"], "jwks_file": str(path)}]})
+    assert info.value.path == "issuers[0].jwks_file"
+    assert "left out: key 'weak': an RSA key of 1024 bits" in info.value.message
 
 
 def test_secrets_stay_out_of_reprs_and_reloads_see_changed_keys(tmp_path: Any) -> None:
@@ -836,6 +925,45 @@ async def test_jwks_startup_fetch_and_rotation(clock: trio.testing.MockClock) ->
             assert (await _run(f, _bearer(ec_token))).identity is not None
             with pytest.raises(Unauthorized, match="unknown key id"):
                 await _run(f, _bearer(_token(kid="k1", aud=None)))  # k1 was retired
+
+
+async def test_a_jwks_url_leaves_out_short_rsa_keys_and_warns_once(
+    clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+
+    def warnings_logged() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "ignoring" in r.getMessage()]
+
+    with trio.fail_after(VIRTUAL_DEADLINE):
+        async with _jwks_server([_jwk(RSA_1024, "weak"), _jwk(RSA_A, "k1")]) as server:
+            f = _jwks_filter(server.url)
+            async with trio.open_nursery() as nursery:
+                await f.setup()
+                nursery.start_soon(f.background)
+                assert warnings_logged() == [
+                    f"JWKS {server.url}: ignoring key 'weak': an RSA key of 1024 bits, "
+                    "and RS*/PS* need at least 2048 (RFC 7518 §3.3)"
+                ]
+                assert (await _run(f, _bearer(_token(aud=None)))).identity is not None
+                with pytest.raises(Unauthorized, match="unknown key id"):
+                    await _run(f, _bearer(_weak_token(kid="weak", aud=None)))
+                with pytest.raises(Unauthorized, match="invalid signature"):
+                    await _run(f, _bearer(_weak_token(kid=None, aud=None)))
+                # The same set again on the TTL refresh: nothing new to say.
+                await trio.sleep(601)
+                assert server.hits == 2
+                assert len(warnings_logged()) == 1
+                # A set with only the short key is no key set: the last good one stays.
+                server.document = {"keys": [_jwk(RSA_1024, "weak")]}
+                await trio.sleep(601)
+                assert server.hits == 3
+                source = f.issuers[0].jwks
+                assert source is not None
+                assert source.last_error is not None
+                assert "left out: key 'weak'" in source.last_error
+                assert (await _run(f, _bearer(_token(aud=None)))).identity is not None
+                nursery.cancel_scope.cancel()
 
 
 async def test_static_keys_verify_without_a_coroutine_and_jwks_refuses_alike(

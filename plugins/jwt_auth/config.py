@@ -31,6 +31,8 @@ from .keys import (
     VerifyKey,
     algorithms_for_public_key,
     load_pem,
+    log,
+    weakness,
 )
 
 __all__ = ["IssuerConfig", "JwtAuthConfig"]
@@ -212,16 +214,21 @@ class IssuerConfig:
                     )
                 keys.append(VerifyKey(alg, None, secret))
             material.append(secret)
-        pems: list[tuple[str, bytes]] = [
-            (f"public_keys[{i}]", pem.encode()) for i, pem in enumerate(self.public_keys)
+        # (config path, what to call the key in an error, PEM text)
+        pems: list[tuple[str, str, bytes]] = [
+            (f"public_keys[{i}]", "this key", pem.encode())
+            for i, pem in enumerate(self.public_keys)
         ]
         for i, path in enumerate(self.public_key_files):
-            pems.append((f"public_key_files[{i}]", _read(path, f"public_key_files[{i}]")))
-        for where, data in pems:
+            where = f"public_key_files[{i}]"
+            pems.append((where, repr(path), _read(path, where)))
+        for where, name, data in pems:
             try:
                 public = load_pem(data)
             except ValueError as e:
                 raise Invalid(where, str(e)) from None
+            if problem := weakness(public):
+                raise Invalid(where, f"{name} is {problem}")
             usable = [a for a in algorithms_for_public_key(public) if a in asym_algs]
             if not usable:
                 raise Invalid(
@@ -237,6 +244,9 @@ class IssuerConfig:
                 keyset = KeySet.from_jwks_bytes(data, asym_algs)
             except JwksError as e:
                 raise Invalid("jwks_file", str(e)) from None
+            # Skipped like a JWKS URL's: a file copied from an IdP may keep a legacy key.
+            if keyset.too_weak:
+                log.warning("jwks_file %s: ignoring %s", self.jwks_file, "; ".join(keyset.too_weak))
             keys.extend(k for ks in keyset.by_alg.values() for k in ks)
             material.append(data)
         return keys, material

@@ -37,6 +37,7 @@ __all__ = [
     "algorithms_for_jwk",
     "algorithms_for_public_key",
     "load_pem",
+    "weakness",
 ]
 
 HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
@@ -47,6 +48,9 @@ SUPPORTED_ALGORITHMS = (*HMAC_ALGORITHMS, *ASYMMETRIC_ALGORITHMS)
 
 HMAC_MIN_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
 """RFC 7518 §3.2: an HMAC key MUST be at least as long as the hash output."""
+
+RSA_MIN_BITS = 2048
+"""RFC 7518 §3.3 (and §3.5 for PS*): an RSA key MUST have 2048 bits or more."""
 
 _CURVE_NAMES = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
 
@@ -82,6 +86,21 @@ def algorithms_for_public_key(key: object) -> tuple[str, ...]:
     if isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
         return ("EdDSA",)
     return ()
+
+
+def weakness(key: object) -> str | None:
+    """Why a cryptography public key is too weak to verify tokens with; ``None`` if it
+    is not. pyjwt only warns about such a key, so every key is checked here, on load.
+
+    EC keys need no check: :func:`algorithms_for_public_key` and
+    :func:`algorithms_for_jwk` bind each curve to its one algorithm.
+    """
+    if isinstance(key, rsa.RSAPublicKey) and key.key_size < RSA_MIN_BITS:
+        return (
+            f"an RSA key of {key.key_size} bits, and RS*/PS* need at least "
+            f"{RSA_MIN_BITS} (RFC 7518 §3.3)"
+        )
+    return None
 
 
 def algorithms_for_jwk(jwk: Mapping[str, Any]) -> tuple[str, ...]:
@@ -135,6 +154,9 @@ class KeySet:
     """Keys by algorithm. Immutable: a refresh builds a new one and swaps it in."""
 
     by_alg: Mapping[str, tuple[VerifyKey, ...]] = field(default_factory=dict)
+    # Keys of a JWKS document left out as too weak (see :func:`weakness`), one line
+    # each, for a warning; a set built otherwise has none.
+    too_weak: tuple[str, ...] = ()
 
     @classmethod
     def build(cls, keys: Iterable[VerifyKey], allowed: Iterable[str]) -> KeySet:
@@ -151,12 +173,14 @@ class KeySet:
         """The usable keys of a JWKS document (already parsed JSON).
 
         Raises :class:`JwksError` when the document is not a key set or holds no key
-        usable with the ``allowed`` algorithms; single unusable keys are skipped.
+        usable with the ``allowed`` algorithms; single unusable keys are skipped, and
+        those skipped as too weak are listed in ``too_weak``.
         """
         if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
             raise JwksError('not a JSON Web Key Set: expected an object with a "keys" array')
         allow = tuple(allowed)
         out: list[VerifyKey] = []
+        too_weak: list[str] = []
         for jwk in document["keys"]:
             if not isinstance(jwk, dict):
                 continue
@@ -167,12 +191,18 @@ class KeySet:
                 if alg not in allow:
                     continue
                 try:
-                    out.append(VerifyKey(alg, kid, jwt.PyJWK(jwk, alg)))
+                    key = jwt.PyJWK(jwk, alg)
                 except Exception:  # a malformed key: skip it, keep the others
                     continue
+                problem = weakness(key.key)
+                if problem is not None:  # the same for all its algorithms: say it once
+                    too_weak.append(f"key {kid!r}: {problem}" if kid else f"a key: {problem}")
+                    break
+                out.append(VerifyKey(alg, kid, key))
         if not out:
-            raise JwksError(f"no key in the set can verify {', '.join(allow)}")
-        return cls.build(out, allow)
+            left_out = f" (left out: {'; '.join(too_weak)})" if too_weak else ""
+            raise JwksError(f"no key in the set can verify {', '.join(allow)}{left_out}")
+        return cls(cls.build(out, allow).by_alg, tuple(too_weak))
 
     @classmethod
     def from_jwks_bytes(cls, data: bytes, allowed: Iterable[str]) -> KeySet:
@@ -243,6 +273,7 @@ class JwksSource:
         self.last_error: str | None = None
         self.attempts = 0
         self._inflight: trio.Event | None = None
+        self._warned_too_weak: tuple[str, ...] = ()
 
     def may_refetch(self, now: float) -> bool:
         """Whether an unknown ``kid`` may trigger a fetch now (or join one in flight)."""
@@ -299,6 +330,10 @@ class JwksSource:
                 self.last_error = None
                 _FETCHES.inc(result="ok")
                 self.log.info("loaded %d keys from JWKS %s", len(keys), self.url)
+                # Once per key set: a refresh that serves the same set says nothing new.
+                if keys.too_weak and keys.too_weak != self._warned_too_weak:
+                    self.log.warning("JWKS %s: ignoring %s", self.url, "; ".join(keys.too_weak))
+                self._warned_too_weak = keys.too_weak
             finished = True
         finally:
             if not finished:
