@@ -27,6 +27,7 @@ __all__ = [
     "RequestTimeout",
     "ServiceUnavailable",
     "Unauthorized",
+    "UnsupportedMediaType",
     "UpstreamReset",
     "UpstreamTimeout",
     "UpstreamUnreachable",
@@ -91,6 +92,12 @@ class RequestTimeout(GatewayError):
 
 class PayloadTooLarge(GatewayError):
     status, code, close = 413, "body_too_large", True
+
+
+class UnsupportedMediaType(GatewayError):
+    """A body in a form the gateway must read but cannot: not JSON, or compressed."""
+
+    status, code = 415, "unsupported_media_type"
 
 
 class HeaderTooLarge(GatewayError):

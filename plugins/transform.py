@@ -46,6 +46,7 @@ from engine.errors import (
     GatewayError,
     PayloadTooLarge,
     ServiceUnavailable,
+    UnsupportedMediaType,
     UpstreamTimeout,
     reason_phrase,
     render_error,
@@ -73,7 +74,6 @@ __all__ = [
     "ResponseTransform",
     "Transform",
     "TransformConfig",
-    "UnsupportedMediaType",
 ]
 
 BODY_SKIPPED = counter(
@@ -474,12 +474,6 @@ def is_json(content_type: bytes | None) -> bool:
 def _is_compressed(headers: Headers) -> bool:
     encoding = headers.get(b"content-encoding")
     return encoding is not None and encoding.strip().lower() not in (b"", b"identity")
-
-
-class UnsupportedMediaType(GatewayError):
-    """A request body the filter must edit but cannot read: not JSON, or compressed."""
-
-    status, code = 415, "unsupported_media_type"
 
 
 class _NotJson(ValueError):
