@@ -72,6 +72,7 @@ def _runner(filters: list[Any], headers: list[tuple[str, str]]) -> Callable[[], 
 
     async def one() -> None:
         ex = make_exchange("GET", "/items/1", headers, route_name="bench")
+        ex.credential_headers = chain.credential_headers
         answer, depth = await run_request_phases(chain, ex)
         if answer is None:
             call = UpstreamCall(

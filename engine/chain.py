@@ -117,6 +117,9 @@ class Filter:
     api_version: ClassVar[int] = FILTER_API_VERSION
     needs_request_body: ClassVar[bool] = False
     needs_response_body: ClassVar[bool] = False
+    # Headers (lowercase bytes) this filter reads credentials from: on the routes where
+    # it runs, other filters' identity-header stripping leaves them alone.
+    credential_headers: frozenset[bytes] = frozenset()
 
     def __init__(self, config: Any, context: FilterContext) -> None:
         self.config = config
@@ -188,6 +191,8 @@ class Chain:
     log: list[Phase]
     request_body_at: int | None  # index into ``filters`` of the first body-needing filter
     needs_response_body: bool
+    # Every filter's ``credential_headers``: the exchange carries them (see Exchange).
+    credential_headers: frozenset[bytes] = frozenset()
     _response_by_depth: list[list[Phase]] = dataclasses.field(default_factory=list)
     # ``request`` as (depth, fn, is_async): depth counts the filters up to and including
     # the phase's own, so the runner need not walk the filters that have no request side.
@@ -228,6 +233,9 @@ def compile_chain(filters: list[Any]) -> Chain:
         log=log_phases,
         request_body_at=body_at,
         needs_response_body=any(getattr(f, "needs_response_body", False) for f in ordered),
+        credential_headers=frozenset().union(
+            *(getattr(f, "credential_headers", ()) for f in ordered)
+        ),
         _response_by_depth=by_depth,
         _request_steps=steps,
     )

@@ -337,6 +337,9 @@ class Exchange:
     error: Exception | None = None
     upstream_target: str | None = None
     bytes_sent: int = 0  # of the response to the client, head included (set before on_log)
+    # Headers the route's filters read credentials from (their ``credential_headers``):
+    # identity-header stripping leaves them to the filter that reads them.
+    credential_headers: frozenset[bytes] = frozenset()
     caller: Callable[[Exchange, UpstreamCall], Awaitable[Response]] | None = None
 
     async def call_upstream(self, call: UpstreamCall) -> Response:

@@ -803,6 +803,7 @@ class _Connection:
                 raise MethodNotAllowed(list(route.config.methods or _ANY_METHOD_ALLOW))
             exchange.route = route.config
             exchange.caller = route.call_upstream
+            exchange.credential_headers = route.chain.credential_headers
             exchange.captures = match.captures
             exchange.timings.routed = trio.current_time()
 

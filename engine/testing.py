@@ -332,6 +332,7 @@ async def run_chain(
         return await wrap_upstream(chain.around, ex, send)(call)
 
     exchange.caller = caller
+    exchange.credential_headers = chain.credential_headers
     depth = len(chain.filters)
     try:
         answer, depth = await run_request_phases(chain, exchange)

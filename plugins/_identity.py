@@ -35,7 +35,6 @@ __all__ = [
     "inject_checked_headers",
     "inject_header",
     "inject_headers",
-    "register_credential_header",
     "strip_identity_headers",
 ]
 
@@ -69,8 +68,6 @@ DEFAULT_IDENTITY_HEADERS: tuple[str, ...] = (
 
 INJECTED_HEADERS: StashKey[set[bytes]] = StashKey("identity.injected_headers")
 """Names (lowercase bytes) of the headers an auth filter injected on this exchange."""
-
-_CREDENTIAL_HEADERS: set[bytes] = set()
 
 _TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 
@@ -129,30 +126,28 @@ class HeaderPatterns:
         return False
 
 
-def register_credential_header(name: str) -> None:
-    """Declare ``name`` a header some auth filter reads credentials from.
-
-    Such a header is never stripped as an identity header, so that one filter's strip
-    list (say ``X-Auth-*``) cannot remove another filter's credential (an
-    ``X-Auth-Key`` read by key-auth) on a route that has both.
-    """
-    _CREDENTIAL_HEADERS.add(name.lower().encode("latin-1"))
-
-
-def strip_identity_headers(exchange: Exchange, patterns: HeaderPatterns) -> int:
+def strip_identity_headers(
+    exchange: Exchange, patterns: HeaderPatterns, own: frozenset[bytes] = frozenset()
+) -> int:
     """Remove the request headers matching ``patterns``; returns how many were removed.
 
-    Kept: headers an earlier auth filter injected on this exchange, and credential
-    headers (:func:`register_credential_header`).
+    Kept: headers an earlier auth filter injected on this exchange, the calling filter's
+    ``own`` credential headers, and those of every other filter on the exchange's route
+    (``exchange.credential_headers``, from each filter's ``credential_headers``), so that
+    one filter's strip list (say ``X-Auth-*``) cannot remove another filter's credential
+    (an ``X-Auth-Key`` read by key-auth) on a route that has both. On a route where no
+    filter reads it, such a header is stripped like any other.
     """
     headers = exchange.request.headers
     if not patterns.any_of(headers.items):  # the common case: clients rarely send one
         return 0
     injected = exchange.stash.get(INJECTED_HEADERS) or ()
-    credentials = _CREDENTIAL_HEADERS
+    credentials = exchange.credential_headers
 
     def spoofable(name: bytes) -> bool:
-        return patterns(name) and name not in credentials and name not in injected
+        return (
+            patterns(name) and name not in own and name not in credentials and name not in injected
+        )
 
     return headers.remove_where(spoofable)
 

@@ -37,7 +37,6 @@ from plugins._identity import (
     header_key,
     header_value,
     inject_headers,
-    register_credential_header,
     strip_identity_headers,
 )
 
@@ -206,11 +205,11 @@ class KeyAuth(Filter):
         injected = [h for h in (config.consumer_header, config.groups_header) if h]
         self.strip = HeaderPatterns([*DEFAULT_IDENTITY_HEADERS, *config.strip_headers, *injected])
         self._header = config.header.lower().encode() if config.header else None
-        if config.header:
-            register_credential_header(config.header)
+        # Read here, so never stripped as an identity header on this filter's routes.
+        self.credential_headers = frozenset({self._header}) if self._header else frozenset()
 
     def on_request(self, exchange: Exchange) -> None:
-        strip_identity_headers(exchange, self.strip)
+        strip_identity_headers(exchange, self.strip, self.credential_headers)
         key = self.read_key(exchange)
         if key is None:
             if self.config.allow_anonymous:

@@ -3,19 +3,21 @@ what is kept, and what is remembered as injected."""
 
 from __future__ import annotations
 
+import jwt as pyjwt
 import pytest
+import trio
 
 from engine.exchange import checked_field
-from engine.testing import make_exchange
+from engine.testing import Stubs, http_request, make_exchange, open_gateway
 from plugins._identity import (
     INJECTED_HEADERS,
     HeaderPatterns,
     inject_checked_headers,
     inject_header,
     inject_headers,
-    register_credential_header,
     strip_identity_headers,
 )
+from plugins.key_auth import hash_key
 
 PATTERNS = HeaderPatterns(["X-User-Id", "X-Auth-*", "X-Strip-Test-Key"])
 
@@ -48,17 +50,68 @@ def test_header_patterns(patterns: list[str], matching: list[str], other: list[s
         ([("accept", "*/*"), ("x-other", "1")], ["accept", "x-other"], 0),
         ([("x-user-id", "a"), ("accept", "*/*"), ("x-user-id", "b")], ["accept"], 2),
         ([("x-auth-user", "a"), ("x-auth", "b"), ("x-authx", "c")], ["x-auth", "x-authx"], 1),
-        # A credential header some auth filter reads is never stripped.
+        # A credential header a filter on the route reads is never stripped.
         ([("x-strip-test-key", "k"), ("x-user-id", "a")], ["x-strip-test-key"], 1),
     ],
 )
 def test_strip_identity_headers(
     headers: list[tuple[str, str]], kept: list[str], removed: int
 ) -> None:
-    register_credential_header("X-Strip-Test-Key")
     ex = make_exchange(headers=headers)
+    ex.credential_headers = frozenset({b"x-strip-test-key"})
     assert strip_identity_headers(ex, PATTERNS) == removed
     assert [n.decode() for n, _ in ex.request.headers] == kept
+
+
+def test_a_credential_header_is_kept_only_where_a_filter_reads_it() -> None:
+    headers = [("x-strip-test-key", "k")]
+    elsewhere = make_exchange(headers=headers)  # a route where no filter reads it
+    assert strip_identity_headers(elsewhere, PATTERNS) == 1
+    own = make_exchange(headers=headers)  # the calling filter's own credential
+    assert strip_identity_headers(own, PATTERNS, frozenset({b"x-strip-test-key"})) == 0
+
+
+async def test_a_header_read_on_one_route_is_stripped_on_another(stubs: Stubs) -> None:
+    # Route "jwt" reads its token from X-Auth-Token; route "key" has key-auth only,
+    # whose default strip list has X-Auth-*: a forged X-Auth-Token must not reach it.
+    secret = "0123456789abcdef0123456789abcdef"
+    key = "alice-key-0123456789abcdef0123456789"
+    config = {
+        "upstreams": {"echo": {"targets": [stubs.target("echo")]}},
+        "routes": [
+            {
+                "name": "jwt",
+                "prefix": "/jwt",
+                "upstream": "echo",
+                "plugins": {
+                    "jwt-auth": {
+                        "header": "X-Auth-Token",
+                        "issuers": [{"algorithms": ["HS256"], "secret": secret}],
+                    }
+                },
+            },
+            {
+                "name": "key",
+                "prefix": "/key",
+                "upstream": "echo",
+                "plugins": {
+                    "key-auth": {"consumers": [{"id": "alice", "key_sha256": hash_key(key)}]}
+                },
+            },
+        ],
+    }
+    token = pyjwt.encode({"sub": "carol", "exp": 2**40}, secret, algorithm="HS256")
+    with trio.fail_after(20):
+        async with open_gateway(config) as gw:
+            on_jwt = await http_request(
+                gw.port, "GET", "/jwt/x", [("X-Auth-Token", f"Bearer {token}")]
+            )
+            forged = [("X-API-Key", key), ("X-Auth-Token", "forged")]
+            on_key = await http_request(gw.port, "GET", "/key/x", forged)
+    assert on_jwt.status == 200
+    assert dict(on_jwt.json()["headers"]).get("x-auth-token") == f"Bearer {token}"  # kept
+    assert on_key.status == 200
+    assert "x-auth-token" not in dict(on_key.json()["headers"])
 
 
 def test_what_an_earlier_auth_filter_injected_is_kept() -> None:

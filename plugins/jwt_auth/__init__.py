@@ -46,7 +46,6 @@ from plugins._identity import (
     header_key,
     header_value,
     inject_checked_headers,
-    register_credential_header,
     strip_identity_headers,
 )
 
@@ -198,8 +197,8 @@ class JwtAuth(Filter):
             [*DEFAULT_IDENTITY_HEADERS, *config.strip_headers, *config.claims_to_headers.values()]
         )
         self._header = config.header.lower().encode() if config.header else None
-        if config.header:
-            register_credential_header(config.header)
+        # Read here, so never stripped as an identity header on this filter's routes.
+        self.credential_headers = frozenset({self._header}) if self._header else frozenset()
         self._scheme = config.scheme.lower().encode()
         # The token header's raw value (or ("cookie", token)) -> what verifying the token
         # gave; bounded, oldest first out (see _remember).
@@ -254,7 +253,7 @@ class JwtAuth(Filter):
         """
         strip = self.strip
         if strip.any_of(exchange.request.headers.items):  # else strip_identity_headers is a no-op
-            strip_identity_headers(exchange, strip)
+            strip_identity_headers(exchange, strip, self.credential_headers)
         # Wall-clock time: exp/nbf/iat are seconds since the epoch, not intervals.
         now = time.time()
         raw = self._header_field(exchange) if self._header is not None else None
