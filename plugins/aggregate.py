@@ -29,7 +29,6 @@ headers reach a backend only when listed in its ``forward_headers``.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -44,6 +43,7 @@ from engine.exchange import Exchange, Headers, Response, UpstreamCall
 from engine.metrics import counter
 from engine.plugins import hookimpl
 from engine.schema import ByteSize, Duration, Invalid
+from plugins._json import NotJson, dump_json, load_json
 from plugins._jsonpath import MISSING, JsonPath, JsonPathError
 from plugins._template import (
     REQUEST_ROOTS,
@@ -555,8 +555,8 @@ class Aggregate(Filter):
         if not body.strip():
             return None
         try:
-            return json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+            return load_json(body)  # no NaN, no 1e999, no RecursionError (RFC 8259)
+        except NotJson:
             raise _CallFailed("answer is not valid JSON") from None
 
     def _compose(self, run: _Run) -> Response:
@@ -574,7 +574,7 @@ class Aggregate(Filter):
         if partial:
             doc[PARTIAL_FIELD] = partial
             headers.append((PARTIAL_HEADER, ", ".join(partial).encode()))
-        body = json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+        body = dump_json(doc)  # parsed strictly, shaped from those values: always JSON
         headers.append((b"content-length", str(len(body)).encode()))
         return Response(status=200, headers=Headers(headers), body=body)
 

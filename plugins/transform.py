@@ -31,7 +31,6 @@ gateway edited.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Callable
@@ -55,6 +54,7 @@ from engine.exchange import Exchange, Headers, Request, Response, checked_field
 from engine.metrics import counter
 from engine.plugins import hookimpl
 from engine.schema import Invalid
+from plugins._json import NotJson, dump_json, load_json
 from plugins._jsonpath import MISSING, JsonPath, JsonPathError
 from plugins._template import (
     Lookup,
@@ -476,54 +476,6 @@ def _is_compressed(headers: Headers) -> bool:
     return encoding is not None and encoding.strip().lower() not in (b"", b"identity")
 
 
-class _NotJson(ValueError):
-    """A body that is not RFC 8259 JSON, or an edited document that cannot be written as
-    JSON (a non-finite number taken from a claim)."""
-
-
-def _reject_constant(name: str) -> Any:
-    raise _NotJson(f"{name} is not JSON")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):  # 1e999: a double cannot hold it, and inf is not JSON
-        raise _NotJson(f"{text} is out of range")
-    return value
-
-
-def _load_json(body: bytes) -> Any:
-    """``body`` parsed as RFC 8259 JSON; raises :class:`_NotJson` for anything else.
-
-    ``NaN`` and ``Infinity`` (which :func:`json.loads` accepts), numbers that overflow a
-    double, bad UTF-8 and nesting deep enough to exhaust the parser's recursion limit are
-    all invalid, so that a body never causes a ``RecursionError`` (a 500).
-    """
-    try:
-        return json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float)
-    except _NotJson:
-        raise
-    except RecursionError:
-        raise _NotJson("nested too deeply") from None
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, int digit limit
-        raise _NotJson(str(e)) from None
-
-
-def _dump_json(doc: Any) -> bytes:
-    """``doc`` as compact UTF-8 JSON; raises :class:`_NotJson` when it is not JSON."""
-    try:
-        text = json.dumps(doc, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-    except RecursionError:
-        raise _NotJson("nested too deeply") from None
-    except ValueError as e:  # a non-finite number, from a claim
-        raise _NotJson(str(e)) from None
-    try:
-        return text.encode()
-    except UnicodeEncodeError:
-        # A lone surrogate ("\ud800" in the source) has no UTF-8 form: keep it escaped.
-        return json.dumps(doc, allow_nan=False, separators=(",", ":")).encode()
-
-
 _STATUS_ERRORS: dict[int, type[GatewayError]] = {
     413: PayloadTooLarge,
     415: UnsupportedMediaType,
@@ -668,7 +620,7 @@ class Transform(Filter):
             return
         try:
             new = self._rewrite_json(exchange, "request", body, plan, lookup)
-        except _NotJson as e:
+        except NotJson as e:
             if plan.mandatory:
                 # The whole body has been read: the connection's framing is intact.
                 raise BadRequest(f"the request body is not valid JSON: {e}", close=False) from None
@@ -722,7 +674,7 @@ class Transform(Filter):
         lookup = exchange_lookup(exchange)
         try:
             new = self._rewrite_json(exchange, "response", response.body, plan, lookup)
-        except _NotJson:
+        except NotJson:
             if plan.mandatory:
                 await self._refuse_response(exchange, response, "is not valid JSON")
             return
@@ -742,18 +694,18 @@ class Transform(Filter):
     ) -> bytes | None:
         """The edited body, or ``None`` when it is unchanged (never with ``mandatory``).
 
-        Raises :class:`_NotJson` (counted as ``invalid_json``) when the body is not JSON
+        Raises :class:`NotJson` (counted as ``invalid_json``) when the body is not JSON
         or the edited document cannot be written as JSON.
         """
         try:
-            doc = _load_json(body)
+            doc = load_json(body)
             # Mandatory: always the gateway's serialization, even when nothing changed,
             # so duplicate keys or odd spellings never reach a parser that reads them
             # differently from this one.
             if not plan.apply(doc, lookup) and not plan.mandatory:
                 return None
-            return _dump_json(doc)
-        except _NotJson:
+            return dump_json(doc)
+        except NotJson:
             self._skipped(exchange, direction, "invalid_json")
             raise
 

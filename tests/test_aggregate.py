@@ -408,6 +408,18 @@ async def test_a_value_never_makes_a_dot_segment(
     assert fake.calls == []  # nothing was sent
 
 
+@pytest.mark.parametrize("answer", [b'{"x": NaN}', b'{"x": 1e999}', b"[" * 100_000])
+async def test_an_answer_that_is_not_strict_json_fails_the_call(
+    autojump_clock: trio.testing.MockClock, answer: bytes
+) -> None:
+    # RFC 8259: no NaN, no number beyond a double; deep nesting is invalid, never a 500.
+    agg = _aggregate({"calls": _calls()})
+    fake = FakeUpstreams({"users/users/1": (0.1, 200, answer)})
+    with pytest.raises(BadGateway) as info:
+        await _run(agg, fake)
+    assert "not valid JSON" in info.value.message
+
+
 async def test_dots_inside_a_value_are_kept(autojump_clock: trio.testing.MockClock) -> None:
     agg = _aggregate({"calls": [{"name": "s", "upstream": "u", "path": "/files/{header.x-f}"}]})
     fake = FakeUpstreams({"u/files/a..b.json": (0.1, 200, {})})

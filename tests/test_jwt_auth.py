@@ -578,6 +578,16 @@ def test_check_times(
     assert info.value.reason == reason
 
 
+@pytest.mark.parametrize("payload", [b'{"sub":"a","exp":NaN}', b'{"sub":"a","n":1e999}'])
+def test_a_token_with_non_json_numbers_is_malformed(payload: bytes) -> None:
+    # json.loads would take NaN and turn 1e999 into inf: neither is JSON (RFC 8259).
+    segment = base64.urlsafe_b64encode(payload).rstrip(b"=").decode()
+    header = base64.urlsafe_b64encode(b'{"alg":"HS256"}').rstrip(b"=").decode()
+    with pytest.raises(AuthFailure) as info:
+        parse_unverified(f"{header}.{segment}.sig")
+    assert info.value.reason == "malformed"
+
+
 def test_parse_scopes_roles_and_headers() -> None:
     assert granted_scopes({"scope": "a b  a", "scp": ["c", 1]}) == ("a", "b", "c")
     assert granted_roles({"roles": "x, y z", "groups": ["g"]}, ["roles", "groups"]) == (

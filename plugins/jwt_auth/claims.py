@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import math
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
+
+from plugins._json import NotJson, load_json
 
 __all__ = [
     "AuthFailure",
@@ -50,8 +51,8 @@ def _b64url(segment: bytes) -> bytes:
 
 def _json_object(data: bytes) -> dict[str, Any]:
     try:
-        value = json.loads(data)
-    except (ValueError, RecursionError):
+        value = load_json(data)  # no NaN or Infinity claims (RFC 8259, RFC 7519 2)
+    except NotJson:
         raise AuthFailure("malformed", "malformed token") from None
     if not isinstance(value, dict):
         raise AuthFailure("malformed", "malformed token")
