@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from urllib.parse import unquote_plus
 
 from engine.chain import Filter, FilterContext, Stage
-from engine.errors import BadRequest, Unauthorized
+from engine.errors import BadRequest, GatewayError, Unauthorized
 from engine.exchange import Exchange, Identity
 from engine.metrics import counter
 from engine.plugins import hookimpl
@@ -210,6 +210,17 @@ class KeyAuth(Filter):
 
     def on_request(self, exchange: Exchange) -> None:
         strip_identity_headers(exchange, self.strip, self.credential_headers)
+        try:
+            self._authenticate(exchange)
+        except GatewayError:
+            # Refused: nothing is forwarded, and the access log (which writes the target
+            # as forwarded) must not carry the key, valid or not.
+            self.remove_credentials(exchange)
+            raise
+        if self.config.hide_credentials:
+            self.remove_credentials(exchange)
+
+    def _authenticate(self, exchange: Exchange) -> None:
         key = self.read_key(exchange)
         if key is None:
             if self.config.allow_anonymous:
@@ -232,8 +243,6 @@ class KeyAuth(Filter):
             )
         exchange.identity = entry.identity
         inject_headers(exchange, entry.headers)
-        if self.config.hide_credentials:
-            self.remove_credentials(exchange)
 
     def lookup(self, key: str) -> _Entry | None:
         """The consumer entry for ``key``, or ``None``; see the module docstring on timing."""

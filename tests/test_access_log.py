@@ -77,16 +77,19 @@ async def test_a_hidden_query_credential_is_not_logged(stubs: Stubs, tmp_path: P
     with trio.fail_after(20):
         async with open_gateway(config) as gw:
             ok = await http_request(gw.port, "GET", f"/echo/k?apikey={key}&a=1")
+            old_key = await http_request(gw.port, "GET", "/echo/k?apikey=rotated-old-key-0123&b=2")
+            twice = await http_request(gw.port, "GET", f"/echo/k?apikey={key}&apikey={key}")
             refused = await raw_exchange(
                 gw.port, f"GET /echo?apikey={key} HTTP/1.1\r\nHost: a b\r\n\r\n".encode()
             )
-    assert ok.status == 200
+    assert (ok.status, old_key.status, twice.status) == (200, 401, 400)
     assert refused.startswith(b"HTTP/1.1 400 ")  # an invalid Host: refused before any filter
     logged = path.read_text()
     assert key not in logged
-    first, second = (json.loads(line) for line in logged.splitlines())
-    assert (first["target"], first["consumer"]) == ("/echo/k?a=1", "alice")
-    assert second["target"] == "/echo"
+    assert "rotated-old-key" not in logged  # a refused key is not logged either
+    lines = [json.loads(line) for line in logged.splitlines()]
+    assert (lines[0]["target"], lines[0]["consumer"]) == ("/echo/k?a=1", "alice")
+    assert [line["target"] for line in lines[1:]] == ["/echo/k?b=2", "/echo/k", "/echo"]
 
 
 async def test_combined_format_and_a_malformed_request(stubs: Stubs, tmp_path: Path) -> None:

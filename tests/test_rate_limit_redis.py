@@ -7,6 +7,7 @@ its windows long and its deadlines short.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import textwrap
 from collections.abc import AsyncIterator
@@ -323,6 +324,8 @@ async def test_filter_with_redis_end_to_end_of_the_phases(
 ) -> None:
     """The filter itself on the Redis store: limit, failure policy, recovery."""
     from tests.test_rate_limit import attempt, make_filter
+
+    caplog.set_level(logging.DEBUG, logger="filtergate.plugins.rate-limit")
 
     with trio.fail_after(20):
         f = make_filter(

@@ -29,6 +29,7 @@ from engine.errors import RateLimited, ServiceUnavailable
 from engine.exchange import Exchange, Response, StashKey
 from engine.plugins import hookimpl
 from engine.schema import Duration, Invalid
+from plugins._identity import fingerprint
 from plugins.rate_limit.algorithms import Quota
 from plugins.rate_limit.memory import MemoryStore
 from plugins.rate_limit.redis import RedisError, RedisPool, RedisStore, parse_redis_url
@@ -429,13 +430,15 @@ class RateLimit(Filter):
         policy = self.config.failure
         route = exchange.route.name if exchange.route is not None else ""
         _store_failures.inc(store=self.config.store, policy=policy)
-        self.log.warning(
-            "rate-limit store unavailable (%s): %s request %s on route %r, key %r",
+        # The store logs the outage once; per request this is debug, and the key (which
+        # may hold a header such as an API key) only as a fingerprint.
+        self.log.debug(
+            "rate-limit store unavailable (%s): %s request %s on route %r, key %s",
             error,
             "admitting" if policy == "fail_open" else "refusing",
             exchange.request_id,
             route,
-            key,
+            fingerprint(key),
         )
 
     def on_response(self, exchange: Exchange, response: Response) -> None:
