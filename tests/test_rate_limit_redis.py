@@ -58,6 +58,11 @@ async def test_parse_url() -> None:
     assert (a.host, a.port, a.db, a.username, a.password) == ("localhost", 6379, 0, None, "other")
     with pytest.raises(ValueError, match="redis://"):
         parse_redis_url("rediss://x")
+    # An error names the URL, but never its password (it ends up in logs and terminals).
+    for bad in ("redis://:hunter2@host:99999", "redis://u:hunter2@/0", "redis://u:hunter2@h/0?x"):
+        with pytest.raises(ValueError, match=r":\*\*\*@") as info:
+            parse_redis_url(bad)
+        assert "hunter2" not in str(info.value)
 
 
 async def test_client_commands_and_errors(redis: RedisServer) -> None:

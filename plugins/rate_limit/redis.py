@@ -80,20 +80,21 @@ def parse_redis_url(url: str, password: str | None = None) -> RedisAddress:
     for the user.
     """
     parts = urlsplit(url)
+    shown = _without_password(url)  # error messages end up in logs and terminals
     if parts.scheme != "redis":
-        raise ValueError(f'expected a URL like "redis://127.0.0.1:6379/0", got {url!r}')
+        raise ValueError(f'expected a URL like "redis://127.0.0.1:6379/0", got {shown!r}')
     try:
         port = parts.port or 6379
     except ValueError:
-        raise ValueError(f"bad port in {url!r}") from None
+        raise ValueError(f"bad port in {shown!r}") from None
     host = parts.hostname
     if not host:
-        raise ValueError(f"no host in {url!r}")
+        raise ValueError(f"no host in {shown!r}")
     path = parts.path.strip("/")
     if path and not path.isdigit():
         raise ValueError(f"expected a database number after the port, got {path!r}")
     if parts.query or parts.fragment:
-        raise ValueError(f"unexpected query or fragment in {url!r}")
+        raise ValueError(f"unexpected query or fragment in {shown!r}")
     return RedisAddress(
         host=host,
         port=port,
@@ -103,6 +104,16 @@ def parse_redis_url(url: str, password: str | None = None) -> RedisAddress:
         if password is not None
         else (unquote(parts.password) if parts.password is not None else None),
     )
+
+
+def _without_password(url: str) -> str:
+    """``url`` with the password of its userinfo replaced by ``***``."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, hostpart = rest.rpartition("@")
+    if not sep or not at or ":" not in userinfo:
+        return url
+    user = userinfo.partition(":")[0]
+    return f"{scheme}://{user}:***@{hostpart}"
 
 
 def _encode(args: Sequence[bytes | str | int | float]) -> bytes:
