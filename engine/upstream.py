@@ -41,6 +41,7 @@ from engine.errors import (
     BadGateway,
     GatewayError,
     NoHealthyTarget,
+    ServiceUnavailable,
     UpstreamReset,
     UpstreamTimeout,
     UpstreamUnreachable,
@@ -336,7 +337,8 @@ class Pool:
                     timed_out += 1
                     self._connect_failed(target, failed)
                     continue
-                except OSError:
+                except OSError as e:
+                    _raise_if_local(e)
                     refused += 1
                     self._connect_failed(target, failed)
                     continue
@@ -349,9 +351,11 @@ class Pool:
                     # the call can go again on a fresh connection to the same target.
                     try:
                         conn = await self._connect(target, min(ct, max(0.0, deadline - now)))
-                    except (trio.TooSlowError, OSError):
-                        refused += 1
+                    except (trio.TooSlowError, OSError) as e:
                         target.active -= 1
+                        if isinstance(e, OSError):
+                            _raise_if_local(e)
+                        refused += 1
                         self._connect_failed(target, failed)
                         continue
                     try:
@@ -686,6 +690,18 @@ class Pool:
                 for t in self.targets
             ],
         }
+
+
+# The gateway's own resources, not the target's answer: a connect that fails with one
+# of these says nothing about the target, which must not be ejected for it.
+_LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+def _raise_if_local(error: OSError) -> None:
+    """503 for a connect that failed for want of the gateway's own resources."""
+    if error.errno in _LOCAL_ERRNOS:
+        log.warning("cannot open an upstream connection: %s", error)
+        raise ServiceUnavailable(f"the gateway is out of resources ({error.strerror})") from None
 
 
 class _StaleConnection(Exception):

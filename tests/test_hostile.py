@@ -960,6 +960,24 @@ async def test_accept_without_file_descriptors_backs_off(
             sock.close()
 
 
+async def test_no_descriptor_for_an_upstream_connection_is_503_and_ejects_nothing() -> None:
+    # EMFILE on the upstream connect is the gateway's own shortage, not the target
+    # refusing: a 503 now, and the target serves as soon as descriptors are free.
+    with trio.fail_after(DEADLINE):
+        async with (
+            open_counting_upstream() as up,
+            open_gateway(make_config(up.target), extra_plugins=PLUGINS) as gw,
+            Client.open(gw.port) as client,  # accepted before the shortage
+        ):
+            with no_spare_file_descriptors():
+                short = await client.request("GET", "/api/x")
+            assert short.status == 503
+            assert short.json()["error"]["code"] == "service_unavailable"
+            after = await client.request("GET", "/api/y")
+            assert after.status == 200  # not 503 no_healthy_target: nothing was ejected
+            assert [r.target for r in up.requests] == [b"/api/y"]
+
+
 async def test_absolute_form_is_400_even_where_no_route_matches() -> None:
     config = {
         "upstreams": {"up": {"targets": ["127.0.0.1:9"]}},
