@@ -115,6 +115,8 @@ class ServerConfig:
             raise Invalid("max_header_count", "must be at least 1")
         if self.max_head_size < 1024:
             raise Invalid("max_head_size", "must be at least 1KiB")
+        if self.accept_batch < 1:
+            raise Invalid("accept_batch", "must be at least 1")  # 0 would never accept
 
 
 @dataclass(frozen=True)
