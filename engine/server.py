@@ -9,6 +9,7 @@ header hygiene and re-framing in both directions, and graceful shutdown.
 
 from __future__ import annotations
 
+import contextvars
 import ipaddress
 import itertools
 import logging
@@ -181,6 +182,16 @@ def _bind_duration(route: RouteRuntime | None, cls: int) -> BoundHistogram:
     return series
 
 
+# The server name a TLS client asked for (SNI). A server-side SSL object has no
+# server_hostname: the name only reaches the context's SNI callback, which runs inside
+# the connection task's handshake, so a context variable carries it to that task.
+_SNI: contextvars.ContextVar[str | None] = contextvars.ContextVar("filtergate_sni", default=None)
+
+
+def _record_sni(_ssl: object, server_name: str | None, _context: ssl.SSLContext) -> None:
+    _SNI.set(server_name)
+
+
 class _Abort(Exception):
     """The client connection must be dropped without a word (framing cannot be kept)."""
 
@@ -207,12 +218,24 @@ class Server:
 
     def __init__(self, runtime: Runtime, ssl_context: ssl.SSLContext | None = None) -> None:
         self.runtime = runtime
+        self._ssl_context: ssl.SSLContext | None = None
         self.ssl_context = ssl_context
         self.draining = False
         self.ids = _RequestIds()
         self._idle: set[RawSocket | StreamSocket] = set()  # waiting for a next request
         self._busy = 0
         self._no_busy = trio.Event()
+
+    @property
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context of new connections (swapped when certificates change)."""
+        return self._ssl_context
+
+    @ssl_context.setter
+    def ssl_context(self, context: ssl.SSLContext | None) -> None:
+        if context is not None:
+            context.sni_callback = _record_sni
+        self._ssl_context = context
 
     async def wait_idle(self) -> None:
         """Return once no request is in flight."""
@@ -291,7 +314,7 @@ class Server:
                 tls = TlsInfo(
                     version=ssl_obj.version() or "",
                     cipher=cipher[0] if cipher else "",
-                    server_name=getattr(ssl_obj, "server_hostname", None),
+                    server_name=_SNI.get(),
                     alpn=ssl_obj.selected_alpn_protocol(),
                 )
                 io = StreamSocket(ssl_stream, raw)

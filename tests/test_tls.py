@@ -1,0 +1,74 @@
+"""TLS termination as filters see it: version, cipher and the server name the client asked for."""
+
+from __future__ import annotations
+
+import json
+import ssl
+from pathlib import Path
+from typing import Any
+
+import trio
+import trustme
+
+from engine.chain import Filter, Stage
+from engine.exchange import Exchange, Response
+from engine.plugins import hookimpl
+from engine.testing import open_gateway
+
+
+class TlsProbe(Filter):
+    """Answers with what ``exchange.request.tls`` holds."""
+
+    name = "tls-probe"
+    stage = Stage.EDGE
+
+    def on_request(self, exchange: Exchange) -> Response:
+        tls = exchange.request.tls
+        seen = None if tls is None else {"version": tls.version, "sni": tls.server_name}
+        return Response(200, body=json.dumps(seen).encode())
+
+
+class TlsProbePlugin:
+    @hookimpl
+    def filtergate_filters(self) -> list[type[Any]]:
+        return [TlsProbe]
+
+
+async def _ask(port: int, ca: trustme.CA, server_name: str | None) -> Any:
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    context.check_hostname = server_name is not None
+    if server_name is None:
+        context.verify_mode = ssl.CERT_NONE
+    tcp = await trio.open_tcp_stream("127.0.0.1", port)
+    stream = trio.SSLStream(tcp, context, server_hostname=server_name)
+    await stream.send_all(b"GET / HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
+    data = b""
+    while chunk := await stream.receive_some(65536):
+        data += chunk
+    await stream.aclose()
+    return json.loads(data.partition(b"\r\n\r\n")[2])
+
+
+async def test_filters_see_the_server_name_the_client_asked_for(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    cert = ca.issue_cert("gw.test", "other.test")
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.private_key_and_cert_chain_pem.write_to_path(str(cert_file))
+    cert.private_key_pem.write_to_path(str(key_file))
+    config = {
+        "server": {"tls": {"cert": str(cert_file), "key": str(key_file)}},
+        "upstreams": {"unused": {"targets": ["127.0.0.1:9"]}},  # the probe answers
+        "routes": [
+            {"name": "probe", "prefix": "/", "upstream": "unused", "plugins": {"tls-probe": {}}}
+        ],
+    }
+    with trio.fail_after(20):
+        async with open_gateway(config, extra_plugins=[("tls-probe", TlsProbePlugin())]) as gw:
+            first = await _ask(gw.port, ca, "gw.test")
+            second = await _ask(gw.port, ca, "other.test")
+            without = await _ask(gw.port, ca, None)  # no SNI sent
+    assert first["sni"] == "gw.test"
+    assert first["version"].startswith("TLSv1.")
+    assert second["sni"] == "other.test"  # per connection, never the previous one's
+    assert without["sni"] is None
