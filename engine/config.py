@@ -333,14 +333,12 @@ class Config:
     upstreams: dict[str, UpstreamConfig] = field(default_factory=dict)
     routes: list[RouteConfig] = field(default_factory=list)
     plugins: dict[str, dict[str, Any]] = field(default_factory=dict)
-    source: str = "<memory>"
+    source: str = field(default="<memory>", metadata={"internal": True})  # the file's name
 
 
 def load(data: dict[str, Any], source: str = "<memory>") -> Config:
     """A checked :class:`Config` from parsed TOML. Raises :class:`ConfigError`."""
-    data = dict(data)
-    data["source"] = source
-    config = build(Config, data)
+    config = _replace(build(Config, data), source=source)
     names: set[str] = set()
     routes = []
     for i, route in enumerate(config.routes):

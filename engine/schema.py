@@ -214,8 +214,10 @@ def build(cls: type[T], data: object, path: str = "") -> T:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     hints = _hints(cls)
     for key in data:
-        if key not in fields:
-            known = ", ".join(sorted(fields)) or "none"
+        # A field marked internal (set by the loader, like Config.source) is no key.
+        if key not in fields or fields[key].metadata.get("internal"):
+            keys = [n for n, f in fields.items() if not f.metadata.get("internal")]
+            known = ", ".join(sorted(keys)) or "none"
             raise ConfigError(_join(path, key), f"unknown key (known keys: {known})")
     kwargs: dict[str, Any] = {}
     for name, f in fields.items():

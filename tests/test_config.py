@@ -17,6 +17,7 @@ from engine.schema import ConfigError
         ({"server": {"workers": 0}}, "server.workers"),
         ({"server": {"max_head_size": 100}}, "server.max_head_size"),
         ({"server": {"underscores_in_headers": "keep"}}, "server.underscores_in_headers"),
+        ({"source": "elsewhere.toml"}, "source"),  # set by the loader, not a key of the file
     ],
 )
 def test_values_that_cannot_work_name_their_key(data: dict[str, Any], where: str) -> None:
