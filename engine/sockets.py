@@ -26,6 +26,7 @@ import errno
 import logging
 import math
 import socket
+import time
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -53,10 +54,27 @@ parks = 0
 RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
+_ACCEPT_WARNING_EVERY = 5.0  # seconds between two warnings of failing accepts
+_accept_warned = [-_ACCEPT_WARNING_EVERY, 0]  # [when last warned, pauses since]
+
+
 async def accept_backoff(error: OSError, log: logging.Logger) -> None:
-    """After a failed ``accept()``: back off when out of resources, else go on."""
+    """After a failed ``accept()``: back off when out of resources, else go on.
+
+    The pause is 100 ms; the warning comes at most every 5 s, with the number of
+    pauses since the last one (a flood of them would be ten lines a second).
+    """
     if error.errno in RESOURCE_ERRORS:
-        log.warning("accept failed (%s); pausing accepts for 100 ms", error)
+        now = time.monotonic()  # not trio's clock: this outlives one trio run
+        _accept_warned[1] += 1
+        if now - _accept_warned[0] >= _ACCEPT_WARNING_EVERY:
+            log.warning(
+                "accept failed (%s); pausing accepts for 100 ms (%d pauses since the last "
+                "warning)",
+                error,
+                _accept_warned[1],
+            )
+            _accept_warned[0], _accept_warned[1] = now, 0
         await trio.sleep(0.1)
 
 

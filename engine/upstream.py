@@ -48,7 +48,7 @@ from engine.errors import (
 )
 from engine.exchange import BodyStream, Headers, Response, UpstreamCall
 from engine.metrics import counter, gauge
-from engine.sockets import RawSocket
+from engine.sockets import RESOURCE_ERRORS, RawSocket
 from engine.wire import BodyReader, ChunkedReader, Http10Reader, ProtocolError, Reader
 
 __all__ = ["Pool", "Target", "UpstreamBodyError"]
@@ -692,14 +692,10 @@ class Pool:
         }
 
 
-# The gateway's own resources, not the target's answer: a connect that fails with one
-# of these says nothing about the target, which must not be ejected for it.
-_LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-
-
 def _raise_if_local(error: OSError) -> None:
-    """503 for a connect that failed for want of the gateway's own resources."""
-    if error.errno in _LOCAL_ERRNOS:
+    """503 for a connect that failed for want of the gateway's own resources: that says
+    nothing about the target, which must not be ejected for it."""
+    if error.errno in RESOURCE_ERRORS:
         log.warning("cannot open an upstream connection: %s", error)
         raise ServiceUnavailable(f"the gateway is out of resources ({error.strerror})") from None
 

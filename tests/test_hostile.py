@@ -948,9 +948,9 @@ async def test_accept_without_file_descriptors_backs_off(
                     sock.connect_ex(("127.0.0.1", setup.port))
                 await trio.sleep(0.5)
             failures = [r for r in caplog.records if "accept" in r.getMessage()]
-            # A back-off (trio's serve_listeners sleeps 0.1 s) logs a handful, not
-            # tens of thousands per second.
-            assert len(failures) <= 20
+            # A back-off of 100 ms, and a warning at most every 5 s: at most one line
+            # here (none if an earlier test warned less than 5 s ago), not ten a second.
+            assert len(failures) <= 1
             # Once descriptors are free again, the connections that waited are served.
             for sock in socks:
                 resp = await request_on(sock)
