@@ -14,32 +14,68 @@ import json
 import logging
 import socket
 import ssl
+from http import HTTPStatus
 from typing import Any
 
 import h11
 import trio
 
 from engine import metrics
-from engine.config import Config
+from engine.config import Config, parse_address
 from engine.gateway import Runtime, compile_runtime
 from engine.plugins import Registry, discover
+from engine.schema import ConfigError
 from engine.server import Server, open_listeners
 from engine.sockets import accept_backoff
 
-__all__ = ["Gateway"]
+__all__ = ["Gateway", "check_addresses", "load_ssl_context"]
 
 log = logging.getLogger("filtergate")
 
+ADMIN_METHODS = (b"GET", b"HEAD")
 
-def _ssl_context(config: Config) -> ssl.SSLContext | None:
+
+def load_ssl_context(config: Config) -> ssl.SSLContext | None:
+    """The server's TLS context, or None without ``[server] tls``.
+
+    Raises :class:`ConfigError` naming ``server.tls.cert`` or ``server.tls.key``, so that
+    ``check``, ``run`` and a reload refuse a bad pair alike, before anything listens.
+    """
     tls = config.server.tls
     if tls is None:
         return None
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(tls.cert, tls.key)
+    try:
+        # Parse the certificate alone first, so that a problem is pinned to one file.
+        ssl.create_default_context().load_verify_locations(cafile=tls.cert)
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError("server.tls.cert", f"{tls.cert}: {_ssl_reason(e)}") from None
+    try:
+        ctx.load_cert_chain(tls.cert, tls.key)
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError("server.tls.key", f"{tls.key}: {_ssl_reason(e)}") from None
     ctx.set_alpn_protocols(["http/1.1"])
     return ctx
+
+
+def _ssl_reason(e: OSError | ssl.SSLError) -> str:
+    if isinstance(e, ssl.SSLError):
+        return f"not a usable PEM file ({e.reason or e})"
+    return e.strerror or str(e)
+
+
+def check_addresses(config: Config) -> None:
+    """Raise :class:`ConfigError` when the admin listener would take a serving address."""
+    if not config.admin.enabled:
+        return
+    host, port = parse_address(config.admin.listen)
+    if port == 0:
+        return
+    for i, addr in enumerate(config.server.listen):
+        h, p = parse_address(addr)
+        if p == port and (h == host or "0.0.0.0" in (h, host) or "::" in (h, host)):
+            raise ConfigError("admin.listen", f"{config.admin.listen} is server.listen[{i}]")
 
 
 def _jsonable(value: Any) -> Any:
@@ -51,6 +87,17 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+def _restart_only_changes(old: Config, new: Config) -> list[str]:
+    """The keys that differ between ``old`` and ``new`` but that a reload cannot apply."""
+    keys = {
+        "server.listen": (old.server.listen, new.server.listen),
+        "server.workers": (old.server.workers, new.server.workers),
+        "admin.listen": (old.admin.listen, new.admin.listen),
+        "admin.enabled": (old.admin.enabled, new.admin.enabled),
+    }
+    return [key for key, (a, b) in keys.items() if a != b]
+
+
 class Gateway:
     """One gateway process: serve ``config`` until cancelled or :meth:`shutdown`."""
 
@@ -60,6 +107,7 @@ class Gateway:
         registry: Registry | None = None,
         *,
         extra_plugins: list[tuple[str, object]] | None = None,
+        admin: bool = True,
     ) -> None:
         self.extra_plugins = extra_plugins or []
         self.registry = registry or discover(
@@ -68,7 +116,10 @@ class Gateway:
             entry_points=config.discovery.entry_points,
         )
         self.runtime: Runtime = compile_runtime(config, self.registry)
-        self.server = Server(self.runtime, _ssl_context(config))
+        self.server = Server(self.runtime, load_ssl_context(config))
+        # Worker processes leave the admin listener to the first process: one address,
+        # one owner (so /metrics shows that process's counters only).
+        self.serve_admin = admin and config.admin.enabled
         self.ports: list[int] = []
         self.admin_port: int | None = None
         self._nursery: trio.Nursery | None = None
@@ -118,10 +169,17 @@ class Gateway:
         self,
         sockets: list[socket.socket] | None = None,
         *,
+        admin_socket: socket.socket | None = None,
         task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Serve until cancelled; ``task_status.started(self)`` once accepting."""
+        """Serve until cancelled; ``task_status.started(self)`` once accepting.
+
+        ``sockets`` and ``admin_socket`` are listening sockets to use; the addresses of
+        the config are bound when they are omitted.
+        """
         config = self.runtime.config
+        if self.serve_admin and admin_socket is None:
+            admin_socket = open_listeners([config.admin.listen])[0]
         if sockets is None:
             sockets = open_listeners(config.server.listen, reuse_port=config.server.workers > 1)
         self.ports = [s.getsockname()[1] for s in sockets]
@@ -129,10 +187,9 @@ class Gateway:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             self._start_background(self.runtime)
-            if config.admin.enabled:
-                admin_socks = open_listeners([config.admin.listen])
-                self.admin_port = admin_socks[0].getsockname()[1]
-                nursery.start_soon(self._serve_admin, admin_socks[0])
+            if admin_socket is not None:
+                self.admin_port = admin_socket.getsockname()[1]
+                nursery.start_soon(self._serve_admin, admin_socket)
             await nursery.start(self.server.serve, sockets)
             self._ready = True
             log.info(
@@ -154,12 +211,16 @@ class Gateway:
             extra=self.extra_plugins,
             entry_points=config.discovery.entry_points,
         )
+        ssl_context = load_ssl_context(config)
         runtime = compile_runtime(config, registry, previous=self.runtime)
         await self._setup(runtime, self.runtime)
         old = self.runtime
         self.registry = registry
         self.runtime = runtime
         self.server.runtime = runtime
+        self.server.ssl_context = ssl_context  # new connections; open ones keep theirs
+        for key in _restart_only_changes(old.config, config):
+            log.warning("%s changed: it takes effect at the next restart, not on reload", key)
         if self._nursery is not None:
             self._start_background(runtime)
         for name, pool in old.pools.items():
@@ -239,6 +300,25 @@ class Gateway:
             return 200, b"application/json", json.dumps(doc2, indent=2).encode()
         return 404, b"text/plain", b"not found\n"
 
+    def _admin_response(self, h: h11.Connection, request: h11.Request) -> bytes:
+        headers: list[tuple[bytes, bytes]] = []
+        if request.method in ADMIN_METHODS:
+            path = request.target.split(b"?")[0].decode("latin-1")
+            status, ctype, body = self._admin_answer(path)
+        else:
+            status, ctype, body = 405, b"text/plain", b"method not allowed\n"
+            headers.append((b"allow", b", ".join(ADMIN_METHODS)))
+        headers += [
+            (b"content-type", ctype),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+        ]
+        reason = HTTPStatus(status).phrase.encode()
+        out = h.send(h11.Response(status_code=status, headers=headers, reason=reason)) or b""
+        if request.method != b"HEAD":  # h11 refuses a body for HEAD: the head says it all
+            out += h.send(h11.Data(data=body)) or b""
+        return out + (h.send(h11.EndOfMessage()) or b"")
+
     async def _admin_connection(self, stream: trio.SocketStream) -> None:
         h = h11.Connection(h11.SERVER)
         try:
@@ -249,25 +329,7 @@ class Gateway:
                         h.receive_data(await stream.receive_some(16384))
                         continue
                     if type(ev) is h11.Request:
-                        path = ev.target.split(b"?")[0].decode("latin-1")
-                        status, ctype, body = self._admin_answer(path)
-                        await stream.send_all(
-                            (
-                                h.send(
-                                    h11.Response(
-                                        status_code=status,
-                                        headers=[
-                                            (b"content-type", ctype),
-                                            (b"content-length", str(len(body)).encode()),
-                                            (b"connection", b"close"),
-                                        ],
-                                    )
-                                )
-                                or b""
-                            )
-                            + (h.send(h11.Data(data=body)) or b"")
-                            + (h.send(h11.EndOfMessage()) or b"")
-                        )
+                        await stream.send_all(self._admin_response(h, ev))
                     break
         except (h11.ProtocolError, trio.BrokenResourceError, OSError):
             pass
