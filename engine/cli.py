@@ -6,24 +6,34 @@ Exit codes: 0 success, 2 a configuration (or plugin) error, 1 anything else.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import gc
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
+from collections.abc import AsyncIterator, Iterator
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import tomli_w
-import trio
+from engine.schema import ConfigError
 
-from engine.config import Config, load_file
-from engine.gateway import compile_runtime
-from engine.plugins import PluginError, Registry, discover
-from engine.schema import ConfigError, describe_fields
+# Only the standard library above (and engine.schema, which is light): the rest
+# is imported where it is used, so that `run` blocks its signals a few hundred
+# milliseconds sooner after exec (see SIGNALS).
+if TYPE_CHECKING:
+    import trio
+
+    from engine.app import Gateway
+    from engine.config import Config
+    from engine.plugins import Registry
 
 EXIT_CONFIG = 2
+log = logging.getLogger("filtergate")
 
 STARTER: dict[str, Any] = {
     "server": {"listen": ["127.0.0.1:8080"]},
@@ -34,9 +44,17 @@ STARTER: dict[str, Any] = {
 
 
 def _load(path: str) -> tuple[Config, Registry]:
+    from engine.app import check_addresses, load_ssl_context
+    from engine.config import load_file
+    from engine.gateway import compile_runtime
+    from engine.plugins import discover
+
     config = load_file(path)
     registry = discover(config.discovery.blocked, entry_points=config.discovery.entry_points)
-    compile_runtime(config, registry)  # every check `run` would make
+    # Every check `run` makes before it binds.
+    compile_runtime(config, registry)
+    check_addresses(config)
+    load_ssl_context(config)
     return config, registry
 
 
@@ -46,6 +64,9 @@ def _config_error(e: Exception, path: str) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from engine.gateway import compile_runtime
+    from engine.plugins import PluginError
+
     try:
         config, registry = _load(args.config)
         runtime = compile_runtime(config, registry)
@@ -72,6 +93,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    import tomli_w
+
     path = Path(args.file)
     if path.exists() and not args.force:
         print(f"filtergate: {path} exists (use --force to overwrite)", file=sys.stderr)
@@ -82,6 +105,10 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
+    from engine.config import load_file
+    from engine.plugins import PluginError, discover
+    from engine.schema import describe_fields
+
     blocked: list[str] = []
     entry_points = True
     if args.config:
@@ -123,63 +150,271 @@ def cmd_hash_key(args: argparse.Namespace) -> int:
 def cmd_stubs(args: argparse.Namespace) -> int:
     from engine import stubs
 
-    return stubs.main(args.rest)
+    rest: list[str] = args.rest
+    return stubs.main(rest)
+
+
+# The signals `run` acts on. They are blocked from the start of `run` (and so in the
+# workers it spawns, which inherit the mask across exec) until trio's receiver is open:
+# a SIGHUP during start-up is then queued, not fatal.
+SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+# Supervision: a worker that dies sooner than this after its start counts as a failure
+# of start-up; this many in a row is a crash loop, and the gateway gives up (exit 1).
+QUICK_DEATH = 5.0
+CRASH_LOOP = 5
+# The first respawn waits this long, each quick death in a row doubles it.
+RESPAWN_DELAY = 0.1
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def _die_with_parent(parent: int) -> None:
+    """Have the kernel send SIGTERM when the parent dies; exit now if it already has."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        log.warning("no parent-death signal: %s", os.strerror(ctypes.get_errno()))
+    if os.getppid() != parent:  # it died before the prctl: no signal will come
+        raise SystemExit(0)
+
+
+def _bind(config: Config, admin: bool) -> tuple[list[socket.socket], socket.socket | None]:
+    """The listening sockets; raises :class:`BindError` naming the address that failed."""
+    from engine.server import open_listeners
+
+    socks: list[socket.socket] = []
+    wanted = [(f"server.listen[{i}]", a) for i, a in enumerate(config.server.listen)]
+    if admin:
+        wanted.append(("admin.listen", config.admin.listen))
+    reuse_port = config.server.workers > 1
+    for key, address in wanted:
+        try:
+            socks += open_listeners([address], reuse_port=reuse_port and key != "admin.listen")
+        except OSError as e:
+            for sock in socks:
+                sock.close()
+            raise BindError(f"{key}: cannot listen on {address}: {e.strerror or e}") from None
+    return (socks[:-1], socks[-1]) if admin else (socks, None)
+
+
+class BindError(Exception):
+    """A listener could not be bound: the port is taken, the address is not this host's.
+
+    Exit 1, not 2: the config is valid (``check`` accepts it), the host is not ready for it.
+    """
+
+
+class Workers:
+    """The parent's worker processes: spawn, reap, respawn with a backoff, stop.
+
+    A slot whose worker keeps dying right after its start is a crash loop: the
+    supervisor raises :class:`CrashLoop` and the gateway stops, so that whatever runs
+    filtergate (systemd, Kubernetes) sees the failure.
+    """
+
+    def __init__(self, argv: list[str], count: int) -> None:
+        self.argv = argv
+        self.count = count
+        self.live: dict[int, subprocess.Popen[bytes]] = {}
+        self.stopping = False
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        # In its own process group: Ctrl-C in a terminal reaches the parent only, which
+        # forwards it once (as SIGTERM).
+        with _blocked(SIGNALS):
+            return subprocess.Popen(self.argv, process_group=0)
+
+    async def supervise(self, slot: int) -> None:
+        import trio
+
+        quick_deaths = 0
+        while not self.stopping:
+            proc = self._spawn()
+            self.live[slot] = proc
+            started = trio.current_time()
+            code = await _wait_exit(proc)
+            del self.live[slot]
+            if self.stopping:
+                return
+            quick_deaths = quick_deaths + 1 if trio.current_time() - started < QUICK_DEATH else 0
+            how = f"signal {-code}" if code < 0 else f"status {code}"
+            if quick_deaths >= CRASH_LOOP:
+                log.error("worker %d (pid %d) exited with %s: crash loop", slot, proc.pid, how)
+                raise CrashLoop(f"worker {slot} died {quick_deaths} times in a row")
+            delay = RESPAWN_DELAY * 2 ** max(quick_deaths - 1, 0)
+            log.warning(
+                "worker %d (pid %d) exited with %s; respawning in %.1fs", slot, proc.pid, how, delay
+            )
+            await trio.sleep(delay)
+
+    def signal(self, signum: int) -> None:
+        for proc in self.live.values():
+            if proc.returncode is None:
+                proc.send_signal(signum)
+
+    async def stop(self, deadline: float) -> None:
+        """SIGTERM every worker, SIGKILL those still alive after ``deadline`` seconds."""
+        import trio
+
+        self.stopping = True
+        self.signal(signal.SIGTERM)
+        with trio.move_on_after(deadline):
+            while self.live:
+                await _wait_exit(next(iter(self.live.values())))
+                self.live = {k: p for k, p in self.live.items() if p.returncode is None}
+        for proc in self.live.values():
+            log.error("worker pid %d did not stop in time: killed", proc.pid)
+            proc.kill()
+            proc.wait()
+
+
+class CrashLoop(Exception):
+    """Workers keep dying as soon as they start."""
+
+
+@contextlib.contextmanager
+def _blocked(signals: set[signal.Signals]) -> Iterator[None]:
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+async def _wait_exit(proc: subprocess.Popen[bytes]) -> int:
+    """Wait for ``proc`` to exit (on its pidfd, no polling) and reap it."""
+    import trio
+
+    if proc.returncode is None:
+        fd = os.pidfd_open(proc.pid)
+        try:
+            await trio.lowlevel.wait_readable(fd)
+        finally:
+            os.close(fd)
+    return proc.wait()
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from engine.app import Gateway
+    signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)  # until the receiver is open
+    import trio
 
+    from engine.app import Gateway
+    from engine.plugins import PluginError
+
+    if args.worker_of is not None:
+        _die_with_parent(args.worker_of)
     try:
         config, registry = _load(args.config)
+        sockets, admin_socket = _bind(config, admin=args.worker_of is None and config.admin.enabled)
     except (ConfigError, PluginError) as e:
         return _config_error(e, args.config)
-    workers: list[subprocess.Popen[bytes]] = []
-    if config.server.workers > 1 and not args.worker:
-        for _ in range(config.server.workers - 1):
-            workers.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "engine.cli", "run", "-c", args.config, "--worker"]
-                )
-            )
+    except BindError as e:
+        print(f"filtergate: {args.config}: {e}", file=sys.stderr)
+        return 1
+    workers = Workers(
+        [
+            *[sys.executable, "-m", "engine.cli", "--log-level", args.log_level],
+            *["run", "-c", args.config, "--worker-of", str(os.getpid())],
+        ],
+        config.server.workers - 1 if args.worker_of is None else 0,
+    )
+    failed = False
 
     async def main() -> None:
-        gateway = Gateway(config, registry)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(gateway.serve)
-            # Everything made so far (modules, config, compiled chains) lives as long as
-            # the process: keep it out of the collector's full passes, which would walk
-            # it again and again and show up as latency spikes. (A process-wide choice,
-            # so it is made here and not by Gateway, which tests run many times over.)
-            gc.freeze()
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
-                async for signum in sigs:
-                    for w in workers:
-                        w.send_signal(signum)
-                    if signum == signal.SIGHUP:
-                        try:
-                            await gateway.reload(load_file(args.config))
-                        except (ConfigError, PluginError) as e:
-                            logging.getLogger("filtergate").error(
-                                "reload refused, the old configuration keeps serving: %s", e
-                            )
-                        except Exception:
-                            logging.getLogger("filtergate").exception("reload failed")
-                        continue
-                    await gateway.shutdown()
-                    nursery.cancel_scope.cancel()
-                    return
+        nonlocal failed
+        stopped = trio.Event()
+        with trio.open_signal_receiver(*SIGNALS) as sigs:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+            try:
+                async with trio.open_nursery() as nursery:
+                    gateway = Gateway(config, registry, admin=args.worker_of is None)
+                    await nursery.start(partial(gateway.serve, sockets, admin_socket=admin_socket))
+                    # Signals that came while starting waited in the receiver until now.
+                    nursery.start_soon(_serve_signals, sigs, gateway, workers, nursery, stopped)
+                    # Everything made so far (modules, config, compiled chains) lives as long
+                    # as the process: keep it out of the collector's full passes, which would
+                    # walk it again and again and show up as latency spikes. (A process-wide
+                    # choice, so it is made here and not by Gateway, which tests run many
+                    # times over.)
+                    gc.freeze()
+                    async with trio.open_nursery() as supervisors:
+                        for slot in range(1, workers.count + 1):
+                            supervisors.start_soon(workers.supervise, slot)
+                        await stopped.wait()
+                        supervisors.cancel_scope.cancel()
+            except* CrashLoop:
+                failed = True
+                with trio.CancelScope(shield=True):
+                    await workers.stop(config.server.shutdown_timeout)
+            # Anything still queued would be re-raised by trio on closing the receiver.
+            signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+
+    trio.run(main)
+    return 1 if failed else 0
+
+
+async def _serve_signals(
+    sigs: AsyncIterator[int],
+    gateway: Gateway,
+    workers: Workers,
+    nursery: trio.Nursery,
+    stopped: trio.Event,
+) -> None:
+    """SIGHUP reloads; SIGTERM/SIGINT drain; a second SIGTERM/SIGINT cuts the drain short."""
+    import trio
+
+    drain: trio.CancelScope | None = None
+    async for signum in sigs:
+        if signum == signal.SIGHUP:
+            if drain is not None:
+                log.info("SIGHUP while draining: ignored")
+                continue
+            workers.signal(signal.SIGHUP)
+            await _reload(gateway)
+            continue
+        if drain is not None:
+            name = signal.Signals(signum).name
+            log.warning("second %s: not waiting for requests in flight", name)
+            workers.signal(signal.SIGTERM)
+            drain.cancel()
+            continue
+        log.info(
+            "%s: draining, requests in flight have %gs (send it again to stop at once)",
+            signal.Signals(signum).name,
+            gateway.runtime.config.server.shutdown_timeout,
+        )
+        drain = trio.CancelScope()
+        nursery.start_soon(_drain, gateway, workers, nursery, stopped, drain)
+
+
+async def _drain(
+    gateway: Gateway,
+    workers: Workers,
+    nursery: trio.Nursery,
+    stopped: trio.Event,
+    scope: trio.CancelScope,
+) -> None:
+    import trio
+
+    stopped.set()  # no more respawns
+    grace = gateway.runtime.config.server.shutdown_timeout
+    with scope:
+        async with trio.open_nursery() as both:
+            both.start_soon(workers.stop, grace + 5)
+            both.start_soon(gateway.shutdown)
+    if scope.cancelled_caught:
+        await workers.stop(1)
+    nursery.cancel_scope.cancel()
+
+
+async def _reload(gateway: Gateway) -> None:
+    from engine.config import load_file
+    from engine.plugins import PluginError
 
     try:
-        trio.run(main)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        for w in workers:
-            try:
-                w.wait(timeout=config.server.shutdown_timeout + 5)
-            except subprocess.TimeoutExpired:
-                w.kill()
-    return 0
+        await gateway.reload(load_file(gateway.runtime.config.source))
+    except (ConfigError, PluginError) as e:
+        log.error("reload refused, the old configuration keeps serving: %s", e)
+    except Exception:
+        log.exception("reload failed")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -192,7 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the gateway (SIGHUP reloads, SIGTERM drains)")
     run.add_argument("-c", "--config", default="gateway.toml", help="config file")
-    run.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    # A worker process of the gateway whose pid this is (spawned by `run` itself).
+    run.add_argument("--worker-of", type=int, default=None, help=argparse.SUPPRESS)
     run.set_defaults(fn=cmd_run)
 
     check = sub.add_parser("check", help="validate a config and print every route's chain")
@@ -210,8 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plugins.set_defaults(fn=cmd_plugins)
 
+    # Its options (and --help) belong to engine.stubs.main: main() hands them over.
     stubs = sub.add_parser("stubs", help="serve the demo upstream services", add_help=False)
-    stubs.add_argument("rest", nargs=argparse.REMAINDER)
     stubs.set_defaults(fn=cmd_stubs)
 
     hk = sub.add_parser("hash-key", help="print the SHA-256 of an API key for key-auth")
@@ -221,10 +457,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "stubs":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        # The pid tells the processes of `workers > 1` apart.
+        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
     )
     try:
         result: int = args.fn(args)

@@ -209,3 +209,97 @@ def test_make_run_uses_only_files_in_the_repo() -> None:
     assert "filtergate stubs" in makefile
     assert "filtergate run -c $(CONFIG)" in makefile
     assert os.access(".ci/run", os.X_OK)
+
+
+def test_stubs_takes_its_options_through_the_command() -> None:
+    r = _run("stubs", "--help")
+    assert r.returncode == 0, r.stderr
+    assert "--base-port" in r.stdout
+    assert "--host" in r.stdout
+    r = _run("check", "--base-port", "1")
+    assert r.returncode == 2
+    assert "unrecognized arguments: --base-port 1" in r.stderr
+
+
+async def test_stubs_serve_on_the_base_port() -> None:
+    base = _free_port()
+    argv = [*CLI, "stubs", "--host", "127.0.0.1", "--base-port", str(base)]
+    with trio.fail_after(20):
+        proc = await trio.lowlevel.open_process(argv, stdout=subprocess.DEVNULL)
+        try:
+            await wait_listening(base, proc)  # users, the first service
+            assert (await http_request(base, "GET", "/users/1")).status == 200
+            proc.send_signal(signal.SIGTERM)
+            assert await proc.wait() == 0
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+            await proc.wait()
+
+
+def _tls_files(tmp_path: Path) -> tuple[Path, Path]:
+    cert = trustme.CA().issue_cert("gateway.test")
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.private_key_and_cert_chain_pem.write_to_path(str(cert_file))
+    cert.private_key_pem.write_to_path(str(key_file))
+    return cert_file, key_file
+
+
+def test_check_and_run_refuse_bad_tls_files_alike(tmp_path: Path) -> None:
+    cert_file, key_file = _tls_files(tmp_path)
+    cases = {
+        "server.tls.key:": (cert_file, tmp_path / "missing.pem"),
+        "server.tls.cert:": (tmp_path / "missing.pem", key_file),
+    }
+    bad_key = tmp_path / "bad.pem"
+    bad_key.write_text("not a key\n")
+    cases["server.tls.key: "] = (cert_file, bad_key)
+    for path, (cert, key) in cases.items():
+        config = _config(_free_port(), "127.0.0.1:1")
+        config["server"]["tls"] = {"cert": str(cert), "key": str(key)}
+        cfg = _write(tmp_path / "g.toml", config)
+        for verb in ("check", "run"):
+            r = _run(verb, "-c", str(cfg))
+            assert r.returncode == 2, (verb, r.stderr)
+            assert path in r.stderr, (verb, r.stderr)
+            assert "Traceback" not in r.stderr
+
+
+def test_listeners_that_cannot_work_are_named_in_one_line(tmp_path: Path) -> None:
+    port = _free_port()
+    config = _config(port, "127.0.0.1:1")
+    config["admin"] = {"listen": f"127.0.0.1:{port}"}
+    cfg = _write(tmp_path / "g.toml", config)
+    for verb in ("check", "run"):  # the same address twice: a config error, exit 2
+        r = _run(verb, "-c", str(cfg))
+        assert r.returncode == 2, r.stderr
+        assert f"admin.listen: 127.0.0.1:{port} is server.listen[0]" in r.stderr
+    # Valid, but not an address of this host: `check` passes, `run` cannot bind (exit 1).
+    config = _config(port, "127.0.0.1:1")
+    config["server"]["listen"] = ["192.0.2.1:8080"]  # TEST-NET-1
+    cfg = _write(tmp_path / "g.toml", config)
+    assert _run("check", "-c", str(cfg)).returncode == 0
+    r = _run("run", "-c", str(cfg))
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [
+        f"filtergate: {cfg}: server.listen[0]: cannot listen on 192.0.2.1:8080: "
+        "Cannot assign requested address"
+    ]
+
+
+async def test_the_admin_listener_answers_head_and_refuses_other_methods() -> None:
+    config = {"upstreams": {"u": {"targets": ["127.0.0.1:1"]}}, "routes": []}
+    with trio.fail_after(10):
+        async with open_gateway(config) as gw:
+            assert gw.admin_port is not None
+            ok = await http_request(gw.admin_port, "GET", "/healthz")
+            assert (ok.status, ok.reason, ok.body) == (200, b"OK", b"ok\n")
+            head = await http_request(gw.admin_port, "HEAD", "/healthz")
+            assert (head.status, head.reason, head.body) == (200, b"OK", b"")
+            assert head.header("content-length") == "3"
+            missing = await http_request(gw.admin_port, "HEAD", "/nope")
+            assert (missing.status, missing.reason) == (404, b"Not Found")
+            for method in ("POST", "DELETE"):
+                r = await http_request(gw.admin_port, method, "/healthz", body=b"")
+                assert (r.status, r.reason) == (405, b"Method Not Allowed")
+                assert r.header("allow") == "GET, HEAD"
