@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import logging
 import os
 import signal
 import ssl
@@ -12,10 +14,12 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 import tomli_w
 import trio
 import trustme
 
+from engine.config import load
 from engine.testing import Stubs, http_request, open_gateway, wait_listening
 from engine.testing import free_port as _free_port
 
@@ -222,13 +226,19 @@ def test_stubs_takes_its_options_through_the_command() -> None:
 
 
 async def test_stubs_serve_on_the_base_port() -> None:
-    base = _free_port()
-    argv = [*CLI, "stubs", "--host", "127.0.0.1", "--base-port", str(base)]
+    # Base port 0 picks free ports (six fixed ones could collide with parallel tests);
+    # the options reaching engine.stubs is what is tested here.
+    argv = [*CLI, "stubs", "--host", "127.0.0.1", "--base-port", "0"]
     with trio.fail_after(20):
-        proc = await trio.lowlevel.open_process(argv, stdout=subprocess.DEVNULL)
+        proc = await trio.lowlevel.open_process(argv, stdout=subprocess.PIPE)
         try:
-            await wait_listening(base, proc)  # users, the first service
-            assert (await http_request(base, "GET", "/users/1")).status == 200
+            assert proc.stdout is not None
+            out = b""
+            while b"stub users" not in out or not out.endswith(b"\n"):
+                out += await proc.stdout.receive_some(4096)
+            line = next(x for x in out.decode().splitlines() if x.startswith("stub users"))
+            port = int(line.rsplit(":", 1)[1])
+            assert (await http_request(port, "GET", "/users/1")).status == 200
             proc.send_signal(signal.SIGTERM)
             assert await proc.wait() == 0
         finally:
@@ -303,3 +313,18 @@ async def test_the_admin_listener_answers_head_and_refuses_other_methods() -> No
                 r = await http_request(gw.admin_port, method, "/healthz", body=b"")
                 assert (r.status, r.reason) == (405, b"Method Not Allowed")
                 assert r.header("allow") == "GET, HEAD"
+
+
+async def test_reload_names_what_only_a_restart_applies(caplog: pytest.LogCaptureFixture) -> None:
+    config = {"upstreams": {"u": {"targets": ["127.0.0.1:1"]}}, "routes": []}
+    with trio.fail_after(10):
+        async with open_gateway(config) as gw:
+            changed = copy.deepcopy(config) | {
+                "server": {"listen": ["127.0.0.1:0", "127.0.0.1:1"], "workers": 2},
+                "admin": {"listen": "127.0.0.1:1"},
+            }
+            caplog.set_level(logging.WARNING, logger="filtergate")
+            await gw.gateway.reload(load(changed))
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    for key in ("server.listen", "server.workers", "admin.listen"):
+        assert f"{key} changed: it takes effect at the next restart, not on reload" in warned
