@@ -69,8 +69,7 @@ async def accept_backoff(error: OSError, log: logging.Logger) -> None:
         _accept_warned[1] += 1
         if now - _accept_warned[0] >= _ACCEPT_WARNING_EVERY:
             log.warning(
-                "accept failed (%s); pausing accepts for 100 ms (%d pauses since the last "
-                "warning)",
+                "accept failed (%s); pausing accepts for 100 ms (%d pauses since the last warning)",
                 error,
                 _accept_warned[1],
             )
