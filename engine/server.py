@@ -294,6 +294,21 @@ class Server:
 
     # -- one connection ----------------------------------------------------------------
 
+    def _plain_http_on_tls(self, raw: socket.socket) -> None:
+        """Say why, in plain text, to a client that spoke HTTP to a TLS listener (nginx
+        answers it the same way), instead of closing without a word."""
+        _status, headers, body = render_error(
+            BadRequest("a plain HTTP request was sent to an HTTPS port"), self.ids.next()
+        )
+        head = [b"HTTP/1.1 400 Bad Request\r\n", _date_line()]
+        head += [n + b": " + v + b"\r\n" for n, v in headers]
+        head.append(b"connection: close\r\n\r\n")
+        _RESPONSES[4].inc()
+        try:
+            raw.send(b"".join(head) + body)  # small: the kernel takes it at once
+        except OSError:
+            pass
+
     async def _connection(self, raw: socket.socket, peer: tuple[str, int]) -> None:
         _open_connections.add(1)
         tls: TlsInfo | None = None
@@ -305,7 +320,10 @@ class Server:
                 with trio.move_on_after(self.runtime.config.server.head_timeout) as cs:
                     try:
                         await ssl_stream.do_handshake()
-                    except (trio.BrokenResourceError, ssl.SSLError):
+                    except (trio.BrokenResourceError, ssl.SSLError) as e:
+                        cause = e if isinstance(e, ssl.SSLError) else e.__cause__
+                        if getattr(cause, "reason", None) == "HTTP_REQUEST":
+                            self._plain_http_on_tls(raw)
                         return
                 if cs.cancelled_caught:
                     return

@@ -13,7 +13,7 @@ import trustme
 from engine.chain import Filter, Stage
 from engine.exchange import Exchange, Response
 from engine.plugins import hookimpl
-from engine.testing import open_gateway
+from engine.testing import open_gateway, raw_exchange
 
 
 class TlsProbe(Filter):
@@ -72,3 +72,37 @@ async def test_filters_see_the_server_name_the_client_asked_for(tmp_path: Path) 
     assert first["version"].startswith("TLSv1.")
     assert second["sni"] == "other.test"  # per connection, never the previous one's
     assert without["sni"] is None
+
+
+async def test_plain_http_on_the_tls_port_gets_a_400_saying_so(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    cert = ca.issue_cert("gw.test")
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.private_key_and_cert_chain_pem.write_to_path(str(cert_file))
+    cert.private_key_pem.write_to_path(str(key_file))
+    config = {
+        "server": {"tls": {"cert": str(cert_file), "key": str(key_file)}},
+        "upstreams": {"unused": {"targets": ["127.0.0.1:9"]}},
+        "routes": [{"name": "r", "prefix": "/", "upstream": "unused"}],
+    }
+    with trio.fail_after(20):
+        async with open_gateway(config) as gw:
+            data = await raw_exchange(gw.port, b"GET / HTTP/1.1\r\nHost: gw.test\r\n\r\n")
+            # The listener still speaks TLS to the next client.
+            assert (await _ask_any(gw.port, ca)).startswith(b"HTTP/1.1 ")
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert json.loads(body)["error"]["message"] == "a plain HTTP request was sent to an HTTPS port"
+
+
+async def _ask_any(port: int, ca: trustme.CA) -> bytes:
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    tcp = await trio.open_tcp_stream("127.0.0.1", port)
+    stream = trio.SSLStream(tcp, context, server_hostname="gw.test")
+    await stream.send_all(b"GET / HTTP/1.1\r\nHost: gw.test\r\nConnection: close\r\n\r\n")
+    data = b""
+    while chunk := await stream.receive_some(65536):
+        data += chunk
+    await stream.aclose()
+    return data
