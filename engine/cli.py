@@ -292,6 +292,21 @@ async def _wait_exit(proc: subprocess.Popen[bytes]) -> int:
     return proc.wait()
 
 
+def _raise_descriptor_limit() -> None:
+    """Lift the soft limit on open files to the hard one (as Traefik does, and nginx's
+    worker_rlimit_nofile): every client and upstream connection is a descriptor, and
+    a soft limit of 1024 is common."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            pass  # a container may forbid it: the soft limit stays
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)  # until the receiver is open
     import trio
@@ -301,6 +316,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.worker_of is not None:
         _die_with_parent(args.worker_of)
+    _raise_descriptor_limit()
     try:
         config, registry = _load(args.config)
         sockets, admin_socket = _bind(config, admin=args.worker_of is None and config.admin.enabled)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import ssl
 import sys
@@ -286,5 +287,27 @@ async def test_sighup_rotates_the_tls_certificate(stubs: Stubs, tmp_path: Path) 
             await _until(lambda: "reload refused" in log.read_text())
             assert "server.tls.key:" in log.read_text()
             assert await handshake(new_ca)
+            proc.send_signal(signal.SIGTERM)
+            assert await proc.wait() == 0
+
+
+def _soft_nofile(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3])
+    raise AssertionError("no Max open files line")
+
+
+async def test_run_lifts_the_soft_descriptor_limit(stubs: Stubs, tmp_path: Path) -> None:
+    # Every connection is a descriptor; a soft limit of 256 must not cap the gateway.
+    port = _free_port()
+    cfg = _write(tmp_path / "g.toml", _config(port, stubs.target("echo")))
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    argv = ["sh", "-c", 'ulimit -Sn 256 && exec "$@"', "sh", *CLI, "run", "-c", str(cfg)]
+    with trio.fail_after(30):
+        async with _process(argv, tmp_path / "err.log") as proc:
+            await wait_listening(port, proc)
+            expected = hard if hard != resource.RLIM_INFINITY else 1 << 20
+            assert _soft_nofile(proc.pid) == expected > 256
             proc.send_signal(signal.SIGTERM)
             assert await proc.wait() == 0
