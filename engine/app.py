@@ -234,8 +234,14 @@ class Gateway:
         server = self.server
         server.stop_accepting()
         limit = grace if grace is not None else self.runtime.config.server.shutdown_timeout
-        with trio.move_on_after(limit):
+        with trio.move_on_after(limit) as waited:
             await server.wait_idle()
+        if waited.cancelled_caught and server.busy:
+            log.warning(
+                "shutdown: %d request(s) still in flight after %gs are cut off",
+                server.busy,
+                limit,
+            )
         for pool in self.runtime.pools.values():
             pool.close()
 

@@ -227,6 +227,11 @@ class Server:
         self._no_busy = trio.Event()
 
     @property
+    def busy(self) -> int:
+        """Requests being handled now (head read, response not yet sent in full)."""
+        return self._busy
+
+    @property
     def ssl_context(self) -> ssl.SSLContext | None:
         """The TLS context of new connections (swapped when certificates change)."""
         return self._ssl_context

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import trio
 
 from engine.testing import Stubs, http_request, open_gateway
@@ -79,3 +80,20 @@ async def test_request_durations_by_route_and_status_class(
     assert 0.6 <= total < 0.7
     assert _series(metrics, f'{name}_count{{route="",code="4xx"}}')[""] >= 1
     assert 'route="timed-route",code="4xx"' not in metrics  # no such response: no series
+
+
+async def test_a_drain_that_runs_out_of_time_says_how_many_requests_it_cut(
+    stubs: Stubs, autojump_clock: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = {
+        "upstreams": {"slow": {"targets": [stubs.target("slow")]}},
+        "routes": [{"name": "slow", "prefix": "/", "upstream": "slow"}],
+    }
+    with trio.fail_after(30):
+        async with open_gateway(config) as gw, trio.open_nursery() as nursery:
+            nursery.start_soon(http_request, gw.port, "GET", "/slow?delay=60")
+            await trio.sleep(1)  # the request is in flight
+            await gw.gateway.shutdown(grace=5)
+            nursery.cancel_scope.cancel()
+    cut = [r.getMessage() for r in caplog.records if "cut off" in r.getMessage()]
+    assert cut == ["shutdown: 1 request(s) still in flight after 5s are cut off"]
