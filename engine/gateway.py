@@ -192,9 +192,11 @@ def compile_runtime(config: Config, registry: Registry, previous: Runtime | None
         pools[name] = old if old is not None and old.config == ucfg else Pool(name, ucfg)
 
     routes: list[RouteRuntime] = []
+    built: set[str] = set()  # plugins whose config some route built (and so checked)
     for i, route in enumerate(config.routes):
         filters = []
         for name, table, scope, route_path in effective_plugin_configs(config, i):
+            built.add(name)
             info = registry.filters[name]
             cls = info.type
             cfg_path = f"{route_path}.plugins.{name}" if route_path else f"plugins.{name}"
@@ -258,6 +260,12 @@ def compile_runtime(config: Config, registry: Registry, previous: Runtime | None
         )
     router = Router([(r.config, r) for r in routes])
     trusted = [ipaddress.ip_network(c, strict=False) for c in config.server.trusted_proxies]
+    # A global table no route uses (no routes yet, or every route switches it off) is
+    # still checked: check must not pass a file whose next route would fail to load.
+    for name, table in config.plugins.items():
+        if name not in built and table.get("enabled", True):
+            base = {k: v for k, v in table.items() if k != "enabled"}
+            build(registry.filters[name].type.Config, base, f"plugins.{name}")
     return Runtime(
         config=config,
         registry=registry,

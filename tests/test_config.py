@@ -7,6 +7,8 @@ from typing import Any
 import pytest
 
 from engine.config import load
+from engine.gateway import compile_runtime
+from engine.plugins import discover
 from engine.schema import ConfigError
 
 
@@ -24,3 +26,25 @@ def test_values_that_cannot_work_name_their_key(data: dict[str, Any], where: str
     with pytest.raises(ConfigError) as info:
         load(data)
     assert info.value.path == where
+
+
+def test_a_global_plugin_table_no_route_uses_is_still_checked() -> None:
+    bad = {"rate-limit": {"limits": [{"limit": 1, "window": "soon"}]}}
+    no_routes = load({"plugins": bad})
+    switched_off = load(
+        {
+            "plugins": bad,
+            "upstreams": {"u": {"targets": ["127.0.0.1:9"]}},
+            "routes": [
+                {"prefix": "/", "upstream": "u", "plugins": {"rate-limit": {"enabled": False}}}
+            ],
+        }
+    )
+    registry = discover(entry_points=False)
+    for config in (no_routes, switched_off):
+        with pytest.raises(ConfigError) as info:
+            compile_runtime(config, registry)
+        assert info.value.path == "plugins.rate-limit.limits[0].window"
+    # Defaults only (enabled = false) may be partial: routes complete them.
+    defaults = {"rate-limit": {"enabled": False, "store": "memory"}}
+    compile_runtime(load({"plugins": defaults}), registry)
