@@ -34,6 +34,19 @@ class TlsProbePlugin:
         return [TlsProbe]
 
 
+def _tls_config(tmp_path: Path, ca: trustme.CA, *names: str) -> dict[str, Any]:
+    """A gateway config terminating TLS with a certificate of ``ca`` for ``names``."""
+    cert = ca.issue_cert(*names)
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.private_key_and_cert_chain_pem.write_to_path(str(cert_file))
+    cert.private_key_pem.write_to_path(str(key_file))
+    return {
+        "server": {"tls": {"cert": str(cert_file), "key": str(key_file)}},
+        "upstreams": {"unused": {"targets": ["127.0.0.1:9"]}},
+        "routes": [{"name": "r", "prefix": "/", "upstream": "unused"}],
+    }
+
+
 async def _ask(port: int, ca: trustme.CA, server_name: str | None) -> Any:
     context = ssl.create_default_context()
     ca.configure_trust(context)
@@ -52,17 +65,8 @@ async def _ask(port: int, ca: trustme.CA, server_name: str | None) -> Any:
 
 async def test_filters_see_the_server_name_the_client_asked_for(tmp_path: Path) -> None:
     ca = trustme.CA()
-    cert = ca.issue_cert("gw.test", "other.test")
-    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert.private_key_and_cert_chain_pem.write_to_path(str(cert_file))
-    cert.private_key_pem.write_to_path(str(key_file))
-    config = {
-        "server": {"tls": {"cert": str(cert_file), "key": str(key_file)}},
-        "upstreams": {"unused": {"targets": ["127.0.0.1:9"]}},  # the probe answers
-        "routes": [
-            {"name": "probe", "prefix": "/", "upstream": "unused", "plugins": {"tls-probe": {}}}
-        ],
-    }
+    config = _tls_config(tmp_path, ca, "gw.test", "other.test")
+    config["routes"][0]["plugins"] = {"tls-probe": {}}  # the probe answers
     with trio.fail_after(20):
         async with open_gateway(config, extra_plugins=[("tls-probe", TlsProbePlugin())]) as gw:
             first = await _ask(gw.port, ca, "gw.test")
@@ -76,15 +80,7 @@ async def test_filters_see_the_server_name_the_client_asked_for(tmp_path: Path) 
 
 async def test_plain_http_on_the_tls_port_gets_a_400_saying_so(tmp_path: Path) -> None:
     ca = trustme.CA()
-    cert = ca.issue_cert("gw.test")
-    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert.private_key_and_cert_chain_pem.write_to_path(str(cert_file))
-    cert.private_key_pem.write_to_path(str(key_file))
-    config = {
-        "server": {"tls": {"cert": str(cert_file), "key": str(key_file)}},
-        "upstreams": {"unused": {"targets": ["127.0.0.1:9"]}},
-        "routes": [{"name": "r", "prefix": "/", "upstream": "unused"}],
-    }
+    config = _tls_config(tmp_path, ca, "gw.test")
     with trio.fail_after(20):
         async with open_gateway(config) as gw:
             data = await raw_exchange(gw.port, b"GET / HTTP/1.1\r\nHost: gw.test\r\n\r\n")
