@@ -92,6 +92,9 @@ class ServerConfig:
     tls: TlsConfig | None = None
     # Accepted connections per scheduler pass are drained in a batch; this caps it.
     accept_batch: int = 256
+    # Client connections open at once; beyond it the accept queue waits (nginx's
+    # worker_connections). 0: bounded by file descriptors only, as Envoy's default.
+    max_connections: int = 0
     # CGI/WSGI upstreams read X_User_Id as X-User-Id, a way around identity headers;
     # nginx drops such names by default too.
     underscores_in_headers: Literal["drop", "allow", "reject"] = "drop"
@@ -117,6 +120,8 @@ class ServerConfig:
             raise Invalid("max_head_size", "must be at least 1KiB")
         if self.accept_batch < 1:
             raise Invalid("accept_batch", "must be at least 1")  # 0 would never accept
+        if self.max_connections < 0:
+            raise Invalid("max_connections", "must be 0 (no limit) or more")
 
 
 @dataclass(frozen=True)

@@ -225,6 +225,9 @@ class Server:
         self._idle: set[RawSocket | StreamSocket] = set()  # waiting for a next request
         self._busy = 0
         self._no_busy = trio.Event()
+        self._open = 0  # client connections, for [server] max_connections
+        # Accept loops waiting for room under max_connections; woken as connections end.
+        self._room = trio.lowlevel.ParkingLot()
 
     @property
     def busy(self) -> int:
@@ -272,6 +275,11 @@ class Server:
                 # Drain the accept queue on every wake-up: accepting one connection per
                 # scheduler pass lets a burst of connects wait behind everything else.
                 for _ in range(batch):
+                    limit = self.runtime.config.server.max_connections
+                    while limit and self._open >= limit:
+                        # Full: the next clients wait in the kernel's accept queue.
+                        await self._room.park()
+                        limit = self.runtime.config.server.max_connections
                     try:
                         raw, addr = sock.accept()
                     except BlockingIOError:
@@ -316,6 +324,7 @@ class Server:
 
     async def _connection(self, raw: socket.socket, peer: tuple[str, int]) -> None:
         _open_connections.add(1)
+        self._open += 1
         tls: TlsInfo | None = None
         io: RawSocket | StreamSocket = RawSocket(raw)
         try:
@@ -354,6 +363,9 @@ class Server:
             log.exception("connection from %s:%d failed", *peer)
         finally:
             _open_connections.add(-1)
+            self._open -= 1
+            if self._room:
+                self._room.unpark_all()
             try:
                 raw.close()
             except OSError:

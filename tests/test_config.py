@@ -16,6 +16,7 @@ from engine.schema import ConfigError
     ("data", "where"),
     [
         ({"server": {"accept_batch": 0}}, "server.accept_batch"),  # would never accept
+        ({"server": {"max_connections": -1}}, "server.max_connections"),
         ({"server": {"workers": 0}}, "server.workers"),
         ({"server": {"max_head_size": 100}}, "server.max_head_size"),
         ({"server": {"underscores_in_headers": "keep"}}, "server.underscores_in_headers"),

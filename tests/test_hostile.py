@@ -1071,3 +1071,30 @@ async def test_via_names_the_protocol_version_received(setup: Setup) -> None:
     with trio.fail_after(DEADLINE):
         await send_raw(setup.port, head("/api/old", "Host: a", version="1.0"))
     assert setup.up.requests[-1].header("via") == "1.0 filtergate"  # RFC 9110 7.6.3
+
+
+async def test_max_connections_leaves_the_next_client_waiting_until_one_ends(
+    autojump_clock: Any,
+) -> None:
+    with trio.fail_after(DEADLINE):
+        async with open_counting_upstream() as up:
+            config = make_config(up.target, max_connections=2)
+            async with (
+                open_gateway(config, extra_plugins=PLUGINS) as gw,
+                Client.open(gw.port) as first,
+                Client.open(gw.port) as second,
+            ):
+                assert (await first.request("GET", "/api/1")).status == 200
+                assert (await second.request("GET", "/api/2")).status == 200
+                answered = trio.Event()
+
+                async def third() -> None:
+                    assert (await http_request(gw.port, "GET", "/api/3")).status == 200
+                    answered.set()
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(third)
+                    await trio.sleep(5)  # two connections open: the third waits
+                    assert not answered.is_set()
+                    await first.stream.aclose()  # one ends: there is room
+                    await answered.wait()
