@@ -228,10 +228,19 @@ class Gateway:
                 pool.close()
         log.info("configuration reloaded: %d routes", len(config.routes))
 
-    async def shutdown(self, grace: float | None = None) -> None:
-        """Stop accepting, let requests in flight finish within ``grace`` seconds, return."""
+    async def shutdown(self, grace: float | None = None, delay: float | None = None) -> None:
+        """Stop accepting, let requests in flight finish within ``grace`` seconds, return.
+
+        First, for ``delay`` seconds (default ``[server] drain_delay``), ``/readyz``
+        answers 503 while the gateway still accepts and serves: a load balancer that
+        polls it stops sending new connections before the listeners close.
+        """
         self._ready = False
         server = self.server
+        wait = self.runtime.config.server.drain_delay if delay is None else delay
+        if wait > 0:
+            log.info("draining: not ready; still accepting for %gs", wait)
+            await trio.sleep(wait)
         server.stop_accepting()
         limit = grace if grace is not None else self.runtime.config.server.shutdown_timeout
         with trio.move_on_after(limit) as waited:

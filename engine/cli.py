@@ -411,7 +411,8 @@ async def _drain(
     import trio
 
     stopped.set()  # no more respawns
-    grace = gateway.runtime.config.server.shutdown_timeout
+    server = gateway.runtime.config.server
+    grace = server.drain_delay + server.shutdown_timeout  # the workers drain alike
     with scope:
         async with trio.open_nursery() as both:
             both.start_soon(workers.stop, grace + 5)

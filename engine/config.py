@@ -84,6 +84,9 @@ class ServerConfig:
     write_timeout: Duration = Duration(30.0)
     # SIGTERM: requests in flight get this long to finish.
     shutdown_timeout: Duration = Duration(15.0)
+    # SIGTERM: /readyz says 503 this long before the listeners close, so a load balancer
+    # polling it stops sending first (Traefik's requestAcceptGraceTimeout is 0 too).
+    drain_delay: Duration = Duration(0.0)
     # Unread request body the gateway drains to keep a connection after answering early.
     drain_limit: ByteSize = ByteSize(64 * KiB)
     request_id_header: str = "x-request-id"

@@ -97,3 +97,32 @@ async def test_a_drain_that_runs_out_of_time_says_how_many_requests_it_cut(
             nursery.cancel_scope.cancel()
     cut = [r.getMessage() for r in caplog.records if "cut off" in r.getMessage()]
     assert cut == ["shutdown: 1 request(s) still in flight after 5s are cut off"]
+
+
+async def test_drain_delay_says_not_ready_while_still_serving(
+    stubs: Stubs, autojump_clock: object
+) -> None:
+    config = {
+        "server": {"drain_delay": "10s"},
+        "upstreams": {"echo": {"targets": [stubs.target("echo")]}},
+        "routes": [{"name": "echo", "prefix": "/", "upstream": "echo"}],
+    }
+    with trio.fail_after(60):
+        async with open_gateway(config) as gw, trio.open_nursery() as nursery:
+            assert gw.admin_port is not None
+            done = trio.Event()
+
+            async def shut_down() -> None:
+                await gw.gateway.shutdown(grace=1)
+                done.set()
+
+            nursery.start_soon(shut_down)
+            await trio.sleep(5)
+            # Not ready for the load balancer, yet new connections are still served.
+            assert (await http_request(gw.admin_port, "GET", "/readyz")).status == 503
+            assert (await http_request(gw.port, "GET", "/x")).status == 200
+            assert not done.is_set()
+            await trio.sleep(6)  # the delay is over: the listeners are closed
+            assert done.is_set()
+            with pytest.raises(OSError, match="all attempts to connect"):
+                await http_request(gw.port, "GET", "/x")
