@@ -218,6 +218,7 @@ class Gateway:
         self.registry = registry
         self.runtime = runtime
         self.server.runtime = runtime
+        self.server.wake_acceptors()  # max_connections may have changed
         self.server.ssl_context = ssl_context  # new connections; open ones keep theirs
         for key in _restart_only_changes(old.config, config):
             log.warning("%s changed: it takes effect at the next restart, not on reload", key)

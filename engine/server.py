@@ -292,9 +292,14 @@ class Server:
                         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                     except OSError:
                         pass
+                    self._open += 1  # now, not when the task starts: the limit holds
                     nursery.start_soon(self._connection, raw, (addr[0], addr[1]))
         finally:
             sock.close()
+
+    def wake_acceptors(self) -> None:
+        """Let accept loops parked at ``max_connections`` look again (a reload changed it)."""
+        self._room.unpark_all()
 
     def stop_accepting(self) -> None:
         """Stop accepting; idle keep-alive connections close, busy ones finish."""
@@ -324,7 +329,6 @@ class Server:
 
     async def _connection(self, raw: socket.socket, peer: tuple[str, int]) -> None:
         _open_connections.add(1)
-        self._open += 1
         tls: TlsInfo | None = None
         io: RawSocket | StreamSocket = RawSocket(raw)
         try:

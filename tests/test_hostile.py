@@ -1098,3 +1098,27 @@ async def test_max_connections_leaves_the_next_client_waiting_until_one_ends(
                     assert not answered.is_set()
                     await first.stream.aclose()  # one ends: there is room
                     await answered.wait()
+
+
+async def test_max_connections_holds_for_a_burst_of_connects(autojump_clock: Any) -> None:
+    # Connections accepted in one wake-up count at once, not when their task starts.
+    with trio.fail_after(DEADLINE):
+        async with open_counting_upstream() as up:
+            config = make_config(up.target, max_connections=2)
+            async with open_gateway(config, extra_plugins=PLUGINS) as gw:
+                streams = [await trio.open_tcp_stream("127.0.0.1", gw.port) for _ in range(5)]
+                answered: list[int] = []
+
+                async def ask(i: int) -> None:
+                    await streams[i].send_all(head(f"/api/{i}", "Host: a"))
+                    if await streams[i].receive_some(65536):
+                        answered.append(i)
+
+                async with trio.open_nursery() as nursery:
+                    for i in range(5):
+                        nursery.start_soon(ask, i)
+                    await trio.sleep(5)
+                    assert len(answered) == 2  # three wait in the accept queue
+                    nursery.cancel_scope.cancel()
+                for stream in streams:
+                    await stream.aclose()
