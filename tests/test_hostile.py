@@ -1106,7 +1106,10 @@ async def test_max_connections_holds_for_a_burst_of_connects(autojump_clock: Any
         async with open_counting_upstream() as up:
             config = make_config(up.target, max_connections=2)
             async with open_gateway(config, extra_plugins=PLUGINS) as gw:
-                streams = [await trio.open_tcp_stream("127.0.0.1", gw.port) for _ in range(5)]
+                socks = pending_clients(5)
+                for sock in socks:  # all in the accept queue before the gateway looks
+                    sock.connect_ex(("127.0.0.1", gw.port))
+                streams = [trio.SocketStream(trio.socket.from_stdlib_socket(s)) for s in socks]
                 answered: list[int] = []
 
                 async def ask(i: int) -> None:
