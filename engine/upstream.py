@@ -352,9 +352,9 @@ class Pool:
                     try:
                         conn = await self._connect(target, min(ct, max(0.0, deadline - now)))
                     except (trio.TooSlowError, OSError) as e:
-                        target.active -= 1
                         if isinstance(e, OSError):
-                            _raise_if_local(e)
+                            _raise_if_local(e)  # the handler below releases the target
+                        target.active -= 1
                         refused += 1
                         self._connect_failed(target, failed)
                         continue
@@ -364,9 +364,10 @@ class Pool:
                         raise UpstreamReset(
                             f"upstream {self.name!r} closed the connection without answering"
                         ) from None
-            except GatewayError:
+            except GatewayError as e:
                 target.active -= 1
-                self.record_result(target.address, True, trio.current_time())
+                if not isinstance(e, OutOfResources):  # the gateway's shortage, not the target's
+                    self.record_result(target.address, True, trio.current_time())
                 raise
             except BaseException:
                 target.active -= 1
@@ -692,12 +693,17 @@ class Pool:
         }
 
 
+class OutOfResources(ServiceUnavailable):
+    """503: an upstream connection could not be opened for want of the gateway's own
+    resources (descriptors, memory). It says nothing about the target."""
+
+
 def _raise_if_local(error: OSError) -> None:
-    """503 for a connect that failed for want of the gateway's own resources: that says
-    nothing about the target, which must not be ejected for it."""
+    """Raise :class:`OutOfResources` for a connect that failed for want of the gateway's
+    own resources: the target must not be ejected or counted against for it."""
     if error.errno in RESOURCE_ERRORS:
         log.warning("cannot open an upstream connection: %s", error)
-        raise ServiceUnavailable(f"the gateway is out of resources ({error.strerror})") from None
+        raise OutOfResources(f"the gateway is out of resources ({error.strerror})") from None
 
 
 class _StaleConnection(Exception):
