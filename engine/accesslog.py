@@ -97,12 +97,15 @@ class AccessLog:
                 elif name == b"referer":
                     referer = value
             method = req.method.decode("ascii", "replace")
-            # The target as forwarded, after the filters: a query credential that an
-            # auth filter hides from the upstream is not written here either. Before
-            # there is an exchange (a refused head), the query is left out for the same
-            # reason: no filter has looked at it.
-            if exchange is not None:
+            # The target as forwarded, after every filter ran: a query credential that
+            # an auth filter hides from the upstream is not written here either. A
+            # request answered before it went upstream (refused, no route, answered by
+            # a filter) is logged by its path alone: no filter may have looked at its
+            # query yet.
+            if exchange is not None and exchange.timings.upstream_start is not None:
                 raw = exchange.request.target
+            elif exchange is not None:
+                raw = exchange.request.path.encode()
             else:
                 raw = req.target.partition(b"?")[0]
             target = raw.decode("utf-8", "backslashreplace")

@@ -971,9 +971,35 @@ class _Connection:
                 internal.phases_left = e.phases_left  # type: ignore[attr-defined]
             answer = await self._error_response(internal, exchange, route, request_id)
         sent_before = self.bytes_out
-        await self._send_response(answer, request_id, req.method)
+        try:
+            await self._send_response(answer, request_id, req.method)
+        except _Abort:
+            # Cut off (the upstream's body broke, the client left): still measured and
+            # logged, with the bytes that did go out.
+            self._account(rt, route, exchange, req, answer.status, request_id, start, sent_before)
+            raise
+        end = self._account(rt, route, exchange, req, answer.status, request_id, start, sent_before)
+        if exchange is not None:
+            exchange.response = answer
+            exchange.timings.end = end
+            exchange.bytes_sent = self.bytes_out - sent_before
+            if route is not None and route.chain.log:
+                await run_log_phases(route.chain, exchange)
+
+    def _account(
+        self,
+        rt: Runtime,
+        route: RouteRuntime | None,
+        exchange: Exchange | None,
+        req: h11.Request,
+        status: int,
+        request_id: str,
+        start: float,
+        sent_before: int,
+    ) -> float:
+        """Observe the request's duration and write its access-log line; returns its end."""
         end = trio.current_time()
-        cls = answer.status // 100
+        cls = status // 100
         series = (route.latency if route is not None else _UNROUTED)[cls]
         if series is None:
             series = _bind_duration(route, cls)
@@ -982,13 +1008,8 @@ class _Connection:
         if access is not None:
             client = exchange.request.client if exchange is not None else self.peer[0]
             sent = self.bytes_out - sent_before
-            access.record(client, req, exchange, answer.status, request_id, end - start, sent)
-        if exchange is not None:
-            exchange.response = answer
-            exchange.timings.end = end
-            exchange.bytes_sent = self.bytes_out - sent_before
-            if route is not None and route.chain.log:
-                await run_log_phases(route.chain, exchange)
+            access.record(client, req, exchange, status, request_id, end - start, sent)
+        return end
 
     async def _tunnel(self, route: RouteRuntime, request_id: str) -> None:
         """Answer CONNECT with a TCP tunnel to the route's upstream, until both sides end."""

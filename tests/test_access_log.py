@@ -19,6 +19,7 @@ from engine.metrics import counter
 from engine.schema import ConfigError
 from engine.testing import Stubs, http_request, open_gateway, raw_exchange
 from plugins.key_auth import hash_key
+from tests.upstreams import open_truncating_upstream
 
 
 def _config(stubs: Stubs, **access_log: Any) -> dict[str, Any]:
@@ -42,7 +43,7 @@ async def test_json_lines_say_what_happened(stubs: Stubs, tmp_path: Path) -> Non
                 gw.port, b"GET /echo/a?q=1 HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
             )
             ok = await http_request(gw.port, "GET", "/echo/b", headers)
-            missing = await http_request(gw.port, "POST", "/nowhere", body=b"x")
+            missing = await http_request(gw.port, "POST", "/nowhere?apikey=k", body=b"x")
             assert _lines(path) == []  # batched: nothing written while under the buffer
     assert (ok.status, missing.status) == (200, 404)
     first, second, third = (json.loads(line) for line in _lines(path))
@@ -60,6 +61,7 @@ async def test_json_lines_say_what_happened(stubs: Stubs, tmp_path: Path) -> Non
     assert second["referer"] == "https://example.com/"
     assert second["request_id"] == ok.header("x-request-id")
     assert third["status"] == 404
+    assert third["target"] == "/nowhere"  # not routed: its query is not logged
     assert [third[k] for k in ("route", "upstream", "upstream_ms")] == [None, None, None]
 
 
@@ -89,7 +91,8 @@ async def test_a_hidden_query_credential_is_not_logged(stubs: Stubs, tmp_path: P
     assert "rotated-old-key" not in logged  # a refused key is not logged either
     lines = [json.loads(line) for line in logged.splitlines()]
     assert (lines[0]["target"], lines[0]["consumer"]) == ("/echo/k?a=1", "alice")
-    assert [line["target"] for line in lines[1:]] == ["/echo/k?b=2", "/echo/k", "/echo"]
+    # Refused before going upstream: the path alone, whatever the query held.
+    assert [line["target"] for line in lines[1:]] == ["/echo/k", "/echo/k", "/echo"]
 
 
 async def test_combined_format_and_a_malformed_request(stubs: Stubs, tmp_path: Path) -> None:
@@ -165,6 +168,25 @@ async def test_a_reload_keeps_an_unchanged_log_and_switches_a_changed_one(
             assert [json.loads(line)["target"] for line in _lines(first)] == ["/echo/1", "/echo/2"]
             await http_request(gw.port, "GET", "/echo/3")
     assert [json.loads(line)["target"] for line in _lines(second)] == ["/echo/3"]
+
+
+async def test_a_response_cut_off_is_logged_and_measured(tmp_path: Path) -> None:
+    path = tmp_path / "access.log"
+    with trio.fail_after(20):
+        async with open_truncating_upstream(declared=100_000, sent=10) as up:
+            config = {
+                "access_log": {"path": str(path)},
+                "upstreams": {"u": {"targets": [up.target]}},
+                "routes": [{"name": "cut-route", "prefix": "/", "upstream": "u"}],
+            }
+            async with open_gateway(config) as gw:
+                data = await raw_exchange(gw.port, b"GET /cut HTTP/1.1\r\nHost: a\r\n\r\n")
+                assert gw.admin_port is not None
+                metrics = (await http_request(gw.admin_port, "GET", "/metrics")).body.decode()
+    (line,) = [json.loads(text) for text in _lines(path)]
+    assert line["status"] == 200
+    assert line["bytes_sent"] == len(data) < 100_000  # what did go out
+    assert 'filtergate_request_duration_seconds_count{route="cut-route",code="2xx"} 1' in metrics
 
 
 async def test_a_failing_log_never_fails_a_request(stubs: Stubs) -> None:
