@@ -1043,32 +1043,41 @@ class _Connection:
             # directions are (as HAProxy's timeout tunnel), so a download is not cut
             # because the client has nothing to say.
             last = [trio.current_time()]
+            ended = [0]  # directions that reached their end
 
             async def pump(src: RawSocket | StreamSocket, dst: RawSocket | StreamSocket) -> None:
+                # No socket timers here: a timer ends every wait on its socket, so one
+                # direction's would cut the other's write. The watchdog below times both.
                 try:
-                    while True:
-                        try:
-                            data = await src.recv(_INF, last[0] + idle)
-                        except trio.TooSlowError:
-                            if trio.current_time() < last[0] + idle:
-                                continue  # the other direction moved meanwhile
-                            raise
-                        if not data:
-                            break
+                    while data := await src.recv(_INF):
                         last[0] = trio.current_time()
-                        await dst.send_all(data, idle)
+                        await dst.send_all(data, _INF)
+                        last[0] = trio.current_time()
                         await trio.lowlevel.checkpoint()
-                except (OSError, trio.TooSlowError):
+                except OSError:
                     nursery.cancel_scope.cancel()  # one side broke: end the tunnel
                     return
                 if isinstance(dst, RawSocket):
                     dst.shutdown_write()  # pass the half-close on, keep the other way
                 else:
                     nursery.cancel_scope.cancel()
+                ended[0] += 1
+                if ended[0] == 2:
+                    nursery.cancel_scope.cancel()  # both ways closed: the watchdog too
+
+            async def watchdog() -> None:
+                # Idle only when no data crossed either way (and no write moved) for
+                # read_timeout, as HAProxy's timeout tunnel.
+                while True:
+                    await trio.sleep_until(last[0] + idle)
+                    if trio.current_time() >= last[0] + idle:
+                        nursery.cancel_scope.cancel()
+                        return
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(pump, client, upstream)
                 nursery.start_soon(pump, upstream, client)
+                nursery.start_soon(watchdog)
         finally:
             upstream.close()
 
