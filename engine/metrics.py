@@ -155,7 +155,7 @@ class Histogram(_Metric):
                 total += n
                 lines.append(f'{self.name}_bucket{{{inner}le="{le}"}} {total}')
             labels = f"{{{inner[:-1]}}}" if inner else ""
-            lines.append(f"{self.name}_sum{labels} {series.sum:g}")
+            lines.append(f"{self.name}_sum{labels} {series.sum!r}")  # full precision
             lines.append(f"{self.name}_count{labels} {total}")
         return lines
 
