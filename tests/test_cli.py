@@ -105,8 +105,16 @@ def test_help_lists_every_verb() -> None:
 
 
 @asynccontextmanager
-async def _gateway_process(config_path: Path, port: int) -> AsyncIterator[trio.Process]:
-    proc = await trio.lowlevel.open_process([*CLI, "run", "-c", str(config_path)])
+async def _gateway_process(
+    config_path: Path, port: int, log: Path | None = None
+) -> AsyncIterator[trio.Process]:
+    """``filtergate run`` on ``config_path``, its stderr in ``log`` when given."""
+    argv = [*CLI, "run", "-c", str(config_path)]
+    if log is None:
+        proc = await trio.lowlevel.open_process(argv)
+    else:
+        with log.open("wb") as err:
+            proc = await trio.lowlevel.open_process(argv, stderr=err)
     try:
         with trio.fail_after(20):
             await wait_listening(port, proc)
@@ -140,7 +148,8 @@ async def test_sighup_reloads_and_refuses_a_bad_config(stubs: Stubs, tmp_path: P
     config = _config(port, stubs.target("echo"))
     cfg = _write(tmp_path / "g.toml", config)
     with trio.fail_after(40):
-        async with _gateway_process(cfg, port) as proc:
+        log = tmp_path / "err.log"
+        async with _gateway_process(cfg, port, log) as proc:
             assert (await http_request(port, "GET", "/new")).status == 200
             config["routes"].append(
                 {"name": "gone", "path": "/gone", "methods": ["GET"], "upstream": "echo"}
@@ -155,7 +164,11 @@ async def test_sighup_reloads_and_refuses_a_bad_config(stubs: Stubs, tmp_path: P
             assert (await http_request(port, "GET", "/new")).status == 405
             cfg.write_text("[server\n")  # broken: refused, the last good config serves
             proc.send_signal(signal.SIGHUP)
-            await trio.sleep(0.5)
+            for _ in range(400):  # until the signal was acted on (a log file: no event)
+                if "reload refused" in log.read_text():
+                    break
+                await trio.sleep(0.05)
+            assert "reload refused" in log.read_text()
             assert (await http_request(port, "GET", "/gone")).status == 200
             assert proc.returncode is None
 
