@@ -43,13 +43,14 @@ STARTER: dict[str, Any] = {
 }
 
 
-def _load(path: str) -> tuple[Config, Registry]:
+def _load(path: str, raw: bytes | None = None) -> tuple[Config, Registry]:
+    """The config of ``path`` (of ``raw``, its bytes, when given), checked as ``run`` does."""
     from engine.app import check_addresses, load_ssl_context
-    from engine.config import load_file
+    from engine.config import load_bytes, read_file
     from engine.gateway import compile_runtime
     from engine.plugins import discover
 
-    config = load_file(path)
+    config = load_bytes(read_file(path) if raw is None else raw, path)
     registry = discover(config.discovery.blocked, entry_points=config.discovery.entry_points)
     # Every check `run` makes before it binds.
     compile_runtime(config, registry)
@@ -210,17 +211,31 @@ class Workers:
     filtergate (systemd, Kubernetes) sees the failure.
     """
 
-    def __init__(self, argv: list[str], count: int) -> None:
+    def __init__(self, argv: list[str], count: int, config: bytes = b"") -> None:
         self.argv = argv
         self.count = count
+        # The config the main process runs, handed to every worker it starts: a worker
+        # respawned while the file is broken (a refused reload, an editor mid-save) runs
+        # what the others run, as nginx's master does, instead of dying in a loop.
+        self.config = config
         self.live: dict[int, subprocess.Popen[bytes]] = {}
         self.stopping = False
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        # In its own process group: Ctrl-C in a terminal reaches the parent only, which
-        # forwards it once (as SIGTERM).
-        with _blocked(SIGNALS):
-            return subprocess.Popen(self.argv, process_group=0)
+        # The config goes in a memory file the worker reads (a pipe could fill up and
+        # block this loop until the worker reads it).
+        fd = os.memfd_create("filtergate-config", os.MFD_CLOEXEC)
+        try:
+            os.write(fd, self.config)
+            os.lseek(fd, 0, os.SEEK_SET)
+            # In its own process group: Ctrl-C in a terminal reaches the parent only,
+            # which forwards it once (as SIGTERM).
+            with _blocked(SIGNALS):
+                return subprocess.Popen(
+                    [*self.argv, "--config-fd", str(fd)], process_group=0, pass_fds=(fd,)
+                )
+        finally:
+            os.close(fd)
 
     async def supervise(self, slot: int) -> None:
         import trio
@@ -317,8 +332,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.worker_of is not None:
         _die_with_parent(args.worker_of)
     _raise_descriptor_limit()
+    raw: bytes | None = None
+    if args.config_fd is not None:  # a worker: the main process's config
+        with os.fdopen(args.config_fd, "rb") as handed:
+            raw = handed.read()
     try:
-        config, registry = _load(args.config)
+        if raw is None:
+            from engine.config import read_file
+
+            raw = read_file(args.config)
+        config, registry = _load(args.config, raw)
         sockets, admin_socket = _bind(config, admin=args.worker_of is None and config.admin.enabled)
     except (ConfigError, PluginError) as e:
         return _config_error(e, args.config)
@@ -331,6 +354,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             *["run", "-c", args.config, "--worker-of", str(os.getpid())],
         ],
         config.server.workers - 1 if args.worker_of is None else 0,
+        raw,
     )
     failed = False
 
@@ -384,7 +408,7 @@ async def _serve_signals(
                 log.info("SIGHUP while draining: ignored")
                 continue
             workers.signal(signal.SIGHUP)
-            await _reload(gateway)
+            await _reload(gateway, workers)
             continue
         if drain is not None:
             name = signal.Signals(signum).name
@@ -422,12 +446,15 @@ async def _drain(
     nursery.cancel_scope.cancel()
 
 
-async def _reload(gateway: Gateway) -> None:
-    from engine.config import load_file
+async def _reload(gateway: Gateway, workers: Workers) -> None:
+    from engine.config import load_bytes, read_file
     from engine.plugins import PluginError
 
     try:
-        await gateway.reload(load_file(gateway.runtime.config.source))
+        path = gateway.runtime.config.source
+        raw = read_file(path)
+        await gateway.reload(load_bytes(raw, path))
+        workers.config = raw  # workers started from now on run the new config
     except (ConfigError, PluginError) as e:
         log.error("reload refused, the old configuration keeps serving: %s", e)
     except Exception:
@@ -446,6 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-c", "--config", default="gateway.toml", help="config file")
     # A worker process of the gateway whose pid this is (spawned by `run` itself).
     run.add_argument("--worker-of", type=int, default=None, help=argparse.SUPPRESS)
+    run.add_argument("--config-fd", type=int, default=None, help=argparse.SUPPRESS)
     run.set_defaults(fn=cmd_run)
 
     check = sub.add_parser("check", help="validate a config and print every route's chain")

@@ -374,14 +374,22 @@ def _replace(obj: Any, **changes: Any) -> Any:
 
 def load_file(path: str | Path) -> Config:
     """Read and check a gateway.toml. Raises :class:`ConfigError`."""
-    p = Path(path)
+    return load_bytes(read_file(path), path)
+
+
+def read_file(path: str | Path) -> bytes:
+    """The bytes of a config file. Raises :class:`ConfigError`."""
     try:
-        raw = p.read_bytes()
+        return Path(path).read_bytes()
     except OSError as e:
-        raise ConfigError("", f"cannot read {p}: {e.strerror}") from None
+        raise ConfigError("", f"cannot read {path}: {e.strerror}") from None
+
+
+def load_bytes(raw: bytes, path: str | Path) -> Config:
+    """Check the bytes of a gateway.toml read from ``path`` (its ``source``)."""
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError("", f"{p}: not valid TOML: {e}") from None
-    config: Config = load(data, source=str(p))
+        raise ConfigError("", f"{path}: not valid TOML: {e}") from None
+    config: Config = load(data, source=str(path))
     return config

@@ -173,11 +173,38 @@ async def test_workers_that_keep_dying_stop_the_gateway(stubs: Stubs, tmp_path: 
     log = tmp_path / "err.log"
     with trio.fail_after(30):
         async with _gateway(cfg, port, log, workers=2) as proc:
-            cfg.write_text("[server\n")  # every respawned worker now exits 2 at once
-            (worker,) = _children(proc.pid)
-            os.kill(worker, signal.SIGKILL)
+            # Every worker dies as soon as it appears (as under an OOM killer's loop).
+            while proc.returncode is None:
+                for pid in _children(proc.pid):
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                await trio.sleep(0.02)
             assert await proc.wait() == 1
     assert "crash loop" in log.read_text()
+
+
+async def test_a_respawned_worker_runs_the_config_of_the_main_process(
+    stubs: Stubs, tmp_path: Path
+) -> None:
+    # The file is broken now (a refused reload, an editor mid-save): a worker started
+    # again runs what the main process runs, instead of exiting 2 in a loop.
+    port = _free_port()
+    cfg = _write(tmp_path / "g.toml", _config(port, stubs.target("echo"), workers=2))
+    log = tmp_path / "err.log"
+    with trio.fail_after(30):
+        async with _gateway(cfg, port, log, workers=2) as proc:
+            cfg.write_text("[server\n")
+            for _ in range(3):
+                (worker,) = _children(proc.pid)
+                os.kill(worker, signal.SIGKILL)
+                await _until(lambda w=worker: _children(proc.pid) - {w})
+                await _prefixes(port, 2)  # the new worker serves
+            assert proc.returncode is None
+            proc.send_signal(signal.SIGTERM)
+            assert await proc.wait() == 0
+    assert "crash loop" not in log.read_text()
 
 
 async def test_workers_exit_when_the_parent_is_killed(stubs: Stubs, tmp_path: Path) -> None:
