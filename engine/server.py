@@ -115,6 +115,17 @@ _OWN_RESPONSE_FIELDS = frozenset({b"content-length", b"transfer-encoding", b"con
 _date_cache: list[Any] = [-1, b""]  # [second, the "date: ..." line of that second]
 
 
+def _closing_error(err: GatewayError, request_id: str, extra: bytes = b"") -> tuple[int, bytes]:
+    """The whole response for ``err`` written by hand, ending the connection: for when
+    no request could be read, so nothing of the request cycle applies (counted here)."""
+    status, headers, body = render_error(err, request_id)
+    head = [b"HTTP/1.1 %d %s\r\n" % (status, reason_phrase(status))]
+    head += [n + b": " + v + b"\r\n" for n, v in headers]
+    head += [_date_line(), extra, b"connection: close\r\n\r\n"]
+    _RESPONSES[status // 100].inc()
+    return status, b"".join(head) + body
+
+
 def _date_line() -> bytes:
     """``date: <IMF-fixdate>``, made once per second: RFC 9110 6.6.1 asks a server with
     a clock for it, and a proxy to add it to a response that has none."""
@@ -315,15 +326,10 @@ class Server:
     def _plain_http_on_tls(self, raw: socket.socket) -> None:
         """Say why, in plain text, to a client that spoke HTTP to a TLS listener (nginx
         answers it the same way), instead of closing without a word."""
-        _status, headers, body = render_error(
-            BadRequest("a plain HTTP request was sent to an HTTPS port"), self.ids.next()
-        )
-        head = [b"HTTP/1.1 400 Bad Request\r\n", _date_line()]
-        head += [n + b": " + v + b"\r\n" for n, v in headers]
-        head.append(b"connection: close\r\n\r\n")
-        _RESPONSES[4].inc()
+        err = BadRequest("a plain HTTP request was sent to an HTTPS port")
+        _status, data = _closing_error(err, self.ids.next())
         try:
-            raw.send(b"".join(head) + body)  # small: the kernel takes it at once
+            raw.send(data)  # small: the kernel takes it at once
         except OSError:
             pass
 
@@ -661,15 +667,9 @@ class _Connection:
     async def _send_fatal(self, err: GatewayError) -> None:
         # h11 may be in an error state; write the whole response by hand and close.
         request_id = self.server.ids.next()
-        status, headers, body = render_error(err, request_id)
-        head = [b"HTTP/1.1 %d %s\r\n" % (status, reason_phrase(status))]
-        for n, v in headers:
-            head.append(n + b": " + v + b"\r\n")
-        head.append(_date_line())
-        head.append(b"x-request-id: " + request_id.encode() + b"\r\n")
-        head.append(b"connection: close\r\n\r\n")
-        _RESPONSES[status // 100].inc()
-        data = b"".join(head) + body
+        status, data = _closing_error(
+            err, request_id, b"x-request-id: " + request_id.encode() + b"\r\n"
+        )
         try:
             await self.send_raw(data)
         except _Abort:
