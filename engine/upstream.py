@@ -14,7 +14,7 @@ the gateway's types where they enter:
   or :class:`UpstreamTimeout` (504) when they all timed out;
 * a pooled connection the server had closed -> the call goes again on a new connection
   to the same target, once, when the request did not reach the server whole or has an
-  idempotent method (:func:`replayable`); otherwise :class:`UpstreamReset` (502);
+  idempotent method (:func:`_safe_to_repeat`); otherwise :class:`UpstreamReset` (502);
 * no available target -> :class:`NoHealthyTarget` (503);
 * no response head within ``read_timeout`` or the call over its total ``timeout`` ->
   :class:`UpstreamTimeout` (504); garbage -> :class:`BadGateway` (502).
@@ -559,7 +559,7 @@ class Pool:
                         not got_bytes
                         and conn.reused
                         and not call.body_started
-                        and (replayable(call) or (sender is not None and sender.failed))
+                        and (_safe_to_repeat(call) or (sender is not None and sender.failed))
                     ):
                         raise _StaleConnection()
                     raise UpstreamReset(
@@ -710,7 +710,7 @@ class _StaleConnection(Exception):
     """A reused connection that the server had closed: the call can go again on a new one.
 
     Raised when writing the request failed (it did not reach the server whole), or when
-    the server closed without a byte of a response to a :func:`replayable` call.
+    the server closed without a byte of a response to a :func:`_safe_to_repeat` call.
     """
 
 
@@ -829,7 +829,7 @@ def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
     return leaf
 
 
-def replayable(call: UpstreamCall) -> bool:
+def _safe_to_repeat(call: UpstreamCall) -> bool:
     """Whether ``call`` may be sent again after the server may have received it.
 
     RFC 9110 9.2.2 and RFC 9112 9.3.1: a proxy must not retry a non-idempotent request
