@@ -18,6 +18,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import re
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,14 +56,16 @@ class RouteRuntime:
     # bound on first use: a class that never occurs renders nothing.
     latency: list[BoundHistogram | None] = field(default_factory=lambda: [None] * 10)
 
-    async def send_proxied(self, call: UpstreamCall) -> Response:
+    def send_proxied(self, call: UpstreamCall) -> Awaitable[Response]:
         """The proxied call's last step, under the route's around filters: the pool the
-        call names (a filter may have changed it), with the route's timeouts."""
+        call names (a filter may have changed it), with the route's timeouts.
+
+        A plain function handing back the pool's coroutine: the innermost around filter
+        awaits it directly, one coroutine fewer in every proxied call's stack.
+        """
         pool = self.pools.get(call.upstream, self.pool)
         assert pool is not None
-        return await pool.send(
-            call, connect_timeout=self.connect_timeout, read_timeout=self.read_timeout
-        )
+        return pool.send(call, connect_timeout=self.connect_timeout, read_timeout=self.read_timeout)
 
     async def call_upstream(self, exchange: Exchange, call: UpstreamCall) -> Response:
         """A call a filter makes (``exchange.call_upstream``): around filters, then pool."""
@@ -71,8 +74,8 @@ class RouteRuntime:
             raise BadGateway(f"no upstream named {call.upstream!r}")
         pools = self.pools
 
-        async def send(c: UpstreamCall) -> Response:
-            return await pools.get(c.upstream, pool).send(c)
+        def send(c: UpstreamCall) -> Awaitable[Response]:
+            return pools.get(c.upstream, pool).send(c)
 
         if self.chain.around:
             return await wrap_upstream(self.chain.around, exchange, send)(call)
