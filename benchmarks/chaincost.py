@@ -28,6 +28,8 @@ from engine.chain import (
     run_log_phases,
     run_request_phases,
     run_response_phases,
+    run_sync_request_phases,
+    run_sync_response_phases,
     wrap_upstream,
 )
 from engine.exchange import Headers, Response, UpstreamCall
@@ -73,7 +75,11 @@ def _runner(filters: list[Any], headers: list[tuple[str, str]]) -> Callable[[], 
     async def one() -> None:
         ex = make_exchange("GET", "/items/1", headers, route_name="bench")
         ex.credential_headers = chain.credential_headers
-        answer, depth = await run_request_phases(chain, ex)
+        # The engine's own choice: a plain call when every request phase is one.
+        if chain.sync_request:
+            answer, depth = run_sync_request_phases(chain, ex)
+        else:
+            answer, depth = await run_request_phases(chain, ex)
         if answer is None:
             call = UpstreamCall(
                 upstream="stub", method=b"GET", target=b"/items/1", headers=ex.request.headers
@@ -82,7 +88,10 @@ def _runner(filters: list[Any], headers: list[tuple[str, str]]) -> Callable[[], 
                 answer = await wrap_upstream(chain.around, ex, upstream)(call)
             else:
                 answer = await upstream(call)
-        await run_response_phases(chain.response_for(depth), ex, answer)
+        if chain.sync_response:
+            run_sync_response_phases(chain.response_for(depth), ex, answer)
+        else:
+            await run_response_phases(chain.response_for(depth), ex, answer)
         ex.response = answer
         await run_log_phases(chain, ex)
 

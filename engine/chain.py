@@ -197,6 +197,10 @@ class Chain:
     # ``request`` as (depth, fn, is_async): depth counts the filters up to and including
     # the phase's own, so the runner need not walk the filters that have no request side.
     _request_steps: list[tuple[int, PhaseFn, bool]] = dataclasses.field(default_factory=list)
+    # Every request (response) phase is a plain function and no filter needs the request
+    # body buffered: the engine runs that side with a plain call, no coroutine made.
+    sync_request: bool = False
+    sync_response: bool = False
 
     def response_for(self, depth: int) -> list[Phase]:
         """Response phases, reversed, of the first ``depth`` filters of the chain."""
@@ -238,6 +242,8 @@ def compile_chain(filters: list[Any]) -> Chain:
         ),
         _response_by_depth=by_depth,
         _request_steps=steps,
+        sync_request=body_at is None and not any(p.is_async for p in request),
+        sync_response=not any(p.is_async for p in by_depth[-1]),
     )
 
 
@@ -276,6 +282,22 @@ async def run_request_phases(
     return None, len(chain.filters)
 
 
+def run_sync_request_phases(chain: Chain, exchange: Exchange) -> tuple[Response | None, int]:
+    """:func:`run_request_phases` of a chain whose request phases are all plain
+    functions and buffer no body (``chain.sync_request``), without a coroutine."""
+    for depth, fn, _ in chain._request_steps:
+        try:
+            r = fn(exchange)
+        except BaseException as e:
+            e.filter_depth = depth  # type: ignore[attr-defined]
+            raise
+        if r is None:
+            r = exchange.response
+        if r is not None:
+            return r, depth
+    return None, len(chain.filters)
+
+
 async def _buffer_body(buffer: Callable[[], Awaitable[None]] | None, depth: int) -> None:
     assert buffer is not None
     try:
@@ -296,6 +318,16 @@ async def run_response_phases(phases: list[Phase], exchange: Exchange, response:
             r = phase.fn(exchange, response)
             if phase.is_async:
                 await r
+        except BaseException as e:
+            e.phases_left = phases[i + 1 :]  # type: ignore[attr-defined]
+            raise
+
+
+def run_sync_response_phases(phases: list[Phase], exchange: Exchange, response: Response) -> None:
+    """:func:`run_response_phases` of plain-function phases (``chain.sync_response``)."""
+    for i, phase in enumerate(phases):
+        try:
+            phase.fn(exchange, response)
         except BaseException as e:
             e.phases_left = phases[i + 1 :]  # type: ignore[attr-defined]
             raise

@@ -31,6 +31,8 @@ from engine.chain import (
     run_log_phases,
     run_request_phases,
     run_response_phases,
+    run_sync_request_phases,
+    run_sync_response_phases,
     wrap_upstream,
 )
 from engine.config import parse_address
@@ -894,6 +896,8 @@ class _Connection:
                         request.body_truncated = True
 
                 answer, depth = await run_request_phases(chain, exchange, buffer_body)
+            elif chain.sync_request:
+                answer, depth = run_sync_request_phases(chain, exchange)
             elif chain.request:
                 answer, depth = await run_request_phases(chain, exchange)
             else:
@@ -944,7 +948,10 @@ class _Connection:
             if chain.needs_response_body and answer.stream is not None and answer.body is None:
                 await _buffer_response(answer, cfg.max_buffered_body)
             if chain.response:
-                await run_response_phases(chain.response_for(depth), exchange, answer)
+                if chain.sync_response:
+                    run_sync_response_phases(chain.response_for(depth), exchange, answer)
+                else:
+                    await run_response_phases(chain.response_for(depth), exchange, answer)
         except GatewayError as err:
             if request_id is None:
                 request_id = server.ids.next()

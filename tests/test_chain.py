@@ -21,6 +21,8 @@ from engine.chain import (
     Stage,
     compile_chain,
     run_request_phases,
+    run_sync_request_phases,
+    run_sync_response_phases,
     wrap_upstream,
 )
 from engine.errors import CircuitOpen, Forbidden, GatewayError, RateLimited, Unauthorized
@@ -763,6 +765,56 @@ async def test_the_request_depth_counts_filters_without_a_request_side() -> None
         chain = compile_chain([only])
         assert await run_request_phases(chain, make_exchange()) == (None, 1)
         assert await run_request_phases(compile_chain([]), make_exchange()) == (None, 0)
+
+
+async def test_a_chain_of_plain_functions_runs_without_a_coroutine() -> None:
+    """The engine's plain-call runners do what the async ones do, and the chain says
+    when they may be used: every phase of that side sync, no request body to buffer."""
+    log: list[str] = []
+
+    class Deny(Filter):
+        name, stage = "deny", Stage.LIMIT
+
+        def on_request(self, exchange: Exchange) -> None:
+            if "x-deny" in exchange.request.headers:
+                raise Forbidden()
+
+    class BreaksResponse(Filter):
+        name, stage = "breaks-response", Stage.TRANSFORM
+
+        def on_response(self, exchange: Exchange, response: Response) -> None:
+            raise GatewayError("broken")
+
+    class NeedsBody(Filter):
+        name, stage = "needs-body", Stage.TRANSFORM
+        needs_request_body = True
+
+    edge = build_filter(recorder("edge", Stage.EDGE, log, is_async=False))
+    deny = build_filter(Deny)
+    breaks = build_filter(BreaksResponse)
+    chain = compile_chain([breaks, deny, edge])
+    assert (chain.sync_request, chain.sync_response) == (True, True)
+    with trio.fail_after(5):
+        assert run_sync_request_phases(chain, make_exchange()) == (None, 3)
+        assert await run_request_phases(chain, make_exchange()) == (None, 3)
+        with pytest.raises(Forbidden) as plain:
+            run_sync_request_phases(chain, make_exchange(headers=[("x-deny", "1")]))
+        with pytest.raises(Forbidden) as awaited:
+            await run_request_phases(chain, make_exchange(headers=[("x-deny", "1")]))
+        assert plain.value.filter_depth == awaited.value.filter_depth == 2  # type: ignore[attr-defined]
+    # The response side: an error carries the phases still to run, as the async one.
+    with pytest.raises(GatewayError) as raised:
+        run_sync_response_phases(chain.response_for(3), make_exchange(), Response(200))
+    assert [p.filter.name for p in raised.value.phases_left] == ["edge"]  # type: ignore[attr-defined]
+
+    late = build_filter(recorder("late", Stage.TRANSFORM, log, is_async=True))
+    assert (compile_chain([late, edge]).sync_request, compile_chain([late]).sync_response) == (
+        False,
+        False,
+    )
+    # A filter that needs the body: the request side waits for it, so it is async.
+    chain = compile_chain([build_filter(NeedsBody), edge])
+    assert (chain.sync_request, chain.sync_response) == (False, True)
 
 
 async def test_the_body_is_buffered_just_before_the_first_filter_that_needs_it() -> None:
