@@ -18,7 +18,7 @@ import re
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from email.utils import formatdate
 from typing import Any
 
@@ -241,6 +241,9 @@ class Server:
         self._open = 0  # client connections, for [server] max_connections
         # Accept loops waiting for room under max_connections; woken as connections end.
         self._room = trio.lowlevel.ParkingLot()
+        # trio's clock, read by every request several times: serve() binds the run's own
+        # clock method, one call where trio.current_time() makes three.
+        self.now: Callable[[], float] = trio.current_time
 
     @property
     def busy(self) -> int:
@@ -273,6 +276,7 @@ class Server:
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Accept on ``sockets`` (listening, non-blocking) until cancelled."""
+        self.now = trio.lowlevel.current_clock().current_time
         async with trio.open_nursery() as conns, trio.open_nursery() as acceptors:
             for sock in sockets:
                 acceptors.start_soon(self._accept_loop, sock, conns)
@@ -598,7 +602,7 @@ class _Connection:
         cfg = server.runtime.config.server
         got_bytes = len(wire) > 0  # pipelined behind the previous request
         wait = cfg.head_timeout if self.first or got_bytes else cfg.keepalive_timeout
-        deadline = trio.current_time() + wait
+        deadline = server.now() + wait
         while True:
             try:
                 req = wire.request()
@@ -634,7 +638,7 @@ class _Connection:
             assert data is not None
             if data and not got_bytes:
                 got_bytes = True
-                deadline = min(deadline, trio.current_time() + cfg.head_timeout)
+                deadline = min(deadline, server.now() + cfg.head_timeout)
             wire.feed(data)
 
     async def _drain(self, reader: BodyReader) -> bool:
@@ -687,7 +691,8 @@ class _Connection:
         server = self.server
         rt = server.runtime
         cfg = rt.config.server
-        start = trio.current_time()
+        now = server.now
+        start = now()
         request_id: str | None = None
         answer: Response | None = None
         exchange: Exchange | None = None
@@ -869,7 +874,7 @@ class _Connection:
             exchange.caller = route.call_upstream
             exchange.credential_headers = route.chain.credential_headers
             exchange.captures = match.captures
-            exchange.timings.routed = trio.current_time()
+            exchange.timings.routed = now()
 
             # Body: refuse before reading a byte when the declared length is too large.
             body: _ClientBody | None = None
@@ -935,7 +940,7 @@ class _Connection:
                     timeout=route.timeout,
                     body_length=body_length if call_body is body else None,
                 )
-                exchange.timings.upstream_start = trio.current_time()
+                exchange.timings.upstream_start = now()
                 if chain.around:
                     answer = await wrap_upstream(chain.around, exchange, route.send_proxied)(call)
                 else:
@@ -943,7 +948,7 @@ class _Connection:
                         call, connect_timeout=route.connect_timeout, read_timeout=route.read_timeout
                     )
                 exchange.upstream_target = call.target_address
-                exchange.timings.upstream_headers = trio.current_time()
+                exchange.timings.upstream_headers = now()
                 _strip_hop_by_hop(answer.headers)
             if chain.needs_response_body and answer.stream is not None and answer.body is None:
                 await _buffer_response(answer, cfg.max_buffered_body)
@@ -1005,7 +1010,7 @@ class _Connection:
         sent_before: int,
     ) -> float:
         """Observe the request's duration and write its access-log line; returns its end."""
-        end = trio.current_time()
+        end = self.server.now()
         cls = status // 100
         series = (route.latency if route is not None else _UNROUTED)[cls]
         if series is None:
