@@ -200,6 +200,12 @@ def _key_confusion() -> str:
     return _raw_token({"alg": "HS256", "kid": "k1"}, _claims(), _hs256_with(_pem(RSA_A).encode()))
 
 
+def _typed(typ: Any) -> str:
+    """A valid token whose header's ``typ`` is ``typ`` (None: no typ at all)."""
+    payload = json.dumps(_claims()).encode()
+    return jwt.PyJWS().encode(payload, RSA_A, algorithm="RS256", headers={"kid": "k1", "typ": typ})
+
+
 TOKENS: list[tuple[str, Callable[[], str], str | None]] = [
     ("valid", lambda: _token(), None),
     ("valid, no kid", lambda: _token(kid=None), None),
@@ -233,6 +239,14 @@ TOKENS: list[tuple[str, Callable[[], str], str | None]] = [
     ("kid is a number", lambda: _raw_token({"alg": "RS256", "kid": 3}, _claims(), bytes), "malf"),
     ("deeply nested", lambda: ".".join((_b64(b"[" * 5000), _b64(b"{}"), "")), "malformed"),
     ("oversized", lambda: _token(pad="x" * 9000), "the token is too large"),
+    # RFC 8725 §3.11: tokens typed for another purpose are not access tokens.
+    ("typ JWT", lambda: _typed("JWT"), None),
+    ("no typ", lambda: _typed(None), None),
+    ("typ at+jwt", lambda: _typed("at+jwt"), None),
+    ("typ application/AT+JWT", lambda: _typed("application/AT+JWT"), None),
+    ("typ dpop+jwt (a DPoP proof)", lambda: _typed("dpop+jwt"), "unexpected token type"),
+    ("typ logout+jwt", lambda: _typed("logout+jwt"), "unexpected token type"),
+    ("typ not a string", lambda: _typed(["JWT"]), "unexpected token type"),
 ]
 
 
@@ -358,6 +372,41 @@ async def test_jwks_file_and_unknown_kid(tmp_path: Any) -> None:
 
 
 # -- identity, hygiene, scopes -----------------------------------------------------------
+
+
+async def test_token_types_are_configurable_per_issuer() -> None:
+    only_events = _filter(_rsa_config(issuer_over={"token_types": ["application/secevent+jwt"]}))
+    any_type = _filter(_rsa_config(issuer_over={"token_types": []}))
+    with trio.fail_after(5):
+        await _admitted_unless(None, only_events, _typed("secevent+jwt"))
+        await _admitted_unless(None, only_events, _typed(None))
+        await _admitted_unless("unexpected token type", only_events, _typed("JWT"))
+        await _admitted_unless(None, any_type, _typed("dpop+jwt"))
+
+
+async def test_consumer_prefix_keeps_two_issuers_consumers_apart() -> None:
+    other = "https://partner.example/"
+    f = _filter(
+        {
+            "issuers": [
+                {"issuer": ISS, "algorithms": ["RS256"], "public_keys": [_pem(RSA_A)]},
+                {
+                    "issuer": other,
+                    "algorithms": ["RS256"],
+                    "public_keys": [_pem(RSA_B)],
+                    "consumer_prefix": "partner:",
+                },
+            ]
+        }
+    )
+    with trio.fail_after(5):
+        ours = await _run(f, _bearer(_token(sub="alice")))
+        theirs = await _run(f, _bearer(_token(key=RSA_B, iss=other, sub="alice")))
+    assert ours.identity is not None
+    assert theirs.identity is not None
+    assert (ours.identity.consumer, theirs.identity.consumer) == ("alice", "partner:alice")
+    # The claim itself goes upstream as it is: X-User-Id is the sub claim.
+    assert theirs.request.headers.get("x-user-id") == b"alice"
 
 
 async def test_spoofed_identity_headers_are_replaced() -> None:
@@ -725,6 +774,11 @@ PRIVATE_PEM = RSA_A.private_bytes(
             "cannot load",
         ),
         (_rsa_config(strip_headers=["X-*-Id"]), "plugins.jwt-auth.strip_headers[0]", "prefix"),
+        (
+            _rsa_config(issuer_over={"token_types": ["JWT", "application/"]}),
+            "plugins.jwt-auth.issuers[0].token_types[1]",
+            "media type",
+        ),
     ],
 )
 def test_config_errors(config: dict[str, Any], path: str, message: str) -> None:

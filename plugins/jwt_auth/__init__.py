@@ -7,9 +7,10 @@ Per request (stage AUTHENTICATE):
    401 with a bare ``Bearer`` challenge, or, with ``allow_anonymous``, continue with no
    identity;
 3. pick the issuer by the token's (unverified) ``iss``, refuse an ``alg`` outside that
-   issuer's allow-list, verify the signature with pyjwt using only that algorithm and
-   the issuer's keys of that type, then the claims; a JWKS issuer whose key set never
-   loaded answers 503 (the gateway cannot decide);
+   issuer's allow-list and a ``typ`` outside its ``token_types``, verify the signature
+   with pyjwt using only that algorithm and the issuer's keys of that type, then the
+   claims; a JWKS issuer whose key set never loaded answers 503 (the gateway cannot
+   decide);
 4. check required scopes/roles (403 ``insufficient_scope``), set ``exchange.identity``
    and inject ``claims_to_headers``.
 
@@ -58,7 +59,7 @@ from .claims import (
     matches,
     parse_unverified,
 )
-from .config import IssuerConfig, JwtAuthConfig
+from .config import IssuerConfig, JwtAuthConfig, media_type
 from .keys import JwksSource, KeySet, VerifyKey
 
 __all__ = ["IssuerConfig", "JwtAuth", "JwtAuthConfig", "filtergate_filters"]
@@ -92,6 +93,7 @@ class _Issuer:
         self.audience: list[str] | None = (
             [audience] if isinstance(audience, str) else list(audience) if audience else None
         )
+        self.types = frozenset(media_type(t) for t in config.token_types)
         required = list(dict.fromkeys([*config.required_claims, config.consumer_claim]))
         # pyjwt's ``require`` only knows top-level names: a dotted path (``user.id``)
         # would never be found there, so those are checked by :func:`claim_at`.
@@ -449,6 +451,13 @@ class JwtAuth(Filter):
             raise AuthFailure("untrusted_issuer", "untrusted issuer")
         if alg not in issuer.config.algorithms:
             raise AuthFailure("bad_algorithm", "algorithm not allowed")
+        typ = header.get("typ")
+        if (
+            typ is not None
+            and issuer.types
+            and (not isinstance(typ, str) or media_type(typ) not in issuer.types)
+        ):
+            raise AuthFailure("bad_type", "unexpected token type")
         return issuer, alg, kid
 
     def _check(
@@ -485,7 +494,7 @@ class JwtAuth(Filter):
     def identity(self, claims: dict[str, Any], issuer: _Issuer) -> Identity:
         consumer = claim_at(claims, issuer.config.consumer_claim)
         return Identity(
-            consumer=str(consumer),
+            consumer=issuer.config.consumer_prefix + str(consumer),
             groups=granted_roles(claims, issuer.config.roles_claims),
             scopes=granted_scopes(claims),
             claims=MappingProxyType(claims),

@@ -109,6 +109,16 @@ class IssuerConfig:
     consumer_claim: str = field(
         default="sub", metadata=_doc("claim naming the consumer (required in tokens)")
     )
+    consumer_prefix: str = field(
+        default="",
+        metadata=_doc("put before the consumer claim's value: keeps issuers' consumers apart"),
+    )
+    # RFC 8725 §3.11: a token made for another purpose (a DPoP proof, a logout token)
+    # signed by the same key must not pass for an access token.
+    token_types: list[str] = field(
+        default_factory=lambda: ["JWT", "at+jwt"],
+        metadata=_doc("accepted typ header values ([]: any); a token without typ is accepted"),
+    )
     roles_claims: list[str] = field(
         default_factory=lambda: ["roles", "groups"],
         metadata=_doc("claims (dotted paths allowed) holding roles/groups"),
@@ -176,6 +186,9 @@ class IssuerConfig:
                 raise Invalid("jwks_ca_file", f"cannot load {self.jwks_ca_file!r}: {e}") from None
         if not self.consumer_claim:
             raise Invalid("consumer_claim", "must not be empty")
+        for i, typ in enumerate(self.token_types):
+            if not media_type(typ) or any(c.isspace() for c in typ):
+                raise Invalid(f"token_types[{i}]", "must be a media type such as at+jwt")
         keys, material = self._load_keys(hmac_algs, asym_algs)
         object.__setattr__(self, "static_keys", KeySet.build(keys, self.algorithms))
         digest = hmac.new(_PROCESS_SALT, digestmod=hashlib.sha256)
@@ -250,6 +263,13 @@ class IssuerConfig:
             keys.extend(k for ks in keyset.by_alg.values() for k in ks)
             material.append(data)
         return keys, material
+
+
+def media_type(typ: str) -> str:
+    """A ``typ`` value as compared: lowercase, without the ``application/`` prefix that
+    RFC 7515 §4.1.9 lets it leave out."""
+    typ = typ.lower()
+    return typ[len("application/") :] if typ.startswith("application/") else typ
 
 
 def _read(path: str, where: str) -> bytes:
