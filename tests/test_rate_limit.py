@@ -27,6 +27,7 @@ from plugins.rate_limit import (
     RateLimit,
     RateLimitConfig,
     RateLimitUnavailable,
+    client_network,
     compile_key,
     filtergate_filters,
 )
@@ -501,6 +502,39 @@ async def test_compiled_keys_escape_and_bound_every_shape(
     assert compile_key(("consumer",))(make_exchange(client="10.0.0.9")) == "ip:10.0.0.9"
 
 
+@pytest.mark.parametrize(
+    ("address", "prefix", "counted"),
+    [
+        ("10.0.0.9", 64, "10.0.0.9"),
+        ("2001:db8:1:2:aaaa:bbbb:cccc:dddd", 64, "2001:db8:1:2::/64"),
+        ("2001:DB8:1:2::7", 64, "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:aaaa::1", 48, "2001:db8:1::/48"),
+        ("2001:db8:1:2:aaaa::1", 128, "2001:db8:1:2:aaaa::1"),
+        ("fe80::1%eth0", 64, "fe80::/64"),
+        # A dual-stack listener's IPv4 client: its own address, not all of ::ffff:0:0/64.
+        ("::ffff:10.0.0.9", 64, "10.0.0.9"),
+        ("not-an-address", 64, "not-an-address"),
+        ("1:2:3", 64, "1:2:3"),
+    ],
+)
+def test_ipv6_clients_are_counted_per_network(address: str, prefix: int, counted: str) -> None:
+    assert client_network(address, prefix) == counted
+
+
+async def test_an_ipv6_client_cannot_escape_its_limit_by_changing_address() -> None:
+    by_ip = compile_key(("ip",), 64)
+    anonymous = compile_key(("consumer",), 64)
+    one, other = make_exchange("2001:db8:0:7::1"), make_exchange("2001:db8:0:7:ffff::2")
+    assert by_ip(one) == by_ip(other) == "2001:db8:0:7::/64"
+    assert anonymous(one) == anonymous(other) == "ip:2001:db8:0:7::/64"
+    assert compile_key(("ip",), 128)(one) == "2001:db8:0:7::1"
+    # Through the filter: the second address of the same /64 meets the spent quota.
+    f = make_filter(limits=[{"limit": 1, "window": "1m"}], key="ip")
+    with trio.fail_after(5):
+        assert [(await attempt(f, ex))[0] for ex in (one, other)] == [True, False]
+        assert (await attempt(f, make_exchange("2001:db8:0:8::1")))[0]  # another /64
+
+
 async def test_groups_are_tiers(autojump_clock: trio.testing.MockClock) -> None:
     with trio.fail_after(10):
         f = make_filter(
@@ -690,6 +724,8 @@ def test_memory_store_memory_does_not_grow_with_distinct_keys() -> None:
             "token-bucket",
         ),
         ({"max_keys": 0}, "max_keys", "at least 1"),
+        ({"ipv6_prefix": 0}, "ipv6_prefix", "1 to 128"),
+        ({"ipv6_prefix": 129}, "ipv6_prefix", "1 to 128"),
     ],
 )
 def test_config_errors_name_the_key_path(table: dict[str, Any], path: str, message: str) -> None:

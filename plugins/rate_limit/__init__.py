@@ -8,7 +8,7 @@ gateway's JSON body). Every response on a limited route, the 429 included, carri
 ``RateLimit-Policy`` (IETF draft "RateLimit header fields for HTTP"), and optionally the
 ``X-RateLimit-*`` forms.
 
-The user guide is ``docs/rate-limit.md``; the algorithms and the sliding-window
+The user guide is the README's rate-limit section; the algorithms and the sliding-window
 counter's error bound are in :mod:`plugins.rate_limit.algorithms`.
 """
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -169,6 +170,11 @@ class RateLimitConfig:
     max_keys: int = field(
         default=100_000, metadata={"doc": "memory store: the most keys kept (LRU beyond)"}
     )
+    # One IPv6 host has a whole /64 to pick addresses from (RFC 8981 rotates them even
+    # for benign clients): counted per address, a client would escape its limit.
+    ipv6_prefix: int = field(
+        default=64, metadata={"doc": "IPv6 clients are counted per network of this length"}
+    )
 
     def __post_init__(self) -> None:
         if not self.limits:
@@ -191,6 +197,8 @@ class RateLimitConfig:
                     raise Invalid(f"{where}.burst", 'applies only to algorithm = "token-bucket"')
         if self.max_keys < 1:
             raise Invalid("max_keys", f"expected at least 1, got {self.max_keys}")
+        if not 1 <= self.ipv6_prefix <= 128:
+            raise Invalid("ipv6_prefix", f"expected 1 to 128, got {self.ipv6_prefix}")
 
     @property
     def key_parts(self) -> tuple[str, ...]:
@@ -215,16 +223,43 @@ def _escape(value: str) -> str:
     return value
 
 
-def _consumer(ex: Exchange) -> str:
-    # Anonymous traffic is counted per client address, so a coarse per-IP limit applies.
-    identity = ex.identity
-    if identity is None:
-        return "ip:" + ex.request.client
-    return "c:" + _escape(identity.consumer)
+def client_network(address: str, ipv6_prefix: int) -> str:
+    """The client ``address`` as counted: an IPv4 address as it is, an IPv6 one as its
+    network of ``ipv6_prefix`` bits (``2001:db8:1:2::/64``); an IPv4-mapped IPv6 address
+    is the IPv4 one. Anything else (not an address) is left as it is."""
+    if ":" not in address or ipv6_prefix == 128:
+        return address
+    try:
+        packed = socket.inet_pton(socket.AF_INET6, address.partition("%")[0])
+    except OSError:
+        return address
+    if packed[:12] == _V4_MAPPED:
+        return socket.inet_ntop(socket.AF_INET, packed[12:])
+    shift = 128 - ipv6_prefix
+    network = (int.from_bytes(packed, "big") >> shift << shift).to_bytes(16, "big")
+    return f"{socket.inet_ntop(socket.AF_INET6, network)}/{ipv6_prefix}"
 
 
-def _ip(ex: Exchange) -> str:
-    return ex.request.client
+_V4_MAPPED = bytes(10) + b"\xff\xff"
+
+
+def _consumer(ipv6_prefix: int) -> KeyPart:
+    def part(ex: Exchange) -> str:
+        # Anonymous traffic is counted per client address, so a coarse per-IP limit
+        # applies.
+        identity = ex.identity
+        if identity is None:
+            return "ip:" + client_network(ex.request.client, ipv6_prefix)
+        return "c:" + _escape(identity.consumer)
+
+    return part
+
+
+def _ip(ipv6_prefix: int) -> KeyPart:
+    def part(ex: Exchange) -> str:
+        return client_network(ex.request.client, ipv6_prefix)
+
+    return part
 
 
 def _route(ex: Exchange) -> str:
@@ -254,18 +289,19 @@ def _claim(name: str) -> KeyPart:
     return part
 
 
-def compile_key(parts: Sequence[str]) -> Callable[[Exchange], str]:
+def compile_key(parts: Sequence[str], ipv6_prefix: int = 64) -> Callable[[Exchange], str]:
     """A function giving the counting key of an exchange for the configured ``parts``.
 
     Missing headers and claims count as the empty value (so all such callers share one
-    counter); very long keys are replaced by their SHA-256 to bound memory.
+    counter); very long keys are replaced by their SHA-256 to bound memory. IPv6
+    clients are counted per network of ``ipv6_prefix`` bits (:func:`client_network`).
     """
     fns: list[KeyPart] = []
     for p in parts:
         if p == "consumer":
-            fns.append(_consumer)
+            fns.append(_consumer(ipv6_prefix))
         elif p == "ip":
-            fns.append(_ip)
+            fns.append(_ip(ipv6_prefix))
         elif p == "route":
             fns.append(_route)
         elif p.startswith("header:"):
@@ -340,7 +376,7 @@ class RateLimit(Filter):
         super().__init__(config, context)
         self.config: RateLimitConfig = config
         self.log = context.logger
-        self._key = compile_key(config.key_parts)
+        self._key = compile_key(config.key_parts, config.ipv6_prefix)
         self._scope = _escape(context.scope)
         self._default = Policy.build("", config.algorithm, [lim.quota() for lim in config.limits])
         self._groups = [
