@@ -64,7 +64,7 @@ DEFAULT_IDENTITY_HEADERS: tuple[str, ...] = (
     "X-Jwt-Claim-*",
     "X-Identity-*",
 )
-"""Client-supplied headers removed before authentication, as documented in docs/auth.md."""
+"""Client-supplied headers removed before authentication (the README lists them)."""
 
 INJECTED_HEADERS: StashKey[set[bytes]] = StashKey("identity.injected_headers")
 """Names (lowercase bytes) of the headers an auth filter injected on this exchange."""
