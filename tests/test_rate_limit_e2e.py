@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import tomli_w
 import trio
+import trustme
 
 from engine.schema import ConfigError
 from engine.testing import HttpResponse, Stubs, http_request, open_gateway
@@ -99,6 +100,35 @@ async def test_headers_and_429_through_the_gateway(stubs: Stubs, store: str) -> 
                 # Anonymous callers are counted per client address.
                 anonymous = [await get(gw.port) for _ in range(3)]
                 assert [r.status for r in anonymous] == [200, 200, 429]
+
+
+async def test_a_redis_over_tls(stubs: Stubs, tmp_path: Path) -> None:
+    """rediss://: the counters are shared through a TLS-only Redis whose certificate is
+    checked against ca_file; a server the CA did not vouch for is a store failure."""
+    ca, stranger = trustme.CA(), trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    stranger.cert_pem.write_to_path(str(tmp_path / "stranger.pem"))
+    with trio.fail_after(20):
+        async with open_redis_server(tls=ca) as redis:
+            assert redis.url.startswith("rediss://")
+            table: dict[str, Any] = {
+                "limits": [{"limit": 2, "window": "1m"}],
+                "store": "redis",
+                "redis": {"url": redis.url, "ca_file": str(tmp_path / "ca.pem")},
+            }
+            async with open_gateway(gateway_config(stubs, table)) as gw:
+                statuses = [(await get(gw.port, "bob-key")).status for _ in range(3)]
+            assert statuses == [200, 200, 429]
+            # The count is in Redis: a second gateway sees the spent quota at once.
+            async with open_gateway(gateway_config(stubs, table)) as gw:
+                assert (await get(gw.port, "bob-key")).status == 429
+            # Another CA: the handshake fails, and fail_closed refuses with 503.
+            table["redis"]["ca_file"] = str(tmp_path / "stranger.pem")
+            table["failure"] = "fail_closed"
+            async with open_gateway(gateway_config(stubs, table)) as gw:
+                refused = await get(gw.port, "bob-key")
+            assert refused.status == 503
+            assert refused.json()["error"]["code"] == "rate_limit_unavailable"
 
 
 async def test_config_errors_through_the_gateway(stubs: Stubs) -> None:

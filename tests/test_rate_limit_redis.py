@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import ssl
 import sys
 import textwrap
 from collections.abc import AsyncIterator
@@ -16,8 +17,11 @@ from pathlib import Path
 
 import pytest
 import trio
+import trustme
 
 from engine.metrics import counter
+from engine.schema import Invalid
+from plugins.rate_limit import RedisConfig
 from plugins.rate_limit.algorithms import Quota
 from plugins.rate_limit.redis import (
     RedisPool,
@@ -56,8 +60,11 @@ async def test_parse_url() -> None:
     assert (a.host, a.port, a.db, a.username, a.password) == ("10.1.2.3", 6380, 4, "user", "p@ss")
     a = parse_redis_url("redis://:pw@localhost", password="other")
     assert (a.host, a.port, a.db, a.username, a.password) == ("localhost", 6379, 0, None, "other")
-    with pytest.raises(ValueError, match="redis://"):
-        parse_redis_url("rediss://x")
+    assert not a.tls
+    a = parse_redis_url("rediss://cache.internal:6380/1")
+    assert (a.host, a.port, a.db, a.tls) == ("cache.internal", 6380, 1, True)
+    with pytest.raises(ValueError, match="rediss://"):
+        parse_redis_url("http://x")
     # An error names the URL, but never its password (it ends up in logs and terminals).
     for bad in ("redis://:hunter2@host:99999", "redis://u:hunter2@/0", "redis://u:hunter2@h/0?x"):
         with pytest.raises(ValueError, match=r":\*\*\*@") as info:
@@ -80,6 +87,45 @@ async def test_client_commands_and_errors(redis: RedisServer) -> None:
             assert await pool.execute("INCR", "n") == 6
         finally:
             await pool.aclose()
+
+
+async def test_tls_checks_the_server_certificate() -> None:
+    ca, stranger = trustme.CA(), trustme.CA()
+    with trio.fail_after(10):
+        async with open_redis_server(tls=ca) as server:
+            trusting = ssl.create_default_context()
+            ca.configure_trust(trusting)
+            pool = RedisPool(
+                parse_redis_url(server.url), timeout=2.0, pool_size=1, ssl_context=trusting
+            )
+            assert await pool.execute("PING") in (b"PONG", "PONG")
+            assert await pool.execute("INCR", "n") == 1
+            await pool.aclose()
+            doubting = ssl.create_default_context()
+            stranger.configure_trust(doubting)
+            pool = RedisPool(
+                parse_redis_url(server.url), timeout=2.0, pool_size=1, ssl_context=doubting
+            )
+            with pytest.raises(RedisUnavailable, match="CERTIFICATE_VERIFY_FAILED"):
+                await pool.execute("PING")
+            await pool.aclose()
+            # Plain RESP to a TLS-only port gets no answer, never a reply.
+            plain = server.url.replace("rediss://", "redis://")
+            pool = RedisPool(parse_redis_url(plain), timeout=0.5, pool_size=1)
+            with pytest.raises(RedisUnavailable):
+                await pool.execute("PING")
+            await pool.aclose()
+
+
+def test_ca_file_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(Invalid) as info:
+        RedisConfig(url="redis://127.0.0.1/0", ca_file=str(tmp_path / "ca.pem"))
+    assert info.value.key == "ca_file"
+    assert "rediss://" in info.value.message
+    with pytest.raises(Invalid) as info:
+        RedisConfig(url="rediss://127.0.0.1/0", ca_file=str(tmp_path / "missing.pem"))
+    assert info.value.key == "ca_file"
+    assert "cannot load" in info.value.message
 
 
 async def test_auth_and_database_from_the_url() -> None:

@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import socket
+import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -92,7 +93,11 @@ class RedisConfig:
     # Redis' own default port; database 0 as redis-cli assumes.
     url: str = field(
         default="redis://127.0.0.1:6379/0",
-        metadata={"doc": "redis://[[user]:password@]host[:port][/db]"},
+        metadata={"doc": "redis://[[user]:password@]host[:port][/db]; rediss:// for TLS"},
+    )
+    ca_file: str | None = field(
+        default=None,
+        metadata={"doc": "rediss://: PEM CA bundle to verify the server (default: the system's)"},
     )
     password: str | None = field(
         default=None, metadata={"doc": "overrides a password given in the URL"}
@@ -116,13 +121,26 @@ class RedisConfig:
 
     def __post_init__(self) -> None:
         try:
-            parse_redis_url(self.url, self.password)
+            address = parse_redis_url(self.url, self.password)
         except ValueError as e:
             raise Invalid("url", str(e)) from None
+        if self.ca_file is not None:
+            if not address.tls:
+                raise Invalid("ca_file", "only used with a rediss:// url")
+            try:
+                self.tls_context()
+            except (OSError, ssl.SSLError) as e:
+                raise Invalid("ca_file", f"cannot load {self.ca_file!r}: {e}") from None
         if self.pool_size < 1:
             raise Invalid("pool_size", f"expected at least 1, got {self.pool_size}")
         if self.timeout <= 0:
             raise Invalid("timeout", "expected a duration longer than 0")
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        """The TLS context for a ``rediss://`` url: ``None`` means the system's CAs."""
+        if self.ca_file is None:
+            return None
+        return ssl.create_default_context(cafile=self.ca_file)
 
 
 _KEY_HELP = 'expected "consumer", "ip", "route", "header:NAME" or "claim:NAME"'
@@ -397,7 +415,10 @@ class RateLimit(Filter):
         if config.store == "redis":
             r = config.redis
             pool = RedisPool(
-                parse_redis_url(r.url, r.password), timeout=float(r.timeout), pool_size=r.pool_size
+                parse_redis_url(r.url, r.password),
+                timeout=float(r.timeout),
+                pool_size=r.pool_size,
+                ssl_context=r.tls_context(),
             )
             self.store = RedisStore(
                 pool, prefix=r.key_prefix, retry_interval=float(r.retry_interval)

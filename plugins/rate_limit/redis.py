@@ -6,7 +6,8 @@ script reads the server's clock with ``TIME``, so gateways with skewed clocks en
 one limit, and it counts the request in every quota or in none. All keys of one
 decision share a hash tag, so they live in one slot should the server be a cluster.
 
-The client underneath is deliberately small: RESP over trio TCP streams, parsed by
+The client underneath is deliberately small: RESP over trio TCP streams (TLS for
+``rediss://``, verified against the system's CAs or a given bundle), parsed by
 ``hiredis.Reader``; a pool of at most ``pool_size`` connections, made on demand; every
 command bounded by ``timeout`` (waiting for a connection included). A connection that
 failed or timed out mid-command is closed, never reused, so reconnection is simply the
@@ -24,6 +25,7 @@ import hashlib
 import itertools
 import logging
 import os
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -71,18 +73,22 @@ class RedisAddress:
     db: int
     username: str | None = None
     password: str | None = None
+    tls: bool = False  # rediss://
 
 
 def parse_redis_url(url: str, password: str | None = None) -> RedisAddress:
-    """The address in ``redis://[[user]:password@]host[:port][/db]``.
+    """The address in ``redis://[[user]:password@]host[:port][/db]`` (``rediss://``:
+    the same over TLS).
 
     ``password``, when given, overrides the URL's. Raises ``ValueError`` with a message
     for the user.
     """
     parts = urlsplit(url)
     shown = _without_password(url)  # error messages end up in logs and terminals
-    if parts.scheme != "redis":
-        raise ValueError(f'expected a URL like "redis://127.0.0.1:6379/0", got {shown!r}')
+    if parts.scheme not in ("redis", "rediss"):
+        raise ValueError(
+            f'expected a URL like "redis://127.0.0.1:6379/0" or "rediss://...", got {shown!r}'
+        )
     try:
         port = parts.port or 6379
     except ValueError:
@@ -103,6 +109,7 @@ def parse_redis_url(url: str, password: str | None = None) -> RedisAddress:
         password=password
         if password is not None
         else (unquote(parts.password) if parts.password is not None else None),
+        tls=parts.scheme == "rediss",
     )
 
 
@@ -132,7 +139,7 @@ def _encode(args: Sequence[bytes | str | int | float]) -> bytes:
 class _Connection:
     __slots__ = ("reader", "stream")
 
-    def __init__(self, stream: trio.SocketStream) -> None:
+    def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
         self.reader = hiredis.Reader()
 
@@ -147,24 +154,38 @@ class _Connection:
             data = await self.stream.receive_some(65536)
             if not data:
                 raise _ConnectionLost("connection closed by the server")
-            reader.feed(data)
+            reader.feed(bytes(data))  # a TLS stream may give a bytearray
 
 
 class RedisPool:
     """At most ``pool_size`` connections to one server, each command within ``timeout``."""
 
-    def __init__(self, address: RedisAddress, *, timeout: float, pool_size: int) -> None:
+    def __init__(
+        self,
+        address: RedisAddress,
+        *,
+        timeout: float,
+        pool_size: int,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        """``ssl_context`` verifies a ``rediss://`` server (default: the system's CAs)."""
         self.address = address
         self.timeout = timeout
+        self._ssl_context = (ssl_context or ssl.create_default_context()) if address.tls else None
         self._limiter = trio.CapacityLimiter(pool_size)
         self._idle: list[_Connection] = []
         self._closed = False
 
     async def _connect(self) -> _Connection:
         a = self.address
-        stream = await trio.open_tcp_stream(a.host, a.port)
+        stream: trio.abc.Stream = await trio.open_tcp_stream(a.host, a.port)
         conn = _Connection(stream)
         try:
+            if self._ssl_context is not None:
+                # The certificate is checked against the URL's host, as redis-cli does.
+                tls = trio.SSLStream(stream, self._ssl_context, server_hostname=a.host)
+                await tls.do_handshake()
+                conn = _Connection(tls)
             if a.password is not None:
                 auth = ["AUTH", a.username, a.password] if a.username else ["AUTH", a.password]
                 self._check(await conn.roundtrip(_encode(auth)))
@@ -213,7 +234,10 @@ class RedisPool:
                 except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
                     if conn is not None:
                         await trio.aclose_forcefully(conn.stream)
-                    raise RedisUnavailable(f"{type(e).__name__}: {e}") from e
+                    # trio's BrokenResourceError says nothing itself: its cause (a failed
+                    # TLS handshake's certificate error, say) does.
+                    cause = e if str(e) or e.__cause__ is None else e.__cause__
+                    raise RedisUnavailable(f"{type(cause).__name__}: {cause}") from e
                 except hiredis.ProtocolError as e:
                     if conn is not None:
                         await trio.aclose_forcefully(conn.stream)
