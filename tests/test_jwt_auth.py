@@ -389,7 +389,12 @@ async def test_consumer_prefix_keeps_two_issuers_consumers_apart() -> None:
     f = _filter(
         {
             "issuers": [
-                {"issuer": ISS, "algorithms": ["RS256"], "public_keys": [_pem(RSA_A)]},
+                {
+                    "issuer": ISS,
+                    "algorithms": ["RS256"],
+                    "public_keys": [_pem(RSA_A)],
+                    "consumer_prefix": "idp:",
+                },
                 {
                     "issuer": other,
                     "algorithms": ["RS256"],
@@ -404,7 +409,7 @@ async def test_consumer_prefix_keeps_two_issuers_consumers_apart() -> None:
         theirs = await _run(f, _bearer(_token(key=RSA_B, iss=other, sub="alice")))
     assert ours.identity is not None
     assert theirs.identity is not None
-    assert (ours.identity.consumer, theirs.identity.consumer) == ("alice", "partner:alice")
+    assert (ours.identity.consumer, theirs.identity.consumer) == ("idp:alice", "partner:alice")
     # The claim itself goes upstream as it is: X-User-Id is the sub claim.
     assert theirs.request.headers.get("x-user-id") == b"alice"
 
@@ -779,6 +784,42 @@ PRIVATE_PEM = RSA_A.private_bytes(
             "plugins.jwt-auth.issuers[0].token_types[1]",
             "media type",
         ),
+        # Consumers of two issuers must not meet: "" + "partner:alice" == "partner:" + "alice".
+        (
+            {
+                "issuers": [
+                    {"issuer": "a", "algorithms": ["RS256"], "jwks_url": "https://x/"},
+                    {
+                        "issuer": "b",
+                        "algorithms": ["RS256"],
+                        "jwks_url": "https://y/",
+                        "consumer_prefix": "partner:",
+                    },
+                ]
+            },
+            "plugins.jwt-auth.issuers[0].consumer_prefix",
+            "every issuer",
+        ),
+        (
+            {
+                "issuers": [
+                    {
+                        "issuer": "a",
+                        "algorithms": ["RS256"],
+                        "jwks_url": "https://x/",
+                        "consumer_prefix": "p:",
+                    },
+                    {
+                        "issuer": "b",
+                        "algorithms": ["RS256"],
+                        "jwks_url": "https://y/",
+                        "consumer_prefix": "p:x:",
+                    },
+                ]
+            },
+            "plugins.jwt-auth.issuers[1].consumer_prefix",
+            "starts with",
+        ),
     ],
 )
 def test_config_errors(config: dict[str, Any], path: str, message: str) -> None:
@@ -851,6 +892,18 @@ async def test_a_jwks_file_leaves_out_short_rsa_keys_and_wrong_curves(
         build(JwtAuthConfig, {"issuers": [{"algorithms": ["RS256"], "jwks_file": str(path)}]})
     assert info.value.path == "issuers[0].jwks_file"
     assert "left out: key 'weak': an RSA key of 1024 bits" in info.value.message
+
+
+def test_a_jwks_ca_file_replaced_on_disk_makes_a_new_config(tmp_path: Any) -> None:
+    path = tmp_path / "ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(path))
+    table = {
+        "issuers": [{"algorithms": ["RS256"], "jwks_url": "https://x/", "jwks_ca_file": str(path)}]
+    }
+    before = build(JwtAuthConfig, table, "plugins.jwt-auth")
+    assert before == build(JwtAuthConfig, table, "plugins.jwt-auth")
+    trustme.CA().cert_pem.write_to_path(str(path))
+    assert before != build(JwtAuthConfig, table, "plugins.jwt-auth")
 
 
 def test_secrets_stay_out_of_reprs_and_reloads_see_changed_keys(tmp_path: Any) -> None:

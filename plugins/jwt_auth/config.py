@@ -190,6 +190,8 @@ class IssuerConfig:
             if not media_type(typ) or any(c.isspace() for c in typ):
                 raise Invalid(f"token_types[{i}]", "must be a media type such as at+jwt")
         keys, material = self._load_keys(hmac_algs, asym_algs)
+        if self.jwks_ca_file is not None:  # a CA bundle replaced on disk is a new config too
+            material.append(_read(self.jwks_ca_file, "jwks_ca_file"))
         object.__setattr__(self, "static_keys", KeySet.build(keys, self.algorithms))
         digest = hmac.new(_PROCESS_SALT, digestmod=hashlib.sha256)
         for item in material:
@@ -346,6 +348,7 @@ class JwtAuthConfig:
                 f"issuers[{seen[None]}].issuer",
                 "required when there are several issuers (tokens are matched by iss)",
             )
+        self._check_consumer_prefixes()
         if not self.header and not self.cookie:
             raise Invalid("header", "set a header or a cookie to read the token from")
         if self.header and (problem := check_header_name(self.header)):
@@ -364,3 +367,25 @@ class JwtAuthConfig:
         for i, pattern in enumerate(self.strip_headers):
             if problem := check_header_pattern(pattern):
                 raise Invalid(f"strip_headers[{i}]", problem)
+
+    def _check_consumer_prefixes(self) -> None:
+        """Once an issuer has a ``consumer_prefix``, every issuer needs one and none may
+        start another: then no two issuers' consumers can meet (with ``""`` and
+        ``"partner:"``, the first issuer's ``sub`` ``"partner:alice"`` would be the
+        second's ``"alice"``)."""
+        prefixes = [i.consumer_prefix for i in self.issuers]
+        if not any(prefixes):
+            return
+        for i, prefix in enumerate(prefixes):
+            if not prefix:
+                raise Invalid(
+                    f"issuers[{i}].consumer_prefix",
+                    "set one on every issuer once any issuer has one, or their consumers can meet",
+                )
+            for j, other in enumerate(prefixes):
+                if j != i and other.startswith(prefix):
+                    raise Invalid(
+                        f"issuers[{j}].consumer_prefix",
+                        f"{other!r} starts with issuers[{i}]'s {prefix!r}: their consumers "
+                        "can meet",
+                    )
