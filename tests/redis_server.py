@@ -34,7 +34,12 @@ class RedisServer:
     """One redis-server process that can be stopped and started again on its port."""
 
     def __init__(
-        self, binary: str, directory: str, password: str | None, tls: trustme.CA | None = None
+        self,
+        binary: str,
+        directory: str,
+        password: str | None,
+        tls: trustme.CA | None = None,
+        client_certs: bool = False,
     ) -> None:
         self.binary = binary
         self.directory = directory
@@ -52,7 +57,7 @@ class RedisServer:
                 "--tls-cert-file", paths["cert"],
                 "--tls-key-file", paths["key"],
                 "--tls-ca-cert-file", paths["ca"],
-                "--tls-auth-clients", "no",
+                "--tls-auth-clients", "yes" if client_certs else "no",
             ]  # fmt: skip
 
     @property
@@ -107,15 +112,16 @@ class RedisServer:
 
 @asynccontextmanager
 async def open_redis_server(
-    password: str | None = None, tls: trustme.CA | None = None
+    password: str | None = None, tls: trustme.CA | None = None, client_certs: bool = False
 ) -> AsyncIterator[RedisServer]:
     """A running private redis-server, stopped on exit; with ``tls``, it speaks TLS only,
-    with a certificate for 127.0.0.1 issued by that CA."""
+    with a certificate for 127.0.0.1 issued by that CA, and with ``client_certs`` it
+    also asks clients for a certificate of that CA (redis-server's own default)."""
     binary = shutil.which("redis-server") or shutil.which("redis-server", path="/usr/bin")
     if binary is None:
         pytest.fail("redis-server is not installed (`make test` installs it)")
     with tempfile.TemporaryDirectory(prefix="filtergate-redis-") as directory:
-        server = RedisServer(binary, directory, password, tls)
+        server = RedisServer(binary, directory, password, tls, client_certs)
         await server.start()
         try:
             yield server

@@ -510,9 +510,15 @@ async def test_compiled_keys_escape_and_bound_every_shape(
         ("2001:DB8:1:2::7", 64, "2001:db8:1:2::/64"),
         ("2001:db8:1:2:aaaa::1", 48, "2001:db8:1::/48"),
         ("2001:db8:1:2:aaaa::1", 128, "2001:db8:1:2:aaaa::1"),
+        # At 128 too, one address is one counter, however it is written.
+        ("2001:DB8:0:0::1", 128, "2001:db8::1"),
+        ("2001:db8::1%eth0", 128, "2001:db8::1"),
         ("fe80::1%eth0", 64, "fe80::/64"),
-        # A dual-stack listener's IPv4 client: its own address, not all of ::ffff:0:0/64.
+        # IPv4 clients seen through IPv6: their own address, not all of one /64.
         ("::ffff:10.0.0.9", 64, "10.0.0.9"),
+        ("::ffff:10.0.0.9", 128, "10.0.0.9"),
+        ("64:ff9b::10.0.0.9", 64, "10.0.0.9"),
+        ("64:ff9b::a00:9", 128, "10.0.0.9"),
         ("not-an-address", 64, "not-an-address"),
         ("1:2:3", 64, "1:2:3"),
     ],

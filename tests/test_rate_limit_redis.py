@@ -61,6 +61,9 @@ async def test_parse_url() -> None:
     a = parse_redis_url("redis://:pw@localhost", password="other")
     assert (a.host, a.port, a.db, a.username, a.password) == ("localhost", 6379, 0, None, "other")
     assert not a.tls
+    with pytest.raises(ValueError, match="database number") as garbled:  # "/" unencoded
+        parse_redis_url("redis://u:12/hunter2@h/0")
+    assert "hunter2" not in str(garbled.value)
     a = parse_redis_url("rediss://cache.internal:6380/1")
     assert (a.host, a.port, a.db, a.tls) == ("cache.internal", 6380, 1, True)
     with pytest.raises(ValueError, match="rediss://"):
@@ -117,6 +120,52 @@ async def test_tls_checks_the_server_certificate() -> None:
             await pool.aclose()
 
 
+async def test_a_client_certificate_for_a_server_that_asks(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    client = ca.issue_cert("filtergate")
+    client.cert_chain_pems[0].write_to_path(str(tmp_path / "client.pem"))
+    client.private_key_pem.write_to_path(str(tmp_path / "client.key"))
+    with trio.fail_after(10):
+        async with open_redis_server(tls=ca, client_certs=True) as server:
+            config = RedisConfig(
+                url=server.url,
+                ca_file=str(tmp_path / "ca.pem"),
+                cert_file=str(tmp_path / "client.pem"),
+                key_file=str(tmp_path / "client.key"),
+            )
+            pool = RedisPool(
+                parse_redis_url(server.url),
+                timeout=2.0,
+                pool_size=1,
+                ssl_context=config.tls_context(),
+            )
+            assert await pool.execute("INCR", "n") == 1
+            await pool.aclose()
+            anonymous = RedisConfig(url=server.url, ca_file=str(tmp_path / "ca.pem"))
+            pool = RedisPool(
+                parse_redis_url(server.url),
+                timeout=2.0,
+                pool_size=1,
+                ssl_context=anonymous.tls_context(),
+            )
+            with pytest.raises(RedisUnavailable):
+                await pool.execute("PING")
+            await pool.aclose()
+
+
+def test_a_tls_file_replaced_on_disk_makes_a_new_config(tmp_path: Path) -> None:
+    """The engine keeps a filter instance while its config compares equal: a CA bundle
+    rotated under the same path must not keep the old one in use after a reload."""
+    path = tmp_path / "ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(path))
+    before = RedisConfig(url="rediss://127.0.0.1/0", ca_file=str(path))
+    assert before == RedisConfig(url="rediss://127.0.0.1/0", ca_file=str(path))
+    trustme.CA().cert_pem.write_to_path(str(path))
+    assert before != RedisConfig(url="rediss://127.0.0.1/0", ca_file=str(path))
+    assert str(path.read_bytes()[30:60]) not in repr(before)
+
+
 def test_ca_file_config_errors(tmp_path: Path) -> None:
     with pytest.raises(Invalid) as info:
         RedisConfig(url="redis://127.0.0.1/0", ca_file=str(tmp_path / "ca.pem"))
@@ -125,7 +174,21 @@ def test_ca_file_config_errors(tmp_path: Path) -> None:
     with pytest.raises(Invalid) as info:
         RedisConfig(url="rediss://127.0.0.1/0", ca_file=str(tmp_path / "missing.pem"))
     assert info.value.key == "ca_file"
+    assert "cannot read" in info.value.message
+    (tmp_path / "junk.pem").write_text("not a certificate")
+    with pytest.raises(Invalid) as info:
+        RedisConfig(url="rediss://127.0.0.1/0", ca_file=str(tmp_path / "junk.pem"))
+    assert info.value.key == "ca_file"
     assert "cannot load" in info.value.message
+    with pytest.raises(Invalid) as info:
+        RedisConfig(url="redis://127.0.0.1/0", cert_file=str(tmp_path / "junk.pem"))
+    assert info.value.key == "cert_file"
+    with pytest.raises(Invalid) as info:
+        RedisConfig(url="rediss://127.0.0.1/0", key_file=str(tmp_path / "junk.pem"))
+    assert info.value.key == "key_file"
+    with pytest.raises(Invalid) as info:
+        RedisConfig(url="rediss://127.0.0.1/0", cert_file=str(tmp_path / "junk.pem"))
+    assert (info.value.key, "cannot load" in info.value.message) == ("cert_file", True)
 
 
 async def test_auth_and_database_from_the_url() -> None:

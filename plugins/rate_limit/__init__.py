@@ -15,8 +15,10 @@ counter's error bound are in :mod:`plugins.rate_limit.algorithms`.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import math
+import secrets
 import socket
 import ssl
 from collections.abc import Callable, Sequence
@@ -48,6 +50,9 @@ __all__ = [
 ]
 
 Algorithm = Literal["sliding-window", "sliding-log", "token-bucket"]
+
+# Keys RedisConfig.tls_fingerprint, so that printing a config reveals nothing of its files.
+_PROCESS_SALT = secrets.token_bytes(32)
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,14 @@ class RedisConfig:
         default=None,
         metadata={"doc": "rediss://: PEM CA bundle to verify the server (default: the system's)"},
     )
+    cert_file: str | None = field(
+        default=None,
+        metadata={"doc": "rediss://: PEM client certificate, for a server that asks for one"},
+    )
+    key_file: str | None = field(
+        default=None,
+        metadata={"doc": "rediss://: PEM private key of cert_file (if not in cert_file)"},
+    )
     password: str | None = field(
         default=None, metadata={"doc": "overrides a password given in the URL"}
     )
@@ -118,29 +131,50 @@ class RedisConfig:
     key_prefix: str = field(
         default="filtergate:rl:", metadata={"doc": "prefix of every key this plugin writes"}
     )
+    # Derived at load, not a TOML key: the TLS files' contents, keyed with a per-process
+    # salt. The engine keeps a filter instance across reloads while its config compares
+    # equal, so a CA or certificate replaced on disk must make the config differ.
+    tls_fingerprint: str = field(init=False, repr=True, compare=True, default="")
 
     def __post_init__(self) -> None:
         try:
             address = parse_redis_url(self.url, self.password)
         except ValueError as e:
             raise Invalid("url", str(e)) from None
-        if self.ca_file is not None:
-            if not address.tls:
-                raise Invalid("ca_file", "only used with a rediss:// url")
+        files = {"ca_file": self.ca_file, "cert_file": self.cert_file, "key_file": self.key_file}
+        given = {k: v for k, v in files.items() if v is not None}
+        if given and not address.tls:
+            raise Invalid(next(iter(given)), "only used with a rediss:// url")
+        if self.key_file is not None and self.cert_file is None:
+            raise Invalid("key_file", "set cert_file too (the key is cert_file's)")
+        digest = hmac.new(_PROCESS_SALT, digestmod=hashlib.sha256)
+        for key, path in given.items():
+            try:
+                with open(path, "rb") as f:
+                    digest.update(f.read())
+            except OSError as e:
+                raise Invalid(key, f"cannot read {path!r}: {e.strerror or e}") from None
+        if given:
             try:
                 self.tls_context()
-            except (OSError, ssl.SSLError) as e:
-                raise Invalid("ca_file", f"cannot load {self.ca_file!r}: {e}") from None
+            except (OSError, ssl.SSLError, ValueError) as e:
+                key = "ca_file" if self.cert_file is None else "cert_file"
+                raise Invalid(key, f"cannot load the TLS files: {e}") from None
+            object.__setattr__(self, "tls_fingerprint", digest.hexdigest()[:16])
         if self.pool_size < 1:
             raise Invalid("pool_size", f"expected at least 1, got {self.pool_size}")
         if self.timeout <= 0:
             raise Invalid("timeout", "expected a duration longer than 0")
 
     def tls_context(self) -> ssl.SSLContext | None:
-        """The TLS context for a ``rediss://`` url: ``None`` means the system's CAs."""
-        if self.ca_file is None:
+        """The TLS context for a ``rediss://`` url: ``None`` means the system's CAs and
+        no client certificate."""
+        if self.ca_file is None and self.cert_file is None:
             return None
-        return ssl.create_default_context(cafile=self.ca_file)
+        context = ssl.create_default_context(cafile=self.ca_file)
+        if self.cert_file is not None:
+            context.load_cert_chain(self.cert_file, self.key_file)
+        return context
 
 
 _KEY_HELP = 'expected "consumer", "ip", "route", "header:NAME" or "claim:NAME"'
@@ -243,22 +277,29 @@ def _escape(value: str) -> str:
 
 def client_network(address: str, ipv6_prefix: int) -> str:
     """The client ``address`` as counted: an IPv4 address as it is, an IPv6 one as its
-    network of ``ipv6_prefix`` bits (``2001:db8:1:2::/64``); an IPv4-mapped IPv6 address
-    is the IPv4 one. Anything else (not an address) is left as it is."""
-    if ":" not in address or ipv6_prefix == 128:
+    network of ``ipv6_prefix`` bits in canonical form (``2001:db8:1:2::/64``; at 128 the
+    address itself, canonical). An IPv6 address that carries an IPv4 client's address
+    (IPv4-mapped ``::ffff:a.b.c.d``, or NAT64's well-known ``64:ff9b::/96`` as SIIT data
+    centres show IPv4 clients) is that IPv4 address, so such clients are not lumped into
+    one network. Anything else (not an address) is left as it is."""
+    if ":" not in address:
         return address
     try:
         packed = socket.inet_pton(socket.AF_INET6, address.partition("%")[0])
     except OSError:
         return address
-    if packed[:12] == _V4_MAPPED:
+    if packed[:12] in _EMBEDS_IPV4:
         return socket.inet_ntop(socket.AF_INET, packed[12:])
+    if ipv6_prefix == 128:
+        return socket.inet_ntop(socket.AF_INET6, packed)
     shift = 128 - ipv6_prefix
     network = (int.from_bytes(packed, "big") >> shift << shift).to_bytes(16, "big")
     return f"{socket.inet_ntop(socket.AF_INET6, network)}/{ipv6_prefix}"
 
 
-_V4_MAPPED = bytes(10) + b"\xff\xff"
+# The first 96 bits of IPv6 addresses whose last 32 are an IPv4 client's address:
+# IPv4-mapped (RFC 4291 2.5.5.2) and NAT64's well-known prefix (RFC 6052 2.1).
+_EMBEDS_IPV4 = frozenset({bytes(10) + b"\xff\xff", b"\x00\x64\xff\x9b" + bytes(8)})
 
 
 def _consumer(ipv6_prefix: int) -> KeyPart:

@@ -98,7 +98,8 @@ def parse_redis_url(url: str, password: str | None = None) -> RedisAddress:
         raise ValueError(f"no host in {shown!r}")
     path = parts.path.strip("/")
     if path and not path.isdigit():
-        raise ValueError(f"expected a database number after the port, got {path!r}")
+        # The shown URL, not the path: an unencoded "/" in a password ends up there.
+        raise ValueError(f"expected a database number after the port in {shown!r}")
     if parts.query or parts.fragment:
         raise ValueError(f"unexpected query or fragment in {shown!r}")
     return RedisAddress(
