@@ -8,9 +8,11 @@ the key path in its error. Each default says why it is what it is. Cross-referen
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import os
 import re
+import ssl
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -240,6 +242,14 @@ class UpstreamConfig:
     outlier: OutlierConfig | None = None
     # Host header sent upstream when a route does not preserve the client's.
     host_header: str | None = None
+    # TLS to the targets (https services): the certificate is verified against
+    # tls_server_name (default: each target's host) with the system's CAs or tls_ca_file.
+    tls: bool = False
+    tls_ca_file: str | None = None
+    tls_server_name: str | None = None
+    # Derived at load, not a TOML key: the CA file's digest, so that a bundle replaced
+    # under the same path makes a reload build new pools.
+    tls_fingerprint: str = field(init=False, repr=True, compare=True, default="")
 
     def __post_init__(self) -> None:
         if not self.targets:
@@ -252,6 +262,32 @@ class UpstreamConfig:
                     raise Invalid(f"targets[{i}]", str(e)) from None
         if self.pool_max_idle < 0:
             raise Invalid("pool_max_idle", "must not be negative")
+        for key in ("tls_ca_file", "tls_server_name"):
+            if getattr(self, key) is not None and not self.tls:
+                raise Invalid(key, "only used with tls = true")
+        if self.tls_server_name is not None and not self.tls_server_name:
+            raise Invalid("tls_server_name", "must not be empty")
+        if self.tls_ca_file is not None:
+            try:
+                with open(self.tls_ca_file, "rb") as f:
+                    data = f.read()
+            except OSError as e:
+                raise Invalid(
+                    "tls_ca_file", f"cannot read {self.tls_ca_file!r}: {e.strerror or e}"
+                ) from None
+            try:
+                self.ssl_context()
+            except (OSError, ssl.SSLError, ValueError) as e:
+                raise Invalid("tls_ca_file", f"cannot load {self.tls_ca_file!r}: {e}") from None
+            object.__setattr__(self, "tls_fingerprint", hashlib.sha256(data).hexdigest()[:16])
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context of connections to the targets; ``None`` without ``tls``."""
+        if not self.tls:
+            return None
+        context = ssl.create_default_context(cafile=self.tls_ca_file)
+        context.set_alpn_protocols(["http/1.1"])
+        return context
 
     @property
     def target_list(self) -> list[TargetConfig]:

@@ -439,9 +439,15 @@ def build_services() -> dict[str, StubService]:
     }
 
 
-def _hypercorn_config(host: str, port: int) -> HypercornConfig:
+#: A PEM certificate chain and its key: serve HTTPS (tests of TLS to upstreams).
+TlsFiles = tuple[str, str]
+
+
+def _hypercorn_config(host: str, port: int, tls: TlsFiles | None = None) -> HypercornConfig:
     config = HypercornConfig()
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    if tls is not None:
+        config.certfile, config.keyfile = tls
     config.accesslog = None
     # Quiet by default: hypercorn logs "Running on ..." at INFO; main() prints the ports.
     config.loglevel = "WARNING"
@@ -454,18 +460,20 @@ async def _serve_one(
     app: StubService,
     host: str,
     port: int,
+    tls: TlsFiles | None = None,
     *,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     async def started_binds(*, task_status: trio.TaskStatus[list[str]]) -> None:
         # cast: hypercorn types its apps with its own TypedDict scopes and events.
         await hypercorn_serve(
-            cast(Any, app), _hypercorn_config(host, port), task_status=task_status
+            cast(Any, app), _hypercorn_config(host, port, tls), task_status=task_status
         )
 
     async with trio.open_nursery() as nursery:
         binds: list[str] = await nursery.start(started_binds)
-        # hypercorn reports binds as "http://127.0.0.1:54321" (IPv6 as "http://[::1]:p").
+        # hypercorn reports binds as "http://127.0.0.1:54321" (IPv6 as "http://[::1]:p",
+        # TLS as "https://...").
         task_status.started(int(binds[0].rsplit(":", 1)[1]))
 
 
@@ -474,6 +482,7 @@ async def serve_stubs(
     ports: Mapping[str, int] = STUB_PORTS,
     *,
     services: Mapping[str, StubService] | None = None,
+    tls: TlsFiles | None = None,
     task_status: trio.TaskStatus[dict[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the stub services named in ``ports`` until cancelled.
@@ -481,6 +490,7 @@ async def serve_stubs(
     A port of 0 picks a free one. Once every service listens, ``task_status.started``
     gets the actual port of each by name. ``services`` supplies the app instances (so a
     caller can read their counters); by default fresh ones from :func:`build_services`.
+    ``tls`` (certificate chain and key files) serves them over HTTPS.
     Raises KeyError for an unknown service name and OSError when a port is taken.
     """
     apps = dict(services) if services is not None else build_services()
@@ -490,7 +500,7 @@ async def serve_stubs(
     async with trio.open_nursery() as nursery:
         bound: dict[str, int] = {}
         for name, port in ports.items():
-            bound[name] = await nursery.start(_serve_one, apps[name], host, port)
+            bound[name] = await nursery.start(_serve_one, apps[name], host, port, tls)
         task_status.started(bound)
 
 
@@ -524,15 +534,20 @@ class Stubs:
 
 @asynccontextmanager
 async def open_stubs(
-    host: str = "127.0.0.1", names: Iterable[str] | None = None
+    host: str = "127.0.0.1", names: Iterable[str] | None = None, tls: TlsFiles | None = None
 ) -> AsyncIterator[Stubs]:
-    """Serve the stub services (all, or those in ``names``) on free ports while open."""
+    """Serve the stub services (all, or those in ``names``) on free ports while open;
+    over HTTPS with ``tls`` (certificate chain and key files)."""
     services = build_services()
     wanted = list(STUB_PORTS) if names is None else list(names)
     async with trio.open_nursery() as nursery:
         ports = await nursery.start(
             lambda task_status: serve_stubs(
-                host, dict.fromkeys(wanted, 0), services=services, task_status=task_status
+                host,
+                dict.fromkeys(wanted, 0),
+                services=services,
+                tls=tls,
+                task_status=task_status,
             )
         )
         try:

@@ -30,6 +30,7 @@ import random
 import re
 import select
 import socket
+import ssl
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -48,7 +49,7 @@ from engine.errors import (
 )
 from engine.exchange import BodyStream, Headers, Response, UpstreamCall
 from engine.metrics import counter, gauge
-from engine.sockets import RESOURCE_ERRORS, RawSocket
+from engine.sockets import RESOURCE_ERRORS, RawSocket, StreamSocket
 from engine.wire import BodyReader, ChunkedReader, Http10Reader, ProtocolError, Reader
 
 __all__ = ["Pool", "Target", "UpstreamBodyError"]
@@ -85,7 +86,7 @@ MAX_RESPONSE_HEAD = 64 * 1024
 class _Conn:
     __slots__ = ("idle_since", "io", "reused", "target", "wire")
 
-    def __init__(self, io: RawSocket, target: Target) -> None:
+    def __init__(self, io: RawSocket | StreamSocket, target: Target) -> None:
         self.io = io
         # Empty whenever the connection is idle: it is pooled only when a response
         # ended exactly where its framing said.
@@ -129,6 +130,33 @@ async def open_connection(host: str, port: int, deadline: float) -> RawSocket:
     return RawSocket(sock)
 
 
+async def start_tls(
+    io: RawSocket, context: ssl.SSLContext, server_name: str, deadline: float
+) -> StreamSocket:
+    """``io`` with TLS on it, the handshake done and the certificate checked against
+    ``server_name`` by ``deadline``. Raises ``trio.TooSlowError``, or ``OSError`` saying
+    why the handshake failed (the socket is closed then)."""
+    sock = io.sock
+    tls = trio.SSLStream(
+        trio.SocketStream(trio.socket.from_stdlib_socket(sock)),
+        context,
+        server_hostname=server_name,
+    )
+    try:
+        with trio.CancelScope(deadline=deadline) as scope:
+            await tls.do_handshake()
+        if scope.cancelled_caught:
+            raise trio.TooSlowError
+    except trio.BrokenResourceError as e:
+        sock.close()
+        # trio's error says nothing itself; its cause (a certificate error, say) does.
+        raise OSError(f"TLS handshake with {server_name}: {e.__cause__ or e}") from None
+    except BaseException:
+        sock.close()
+        raise
+    return StreamSocket(tls, sock)
+
+
 class Target:
     """One ``host:port`` of an upstream, with its idle connections and health."""
 
@@ -163,6 +191,7 @@ class Pool:
         self._rr = 0
         self.closed = False
         self._host_header = config.host_header.encode() if config.host_header else None
+        self._tls = config.ssl_context()
         self._count = {
             r: _requests.bind(upstream=name, result=r)
             for r in ("response", "timeout", "garbage", "reset")
@@ -216,8 +245,16 @@ class Pool:
     # -- connections -----------------------------------------------------------------
 
     async def _connect(self, target: Target, limit: float) -> _Conn:
-        io = await open_connection(target.host, target.port, trio.current_time() + limit)
-        return _Conn(io, target)
+        deadline = trio.current_time() + limit
+        io = await open_connection(target.host, target.port, deadline)
+        if self._tls is None:
+            return _Conn(io, target)
+        name = self.config.tls_server_name or target.host
+        try:
+            return _Conn(await start_tls(io, self._tls, name, deadline), target)
+        except OSError as e:
+            log.warning("upstream %s: target %s: %s", self.name, target.address, e)
+            raise
 
     def _checkout_idle(self, target: Target, now: float) -> _Conn | None:
         idle = target.idle
@@ -434,10 +471,13 @@ class Pool:
                     data += body
                     # What the kernel takes at once goes out here, as send_all would;
                     # a rest is sent while the upstream is watched for an early answer.
-                    try:
-                        sent = io.sock.send(data)
-                    except BlockingIOError:
-                        sent = 0
+                    # (Over TLS the sender sends it all: records are not split here.)
+                    sent = 0
+                    if type(io) is RawSocket:
+                        try:
+                            sent = io.sock.send(data)
+                        except BlockingIOError:
+                            pass
                     if sent < len(data):
                         sender = _BodySender(io, data[sent:], None, False, None, wt, deadline)
                 else:
@@ -623,8 +663,12 @@ class Pool:
         ok = False
         try:
             with trio.fail_after(hc.timeout):
-                stream = await trio.open_tcp_stream(target.host, target.port)
+                tcp = await trio.open_tcp_stream(target.host, target.port)
+                stream: trio.abc.Stream = tcp
                 try:
+                    if self._tls is not None:
+                        name = self.config.tls_server_name or target.host
+                        stream = trio.SSLStream(tcp, self._tls, server_hostname=name)
                     h = h11.Connection(h11.CLIENT)
                     host = (self.config.host_header or target.address).encode()
                     req = h11.Request(
@@ -636,7 +680,7 @@ class Pool:
                     while True:
                         ev = h.next_event()
                         if ev is h11.NEED_DATA:
-                            h.receive_data(await stream.receive_some(READ_SIZE))
+                            h.receive_data(bytes(await stream.receive_some(READ_SIZE)))
                             continue
                         if type(ev) is h11.Response:
                             ok = ev.status_code in hc.expected_statuses
@@ -645,7 +689,7 @@ class Pool:
                             continue
                         break
                 finally:
-                    stream.socket.close()
+                    tcp.socket.close()
         except (trio.TooSlowError, OSError, h11.ProtocolError, trio.BrokenResourceError):
             ok = False
         self._record_probe(target, ok)
@@ -738,7 +782,7 @@ class _BodySender:
 
     def __init__(
         self,
-        io: RawSocket,
+        io: RawSocket | StreamSocket,
         data: bytes,
         body: BodyStream | None,
         chunked: bool,
