@@ -26,6 +26,7 @@ import errno
 import logging
 import math
 import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 
@@ -38,6 +39,7 @@ __all__ = [
     "RawSocket",
     "StreamSocket",
     "Timers",
+    "TlsSocket",
     "accept_backoff",
 ]
 
@@ -242,8 +244,109 @@ class RawSocket:
         self.sock.close()
 
 
+class TlsSocket:
+    """The :class:`RawSocket` interface with TLS, done here on :class:`ssl.SSLObject`
+    memory buffers over a :class:`RawSocket` (the gateway's side of an upstream
+    connection).
+
+    Unlike trio's ``SSLStream``, reading and writing are independent: a write cut short
+    (the upstream answered early, a timeout) leaves the reading whole, so the answer
+    can still be read. And what TLS holds but has not returned yet is visible
+    (:meth:`holds_data`), so a pooled connection with bytes after its response is never
+    reused. A close without TLS's close_notify reads as EOF, as Python's own TLS
+    sockets do by default: HTTP framing, not TLS, decides whether a message was whole.
+    """
+
+    __slots__ = ("_in", "_out", "raw", "tls")
+
+    def __init__(self, raw: RawSocket, context: ssl.SSLContext, server_name: str) -> None:
+        self.raw = raw
+        self._in = ssl.MemoryBIO()
+        self._out = ssl.MemoryBIO()
+        self.tls = context.wrap_bio(self._in, self._out, server_hostname=server_name)
+
+    async def handshake(self, deadline: float) -> None:
+        """Run the TLS handshake by ``deadline``; raises ``ssl.SSLError`` (certificate
+        errors included), ``OSError`` or ``trio.TooSlowError``."""
+        while True:
+            try:
+                self.tls.do_handshake()
+            except ssl.SSLWantReadError:
+                await self._flush(_INF, deadline)
+                data = await self.raw.recv_until(deadline)
+                if not data:
+                    raise OSError(
+                        "the server closed the connection during the TLS handshake"
+                    ) from None
+                self._in.write(data)
+                continue
+            await self._flush(_INF, deadline)
+            return
+
+    async def _flush(self, max_wait: float, deadline: float) -> None:
+        data = self._out.read()
+        if data:
+            await self.raw.send_all(data, max_wait, deadline)
+
+    def fileno(self) -> int:
+        return self.raw.fileno()
+
+    def holds_data(self) -> bool:
+        """Whether TLS holds bytes not read yet (decrypted, or still encrypted)."""
+        return self._in.pending > 0 or self.tls.pending() > 0
+
+    def _plain(self) -> bytes | None:
+        """What TLS can return now; ``b""`` at EOF; ``None`` when it needs more input."""
+        try:
+            return self.tls.read(READ_SIZE)
+        except ssl.SSLWantReadError:
+            return None
+        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+            return b""
+
+    def _feed(self, data: bytes) -> None:
+        if data:
+            self._in.write(data)
+        else:
+            self._in.write_eof()
+
+    def recv_nowait(self) -> bytes | None:
+        while True:
+            plain = self._plain()
+            if plain is not None:
+                return plain
+            data = self.raw.recv_nowait()
+            if data is None:
+                return None
+            self._feed(data)
+
+    async def recv(self, max_wait: float, deadline: float = _INF) -> bytes:
+        plain = self.recv_nowait()
+        if plain is not None:
+            return plain
+        return await self.recv_until(min(deadline, trio.current_time() + max_wait))
+
+    async def recv_until(self, deadline: float) -> bytes:
+        while True:
+            plain = self._plain()
+            if plain is not None:
+                return plain
+            self._feed(await self.raw.recv_until(deadline))
+
+    async def send_all(self, data: bytes, max_wait: float, deadline: float = _INF) -> None:
+        # Whatever TLS queued besides (a reply to a key update read meanwhile) goes first.
+        self.tls.write(data)
+        await self._flush(max_wait, deadline)
+
+    def expire(self) -> None:
+        self.raw.expire()
+
+    def close(self) -> None:
+        self.raw.close()
+
+
 class StreamSocket:
-    """The :class:`RawSocket` interface over a trio stream (used for TLS)."""
+    """The :class:`RawSocket` interface over a trio stream (used for TLS clients)."""
 
     __slots__ = ("_scope", "raw", "stream")
 

@@ -49,7 +49,7 @@ from engine.errors import (
 )
 from engine.exchange import BodyStream, Headers, Response, UpstreamCall
 from engine.metrics import counter, gauge
-from engine.sockets import RESOURCE_ERRORS, RawSocket, StreamSocket
+from engine.sockets import RESOURCE_ERRORS, RawSocket, TlsSocket
 from engine.wire import BodyReader, ChunkedReader, Http10Reader, ProtocolError, Reader
 
 __all__ = ["Pool", "Target", "UpstreamBodyError"]
@@ -86,7 +86,7 @@ MAX_RESPONSE_HEAD = 64 * 1024
 class _Conn:
     __slots__ = ("idle_since", "io", "reused", "target", "wire")
 
-    def __init__(self, io: RawSocket | StreamSocket, target: Target) -> None:
+    def __init__(self, io: RawSocket | TlsSocket, target: Target) -> None:
         self.io = io
         # Empty whenever the connection is idle: it is pooled only when a response
         # ended exactly where its framing said.
@@ -98,6 +98,10 @@ class _Conn:
     def looks_dead(self) -> bool:
         # An idle connection with readable bytes is closed (EOF) or broken (garbage):
         # one zero-timeout poll, as urllib3 does, saves a request from a stale socket.
+        # Over TLS, bytes may also wait inside TLS itself, where the poll cannot see them.
+        io = self.io
+        if type(io) is TlsSocket and io.holds_data():
+            return True
         try:
             readable, _, _ = select.select([self.io.fileno()], [], [], 0)
         except (OSError, ValueError):
@@ -132,29 +136,20 @@ async def open_connection(host: str, port: int, deadline: float) -> RawSocket:
 
 async def start_tls(
     io: RawSocket, context: ssl.SSLContext, server_name: str, deadline: float
-) -> StreamSocket:
+) -> TlsSocket:
     """``io`` with TLS on it, the handshake done and the certificate checked against
     ``server_name`` by ``deadline``. Raises ``trio.TooSlowError``, or ``OSError`` saying
     why the handshake failed (the socket is closed then)."""
-    sock = io.sock
-    tls = trio.SSLStream(
-        trio.SocketStream(trio.socket.from_stdlib_socket(sock)),
-        context,
-        server_hostname=server_name,
-    )
+    tls = TlsSocket(io, context, server_name)
     try:
-        with trio.CancelScope(deadline=deadline) as scope:
-            await tls.do_handshake()
-        if scope.cancelled_caught:
-            raise trio.TooSlowError
-    except trio.BrokenResourceError as e:
-        sock.close()
-        # trio's error says nothing itself; its cause (a certificate error, say) does.
-        raise OSError(f"TLS handshake with {server_name}: {e.__cause__ or e}") from None
+        await tls.handshake(deadline)
+    except OSError as e:
+        io.close()
+        raise OSError(f"TLS handshake with {server_name}: {e}") from None
     except BaseException:
-        sock.close()
+        io.close()
         raise
-    return StreamSocket(tls, sock)
+    return tls
 
 
 class Target:
@@ -782,7 +777,7 @@ class _BodySender:
 
     def __init__(
         self,
-        io: RawSocket | StreamSocket,
+        io: RawSocket | TlsSocket,
         data: bytes,
         body: BodyStream | None,
         chunked: bool,

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import trustme
 
 from engine.config import UpstreamConfig
 from engine.schema import Invalid
-from engine.sockets import StreamSocket
+from engine.sockets import TlsSocket
 from engine.stubs import Stubs, open_stubs
 from engine.testing import RunningGateway, http_request, open_gateway
 
@@ -72,7 +73,7 @@ async def test_requests_go_over_tls_on_one_kept_alive_connection(tmp_path: Path)
             # Three calls, one connection: it went back to the pool each time.
             idle = idle_connections(gw)
             assert len(idle) == 1
-            assert isinstance(idle[0].io, StreamSocket)
+            assert isinstance(idle[0].io, TlsSocket)
 
 
 async def test_a_certificate_the_ca_did_not_sign_is_a_502(
@@ -142,3 +143,157 @@ def test_tls_config_errors(tmp_path: Path) -> None:
     before = UpstreamConfig(targets=target, tls=True, tls_ca_file=str(path))  # type: ignore[arg-type]
     ca_file(tmp_path, trustme.CA())
     assert before != UpstreamConfig(targets=target, tls=True, tls_ca_file=str(path))  # type: ignore[arg-type]
+
+
+# -- misbehaving TLS upstreams: a raw server of the test's own -------------------------
+
+
+Handler = Callable[[trio.SSLStream[trio.SocketStream], trio.SocketStream, int], Awaitable[None]]
+
+
+@asynccontextmanager
+async def raw_tls_upstream(cert: trustme.LeafCert, handler: Handler) -> AsyncIterator[int]:
+    """A TLS server on a free port running ``handler(tls, tcp, n)`` for its n-th
+    connection (from 1); yields the port."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(context)
+    count = 0
+
+    async def one(tcp: trio.SocketStream) -> None:
+        nonlocal count
+        count += 1
+        try:
+            await handler(trio.SSLStream(tcp, context, server_side=True), tcp, count)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        finally:
+            tcp.socket.close()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(trio.serve_tcp, one, 0)
+        yield listeners[0].socket.getsockname()[1]
+        nursery.cancel_scope.cancel()
+
+
+async def read_head(stream: trio.abc.ReceiveStream) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = await stream.receive_some(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def raw_config(port: int, ca: Path, **server: Any) -> dict[str, Any]:
+    upstream = {"targets": [f"127.0.0.1:{port}"], "tls": True, "tls_ca_file": str(ca)}
+    return {
+        "server": server,
+        "upstreams": {"secure": {**upstream, "read_timeout": "5s"}},
+        "routes": [{"name": "r", "prefix": "/", "upstream": "secure"}],
+    }
+
+
+async def test_bytes_after_a_response_inside_tls_are_never_the_next_answer(
+    tmp_path: Path,
+) -> None:
+    """A second TLS record after the response, in the same TCP segment: TLS holds it
+    where a poll of the socket cannot see it. The connection must not be reused, or the
+    next call would get the forged answer."""
+    ca = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+
+    async def handler(_tls: Any, tcp: trio.SocketStream, n: int) -> None:
+        # TLS done here on memory buffers, to put two records in one TCP write.
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        obj = context.wrap_bio(incoming, outgoing, server_side=True)
+        while True:
+            try:
+                obj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                await tcp.send_all(outgoing.read())
+                incoming.write(await tcp.receive_some(65536))
+        await tcp.send_all(outgoing.read())
+        while True:
+            try:
+                if b"\r\n\r\n" in obj.read(65536):
+                    break
+            except ssl.SSLWantReadError:
+                incoming.write(await tcp.receive_some(65536))
+        obj.write(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nconn%d" % n)
+        obj.write(b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nforged")
+        await tcp.send_all(outgoing.read())
+        await trio.sleep(30)
+
+    with trio.fail_after(20):
+        async with (
+            raw_tls_upstream(ca.issue_cert("127.0.0.1"), handler) as port,
+            open_gateway(raw_config(port, ca_file(tmp_path, ca))) as gw,
+        ):
+            first = await http_request(gw.port, "GET", "/one")
+            await trio.sleep(0.1)  # the forged record is in by now
+            second = await http_request(gw.port, "GET", "/two")
+    assert (first.status, first.body) == (200, b"conn1")
+    assert (second.status, second.body) == (200, b"conn2")
+
+
+async def test_an_early_answer_over_tls_reaches_the_client(tmp_path: Path) -> None:
+    """The upstream answers 413 while the request body is still being sent, and never
+    reads it: the cut write must leave the answer readable, body included."""
+    ca = trustme.CA()
+    answer = b'{"error":"too large"}'
+
+    async def handler(tls: Any, _tcp: trio.SocketStream, _n: int) -> None:
+        await read_head(tls)
+        head = b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: %d\r\n\r\n" % len(answer)
+        await tls.send_all(head)
+        await trio.sleep(0.3)
+        await tls.send_all(answer)
+        await trio.sleep(30)
+
+    with trio.fail_after(30):
+        async with (
+            raw_tls_upstream(ca.issue_cert("127.0.0.1"), handler) as port,
+            open_gateway(raw_config(port, ca_file(tmp_path, ca), max_body_size="64MiB")) as gw,
+        ):
+            resp = await http_request(gw.port, "POST", "/upload", body=b"x" * 30_000_000)
+    assert (resp.status, resp.body) == (413, answer)
+
+
+@pytest.mark.parametrize(("method", "status"), [("GET", 200), ("POST", 502)])
+async def test_a_reused_tls_connection_closed_without_close_notify(
+    tmp_path: Path, method: str, status: int
+) -> None:
+    """The server reads the second request and drops the TCP connection without TLS's
+    close_notify: as over plain TCP, a GET goes again on a new connection, a POST (it
+    may have been acted on) gets 502 upstream_reset."""
+    ca = trustme.CA()
+    methods: list[bytes] = []
+
+    async def handler(tls: Any, tcp: trio.SocketStream, n: int) -> None:
+        while True:
+            head = await read_head(tls)
+            if not head:
+                return
+            methods.append(head.split(b" ", 1)[0])
+            if n == 1 and len(methods) == 2:
+                tcp.socket.close()  # no close_notify, no answer
+                return
+            await tls.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nconn%d" % n)
+
+    with trio.fail_after(20):
+        async with (
+            raw_tls_upstream(ca.issue_cert("127.0.0.1"), handler) as port,
+            open_gateway(raw_config(port, ca_file(tmp_path, ca))) as gw,
+        ):
+            assert (await http_request(gw.port, "GET", "/")).body == b"conn1"
+            resp = await http_request(gw.port, method, "/", body=b"x" if method == "POST" else None)
+    assert resp.status == status
+    if status == 200:
+        assert resp.body == b"conn2"
+        assert methods == [b"GET", b"GET", b"GET"]
+    else:
+        assert resp.json()["error"]["code"] == "upstream_reset"
+        assert methods == [b"GET", b"POST"]  # sent once, never replayed
