@@ -288,7 +288,8 @@ class Pool:
     def _eject(self, target: Target, now: float) -> None:
         target.ejected_until = now + self.config.eject_cooldown
         log.warning(
-            "upstream %s: target %s refused a connection; ejected for %gs",
+            # Refused, timed out, or (with tls) a failed handshake, logged before this.
+            "upstream %s: target %s could not be connected to; ejected for %gs",
             self.name,
             target.address,
             self.config.eject_cooldown,
