@@ -9,9 +9,11 @@ the key path in its error. Each default says why it is what it is. Cross-referen
 from __future__ import annotations
 
 import hashlib
+import hmac
 import ipaddress
 import os
 import re
+import secrets
 import ssl
 import tomllib
 from dataclasses import dataclass, field
@@ -19,6 +21,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from engine.schema import ByteSize, ConfigError, Duration, Invalid, build
+
+# Keys UpstreamConfig.tls_fingerprint: a config's repr must reveal nothing of a key file.
+_TLS_SALT = secrets.token_bytes(32)
 
 __all__ = [
     "AdminConfig",
@@ -247,8 +252,12 @@ class UpstreamConfig:
     tls: bool = False
     tls_ca_file: str | None = None
     tls_server_name: str | None = None
-    # Derived at load, not a TOML key: the CA file's digest, so that a bundle replaced
-    # under the same path makes a reload build new pools.
+    # A client certificate for targets that ask for one (mutual TLS).
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    # Derived at load, not a TOML key: the TLS files' salted digest, so that a file
+    # replaced under the same path makes a reload build new pools (and printing a
+    # config shows nothing of a key).
     tls_fingerprint: str = field(init=False, repr=True, compare=True, default="")
 
     def __post_init__(self) -> None:
@@ -262,24 +271,31 @@ class UpstreamConfig:
                     raise Invalid(f"targets[{i}]", str(e)) from None
         if self.pool_max_idle < 0:
             raise Invalid("pool_max_idle", "must not be negative")
-        for key in ("tls_ca_file", "tls_server_name"):
+        files = ("tls_ca_file", "tls_cert_file", "tls_key_file")
+        for key in ("tls_server_name", *files):
             if getattr(self, key) is not None and not self.tls:
                 raise Invalid(key, "only used with tls = true")
         if self.tls_server_name is not None and not self.tls_server_name:
             raise Invalid("tls_server_name", "must not be empty")
-        if self.tls_ca_file is not None:
+        if self.tls_key_file is not None and self.tls_cert_file is None:
+            raise Invalid("tls_key_file", "set tls_cert_file too (the key is its certificate's)")
+        digest = hmac.new(_TLS_SALT, digestmod=hashlib.sha256)
+        for key in files:
+            path = getattr(self, key)
+            if path is None:
+                continue
             try:
-                with open(self.tls_ca_file, "rb") as f:
-                    data = f.read()
+                with open(path, "rb") as f:
+                    digest.update(f.read())
             except OSError as e:
-                raise Invalid(
-                    "tls_ca_file", f"cannot read {self.tls_ca_file!r}: {e.strerror or e}"
-                ) from None
+                raise Invalid(key, f"cannot read {path!r}: {e.strerror or e}") from None
+        if self.tls:
             try:
                 self.ssl_context()
             except (OSError, ssl.SSLError, ValueError) as e:
-                raise Invalid("tls_ca_file", f"cannot load {self.tls_ca_file!r}: {e}") from None
-            object.__setattr__(self, "tls_fingerprint", hashlib.sha256(data).hexdigest()[:16])
+                key = "tls_ca_file" if self.tls_cert_file is None else "tls_cert_file"
+                raise Invalid(key, f"cannot load the TLS files: {e}") from None
+            object.__setattr__(self, "tls_fingerprint", digest.hexdigest()[:16])
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """The TLS context of connections to the targets; ``None`` without ``tls``."""
@@ -287,6 +303,8 @@ class UpstreamConfig:
             return None
         context = ssl.create_default_context(cafile=self.tls_ca_file)
         context.set_alpn_protocols(["http/1.1"])
+        if self.tls_cert_file is not None:
+            context.load_cert_chain(self.tls_cert_file, self.tls_key_file)
         return context
 
     @property

@@ -39,6 +39,7 @@ import json
 import math
 import random
 import signal
+import ssl
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
@@ -57,6 +58,7 @@ __all__ = [
     "FlakyService",
     "OrdersService",
     "SlowService",
+    "StubTls",
     "Stubs",
     "UsersService",
     "build_services",
@@ -439,15 +441,24 @@ def build_services() -> dict[str, StubService]:
     }
 
 
-#: A PEM certificate chain and its key: serve HTTPS (tests of TLS to upstreams).
-TlsFiles = tuple[str, str]
+@dataclass(frozen=True)
+class StubTls:
+    """Serve HTTPS (tests of TLS to upstreams): a PEM certificate chain and its key,
+    and with ``client_ca_file`` ask every client for a certificate of that CA."""
+
+    cert_file: str
+    key_file: str
+    client_ca_file: str | None = None
 
 
-def _hypercorn_config(host: str, port: int, tls: TlsFiles | None = None) -> HypercornConfig:
+def _hypercorn_config(host: str, port: int, tls: StubTls | None = None) -> HypercornConfig:
     config = HypercornConfig()
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     if tls is not None:
-        config.certfile, config.keyfile = tls
+        config.certfile, config.keyfile = tls.cert_file, tls.key_file
+        if tls.client_ca_file is not None:
+            config.ca_certs = tls.client_ca_file
+            config.verify_mode = ssl.CERT_REQUIRED
     config.accesslog = None
     # Quiet by default: hypercorn logs "Running on ..." at INFO; main() prints the ports.
     config.loglevel = "WARNING"
@@ -460,7 +471,7 @@ async def _serve_one(
     app: StubService,
     host: str,
     port: int,
-    tls: TlsFiles | None = None,
+    tls: StubTls | None = None,
     *,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -482,7 +493,7 @@ async def serve_stubs(
     ports: Mapping[str, int] = STUB_PORTS,
     *,
     services: Mapping[str, StubService] | None = None,
-    tls: TlsFiles | None = None,
+    tls: StubTls | None = None,
     task_status: trio.TaskStatus[dict[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the stub services named in ``ports`` until cancelled.
@@ -490,7 +501,7 @@ async def serve_stubs(
     A port of 0 picks a free one. Once every service listens, ``task_status.started``
     gets the actual port of each by name. ``services`` supplies the app instances (so a
     caller can read their counters); by default fresh ones from :func:`build_services`.
-    ``tls`` (certificate chain and key files) serves them over HTTPS.
+    ``tls`` serves them over HTTPS (:class:`StubTls`).
     Raises KeyError for an unknown service name and OSError when a port is taken.
     """
     apps = dict(services) if services is not None else build_services()
@@ -534,10 +545,10 @@ class Stubs:
 
 @asynccontextmanager
 async def open_stubs(
-    host: str = "127.0.0.1", names: Iterable[str] | None = None, tls: TlsFiles | None = None
+    host: str = "127.0.0.1", names: Iterable[str] | None = None, tls: StubTls | None = None
 ) -> AsyncIterator[Stubs]:
     """Serve the stub services (all, or those in ``names``) on free ports while open;
-    over HTTPS with ``tls`` (certificate chain and key files)."""
+    over HTTPS with ``tls`` (:class:`StubTls`)."""
     services = build_services()
     wanted = list(STUB_PORTS) if names is None else list(names)
     async with trio.open_nursery() as nursery:

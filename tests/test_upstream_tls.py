@@ -18,18 +18,22 @@ import trustme
 from engine.config import UpstreamConfig
 from engine.schema import Invalid
 from engine.sockets import TlsSocket
-from engine.stubs import Stubs, open_stubs
+from engine.stubs import Stubs, StubTls, open_stubs
 from engine.testing import RunningGateway, http_request, open_gateway
 
 
 @asynccontextmanager
-async def https_echo(tmp_path: Path, ca: trustme.CA, *names: str) -> AsyncIterator[Stubs]:
-    """The echo stub over HTTPS, its certificate for ``names`` issued by ``ca``."""
+async def https_echo(
+    tmp_path: Path, ca: trustme.CA, *names: str, client_ca: Path | None = None
+) -> AsyncIterator[Stubs]:
+    """The echo stub over HTTPS, its certificate for ``names`` issued by ``ca``; with
+    ``client_ca``, it asks clients for a certificate of that CA."""
     cert = ca.issue_cert(*names)
     chain, key = tmp_path / "stub.pem", tmp_path / "stub.key"
     cert.private_key_and_cert_chain_pem.write_to_path(str(chain))
     cert.private_key_pem.write_to_path(str(key))
-    async with open_stubs(names=["echo"], tls=(str(chain), str(key))) as stubs:
+    tls = StubTls(str(chain), str(key), str(client_ca) if client_ca else None)
+    async with open_stubs(names=["echo"], tls=tls) as stubs:
         yield stubs
 
 
@@ -106,6 +110,21 @@ async def test_the_certificate_is_checked_against_tls_server_name(tmp_path: Path
                 assert json.loads(resp.body)["path"] == "/"
 
 
+async def test_a_client_certificate_for_targets_that_ask(tmp_path: Path) -> None:
+    """Mutual TLS: the targets accept only clients with a certificate of their CA."""
+    ca = trustme.CA()
+    client = ca.issue_cert("filtergate.gateway")
+    client.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "client.pem"))
+    ca_path = ca_file(tmp_path, ca)
+    with trio.fail_after(20):
+        async with https_echo(tmp_path, ca, "127.0.0.1", client_ca=ca_path) as stubs:
+            with_cert = config(stubs, ca_path, tls_cert_file=str(tmp_path / "client.pem"))
+            async with open_gateway(with_cert) as gw:
+                assert (await http_request(gw.port, "GET", "/")).status == 200
+            async with open_gateway(config(stubs, ca_path)) as gw:
+                assert (await http_request(gw.port, "GET", "/")).status == 502
+
+
 async def test_health_checks_speak_tls_too(tmp_path: Path) -> None:
     ca = trustme.CA()
     with trio.fail_after(20):
@@ -138,6 +157,12 @@ def test_tls_config_errors(tmp_path: Path) -> None:
         UpstreamConfig(targets=target, tls=True, tls_ca_file=str(tmp_path / "junk.pem"))  # type: ignore[arg-type]
     assert info.value.key == "tls_ca_file"
     assert "cannot load" in info.value.message
+    with pytest.raises(Invalid) as info:
+        UpstreamConfig(targets=target, tls=True, tls_key_file=str(tmp_path / "junk.pem"))  # type: ignore[arg-type]
+    assert info.value.key == "tls_key_file"
+    with pytest.raises(Invalid) as info:
+        UpstreamConfig(targets=target, tls=True, tls_cert_file=str(tmp_path / "junk.pem"))  # type: ignore[arg-type]
+    assert (info.value.key, "cannot load" in info.value.message) == ("tls_cert_file", True)
     # A bundle replaced under the same path is a new config: a reload builds new pools.
     path = ca_file(tmp_path, trustme.CA())
     before = UpstreamConfig(targets=target, tls=True, tls_ca_file=str(path))  # type: ignore[arg-type]
