@@ -90,6 +90,15 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"    chain: {steps}")
         else:
             print("    chain: (no filters)")
+    for name, pool in runtime.pools.items():
+        uc = pool.config
+        count = len(uc.targets)
+        tls = ""
+        if uc.tls:
+            checked = f" as {uc.tls_server_name}" if uc.tls_server_name else ""
+            client = ", client certificate" if uc.tls_cert_file else ""
+            tls = f", tls (verified{checked}{client})"
+        print(f"  upstream {name}: {count} target{'s' * (count != 1)}, {uc.balance}{tls}")
     return 0
 
 

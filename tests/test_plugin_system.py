@@ -517,6 +517,7 @@ def test_check_prints_the_effective_chain_of_every_route(site: Path, tmp_path: P
         "chain: tagger [edge] -> probe [limit]",
     ]
     assert "  route plain: ANY */plain* -> echo" in lines
+    assert lines[-1] == "  upstream echo: 1 target, round_robin"
 
 
 # Start-up covers every case; the CLI (a subprocess each) the kinds of mistake.

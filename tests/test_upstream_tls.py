@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import tomli_w
 import trio
 import trustme
 
+from engine import cli
 from engine.config import UpstreamConfig
 from engine.schema import Invalid
 from engine.sockets import TlsSocket
@@ -141,6 +143,32 @@ async def test_health_checks_speak_tls_too(tmp_path: Path) -> None:
                 assert target.hc_successes >= 2
                 assert target.healthy
                 assert target.hc_failures == 0
+
+
+def test_check_shows_tls_upstreams(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ca = ca_file(tmp_path, trustme.CA())
+    client = tmp_path / "client.pem"
+    trustme.CA().issue_cert("gw").private_key_and_cert_chain_pem.write_to_path(str(client))
+    upstreams = {
+        "plain": {"targets": ["127.0.0.1:1", "127.0.0.1:2"]},
+        "secure": {
+            "targets": ["127.0.0.1:3"],
+            "tls": True,
+            "tls_ca_file": str(ca),
+            "tls_server_name": "orders.internal",
+            "tls_cert_file": str(client),
+        },
+    }
+    routes = [{"name": "r", "prefix": "/", "upstream": "secure"}]
+    path = tmp_path / "gateway.toml"
+    path.write_text(tomli_w.dumps({"upstreams": upstreams, "routes": routes}))
+    assert cli.main(["check", "-c", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-2:] == [
+        "  upstream plain: 2 targets, round_robin",
+        "  upstream secure: 1 target, round_robin, tls (verified as orders.internal, "
+        "client certificate)",
+    ]
 
 
 def test_tls_config_errors(tmp_path: Path) -> None:
