@@ -38,6 +38,7 @@ __all__ = [
     "UpstreamConfig",
     "load",
     "load_file",
+    "no_password",
     "parse_address",
 ]
 
@@ -275,8 +276,11 @@ class UpstreamConfig:
         for key in ("tls_server_name", *files):
             if getattr(self, key) is not None and not self.tls:
                 raise Invalid(key, "only used with tls = true")
-        if self.tls_server_name is not None and not self.tls_server_name:
-            raise Invalid("tls_server_name", "must not be empty")
+        if self.tls_server_name is not None:
+            try:
+                self.tls_server_name.encode("idna")
+            except UnicodeError:
+                raise Invalid("tls_server_name", "not a host name TLS can send") from None
         if self.tls_key_file is not None and self.tls_cert_file is None:
             raise Invalid("tls_key_file", "set tls_cert_file too (the key is its certificate's)")
         digest = hmac.new(_TLS_SALT, digestmod=hashlib.sha256)
@@ -304,12 +308,18 @@ class UpstreamConfig:
         context = ssl.create_default_context(cafile=self.tls_ca_file)
         context.set_alpn_protocols(["http/1.1"])
         if self.tls_cert_file is not None:
-            context.load_cert_chain(self.tls_cert_file, self.tls_key_file)
+            context.load_cert_chain(self.tls_cert_file, self.tls_key_file, password=no_password)
         return context
 
     @property
     def target_list(self) -> list[TargetConfig]:
         return [TargetConfig(t) if isinstance(t, str) else t for t in self.targets]
+
+
+def no_password() -> bytes:
+    """``load_cert_chain``'s password callback: an encrypted key is refused at load, where
+    OpenSSL would otherwise ask for a pass phrase on the terminal (and block a reload)."""
+    raise ValueError("the private key is encrypted; give it unencrypted (file mode 0600)")
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,9 @@ filed, and ends the waits whose deadline passed with ``trio.lowlevel.notify_clos
 the waiting task then raises ``trio.TooSlowError``. Timeouts therefore fire up to one
 tick late, never early.
 
-TLS connections use :class:`StreamSocket`, the same interface over a trio stream, with
-a cancel scope per wait.
+TLS from clients uses :class:`StreamSocket`, the same interface over trio's
+``SSLStream``, with a cancel scope per wait. TLS to upstreams uses :class:`TlsSocket`,
+TLS done on memory buffers over a :class:`RawSocket` (see there why).
 """
 
 from __future__ import annotations
@@ -251,18 +252,25 @@ class TlsSocket:
 
     Unlike trio's ``SSLStream``, reading and writing are independent: a write cut short
     (the upstream answered early, a timeout) leaves the reading whole, so the answer
-    can still be read. And what TLS holds but has not returned yet is visible
+    can still be read. What TLS holds but has not returned yet is visible
     (:meth:`holds_data`), so a pooled connection with bytes after its response is never
     reused. A close without TLS's close_notify reads as EOF, as Python's own TLS
-    sockets do by default: HTTP framing, not TLS, decides whether a message was whole.
+    sockets do by default, and is noted in ``ragged_eof``: HTTP framing decides whether
+    a message was whole, and a body that only the close delimits is not (RFC 9112 9.8).
+
+    One task sends at a time (the lock): a read may make TLS queue bytes of its own
+    (a renegotiation's handshake, a key update), which go out with the next send, or at
+    once from the reading task when no send is under way.
     """
 
-    __slots__ = ("_in", "_out", "raw", "tls")
+    __slots__ = ("_in", "_lock", "_out", "ragged_eof", "raw", "tls")
 
     def __init__(self, raw: RawSocket, context: ssl.SSLContext, server_name: str) -> None:
         self.raw = raw
         self._in = ssl.MemoryBIO()
         self._out = ssl.MemoryBIO()
+        self._lock = trio.Lock()
+        self.ragged_eof = False
         self.tls = context.wrap_bio(self._in, self._out, server_hostname=server_name)
 
     async def handshake(self, deadline: float) -> None:
@@ -284,9 +292,10 @@ class TlsSocket:
             return
 
     async def _flush(self, max_wait: float, deadline: float) -> None:
-        data = self._out.read()
-        if data:
-            await self.raw.send_all(data, max_wait, deadline)
+        """Send everything TLS has queued, the lock held."""
+        async with self._lock:
+            while self._out.pending:
+                await self.raw.send_all(self._out.read(), max_wait, deadline)
 
     def fileno(self) -> int:
         return self.raw.fileno()
@@ -301,7 +310,10 @@ class TlsSocket:
             return self.tls.read(READ_SIZE)
         except ssl.SSLWantReadError:
             return None
-        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+        except ssl.SSLZeroReturnError:
+            return b""
+        except ssl.SSLEOFError:
+            self.ragged_eof = True
             return b""
 
     def _feed(self, data: bytes) -> None:
@@ -315,6 +327,8 @@ class TlsSocket:
             plain = self._plain()
             if plain is not None:
                 return plain
+            if self._out.pending:
+                return None  # TLS has something to say first: the waiting path sends it
             data = self.raw.recv_nowait()
             if data is None:
                 return None
@@ -331,18 +345,30 @@ class TlsSocket:
             plain = self._plain()
             if plain is not None:
                 return plain
+            if self._out.pending and not self._lock.locked():
+                # Reading made TLS queue bytes (a renegotiation asked by the server): the
+                # server waits for them. A send under way sends them when it ends.
+                await self._flush(_INF, deadline)
             self._feed(await self.raw.recv_until(deadline))
 
     async def send_all(self, data: bytes, max_wait: float, deadline: float = _INF) -> None:
-        # Whatever TLS queued besides (a reply to a key update read meanwhile) goes first.
-        self.tls.write(data)
-        await self._flush(max_wait, deadline)
+        # In slices: a large body is encrypted a piece at a time, so neither the loop nor
+        # the memory buffer (which keeps its largest size) holds all of it at once.
+        view = memoryview(data)
+        for start in range(0, len(view), _TLS_SLICE):
+            self.tls.write(view[start : start + _TLS_SLICE])
+            await self._flush(max_wait, deadline)
+        if not view:
+            await self._flush(max_wait, deadline)
 
     def expire(self) -> None:
         self.raw.expire()
 
     def close(self) -> None:
         self.raw.close()
+
+
+_TLS_SLICE = 64 * 1024  # bytes encrypted and sent at a time: four full TLS records
 
 
 class StreamSocket:

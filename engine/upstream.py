@@ -28,7 +28,6 @@ import math
 import os
 import random
 import re
-import select
 import socket
 import ssl
 from collections.abc import AsyncIterator
@@ -97,16 +96,24 @@ class _Conn:
 
     def looks_dead(self) -> bool:
         # An idle connection with readable bytes is closed (EOF) or broken (garbage):
-        # one zero-timeout poll, as urllib3 does, saves a request from a stale socket.
-        # Over TLS, bytes may also wait inside TLS itself, where the poll cannot see them.
+        # one look at the socket, as urllib3 does, saves a request from a stale one. A
+        # peek, not select(), which fails for descriptors past 1023 (a gateway with
+        # thousands of clients has those). Over TLS, bytes may also wait inside TLS
+        # itself, where the socket does not show them.
         io = self.io
-        if type(io) is TlsSocket and io.holds_data():
-            return True
+        if isinstance(io, TlsSocket):
+            if io.holds_data():
+                return True
+            sock = io.raw.sock
+        else:
+            sock = io.sock
         try:
-            readable, _, _ = select.select([self.io.fileno()], [], [], 0)
-        except (OSError, ValueError):
+            sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False  # nothing to read: alive
+        except OSError:
             return True
-        return bool(readable)
+        return True  # EOF, or bytes nobody asked for
 
 
 async def open_connection(host: str, port: int, deadline: float) -> RawSocket:
@@ -140,10 +147,10 @@ async def start_tls(
     """``io`` with TLS on it, the handshake done and the certificate checked against
     ``server_name`` by ``deadline``. Raises ``trio.TooSlowError``, or ``OSError`` saying
     why the handshake failed (the socket is closed then)."""
-    tls = TlsSocket(io, context, server_name)
     try:
+        tls = TlsSocket(io, context, server_name)
         await tls.handshake(deadline)
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: a name TLS cannot send (UnicodeError)
         io.close()
         raise OSError(f"TLS handshake with {server_name}: {e}") from None
     except BaseException:
@@ -983,6 +990,10 @@ class _UpstreamBody:
         try:
             data = await conn.io.recv(self._read_timeout, self._deadline)
             if self._remaining is None:
+                if not data and type(conn.io) is TlsSocket and conn.io.ragged_eof:
+                    # Closed without TLS's close_notify: for a body only the close ends,
+                    # the end is unproven (RFC 9112 9.8); chunked framing is cut anyway.
+                    raise OSError("the connection closed without TLS close_notify")
                 conn.wire.feed(data)  # h11 frames it: EOF may be the end
                 return
             if not data:

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import resource
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import h11
 import pytest
 import tomli_w
 import trio
@@ -350,3 +353,93 @@ async def test_a_reused_tls_connection_closed_without_close_notify(
     else:
         assert resp.json()["error"]["code"] == "upstream_reset"
         assert methods == [b"GET", b"POST"]  # sent once, never replayed
+
+
+@pytest.mark.parametrize("close", ["close_notify", "ragged"])
+async def test_a_body_the_close_ends_needs_tls_close_notify(tmp_path: Path, close: str) -> None:
+    """A response without Content-Length or chunking ends when the server closes. Over
+    TLS that end is proven only by close_notify (RFC 9112 9.8): a bare TCP close may be a
+    cut, and the client must not get it as a whole body."""
+    ca = trustme.CA()
+
+    async def handler(tls: Any, tcp: trio.SocketStream, _n: int) -> None:
+        await read_head(tls)
+        await tls.send_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\n")
+        await tls.send_all(b'{"balance": 100')
+        await trio.sleep(0.1)
+        if close == "close_notify":
+            await tls.aclose()
+        else:
+            tcp.socket.close()
+
+    with trio.fail_after(20):
+        async with (
+            raw_tls_upstream(ca.issue_cert("127.0.0.1"), handler) as port,
+            open_gateway(raw_config(port, ca_file(tmp_path, ca))) as gw,
+        ):
+            if close == "close_notify":
+                resp = await http_request(gw.port, "GET", "/")
+                assert (resp.status, resp.body) == (200, b'{"balance": 100')
+            else:
+                # The head went out already: the client's connection is cut, so it never
+                # sees the end of the chunked body.
+                with pytest.raises(h11.RemoteProtocolError):
+                    await http_request(gw.port, "GET", "/")
+
+
+async def test_pooled_connections_past_descriptor_1023_are_reused(tmp_path: Path) -> None:
+    """The liveness check before reuse must work for any descriptor: select() fails past
+    1023, which a gateway with thousands of clients reaches, and every reuse then
+    became a new connection."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 2048:
+        pytest.fail(f"the open-files hard limit ({hard}) is too low for this test")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), hard))
+    ballast = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        ca = trustme.CA()
+        with trio.fail_after(20):
+            async with (
+                https_echo(tmp_path, ca, "127.0.0.1") as stubs,
+                open_gateway(config(stubs, ca_file(tmp_path, ca))) as gw,
+            ):
+                assert (await http_request(gw.port, "GET", "/1")).status == 200
+                (first,) = idle_connections(gw)
+                assert first.io.fileno() > 1023
+                assert (await http_request(gw.port, "GET", "/2")).status == 200
+                assert idle_connections(gw) == [first]
+    finally:
+        for fd in ballast:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_keys_and_names_refused_at_load(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    leaf = trustme.CA().issue_cert("gw")
+    key = load_pem_private_key(leaf.private_key_pem.bytes(), None)
+    (tmp_path / "key.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
+    leaf.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    target = ["127.0.0.1:1"]
+    # An encrypted key is a config error, never a pass-phrase prompt on the terminal.
+    with pytest.raises(Invalid) as info:
+        UpstreamConfig(
+            targets=target,  # type: ignore[arg-type]
+            tls=True,
+            tls_cert_file=str(tmp_path / "cert.pem"),
+            tls_key_file=str(tmp_path / "key.pem"),
+        )
+    assert info.value.key == "tls_cert_file"
+    assert "encrypted" in info.value.message
+    for name in ("a..b", ".internal", "x" * 64 + ".example"):
+        with pytest.raises(Invalid) as info:
+            UpstreamConfig(targets=target, tls=True, tls_server_name=name)  # type: ignore[arg-type]
+        assert info.value.key == "tls_server_name"

@@ -29,6 +29,7 @@ import trio
 
 from engine import metrics
 from engine.chain import Filter, FilterContext, Stage
+from engine.config import no_password
 from engine.errors import RateLimited, ServiceUnavailable
 from engine.exchange import Exchange, Response, StashKey
 from engine.plugins import hookimpl
@@ -173,7 +174,7 @@ class RedisConfig:
             return None
         context = ssl.create_default_context(cafile=self.ca_file)
         if self.cert_file is not None:
-            context.load_cert_chain(self.cert_file, self.key_file)
+            context.load_cert_chain(self.cert_file, self.key_file, password=no_password)
         return context
 
 
