@@ -16,13 +16,14 @@ import re
 import secrets
 import ssl
 import tomllib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from engine.schema import ByteSize, ConfigError, Duration, Invalid, build
 
-# Keys UpstreamConfig.tls_fingerprint: a config's repr must reveal nothing of a key file.
+# Keys the TLS files' digests (check_tls_files): a config's repr must reveal nothing of a key.
 _TLS_SALT = secrets.token_bytes(32)
 
 __all__ = [
@@ -36,9 +37,10 @@ __all__ = [
     "ServerConfig",
     "TargetConfig",
     "UpstreamConfig",
+    "check_tls_files",
+    "client_tls_context",
     "load",
     "load_file",
-    "no_password",
     "parse_address",
 ]
 
@@ -283,32 +285,20 @@ class UpstreamConfig:
                 raise Invalid("tls_server_name", "not a host name TLS can send") from None
         if self.tls_key_file is not None and self.tls_cert_file is None:
             raise Invalid("tls_key_file", "set tls_cert_file too (the key is its certificate's)")
-        digest = hmac.new(_TLS_SALT, digestmod=hashlib.sha256)
-        for key in files:
-            path = getattr(self, key)
-            if path is None:
-                continue
-            try:
-                with open(path, "rb") as f:
-                    digest.update(f.read())
-            except OSError as e:
-                raise Invalid(key, f"cannot read {path!r}: {e.strerror or e}") from None
         if self.tls:
-            try:
-                self.ssl_context()
-            except (OSError, ssl.SSLError, ValueError) as e:
-                key = "tls_ca_file" if self.tls_cert_file is None else "tls_cert_file"
-                raise Invalid(key, f"cannot load the TLS files: {e}") from None
-            object.__setattr__(self, "tls_fingerprint", digest.hexdigest()[:16])
+            fingerprint = check_tls_files(
+                {key: getattr(self, key) for key in files},
+                self.ssl_context,
+                "tls_ca_file" if self.tls_cert_file is None else "tls_cert_file",
+            )
+            object.__setattr__(self, "tls_fingerprint", fingerprint)
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """The TLS context of connections to the targets; ``None`` without ``tls``."""
         if not self.tls:
             return None
-        context = ssl.create_default_context(cafile=self.tls_ca_file)
+        context = client_tls_context(self.tls_ca_file, self.tls_cert_file, self.tls_key_file)
         context.set_alpn_protocols(["http/1.1"])
-        if self.tls_cert_file is not None:
-            context.load_cert_chain(self.tls_cert_file, self.tls_key_file, password=no_password)
         return context
 
     @property
@@ -316,10 +306,48 @@ class UpstreamConfig:
         return [TargetConfig(t) if isinstance(t, str) else t for t in self.targets]
 
 
-def no_password() -> bytes:
+def client_tls_context(
+    ca_file: str | None, cert_file: str | None, key_file: str | None
+) -> ssl.SSLContext:
+    """A TLS client context verifying servers with ``ca_file`` (else the system's CAs),
+    presenting ``cert_file`` (its key in ``key_file`` or in itself) when given."""
+    context = ssl.create_default_context(cafile=ca_file)
+    if cert_file is not None:
+        context.load_cert_chain(cert_file, key_file, password=_no_password)
+    return context
+
+
+def _no_password() -> bytes:
     """``load_cert_chain``'s password callback: an encrypted key is refused at load, where
     OpenSSL would otherwise ask for a pass phrase on the terminal (and block a reload)."""
     raise ValueError("the private key is encrypted; give it unencrypted (file mode 0600)")
+
+
+def check_tls_files(
+    files: Mapping[str, str | None], make_context: Callable[[], object], error_key: str
+) -> str:
+    """Check a config's TLS files at load; returns the salted digest of their contents.
+
+    ``files`` maps config keys to paths (``None``: not set). Each file is read (a config
+    error names its key), then ``make_context`` builds the TLS context once (a failure
+    is a config error at ``error_key``). The digest goes in the config, so a
+    file replaced under the same path makes a reload build anew; the salt keeps a
+    printed config from showing anything of a key.
+    """
+    digest = hmac.new(_TLS_SALT, digestmod=hashlib.sha256)
+    for key, path in files.items():
+        if path is None:
+            continue
+        try:
+            with open(path, "rb") as f:
+                digest.update(f.read())
+        except OSError as e:
+            raise Invalid(key, f"cannot read {path!r}: {e.strerror or e}") from None
+    try:
+        make_context()
+    except (OSError, ssl.SSLError, ValueError) as e:
+        raise Invalid(error_key, f"cannot load the TLS files: {e}") from None
+    return digest.hexdigest()[:16]
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,8 @@ counter's error bound are in :mod:`plugins.rate_limit.algorithms`.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
 import math
-import secrets
 import socket
 import ssl
 from collections.abc import Callable, Sequence
@@ -29,7 +27,7 @@ import trio
 
 from engine import metrics
 from engine.chain import Filter, FilterContext, Stage
-from engine.config import no_password
+from engine.config import check_tls_files, client_tls_context
 from engine.errors import RateLimited, ServiceUnavailable
 from engine.exchange import Exchange, Response, StashKey
 from engine.plugins import hookimpl
@@ -51,9 +49,6 @@ __all__ = [
 ]
 
 Algorithm = Literal["sliding-window", "sliding-log", "token-bucket"]
-
-# Keys RedisConfig.tls_fingerprint, so that printing a config reveals nothing of its files.
-_PROCESS_SALT = secrets.token_bytes(32)
 
 
 @dataclass(frozen=True)
@@ -132,9 +127,9 @@ class RedisConfig:
     key_prefix: str = field(
         default="filtergate:rl:", metadata={"doc": "prefix of every key this plugin writes"}
     )
-    # Derived at load, not a TOML key: the TLS files' contents, keyed with a per-process
-    # salt. The engine keeps a filter instance across reloads while its config compares
-    # equal, so a CA or certificate replaced on disk must make the config differ.
+    # Derived at load, not a TOML key (check_tls_files): the engine keeps a filter
+    # instance across reloads while its config compares equal, so a CA or certificate
+    # replaced on disk must make the config differ.
     tls_fingerprint: str = field(init=False, repr=True, compare=True, default="")
 
     def __post_init__(self) -> None:
@@ -148,20 +143,10 @@ class RedisConfig:
             raise Invalid(next(iter(given)), "only used with a rediss:// url")
         if self.key_file is not None and self.cert_file is None:
             raise Invalid("key_file", "set cert_file too (the key is cert_file's)")
-        digest = hmac.new(_PROCESS_SALT, digestmod=hashlib.sha256)
-        for key, path in given.items():
-            try:
-                with open(path, "rb") as f:
-                    digest.update(f.read())
-            except OSError as e:
-                raise Invalid(key, f"cannot read {path!r}: {e.strerror or e}") from None
         if given:
-            try:
-                self.tls_context()
-            except (OSError, ssl.SSLError, ValueError) as e:
-                key = "ca_file" if self.cert_file is None else "cert_file"
-                raise Invalid(key, f"cannot load the TLS files: {e}") from None
-            object.__setattr__(self, "tls_fingerprint", digest.hexdigest()[:16])
+            key = "ca_file" if self.cert_file is None else "cert_file"
+            fingerprint = check_tls_files(files, self.tls_context, key)
+            object.__setattr__(self, "tls_fingerprint", fingerprint)
         if self.pool_size < 1:
             raise Invalid("pool_size", f"expected at least 1, got {self.pool_size}")
         if self.timeout <= 0:
@@ -172,10 +157,7 @@ class RedisConfig:
         no client certificate."""
         if self.ca_file is None and self.cert_file is None:
             return None
-        context = ssl.create_default_context(cafile=self.ca_file)
-        if self.cert_file is not None:
-            context.load_cert_chain(self.cert_file, self.key_file, password=no_password)
-        return context
+        return client_tls_context(self.ca_file, self.cert_file, self.key_file)
 
 
 _KEY_HELP = 'expected "consumer", "ip", "route", "header:NAME" or "claim:NAME"'
