@@ -14,6 +14,7 @@ import json
 import logging
 import socket
 import ssl
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Any
 
@@ -23,6 +24,7 @@ import trio
 from engine import metrics
 from engine.config import Config, parse_address
 from engine.gateway import Runtime, compile_runtime
+from engine.metrics import MetricDump
 from engine.plugins import Registry, discover
 from engine.schema import ConfigError
 from engine.server import Server, open_listeners
@@ -108,6 +110,7 @@ class Gateway:
         *,
         extra_plugins: list[tuple[str, object]] | None = None,
         admin: bool = True,
+        worker_metrics: Callable[[], Awaitable[list[dict[str, MetricDump]]]] | None = None,
     ) -> None:
         self.extra_plugins = extra_plugins or []
         self.registry = registry or discover(
@@ -118,8 +121,9 @@ class Gateway:
         self.runtime: Runtime = compile_runtime(config, self.registry)
         self.server = Server(self.runtime, load_ssl_context(config))
         # Worker processes leave the admin listener to the first process: one address,
-        # one owner (so /metrics shows that process's counters only).
+        # one owner. Its /metrics adds up what ``worker_metrics`` gathers from them.
         self.serve_admin = admin and config.admin.enabled
+        self.worker_metrics = worker_metrics
         self.ports: list[int] = []
         self.admin_port: int | None = None
         self._nursery: trio.Nursery | None = None
@@ -273,7 +277,13 @@ class Gateway:
                 stream = trio.SocketStream(trio.socket.from_stdlib_socket(raw))
                 nursery.start_soon(self._admin_connection, stream)
 
-    def _admin_answer(self, path: str) -> tuple[int, bytes, bytes]:
+    async def _metrics(self) -> bytes:
+        if self.worker_metrics is None:
+            return metrics.render()
+        gathered = await self.worker_metrics()
+        return metrics.render_dumps(metrics.merge([metrics.dump(), *gathered]))
+
+    async def _admin_answer(self, path: str) -> tuple[int, bytes, bytes]:
         rt = self.runtime
         if path == "/healthz":
             return 200, b"text/plain", b"ok\n"
@@ -284,7 +294,7 @@ class Gateway:
                 else (503, b"text/plain", b"draining\n")
             )
         if path == "/metrics":
-            return 200, b"text/plain; version=0.0.4", metrics.render()
+            return 200, b"text/plain; version=0.0.4", await self._metrics()
         if path == "/routes":
             doc = [
                 {
@@ -316,11 +326,11 @@ class Gateway:
             return 200, b"application/json", json.dumps(doc2, indent=2).encode()
         return 404, b"text/plain", b"not found\n"
 
-    def _admin_response(self, h: h11.Connection, request: h11.Request) -> bytes:
+    async def _admin_response(self, h: h11.Connection, request: h11.Request) -> bytes:
         headers: list[tuple[bytes, bytes]] = []
         if request.method in ADMIN_METHODS:
             path = request.target.split(b"?")[0].decode("latin-1")
-            status, ctype, body = self._admin_answer(path)
+            status, ctype, body = await self._admin_answer(path)
         else:
             status, ctype, body = 405, b"text/plain", b"method not allowed\n"
             headers.append((b"allow", b", ".join(ADMIN_METHODS)))
@@ -345,7 +355,7 @@ class Gateway:
                         h.receive_data(await stream.receive_some(16384))
                         continue
                     if type(ev) is h11.Request:
-                        await stream.send_all(self._admin_response(h, ev))
+                        await stream.send_all(await self._admin_response(h, ev))
                     break
         except (h11.ProtocolError, trio.BrokenResourceError, OSError):
             pass

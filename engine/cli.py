@@ -30,7 +30,9 @@ if TYPE_CHECKING:
 
     from engine.app import Gateway
     from engine.config import Config
+    from engine.metrics import MetricDump
     from engine.plugins import Registry
+    from engine.worker_metrics import WorkerMetrics
 
 EXIT_CONFIG = 2
 log = logging.getLogger("filtergate")
@@ -221,6 +223,8 @@ class Workers:
     """
 
     def __init__(self, argv: list[str], count: int, config: bytes = b"") -> None:
+        from engine.worker_metrics import Retired
+
         self.argv = argv
         self.count = count
         # The config the main process runs, handed to every worker it starts: a worker
@@ -228,33 +232,51 @@ class Workers:
         # what the others run, as nginx's master does, instead of dying in a loop.
         self.config = config
         self.live: dict[int, subprocess.Popen[bytes]] = {}
+        # Each live worker's end of the pair its metrics are asked for on, and what the
+        # dead ones counted (see engine.worker_metrics).
+        self.metrics: dict[int, WorkerMetrics] = {}
+        self.retired = Retired()
         self.stopping = False
 
-    def _spawn(self) -> subprocess.Popen[bytes]:
+    def _spawn(self) -> tuple[subprocess.Popen[bytes], WorkerMetrics]:
+        from engine.worker_metrics import WorkerMetrics
+
         # The config goes in a memory file the worker reads (a pipe could fill up and
         # block this loop until the worker reads it).
         fd = os.memfd_create("filtergate-config", os.MFD_CLOEXEC)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             os.write(fd, self.config)
             os.lseek(fd, 0, os.SEEK_SET)
+            passed = ["--config-fd", str(fd), "--metrics-fd", str(theirs.fileno())]
             # In its own process group: Ctrl-C in a terminal reaches the parent only,
             # which forwards it once (as SIGTERM).
             with _blocked(SIGNALS):
-                return subprocess.Popen(
-                    [*self.argv, "--config-fd", str(fd)], process_group=0, pass_fds=(fd,)
+                proc = subprocess.Popen(
+                    [*self.argv, *passed], process_group=0, pass_fds=(fd, theirs.fileno())
                 )
+        except BaseException:
+            ours.close()
+            raise
         finally:
             os.close(fd)
+            theirs.close()
+        return proc, WorkerMetrics(ours)
 
     async def supervise(self, slot: int) -> None:
         import trio
 
         quick_deaths = 0
         while not self.stopping:
-            proc = self._spawn()
+            proc, self.metrics[slot] = self._spawn()
             self.live[slot] = proc
             started = trio.current_time()
-            code = await _wait_exit(proc)
+            try:
+                code = await _wait_exit(proc)
+            finally:
+                channel = self.metrics.pop(slot)
+                self.retired.add(channel.last)
+                await channel.aclose()
             del self.live[slot]
             if self.stopping:
                 return
@@ -268,6 +290,20 @@ class Workers:
                 "worker %d (pid %d) exited with %s; respawning in %.1fs", slot, proc.pid, how, delay
             )
             await trio.sleep(delay)
+
+    async def gather_metrics(self) -> list[dict[str, MetricDump]]:
+        """The metrics of every live worker (asked all at once) and of the dead ones."""
+        import trio
+
+        answers: list[dict[str, MetricDump]] = [self.retired.metrics]
+
+        async def ask(channel: WorkerMetrics) -> None:
+            answers.append(await channel.ask())
+
+        async with trio.open_nursery() as nursery:
+            for channel in list(self.metrics.values()):
+                nursery.start_soon(ask, channel)
+        return answers
 
     def signal(self, signum: int) -> None:
         for proc in self.live.values():
@@ -374,8 +410,17 @@ def cmd_run(args: argparse.Namespace) -> int:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
             try:
                 async with trio.open_nursery() as nursery:
-                    gateway = Gateway(config, registry, admin=args.worker_of is None)
+                    gateway = Gateway(
+                        config,
+                        registry,
+                        admin=args.worker_of is None,
+                        worker_metrics=workers.gather_metrics if workers.count else None,
+                    )
                     await nursery.start(partial(gateway.serve, sockets, admin_socket=admin_socket))
+                    if args.metrics_fd is not None:  # a worker: the main process asks
+                        from engine.worker_metrics import answer
+
+                        nursery.start_soon(answer, socket.socket(fileno=args.metrics_fd))
                     # Signals that came while starting waited in the receiver until now.
                     nursery.start_soon(_serve_signals, sigs, gateway, workers, nursery, stopped)
                     # Everything made so far (modules, config, compiled chains) lives as long
@@ -483,6 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
     # A worker process of the gateway whose pid this is (spawned by `run` itself).
     run.add_argument("--worker-of", type=int, default=None, help=argparse.SUPPRESS)
     run.add_argument("--config-fd", type=int, default=None, help=argparse.SUPPRESS)
+    run.add_argument("--metrics-fd", type=int, default=None, help=argparse.SUPPRESS)
     run.set_defaults(fn=cmd_run)
 
     check = sub.add_parser("check", help="validate a config and print every route's chain")

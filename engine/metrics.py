@@ -3,13 +3,19 @@
 Plugins count events here (``counter("filtergate_jwt_failures_total", "...",
 ("reason",)).inc(reason="expired")``); the admin listener serves :func:`render`.
 Metrics are created once (at import or config load) and incremented per request.
+
+With ``workers > 1`` every process counts on its own. A worker hands its metrics to the
+main process as plain data (:func:`dump`), and the main process adds them up
+(:func:`merge`) before it renders (:func:`render_dumps`): counters and histograms are
+summed, and each gauge is combined the way it declares (``merge``: sum, min or max).
 """
 
 from __future__ import annotations
 
 import math
 from bisect import bisect_left
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Literal
 
 __all__ = [
     "BoundCounter",
@@ -17,11 +23,26 @@ __all__ = [
     "Counter",
     "Gauge",
     "Histogram",
+    "MetricDump",
     "counter",
+    "dump",
     "gauge",
     "histogram",
+    "merge",
     "render",
+    "render_dumps",
 ]
+
+# One metric of one process as plain data (JSON-able), as :meth:`_Metric.dump` makes it:
+#   kind, help, labels;
+#   counters and gauges: "values", a list of [label values, value];
+#   gauges also: "merge", how the processes' values combine ("sum", "min", "max");
+#   histograms: "buckets" (the upper bounds, +Inf left out) and "series", a list of
+#   [label values, counts per bucket (not cumulative, +Inf last), sum].
+MetricDump = dict[str, Any]
+
+GaugeMerge = Literal["sum", "min", "max"]
+GAUGE_MERGES: tuple[GaugeMerge, ...] = ("sum", "min", "max")
 
 
 class _Metric:
@@ -41,17 +62,13 @@ class _Metric:
     def value(self, **labels: str) -> float:
         return self.values.get(self._key(labels), 0.0)
 
-    def render(self) -> list[str]:
-        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
-        for key, v in sorted(self.values.items()):
-            if key:
-                inner = ",".join(
-                    f'{k}="{_escape(val)}"' for k, val in zip(self.labels, key, strict=True)
-                )
-                lines.append(f"{self.name}{{{inner}}} {v:g}")
-            else:
-                lines.append(f"{self.name} {v:g}")
-        return lines
+    def dump(self) -> MetricDump:
+        return {
+            "kind": self.kind,
+            "help": self.help,
+            "labels": list(self.labels),
+            "values": [[list(key), v] for key, v in self.values.items()],
+        }
 
 
 def _escape(v: str) -> str:
@@ -83,7 +100,23 @@ class BoundCounter:
 
 
 class Gauge(_Metric):
+    """A value that goes up and down. ``merge`` says what the main process shows for it
+    with ``workers > 1``: the ``sum`` of the processes' values (connections open), their
+    ``min`` (1 only while every process has a target in rotation) or their ``max``
+    (1 while any process's breaker is in a state)."""
+
     kind = "gauge"
+
+    def __init__(
+        self, name: str, help: str, labels: tuple[str, ...], merge: GaugeMerge = "sum"
+    ) -> None:
+        if merge not in GAUGE_MERGES:
+            raise ValueError(f"{name}: merge must be one of {GAUGE_MERGES}, not {merge!r}")
+        super().__init__(name, help, labels)
+        self.merge = merge
+
+    def dump(self) -> MetricDump:
+        return {**super().dump(), "merge": self.merge}
 
     def set(self, value: float, **labels: str) -> None:
         self.values[self._key(labels)] = value
@@ -143,25 +176,17 @@ class Histogram(_Metric):
         series = self.series.get(self._key(labels))
         return float(sum(series.counts)) if series is not None else 0.0
 
-    def render(self) -> list[str]:
-        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
-        les = [f"{b:g}" for b in self.buckets] + ["+Inf"]
-        for key, series in sorted(self.series.items()):
-            inner = "".join(
-                f'{k}="{_escape(val)}",' for k, val in zip(self.labels, key, strict=True)
-            )
-            total = 0
-            for le, n in zip(les, series.counts, strict=True):
-                total += n
-                lines.append(f'{self.name}_bucket{{{inner}le="{le}"}} {total}')
-            labels = f"{{{inner[:-1]}}}" if inner else ""
-            lines.append(f"{self.name}_sum{labels} {series.sum!r}")  # full precision
-            lines.append(f"{self.name}_count{labels} {total}")
-        return lines
+    def dump(self) -> MetricDump:
+        return {
+            "kind": self.kind,
+            "help": self.help,
+            "labels": list(self.labels),
+            "buckets": list(self.buckets),
+            "series": [[list(key), list(s.counts), s.sum] for key, s in self.series.items()],
+        }
 
 
 _REGISTRY: dict[str, _Metric] = {}
-_COLLECTORS: list[Callable[[], list[str]]] = []
 
 
 def counter(name: str, help: str, labels: tuple[str, ...] = ()) -> Counter:
@@ -173,11 +198,12 @@ def counter(name: str, help: str, labels: tuple[str, ...] = ()) -> Counter:
     return m
 
 
-def gauge(name: str, help: str, labels: tuple[str, ...] = ()) -> Gauge:
-    """The gauge ``name``, created on first use (the same object afterwards)."""
+def gauge(name: str, help: str, labels: tuple[str, ...] = (), merge: GaugeMerge = "sum") -> Gauge:
+    """The gauge ``name``, created on first use (the same object afterwards); ``merge``
+    is how the values of several worker processes combine (see :class:`Gauge`)."""
     m = _REGISTRY.get(name)
     if m is None:
-        m = _REGISTRY[name] = Gauge(name, help, labels)
+        m = _REGISTRY[name] = Gauge(name, help, labels, merge)
     assert isinstance(m, Gauge), f"{name} is already a {m.kind}"
     return m
 
@@ -193,16 +219,98 @@ def histogram(
     return m
 
 
-def add_collector(fn: Callable[[], list[str]]) -> None:
-    """Register a function producing extra exposition lines at render time."""
-    _COLLECTORS.append(fn)
+def dump() -> dict[str, MetricDump]:
+    """This process's metrics as plain data, by name (what a worker sends the main one)."""
+    return {name: m.dump() for name, m in _REGISTRY.items()}
+
+
+def merge(
+    dumps: Iterable[Mapping[str, MetricDump]], *, gauges: bool = True
+) -> dict[str, MetricDump]:
+    """The metrics of several processes as one: counters and histograms summed, each
+    gauge combined by its ``merge``. ``gauges=False`` leaves gauges out (the dumps of
+    processes that are gone: what they counted still counts, their state does not).
+
+    The first dump that has a metric defines it; a later one whose kind, labels or
+    buckets differ (a plugin of another version) is left out of that metric.
+    """
+    out: dict[str, MetricDump] = {}
+    values: dict[str, dict[tuple[str, ...], Any]] = {}
+    for one in dumps:
+        for name, m in one.items():
+            kind = m["kind"]
+            if kind == "gauge" and not gauges:
+                continue
+            first = out.get(name)
+            if first is None:
+                first = out[name] = {k: v for k, v in m.items() if k not in ("values", "series")}
+                acc = values[name] = {}
+            elif any(first.get(k) != m.get(k) for k in ("kind", "labels", "buckets", "merge")):
+                continue
+            else:
+                acc = values[name]
+            if kind == "histogram":
+                for key, counts, total in m["series"]:
+                    k = tuple(key)
+                    seen = acc.get(k)
+                    if seen is None:
+                        acc[k] = [list(counts), total]
+                    else:
+                        seen[0] = [a + b for a, b in zip(seen[0], counts, strict=True)]
+                        seen[1] += total
+                continue
+            combine = _COMBINE[m.get("merge", "sum")]
+            for key, v in m["values"]:
+                k = tuple(key)
+                acc[k] = v if k not in acc else combine(acc[k], v)
+    for name, m in out.items():
+        acc = values[name]
+        if m["kind"] == "histogram":
+            m["series"] = [[list(k), counts, total] for k, (counts, total) in acc.items()]
+        else:
+            m["values"] = [[list(k), v] for k, v in acc.items()]
+    return out
+
+
+def _add(a: float, b: float) -> float:
+    return a + b
+
+
+_COMBINE: dict[str, Callable[[float, float], float]] = {"sum": _add, "min": min, "max": max}
+
+
+def render_dumps(metrics: Mapping[str, MetricDump]) -> bytes:
+    """``metrics`` (from :func:`dump` or :func:`merge`) in the Prometheus text format."""
+    lines: list[str] = []
+    for name, m in metrics.items():
+        lines.append(f"# HELP {name} {m['help']}")
+        lines.append(f"# TYPE {name} {m['kind']}")
+        labels: list[str] = m["labels"]
+        if m["kind"] == "histogram":
+            les = [f"{b:g}" for b in m["buckets"]] + ["+Inf"]
+            for key, counts, total_sum in sorted(m["series"]):
+                inner = "".join(
+                    f'{k}="{_escape(val)}",' for k, val in zip(labels, key, strict=True)
+                )
+                total = 0
+                for le, n in zip(les, counts, strict=True):
+                    total += n
+                    lines.append(f'{name}_bucket{{{inner}le="{le}"}} {total}')
+                braced = f"{{{inner[:-1]}}}" if inner else ""
+                lines.append(f"{name}_sum{braced} {total_sum!r}")  # full precision
+                lines.append(f"{name}_count{braced} {total}")
+            continue
+        for key, v in sorted(m["values"]):
+            if key:
+                inner = ",".join(
+                    f'{k}="{_escape(val)}"' for k, val in zip(labels, key, strict=True)
+                )
+                lines.append(f"{name}{{{inner}}} {v:g}")
+            else:
+                lines.append(f"{name} {v:g}")
+    return ("\n".join(lines) + "\n").encode()
 
 
 def render() -> bytes:
-    """Every metric in the Prometheus text exposition format."""
-    lines: list[str] = []
-    for m in _REGISTRY.values():
-        lines.extend(m.render())
-    for fn in _COLLECTORS:
-        lines.extend(fn())
-    return ("\n".join(lines) + "\n").encode()
+    """Every metric of this process in the Prometheus text exposition format."""
+    return render_dumps(dump())

@@ -66,8 +66,13 @@ _METHOD = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
 _requests = counter(
     "filtergate_upstream_requests_total", "Upstream calls by result", ("upstream", "result")
 )
+# Each process keeps its own view of its targets: over several workers, /metrics shows
+# 1 only for a target in rotation in every one of them.
 _healthy = gauge(
-    "filtergate_upstream_target_healthy", "1 when a target is in rotation", ("upstream", "target")
+    "filtergate_upstream_target_healthy",
+    "1 when a target is in rotation",
+    ("upstream", "target"),
+    merge="min",
 )
 
 

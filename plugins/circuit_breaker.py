@@ -614,10 +614,13 @@ class Breaker:
 
 # --------------------------------------------------------------------------- the filter
 
+# Each worker process has its own breakers: over several, 1 for every state some
+# process's breaker is in.
 _STATE_GAUGE = gauge(
     "filtergate_circuit_breaker_state",
     "1 for the state each circuit breaker is in, 0 for the others",
     ("breaker", "state"),
+    merge="max",
 )
 _TRANSITIONS_TOTAL = counter(
     "filtergate_circuit_breaker_transitions_total",

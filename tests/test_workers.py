@@ -139,6 +139,64 @@ async def test_two_workers_with_the_admin_listener(stubs: Stubs, tmp_path: Path)
         assert f"filtergate[{pid}]: filtergate serving on" in text
 
 
+def _sample(metrics: str, series: str) -> float:
+    """The value of one series of a /metrics text (0 when it is not there)."""
+    for line in metrics.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name == series:
+            return float(value)
+    return 0.0
+
+
+async def test_metrics_add_up_the_workers_and_outlive_a_dead_one(
+    stubs: Stubs, tmp_path: Path
+) -> None:
+    """/metrics on the main process counts the requests every worker served, and a
+    worker killed and respawned takes nothing back from the counters."""
+    port, admin = _free_port(), _free_port()
+    cfg = _write(tmp_path / "g.toml", _config(port, stubs.target("echo"), admin, workers=2))
+    ok = 'filtergate_responses_total{code="2xx"}'
+    calls = 'filtergate_upstream_requests_total{upstream="echo",result="response"}'
+    durations = 'filtergate_request_duration_seconds_count{route="echo",code="2xx"}'
+
+    async def serve(n: int) -> set[str]:
+        served_by = set()
+        for _ in range(n):  # each on a new connection, which the kernel spreads
+            r = await http_request(port, "GET", "/")
+            assert r.status == 200
+            served_by.add(str(r.header("x-request-id")).split("-")[0])
+        return served_by
+
+    async def scrape() -> str:
+        r = await http_request(admin, "GET", "/metrics")
+        assert r.status == 200
+        return r.body.decode()
+
+    with trio.fail_after(40):
+        async with _gateway(cfg, port, tmp_path / "err.log", 2) as proc:
+            await _prefixes(port, 2)  # both processes are serving
+            before = _sample(await scrape(), ok)
+            assert len(await serve(40)) == 2, "both processes served some"
+            text = await scrape()
+            assert _sample(text, ok) == before + 40
+            assert _sample(text, calls) == before + 40
+            assert _sample(text, durations) == before + 40
+
+            (worker,) = _children(proc.pid)
+            os.kill(worker, signal.SIGKILL)
+            await _until(lambda: _children(proc.pid) - {worker})
+            assert _sample(await scrape(), ok) == before + 40  # the dead one's count stays
+            await _prefixes(port, 2)  # the respawned worker is serving
+            before = _sample(await scrape(), ok)
+            assert len(await serve(40)) == 2, "both processes served some"
+            text = await scrape()
+            assert _sample(text, ok) == before + 40
+            assert _sample(text, durations) == before + 40
+            proc.send_signal(signal.SIGTERM)
+            assert await proc.wait() == 0
+    assert "Traceback" not in (tmp_path / "err.log").read_text()
+
+
 async def test_the_log_level_reaches_the_workers(stubs: Stubs, tmp_path: Path) -> None:
     port = _free_port()
     cfg = _write(tmp_path / "g.toml", _config(port, stubs.target("echo"), workers=2))
