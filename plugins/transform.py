@@ -93,6 +93,10 @@ _FRAMING_HEADERS = frozenset(
 _CTL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _GROUP_REF_RE = re.compile(r"\\(\d+)|\\g<(\w+)>")
 _PATH_SAFE = "/%:@!$&'()*+,;=-._~"
+# A "." or ".." segment, also percent-encoded: an upstream resolves it, so a rewrite that
+# makes one from a client's path (a segment "..x" cut by the pattern) would let the
+# client climb out of the prefix the replacement puts it under.
+_DOT_SEGMENT_RE = re.compile(r"(?:^|/)(?:\.|%2[eE]){1,2}(?:/|$)")
 # Upstream statuses the filter sees are final ones (the engine skips 1xx); a 1xx sent
 # in their place would tell the client another response or another protocol follows.
 _FINAL_STATUS_RE = re.compile(r"[2-5][0-9][0-9]")
@@ -264,6 +268,8 @@ class PathRewrite:
                         raise Invalid("replacement", f"group {name} is not in the pattern")
                 elif name not in compiled.groupindex:
                     raise Invalid("replacement", f"group {name!r} is not in the pattern")
+        if _DOT_SEGMENT_RE.search(_GROUP_REF_RE.sub("g", self.replacement)):
+            raise Invalid("replacement", 'has a "." or ".." segment')
 
 
 @dataclass(frozen=True)
@@ -586,6 +592,8 @@ class Transform(Filter):
             pattern, replacement = self._rewrite
             path = pattern.sub(replacement, request.path, count=1)
             if path != request.path:
+                if _DOT_SEGMENT_RE.search(path):
+                    raise BadRequest("the rewritten path has a dot segment", close=False)
                 request.path = quote(path if path.startswith("/") else "/" + path, safe=_PATH_SAFE)
         if self._query is not None:
             self._query.apply(request, lookup)

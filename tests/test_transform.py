@@ -349,6 +349,28 @@ def test_path_rewrite_no_match_leaves_path() -> None:
     assert ex.request.path == "/api/v1/things"
 
 
+@pytest.mark.parametrize("path", ["/files/..x/secret", "/files/.x/secret", "/files/..x"])
+def test_path_rewrite_never_makes_a_dot_segment(path: str) -> None:
+    """A pattern that cuts a client's segment could turn "..x" into "..": the upstream
+    would resolve it and the client would climb out of the replacement's prefix."""
+    t = _transform(
+        {
+            "request": {
+                "path_rewrite": {"pattern": "^/files/([^/]*)x(.*)$", "replacement": r"/store/\1\2"}
+            }
+        }
+    )
+    ex = _exchange(path=path)
+    with pytest.raises(GatewayError) as caught:
+        t.on_request(ex)
+    assert caught.value.status == 400
+    assert "dot segment" in str(caught.value)
+    assert ex.request.path == path  # nothing forwarded
+    ok = _exchange(path="/files/..ax/b")  # "..a" is a name, not a dot segment
+    t.on_request(ok)
+    assert ok.request.path == "/store/..a/b"
+
+
 def test_phases_without_work_are_hidden_from_the_engine() -> None:
     from engine.chain import compile_chain
 
@@ -594,6 +616,14 @@ async def test_response_json_too_large_and_invalid() -> None:
         ),
         (
             {"request": {"path_rewrite": {"pattern": "^/(a)$", "replacement": r"/\2"}}},
+            "request.path_rewrite.replacement",
+        ),
+        (
+            {"request": {"path_rewrite": {"pattern": "^/(a)$", "replacement": r"/x/../\1"}}},
+            "request.path_rewrite.replacement",
+        ),
+        (
+            {"request": {"path_rewrite": {"pattern": "^/(a)$", "replacement": r"/x/\1/%2e"}}},
             "request.path_rewrite.replacement",
         ),
         ({"request": {"json": {"remove": ["a..b"]}}}, "request.json.remove[0]"),
