@@ -8,8 +8,9 @@ A call is retried only when all of these hold:
   connection broke before the first byte of the response (``upstream_reset``), the
   upstream answered one of ``statuses`` (502 and 503 by default), or, with
   ``on_timeout = true``, it timed out;
-- the call can be sent again (``call.replayable``: its body is buffered, or not one byte
-  of a streamed body was sent);
+- the call can be sent again: its body is buffered, or not one byte of a streamed body
+  was sent (``call.replayable``), or the streamed body sent so far is still held in the
+  replay buffer (at most ``replay_buffer`` bytes of it, kept as they are sent);
 - fewer than ``attempts`` attempts were made;
 - the retry budget allows it: retries in the last ``budget_window`` stay below
   ``budget_percent`` of the requests in it, plus a floor of ``min_retries_per_second``
@@ -38,13 +39,20 @@ import trio
 
 from engine.chain import CallNext, Filter, FilterContext, Stage
 from engine.errors import GatewayError, NoHealthyTarget, UpstreamTimeout
-from engine.exchange import Exchange, Response, UpstreamCall
+from engine.exchange import BodyStream, Exchange, Response, UpstreamCall
 from engine.metrics import counter
 from engine.plugins import hookimpl
-from engine.schema import Duration, Invalid
+from engine.schema import ByteSize, Duration, Invalid
 from plugins.circuit_breaker import FailedResponseHidden, RollingCount, is_fallback
 
-__all__ = ["IDEMPOTENT_METHODS", "Retry", "RetryBudget", "RetryConfig", "backoff_cap"]
+__all__ = [
+    "IDEMPOTENT_METHODS",
+    "ReplayBuffer",
+    "Retry",
+    "RetryBudget",
+    "RetryConfig",
+    "backoff_cap",
+]
 
 _UNSENT_CODES = frozenset({"upstream_unreachable", "upstream_reset"})
 """Error codes of calls the upstream cannot have acted on (or, for a reset before any
@@ -92,6 +100,13 @@ class RetryConfig:
     )
     per_try_timeout: Duration | None = field(
         default=None, metadata={"doc": "timeout of each attempt (default: the upstream's)"}
+    )
+    # Envoy keeps a request body for retries up to a per-request buffer limit too. Most
+    # bodies that are retried (a PUT of a JSON document) are far smaller than this; a
+    # bigger one streams as before and is retried only if none of it was sent.
+    replay_buffer: ByteSize = field(
+        default=ByteSize(64 * 1024),
+        metadata={"doc": "bytes of a streamed request body kept to send again (0: none)"},
     )
 
     def __post_init__(self) -> None:
@@ -146,6 +161,63 @@ def backoff_cap(retry: int, base: float, maximum: float) -> float:
     return min(maximum, base * 2.0 ** min(retry, 62))
 
 
+class ReplayBuffer:
+    """A streamed request body kept as it is sent, up to ``limit`` bytes, so that a
+    retry can send it again. Each :meth:`attempt` is the body from its first byte: the
+    kept chunks, then the rest of the client's body (kept too). Once the body outgrows
+    ``limit`` the kept chunks are dropped and :attr:`overflowed` is set: what was sent
+    cannot be sent again."""
+
+    __slots__ = ("body", "kept", "limit", "overflowed", "size")
+
+    def __init__(self, body: BodyStream, limit: int) -> None:
+        self.body = body
+        self.limit = limit
+        self.kept: list[bytes] = []
+        self.size = 0
+        self.overflowed = False
+
+    def attempt(self) -> _Attempt:
+        return _Attempt(self)
+
+    def keep(self, chunk: bytes) -> None:
+        if self.overflowed:
+            return
+        self.size += len(chunk)
+        if self.size > self.limit:
+            self.overflowed = True
+            self.kept = []
+        else:
+            self.kept.append(chunk)
+
+
+class _Attempt:
+    """One attempt's body stream over a :class:`ReplayBuffer` (one attempt at a time).
+    Closing it closes nothing: the client's body is the exchange's."""
+
+    __slots__ = ("_next", "_replay")
+
+    def __init__(self, replay: ReplayBuffer) -> None:
+        self._replay = replay
+        self._next = 0  # the next kept chunk to give
+
+    def __aiter__(self) -> _Attempt:
+        return self
+
+    async def __anext__(self) -> bytes:
+        replay = self._replay
+        if self._next < len(replay.kept):
+            self._next += 1
+            return replay.kept[self._next - 1]
+        chunk: bytes = await replay.body.__aiter__().__anext__()
+        replay.keep(chunk)
+        self._next = len(replay.kept)
+        return chunk
+
+    async def aclose(self) -> None:
+        pass
+
+
 _RETRIES_TOTAL = counter(
     "filtergate_upstream_retries_total", "Upstream calls retried, by reason", ("upstream", "reason")
 )
@@ -194,6 +266,11 @@ class Retry(Filter):
                 else min(call.timeout, cfg.per_try_timeout)
             )
         retryable_method = cfg.attempts > 1 and call.method in self.methods
+        replay: ReplayBuffer | None = None
+        body = call.body
+        if retryable_method and cfg.replay_buffer and not (body is None or isinstance(body, bytes)):
+            replay = ReplayBuffer(body, cfg.replay_buffer)
+            call.body = replay.attempt()
         retries = 0
         excluded: set[str] | None = None  # targets this filter added to call.exclude
         while True:
@@ -218,14 +295,16 @@ class Retry(Filter):
                     reason = f"status_{e.upstream_status}"
                 else:
                     wanted = cfg.on_timeout and isinstance(e, UpstreamTimeout)
-                if not (wanted and retryable_method and self._may_retry(call, retries, budget)):
+                if not (
+                    wanted and retryable_method and self._may_retry(call, retries, budget, replay)
+                ):
                     raise
             else:
                 if (
                     response.status not in self.statuses
                     or not retryable_method
                     or is_fallback(exchange, response)
-                    or not self._may_retry(call, retries, budget)
+                    or not self._may_retry(call, retries, budget, replay)
                 ):
                     return response
                 reason = f"status_{response.status}"
@@ -247,15 +326,22 @@ class Retry(Filter):
                     excluded = set()
                 excluded.add(address)
             call.target_address = None
+            if replay is not None and call.body_started:
+                call.body = replay.attempt()  # from the first byte again
+                call.body_started = False
             delay = self.random.uniform(
                 0.0, backoff_cap(retries, cfg.backoff_base, cfg.backoff_max)
             )
             retries += 1
             await trio.sleep(delay)
 
-    def _may_retry(self, call: UpstreamCall, retries: int, budget: RetryBudget) -> bool:
+    def _may_retry(
+        self, call: UpstreamCall, retries: int, budget: RetryBudget, replay: ReplayBuffer | None
+    ) -> bool:
         """Whether one more attempt is allowed; spends budget only when it is."""
-        if retries + 1 >= self.config.attempts or not call.replayable:
+        if retries + 1 >= self.config.attempts:
+            return False
+        if not call.replayable and (replay is None or replay.overflowed):
             return False
         if not budget.try_spend(trio.current_time()):
             _BUDGET_EXHAUSTED_TOTAL.inc(upstream=call.upstream)

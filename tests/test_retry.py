@@ -24,7 +24,15 @@ from engine.metrics import render
 from engine.schema import ConfigError, build
 from engine.testing import http_request, open_gateway, open_stubs
 from plugins.circuit_breaker import CircuitBreaker, CircuitBreakerConfig
-from plugins.retry import _RETRIES_TOTAL, Retry, RetryBudget, RetryConfig, backoff_cap
+from plugins.retry import (
+    _RETRIES_TOTAL,
+    ReplayBuffer,
+    Retry,
+    RetryBudget,
+    RetryConfig,
+    backoff_cap,
+)
+from tests.upstreams import UpstreamConn, open_counting_upstream, response_head, serve_upstream
 
 
 class UpstreamReset(BadGateway):
@@ -212,17 +220,90 @@ async def test_the_last_failed_response_goes_to_the_client(
         assert upstream.calls == 2
 
 
-async def test_a_started_stream_is_not_replayed(autojump_clock: trio.testing.MockClock) -> None:
+async def test_a_started_stream_is_not_replayed_without_a_replay_buffer(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     with trio.fail_after(10):
         upstream = Upstream(503)
         upstream.body_started_on_send = True
         call = make_call(b"PUT", body=Body())
-        assert await call_status(make_retry(), upstream, call) == 503
+        assert await call_status(make_retry(replay_buffer=0), upstream, call) == 503
         assert upstream.calls == 1
         # a buffered body can be sent again
         upstream = Upstream(503)
         upstream.body_started_on_send = True
         assert await call_status(make_retry(), upstream, make_call(b"PUT", body=b"{}")) == 200
+
+
+class ClientBody:
+    """A streamed request body: ``chunks`` once, then the end (as the client's is)."""
+
+    def __init__(self, *chunks: bytes) -> None:
+        self.chunks = list(chunks)
+        self.read = 0
+
+    def __aiter__(self) -> ClientBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if not self.chunks:
+            raise StopAsyncIteration
+        self.read += 1
+        return self.chunks.pop(0)
+
+    async def aclose(self) -> None:
+        self.chunks = []
+
+
+async def _read(stream: Any, n: int | None = None) -> list[bytes]:
+    out: list[bytes] = []
+    async for chunk in stream:
+        out.append(chunk)
+        if n is not None and len(out) == n:
+            break
+    return out
+
+
+async def test_the_replay_buffer_gives_each_attempt_the_whole_body() -> None:
+    client = ClientBody(b"ab", b"cd", b"ef")
+    replay = ReplayBuffer(client, limit=6)
+    assert await _read(replay.attempt(), 2) == [b"ab", b"cd"]  # cut short
+    assert await _read(replay.attempt()) == [b"ab", b"cd", b"ef"]  # kept, then the rest
+    assert await _read(replay.attempt()) == [b"ab", b"cd", b"ef"]
+    assert client.read == 3  # each client byte read once
+    assert not replay.overflowed
+
+
+async def test_the_replay_buffer_lets_go_of_a_body_larger_than_its_limit() -> None:
+    replay = ReplayBuffer(ClientBody(b"abc", b"def", b"g"), limit=6)
+    assert await _read(replay.attempt()) == [b"abc", b"def", b"g"]
+    assert replay.overflowed
+    assert replay.kept == []  # nothing held for a retry that cannot happen
+
+
+async def test_a_started_stream_is_replayed_from_the_buffer(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    sent: list[list[bytes]] = []
+
+    async def upstream(call: UpstreamCall) -> Response:
+        call.body_started = True
+        call.target_address = f"10.0.0.{len(sent)}:80"
+        sent.append(await _read(call.body, 1 if not sent else None))  # the first is cut
+        return Response(503 if len(sent) == 1 else 200, stream=Body())
+
+    with trio.fail_after(10):
+        call = make_call(b"PUT", body=ClientBody(b"one", b"two"))
+        response = await make_retry().around_upstream(make_exchange(), call, upstream)
+        assert response.status == 200
+        assert sent == [[b"one"], [b"one", b"two"]]
+        # over the buffer: the first answer stands
+        sent.clear()
+        call = make_call(b"PUT", body=ClientBody(b"one", b"two"))
+        response = await make_retry(replay_buffer=2).around_upstream(
+            make_exchange(), call, upstream
+        )
+        assert response.status == 503
 
 
 async def test_backoff_is_jittered_exponential_and_capped(
@@ -453,12 +534,48 @@ async def test_end_to_end_post_is_not_retried() -> None:
                 for _ in range(4):
                     r = await http_request(gw.port, "POST", "/?fail=1000&status=503")
                     assert (r.status, r.json()["method"]) == (200, "POST")
-            # a streamed body that was sent once cannot be sent again
+            # a streamed body that was sent once is sent again from the replay buffer
+            body = bytes(range(256)) * 40  # 10 KiB
             async with open_gateway(two_target_gateway(targets, methods=["POST"])) as gw:
                 flaky_before = stubs.flaky.requests
-                r = await http_request(gw.port, "POST", "/?fail=1000&status=503", body=b"x")
-                assert r.status == 503  # round robin starts with the flaky target
+                r = await http_request(gw.port, "POST", "/?fail=1000&status=503", body=body)
+                assert r.status == 200  # round robin starts with the flaky target
+                assert r.json()["body"] == body.decode("utf-8", errors="replace")
                 assert stubs.flaky.requests == flaky_before + 1
+            # ... unless it outgrew the buffer, or there is none
+            for size in ("4KiB", 0):
+                config = two_target_gateway(targets, methods=["POST"], replay_buffer=size)
+                async with open_gateway(config) as gw:
+                    flaky_before = stubs.flaky.requests
+                    r = await http_request(gw.port, "POST", "/?fail=1000&status=503", body=body)
+                    assert r.status == 503
+                    assert stubs.flaky.requests == flaky_before + 1
+
+
+async def test_end_to_end_a_body_cut_short_by_an_early_answer_is_replayed_whole() -> None:
+    """The first target reads 1 KiB of a 300 KiB upload, answers 503 and closes; the
+    retry sends the whole body, from its first byte, to the other target."""
+
+    async def early_503(conn: UpstreamConn) -> None:
+        got = await conn.read_head()
+        assert got is not None
+        await conn.stream.receive_some(1024)
+        await conn.send(response_head(503, [("connection", "close")], content_length=0))
+        await conn.stream.aclose()
+
+    body = bytes(range(256)) * 1200
+    with trio.fail_after(20):
+        async with (
+            serve_upstream(early_503) as early,
+            open_counting_upstream(keep=len(body)) as good,
+        ):
+            config = two_target_gateway([early.target, good.target], replay_buffer="1MiB")
+            async with open_gateway(config) as gw:
+                r = await http_request(gw.port, "PUT", "/doc", body=body)
+                assert r.status == 200
+                assert r.json()["received"] == len(body)
+                assert r.json()["body"] == body.decode("latin-1")
+                assert early.connections == 1
 
 
 async def test_end_to_end_dead_target_is_stepped_over() -> None:
