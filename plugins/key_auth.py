@@ -124,6 +124,12 @@ class KeyAuthConfig:
         default=False,
         metadata={"doc": "no key: continue with no identity (an unknown key is still 401)"},
     )
+    # Either credential is enough (Envoy's requires_any): an earlier auth filter on the
+    # route with allow_anonymous, then this one. Off, both are required.
+    skip_if_authenticated: bool = field(
+        default=False,
+        metadata={"doc": "a caller an earlier auth filter identified passes without a key"},
+    )
     consumer_header: str = field(
         default="X-Consumer-Id", metadata={"doc": 'header given the consumer id ("" for none)'}
     )
@@ -210,6 +216,12 @@ class KeyAuth(Filter):
 
     def on_request(self, exchange: Exchange) -> None:
         strip_identity_headers(exchange, self.strip, self.credential_headers)
+        if exchange.identity is not None and self.config.skip_if_authenticated:
+            # Identified already (either credential is enough): a key sent too is
+            # neither checked nor, with hide_credentials, forwarded.
+            if self.config.hide_credentials:
+                self.remove_credentials(exchange)
+            return
         try:
             self._authenticate(exchange)
         except GatewayError:

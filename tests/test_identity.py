@@ -149,3 +149,105 @@ def test_inject_checked_headers_sets_and_remembers_like_inject_headers() -> None
         (b"x-tenant", b"acme"),
     ]
     assert ex.stash[INJECTED_HEADERS] == {b"x-user-id", b"x-tenant"}
+
+
+def _either_config(echo: str, secret: str, key: str, either: bool) -> dict[str, object]:
+    """jwt-auth (anonymous allowed) then key-auth on one route; ``either``: a caller
+    jwt-auth identified needs no key, else both credentials are required."""
+    return {
+        "upstreams": {"echo": {"targets": [echo]}},
+        "routes": [
+            {
+                "name": "api",
+                "prefix": "/",
+                "upstream": "echo",
+                "plugins": {
+                    "jwt-auth": {
+                        "allow_anonymous": True,
+                        "claims_to_headers": {"sub": "X-User-Id"},
+                        "issuers": [{"algorithms": ["HS256"], "secret": secret}],
+                    },
+                    "key-auth": {
+                        "skip_if_authenticated": either,
+                        "hide_credentials": True,
+                        "consumers": [{"id": "billing-app", "key_sha256": hash_key(key)}],
+                    },
+                },
+            }
+        ],
+    }
+
+
+async def test_either_a_token_or_a_key_is_enough(stubs: Stubs) -> None:
+    secret = "0123456789abcdef0123456789abcdef"
+    key = "billing-key-0123456789abcdef0123456789"
+    token = pyjwt.encode({"sub": "carol", "exp": 2**40}, secret, algorithm="HS256")
+    forged = pyjwt.encode({"sub": "admin", "exp": 2**40}, "another secret " * 3, algorithm="HS256")
+    bearer = ("Authorization", f"Bearer {token}")
+    with trio.fail_after(20):
+        async with open_gateway(_either_config(stubs.target("echo"), secret, key, True)) as gw:
+
+            async def call(*headers: tuple[str, str]) -> tuple[int, dict[str, str]]:
+                r = await http_request(gw.port, "GET", "/x", list(headers))
+                return r.status, dict(r.json()["headers"]) if r.status == 200 else {}
+
+            status, seen = await call(bearer)  # a token alone
+            assert status == 200
+            assert seen["x-user-id"] == "carol"
+            assert "x-consumer-id" not in seen
+            status, seen = await call(("X-API-Key", key))  # a key alone
+            assert status == 200
+            assert seen["x-consumer-id"] == "billing-app"
+            assert "x-api-key" not in seen  # hide_credentials
+            status, seen = await call(bearer, ("X-API-Key", "not the key"))
+            assert status == 200  # identified by the token: the key is not looked at
+            assert seen["x-user-id"] == "carol"
+            assert "x-api-key" not in seen  # nor forwarded
+            assert (await call())[0] == 401  # neither
+            assert (await call(("Authorization", f"Bearer {forged}"), ("X-API-Key", key)))[0] == 401
+            assert (await call(("X-User-Id", "admin"), ("X-API-Key", key)))[1].get(
+                "x-user-id"
+            ) is None  # a forged identity header is still stripped
+
+        # Without skip_if_authenticated, both are required.
+        async with open_gateway(_either_config(stubs.target("echo"), secret, key, False)) as gw:
+            assert (await http_request(gw.port, "GET", "/x", [bearer])).status == 401
+            both = [bearer, ("X-API-Key", key)]
+            assert (await http_request(gw.port, "GET", "/x", both)).status == 200
+
+
+async def test_either_a_key_or_a_token_the_other_way_round(stubs: Stubs) -> None:
+    """key-auth first (anonymous allowed), jwt-auth second with skip_if_authenticated."""
+    secret = "0123456789abcdef0123456789abcdef"
+    key = "billing-key-0123456789abcdef0123456789"
+    token = pyjwt.encode({"sub": "carol", "exp": 2**40}, secret, algorithm="HS256")
+    config = {
+        "upstreams": {"echo": {"targets": [stubs.target("echo")]}},
+        "routes": [
+            {
+                "name": "api",
+                "prefix": "/",
+                "upstream": "echo",
+                "plugins": {
+                    "key-auth": {
+                        "allow_anonymous": True,
+                        "consumers": [{"id": "billing-app", "key_sha256": hash_key(key)}],
+                    },
+                    "jwt-auth": {
+                        "skip_if_authenticated": True,
+                        "hide_credentials": True,
+                        "issuers": [{"algorithms": ["HS256"], "secret": secret}],
+                    },
+                },
+            }
+        ],
+    }
+    with trio.fail_after(20):
+        async with open_gateway(config) as gw:
+            with_key = [("X-API-Key", key), ("Authorization", "Bearer not-a-token")]
+            r = await http_request(gw.port, "GET", "/x", with_key)
+            assert r.status == 200
+            assert "authorization" not in dict(r.json()["headers"])  # hide_credentials
+            bearer = [("Authorization", f"Bearer {token}")]
+            assert (await http_request(gw.port, "GET", "/x", bearer)).status == 200
+            assert (await http_request(gw.port, "GET", "/x")).status == 401

@@ -311,6 +311,12 @@ class JwtAuthConfig:
         default=False,
         metadata=_doc("no token: continue with no identity (an invalid token is still 401)"),
     )
+    # Either credential is enough (Envoy's requires_any): an earlier auth filter on the
+    # route with allow_anonymous, then this one. Off, both are required.
+    skip_if_authenticated: bool = field(
+        default=False,
+        metadata=_doc("a caller an earlier auth filter identified passes without a token"),
+    )
     required_scopes: list[str] = field(default_factory=list, metadata=_doc("scopes needed"))
     scope_match: Literal["any", "all"] = field(
         default="all", metadata=_doc('"all" required scopes, or "any" one of them')
