@@ -127,28 +127,56 @@ _POLL = select.poll()
 
 
 async def open_connection(host: str, port: int, deadline: float) -> RawSocket:
-    """A connected non-blocking TCP socket. Raises ``OSError`` or ``trio.TooSlowError``."""
-    infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    """A connected non-blocking TCP socket to ``host``, by ``deadline``: the name lookup
+    counts against it. Raises ``OSError`` or ``trio.TooSlowError``.
+
+    Every address the name has is tried in turn, as ``socket.create_connection`` does
+    (``localhost`` may give ``::1`` first to a service listening on ``127.0.0.1``
+    only), each within a fair share of the time left, so that one address that drops
+    the connection attempt does not take all of it. An error of the gateway's own
+    (out of descriptors) is raised at once.
+    """
+    with trio.CancelScope(deadline=deadline) as scope:
+        infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    if scope.cancelled_caught:
+        raise trio.TooSlowError
     if not infos:
         raise OSError(f"cannot resolve {host}")
-    family, type_, proto, _, addr = infos[0]
-    sock = socket.socket(family, type_, proto)
-    try:
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        err = sock.connect_ex(addr)
-        if err in (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
-            with trio.CancelScope(deadline=deadline) as scope:
-                await trio.lowlevel.wait_writable(sock)
-            if scope.cancelled_caught:
-                raise trio.TooSlowError
-            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err:
-            raise OSError(err, f"connect to {host}:{port}: {os.strerror(err)}")
-    except BaseException:
-        sock.close()
-        raise
-    return RawSocket(sock)
+    failure: OSError | trio.TooSlowError = trio.TooSlowError()
+    for i, (family, type_, proto, _, addr) in enumerate(infos):
+        left = len(infos) - i  # addresses still to try, this one included
+        now = trio.current_time()
+        share = deadline if left == 1 else now + (deadline - now) / left
+        sock = socket.socket(family, type_, proto)
+        try:
+            await _connect(sock, addr, share)
+        except trio.TooSlowError as e:
+            sock.close()
+            failure = e
+            continue
+        except OSError as e:
+            sock.close()
+            failure = OSError(e.errno, f"connect to {host}:{port}: {e.strerror}")
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return RawSocket(sock)
+    raise failure
+
+
+async def _connect(sock: socket.socket, addr: Any, deadline: float) -> None:
+    sock.setblocking(False)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    err = sock.connect_ex(addr)
+    if err in (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
+        with trio.CancelScope(deadline=deadline) as scope:
+            await trio.lowlevel.wait_writable(sock)
+        if scope.cancelled_caught:
+            raise trio.TooSlowError
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise OSError(err, os.strerror(err))
 
 
 async def start_tls(

@@ -8,6 +8,7 @@ blocked: no test waits in real time, and elapsed times are measured exactly with
 
 from __future__ import annotations
 
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -357,3 +358,81 @@ async def test_refused_connect_is_502_at_once(autojump_clock: trio.testing.MockC
             assert status == 502
             assert elapsed < 0.1
             assert resp.json()["error"]["code"] == "upstream_unreachable"
+
+
+# -- names with several addresses, and name lookups that hang -----------------------------
+
+
+class _Names(trio.abc.HostnameResolver):
+    """Test names: each maps to a list of (address, port), or to ``None`` (the lookup
+    never answers). Connections to the addresses are real."""
+
+    def __init__(self, names: dict[str, list[tuple[str, int]] | None]) -> None:
+        self.names = names
+
+    async def getaddrinfo(
+        self,
+        host: bytes | None,
+        port: bytes | str | int | None,
+        family: int = 0,
+        type: int = 0,
+        proto: int = 0,
+        flags: int = 0,
+    ) -> list[tuple[Any, Any, int, str, Any]]:
+        name = host.decode() if isinstance(host, bytes) else str(host)
+        addresses = self.names[name]
+        if addresses is None:
+            await trio.sleep_forever()
+        return [
+            (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", address)
+            for address in addresses or []
+        ]
+
+    async def getnameinfo(
+        self, sockaddr: tuple[str, int] | tuple[str, int, int, int], flags: int
+    ) -> tuple[str, str]:
+        raise NotImplementedError
+
+
+async def test_every_address_of_a_name_is_tried(autojump_clock: trio.testing.MockClock) -> None:
+    """``localhost`` may give ``::1`` first to a service on 127.0.0.1 only: an address
+    that refuses, or drops the attempt, is stepped over within ``connect_timeout``."""
+    with trio.fail_after(DEADLINE):
+        async with (
+            open_refusing_upstream() as refusing,
+            open_blackhole_upstream() as blackhole,
+            open_counting_upstream() as up,
+        ):
+            good = ("127.0.0.1", up.port)
+            trio.socket.set_custom_hostname_resolver(
+                _Names(
+                    {
+                        "refused-first.test": [("127.0.0.1", refusing.port), good],
+                        "dropped-first.test": [("127.0.0.1", blackhole.port), good],
+                    }
+                )
+            )
+            config = make_config("refused-first.test:80", {"connect_timeout": "3s"})
+            async with open_gateway(config) as gw:
+                status, elapsed, _ = await timed_request(gw.port)
+                assert status == 200
+                assert elapsed < 0.1
+            config = make_config("dropped-first.test:80", {"connect_timeout": "3s"})
+            async with open_gateway(config) as gw:
+                status, elapsed, _ = await timed_request(gw.port)
+                assert status == 200
+                # the first of two addresses has half of the time, then the second
+                assert elapsed == pytest.approx(1.5, abs=0.1)
+
+
+async def test_a_name_lookup_that_hangs_is_504_at_connect_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with trio.fail_after(DEADLINE):
+        trio.socket.set_custom_hostname_resolver(_Names({"hangs.test": None}))
+        config = make_config("hangs.test:80", {"connect_timeout": "2s"})
+        async with open_gateway(config) as gw:
+            status, elapsed, resp = await timed_request(gw.port)
+            assert status == 504
+            assert elapsed == pytest.approx(2.0, abs=0.1)
+            assert resp.json()["error"]["code"] == "upstream_timeout"
