@@ -67,7 +67,7 @@ def _config_error(e: Exception, path: str) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from engine.gateway import compile_runtime
+    from engine.gateway import compile_runtime, effective_plugin_configs
     from engine.plugins import PluginError
 
     try:
@@ -80,7 +80,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     if access.path is not None:
         where = "standard output" if access.path == "-" else access.path
         print(f"  access log: {where} ({access.format})")
-    for r in runtime.routes:
+    for i, r in enumerate(runtime.routes):
         rc = r.config
         match = rc.path if rc.path is not None else f"{rc.pattern}*"
         hosts = ",".join(rc.hosts) or "*"
@@ -88,10 +88,17 @@ def cmd_check(args: argparse.Namespace) -> int:
         target = rc.upstream or "(answered by a filter)"
         print(f"  route {rc.name}: {methods} {hosts}{match} -> {target}")
         if r.chain.filters:
-            steps = " -> ".join(f"{f.name} [{f.stage.name.lower()}]" for f in r.chain.filters)
+            steps = " -> ".join(
+                f"{f.name} [{f.stage.name.lower()}]{_own_keys(rc.plugins.get(f.name))}"
+                for f in r.chain.filters
+            )
             print(f"    chain: {steps}")
         else:
             print("    chain: (no filters)")
+        enabled = {name for name, *_ in effective_plugin_configs(config, i)}
+        off = [name for name in config.plugins if name not in enabled]
+        if off:
+            print(f"    not on this route: {', '.join(off)}")
     for name, pool in runtime.pools.items():
         uc = pool.config
         count = len(uc.targets)
@@ -102,6 +109,14 @@ def cmd_check(args: argparse.Namespace) -> int:
             tls = f", tls (verified{checked}{client})"
         print(f"  upstream {name}: {count} target{'s' * (count != 1)}, {uc.balance}{tls}")
     return 0
+
+
+def _own_keys(table: dict[str, Any] | None) -> str:
+    """What a route's own ``[routes.plugins.NAME]`` table sets, for ``check``."""
+    if table is None:
+        return ""
+    keys = [k for k in table if k != "enabled"]
+    return f" (this route sets {', '.join(keys)})" if keys else ""
 
 
 def cmd_init(args: argparse.Namespace) -> int:

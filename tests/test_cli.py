@@ -62,6 +62,30 @@ def test_check_shows_the_access_log(tmp_path: Path) -> None:
     assert not (tmp_path / "access.log").exists()  # checking opens nothing
 
 
+def test_check_shows_what_each_route_overrides_and_turns_off(tmp_path: Path) -> None:
+    config = _config(_free_port(), "127.0.0.1:1")
+    config["plugins"] = {"retry": {"attempts": 3}, "circuit-breaker": {}}
+    config["routes"] = [
+        {"name": "plain", "prefix": "/a", "upstream": "echo"},
+        {
+            "name": "tuned",
+            "prefix": "/b",
+            "upstream": "echo",
+            "plugins": {
+                "retry": {"attempts": 1, "methods": ["GET"]},
+                "circuit-breaker": {"enabled": False},
+            },
+        },
+    ]
+    r = _run("check", "-c", str(_write(tmp_path / "g.toml", config)))
+    assert r.returncode == 0, r.stderr
+    plain, tuned = r.stdout.split("route tuned:")
+    assert "retry [edge] -> circuit-breaker [limit]\n" in plain
+    assert "not on this route" not in plain
+    assert "retry [edge] (this route sets attempts, methods)\n" in tuned
+    assert "not on this route: circuit-breaker" in tuned
+
+
 def test_check_names_the_key_path_and_exits_2(tmp_path: Path) -> None:
     bad = {
         "upstreams": {"orders": {"targets": ["127.0.0.1:1"]}},
