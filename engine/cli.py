@@ -67,7 +67,7 @@ def _config_error(e: Exception, path: str) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from engine.gateway import compile_runtime, effective_plugin_configs
+    from engine.gateway import compile_runtime
     from engine.plugins import PluginError
 
     try:
@@ -80,7 +80,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     if access.path is not None:
         where = "standard output" if access.path == "-" else access.path
         print(f"  access log: {where} ({access.format})")
-    for i, r in enumerate(runtime.routes):
+    for r in runtime.routes:
         rc = r.config
         match = rc.path if rc.path is not None else f"{rc.pattern}*"
         hosts = ",".join(rc.hosts) or "*"
@@ -95,10 +95,13 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"    chain: {steps}")
         else:
             print("    chain: (no filters)")
-        enabled = {name for name, *_ in effective_plugin_configs(config, i)}
-        off = [name for name in config.plugins if name not in enabled]
+        off = [
+            name
+            for name, table in config.plugins.items()
+            if table.get("enabled", True) and rc.plugins.get(name, {}).get("enabled") is False
+        ]
         if off:
-            print(f"    not on this route: {', '.join(off)}")
+            print(f"    turned off here: {', '.join(off)}")
     for name, pool in runtime.pools.items():
         uc = pool.config
         count = len(uc.targets)
@@ -286,13 +289,11 @@ class Workers:
             proc, self.metrics[slot] = self._spawn()
             self.live[slot] = proc
             started = trio.current_time()
-            try:
-                code = await _wait_exit(proc)
-            finally:
-                channel = self.metrics.pop(slot)
-                self.retired.add(channel.last)
-                await channel.aclose()
-            del self.live[slot]
+            # Cancelled here when the gateway stops: the worker still drains, and is
+            # asked for its metrics, until stop() sees it exit.
+            code = await _wait_exit(proc)
+            self._retire(slot)
+            self.live.pop(slot, None)  # (stop() may have reaped it first)
             if self.stopping:
                 return
             quick_deaths = quick_deaths + 1 if trio.current_time() - started < QUICK_DEATH else 0
@@ -306,19 +307,27 @@ class Workers:
             )
             await trio.sleep(delay)
 
+    def _retire(self, slot: int) -> None:
+        """The worker of ``slot`` exited: what it counted stays in the totals."""
+        channel = self.metrics.pop(slot, None)
+        if channel is not None:
+            self.retired.add(channel.last)
+            channel.close()
+
     async def gather_metrics(self) -> list[dict[str, MetricDump]]:
-        """The metrics of every live worker (asked all at once) and of the dead ones."""
+        """The metrics of every live worker (asked all at once) and of the dead ones,
+        in slot order (float sums must not change with the order answers came in)."""
         import trio
 
-        answers: list[dict[str, MetricDump]] = [self.retired.metrics]
+        answers: dict[int, dict[str, MetricDump]] = {}
 
-        async def ask(channel: WorkerMetrics) -> None:
-            answers.append(await channel.ask())
+        async def ask(slot: int, channel: WorkerMetrics) -> None:
+            answers[slot] = await channel.ask()
 
         async with trio.open_nursery() as nursery:
-            for channel in list(self.metrics.values()):
-                nursery.start_soon(ask, channel)
-        return answers
+            for slot, channel in list(self.metrics.items()):
+                nursery.start_soon(ask, slot, channel)
+        return [self.retired.metrics, *(answers[slot] for slot in sorted(answers))]
 
     def signal(self, signum: int) -> None:
         for proc in self.live.values():
@@ -334,11 +343,20 @@ class Workers:
         with trio.move_on_after(deadline):
             while self.live:
                 await _wait_exit(next(iter(self.live.values())))
-                self.live = {k: p for k, p in self.live.items() if p.returncode is None}
+                self._reap()
         for proc in self.live.values():
-            log.error("worker pid %d did not stop in time: killed", proc.pid)
-            proc.kill()
+            if proc.poll() is None:  # (one that exited meanwhile was not "killed")
+                log.error("worker pid %d did not stop in time: killed", proc.pid)
+                proc.kill()
             proc.wait()
+        self._reap()
+
+    def _reap(self) -> None:
+        """Forget the workers that exited (reaped by a wait), keeping their counts."""
+        for slot, proc in list(self.live.items()):
+            if proc.poll() is not None:
+                self._retire(slot)
+                del self.live[slot]
 
 
 class CrashLoop(Exception):

@@ -1,7 +1,8 @@
 """Process-wide counters, gauges and histograms, rendered in the Prometheus text format.
 
 Plugins count events here (``counter("filtergate_jwt_failures_total", "...",
-("reason",)).inc(reason="expired")``); the admin listener serves :func:`render`.
+("reason",)).inc(reason="expired")``); the admin listener serves :func:`render` (with
+workers, :func:`render_dumps` of the :func:`merge` of every process's :func:`dump`).
 Metrics are created once (at import or config load) and incremented per request.
 
 With ``workers > 1`` every process counts on its own. A worker hands its metrics to the
@@ -67,7 +68,8 @@ class _Metric:
             "kind": self.kind,
             "help": self.help,
             "labels": list(self.labels),
-            "values": [[list(key), v] for key, v in self.values.items()],
+            # float(): a plugin may count in Decimal or numpy numbers, which JSON cannot carry.
+            "values": [[list(key), float(v)] for key, v in self.values.items()],
         }
 
 
@@ -182,7 +184,7 @@ class Histogram(_Metric):
             "help": self.help,
             "labels": list(self.labels),
             "buckets": list(self.buckets),
-            "series": [[list(key), list(s.counts), s.sum] for key, s in self.series.items()],
+            "series": [[list(key), list(s.counts), float(s.sum)] for key, s in self.series.items()],
         }
 
 
@@ -297,7 +299,7 @@ def render_dumps(metrics: Mapping[str, MetricDump]) -> bytes:
                     total += n
                     lines.append(f'{name}_bucket{{{inner}le="{le}"}} {total}')
                 braced = f"{{{inner[:-1]}}}" if inner else ""
-                lines.append(f"{name}_sum{braced} {total_sum!r}")  # full precision
+                lines.append(f"{name}_sum{braced} {_number(total_sum)}")
                 lines.append(f"{name}_count{braced} {total}")
             continue
         for key, v in sorted(m["values"]):
@@ -305,10 +307,21 @@ def render_dumps(metrics: Mapping[str, MetricDump]) -> bytes:
                 inner = ",".join(
                     f'{k}="{_escape(val)}"' for k, val in zip(labels, key, strict=True)
                 )
-                lines.append(f"{name}{{{inner}}} {v:g}")
+                lines.append(f"{name}{{{inner}}} {_number(v)}")
             else:
-                lines.append(f"{name} {v:g}")
+                lines.append(f"{name} {_number(v)}")
     return ("\n".join(lines) + "\n").encode()
+
+
+def _number(v: float) -> str:
+    """A sample value in full: ``g`` would show a counter past a million as ``3.7037e+06``
+    (six digits), so that it moved only every tenth increment or so."""
+    v = float(v)
+    if v.is_integer():
+        return str(int(v))
+    if math.isfinite(v):
+        return repr(v)
+    return "NaN" if math.isnan(v) else ("+Inf" if v > 0 else "-Inf")
 
 
 def render() -> bytes:

@@ -7,8 +7,11 @@ for each (all at once), and renders the sum (:func:`engine.metrics.merge`).
 
 The protocol, both ways on one ``AF_UNIX`` stream: the main process sends a 4-byte
 sequence number; the worker answers with that number, a 4-byte length and its metrics as
-JSON. A worker too busy to answer in time is shown with the metrics it gave last; its
-late answer is read and dropped on the next ask (the number tells it apart).
+JSON (an empty answer: it could not encode them; its last ones stand). A worker too busy
+to answer in time is shown with the metrics it gave last; its late answer is read and
+dropped on the next ask (the number tells it apart), and asks that queued up while it
+was busy get one answer, to the newest. Scrapes at the same time share one ask, so
+each returns within :data:`ASK_TIMEOUT` however many there are.
 
 What a dead worker counted still counts: its last answer is kept (:class:`Retired`),
 without its gauges, so counters summed over the workers never go down when one dies
@@ -49,12 +52,24 @@ async def answer(sock: socket.socket) -> None:
                 if not data:
                     return  # the main process is gone (and so will this one be)
                 pending += data
-                while len(pending) >= 4:
-                    seq, pending = pending[:4], pending[4:]
-                    body = json.dumps(metrics.dump(), separators=(",", ":")).encode()
-                    await stream.send_all(_HEAD.pack(int.from_bytes(seq, "big"), len(body)) + body)
+                if len(pending) < 4:
+                    continue
+                # Asks that queued up while this process was busy: answer the newest.
+                whole = len(pending) - len(pending) % 4
+                seq = int.from_bytes(pending[whole - 4 : whole], "big")
+                pending = pending[whole:]
+                await stream.send_all(_answer(seq))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return
+
+
+def _answer(seq: int) -> bytes:
+    try:
+        body = json.dumps(metrics.dump(), separators=(",", ":")).encode()
+    except (TypeError, ValueError) as e:  # a plugin's value JSON cannot carry
+        log.error("this worker's metrics cannot be sent to the main process: %s", e)
+        body = b""
+    return _HEAD.pack(seq, len(body)) + body
 
 
 class WorkerMetrics:
@@ -65,24 +80,32 @@ class WorkerMetrics:
         self.last: dict[str, MetricDump] = {}
         self._seq = 0
         self._buffer = bytearray()
-        self._lock = trio.Lock()  # two scrapes at once take turns
+        self._asking: trio.Event | None = None  # set when the ask in flight ends
         self.timeout = ASK_TIMEOUT
 
     async def ask(self) -> dict[str, MetricDump]:
         """The worker's metrics now, or the last ones it gave if it does not answer in
-        ``self.timeout`` seconds (or is gone)."""
-        async with self._lock:
+        ``self.timeout`` seconds (or is gone). A scrape that comes while another one's
+        ask is in flight waits for that answer, within its own ``self.timeout``."""
+        if self._asking is not None:
+            with trio.move_on_after(self.timeout):
+                await self._asking.wait()
+            return self.last
+        self._asking = done = trio.Event()
+        try:
             self._seq = (self._seq + 1) & 0xFFFFFFFF
             with trio.move_on_after(self.timeout):
-                try:
-                    await self.stream.send_all(self._seq.to_bytes(4, "big"))
-                    while not await self._read_answer():
-                        pass
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass  # the worker died: its supervisor retires it
-                except ValueError as e:  # out of step, or not JSON: never asked again
-                    log.error("a worker's metrics could not be read: %s", e)
-                    await self.stream.aclose()
+                await self.stream.send_all(self._seq.to_bytes(4, "big"))
+                while not await self._read_answer():
+                    pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the worker died: its supervisor retires it
+        except ValueError as e:  # out of step, or not JSON: never asked again
+            log.error("a worker's metrics could not be read: %s", e)
+            self.close()
+        finally:
+            self._asking = None
+            done.set()
         return self.last
 
     async def _read_answer(self) -> bool:
@@ -99,7 +122,8 @@ class WorkerMetrics:
         del buffer[: _HEAD.size + length]
         if seq != self._seq:
             return False  # a late answer to an ask that gave up on it
-        self.last = json.loads(body)
+        if body:  # empty: the worker could not encode its metrics, the last ones stand
+            self.last = json.loads(body)
         return True
 
     async def _fill(self) -> None:
@@ -108,8 +132,8 @@ class WorkerMetrics:
             raise trio.BrokenResourceError("the worker closed its end")
         self._buffer += data
 
-    async def aclose(self) -> None:
-        await self.stream.aclose()
+    def close(self) -> None:
+        self.stream.socket.close()
 
 
 class Retired:

@@ -81,9 +81,9 @@ def test_check_shows_what_each_route_overrides_and_turns_off(tmp_path: Path) -> 
     assert r.returncode == 0, r.stderr
     plain, tuned = r.stdout.split("route tuned:")
     assert "retry [edge] -> circuit-breaker [limit]\n" in plain
-    assert "not on this route" not in plain
+    assert "turned off" not in plain
     assert "retry [edge] (this route sets attempts, methods)\n" in tuned
-    assert "not on this route: circuit-breaker" in tuned
+    assert "turned off here: circuit-breaker" in tuned
 
 
 def test_check_names_the_key_path_and_exits_2(tmp_path: Path) -> None:

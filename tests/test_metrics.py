@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import math
 import socket
 import struct
+from decimal import Decimal
 
 import pytest
 import trio
+import trio.testing
 
 from engine.metrics import Counter, Gauge, Histogram, MetricDump, merge, render_dumps
-from engine.worker_metrics import Retired, WorkerMetrics, answer
+from engine.worker_metrics import ASK_TIMEOUT, Retired, WorkerMetrics, _answer, answer
 
 
 def _process(
@@ -107,7 +110,7 @@ async def test_a_worker_answers_with_this_process_metrics() -> None:
             second = await channel.ask()
             assert "filtergate_responses_total" in first  # the engine's, registered here
             assert second.keys() == first.keys()
-            await channel.aclose()  # the worker's loop ends when the main process goes
+            channel.close()  # the worker's loop ends when the main process goes
 
 
 async def test_a_late_answer_is_dropped_and_the_last_one_shown(
@@ -164,3 +167,99 @@ async def test_garbage_from_a_worker_is_never_read_again() -> None:
         assert await channel.ask() == {}
         assert await channel.ask() == {}  # closed: no wait, no read
     theirs.close()
+
+
+def test_sample_values_are_written_in_full() -> None:
+    c = Counter("t_big_total", "Big.", ())
+    c.inc(3_703_701)
+    g = Gauge("t_odd", "Odd.", ("k",))
+    g.set(0.1, k="tenth")
+    g.set(math.inf, k="inf")
+    g.set(-math.inf, k="-inf")
+    g.set(math.nan, k="nan")
+    text = render_dumps({"t_big_total": c.dump(), "t_odd": g.dump()}).decode()
+    assert "t_big_total 3703701\n" in text  # not 3.7037e+06
+    assert 't_odd{k="tenth"} 0.1\n' in text
+    assert 't_odd{k="inf"} +Inf\n' in text
+    assert 't_odd{k="-inf"} -Inf\n' in text
+    assert 't_odd{k="nan"} NaN\n' in text
+
+
+def test_a_value_json_cannot_carry_never_takes_the_worker_down() -> None:
+    """A plugin counting in Decimal is sent as a float; a value that is no number at
+    all makes an empty answer (the main process keeps the last one), not a crash."""
+    from engine import metrics
+
+    g = metrics.gauge("t_plugin_ratio", "A plugin's gauge.")
+    try:
+        g.set(Decimal("0.5"))  # type: ignore[arg-type]
+        seq, length = struct.unpack_from(">II", _answer(7))
+        body = json.loads(_answer(7)[8:])
+        assert (seq, body["t_plugin_ratio"]["values"]) == (7, [[[], 0.5]])
+        assert length > 0
+        g.set(object())  # type: ignore[arg-type]
+        assert _answer(8) == struct.pack(">II", 8, 0)
+    finally:
+        del metrics._REGISTRY["t_plugin_ratio"]
+
+
+async def test_an_empty_answer_keeps_the_last_metrics() -> None:
+    ours, theirs = _pair()
+    channel = WorkerMetrics(ours)
+    channel.last = {"kept": {"kind": "counter", "help": "", "labels": [], "values": []}}
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+
+            async def empty() -> None:
+                seq = await trio.to_thread.run_sync(theirs.recv, 4)
+                theirs.sendall(struct.pack(">II", int.from_bytes(seq, "big"), 0))
+
+            nursery.start_soon(empty)
+            assert list(await channel.ask()) == ["kept"]
+    theirs.close()
+    channel.close()
+
+
+async def test_scrapes_at_once_share_one_ask_and_each_returns_in_time(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Five scrapes while the worker does not answer: each is back within one timeout
+    (they do not queue behind one another), with the last metrics."""
+    ours, theirs = _pair()  # nobody answers on theirs
+    channel = WorkerMetrics(ours)
+    back: list[float] = []
+
+    async def scrape() -> None:
+        await channel.ask()
+        back.append(trio.current_time())
+
+    with trio.fail_after(60):
+        start = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            for _ in range(5):
+                nursery.start_soon(scrape)
+        assert len(back) == 5
+        assert max(back) - start <= ASK_TIMEOUT + 0.01
+        assert theirs.recv(64) == (1).to_bytes(4, "big")  # one ask went out, not five
+    theirs.close()
+    channel.close()
+
+
+async def test_a_worker_that_was_busy_answers_only_the_newest_ask() -> None:
+    ours, theirs = _pair()
+    with trio.fail_after(10):
+        for seq in (1, 2, 3):  # asks that queued while the worker was busy
+            ours.sendall(seq.to_bytes(4, "big"))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(answer, theirs)
+            head = await trio.to_thread.run_sync(ours.recv, 8)
+            seq, length = struct.unpack(">II", head)
+            assert seq == 3
+            body = b""
+            while len(body) < length:
+                body += await trio.to_thread.run_sync(ours.recv, length - len(body))
+            await trio.testing.wait_all_tasks_blocked()
+            ours.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                ours.recv(1)  # no answer to 1 and 2
+            ours.close()  # the worker's loop ends

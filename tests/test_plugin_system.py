@@ -511,12 +511,14 @@ def test_check_prints_the_effective_chain_of_every_route(site: Path, tmp_path: P
     chains = [line.strip() for line in lines if line.strip().startswith("chain:")]
     assert chains == [
         "chain: probe [limit]",
-        "chain: probe [limit]",
+        "chain: probe [limit] (this route sets limit)",
         "chain: (no filters)",
         # Execution order: the EDGE filter first although probe comes first in the file.
         "chain: tagger [edge] -> probe [limit]",
     ]
     assert "  route plain: ANY */plain* -> echo" in lines
+    assert "    turned off here: probe" in lines  # route "off"; tagger was never on
+    assert sum("turned off" in line for line in lines) == 1
     assert lines[-1] == "  upstream echo: 1 target, round_robin"
 
 

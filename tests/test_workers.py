@@ -154,7 +154,8 @@ async def test_metrics_add_up_the_workers_and_outlive_a_dead_one(
     """/metrics on the main process counts the requests every worker served, and a
     worker killed and respawned takes nothing back from the counters."""
     port, admin = _free_port(), _free_port()
-    cfg = _write(tmp_path / "g.toml", _config(port, stubs.target("echo"), admin, workers=2))
+    config = _config(port, stubs.target("echo"), admin, workers=2, drain_delay="2s")
+    cfg = _write(tmp_path / "g.toml", config)
     ok = 'filtergate_responses_total{code="2xx"}'
     calls = 'filtergate_upstream_requests_total{upstream="echo",result="response"}'
     durations = 'filtergate_request_duration_seconds_count{route="echo",code="2xx"}'
@@ -192,7 +193,12 @@ async def test_metrics_add_up_the_workers_and_outlive_a_dead_one(
             text = await scrape()
             assert _sample(text, ok) == before + 40
             assert _sample(text, durations) == before + 40
+
+            # Draining (drain_delay): every process still serves, and still counts.
             proc.send_signal(signal.SIGTERM)
+            before = _sample(await scrape(), ok)
+            assert len(await serve(40)) == 2, "both processes served some"
+            assert _sample(await scrape(), ok) == before + 40
             assert await proc.wait() == 0
     assert "Traceback" not in (tmp_path / "err.log").read_text()
 
