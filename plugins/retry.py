@@ -163,18 +163,21 @@ def backoff_cap(retry: int, base: float, maximum: float) -> float:
 
 class ReplayBuffer:
     """A streamed request body kept as it is sent, up to ``limit`` bytes, so that a
-    retry can send it again. Each :meth:`attempt` is the body from its first byte: the
-    kept chunks, then the rest of the client's body (kept too). Once the body outgrows
-    ``limit`` the kept chunks are dropped and :attr:`overflowed` is set: what was sent
-    cannot be sent again."""
+    retry can send it again. Each :meth:`attempt` is the body from its first byte: what
+    was kept, then the rest of the client's body (kept too). Once the body outgrows
+    ``limit`` what was kept is dropped and :attr:`overflowed` is set: what was sent
+    cannot be sent again.
 
-    __slots__ = ("body", "kept", "limit", "overflowed", "size")
+    The bytes are kept in one buffer, not as the chunks they came in: a client sending
+    a chunk per byte must not make ``limit`` bytes cost dozens of times that in objects.
+    """
+
+    __slots__ = ("body", "kept", "limit", "overflowed")
 
     def __init__(self, body: BodyStream, limit: int) -> None:
         self.body = body
         self.limit = limit
-        self.kept: list[bytes] = []
-        self.size = 0
+        self.kept = bytearray()
         self.overflowed = False
 
     def attempt(self) -> _Attempt:
@@ -183,39 +186,47 @@ class ReplayBuffer:
     def keep(self, chunk: bytes) -> None:
         if self.overflowed:
             return
-        self.size += len(chunk)
-        if self.size > self.limit:
-            self.overflowed = True
-            self.kept = []
+        if len(self.kept) + len(chunk) > self.limit:
+            self.release()
         else:
-            self.kept.append(chunk)
+            self.kept += chunk
+
+    def release(self) -> None:
+        """No more retries: let go of what was kept, and keep nothing more."""
+        self.overflowed = True
+        self.kept = bytearray()
 
 
 class _Attempt:
     """One attempt's body stream over a :class:`ReplayBuffer` (one attempt at a time).
     Closing it closes nothing: the client's body is the exchange's."""
 
-    __slots__ = ("_next", "_replay")
+    __slots__ = ("_replay", "_sent")
 
     def __init__(self, replay: ReplayBuffer) -> None:
         self._replay = replay
-        self._next = 0  # the next kept chunk to give
+        self._sent = 0  # bytes of the kept ones given to this attempt
 
     def __aiter__(self) -> _Attempt:
         return self
 
     async def __anext__(self) -> bytes:
         replay = self._replay
-        if self._next < len(replay.kept):
-            self._next += 1
-            return replay.kept[self._next - 1]
-        chunk: bytes = await replay.body.__aiter__().__anext__()
+        kept = replay.kept
+        if self._sent < len(kept):
+            chunk = bytes(kept[self._sent : self._sent + _REPLAY_SLICE])
+            self._sent += len(chunk)
+            return chunk
+        chunk = await replay.body.__aiter__().__anext__()
         replay.keep(chunk)
-        self._next = len(replay.kept)
+        self._sent = len(replay.kept)
         return chunk
 
     async def aclose(self) -> None:
         pass
+
+
+_REPLAY_SLICE = 64 * 1024  # bytes of a replayed body per chunk sent
 
 
 _RETRIES_TOTAL = counter(
@@ -298,6 +309,8 @@ class Retry(Filter):
                 if not (
                     wanted and retryable_method and self._may_retry(call, retries, budget, replay)
                 ):
+                    if replay is not None:
+                        replay.release()
                     raise
             else:
                 if (
@@ -306,6 +319,8 @@ class Retry(Filter):
                     or is_fallback(exchange, response)
                     or not self._may_retry(call, retries, budget, replay)
                 ):
+                    if replay is not None:
+                        replay.release()  # the answer stands: no attempt will follow
                     return response
                 reason = f"status_{response.status}"
                 await response.aclose()

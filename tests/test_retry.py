@@ -268,8 +268,8 @@ async def test_the_replay_buffer_gives_each_attempt_the_whole_body() -> None:
     client = ClientBody(b"ab", b"cd", b"ef")
     replay = ReplayBuffer(client, limit=6)
     assert await _read(replay.attempt(), 2) == [b"ab", b"cd"]  # cut short
-    assert await _read(replay.attempt()) == [b"ab", b"cd", b"ef"]  # kept, then the rest
-    assert await _read(replay.attempt()) == [b"ab", b"cd", b"ef"]
+    assert await _read(replay.attempt()) == [b"abcd", b"ef"]  # kept, then the rest
+    assert await _read(replay.attempt()) == [b"abcdef"]
     assert client.read == 3  # each client byte read once
     assert not replay.overflowed
 
@@ -278,7 +278,19 @@ async def test_the_replay_buffer_lets_go_of_a_body_larger_than_its_limit() -> No
     replay = ReplayBuffer(ClientBody(b"abc", b"def", b"g"), limit=6)
     assert await _read(replay.attempt()) == [b"abc", b"def", b"g"]
     assert replay.overflowed
-    assert replay.kept == []  # nothing held for a retry that cannot happen
+    assert replay.kept == b""  # nothing held for a retry that cannot happen
+
+
+async def test_the_replay_buffer_holds_bytes_not_chunks() -> None:
+    """A body sent a byte per chunk is kept as one buffer (no object per chunk), and
+    replayed in slices."""
+    replay = ReplayBuffer(ClientBody(*[b"x"] * 1000), limit=1000)
+    assert len(await _read(replay.attempt())) == 1000
+    assert replay.kept == b"x" * 1000
+    assert await _read(replay.attempt()) == [b"x" * 1000]
+    replay.release()  # the answer stands: nothing more is kept
+    assert replay.kept == b""
+    assert replay.overflowed
 
 
 async def test_a_started_stream_is_replayed_from_the_buffer(
