@@ -217,10 +217,9 @@ class KeyAuth(Filter):
     def on_request(self, exchange: Exchange) -> None:
         strip_identity_headers(exchange, self.strip, self.credential_headers)
         if exchange.identity is not None and self.config.skip_if_authenticated:
-            # Identified already (either credential is enough): a key sent too is
-            # neither checked nor, with hide_credentials, forwarded.
-            if self.config.hide_credentials:
-                self.remove_credentials(exchange)
+            # Identified already (either credential is enough): a key sent too is not
+            # checked, so it is not forwarded either (the upstream may trust it).
+            self.remove_credentials(exchange)
             return
         try:
             self._authenticate(exchange)

@@ -257,10 +257,9 @@ class JwtAuth(Filter):
         if strip.any_of(exchange.request.headers.items):  # else strip_identity_headers is a no-op
             strip_identity_headers(exchange, strip, self.credential_headers)
         if exchange.identity is not None and self.config.skip_if_authenticated:
-            # Identified already (either credential is enough): a token sent too is
-            # neither checked nor, with hide_credentials, forwarded.
-            if self.config.hide_credentials:
-                self.remove_credentials(exchange)
+            # Identified already (either credential is enough): a token sent too is not
+            # checked, so it is not forwarded either (upstreams read claims from it).
+            self.remove_credentials(exchange)
             return None
         # Wall-clock time: exp/nbf/iat are seconds since the epoch, not intervals.
         now = time.time()
