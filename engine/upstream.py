@@ -126,43 +126,102 @@ class _Conn:
 _POLL = select.poll()
 
 
+# RFC 8305 ("Happy Eyeballs"): the next address is tried when the last one has not
+# connected within this, or at once when it failed.
+CONNECT_STAGGER = 0.25
+
+
 async def open_connection(host: str, port: int, deadline: float) -> RawSocket:
     """A connected non-blocking TCP socket to ``host``, by ``deadline``: the name lookup
     counts against it. Raises ``OSError`` or ``trio.TooSlowError``.
 
-    Every address the name has is tried in turn, as ``socket.create_connection`` does
-    (``localhost`` may give ``::1`` first to a service listening on ``127.0.0.1``
-    only), each within a fair share of the time left, so that one address that drops
-    the connection attempt does not take all of it. An error of the gateway's own
-    (out of descriptors) is raised at once.
+    A name with several addresses is connected to as Happy Eyeballs does (RFC 8305, as
+    trio's ``open_tcp_stream``): the addresses in the resolver's order, the next one
+    started when the last has not connected within :data:`CONNECT_STAGGER` or has
+    failed, each with the time up to ``deadline``; the first to connect wins and the
+    others are closed. So ``localhost`` giving ``::1`` first to a service listening on
+    ``127.0.0.1`` only, or an address that drops the attempt, costs at most the stagger.
+    A shortage of the gateway's own (out of descriptors) is raised at once, with its
+    errno, so that the target is not blamed for it.
     """
-    with trio.CancelScope(deadline=deadline) as scope:
-        infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    try:
+        with trio.CancelScope(deadline=deadline) as scope:
+            infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError:
+        _raise_shortage()  # the lookup needs descriptors too (/etc/hosts, a DNS socket)
+        raise
     if scope.cancelled_caught:
         raise trio.TooSlowError
     if not infos:
         raise OSError(f"cannot resolve {host}")
-    failure: OSError | trio.TooSlowError = trio.TooSlowError()
-    for i, (family, type_, proto, _, addr) in enumerate(infos):
-        left = len(infos) - i  # addresses still to try, this one included
-        now = trio.current_time()
-        share = deadline if left == 1 else now + (deadline - now) / left
+    if len(infos) == 1:  # an address target: no race to run
+        family, type_, proto, _, addr = infos[0]
         sock = socket.socket(family, type_, proto)
         try:
-            await _connect(sock, addr, share)
-        except trio.TooSlowError as e:
-            sock.close()
-            failure = e
-            continue
+            await _connect(sock, addr, deadline)
         except OSError as e:
             sock.close()
-            failure = OSError(e.errno, f"connect to {host}:{port}: {e.strerror}")
-            continue
+            raise OSError(e.errno, f"connect to {host}:{port}: {e.strerror or e}") from None
         except BaseException:
             sock.close()
             raise
         return RawSocket(sock)
-    raise failure
+    failures: list[OSError | trio.TooSlowError] = []
+    winner: socket.socket | None = None
+    shortage: OSError | None = None
+
+    async def attempt(sock: socket.socket, addr: Any, failed: trio.Event) -> None:
+        nonlocal winner
+        try:
+            await _connect(sock, addr, deadline)
+        except (OSError, trio.TooSlowError) as e:
+            sock.close()
+            failures.append(e)
+            failed.set()
+            return
+        except BaseException:
+            sock.close()
+            raise
+        if winner is None:
+            winner = sock
+            nursery.cancel_scope.cancel()  # the others lost
+        else:
+            sock.close()
+
+    async with trio.open_nursery() as nursery:
+        for family, type_, proto, _, addr in infos:
+            try:
+                sock = socket.socket(family, type_, proto)
+            except OSError as e:
+                if e.errno in RESOURCE_ERRORS:
+                    shortage = e
+                    nursery.cancel_scope.cancel()
+                    break
+                failures.append(e)  # e.g. IPv6 turned off on this host: the next one
+                continue
+            failed = trio.Event()
+            nursery.start_soon(attempt, sock, addr, failed)
+            with trio.move_on_after(CONNECT_STAGGER):
+                await failed.wait()
+    if winner is not None:
+        return RawSocket(winner)
+    if shortage is not None:
+        raise shortage
+    refused = [f for f in failures if isinstance(f, OSError)]
+    if refused:  # else every address timed out
+        last = refused[-1]
+        raise OSError(last.errno, f"connect to {host}:{port}: {last.strerror or last}")
+    raise trio.TooSlowError
+
+
+def _raise_shortage() -> None:
+    """Raise ``OSError(EMFILE)`` when this process cannot open a socket now: a failed
+    name lookup may say "not known" when what it lacked was a descriptor."""
+    try:
+        socket.socket().close()
+    except OSError as e:
+        if e.errno in RESOURCE_ERRORS:
+            raise OSError(e.errno, f"the name lookup failed: {e.strerror}") from None
 
 
 async def _connect(sock: socket.socket, addr: Any, deadline: float) -> None:

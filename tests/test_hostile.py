@@ -960,13 +960,17 @@ async def test_accept_without_file_descriptors_backs_off(
             sock.close()
 
 
-async def test_no_descriptor_for_an_upstream_connection_is_503_and_ejects_nothing() -> None:
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+async def test_no_descriptor_for_an_upstream_connection_is_503_and_ejects_nothing(
+    host: str,
+) -> None:
     # EMFILE on the upstream connect is the gateway's own shortage, not the target
-    # refusing: a 503 now, and the target serves as soon as descriptors are free.
+    # refusing: a 503 now, and the target serves as soon as descriptors are free. A
+    # target by name fails earlier, in the name lookup ("not known"): the same.
     with trio.fail_after(DEADLINE):
         async with (
             open_counting_upstream() as up,
-            open_gateway(make_config(up.target), extra_plugins=PLUGINS) as gw,
+            open_gateway(make_config(f"{host}:{up.port}"), extra_plugins=PLUGINS) as gw,
             Client.open(gw.port) as client,  # accepted before the shortage
         ):
             with no_spare_file_descriptors():
