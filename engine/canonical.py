@@ -3,7 +3,8 @@
 ``canonical_path(raw)`` removes dot segments, merges duplicate slashes and decodes
 percent-encoded unreserved characters (so ``/a/%2E%2E/b`` and ``/b`` are one path); it
 refuses, with :class:`~engine.errors.BadRequest`, encoded ``/``, ``\\`` and NUL (which
-upstreams decode differently), raw backslashes, malformed escapes and invalid UTF-8.
+upstreams decode differently), dot segments with parameters (``..;x``, which servlet
+containers read as ``..``), raw backslashes, malformed escapes and invalid UTF-8.
 Other escapes are kept, with upper-case hex, so the forwarded path means what it meant.
 """
 
@@ -21,6 +22,8 @@ _FORBIDDEN_ESCAPES = {0x2F: "/", 0x5C: "\\", 0x00: "NUL"}
 # What a path needs more than an ASCII decode for: escapes, fragments, backslashes,
 # raw non-ASCII bytes, duplicate slashes and dot segments.
 _NEEDS_WORK = re.compile(rb"[%#\\\x80-\xff]|//|/\.")
+# Path parameters of a segment (";x" or its escape "%3Bx"), as servlet containers strip them.
+_PARAMETERS = re.compile(r"(?:;|%3B).*", re.DOTALL)
 
 
 def split_target(target: bytes) -> tuple[bytes, bytes]:
@@ -84,6 +87,11 @@ def _decode_unreserved(raw: bytes) -> str:
 def _remove_dot_segments(path: str) -> str:
     # RFC 3986 5.2.4 on segments, with empty segments (duplicate slashes) merged.
     segments = path.split("/")
+    for seg in segments:
+        if seg[:1] == "." and _PARAMETERS.sub("", seg) in (".", "..") and seg not in (".", ".."):
+            # "..;x" is a name to the RFC and ".." to Tomcat, Jetty and Spring, which
+            # drop path parameters first: forwarded, it would climb out of the route.
+            raise BadRequest("a dot segment with parameters (..;) in the request path")
     out: list[str] = []
     for seg in segments[1:-1]:
         if seg == "" or seg == ".":

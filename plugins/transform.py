@@ -93,10 +93,11 @@ _FRAMING_HEADERS = frozenset(
 _CTL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _GROUP_REF_RE = re.compile(r"\\(\d+)|\\g<(\w+)>")
 _PATH_SAFE = "/%:@!$&'()*+,;=-._~"
-# A "." or ".." segment, also percent-encoded: an upstream resolves it, so a rewrite that
+# A "." or ".." segment, also percent-encoded or with path parameters ("..;x", which
+# servlet containers read as ".."): an upstream resolves it, so a rewrite that
 # makes one from a client's path (a segment "..x" cut by the pattern) would let the
 # client climb out of the prefix the replacement puts it under.
-_DOT_SEGMENT_RE = re.compile(r"(?:^|/)(?:\.|%2[eE]){1,2}(?:/|$)")
+_DOT_SEGMENT_RE = re.compile(r"(?:^|/)(?:\.|%2[eE]){1,2}(?:(?:;|%3[bB])[^/]*)?(?:/|$)")
 # Upstream statuses the filter sees are final ones (the engine skips 1xx); a 1xx sent
 # in their place would tell the client another response or another protocol follows.
 _FINAL_STATUS_RE = re.compile(r"[2-5][0-9][0-9]")

@@ -29,6 +29,9 @@ from engine.errors import BadRequest
         (b"/caf%c3%a9", "/caf%C3%A9"),
         (b"/x%3fy", "/x%3Fy"),
         (b"/a%20b", "/a%20b"),
+        (b"/a/...;x/b", "/a/...;x/b"),  # not a dot segment: a name
+        (b"/a/.well-known;v=1", "/a/.well-known;v=1"),
+        (b"/a/b;..", "/a/b;.."),
     ],
 )
 def test_canonical_forms(raw: bytes, canonical: str) -> None:
@@ -49,6 +52,13 @@ def test_canonical_forms(raw: bytes, canonical: str) -> None:
         (b"/a%zz", "percent-escape"),
         (b"a/b", "must start with /"),
         (b"/caf\xc3\xa9", "non-ASCII"),
+        # ".." to servlet containers, which drop path parameters before resolving
+        (b"/api/..;/admin", "dot segment with parameters"),
+        (b"/api/..;x=1/admin", "dot segment with parameters"),
+        (b"/api/.;/admin", "dot segment with parameters"),
+        (b"/api/..%3b/admin", "dot segment with parameters"),
+        (b"/api/%2e%2e;/admin", "dot segment with parameters"),
+        (b"/api/..;", "dot segment with parameters"),
     ],
 )
 def test_refused_paths(raw: bytes, reason: str) -> None:

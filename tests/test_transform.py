@@ -349,7 +349,9 @@ def test_path_rewrite_no_match_leaves_path() -> None:
     assert ex.request.path == "/api/v1/things"
 
 
-@pytest.mark.parametrize("path", ["/files/..x/secret", "/files/.x/secret", "/files/..x"])
+@pytest.mark.parametrize(
+    "path", ["/files/..x/secret", "/files/.x/secret", "/files/..x", "/files/..;ax/secret"]
+)
 def test_path_rewrite_never_makes_a_dot_segment(path: str) -> None:
     """A pattern that cuts a client's segment could turn "..x" into "..": the upstream
     would resolve it and the client would climb out of the replacement's prefix."""
