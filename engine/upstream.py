@@ -503,7 +503,10 @@ class Pool:
                         ) from None
             except GatewayError as e:
                 target.active -= 1
-                if not isinstance(e, OutOfResources):  # the gateway's shortage, not the target's
+                # Against the target: not the gateway's shortage (OutOfResources), nor a
+                # client's fault met while relaying its body (408 stalled, 413, 400):
+                # clients that stop mid-upload must not eject a healthy target.
+                if e.status >= 500 and not isinstance(e, OutOfResources):
                     self.record_result(target.address, True, trio.current_time())
                 raise
             except BaseException:

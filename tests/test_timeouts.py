@@ -445,3 +445,28 @@ async def test_a_name_lookup_that_hangs_is_504_at_connect_timeout(
             assert status == 504
             assert elapsed == pytest.approx(2.0, abs=0.1)
             assert resp.json()["error"]["code"] == "upstream_timeout"
+
+
+async def test_a_client_that_stalls_its_upload_is_not_the_target_s_failure(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A 408 for a stalled upload (or a 413, a malformed body) is the client's doing:
+    outlier detection must not count it against the target, or a few clients that stop
+    mid-upload would eject a healthy upstream."""
+    outlier = {"consecutive_failures": 2, "base_ejection": "30s", "max_ejected_percent": 100}
+    with trio.fail_after(DEADLINE):
+        async with (
+            open_counting_upstream() as up,
+            open_gateway(make_config(up.target, {"outlier": outlier})) as gw,
+        ):
+            for _ in range(3):
+                stream = await trio.open_tcp_stream("127.0.0.1", gw.port)
+                await stream.send_all(
+                    head("/upload", "Host: a", "Content-Length: 1000", method="POST")
+                )
+                await stream.send_all(b"x" * 100)
+                out = await read_until_closed(stream)
+                await stream.aclose()
+                [resp] = parse_responses(out.data)
+                assert_gateway_error(resp, 408)
+            await assert_serves(gw.port)  # not 503 no_healthy_target
