@@ -26,7 +26,9 @@ __all__ = [
     "DEFAULT_IDENTITY_HEADERS",
     "INJECTED_HEADERS",
     "HeaderPatterns",
+    "admit_anonymous",
     "challenge",
+    "challenges",
     "check_header_name",
     "check_header_pattern",
     "fingerprint",
@@ -262,3 +264,23 @@ def challenge(
     if scope:
         params.append(f'scope="{_quoted(scope)}"')
     return b"www-authenticate", f"{scheme} {', '.join(params)}".encode("ascii")
+
+
+# The challenges of auth filters that let a caller without their credential through
+# (allow_anonymous): a later one's 401 offers them too, so a client told "no
+# credential" learns every scheme the route accepts (RFC 9110 11.6.1: one
+# WWW-Authenticate field per challenge).
+_OFFERED: StashKey[list[tuple[bytes, bytes]]] = StashKey("auth.challenges")
+
+
+def admit_anonymous(exchange: Exchange, offered: tuple[bytes, bytes]) -> None:
+    """Note that an auth filter let ``exchange`` through without its credential, and the
+    challenge (:func:`challenge`) it would have answered with."""
+    exchange.stash.setdefault(_OFFERED, []).append(offered)
+
+
+def challenges(exchange: Exchange, own: tuple[bytes, bytes]) -> list[tuple[bytes, bytes]]:
+    """The ``www-authenticate`` fields of a 401 for a missing credential: those of the
+    earlier auth filters that admitted the caller anonymously, then ``own``."""
+    offered = exchange.stash.get(_OFFERED)
+    return [*offered, own] if offered else [own]

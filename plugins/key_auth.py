@@ -30,7 +30,9 @@ from engine.schema import Invalid
 from plugins._identity import (
     DEFAULT_IDENTITY_HEADERS,
     HeaderPatterns,
+    admit_anonymous,
     challenge,
+    challenges,
     check_header_name,
     check_header_pattern,
     fingerprint,
@@ -235,10 +237,12 @@ class KeyAuth(Filter):
         key = self.read_key(exchange)
         if key is None:
             if self.config.allow_anonymous:
+                admit_anonymous(exchange, challenge("Key", self.config.realm))
                 return
             _FAILURES.inc(plugin=self.name, reason="missing")
             raise Unauthorized(
-                "an API key is required", headers=[challenge("Key", self.config.realm)]
+                "an API key is required",
+                headers=challenges(exchange, challenge("Key", self.config.realm)),
             )
         entry = self.lookup(key)
         if entry is None:

@@ -202,7 +202,11 @@ async def test_either_a_token_or_a_key_is_enough(stubs: Stubs) -> None:
             assert status == 200  # identified by the token: the key is not looked at
             assert seen["x-user-id"] == "carol"
             assert "x-api-key" not in seen  # nor forwarded unchecked
-            assert (await call())[0] == 401  # neither
+            neither = await http_request(gw.port, "GET", "/x")
+            assert neither.status == 401
+            # every scheme the route accepts is offered, the anonymous one's first
+            offered = [v for n, v in neither.headers if n.lower() == b"www-authenticate"]
+            assert offered == [b'Bearer realm="filtergate"', b'Key realm="filtergate"']
             assert (await call(("Authorization", f"Bearer {forged}"), ("X-API-Key", key)))[0] == 401
             assert (await call(("X-User-Id", "admin"), ("X-API-Key", key)))[1].get(
                 "x-user-id"

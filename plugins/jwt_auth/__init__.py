@@ -42,7 +42,9 @@ from engine.plugins import hookimpl
 from plugins._identity import (
     DEFAULT_IDENTITY_HEADERS,
     HeaderPatterns,
+    admit_anonymous,
     challenge,
+    challenges,
     fingerprint,
     header_key,
     header_value,
@@ -271,11 +273,12 @@ class JwtAuth(Filter):
         found = self._credential(exchange, raw)
         if found is None:
             if self.config.allow_anonymous:
+                admit_anonymous(exchange, challenge("Bearer", self.config.realm))
                 return None
             _FAILURES.inc(plugin=self.name, reason="missing")
             raise Unauthorized(
                 "authentication required",
-                headers=[challenge("Bearer", self.config.realm)],
+                headers=challenges(exchange, challenge("Bearer", self.config.realm)),
             )
         token, key = found
         if key is not raw and self._recall(key, exchange, now):  # from the cookie
