@@ -45,6 +45,7 @@ from engine.errors import (
     MethodNotAllowed,
     PayloadTooLarge,
     RequestTimeout,
+    UpstreamTimeout,
     UpstreamUnreachable,
     reason_phrase,
     render_error,
@@ -62,7 +63,13 @@ from engine.exchange import (
 from engine.gateway import RouteRuntime, Runtime
 from engine.metrics import BoundHistogram, counter, gauge, histogram
 from engine.sockets import RawSocket, StreamSocket, accept_backoff
-from engine.upstream import _END, UpstreamBodyError, _UpstreamBody, open_connection
+from engine.upstream import (
+    _END,
+    UpstreamBodyError,
+    _raise_if_local,
+    _UpstreamBody,
+    open_connection,
+)
 from engine.wire import BodyReader, ChunkedReader, ContentLengthReader, ProtocolError, Reader
 
 __all__ = ["Server", "open_listeners"]
@@ -1034,7 +1041,12 @@ class _Connection:
             upstream = await open_connection(
                 target.host, target.port, trio.current_time() + connect_timeout
             )
-        except (OSError, trio.TooSlowError):
+        except trio.TooSlowError:
+            raise UpstreamTimeout(
+                f"upstream {pool.name!r}: the tunnel target did not accept in time"
+            ) from None
+        except OSError as e:
+            _raise_if_local(e)  # out of descriptors: the gateway's 503, as for calls
             raise UpstreamUnreachable(
                 f"upstream {pool.name!r}: the tunnel target refused"
             ) from None

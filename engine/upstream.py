@@ -166,6 +166,7 @@ async def open_connection(host: str, port: int, deadline: float) -> RawSocket:
             sock.close()
             raise
         return RawSocket(sock)
+    infos = _interleave_families(infos)
     failures: list[OSError | trio.TooSlowError] = []
     winner: socket.socket | None = None
     shortage: OSError | None = None
@@ -188,30 +189,56 @@ async def open_connection(host: str, port: int, deadline: float) -> RawSocket:
         else:
             sock.close()
 
-    async with trio.open_nursery() as nursery:
-        for family, type_, proto, _, addr in infos:
-            try:
-                sock = socket.socket(family, type_, proto)
-            except OSError as e:
-                if e.errno in RESOURCE_ERRORS:
-                    shortage = e
-                    nursery.cancel_scope.cancel()
-                    break
-                failures.append(e)  # e.g. IPv6 turned off on this host: the next one
-                continue
-            failed = trio.Event()
-            nursery.start_soon(attempt, sock, addr, failed)
-            with trio.move_on_after(CONNECT_STAGGER):
-                await failed.wait()
+    no_socket: list[OSError] = []  # addresses of a family this host cannot open
+    try:
+        async with trio.open_nursery() as nursery:
+            for family, type_, proto, _, addr in infos:
+                try:
+                    sock = socket.socket(family, type_, proto)
+                except OSError as e:
+                    if e.errno in RESOURCE_ERRORS:
+                        shortage = e
+                        nursery.cancel_scope.cancel()
+                        break
+                    no_socket.append(e)  # e.g. IPv6 turned off on this host: the next one
+                    continue
+                failed = trio.Event()
+                nursery.start_soon(attempt, sock, addr, failed)
+                with trio.move_on_after(CONNECT_STAGGER):
+                    await failed.wait()
+    except BaseException:
+        # Cancelled from outside (the call's deadline, the client gone) in the pass a
+        # winner connected: the winner is nobody's to close but ours.
+        if winner is not None:
+            winner.close()
+        raise
     if winner is not None:
         return RawSocket(winner)
     if shortage is not None:
         raise shortage
+    # What the targets did decides: an address that dropped the attempt is a timeout,
+    # whatever this host could not open; refused anywhere is refused.
     refused = [f for f in failures if isinstance(f, OSError)]
-    if refused:  # else every address timed out
-        last = refused[-1]
+    if refused or not failures:
+        last = (refused or no_socket)[-1]
         raise OSError(last.errno, f"connect to {host}:{port}: {last.strerror or last}")
     raise trio.TooSlowError
+
+
+def _interleave_families(infos: list[Any]) -> list[Any]:
+    """The addresses with their families alternating, the resolver's first family first
+    (RFC 8305 4): three dead IPv6 addresses must not hold up the first IPv4 one."""
+    families: dict[int, list[Any]] = {}
+    for info in infos:
+        families.setdefault(info[0], []).append(info)
+    if len(families) < 2:
+        return infos
+    queues = list(families.values())
+    out: list[Any] = []
+    while queues:
+        out += [q.pop(0) for q in queues]
+        queues = [q for q in queues if q]
+    return out
 
 
 def _raise_shortage() -> None:
@@ -847,8 +874,9 @@ class OutOfResources(ServiceUnavailable):
 
 def _raise_if_local(error: OSError) -> None:
     """Raise :class:`OutOfResources` for a connect that failed for want of the gateway's
-    own resources: the target must not be ejected or counted against for it."""
-    if error.errno in RESOURCE_ERRORS:
+    own resources (descriptors, memory, local ports: EADDRNOTAVAIL): the target must not
+    be ejected or counted against for it."""
+    if error.errno in RESOURCE_ERRORS or error.errno == errno.EADDRNOTAVAIL:
         log.warning("cannot open an upstream connection: %s", error)
         raise OutOfResources(f"the gateway is out of resources ({error.strerror})") from None
 

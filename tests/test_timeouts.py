@@ -8,8 +8,11 @@ blocked: no test waits in real time, and elapsed times are measured exactly with
 
 from __future__ import annotations
 
+import gc
+import os
 import socket
-from collections.abc import AsyncIterator
+import warnings
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -367,7 +370,7 @@ class _Names(trio.abc.HostnameResolver):
     """Test names: each maps to a list of (address, port), or to ``None`` (the lookup
     never answers). Connections to the addresses are real."""
 
-    def __init__(self, names: dict[str, list[tuple[str, int]] | None]) -> None:
+    def __init__(self, names: Mapping[str, list[tuple[str, int]] | None]) -> None:
         self.names = names
 
     async def getaddrinfo(
@@ -439,12 +442,17 @@ async def test_a_name_lookup_that_hangs_is_504_at_connect_timeout(
 ) -> None:
     with trio.fail_after(DEADLINE):
         trio.socket.set_custom_hostname_resolver(_Names({"hangs.test": None}))
-        config = make_config("hangs.test:80", {"connect_timeout": "2s"})
-        async with open_gateway(config) as gw:
-            status, elapsed, resp = await timed_request(gw.port)
-            assert status == 504
-            assert elapsed == pytest.approx(2.0, abs=0.1)
-            assert resp.json()["error"]["code"] == "upstream_timeout"
+        await _times_out_connecting("hangs.test", 2.0)
+
+
+async def _times_out_connecting(name: str, connect_timeout: float) -> None:
+    """A request to a gateway whose upstream is ``name`` gets 504 at connect_timeout."""
+    config = make_config(f"{name}:80", {"connect_timeout": f"{connect_timeout}s"})
+    async with open_gateway(config) as gw:
+        status, elapsed, resp = await timed_request(gw.port)
+    assert status == 504
+    assert elapsed == pytest.approx(connect_timeout, abs=0.05)
+    assert resp.json()["error"]["code"] == "upstream_timeout"
 
 
 async def test_a_client_that_stalls_its_upload_is_not_the_target_s_failure(
@@ -470,3 +478,50 @@ async def test_a_client_that_stalls_its_upload_is_not_the_target_s_failure(
                 [resp] = parse_responses(out.data)
                 assert_gateway_error(resp, 408)
             await assert_serves(gw.port)  # not 503 no_healthy_target
+
+
+def _open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_a_race_won_as_the_caller_is_cancelled_leaves_no_socket(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The caller's deadline (or the client going away) can land in the very pass the
+    winning address connects: the winner must be closed, not left to the collector."""
+    import engine.upstream as upstream
+
+    connect = upstream._connect
+    outer = trio.CancelScope()
+
+    async def connect_then_cancel(sock: socket.socket, addr: Any, deadline: float) -> None:
+        await connect(sock, addr, deadline)
+        outer.cancel()  # lands in the pass the race is won
+
+    with trio.fail_after(DEADLINE):
+        async with open_blackhole_upstream() as blackhole, open_counting_upstream() as up:
+            names = {"race.test": [("127.0.0.1", blackhole.port), ("127.0.0.1", up.port)]}
+            trio.socket.set_custom_hostname_resolver(_Names(names))
+            monkeypatch.setattr(upstream, "_connect", connect_then_cancel)
+            before = _open_descriptors()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", ResourceWarning)
+                with outer:
+                    await upstream.open_connection("race.test", 80, trio.current_time() + 5)
+                gc.collect()  # a socket left to the collector says so here
+            assert outer.cancelled_caught
+            assert [str(w.message) for w in caught if w.category is ResourceWarning] == []
+            await trio.testing.wait_all_tasks_blocked()  # the upstream sees the close
+            assert _open_descriptors() == before
+
+
+async def test_an_address_without_a_socket_does_not_turn_a_timeout_into_a_refusal(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """IPv6 off on the host, the IPv4 address dropping the attempt: a timeout (504, not
+    retried by default), not 502 upstream_unreachable."""
+    with trio.fail_after(DEADLINE):
+        async with open_blackhole_upstream() as blackhole:
+            names = {"v6-off.test": [("nowhere", 0), ("127.0.0.1", blackhole.port)]}
+            trio.socket.set_custom_hostname_resolver(_Names(names))
+            await _times_out_connecting("v6-off.test", 1.0)

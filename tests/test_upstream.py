@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import json
+import socket
 from collections import Counter
 from functools import partial
 from typing import Any
 
+import pytest
 import trio
 
 from engine.testing import Stubs, http_request, open_gateway, raw_exchange
+from engine.upstream import _interleave_families
 from tests.upstreams import (
     Upstream,
     UpstreamConn,
+    open_blackhole_upstream,
     open_counting_upstream,
     open_refusing_upstream,
     response_head,
@@ -348,3 +352,29 @@ async def test_a_tunnel_is_idle_only_when_both_directions_are(autojump_clock: An
             nursery.cancel_scope.cancel()
     assert received == b"".join(b"tick %d\n" % i for i in range(10))
     assert 3.5 <= ended <= 4.5  # the last tick at 2.7 s, then 1 s of silence both ways
+
+
+async def test_a_tunnel_target_that_does_not_accept_is_504(autojump_clock: Any) -> None:
+    """Timed out is not refused: 504 at connect_timeout, as for a proxied call."""
+    with trio.fail_after(30):
+        async with open_blackhole_upstream() as up:
+            config = _tunnel_config(up.port)
+            config["upstreams"]["tcp"]["connect_timeout"] = "2s"
+            async with open_gateway(config) as gw:
+                start = trio.current_time()
+                data = await raw_exchange(
+                    gw.port, b"CONNECT db.internal:5432 HTTP/1.1\r\nHost: db.internal:5432\r\n\r\n"
+                )
+                assert data.startswith(b"HTTP/1.1 504 ")
+                assert trio.current_time() - start == pytest.approx(2.0, abs=0.1)
+
+
+def test_addresses_alternate_their_families() -> None:
+    """RFC 8305 4: the resolver's first family first, then the other, in turn."""
+    v6 = [
+        (socket.AF_INET6, socket.SOCK_STREAM, 6, "", (f"2001:db8::{i}", 80, 0, 0)) for i in range(3)
+    ]
+    v4 = [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (f"192.0.2.{i}", 80)) for i in range(2)]
+    order = [info[4][0] for info in _interleave_families([*v6, *v4])]
+    assert order == ["2001:db8::0", "192.0.2.0", "2001:db8::1", "192.0.2.1", "2001:db8::2"]
+    assert _interleave_families(v4) == v4
