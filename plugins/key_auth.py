@@ -220,8 +220,15 @@ class KeyAuth(Filter):
         strip_identity_headers(exchange, self.strip, self.credential_headers)
         if exchange.identity is not None and self.config.skip_if_authenticated:
             # Identified already (either credential is enough): a key sent too is not
-            # checked, so it is not forwarded either (the upstream may trust it).
-            self.remove_credentials(exchange)
+            # checked, so it is not forwarded either (the upstream may trust it); but in
+            # Authorization a value with a scheme ("Bearer ...") is another plugin's.
+            value = self._header == b"authorization" and exchange.request.headers.get(
+                b"authorization"
+            )
+            if value and b" " in value.strip():
+                self._remove_query_key(exchange)
+            else:
+                self.remove_credentials(exchange)
             return
         try:
             self._authenticate(exchange)
@@ -294,9 +301,12 @@ class KeyAuth(Filter):
         raise BadRequest(description, close=False)
 
     def remove_credentials(self, exchange: Exchange) -> None:
-        request = exchange.request
         if self._header is not None:
-            request.headers.remove(self._header)
+            exchange.request.headers.remove(self._header)
+        self._remove_query_key(exchange)
+
+    def _remove_query_key(self, exchange: Exchange) -> None:
+        request = exchange.request
         param = self.config.query_param
         if param is not None and request.raw_query:
             kept = [

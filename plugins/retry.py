@@ -214,7 +214,8 @@ class _Attempt:
         replay = self._replay
         kept = replay.kept
         if self._sent < len(kept):
-            chunk = bytes(kept[self._sent : self._sent + _REPLAY_SLICE])
+            with memoryview(kept) as view:  # one copy, not two (and released at once)
+                chunk = bytes(view[self._sent : self._sent + _REPLAY_SLICE])
             self._sent += len(chunk)
             return chunk
         chunk = await replay.body.__aiter__().__anext__()

@@ -253,6 +253,30 @@ async def test_either_a_key_or_a_token_the_other_way_round(stubs: Stubs) -> None
             # never forwarded unchecked, even without hide_credentials: the upstream
             # would read "admin" from a token nobody verified
             assert "authorization" not in dict(r.json()["headers"])
+            # Basic credentials meant for the upstream are no token: they stay
+            basic = [("X-API-Key", key), ("Authorization", "Basic dXNlcjpwYXNz")]
+            r = await http_request(gw.port, "GET", "/x", basic)
+            assert dict(r.json()["headers"])["authorization"] == "Basic dXNlcjpwYXNz"
             bearer = [("Authorization", f"Bearer {token}")]
             assert (await http_request(gw.port, "GET", "/x", bearer)).status == 200
             assert (await http_request(gw.port, "GET", "/x")).status == 401
+
+
+async def test_a_skipping_plugin_leaves_the_credential_another_one_verified(
+    stubs: Stubs,
+) -> None:
+    """jwt-auth and key-auth both read Authorization (a bearer token or a raw key): a
+    token jwt-auth verified is forwarded (no hide_credentials), not taken for a key."""
+    secret = "0123456789abcdef0123456789abcdef"
+    key = "billing-key-0123456789abcdef0123456789"
+    token = pyjwt.encode({"sub": "carol", "exp": 2**40}, secret, algorithm="HS256")
+    config = _either_config(stubs.target("echo"), secret, key, True)
+    config["routes"][0]["plugins"]["key-auth"]["header"] = "Authorization"  # type: ignore[index]
+    with trio.fail_after(20):
+        async with open_gateway(config) as gw:
+            r = await http_request(gw.port, "GET", "/x", [("Authorization", f"Bearer {token}")])
+            assert r.status == 200
+            assert dict(r.json()["headers"])["authorization"] == f"Bearer {token}"
+            r = await http_request(gw.port, "GET", "/x", [("Authorization", key)])
+            assert r.status == 200
+            assert dict(r.json()["headers"])["x-consumer-id"] == "billing-app"

@@ -261,7 +261,7 @@ class JwtAuth(Filter):
         if exchange.identity is not None and self.config.skip_if_authenticated:
             # Identified already (either credential is enough): a token sent too is not
             # checked, so it is not forwarded either (upstreams read claims from it).
-            self.remove_credentials(exchange)
+            self._remove_token(exchange)
             return None
         # Wall-clock time: exp/nbf/iat are seconds since the epoch, not intervals.
         now = time.time()
@@ -525,6 +525,18 @@ class JwtAuth(Filter):
                 raise AuthFailure("bad_claim", f"the {claim} claim cannot be sent as a header")
             out.append((name, encoded))
         return out
+
+    def _remove_token(self, exchange: Exchange) -> None:
+        """Remove what this filter would read as a token, and nothing else: the header
+        only when it carries this scheme (not the Basic credentials meant for the
+        upstream, nor another plugin's key), and the cookie."""
+        headers = exchange.request.headers
+        if self._header is not None:
+            value = headers.get(self._header)
+            if value is not None and self._token_from_header(value) is not None:
+                headers.remove(self._header)
+        if self.config.cookie is not None:
+            _remove_cookie(headers.items, self.config.cookie)
 
     def remove_credentials(self, exchange: Exchange) -> None:
         headers = exchange.request.headers
