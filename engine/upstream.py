@@ -131,19 +131,16 @@ _POLL = select.poll()
 CONNECT_STAGGER = 0.25
 
 
-async def open_connection(host: str, port: int, deadline: float) -> RawSocket:
-    """A connected non-blocking TCP socket to ``host``, by ``deadline``: the name lookup
-    counts against it. Raises ``OSError`` or ``trio.TooSlowError``.
+# A target's name is looked up again after this many seconds (Envoy's dns_refresh_rate
+# default); when a lookup fails, its last addresses serve for up to NAME_STALE seconds,
+# so a DNS outage does not take out every upstream given by name.
+NAME_REFRESH = 5.0
+NAME_STALE = 300.0
 
-    A name with several addresses is connected to as Happy Eyeballs does (RFC 8305, as
-    trio's ``open_tcp_stream``): the addresses in the resolver's order, the next one
-    started when the last has not connected within :data:`CONNECT_STAGGER` or has
-    failed, each with the time up to ``deadline``; the first to connect wins and the
-    others are closed. So ``localhost`` giving ``::1`` first to a service listening on
-    ``127.0.0.1`` only, or an address that drops the attempt, costs at most the stagger.
-    A shortage of the gateway's own (out of descriptors) is raised at once, with its
-    errno, so that the target is not blamed for it.
-    """
+
+async def lookup(host: str, port: int, deadline: float) -> list[Any]:
+    """The addresses of ``host`` (``getaddrinfo``), by ``deadline``. Raises ``OSError``
+    (with ``EMFILE`` when what the lookup lacked was a descriptor) or ``TooSlowError``."""
     try:
         with trio.CancelScope(deadline=deadline) as scope:
             infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -154,6 +151,27 @@ async def open_connection(host: str, port: int, deadline: float) -> RawSocket:
         raise trio.TooSlowError
     if not infos:
         raise OSError(f"cannot resolve {host}")
+    return list(infos)
+
+
+async def open_connection(
+    host: str, port: int, deadline: float, infos: list[Any] | None = None
+) -> RawSocket:
+    """A connected non-blocking TCP socket to ``host``, by ``deadline``: the name lookup
+    counts against it (``infos``: its addresses, looked up already). Raises ``OSError``
+    or ``trio.TooSlowError``.
+
+    A name with several addresses is connected to as Happy Eyeballs does (RFC 8305, as
+    trio's ``open_tcp_stream``): the addresses in the resolver's order, the next one
+    started when the last has not connected within :data:`CONNECT_STAGGER` or has
+    failed, each with the time up to ``deadline``; the first to connect wins and the
+    others are closed. So ``localhost`` giving ``::1`` first to a service listening on
+    ``127.0.0.1`` only, or an address that drops the attempt, costs at most the stagger.
+    A shortage of the gateway's own (out of descriptors) is raised at once, with its
+    errno, so that the target is not blamed for it.
+    """
+    if infos is None:
+        infos = await lookup(host, port, deadline)
     if len(infos) == 1:  # an address target: no race to run
         family, type_, proto, _, addr = infos[0]
         sock = socket.socket(family, type_, proto)
@@ -318,6 +336,9 @@ class Pool:
         self.closed = False
         self._host_header = config.host_header.encode() if config.host_header else None
         self._tls = config.ssl_context()
+        # (host, port) -> (its addresses, looked up again after, usable on a failed
+        # lookup until)
+        self._names: dict[tuple[str, int], tuple[list[Any], float, float]] = {}
         self._count = {
             r: _requests.bind(upstream=name, result=r)
             for r in ("response", "timeout", "garbage", "reset")
@@ -372,7 +393,8 @@ class Pool:
 
     async def _connect(self, target: Target, limit: float) -> _Conn:
         deadline = trio.current_time() + limit
-        io = await open_connection(target.host, target.port, deadline)
+        infos = await self._addresses(target, deadline)
+        io = await open_connection(target.host, target.port, deadline, infos)
         if self._tls is None:
             return _Conn(io, target)
         name = self.config.tls_server_name or target.host
@@ -381,6 +403,31 @@ class Pool:
         except OSError as e:
             log.warning("upstream %s: target %s: %s", self.name, target.address, e)
             raise
+
+    async def _addresses(self, target: Target, deadline: float) -> list[Any]:
+        """``target``'s addresses: looked up at most every :data:`NAME_REFRESH` seconds;
+        when a lookup fails, the last ones, for up to :data:`NAME_STALE` seconds."""
+        now = trio.current_time()
+        key = (target.host, target.port)
+        known = self._names.get(key)
+        if known is not None and now < known[1]:
+            return known[0]
+        try:
+            infos = await lookup(target.host, target.port, deadline)
+        except (OSError, trio.TooSlowError) as e:
+            shortage = isinstance(e, OSError) and e.errno in RESOURCE_ERRORS
+            if known is None or now >= known[2] or shortage:
+                raise
+            log.warning(
+                "upstream %s: looking up %s failed (%s); using its last addresses",
+                self.name,
+                target.host,
+                e or "timed out",
+            )
+            self._names[key] = (known[0], now + NAME_REFRESH, known[2])
+            return known[0]
+        self._names[key] = (infos, now + NAME_REFRESH, now + NAME_STALE)
+        return infos
 
     def _checkout_idle(self, target: Target, now: float) -> _Conn | None:
         idle = target.idle

@@ -525,3 +525,57 @@ async def test_an_address_without_a_socket_does_not_turn_a_timeout_into_a_refusa
             names = {"v6-off.test": [("nowhere", 0), ("127.0.0.1", blackhole.port)]}
             trio.socket.set_custom_hostname_resolver(_Names(names))
             await _times_out_connecting("v6-off.test", 1.0)
+
+
+class _Flaky(_Names):
+    """``_Names`` that counts lookups, and fails them (as a DNS outage) while ``down``."""
+
+    def __init__(self, names: Mapping[str, list[tuple[str, int]] | None]) -> None:
+        super().__init__(names)
+        self.lookups = 0
+        self.down = False
+
+    async def getaddrinfo(
+        self,
+        host: bytes | None,
+        port: bytes | str | int | None,
+        family: int = 0,
+        type: int = 0,
+        proto: int = 0,
+        flags: int = 0,
+    ) -> list[tuple[Any, Any, int, str, Any]]:
+        self.lookups += 1
+        if self.down:
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return await super().getaddrinfo(host, port, family, type, proto, flags)
+
+
+async def test_a_name_is_looked_up_again_after_a_while_and_survives_a_dns_outage(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """New connections reuse a name's addresses for NAME_REFRESH seconds; when the
+    lookup fails, the last addresses serve (for up to NAME_STALE seconds) instead of
+    ejecting the target."""
+    from engine.upstream import NAME_REFRESH, NAME_STALE
+
+    with trio.fail_after(DEADLINE * 10):
+        async with open_counting_upstream() as up:
+            names = _Flaky({"svc.test": [("127.0.0.1", up.port)]})
+            trio.socket.set_custom_hostname_resolver(names)
+            # no idle connections kept: every request opens one, and needs the addresses
+            config = make_config("svc.test:80", {"pool_max_idle": 0})
+            async with open_gateway(config) as gw:
+                for _ in range(3):
+                    await assert_serves(gw.port)
+                assert names.lookups == 1
+                await trio.sleep(NAME_REFRESH + 1)
+                await assert_serves(gw.port)
+                assert names.lookups == 2
+                names.down = True
+                await trio.sleep(NAME_REFRESH + 1)
+                for _ in range(3):
+                    await assert_serves(gw.port)  # the last addresses, not 502 or 503
+                assert names.lookups == 3  # one failed lookup, not one per connection
+                await trio.sleep(NAME_STALE)
+                status, _, _ = await timed_request(gw.port)
+                assert status == 502  # too old to trust: the lookup's failure stands
