@@ -1038,9 +1038,9 @@ class _Connection:
         target = pool.pick(frozenset(), trio.current_time())
         connect_timeout = route.connect_timeout or pool.config.connect_timeout
         try:
-            upstream = await open_connection(
-                target.host, target.port, trio.current_time() + connect_timeout
-            )
+            deadline = trio.current_time() + connect_timeout
+            infos = await pool.addresses(target, deadline)
+            upstream = await open_connection(target.host, target.port, deadline, infos)
         except trio.TooSlowError:
             raise UpstreamTimeout(
                 f"upstream {pool.name!r}: the tunnel target did not accept in time"

@@ -132,10 +132,12 @@ CONNECT_STAGGER = 0.25
 
 
 # A target's name is looked up again after this many seconds (Envoy's dns_refresh_rate
-# default); when a lookup fails, its last addresses serve for up to NAME_STALE seconds,
-# so a DNS outage does not take out every upstream given by name.
+# default), in the background; its last addresses serve meanwhile, and through a DNS
+# outage for up to NAME_STALE seconds, so that the outage does not take out every
+# upstream given by name. A background lookup gives up after NAME_LOOKUP_TIMEOUT.
 NAME_REFRESH = 5.0
 NAME_STALE = 300.0
+NAME_LOOKUP_TIMEOUT = 10.0
 
 
 async def lookup(host: str, port: int, deadline: float) -> list[Any]:
@@ -336,9 +338,9 @@ class Pool:
         self.closed = False
         self._host_header = config.host_header.encode() if config.host_header else None
         self._tls = config.ssl_context()
-        # (host, port) -> (its addresses, looked up again after, usable on a failed
-        # lookup until)
+        # (host, port) -> (its addresses, looked up again after, used at all until)
         self._names: dict[tuple[str, int], tuple[list[Any], float, float]] = {}
+        self._refreshing: set[tuple[str, int]] = set()
         self._count = {
             r: _requests.bind(upstream=name, result=r)
             for r in ("response", "timeout", "garbage", "reset")
@@ -393,7 +395,7 @@ class Pool:
 
     async def _connect(self, target: Target, limit: float) -> _Conn:
         deadline = trio.current_time() + limit
-        infos = await self._addresses(target, deadline)
+        infos = await self.addresses(target, deadline)
         io = await open_connection(target.host, target.port, deadline, infos)
         if self._tls is None:
             return _Conn(io, target)
@@ -404,30 +406,49 @@ class Pool:
             log.warning("upstream %s: target %s: %s", self.name, target.address, e)
             raise
 
-    async def _addresses(self, target: Target, deadline: float) -> list[Any]:
-        """``target``'s addresses: looked up at most every :data:`NAME_REFRESH` seconds;
-        when a lookup fails, the last ones, for up to :data:`NAME_STALE` seconds."""
+    async def addresses(self, target: Target, deadline: float) -> list[Any]:
+        """``target``'s addresses, for a connection that must be made by ``deadline``.
+
+        Only a name's first lookup (or one after its addresses are :data:`NAME_STALE`
+        seconds old) is waited for. Later, addresses older than :data:`NAME_REFRESH`
+        seconds are used as they are while one lookup refreshes them in the
+        background: a resolver that fails, or hangs, delays no connection, and what it
+        says arrives for the next ones.
+        """
         now = trio.current_time()
         key = (target.host, target.port)
         known = self._names.get(key)
-        if known is not None and now < known[1]:
+        if known is not None and now < known[2]:
+            if now >= known[1] and key not in self._refreshing:
+                self._refreshing.add(key)
+                trio.lowlevel.spawn_system_task(self._refresh, key)
             return known[0]
-        try:
-            infos = await lookup(target.host, target.port, deadline)
-        except (OSError, trio.TooSlowError) as e:
-            shortage = isinstance(e, OSError) and e.errno in RESOURCE_ERRORS
-            if known is None or now >= known[2] or shortage:
-                raise
-            log.warning(
-                "upstream %s: looking up %s failed (%s); using its last addresses",
-                self.name,
-                target.host,
-                e or "timed out",
-            )
-            self._names[key] = (known[0], now + NAME_REFRESH, known[2])
-            return known[0]
+        infos = await lookup(target.host, target.port, deadline)
         self._names[key] = (infos, now + NAME_REFRESH, now + NAME_STALE)
         return infos
+
+    async def _refresh(self, key: tuple[str, int]) -> None:
+        """Look a name up again (a system task: it must never raise but Cancelled)."""
+        host, port = key
+        try:
+            infos = await lookup(host, port, trio.current_time() + NAME_LOOKUP_TIMEOUT)
+        except (OSError, trio.TooSlowError) as e:
+            known = self._names.get(key)
+            if known is not None:  # try again after a refresh period, not per connection
+                self._names[key] = (known[0], trio.current_time() + NAME_REFRESH, known[2])
+            log.warning(
+                "upstream %s: looking up %s failed (%s); its last addresses serve meanwhile",
+                self.name,
+                host,
+                str(e) or "timed out",
+            )
+        except Exception:
+            log.exception("upstream %s: looking up %s failed", self.name, host)
+        else:
+            now = trio.current_time()
+            self._names[key] = (infos, now + NAME_REFRESH, now + NAME_STALE)
+        finally:
+            self._refreshing.discard(key)
 
     def _checkout_idle(self, target: Target, now: float) -> _Conn | None:
         idle = target.idle
@@ -840,7 +861,10 @@ class Pool:
         ok = False
         try:
             with trio.fail_after(hc.timeout):
-                tcp = await trio.open_tcp_stream(target.host, target.port)
+                deadline = trio.current_time() + hc.timeout
+                infos = await self.addresses(target, deadline)
+                raw = await open_connection(target.host, target.port, deadline, infos)
+                tcp = trio.SocketStream(trio.socket.from_stdlib_socket(raw.sock))
                 stream: trio.abc.Stream = tcp
                 try:
                     if self._tls is not None:

@@ -528,12 +528,13 @@ async def test_an_address_without_a_socket_does_not_turn_a_timeout_into_a_refusa
 
 
 class _Flaky(_Names):
-    """``_Names`` that counts lookups, and fails them (as a DNS outage) while ``down``."""
+    """``_Names`` that counts lookups, and fails them (a DNS outage) while ``down`` is
+    ``"fail"``, or never answers while it is ``"hang"``."""
 
     def __init__(self, names: Mapping[str, list[tuple[str, int]] | None]) -> None:
         super().__init__(names)
         self.lookups = 0
-        self.down = False
+        self.down: str | None = None
 
     async def getaddrinfo(
         self,
@@ -545,17 +546,20 @@ class _Flaky(_Names):
         flags: int = 0,
     ) -> list[tuple[Any, Any, int, str, Any]]:
         self.lookups += 1
-        if self.down:
+        if self.down == "hang":
+            await trio.sleep_forever()
+        if self.down == "fail":
             raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
         return await super().getaddrinfo(host, port, family, type, proto, flags)
 
 
-async def test_a_name_is_looked_up_again_after_a_while_and_survives_a_dns_outage(
-    autojump_clock: trio.testing.MockClock,
+@pytest.mark.parametrize("outage", ["fail", "hang"])
+async def test_a_name_is_looked_up_again_in_the_background_and_survives_a_dns_outage(
+    autojump_clock: trio.testing.MockClock, outage: str
 ) -> None:
-    """New connections reuse a name's addresses for NAME_REFRESH seconds; when the
-    lookup fails, the last addresses serve (for up to NAME_STALE seconds) instead of
-    ejecting the target."""
+    """New connections reuse a name's addresses; after NAME_REFRESH seconds one lookup
+    refreshes them in the background. A resolver that fails or hangs delays no request
+    and ejects nothing: the last addresses serve, for up to NAME_STALE seconds."""
     from engine.upstream import NAME_REFRESH, NAME_STALE
 
     with trio.fail_after(DEADLINE * 10):
@@ -563,19 +567,38 @@ async def test_a_name_is_looked_up_again_after_a_while_and_survives_a_dns_outage
             names = _Flaky({"svc.test": [("127.0.0.1", up.port)]})
             trio.socket.set_custom_hostname_resolver(names)
             # no idle connections kept: every request opens one, and needs the addresses
-            config = make_config("svc.test:80", {"pool_max_idle": 0})
+            config = make_config("svc.test:80", {"pool_max_idle": 0, "connect_timeout": "1s"})
             async with open_gateway(config) as gw:
                 for _ in range(3):
                     await assert_serves(gw.port)
                 assert names.lookups == 1
                 await trio.sleep(NAME_REFRESH + 1)
                 await assert_serves(gw.port)
-                assert names.lookups == 2
-                names.down = True
+                await trio.testing.wait_all_tasks_blocked()
+                assert names.lookups == 2  # refreshed, in the background
+                names.down = outage
                 await trio.sleep(NAME_REFRESH + 1)
                 for _ in range(3):
-                    await assert_serves(gw.port)  # the last addresses, not 502 or 503
-                assert names.lookups == 3  # one failed lookup, not one per connection
+                    assert await assert_serves(gw.port) < 0.1  # no wait, no 502/503
+                await trio.testing.wait_all_tasks_blocked()
+                assert names.lookups == 3  # one lookup under way or failed, not one each
                 await trio.sleep(NAME_STALE)
                 status, _, _ = await timed_request(gw.port)
-                assert status == 502  # too old to trust: the lookup's failure stands
+                assert status == (502 if outage == "fail" else 504)  # too old to use
+
+
+async def test_health_checks_use_the_last_addresses_through_a_dns_outage(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with trio.fail_after(DEADLINE):
+        async with open_counting_upstream() as up:
+            names = _Flaky({"svc.test": [("127.0.0.1", up.port)]})
+            trio.socket.set_custom_hostname_resolver(names)
+            health = {"path": "/healthz", "interval": "1s", "unhealthy_threshold": 2}
+            config = make_config("svc.test:80", {"health_check": health})
+            async with open_gateway(config) as gw:
+                await assert_serves(gw.port)
+                names.down = "fail"
+                await trio.sleep(30)  # 30 probes, 5 failed lookups
+                await assert_serves(gw.port)  # still in rotation: not 503
+                assert names.lookups > 1
