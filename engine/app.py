@@ -330,7 +330,11 @@ class Gateway:
         headers: list[tuple[bytes, bytes]] = []
         if request.method in ADMIN_METHODS:
             path = request.target.split(b"?")[0].decode("latin-1")
-            status, ctype, body = await self._admin_answer(path)
+            try:
+                status, ctype, body = await self._admin_answer(path)
+            except Exception:  # a plugin's snapshot() or metric: never the gateway's end
+                log.exception("admin request for %s failed", path)
+                status, ctype, body = 500, b"text/plain", b"internal error\n"
         else:
             status, ctype, body = 405, b"text/plain", b"method not allowed\n"
             headers.append((b"allow", b", ".join(ADMIN_METHODS)))

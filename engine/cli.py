@@ -262,7 +262,11 @@ class Workers:
         # The config goes in a memory file the worker reads (a pipe could fill up and
         # block this loop until the worker reads it).
         fd = os.memfd_create("filtergate-config", os.MFD_CLOEXEC)
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError:
+            os.close(fd)
+            raise
         try:
             os.write(fd, self.config)
             os.lseek(fd, 0, os.SEEK_SET)

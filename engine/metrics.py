@@ -13,6 +13,7 @@ summed, and each gauge is combined the way it declares (``merge``: sum, min or m
 
 from __future__ import annotations
 
+import logging
 import math
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -68,9 +69,28 @@ class _Metric:
             "kind": self.kind,
             "help": self.help,
             "labels": list(self.labels),
-            # float(): a plugin may count in Decimal or numpy numbers, which JSON cannot carry.
-            "values": [[list(key), float(v)] for key, v in self.values.items()],
+            "values": [[list(key), v] for key, v in _numbers(self.name, self.values.items())],
         }
+
+
+def _numbers(
+    name: str, values: Iterable[tuple[tuple[str, ...], object]]
+) -> list[tuple[tuple[str, ...], float]]:
+    """``values`` as floats (a plugin may count in Decimal or numpy numbers, which JSON
+    cannot carry). A value that is no number at all is left out, and said once: a
+    plugin's bad gauge must not take /metrics, or the process serving it, down."""
+    out = []
+    for key, v in values:
+        try:
+            out.append((key, float(v)))  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            if name not in _WARNED:
+                _WARNED.add(name)
+                log.error("metric %s has a value that is no number (%r): left out", name, v)
+    return out
+
+
+_WARNED: set[str] = set()
 
 
 def _escape(v: str) -> str:
@@ -189,6 +209,7 @@ class Histogram(_Metric):
 
 
 _REGISTRY: dict[str, _Metric] = {}
+log = logging.getLogger("filtergate.metrics")
 
 
 def counter(name: str, help: str, labels: tuple[str, ...] = ()) -> Counter:
@@ -207,6 +228,7 @@ def gauge(name: str, help: str, labels: tuple[str, ...] = (), merge: GaugeMerge 
     if m is None:
         m = _REGISTRY[name] = Gauge(name, help, labels, merge)
     assert isinstance(m, Gauge), f"{name} is already a {m.kind}"
+    assert m.merge == merge, f"{name} already merges by {m.merge}, not {merge}"
     return m
 
 

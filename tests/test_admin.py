@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 import trio
 
+from engine.chain import Filter, Stage
+from engine.exchange import Exchange
+from engine.plugins import hookimpl
 from engine.testing import Stubs, http_request, open_gateway
 
 
@@ -126,3 +130,42 @@ async def test_drain_delay_says_not_ready_while_still_serving(
             assert done.is_set()
             with pytest.raises(OSError, match="all attempts to connect"):
                 await http_request(gw.port, "GET", "/x")
+
+
+class _BrokenState(Filter):
+    """A filter whose admin snapshot() raises: a plugin's bug."""
+
+    name = "broken-state"
+    stage = Stage.EDGE
+
+    def on_request(self, exchange: Exchange) -> None:
+        pass
+
+    def snapshot(self) -> dict[str, Any]:
+        raise RuntimeError("a plugin's bug")
+
+
+class _BrokenStatePlugin:
+    @hookimpl
+    def filtergate_filters(self) -> list[type[Any]]:
+        return [_BrokenState]
+
+
+async def test_a_plugin_bug_behind_an_admin_page_is_a_500_not_the_gateway_s_end(
+    stubs: Stubs,
+) -> None:
+    config = {
+        "upstreams": {"echo": {"targets": [stubs.target("echo")]}},
+        "routes": [
+            {"name": "echo", "prefix": "/", "upstream": "echo", "plugins": {"broken-state": {}}}
+        ],
+    }
+    with trio.fail_after(20):
+        async with open_gateway(
+            config, extra_plugins=[("broken-state", _BrokenStatePlugin())]
+        ) as gw:
+            port = gw.admin_port
+            assert port is not None
+            assert (await http_request(port, "GET", "/plugins")).status == 500
+            assert (await http_request(port, "GET", "/metrics")).status == 200
+            assert (await http_request(gw.port, "GET", "/x")).status == 200  # still serving
