@@ -215,6 +215,8 @@ class KeyAuth(Filter):
         self._header = config.header.lower().encode() if config.header else None
         # Read here, so never stripped as an identity header on this filter's routes.
         self.credential_headers = frozenset({self._header}) if self._header else frozenset()
+        # The challenge of a request without credentials (RFC 6750 3.1: no error=).
+        self._challenge = challenge("Key", config.realm)
 
     def on_request(self, exchange: Exchange) -> None:
         strip_identity_headers(exchange, self.strip, self.credential_headers)
@@ -244,12 +246,12 @@ class KeyAuth(Filter):
         key = self.read_key(exchange)
         if key is None:
             if self.config.allow_anonymous:
-                admit_anonymous(exchange, challenge("Key", self.config.realm))
+                admit_anonymous(exchange, self._challenge)
                 return
             _FAILURES.inc(plugin=self.name, reason="missing")
             raise Unauthorized(
                 "an API key is required",
-                headers=challenges(exchange, challenge("Key", self.config.realm)),
+                headers=challenges(exchange, self._challenge),
             )
         entry = self.lookup(key)
         if entry is None:

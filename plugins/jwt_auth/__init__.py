@@ -203,6 +203,8 @@ class JwtAuth(Filter):
         self._header = config.header.lower().encode() if config.header else None
         # Read here, so never stripped as an identity header on this filter's routes.
         self.credential_headers = frozenset({self._header}) if self._header else frozenset()
+        # The challenge of a request without credentials (RFC 6750 3.1: no error=).
+        self._challenge = challenge("Bearer", config.realm)
         self._scheme = config.scheme.lower().encode()
         # The token header's raw value (or ("cookie", token)) -> what verifying the token
         # gave; bounded, oldest first out (see _remember).
@@ -273,12 +275,12 @@ class JwtAuth(Filter):
         found = self._credential(exchange, raw)
         if found is None:
             if self.config.allow_anonymous:
-                admit_anonymous(exchange, challenge("Bearer", self.config.realm))
+                admit_anonymous(exchange, self._challenge)
                 return None
             _FAILURES.inc(plugin=self.name, reason="missing")
             raise Unauthorized(
                 "authentication required",
-                headers=challenges(exchange, challenge("Bearer", self.config.realm)),
+                headers=challenges(exchange, self._challenge),
             )
         token, key = found
         if key is not raw and self._recall(key, exchange, now):  # from the cookie
