@@ -29,7 +29,7 @@ redis:
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check engine plugins tests benchmarks
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
 test: $(STAMP) redis lint
