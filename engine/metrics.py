@@ -83,7 +83,7 @@ def _numbers(
     for key, v in values:
         try:
             out.append((key, float(v)))  # type: ignore[arg-type]
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             if name not in _WARNED:
                 _WARNED.add(name)
                 log.error("metric %s has a value that is no number (%r): left out", name, v)

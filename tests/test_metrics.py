@@ -197,6 +197,8 @@ def test_a_value_json_cannot_carry_never_takes_the_worker_down() -> None:
         body = json.loads(_answer(7)[8:])
         assert (seq, body["t_plugin_ratio"]["values"]) == (7, [[[], 0.5]])
         assert length > 0
+        g.set(10**400)  # too large for a float: left out too
+        assert json.loads(_answer(9)[8:])["t_plugin_ratio"]["values"] == []
         g.set(object())  # type: ignore[arg-type]
         body = json.loads(_answer(8)[8:])  # left out, the rest sent
         assert body["t_plugin_ratio"]["values"] == []
