@@ -217,7 +217,13 @@ class Gateway:
         )
         ssl_context = load_ssl_context(config)
         runtime = compile_runtime(config, registry, previous=self.runtime)
-        await self._setup(runtime, self.runtime)
+        try:
+            await self._setup(runtime, self.runtime)
+        except BaseException:
+            for name, pool in runtime.pools.items():  # refused: its new pools go too
+                if self.runtime.pools.get(name) is not pool:
+                    pool.close()
+            raise
         old = self.runtime
         self.registry = registry
         self.runtime = runtime

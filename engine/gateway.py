@@ -192,7 +192,12 @@ def compile_runtime(config: Config, registry: Registry, previous: Runtime | None
     pools: dict[str, Pool] = {}
     for name, ucfg in config.upstreams.items():
         old = previous.pools.get(name) if previous else None
-        pools[name] = old if old is not None and old.config == ucfg else Pool(name, ucfg)
+        if old is not None and old.config == ucfg:
+            pools[name] = old
+            continue
+        pools[name] = Pool(name, ucfg)
+        if old is not None:  # what the old pool knows of its names serves on
+            pools[name].names.adopt(old.names)
 
     routes: list[RouteRuntime] = []
     built: set[str] = set()  # plugins whose config some route built (and so checked)

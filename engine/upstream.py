@@ -49,6 +49,7 @@ from engine.errors import (
 )
 from engine.exchange import BodyStream, Headers, Response, UpstreamCall
 from engine.metrics import counter, gauge
+from engine.names import Names, is_address, lookup
 from engine.sockets import RESOURCE_ERRORS, RawSocket, TlsSocket
 from engine.wire import BodyReader, ChunkedReader, Http10Reader, ProtocolError, Reader
 
@@ -89,10 +90,11 @@ MAX_RESPONSE_HEAD = 64 * 1024
 
 
 class _Conn:
-    __slots__ = ("idle_since", "io", "reused", "target", "wire")
+    __slots__ = ("generation", "idle_since", "io", "reused", "target", "wire")
 
     def __init__(self, io: RawSocket | TlsSocket, target: Target) -> None:
         self.io = io
+        self.generation = target.generation
         # Empty whenever the connection is idle: it is pooled only when a response
         # ended exactly where its framing said.
         self.wire = Reader(MAX_RESPONSE_HEAD)
@@ -129,31 +131,6 @@ _POLL = select.poll()
 # RFC 8305 ("Happy Eyeballs"): the next address is tried when the last one has not
 # connected within this, or at once when it failed.
 CONNECT_STAGGER = 0.25
-
-
-# A target's name is looked up again after this many seconds (Envoy's dns_refresh_rate
-# default), in the background; its last addresses serve meanwhile, and through a DNS
-# outage for up to NAME_STALE seconds, so that the outage does not take out every
-# upstream given by name. A background lookup gives up after NAME_LOOKUP_TIMEOUT.
-NAME_REFRESH = 5.0
-NAME_STALE = 300.0
-NAME_LOOKUP_TIMEOUT = 10.0
-
-
-async def lookup(host: str, port: int, deadline: float) -> list[Any]:
-    """The addresses of ``host`` (``getaddrinfo``), by ``deadline``. Raises ``OSError``
-    (with ``EMFILE`` when what the lookup lacked was a descriptor) or ``TooSlowError``."""
-    try:
-        with trio.CancelScope(deadline=deadline) as scope:
-            infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except OSError:
-        _raise_shortage()  # the lookup needs descriptors too (/etc/hosts, a DNS socket)
-        raise
-    if scope.cancelled_caught:
-        raise trio.TooSlowError
-    if not infos:
-        raise OSError(f"cannot resolve {host}")
-    return list(infos)
 
 
 async def open_connection(
@@ -261,16 +238,6 @@ def _interleave_families(infos: list[Any]) -> list[Any]:
     return out
 
 
-def _raise_shortage() -> None:
-    """Raise ``OSError(EMFILE)`` when this process cannot open a socket now: a failed
-    name lookup may say "not known" when what it lacked was a descriptor."""
-    try:
-        socket.socket().close()
-    except OSError as e:
-        if e.errno in RESOURCE_ERRORS:
-            raise OSError(e.errno, f"the name lookup failed: {e.strerror}") from None
-
-
 async def _connect(sock: socket.socket, addr: Any, deadline: float) -> None:
     sock.setblocking(False)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -309,6 +276,9 @@ class Target:
     def __init__(self, config: TargetConfig) -> None:
         self.address = config.address
         self.host, self.port = parse_address(config.address)
+        self.numeric = is_address(self.host)  # else a name, whose addresses may change
+        # Bumped when the name's addresses change: connections made before are let go.
+        self.generation = 0
         self.weight = config.weight
         self.idle: list[_Conn] = []
         self.active = 0
@@ -338,9 +308,7 @@ class Pool:
         self.closed = False
         self._host_header = config.host_header.encode() if config.host_header else None
         self._tls = config.ssl_context()
-        # (host, port) -> (its addresses, looked up again after, used at all until)
-        self._names: dict[tuple[str, int], tuple[list[Any], float, float]] = {}
-        self._refreshing: set[tuple[str, int]] = set()
+        self.names = Names(name, self._addresses_changed)
         self._count = {
             r: _requests.bind(upstream=name, result=r)
             for r in ("response", "timeout", "garbage", "reset")
@@ -407,48 +375,20 @@ class Pool:
             raise
 
     async def addresses(self, target: Target, deadline: float) -> list[Any]:
-        """``target``'s addresses, for a connection that must be made by ``deadline``.
+        """``target``'s addresses for a connection to be made by ``deadline``: an IP
+        literal's at once, a name's as :class:`~engine.names.Names` keeps them."""
+        if target.numeric:
+            return await lookup(target.host, target.port, deadline)
+        return await self.names.addresses(target.host, target.port, deadline)
 
-        Only a name's first lookup (or one after its addresses are :data:`NAME_STALE`
-        seconds old) is waited for. Later, addresses older than :data:`NAME_REFRESH`
-        seconds are used as they are while one lookup refreshes them in the
-        background: a resolver that fails, or hangs, delays no connection, and what it
-        says arrives for the next ones.
-        """
-        now = trio.current_time()
-        key = (target.host, target.port)
-        known = self._names.get(key)
-        if known is not None and now < known[2]:
-            if now >= known[1] and key not in self._refreshing:
-                self._refreshing.add(key)
-                trio.lowlevel.spawn_system_task(self._refresh, key)
-            return known[0]
-        infos = await lookup(target.host, target.port, deadline)
-        self._names[key] = (infos, now + NAME_REFRESH, now + NAME_STALE)
-        return infos
-
-    async def _refresh(self, key: tuple[str, int]) -> None:
-        """Look a name up again (a system task: it must never raise but Cancelled)."""
-        host, port = key
-        try:
-            infos = await lookup(host, port, trio.current_time() + NAME_LOOKUP_TIMEOUT)
-        except (OSError, trio.TooSlowError) as e:
-            known = self._names.get(key)
-            if known is not None:  # try again after a refresh period, not per connection
-                self._names[key] = (known[0], trio.current_time() + NAME_REFRESH, known[2])
-            log.warning(
-                "upstream %s: looking up %s failed (%s); its last addresses serve meanwhile",
-                self.name,
-                host,
-                str(e) or "timed out",
-            )
-        except Exception:
-            log.exception("upstream %s: looking up %s failed", self.name, host)
-        else:
-            now = trio.current_time()
-            self._names[key] = (infos, now + NAME_REFRESH, now + NAME_STALE)
-        finally:
-            self._refreshing.discard(key)
+    def _addresses_changed(self, key: tuple[str, int]) -> None:
+        """A name now has other addresses: its idle connections go, and those in use
+        are not pooled again (blue/green behind one name)."""
+        for target in self.targets:
+            if (target.host, target.port) == key:
+                target.generation += 1
+                while target.idle:
+                    self._discard(target.idle.pop())
 
     def _checkout_idle(self, target: Target, now: float) -> _Conn | None:
         idle = target.idle
@@ -465,7 +405,11 @@ class Pool:
     def _release(self, conn: _Conn) -> None:
         """Back to the pool: the response ended cleanly, with nothing after it."""
         target = conn.target
-        if self.closed or len(target.idle) >= self.config.pool_max_idle:
+        if (
+            self.closed
+            or len(target.idle) >= self.config.pool_max_idle
+            or conn.generation != target.generation
+        ):
             self._discard(conn)
             return
         conn.idle_since = trio.current_time()
@@ -478,6 +422,7 @@ class Pool:
     def close(self) -> None:
         """Close every idle connection; connections in use close when released."""
         self.closed = True
+        self.names.close()
         for t in self.targets:
             while t.idle:
                 self._discard(t.idle.pop())
@@ -891,7 +836,11 @@ class Pool:
                         break
                 finally:
                     tcp.socket.close()
-        except (trio.TooSlowError, OSError, h11.ProtocolError, trio.BrokenResourceError):
+        except OSError as e:
+            if e.errno in RESOURCE_ERRORS or e.errno == errno.EADDRNOTAVAIL:
+                return  # the gateway's own shortage says nothing about the target
+            ok = False
+        except (trio.TooSlowError, h11.ProtocolError, trio.BrokenResourceError):
             ok = False
         self._record_probe(target, ok)
 

@@ -535,6 +535,7 @@ class _Flaky(_Names):
         super().__init__(names)
         self.lookups = 0
         self.down: str | None = None
+        self.delay = 0.0  # seconds each lookup takes
 
     async def getaddrinfo(
         self,
@@ -546,6 +547,7 @@ class _Flaky(_Names):
         flags: int = 0,
     ) -> list[tuple[Any, Any, int, str, Any]]:
         self.lookups += 1
+        await trio.sleep(self.delay)
         if self.down == "hang":
             await trio.sleep_forever()
         if self.down == "fail":
@@ -560,7 +562,7 @@ async def test_a_name_is_looked_up_again_in_the_background_and_survives_a_dns_ou
     """New connections reuse a name's addresses; after NAME_REFRESH seconds one lookup
     refreshes them in the background. A resolver that fails or hangs delays no request
     and ejects nothing: the last addresses serve, for up to NAME_STALE seconds."""
-    from engine.upstream import NAME_REFRESH, NAME_STALE
+    from engine.names import NAME_REFRESH, NAME_STALE
 
     with trio.fail_after(DEADLINE * 10):
         async with open_counting_upstream() as up:
@@ -602,3 +604,63 @@ async def test_health_checks_use_the_last_addresses_through_a_dns_outage(
                 await trio.sleep(30)  # 30 probes, 5 failed lookups
                 await assert_serves(gw.port)  # still in rotation: not 503
                 assert names.lookups > 1
+
+
+async def test_connections_that_wait_for_a_name_share_one_lookup(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with trio.fail_after(DEADLINE):
+        async with open_counting_upstream() as up:
+            names = _Flaky({"svc.test": [("127.0.0.1", up.port)]})
+            names.delay = 1.0  # every connection waits for this first lookup
+            trio.socket.set_custom_hostname_resolver(names)
+            async with open_gateway(make_config("svc.test:80")) as gw:
+                async with trio.open_nursery() as nursery:
+                    for _ in range(20):
+                        nursery.start_soon(assert_serves, gw.port)
+                assert names.lookups == 1
+
+
+async def test_a_name_that_moves_to_other_addresses_takes_its_traffic_along(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Blue/green behind one name: once a refresh sees the new address, pooled
+    connections to the old one are let go and new requests go to the new one."""
+    from engine.names import NAME_REFRESH
+
+    with trio.fail_after(DEADLINE):
+        async with open_counting_upstream() as blue, open_counting_upstream() as green:
+            names = _Flaky({"svc.test": [("127.0.0.1", blue.port)]})
+            trio.socket.set_custom_hostname_resolver(names)
+            async with open_gateway(make_config("svc.test:80")) as gw:
+                await assert_serves(gw.port)
+                await assert_serves(gw.port)
+                assert (len(blue.requests), blue.connections) == (2, 1)  # one pooled
+                names.names = {"svc.test": [("127.0.0.1", green.port)]}
+                await trio.sleep(NAME_REFRESH + 1)
+                await assert_serves(gw.port)
+                await assert_serves(gw.port)
+                assert len(blue.requests) == 2
+                assert (len(green.requests), green.connections) == (2, 1)
+
+
+async def test_a_reload_during_a_dns_outage_keeps_the_names_addresses(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A reload that changes the upstream builds a new pool: it starts from what the
+    old one knew of its names, not from a lookup the outage would fail."""
+    from engine.config import load
+
+    with trio.fail_after(DEADLINE):
+        async with open_counting_upstream() as up:
+            names = _Flaky({"svc.test": [("127.0.0.1", up.port)]})
+            trio.socket.set_custom_hostname_resolver(names)
+            config = make_config("svc.test:80", {"pool_max_idle": 0, "connect_timeout": "1s"})
+            async with open_gateway(config) as gw:
+                await assert_serves(gw.port)
+                names.down = "hang"
+                config["upstreams"]["u"]["connect_timeout"] = "2s"
+                old_pool = gw.gateway.runtime.pools["u"]
+                await gw.gateway.reload(load(config))
+                assert gw.gateway.runtime.pools["u"] is not old_pool  # a new pool
+                assert await assert_serves(gw.port) < 0.1
