@@ -82,8 +82,10 @@ def _numbers(
     out = []
     for key, v in values:
         try:
+            if isinstance(v, str | bytes):  # float() would read "1.5": not a number
+                raise TypeError(type(v).__name__)
             out.append((key, float(v)))  # type: ignore[arg-type]
-        except (TypeError, ValueError, OverflowError):
+        except Exception:  # whatever a plugin's number type raises
             if name not in _WARNED:
                 _WARNED.add(name)
                 log.error("metric %s has a value that is no number (%r): left out", name, v)

@@ -199,6 +199,15 @@ def test_a_value_json_cannot_carry_never_takes_the_worker_down() -> None:
         assert length > 0
         g.set(10**400)  # too large for a float: left out too
         assert json.loads(_answer(9)[8:])["t_plugin_ratio"]["values"] == []
+        g.set("1.5")  # type: ignore[arg-type]
+        assert json.loads(_answer(10)[8:])["t_plugin_ratio"]["values"] == []
+
+        class Weird:
+            def __float__(self) -> float:
+                raise RuntimeError("a plugin's number type")
+
+        g.set(Weird())  # type: ignore[arg-type]
+        assert json.loads(_answer(11)[8:])["t_plugin_ratio"]["values"] == []
         g.set(object())  # type: ignore[arg-type]
         body = json.loads(_answer(8)[8:])  # left out, the rest sent
         assert body["t_plugin_ratio"]["values"] == []
