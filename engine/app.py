@@ -225,6 +225,12 @@ class Gateway:
                     pool.close()
             raise
         old = self.runtime
+        for name, pool in runtime.pools.items():
+            replaced = old.pools.get(name)
+            if replaced is not None and replaced is not pool:
+                # What the old pool knows of its names serves on (a reload during a DNS
+                # outage must not start from nothing); only once the reload is accepted.
+                pool.names.adopt(replaced.names, {(t.host, t.port) for t in pool.targets})
         self.registry = registry
         self.runtime = runtime
         self.server.runtime = runtime

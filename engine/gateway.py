@@ -196,8 +196,6 @@ def compile_runtime(config: Config, registry: Registry, previous: Runtime | None
             pools[name] = old
             continue
         pools[name] = Pool(name, ucfg)
-        if old is not None:  # what the old pool knows of its names serves on
-            pools[name].names.adopt(old.names)
 
     routes: list[RouteRuntime] = []
     built: set[str] = set()  # plugins whose config some route built (and so checked)

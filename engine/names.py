@@ -12,8 +12,8 @@ pool is open, as Envoy's ``dns_refresh_rate``:
 - only when a name has no usable addresses (its first lookup, or its addresses have
   gone stale) does a connection wait for a lookup, and then every connection at once
   waits for the same one (no lookup per connection), each within its own deadline;
-- when a lookup gives other addresses, ``on_change`` is called, and the pool lets go
-  of the connections to the old ones (blue/green behind one name).
+- when a lookup no longer gives some addresses, ``on_change`` is called with them, and
+  the pool lets go of its connections to them (blue/green behind one name).
 
 Addresses given as IP literals are not cached: looking them up is instant.
 """
@@ -90,17 +90,20 @@ class _Name:
 class Names:
     """The names of one pool's targets (see the module docstring)."""
 
-    def __init__(self, owner: str, on_change: Callable[[Key], None] | None = None) -> None:
+    def __init__(
+        self, owner: str, on_change: Callable[[Key, set[Any]], None] | None = None
+    ) -> None:
         self.owner = owner
         self.on_change = on_change
         self.closed = False
         self._names: dict[Key, _Name] = {}
 
-    def adopt(self, other: Names) -> None:
-        """Start from what ``other`` (the pool a reload replaces) knows, so that a reload
-        during a DNS outage does not start from nothing."""
+    def adopt(self, other: Names, keys: set[Key]) -> None:
+        """Start from what ``other`` (the pool an accepted reload replaces) knows of
+        ``keys`` (this pool's targets), so that a reload during a DNS outage does not
+        start from nothing."""
         for key, old in other._names.items():
-            if old.infos is not None:
+            if key in keys and old.infos is not None and key not in self._names:
                 name = self._names[key] = _Name()
                 name.infos, name.good_until = old.infos, old.good_until
                 trio.lowlevel.spawn_system_task(self._keep, key, name)
@@ -111,6 +114,8 @@ class Names:
     async def addresses(self, host: str, port: int, deadline: float) -> list[Any]:
         """The addresses to connect to ``host`` by ``deadline``. Raises ``OSError``
         (the lookup's failure) or ``trio.TooSlowError``."""
+        if self.closed:  # a request still running on a pool a reload replaced
+            return await lookup(host, port, deadline)
         key = (host, port)
         name = self._names.get(key)
         if name is None:
@@ -129,7 +134,8 @@ class Names:
             raise trio.TooSlowError
         if name.infos is not None and trio.current_time() < name.good_until:
             return name.infos
-        assert name.error is not None
+        if self.closed or name.error is None:  # the pool closed meanwhile
+            return await lookup(host, port, deadline)
         raise _again(name.error)
 
     async def _keep(self, key: Key, name: _Name) -> None:
@@ -156,10 +162,14 @@ class Names:
                 old, name.infos = name.infos, infos
                 name.good_until = trio.current_time() + NAME_STALE
                 name.error = None
-                if old is not None and _sockaddrs(old) != _sockaddrs(infos):
-                    log.info("upstream %s: %s now has other addresses", self.owner, host)
-                    if self.on_change is not None:
-                        self.on_change(key)
+                try:  # (an else: clause is outside the excepts above)
+                    gone = _sockaddrs(old) - _sockaddrs(infos) if old is not None else set()
+                    if gone:
+                        log.info("upstream %s: %s moved off %s", self.owner, host, gone)
+                        if self.on_change is not None:
+                            self.on_change(key, gone)
+                except Exception:
+                    log.exception("upstream %s: letting go of %s's old addresses", self.owner, host)
             finally:
                 name.looking = False
                 name.done.set()
@@ -167,6 +177,7 @@ class Names:
             name.wake = trio.Event()
             with trio.move_on_after(NAME_REFRESH):
                 await name.wake.wait()
+        name.done.set()  # closed: whoever still waits looks up for itself
 
 
 def _sockaddrs(infos: list[Any]) -> set[Any]:

@@ -90,11 +90,14 @@ MAX_RESPONSE_HEAD = 64 * 1024
 
 
 class _Conn:
-    __slots__ = ("generation", "idle_since", "io", "reused", "target", "wire")
+    __slots__ = ("generation", "idle_since", "io", "peer", "reused", "target", "wire")
 
-    def __init__(self, io: RawSocket | TlsSocket, target: Target) -> None:
+    def __init__(
+        self, io: RawSocket | TlsSocket, target: Target, generation: int, peer: Any
+    ) -> None:
         self.io = io
-        self.generation = target.generation
+        self.generation = generation  # the target's, when its addresses were taken
+        self.peer = peer  # the address connected to
         # Empty whenever the connection is idle: it is pooled only when a response
         # ended exactly where its framing said.
         self.wire = Reader(MAX_RESPONSE_HEAD)
@@ -363,13 +366,18 @@ class Pool:
 
     async def _connect(self, target: Target, limit: float) -> _Conn:
         deadline = trio.current_time() + limit
+        generation = target.generation  # before the addresses: they may move meanwhile
         infos = await self.addresses(target, deadline)
         io = await open_connection(target.host, target.port, deadline, infos)
+        try:
+            peer = io.sock.getpeername()
+        except OSError:
+            peer = None
         if self._tls is None:
-            return _Conn(io, target)
+            return _Conn(io, target, generation, peer)
         name = self.config.tls_server_name or target.host
         try:
-            return _Conn(await start_tls(io, self._tls, name, deadline), target)
+            return _Conn(await start_tls(io, self._tls, name, deadline), target, generation, peer)
         except OSError as e:
             log.warning("upstream %s: target %s: %s", self.name, target.address, e)
             raise
@@ -381,14 +389,23 @@ class Pool:
             return await lookup(target.host, target.port, deadline)
         return await self.names.addresses(target.host, target.port, deadline)
 
-    def _addresses_changed(self, key: tuple[str, int]) -> None:
-        """A name now has other addresses: its idle connections go, and those in use
-        are not pooled again (blue/green behind one name)."""
+    def _addresses_changed(self, key: tuple[str, int], gone: set[Any]) -> None:
+        """A name no longer has the addresses ``gone`` (blue/green behind one name):
+        idle connections to them go, connections in use now are not pooled again, and
+        an ejection earned by the old addresses ends."""
         for target in self.targets:
-            if (target.host, target.port) == key:
-                target.generation += 1
-                while target.idle:
-                    self._discard(target.idle.pop())
+            if (target.host, target.port) != key:
+                continue
+            target.generation += 1
+            kept = []
+            for conn in target.idle:
+                if conn.peer in gone:
+                    self._discard(conn)
+                else:
+                    conn.generation = target.generation  # still listed: stays pooled
+                    kept.append(conn)
+            target.idle[:] = kept
+            target.ejected_until = target.outlier_until = 0.0
 
     def _checkout_idle(self, target: Target, now: float) -> _Conn | None:
         idle = target.idle

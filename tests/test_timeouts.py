@@ -664,3 +664,30 @@ async def test_a_reload_during_a_dns_outage_keeps_the_names_addresses(
                 await gw.gateway.reload(load(config))
                 assert gw.gateway.runtime.pools["u"] is not old_pool  # a new pool
                 assert await assert_serves(gw.port) < 0.1
+
+
+async def test_a_refused_reload_leaves_no_keeper_behind(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A reload refused after its new pools were built must not keep looking their
+    names up: one lookup per refresh, however many reloads were refused."""
+    from engine.config import load
+    from engine.names import NAME_REFRESH
+    from engine.schema import ConfigError
+
+    with trio.fail_after(DEADLINE):
+        async with open_counting_upstream() as up:
+            names = _Flaky({"svc.test": [("127.0.0.1", up.port)]})
+            trio.socket.set_custom_hostname_resolver(names)
+            config = make_config("svc.test:80")
+            async with open_gateway(config) as gw:
+                await assert_serves(gw.port)
+                for timeout in ("2s", "3s", "4s"):
+                    bad = make_config("svc.test:80", {"connect_timeout": timeout})
+                    # a plugin's config is checked after the pools are built
+                    bad["routes"][0]["plugins"] = {"retry": {"attempts": 99}}
+                    with pytest.raises(ConfigError):
+                        await gw.gateway.reload(load(bad))
+                before = names.lookups
+                await trio.sleep(NAME_REFRESH * 4 + 1)
+                assert names.lookups - before == 4  # the serving pool's keeper only
