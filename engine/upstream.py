@@ -161,7 +161,7 @@ async def open_connection(
             await _connect(sock, addr, deadline)
         except OSError as e:
             sock.close()
-            raise OSError(e.errno, f"connect to {host}:{port}: {e.strerror or e}") from None
+            raise _connect_error(host, port, e) from None
         except BaseException:
             sock.close()
             raise
@@ -220,9 +220,13 @@ async def open_connection(
     # whatever this host could not open; refused anywhere is refused.
     refused = [f for f in failures if isinstance(f, OSError)]
     if refused or not failures:
-        last = (refused or no_socket)[-1]
-        raise OSError(last.errno, f"connect to {host}:{port}: {last.strerror or last}")
+        raise _connect_error(host, port, (refused or no_socket)[-1])
     raise trio.TooSlowError
+
+
+def _connect_error(host: str, port: int, error: OSError) -> OSError:
+    """``error`` with the target it is about (its errno kept for the pool's checks)."""
+    return OSError(error.errno, f"connect to {host}:{port}: {error.strerror or error}")
 
 
 def _interleave_families(infos: list[Any]) -> list[Any]:
