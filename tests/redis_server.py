@@ -9,25 +9,32 @@
     async with open_redis_server(tls=trustme.CA()) as redis:
         redis.url          # "rediss://127.0.0.1:PORT/0": TLS only, a cert of that CA
 
+    async with open_sentinel_group("fg") as group:
+        group.master, group.replica, group.sentinel   # RedisServer each
+        await group.failover()                         # the replica is the master now
+
 A missing ``redis-server`` fails the test (``make test`` installs it): a skipped Redis
 test would hide that the shared store is untested.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
 import trio
 import trustme
 
 from engine.testing import free_port as _free_port
+from plugins.rate_limit.redis import RedisAddress, RedisPool, RedisReplyError
 
-__all__ = ["RedisServer", "open_redis_server"]
+__all__ = ["RedisServer", "SentinelGroup", "open_redis_server", "open_sentinel_group"]
 
 
 class RedisServer:
@@ -40,11 +47,13 @@ class RedisServer:
         password: str | None,
         tls: trustme.CA | None = None,
         client_certs: bool = False,
+        args: Sequence[str] = (),
     ) -> None:
         self.binary = binary
         self.directory = directory
         self.password = password
         self.port = _free_port()
+        self.args = list(args)
         self.process: trio.Process | None = None
         self.tls_args: list[str] = []
         if tls is not None:
@@ -71,6 +80,7 @@ class RedisServer:
         ports = ["--port", "0", "--tls-port", str(self.port)] if self.tls_args else []
         args = [
             self.binary,
+            *self.args,
             *(ports or ["--port", str(self.port)]),
             *self.tls_args,
             "--bind", "127.0.0.1",
@@ -79,6 +89,8 @@ class RedisServer:
             "--appendonly", "no",
             "--protected-mode", "no",
             "--loglevel", "warning",
+            "--repl-diskless-sync-delay", "0",  # a replica syncs at once, not after 5 s
+            *_NO_SHUTDOWN_WAIT,
         ]  # fmt: skip
         if self.password:
             args += ["--requirepass", self.password]
@@ -110,21 +122,140 @@ class RedisServer:
         await process.wait()
 
 
-@asynccontextmanager
-async def open_redis_server(
-    password: str | None = None, tls: trustme.CA | None = None, client_certs: bool = False
-) -> AsyncIterator[RedisServer]:
-    """A running private redis-server, stopped on exit; with ``tls``, it speaks TLS only,
-    with a certificate for 127.0.0.1 issued by that CA, and with ``client_certs`` it
-    also asks clients for a certificate of that CA (redis-server's own default)."""
+def _no_shutdown_wait() -> list[str]:
+    """From Redis 7, a master waits up to 10 s on SIGTERM for its replicas to catch up
+    (``shutdown-timeout``); a test's servers are thrown away, so they do not wait."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        return []
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True, check=False)
+    version = re.search(r"v=(\d+)\.", out.stdout)
+    return ["--shutdown-timeout", "0"] if version and int(version.group(1)) >= 7 else []
+
+
+_NO_SHUTDOWN_WAIT = _no_shutdown_wait()
+
+
+def _binary() -> str:
     binary = shutil.which("redis-server") or shutil.which("redis-server", path="/usr/bin")
     if binary is None:
         pytest.fail("redis-server is not installed (`make test` installs it)")
+    return binary
+
+
+@asynccontextmanager
+async def open_redis_server(
+    password: str | None = None,
+    tls: trustme.CA | None = None,
+    client_certs: bool = False,
+    args: Sequence[str] = (),
+) -> AsyncIterator[RedisServer]:
+    """A running private redis-server, stopped on exit; with ``tls``, it speaks TLS only,
+    with a certificate for 127.0.0.1 issued by that CA, and with ``client_certs`` it
+    also asks clients for a certificate of that CA (redis-server's own default).
+    ``args`` go to redis-server first (e.g. ``--replicaof``)."""
+    binary = _binary()
     with tempfile.TemporaryDirectory(prefix="filtergate-redis-") as directory:
-        server = RedisServer(binary, directory, password, tls, client_certs)
+        server = RedisServer(binary, directory, password, tls, client_certs, args)
         await server.start()
         try:
             yield server
         finally:
             with trio.CancelScope(shield=True):
                 await server.stop()
+
+
+async def command(port: int, *args: str | int) -> Any:
+    """One command to 127.0.0.1:``port`` on a connection of its own; an error reply
+    raises :class:`~plugins.rate_limit.redis.RedisReplyError`."""
+    pool = RedisPool(RedisAddress("127.0.0.1", port, 0), timeout=5.0, pool_size=1)
+    try:
+        return await pool.execute(*args)
+    finally:
+        await pool.aclose()
+
+
+async def _replication(port: int, field: str) -> int:
+    info = (await command(port, "INFO", "replication")).decode()
+    match = re.search(rf"^{field}:(\d+)", info, re.MULTILINE)
+    return int(match.group(1)) if match else -1
+
+
+class SentinelGroup:
+    """A master, its replica and one sentinel watching them as ``name`` (quorum 1)."""
+
+    def __init__(
+        self, name: str, master: RedisServer, replica: RedisServer, sentinel: RedisServer
+    ) -> None:
+        self.name = name
+        self.master = master
+        self.replica = replica
+        self.sentinel = sentinel
+
+    async def master_port(self) -> int:
+        reply = await command(self.sentinel.port, "SENTINEL", "get-master-addr-by-name", self.name)
+        return int(reply[1])
+
+    async def wait_replica_known(self) -> None:
+        """Until the sentinel has seen the replica in sync: a failover needs one."""
+        while True:
+            replicas = await command(self.sentinel.port, "SENTINEL", "REPLICAS", self.name)
+            for flat in replicas:
+                fields = dict(zip(flat[::2], flat[1::2], strict=True))
+                if fields.get(b"flags") == b"slave" and fields.get(b"master-link-status") == b"ok":
+                    return
+            await trio.sleep(0.05)
+
+    async def wait_replicated(self) -> None:
+        """Until the replica has everything the master has. (``WAIT`` would not do: it
+        waits for what the connection it is sent on wrote.)"""
+        while True:
+            master = await _replication(self.master.port, "master_repl_offset")
+            if await _replication(self.replica.port, "slave_repl_offset") >= master:
+                return
+            await trio.sleep(0.02)
+
+    async def failover(self) -> None:
+        """Make the replica the master (``SENTINEL FAILOVER``), and wait until the
+        sentinel names it. The old master is made a replica about 10 s later."""
+        old = await self.master_port()
+        while True:
+            try:
+                await command(self.sentinel.port, "SENTINEL", "FAILOVER", self.name)
+                break
+            except RedisReplyError as e:  # NOGOODSLAVE, INPROG: the sentinel is not ready
+                if "NOGOODSLAVE" not in str(e) and "INPROG" not in str(e):
+                    raise
+                await trio.sleep(0.1)
+        while True:
+            if await self.master_port() != old:
+                return
+            await trio.sleep(0.05)
+
+
+@asynccontextmanager
+async def open_sentinel_group(name: str) -> AsyncIterator[SentinelGroup]:
+    """A master, a replica of it and a sentinel monitoring them as ``name``, all on
+    127.0.0.1; waits (within 10 s) until the sentinel knows the replica."""
+    async with open_redis_server() as master:
+        replica_of = ["--replicaof", "127.0.0.1", str(master.port)]
+        async with open_redis_server(args=replica_of) as replica:
+            with tempfile.TemporaryDirectory(prefix="filtergate-sentinel-") as directory:
+                conf = f"{directory}/sentinel.conf"  # the sentinel rewrites it
+                await trio.Path(conf).write_text(
+                    f"sentinel monitor {name} 127.0.0.1 {master.port} 1\n"
+                    f"sentinel down-after-milliseconds {name} 1000\n"
+                    f"sentinel failover-timeout {name} 3000\n"
+                    # Known at once: found through the master's INFO, it takes seconds.
+                    f"sentinel known-replica {name} 127.0.0.1 {replica.port}\n"
+                )
+                sentinel = RedisServer(_binary(), directory, None, args=[conf, "--sentinel"])
+                await sentinel.start()
+                try:
+                    group = SentinelGroup(name, master, replica, sentinel)
+                    with trio.fail_after(10):
+                        await group.wait_replica_known()
+                    yield group
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await sentinel.stop()

@@ -35,7 +35,14 @@ from engine.schema import Duration, Invalid
 from plugins._identity import fingerprint
 from plugins.rate_limit.algorithms import Quota
 from plugins.rate_limit.memory import MemoryStore
-from plugins.rate_limit.redis import RedisError, RedisPool, RedisStore, parse_redis_url
+from plugins.rate_limit.redis import (
+    RedisError,
+    RedisPool,
+    RedisStore,
+    Sentinels,
+    parse_redis_url,
+    parse_sentinel_node,
+)
 from plugins.rate_limit.store import Outcome, Policy, Store, StoreUnavailable
 
 __all__ = [
@@ -127,16 +134,31 @@ class RedisConfig:
     key_prefix: str = field(
         default="filtergate:rl:", metadata={"doc": "prefix of every key this plugin writes"}
     )
+    sentinel_master: str | None = field(
+        default=None,
+        metadata={"doc": "Redis Sentinel: the master's name (the url's host and port unused)"},
+    )
+    sentinel_nodes: tuple[str, ...] = field(
+        default=(), metadata={"doc": 'with sentinel_master: the sentinels, ["host:port", ...]'}
+    )
+    sentinel_username: str | None = field(
+        default=None, metadata={"doc": "with sentinel_master: the sentinels' ACL user"}
+    )
+    sentinel_password: str | None = field(
+        default=None, metadata={"doc": "with sentinel_master: the sentinels' password"}
+    )
     # Derived at load, not a TOML key (check_tls_files): the engine keeps a filter
     # instance across reloads while its config compares equal, so a CA or certificate
     # replaced on disk must make the config differ.
     tls_fingerprint: str = field(init=False, repr=True, compare=True, default="")
 
     def __post_init__(self) -> None:
+        sentinel = self.sentinel_master is not None
         try:
-            address = parse_redis_url(self.url, self.password)
+            address = parse_redis_url(self.url, self.password, host_required=not sentinel)
         except ValueError as e:
             raise Invalid("url", str(e)) from None
+        self._check_sentinels(address.tls)
         files = {"ca_file": self.ca_file, "cert_file": self.cert_file, "key_file": self.key_file}
         given = {k: v for k, v in files.items() if v is not None}
         if given and not address.tls:
@@ -151,6 +173,35 @@ class RedisConfig:
             raise Invalid("pool_size", f"expected at least 1, got {self.pool_size}")
         if self.timeout <= 0:
             raise Invalid("timeout", "expected a duration longer than 0")
+
+    def _check_sentinels(self, tls: bool) -> None:
+        if self.sentinel_master is None:
+            for key in ("sentinel_nodes", "sentinel_username", "sentinel_password"):
+                if getattr(self, key):
+                    raise Invalid(key, "only used with sentinel_master")
+            return
+        if not self.sentinel_master.strip():
+            raise Invalid("sentinel_master", "expected the master's name, got an empty string")
+        if not self.sentinel_nodes:
+            raise Invalid("sentinel_nodes", 'give the sentinels, e.g. ["10.0.0.1:26379"]')
+        for i, node in enumerate(self.sentinel_nodes):
+            try:
+                parse_sentinel_node(node)
+            except ValueError as e:
+                raise Invalid(f"sentinel_nodes[{i}]", str(e)) from None
+        if tls:
+            raise Invalid("sentinel_master", "not supported with a rediss:// url")
+
+    def sentinels(self) -> Sentinels | None:
+        """The sentinels to ask where the master is, or None: ``url`` is the server."""
+        if self.sentinel_master is None:
+            return None
+        return Sentinels(
+            self.sentinel_master,
+            tuple(parse_sentinel_node(n) for n in self.sentinel_nodes),
+            self.sentinel_username,
+            self.sentinel_password,
+        )
 
     def tls_context(self) -> ssl.SSLContext | None:
         """The TLS context for a ``rediss://`` url: ``None`` means the system's CAs and
@@ -439,10 +490,11 @@ class RateLimit(Filter):
         if config.store == "redis":
             r = config.redis
             pool = RedisPool(
-                parse_redis_url(r.url, r.password),
+                parse_redis_url(r.url, r.password, host_required=r.sentinel_master is None),
                 timeout=float(r.timeout),
                 pool_size=r.pool_size,
                 ssl_context=r.tls_context(),
+                sentinels=r.sentinels(),
             )
             self.store = RedisStore(
                 pool, prefix=r.key_prefix, retry_interval=float(r.retry_interval)
@@ -574,8 +626,11 @@ class RateLimit(Filter):
                 )
 
     async def background(self) -> None:
-        """Hold the store open while this instance is in use; close it when dropped."""
+        """Hold the store open while this instance is in use (with Redis Sentinel,
+        following the master); close it when dropped."""
         try:
+            if isinstance(self.store, RedisStore):
+                await self.store.pool.watch()
             await trio.sleep_forever()
         finally:
             with trio.CancelScope(shield=True):

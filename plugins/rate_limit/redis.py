@@ -13,6 +13,14 @@ command bounded by ``timeout`` (waiting for a connection included). A connection
 failed or timed out mid-command is closed, never reused, so reconnection is simply the
 next command making a new one.
 
+With Redis Sentinel (:class:`Sentinels`), the pool asks the sentinels where the master
+is before it connects, checks with ``ROLE`` that it reached a master, and asks again
+every ``SENTINEL_POLL`` seconds in the background (:meth:`RedisPool.watch`): after a
+failover, idle connections to the old master are closed and the next command connects
+to the new one. Without Sentinel the same holds for a name whose address moves (a
+managed Redis' primary endpoint): a ``READONLY`` reply, a master demoted to replica,
+closes the pool's connections, so the next one looks the name up again.
+
 When Redis fails, the store raises :class:`~plugins.rate_limit.store.StoreUnavailable`
 and, for ``retry_interval`` seconds, answers every decision that way without touching
 the network (so a dead server costs no request a timeout); then one decision probes
@@ -44,10 +52,18 @@ __all__ = [
     "RedisReplyError",
     "RedisStore",
     "RedisUnavailable",
+    "Sentinels",
     "parse_redis_url",
+    "parse_sentinel_node",
 ]
 
 log = logging.getLogger("filtergate.plugins.rate-limit")
+
+#: Seconds between two questions to the sentinels about where the master is. A failover
+#: is seen this long after the sentinels announce it at the latest; a connection error
+#: or a ``READONLY`` reply makes the pool ask at once.
+SENTINEL_POLL = 1.0
+SENTINEL_PORT = 26379
 
 
 class RedisError(Exception):
@@ -76,12 +92,48 @@ class RedisAddress:
     tls: bool = False  # rediss://
 
 
-def parse_redis_url(url: str, password: str | None = None) -> RedisAddress:
+@dataclass(frozen=True, slots=True)
+class Sentinels:
+    """Redis Sentinel: the master named ``master``, as ``nodes`` (host, port) know it."""
+
+    master: str
+    nodes: tuple[tuple[str, int], ...]
+    username: str | None = None
+    password: str | None = None
+
+    def __str__(self) -> str:
+        nodes = ", ".join(_host_port(n) for n in self.nodes)
+        return f"master {self.master!r} of sentinels {nodes}"
+
+
+def _host_port(address: tuple[str, int]) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse_sentinel_node(node: str) -> tuple[str, int]:
+    """``host[:port]`` or ``[v6]:port`` of a sentinel (port 26379 by default);
+    ``ValueError`` with a message for the user."""
+    parts = urlsplit(f"//{node}")
+    try:
+        port = parts.port or SENTINEL_PORT
+    except ValueError:
+        raise ValueError(f"bad port in {node!r}") from None
+    host = parts.hostname
+    if not host or parts.netloc != node or "@" in node:
+        raise ValueError(f'expected "host:port", got {node!r}')
+    return host, port
+
+
+def parse_redis_url(
+    url: str, password: str | None = None, *, host_required: bool = True
+) -> RedisAddress:
     """The address in ``redis://[[user]:password@]host[:port][/db]`` (``rediss://``:
     the same over TLS).
 
-    ``password``, when given, overrides the URL's. Raises ``ValueError`` with a message
-    for the user.
+    ``password``, when given, overrides the URL's. Without ``host_required`` (the
+    sentinels say where the master is), the host may be left out. Raises
+    ``ValueError`` with a message for the user.
     """
     parts = urlsplit(url)
     shown = _without_password(url)  # error messages end up in logs and terminals
@@ -93,8 +145,8 @@ def parse_redis_url(url: str, password: str | None = None) -> RedisAddress:
         port = parts.port or 6379
     except ValueError:
         raise ValueError(f"bad port in {shown!r}") from None
-    host = parts.hostname
-    if not host:
+    host = parts.hostname or ""
+    if not host and host_required:
         raise ValueError(f"no host in {shown!r}")
     path = parts.path.strip("/")
     if path and not path.isdigit():
@@ -138,10 +190,11 @@ def _encode(args: Sequence[bytes | str | int | float]) -> bytes:
 
 
 class _Connection:
-    __slots__ = ("reader", "stream")
+    __slots__ = ("address", "reader", "stream")
 
-    def __init__(self, stream: trio.abc.Stream) -> None:
+    def __init__(self, stream: trio.abc.Stream, address: tuple[str, int]) -> None:
         self.stream = stream
+        self.address = address
         self.reader = hiredis.Reader()
 
     async def roundtrip(self, payload: bytes) -> Any:
@@ -159,7 +212,10 @@ class _Connection:
 
 
 class RedisPool:
-    """At most ``pool_size`` connections to one server, each command within ``timeout``."""
+    """At most ``pool_size`` connections to one server, each command within ``timeout``.
+
+    With ``sentinels`` the server is the master they name: see the module docstring.
+    """
 
     def __init__(
         self,
@@ -168,30 +224,129 @@ class RedisPool:
         timeout: float,
         pool_size: int,
         ssl_context: ssl.SSLContext | None = None,
+        sentinels: Sentinels | None = None,
     ) -> None:
         """``ssl_context`` verifies a ``rediss://`` server (default: the system's CAs)."""
+        if sentinels is not None and address.tls:
+            raise ValueError("rediss:// is not supported with Redis Sentinel")
         self.address = address
         self.timeout = timeout
+        self.sentinels = sentinels
         self._ssl_context = (ssl_context or ssl.create_default_context()) if address.tls else None
         self._limiter = trio.CapacityLimiter(pool_size)
         self._idle: list[_Connection] = []
         self._closed = False
+        # Where the master is, as the sentinels last said; None: ask them.
+        self._master: tuple[str, int] | None = None
+        self._nodes = list(sentinels.nodes) if sentinels is not None else []
+        self._asking = trio.Lock()  # one question to the sentinels at a time
+
+    @property
+    def where(self) -> str:
+        """The server, for log lines."""
+        if self.sentinels is None:
+            return _host_port((self.address.host, self.address.port))
+        if self._master is None:
+            return str(self.sentinels)
+        return f"{self.sentinels} (at {_host_port(self._master)})"
+
+    async def _locate(self) -> tuple[str, int]:
+        if self.sentinels is None:
+            return self.address.host, self.address.port
+        if self._master is not None:
+            return self._master
+        async with self._asking:
+            if self._master is None:
+                self._master = await self._ask_sentinels(self.sentinels)
+            return self._master
+
+    async def _ask_sentinels(self, sentinels: Sentinels) -> tuple[str, int]:
+        """The master's address from the first sentinel that knows it; that sentinel is
+        asked first next time. Within the caller's deadline."""
+        failures = []
+        for node in list(self._nodes):
+            try:
+                stream = await trio.open_tcp_stream(*node)
+            except OSError as e:
+                failures.append(f"{_host_port(node)}: {_connect_failure(e)}")
+                continue
+            try:
+                conn = _Connection(stream, node)
+                reply = None
+                if sentinels.password is not None:
+                    auth = [sentinels.username, sentinels.password]
+                    reply = await conn.roundtrip(_encode(["AUTH", *(a for a in auth if a)]))
+                if not isinstance(reply, hiredis.ReplyError):
+                    reply = await conn.roundtrip(
+                        _encode(["SENTINEL", "get-master-addr-by-name", sentinels.master])
+                    )
+            except (RedisError, OSError, trio.BrokenResourceError, hiredis.ProtocolError) as e:
+                failures.append(f"{_host_port(node)}: {e}")
+                continue
+            finally:
+                await trio.aclose_forcefully(stream)
+            if isinstance(reply, hiredis.ReplyError):
+                failures.append(f"{_host_port(node)}: {reply}")
+            elif reply is None:
+                failures.append(f"{_host_port(node)}: does not know {sentinels.master!r}")
+            else:
+                try:
+                    host, port = reply[0].decode(), int(reply[1])
+                except (TypeError, ValueError, IndexError, AttributeError, UnicodeError):
+                    failures.append(f"{_host_port(node)}: unexpected reply {reply!r}")
+                    continue
+                if node != self._nodes[0]:
+                    self._nodes.remove(node)
+                    self._nodes.insert(0, node)
+                return host, port
+        raise RedisUnavailable(f"no sentinel named the master ({'; '.join(failures)})")
+
+    def _forget(self, address: tuple[str, int]) -> None:
+        """``address`` failed or is no master now: ask the sentinels again before the
+        next connection, and close the idle connections to it."""
+        if self._master == address:
+            self._master = None
+        self._drop_idle(address, to_it=True)
+
+    def _drop_idle(self, address: tuple[str, int], *, to_it: bool) -> None:
+        """Close the idle connections to ``address`` (``to_it``) or to any other."""
+        keep = []
+        for conn in self._idle:
+            if (conn.address == address) == to_it:
+                _close_now(conn)
+            else:
+                keep.append(conn)
+        self._idle = keep
 
     async def _connect(self) -> _Connection:
         a = self.address
-        stream: trio.abc.Stream = await trio.open_tcp_stream(a.host, a.port)
-        conn = _Connection(stream)
+        host, port = await self._locate()
+        try:
+            stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
+        except OSError:
+            if self.sentinels is not None:
+                self._forget((host, port))
+            raise
+        conn = _Connection(stream, (host, port))
         try:
             if self._ssl_context is not None:
                 # The certificate is checked against the URL's host, as redis-cli does.
                 tls = trio.SSLStream(stream, self._ssl_context, server_hostname=a.host)
                 await tls.do_handshake()
-                conn = _Connection(tls)
+                conn = _Connection(tls, (host, port))
             if a.password is not None:
                 auth = ["AUTH", a.username, a.password] if a.username else ["AUTH", a.password]
                 self._check(await conn.roundtrip(_encode(auth)))
             if a.db:
                 self._check(await conn.roundtrip(_encode(["SELECT", a.db])))
+            if self.sentinels is not None:
+                role = self._check(await conn.roundtrip(_encode(["ROLE"])))
+                if not role or role[0] != b"master":
+                    self._forget((host, port))
+                    raise RedisUnavailable(
+                        f"{_host_port((host, port))}, named master by the sentinels, is "
+                        "not a master (a failover under way?)"
+                    )
         except BaseException:
             await trio.aclose_forcefully(stream)
             raise
@@ -207,7 +362,8 @@ class RedisPool:
         """The reply to one command.
 
         Raises :class:`RedisReplyError` for an error reply and :class:`RedisUnavailable`
-        when there is no reply within ``timeout``, or the connection fails.
+        when there is no reply within ``timeout``, the connection fails, or the server
+        is a read-only replica now.
         """
         if self._closed:
             raise RedisUnavailable("the pool is closed")
@@ -235,6 +391,7 @@ class RedisPool:
                 except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
                     if conn is not None:
                         await trio.aclose_forcefully(conn.stream)
+                        self._lost(conn)
                     # trio's BrokenResourceError says nothing itself: its cause (a failed
                     # TLS handshake's certificate error, say) does.
                     cause = e if str(e) or e.__cause__ is None else e.__cause__
@@ -249,7 +406,16 @@ class RedisPool:
                     if conn is not None:
                         await trio.aclose_forcefully(conn.stream)
                     raise
-                if self._closed:
+                if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("READONLY"):
+                    # A master demoted to replica by a failover. Its other connections
+                    # are no better; new ones go where the sentinels or the name say.
+                    await trio.aclose_forcefully(conn.stream)
+                    self._forget(conn.address)
+                    raise RedisUnavailable(
+                        f"{_host_port(conn.address)} is a read-only replica now "
+                        "(a failover?); reconnecting"
+                    )
+                if self._closed or (self.sentinels is not None and conn.address != self._master):
                     await trio.aclose_forcefully(conn.stream)
                 else:
                     self._idle.append(conn)
@@ -259,12 +425,77 @@ class RedisPool:
             raise RedisReplyError(str(reply))
         return reply
 
+    def _lost(self, conn: _Connection) -> None:
+        """A connection failed: with sentinels, its server may be gone for good."""
+        if self.sentinels is not None:
+            self._forget(conn.address)
+
+    async def watch(self) -> None:
+        """With sentinels, ask them where the master is every ``SENTINEL_POLL`` seconds
+        and move to a new one; otherwise wait. Runs until cancelled."""
+        sentinels = self.sentinels
+        if sentinels is None:
+            await trio.sleep_forever()
+            return
+        failing = False
+        while not self._closed:
+            await trio.sleep(SENTINEL_POLL)
+            try:
+                with trio.fail_after(self.timeout):
+                    async with self._asking:
+                        master = await self._ask_sentinels(sentinels)
+            except (RedisUnavailable, trio.TooSlowError) as e:
+                # The data path may still work: keep the master known until it fails.
+                if not failing:
+                    failing = True
+                    reason = str(e) or f"no answer within {self.timeout:g}s"
+                    log.warning(
+                        "Redis %s: no sentinel answers (%s); the known master serves on",
+                        sentinels,
+                        reason,
+                    )
+                continue
+            if failing:
+                failing = False
+                log.warning("Redis %s: the sentinels answer again", sentinels)
+            if master != self._master:
+                if self._master is not None:
+                    log.warning(
+                        "Redis %s moved from %s to %s (a failover)",
+                        sentinels,
+                        _host_port(self._master),
+                        _host_port(master),
+                    )
+                self._master = master
+                self._drop_idle(master, to_it=False)
+
     async def aclose(self) -> None:
         """Close idle connections; connections in use close when their command ends."""
         self._closed = True
         idle, self._idle = self._idle, []
         for conn in idle:
             await trio.aclose_forcefully(conn.stream)
+
+
+def _connect_failure(e: OSError) -> str:
+    """Why ``trio.open_tcp_stream`` failed: its own message names no reason when the
+    address had one attempt ("all attempts to connect to ... failed"); the cause has it."""
+    cause = e.__cause__
+    if isinstance(cause, BaseExceptionGroup) and len(cause.exceptions) == 1:
+        cause = cause.exceptions[0]
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror
+    return e.strerror or str(e)
+
+
+def _close_now(conn: _Connection) -> None:
+    """Close an idle connection without awaiting: its socket goes at once (a TLS
+    stream's close_notify is not sent, as ``aclose_forcefully`` does not send it)."""
+    stream = conn.stream
+    if isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
+    if isinstance(stream, trio.SocketStream):
+        stream.socket.close()
 
 
 # --- the scripts --------------------------------------------------------------------------
@@ -541,10 +772,7 @@ class RedisStore:
             raise StoreUnavailable(f"unexpected reply from Redis: {reply!r}") from e
         if self._down_since is not None:
             log.warning(
-                "Redis at %s:%d is available again after %.1fs",
-                self.pool.address.host,
-                self.pool.address.port,
-                now - self._down_since,
+                "Redis %s is available again after %.1fs", self.pool.where, now - self._down_since
             )
             self._down_since = None
         return outcome
@@ -552,12 +780,7 @@ class RedisStore:
     def _failed(self, now: float, error: Exception) -> None:
         if self._down_since is None:
             self._down_since = now
-            log.error(
-                "Redis at %s:%d is unavailable: %s",
-                self.pool.address.host,
-                self.pool.address.port,
-                error,
-            )
+            log.error("Redis %s is unavailable: %s", self.pool.where, error)
         self._retry_at = now + self.retry_interval
 
     @staticmethod
