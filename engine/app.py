@@ -22,6 +22,7 @@ import h11
 import trio
 
 from engine import metrics
+from engine.chain import chain_notes
 from engine.config import Config, parse_address
 from engine.gateway import Runtime, compile_runtime
 from engine.metrics import MetricDump
@@ -100,6 +101,12 @@ def _restart_only_changes(old: Config, new: Config) -> list[str]:
     return [key for key, (a, b) in keys.items() if a != b]
 
 
+def _log_chain_notes(runtime: Runtime) -> None:
+    for route in runtime.routes:
+        for note in chain_notes(route.chain):
+            log.warning("route %s: %s", route.config.name, note)
+
+
 class Gateway:
     """One gateway process: serve ``config`` until cancelled or :meth:`shutdown`."""
 
@@ -119,6 +126,9 @@ class Gateway:
             entry_points=config.discovery.entry_points,
         )
         self.runtime: Runtime = compile_runtime(config, self.registry)
+        self._first_process = admin  # the others say nothing the first one says
+        if admin:
+            _log_chain_notes(self.runtime)
         self.server = Server(self.runtime, load_ssl_context(config))
         # Worker processes leave the admin listener to the first process: one address,
         # one owner. Its /metrics adds up what ``worker_metrics`` gathers from them.
@@ -244,6 +254,8 @@ class Gateway:
             if runtime.pools.get(name) is not pool:
                 pool.close()
         log.info("configuration reloaded: %d routes", len(config.routes))
+        if self._first_process:
+            _log_chain_notes(runtime)
 
     async def shutdown(self, grace: float | None = None, delay: float | None = None) -> None:
         """Stop accepting, let requests in flight finish within ``grace`` seconds, return.

@@ -211,6 +211,25 @@ class Chain:
         return [f.name for f in self.filters]
 
 
+def chain_notes(chain: Chain) -> list[str]:
+    """What in ``chain`` cannot work as configured, for ``check`` and the log at load.
+
+    A filter told to step aside for a caller an earlier filter authenticated
+    (``skip_if_authenticated``) with no authenticating filter before it never steps
+    aside: the route then requires its credential too (it fails closed).
+    """
+    notes = []
+    for i, f in enumerate(chain.filters):
+        if getattr(getattr(f, "config", None), "skip_if_authenticated", False) is True and not any(
+            g.stage is Stage.AUTHENTICATE for g in chain.filters[:i]
+        ):
+            notes.append(
+                f"{f.name}: skip_if_authenticated never applies, no authentication runs "
+                "before it (put allow_anonymous on an auth plugin that runs first)"
+            )
+    return notes
+
+
 def compile_chain(filters: list[Any]) -> Chain:
     """A :class:`Chain` for filter instances, sorted by stage (stable: ties keep order)."""
     ordered = sorted(filters, key=lambda f: int(f.stage))

@@ -67,6 +67,7 @@ def _config_error(e: Exception, path: str) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from engine.chain import chain_notes
     from engine.gateway import compile_runtime
     from engine.plugins import PluginError
 
@@ -102,6 +103,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         ]
         if off:
             print(f"    turned off here: {', '.join(off)}")
+        for note in chain_notes(r.chain):
+            print(f"    warning: {note}")
     for name, pool in runtime.pools.items():
         uc = pool.config
         count = len(uc.targets)

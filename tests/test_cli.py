@@ -86,6 +86,51 @@ def test_check_shows_what_each_route_overrides_and_turns_off(tmp_path: Path) -> 
     assert "turned off here: circuit-breaker" in tuned
 
 
+def test_check_warns_of_skip_if_authenticated_that_never_applies(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On the first auth plugin of a chain, skip_if_authenticated can never apply (the
+    route then needs both credentials): check says so, and so does the log at load."""
+    config = _config(_free_port(), "127.0.0.1:1")
+    jwt = {"issuers": [{"algorithms": ["HS256"], "secret": "0123456789abcdef" * 2}]}
+    keys = {"consumers": [{"id": "app", "key_sha256": "0" * 64}]}
+    config["routes"] = [
+        {
+            "name": "misordered",
+            "prefix": "/a",
+            "upstream": "echo",
+            "plugins": {
+                "key-auth": {**keys, "skip_if_authenticated": True},
+                "jwt-auth": {**jwt, "allow_anonymous": True},
+            },
+        },
+        {
+            "name": "either",
+            "prefix": "/b",
+            "upstream": "echo",
+            "plugins": {
+                "jwt-auth": {**jwt, "allow_anonymous": True},
+                "key-auth": {**keys, "skip_if_authenticated": True},
+            },
+        },
+    ]
+    r = _run("check", "-c", str(_write(tmp_path / "g.toml", config)))
+    assert r.returncode == 0, r.stderr
+    misordered, either = r.stdout.split("route either:")
+    assert (
+        "warning: key-auth: skip_if_authenticated never applies, no authentication runs "
+        "before it" in misordered
+    )
+    assert "warning" not in either
+    from engine.app import Gateway
+
+    caplog.set_level(logging.WARNING, logger="filtergate")
+    Gateway(load(config))
+    assert [r.getMessage()[:48] for r in caplog.records] == [
+        "route misordered: key-auth: skip_if_authenticate"
+    ]
+
+
 def test_check_names_the_key_path_and_exits_2(tmp_path: Path) -> None:
     bad = {
         "upstreams": {"orders": {"targets": ["127.0.0.1:1"]}},
