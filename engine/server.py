@@ -28,6 +28,7 @@ import trio
 from engine import sockets
 from engine.canonical import canonical_path, split_target
 from engine.chain import (
+    Chain,
     run_log_phases,
     run_request_phases,
     run_response_phases,
@@ -827,136 +828,166 @@ class _Connection:
             target = req.target
             absolute = False
             if method == b"CONNECT":
-                tunnel_route = _connect_route(rt, target)
-                if tunnel_route is None:
+                route = _connect_route(rt, target)
+                if route is None:
                     raise BadRequest("CONNECT is not allowed here")
-                await self._tunnel(tunnel_route, request_id)
-                return
-            if not target.startswith(b"/"):
-                absolute_form = _ABSOLUTE_FORM.fullmatch(target)
-                if absolute_form is None:
-                    raise BadRequest("the request target must be a path")
-                if not rt.any_absolute_form:  # refused as such, not as an unknown path
-                    raise BadRequest("absolute-form request targets are not accepted")
-                absolute = True
-                # RFC 9112 3.2.2: the target's authority replaces the Host header.
-                host, rest = absolute_form.groups()
-                if not host or not _valid_host(host) or host.startswith(b":"):
-                    # Empty (RFC 9110 4.2.1) or with userinfo (4.2.4: treat as an error).
-                    raise BadRequest("invalid authority in the request target")
-                fwd_host = host
-                target = rest if rest.startswith(b"/") else b"/" + rest
-            raw_path, raw_query = split_target(target)
-            path = canonical_path(raw_path)
-
-            host_name = host.decode("latin-1").lower()
-            if host_name.startswith("["):
-                host_name = host_name.split("]", 1)[0] + "]"
-            elif ":" in host_name:
-                host_name = host_name.rsplit(":", 1)[0]
-
-            request = Request(
-                method=method,
-                path=path,
-                raw_query=raw_query,
-                headers=Headers(fwd),
-                http_version=req.http_version,
-                client=client_ip,
-                peer=self.peer,
-                scheme=self.scheme,
-                tls=self.tls,
-            )
-            exchange = Exchange(request=request, request_id=request_id, timings=Timings(start))
-            match = rt.router.match(
-                host_name, path, method, fwd, request.query if rt.router_needs_query else None
-            )
-            route = match.value
-            if absolute and not route.config.allow_absolute_form:
-                raise BadRequest("absolute-form request targets are not accepted on this route")
-            if method == b"TRACE" and "TRACE" not in route.config.methods:
-                # A TRACE echo shows what the gateway added (identity headers): nginx
-                # refuses it too. A route that lists TRACE in its methods may have it.
-                raise MethodNotAllowed(list(route.config.methods or _ANY_METHOD_ALLOW))
-            exchange.route = route.config
-            exchange.caller = route.call_upstream
-            exchange.credential_headers = route.chain.credential_headers
-            exchange.captures = match.captures
-            exchange.timings.routed = now()
-
-            # Body: refuse before reading a byte when the declared length is too large.
-            body: _ClientBody | None = None
-            body_length: int | None = None
-            if content_length is not None:
-                body_length = int(content_length)
-                if body_length > route.max_body_size:
-                    raise PayloadTooLarge(
-                        f"request body of {body_length} bytes is over {route.max_body_size}"
-                    )
-            if self.body_reader is not None:
-                body = _ClientBody(self, self.body_reader, route.max_body_size)
-
-            chain = route.chain
-            if chain.request_body_at is not None:
-
-                async def buffer_body() -> None:
-                    if body is None or request.body is not None:
-                        return
-                    data = await body.read_all(cfg.max_buffered_body)
-                    if data is not None:
-                        request.body = data
-                    else:
-                        request.body_truncated = True
-
-                answer, depth = await run_request_phases(chain, exchange, buffer_body)
-            elif chain.sync_request:
-                answer, depth = run_sync_request_phases(chain, exchange)
-            elif chain.request:
-                answer, depth = await run_request_phases(chain, exchange)
-            else:
-                depth = len(chain.filters)
-            if answer is None and (method == b"OPTIONS" or method == b"TRACE"):
-                answer = _max_forwards(route, request, req)
-            if answer is None:
-                if route.pool is None:
-                    raise BadGateway("the route has no upstream and no filter answered")
-                call_body: Any
-                if request.body is not None:
-                    call_body = request.body
-                elif body is not None:
-                    prefix = body._prefix
-                    call_body = _PrefixedBody(prefix, body) if prefix else body
-                else:
-                    call_body = None
-                out_headers = request.headers
-                if route.config.preserve_host:
-                    out_headers.items.append((b"host", fwd_host or host))
-                elif route.host_header is not None:
-                    out_headers.items.append((b"host", route.host_header))
-                out_headers.items.append((b"x-forwarded-for", xff_out))
-                out_headers.items.append((b"x-forwarded-proto", proto))
-                if fwd_host:
-                    out_headers.items.append((b"x-forwarded-host", fwd_host))
-                out_headers.items.append((b"via", rt.via_header if self.http11 else rt.via_10))
-                out_headers.items.append((rid_header, request_id.encode()))
-                call = UpstreamCall(
-                    upstream=route.pool.name,
-                    method=request.method,
-                    target=_forward_target(route, exchange),
-                    headers=out_headers,
-                    body=call_body,
-                    timeout=route.timeout,
-                    body_length=body_length if call_body is body else None,
+                # The route's filters decide first (authentication, limits): a tunnel is
+                # no way around them. A tunnel, or its refusal, ends the connection.
+                self.keep_alive = False
+                chain = route.chain
+                # Proxy-Authorization, the credential a client gives a proxy, is for
+                # the filters to read here: a tunnel forwards no header.
+                fwd += [(n, v) for _r, n, v in items if n == b"proxy-authorization"]
+                request = Request(
+                    method=method,
+                    path=target.decode("latin-1"),  # the authority: host:port
+                    raw_query=b"",
+                    headers=Headers(fwd),
+                    http_version=req.http_version,
+                    client=client_ip,
+                    peer=self.peer,
+                    scheme=self.scheme,
+                    tls=self.tls,
                 )
-                exchange.timings.upstream_start = now()
-                if chain.around:
-                    answer = await wrap_upstream(chain.around, exchange, route.send_proxied)(call)
+                exchange = Exchange(request=request, request_id=request_id, timings=Timings(start))
+                exchange.route = route.config
+                exchange.caller = route.call_upstream
+                exchange.credential_headers = chain.credential_headers
+                exchange.timings.routed = now()
+                answer, depth = await _tunnel_request_phases(chain, exchange)
+                if answer is None:
+                    await self._tunnel(route, request_id)
+                    return
+            else:
+                if not target.startswith(b"/"):
+                    absolute_form = _ABSOLUTE_FORM.fullmatch(target)
+                    if absolute_form is None:
+                        raise BadRequest("the request target must be a path")
+                    if not rt.any_absolute_form:  # refused as such, not as an unknown path
+                        raise BadRequest("absolute-form request targets are not accepted")
+                    absolute = True
+                    # RFC 9112 3.2.2: the target's authority replaces the Host header.
+                    host, rest = absolute_form.groups()
+                    if not host or not _valid_host(host) or host.startswith(b":"):
+                        # Empty (RFC 9110 4.2.1) or with userinfo (4.2.4: treat as an error).
+                        raise BadRequest("invalid authority in the request target")
+                    fwd_host = host
+                    target = rest if rest.startswith(b"/") else b"/" + rest
+                raw_path, raw_query = split_target(target)
+                path = canonical_path(raw_path)
+
+                host_name = host.decode("latin-1").lower()
+                if host_name.startswith("["):
+                    host_name = host_name.split("]", 1)[0] + "]"
+                elif ":" in host_name:
+                    host_name = host_name.rsplit(":", 1)[0]
+
+                request = Request(
+                    method=method,
+                    path=path,
+                    raw_query=raw_query,
+                    headers=Headers(fwd),
+                    http_version=req.http_version,
+                    client=client_ip,
+                    peer=self.peer,
+                    scheme=self.scheme,
+                    tls=self.tls,
+                )
+                exchange = Exchange(request=request, request_id=request_id, timings=Timings(start))
+                match = rt.router.match(
+                    host_name, path, method, fwd, request.query if rt.router_needs_query else None
+                )
+                route = match.value
+                if absolute and not route.config.allow_absolute_form:
+                    raise BadRequest("absolute-form request targets are not accepted on this route")
+                if method == b"TRACE" and "TRACE" not in route.config.methods:
+                    # A TRACE echo shows what the gateway added (identity headers): nginx
+                    # refuses it too. A route that lists TRACE in its methods may have it.
+                    raise MethodNotAllowed(list(route.config.methods or _ANY_METHOD_ALLOW))
+                exchange.route = route.config
+                exchange.caller = route.call_upstream
+                exchange.credential_headers = route.chain.credential_headers
+                exchange.captures = match.captures
+                exchange.timings.routed = now()
+
+                # Body: refuse before reading a byte when the declared length is too large.
+                body: _ClientBody | None = None
+                body_length: int | None = None
+                if content_length is not None:
+                    body_length = int(content_length)
+                    if body_length > route.max_body_size:
+                        raise PayloadTooLarge(
+                            f"request body of {body_length} bytes is over {route.max_body_size}"
+                        )
+                if self.body_reader is not None:
+                    body = _ClientBody(self, self.body_reader, route.max_body_size)
+
+                chain = route.chain
+                if chain.request_body_at is not None:
+
+                    async def buffer_body() -> None:
+                        if body is None or request.body is not None:
+                            return
+                        data = await body.read_all(cfg.max_buffered_body)
+                        if data is not None:
+                            request.body = data
+                        else:
+                            request.body_truncated = True
+
+                    answer, depth = await run_request_phases(chain, exchange, buffer_body)
+                elif chain.sync_request:
+                    answer, depth = run_sync_request_phases(chain, exchange)
+                elif chain.request:
+                    answer, depth = await run_request_phases(chain, exchange)
                 else:
-                    answer = await route.pool.send(
-                        call, connect_timeout=route.connect_timeout, read_timeout=route.read_timeout
+                    depth = len(chain.filters)
+                if answer is None and (method == b"OPTIONS" or method == b"TRACE"):
+                    answer = _max_forwards(route, request, req)
+                if answer is None:
+                    if route.pool is None:
+                        raise BadGateway("the route has no upstream and no filter answered")
+                    call_body: Any
+                    if request.body is not None:
+                        call_body = request.body
+                    elif body is not None:
+                        prefix = body._prefix
+                        call_body = _PrefixedBody(prefix, body) if prefix else body
+                    else:
+                        call_body = None
+                    out_headers = request.headers
+                    if route.config.preserve_host:
+                        out_headers.items.append((b"host", fwd_host or host))
+                    elif route.host_header is not None:
+                        out_headers.items.append((b"host", route.host_header))
+                    out_headers.items.append((b"x-forwarded-for", xff_out))
+                    out_headers.items.append((b"x-forwarded-proto", proto))
+                    if fwd_host:
+                        out_headers.items.append((b"x-forwarded-host", fwd_host))
+                    out_headers.items.append((b"via", rt.via_header if self.http11 else rt.via_10))
+                    out_headers.items.append((rid_header, request_id.encode()))
+                    call = UpstreamCall(
+                        upstream=route.pool.name,
+                        method=request.method,
+                        target=_forward_target(route, exchange),
+                        headers=out_headers,
+                        body=call_body,
+                        timeout=route.timeout,
+                        body_length=body_length if call_body is body else None,
                     )
-                exchange.upstream_target = call.target_address
-                exchange.timings.upstream_headers = now()
-                _strip_hop_by_hop(answer.headers)
+                    exchange.timings.upstream_start = now()
+                    if chain.around:
+                        answer = await wrap_upstream(chain.around, exchange, route.send_proxied)(
+                            call
+                        )
+                    else:
+                        answer = await route.pool.send(
+                            call,
+                            connect_timeout=route.connect_timeout,
+                            read_timeout=route.read_timeout,
+                        )
+                    exchange.upstream_target = call.target_address
+                    exchange.timings.upstream_headers = now()
+                    _strip_hop_by_hop(answer.headers)
             if chain.needs_response_body and answer.stream is not None and answer.body is None:
                 await _buffer_response(answer, cfg.max_buffered_body)
             if chain.response:
@@ -1275,6 +1306,22 @@ def _status_line(status: int, reason: bytes) -> bytes:
 
 # The status lines of the standard codes, made once.
 _STATUS_LINES = {s: _status_line(s, b"") for s in range(100, 600) if reason_phrase(s)}
+
+
+async def _tunnel_request_phases(chain: Chain, exchange: Exchange) -> tuple[Response | None, int]:
+    """The request phases of a CONNECT. A tunnel has no request body (what follows the
+    head is the tunnel's own bytes), so a filter that asks for the body gets an empty one."""
+    if chain.request_body_at is not None:
+
+        async def no_body() -> None:
+            exchange.request.body = b""
+
+        return await run_request_phases(chain, exchange, no_body)
+    if chain.sync_request:
+        return run_sync_request_phases(chain, exchange)
+    if chain.request:
+        return await run_request_phases(chain, exchange)
+    return None, len(chain.filters)
 
 
 def _connect_route(rt: Runtime, authority: bytes) -> RouteRuntime | None:

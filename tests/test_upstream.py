@@ -13,6 +13,7 @@ import trio
 
 from engine.testing import Stubs, http_request, open_gateway, raw_exchange
 from engine.upstream import _interleave_families
+from plugins.key_auth import hash_key
 from tests.upstreams import (
     Upstream,
     UpstreamConn,
@@ -367,6 +368,64 @@ async def test_a_tunnel_target_that_does_not_accept_is_504(autojump_clock: Any) 
                 )
                 assert data.startswith(b"HTTP/1.1 504 ")
                 assert trio.current_time() - start == pytest.approx(2.0, abs=0.1)
+
+
+async def test_a_tunnel_passes_the_route_s_filters_first() -> None:
+    """Authentication and limits apply to CONNECT as to any request on the route, global
+    plugins included: a tunnel is no way around them. A refusal ends the connection,
+    and its target never sees a connection."""
+    connections = 0
+
+    async def echo(stream: trio.SocketStream) -> None:
+        nonlocal connections
+        connections += 1
+        async with stream:
+            while data := await stream.receive_some(65536):
+                await stream.send_all(data)
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(partial(trio.serve_tcp, echo, 0, host="127.0.0.1"))
+            config = _tunnel_config(listeners[0].socket.getsockname()[1])
+            config["plugins"] = {
+                "key-auth": {
+                    "header": "Proxy-Authorization",
+                    "consumers": [{"id": "ops", "key_sha256": hash_key("ops-key")}],
+                }
+            }
+            config["routes"][0]["plugins"] = {
+                "rate-limit": {"limits": [{"limit": 1, "window": "1m"}], "key": "consumer"}
+            }
+            async with open_gateway(config) as gw:
+
+                async def connect(*headers: bytes) -> bytes:
+                    head = b"CONNECT db.internal:5432 HTTP/1.1\r\nHost: db.internal:5432\r\n"
+                    return await raw_exchange(gw.port, head + b"".join(headers) + b"\r\n")
+
+                refused = await connect()  # no key: 401, and the connection is closed
+                assert refused.startswith(b"HTTP/1.1 401 ")
+                assert b"\r\nconnection: close\r\n" in refused.lower()
+                wrong = await connect(b"Proxy-Authorization: nope\r\n")
+                assert wrong.startswith(b"HTTP/1.1 401 ")
+                assert connections == 0
+
+                stream = await trio.open_tcp_stream("127.0.0.1", gw.port)
+                await stream.send_all(
+                    b"CONNECT db.internal:5432 HTTP/1.1\r\nHost: db.internal:5432\r\n"
+                    b"Proxy-Authorization: ops-key\r\n\r\nping"
+                )
+                data = b""
+                while not data.endswith(b"ping"):
+                    data += await stream.receive_some(65536)
+                assert data.startswith(b"HTTP/1.1 200 ")
+                await stream.aclose()
+                assert connections == 1
+
+                limited = await connect(b"Proxy-Authorization: ops-key\r\n")  # 1 per minute
+                assert limited.startswith(b"HTTP/1.1 429 ")
+                assert b"\r\nratelimit-remaining: 0\r\n" in limited.lower()
+                assert connections == 1
+            nursery.cancel_scope.cancel()
 
 
 def test_addresses_alternate_their_families() -> None:
