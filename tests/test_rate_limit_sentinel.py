@@ -201,6 +201,72 @@ async def test_an_address_that_is_no_master_is_not_used() -> None:
                     nursery.cancel_scope.cancel()
 
 
+async def test_a_sentinel_that_hangs_does_not_hide_the_others() -> None:
+    """The first sentinel accepts and never answers: it gets its share of the decision's
+    time, the next one names the master, and is asked first from then on."""
+    with trio.fail_after(DEADLINE):
+        async with open_sentinel_group("fg") as group:
+            hung = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]  # never accepts
+            pool = sentinel_pool("fg", hung.socket.getsockname()[1], group.sentinel.port)
+            async with open_store(pool) as store:
+                start = trio.current_time()
+                assert await decide(store)
+                assert trio.current_time() - start < 0.9  # its share: half of 1 s
+                assert pool.where.endswith(f"(at 127.0.0.1:{group.master.port})")
+            await hung.aclose()
+
+
+async def test_with_no_sentinel_answering_the_master_known_serves_on() -> None:
+    """The sentinels are gone, and the master drops its connections (a restart): the
+    pool goes back to the master it knew (ROLE says it still is one)."""
+    with trio.fail_after(DEADLINE):
+        async with open_sentinel_group("fg") as group:
+            pool = sentinel_pool("fg", group.sentinel.port)
+            async with open_store(pool) as store:
+                assert await decide(store)
+                await group.sentinel.stop()
+                await group.master.stop()
+                with pytest.raises(StoreUnavailable):
+                    await decide(store)
+                await group.master.start()  # same port, empty data
+                assert await until_decided(store)
+                assert pool.where.endswith(f"(at 127.0.0.1:{group.master.port})")
+                assert await count_on(group.master.port) == 1
+
+
+async def test_a_redis_6_script_error_saying_readonly_drops_the_connection() -> None:
+    """Before Redis 7 a script's write refused by a replica comes back wrapped in the
+    script's error; it is a READONLY all the same (a server that speaks it here)."""
+    connections = 0
+    error = (
+        b"-ERR Error running script (call to f_0123): @user_script:4: @user_script: 4: "
+        b"-READONLY You can't write against a read only replica.\r\n"
+    )
+
+    async def replica(stream: trio.SocketStream) -> None:
+        nonlocal connections
+        connections += 1
+        while await stream.receive_some(65536):
+            await stream.send_all(error)
+
+    with trio.fail_after(DEADLINE):
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(
+                functools.partial(trio.serve_tcp, replica, 0, host="127.0.0.1")
+            )
+            port = listeners[0].socket.getsockname()[1]
+            pool = RedisPool(
+                parse_redis_url(f"redis://127.0.0.1:{port}/0"), timeout=1.0, pool_size=4
+            )
+            async with open_store(pool) as store:
+                for expected in (1, 2):
+                    with pytest.raises(StoreUnavailable, match="read-only replica"):
+                        await decide(store)
+                    assert connections == expected  # each time a new connection
+                    await trio.sleep(0.15)  # past retry_interval
+            nursery.cancel_scope.cancel()
+
+
 async def test_sentinels_that_do_not_name_the_master_say_why() -> None:
     with trio.fail_after(DEADLINE):
         async with open_sentinel_group("fg") as group:
@@ -244,6 +310,12 @@ def test_sentinel_config() -> None:
             "not supported with a rediss:// url",
         ),
         ({"url": "redis:///0"}, "url", "no host"),
+        (
+            {"sentinel_master": "fg", "sentinel_nodes": ("a",), "sentinel_username": "u"},
+            "sentinel_username",
+            "set sentinel_password too",
+        ),
+        ({"sentinel_master": "fg", "sentinel_nodes": ("a:0",)}, "sentinel_nodes[0]", "bad port"),
     ]
     for table, key, message in bad:
         with pytest.raises(Invalid, match=message) as caught:

@@ -189,6 +189,8 @@ class RedisConfig:
                 parse_sentinel_node(node)
             except ValueError as e:
                 raise Invalid(f"sentinel_nodes[{i}]", str(e)) from None
+        if self.sentinel_username is not None and self.sentinel_password is None:
+            raise Invalid("sentinel_username", "set sentinel_password too (AUTH needs both)")
         if tls:
             raise Invalid("sentinel_master", "not supported with a rediss:// url")
 

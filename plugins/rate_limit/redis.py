@@ -33,6 +33,7 @@ import hashlib
 import itertools
 import logging
 import os
+import re
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -58,6 +59,10 @@ __all__ = [
 ]
 
 log = logging.getLogger("filtergate.plugins.rate-limit")
+
+#: A write refused by a replica: ``READONLY ...`` (Redis 7), or inside a script's error
+#: before Redis 7 (``ERR Error running script ...: -READONLY You can't write ...``).
+_READONLY = re.compile(r"(?:^|-)READONLY ")
 
 #: Seconds between two questions to the sentinels about where the master is. A failover
 #: is seen this long after the sentinels announce it at the latest; a connection error
@@ -116,9 +121,11 @@ def parse_sentinel_node(node: str) -> tuple[str, int]:
     ``ValueError`` with a message for the user."""
     parts = urlsplit(f"//{node}")
     try:
-        port = parts.port or SENTINEL_PORT
+        port = SENTINEL_PORT if parts.port is None else parts.port
     except ValueError:
         raise ValueError(f"bad port in {node!r}") from None
+    if not 0 < port < 65536:
+        raise ValueError(f"bad port in {node!r}")
     host = parts.hostname
     if not host or parts.netloc != node or "@" in node:
         raise ValueError(f'expected "host:port", got {node!r}')
@@ -236,8 +243,10 @@ class RedisPool:
         self._limiter = trio.CapacityLimiter(pool_size)
         self._idle: list[_Connection] = []
         self._closed = False
-        # Where the master is, as the sentinels last said; None: ask them.
+        # Where the master is, as the sentinels last said; None: ask them. The last one
+        # known stays as a fallback for when no sentinel answers (ROLE checks it).
         self._master: tuple[str, int] | None = None
+        self._last_master: tuple[str, int] | None = None
         self._nodes = list(sentinels.nodes) if sentinels is not None else []
         self._asking = trio.Lock()  # one question to the sentinels at a time
 
@@ -257,49 +266,76 @@ class RedisPool:
             return self._master
         async with self._asking:
             if self._master is None:
-                self._master = await self._ask_sentinels(self.sentinels)
+                try:
+                    # Each sentinel gets its share of the decision's time: one that
+                    # hangs must not use it all.
+                    master = await self._ask_sentinels(
+                        self.sentinels, self.timeout / len(self._nodes)
+                    )
+                except RedisUnavailable:
+                    if self._last_master is None:
+                        raise
+                    master = self._last_master  # ROLE will say whether it still is
+                self._set_master(master)
+            assert self._master is not None
             return self._master
 
-    async def _ask_sentinels(self, sentinels: Sentinels) -> tuple[str, int]:
-        """The master's address from the first sentinel that knows it; that sentinel is
-        asked first next time. Within the caller's deadline."""
-        failures = []
+    def _set_master(self, master: tuple[str, int]) -> None:
+        self._master = self._last_master = master
+
+    async def _ask_sentinels(self, sentinels: Sentinels, each: float) -> tuple[str, int]:
+        """The master's address from the first sentinel that knows it, each given
+        ``each`` seconds; that sentinel is asked first next time."""
+        failures: list[str] = []
         for node in list(self._nodes):
-            try:
-                stream = await trio.open_tcp_stream(*node)
-            except OSError as e:
-                failures.append(f"{_host_port(node)}: {_connect_failure(e)}")
+            with trio.move_on_after(each):
+                answer = await self._ask_one(sentinels, node, failures)
+                if answer is not None:
+                    return answer
                 continue
-            try:
-                conn = _Connection(stream, node)
-                reply = None
-                if sentinels.password is not None:
-                    auth = [sentinels.username, sentinels.password]
-                    reply = await conn.roundtrip(_encode(["AUTH", *(a for a in auth if a)]))
-                if not isinstance(reply, hiredis.ReplyError):
-                    reply = await conn.roundtrip(
-                        _encode(["SENTINEL", "get-master-addr-by-name", sentinels.master])
-                    )
-            except (RedisError, OSError, trio.BrokenResourceError, hiredis.ProtocolError) as e:
-                failures.append(f"{_host_port(node)}: {e}")
-                continue
-            finally:
-                await trio.aclose_forcefully(stream)
-            if isinstance(reply, hiredis.ReplyError):
-                failures.append(f"{_host_port(node)}: {reply}")
-            elif reply is None:
-                failures.append(f"{_host_port(node)}: does not know {sentinels.master!r}")
-            else:
-                try:
-                    host, port = reply[0].decode(), int(reply[1])
-                except (TypeError, ValueError, IndexError, AttributeError, UnicodeError):
-                    failures.append(f"{_host_port(node)}: unexpected reply {reply!r}")
-                    continue
-                if node != self._nodes[0]:
-                    self._nodes.remove(node)
-                    self._nodes.insert(0, node)
-                return host, port
+            failures.append(f"{_host_port(node)}: no answer within {each:g}s")
         raise RedisUnavailable(f"no sentinel named the master ({'; '.join(failures)})")
+
+    async def _ask_one(
+        self, sentinels: Sentinels, node: tuple[str, int], failures: list[str]
+    ) -> tuple[str, int] | None:
+        """One sentinel's answer, or None with the reason added to ``failures``."""
+        where = _host_port(node)
+        try:
+            stream = await trio.open_tcp_stream(*node)
+        except OSError as e:
+            failures.append(f"{where}: {_connect_failure(e)}")
+            return None
+        try:
+            conn = _Connection(stream, node)
+            reply = None
+            if sentinels.password is not None:
+                auth = [sentinels.username, sentinels.password]
+                reply = await conn.roundtrip(_encode(["AUTH", *(a for a in auth if a)]))
+            if not isinstance(reply, hiredis.ReplyError):
+                reply = await conn.roundtrip(
+                    _encode(["SENTINEL", "get-master-addr-by-name", sentinels.master])
+                )
+        except (RedisError, OSError, trio.BrokenResourceError, hiredis.ProtocolError) as e:
+            failures.append(f"{where}: {e}")
+            return None
+        finally:
+            await trio.aclose_forcefully(stream)
+        if isinstance(reply, hiredis.ReplyError):
+            failures.append(f"{where}: {reply}")
+            return None
+        if reply is None:
+            failures.append(f"{where}: does not know {sentinels.master!r}")
+            return None
+        try:
+            host, port = reply[0].decode(), int(reply[1])
+        except (TypeError, ValueError, IndexError, AttributeError, UnicodeError):
+            failures.append(f"{where}: unexpected reply {reply!r}")
+            return None
+        if node != self._nodes[0]:
+            self._nodes.remove(node)
+            self._nodes.insert(0, node)
+        return host, port
 
     def _forget(self, address: tuple[str, int]) -> None:
         """``address`` failed or is no master now: ask the sentinels again before the
@@ -399,14 +435,20 @@ class RedisPool:
                 except hiredis.ProtocolError as e:
                     if conn is not None:
                         await trio.aclose_forcefully(conn.stream)
+                        self._lost(conn)
                     raise RedisUnavailable(f"protocol error: {e}") from e
+                except _ConnectionLost:
+                    if conn is not None:
+                        await trio.aclose_forcefully(conn.stream)
+                        self._lost(conn)
+                    raise
                 except BaseException:
                     # Cancelled (our timeout or the caller's) mid-command: the reply may
                     # still come, so this connection can never be trusted again.
                     if conn is not None:
                         await trio.aclose_forcefully(conn.stream)
                     raise
-                if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("READONLY"):
+                if isinstance(reply, hiredis.ReplyError) and _READONLY.search(str(reply)):
                     # A master demoted to replica by a failover. Its other connections
                     # are no better; new ones go where the sentinels or the name say.
                     await trio.aclose_forcefully(conn.stream)
@@ -441,32 +483,33 @@ class RedisPool:
         while not self._closed:
             await trio.sleep(SENTINEL_POLL)
             try:
-                with trio.fail_after(self.timeout):
-                    async with self._asking:
-                        master = await self._ask_sentinels(sentinels)
-            except (RedisUnavailable, trio.TooSlowError) as e:
+                async with self._asking:  # each sentinel given the whole timeout here
+                    master = await self._ask_sentinels(sentinels, self.timeout)
+            except RedisUnavailable as e:
                 # The data path may still work: keep the master known until it fails.
                 if not failing:
                     failing = True
-                    reason = str(e) or f"no answer within {self.timeout:g}s"
+                    known = self._last_master
                     log.warning(
-                        "Redis %s: no sentinel answers (%s); the known master serves on",
+                        "Redis %s: %s; %s",
                         sentinels,
-                        reason,
+                        e,
+                        "the master known serves on" if known else "no master is known",
                     )
                 continue
             if failing:
                 failing = False
                 log.warning("Redis %s: the sentinels answer again", sentinels)
             if master != self._master:
-                if self._master is not None:
+                previous = self._master or self._last_master
+                if previous is not None and previous != master:
                     log.warning(
                         "Redis %s moved from %s to %s (a failover)",
                         sentinels,
-                        _host_port(self._master),
+                        _host_port(previous),
                         _host_port(master),
                     )
-                self._master = master
+                self._set_master(master)
                 self._drop_idle(master, to_it=False)
 
     async def aclose(self) -> None:
