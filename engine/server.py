@@ -1202,7 +1202,14 @@ class _Connection:
                 await resp.aclose()
                 stream = None
         elif stream is not None:
-            cl = resp.headers.get(b"content-length")
+            # An upstream body's length is what its framing said, not what the headers say
+            # now: a 304 mapped to 200 (its Content-Length is the representation's) has
+            # none, and a wrong length here would run into the next response. (A HEAD
+            # answer's Content-Length is the representation's: it stays.)
+            length = (
+                stream.length if type(stream) is _UpstreamBody and method != b"HEAD" else None
+            )
+            cl = b"%d" % length if length is not None else resp.headers.get(b"content-length")
             if cl is not None:
                 head.append(b"content-length: " + cl + b"\r\n")
             elif self.http11:

@@ -1079,6 +1079,7 @@ class _UpstreamBody:
         "_read_timeout",
         "_reader",
         "_remaining",
+        "length",
     )
 
     def __init__(
@@ -1097,6 +1098,9 @@ class _UpstreamBody:
         self._deadline = deadline
         self._done = False
         self._keep_alive = keep_alive
+        # The body's length as the upstream's framing says (0 for HEAD, 204 and 304,
+        # whatever Content-Length they carry); None: chunked or close-delimited.
+        self.length = length
         self._remaining = length
         self._reader = reader
         self._pending = b""

@@ -10,6 +10,7 @@ import gzip
 import json
 from typing import Any
 
+import h11
 import pytest
 import trio
 
@@ -1140,6 +1141,58 @@ async def test_e2e_nan_and_infinity_are_never_written() -> None:
     assert received == [b'{"x": NaN}', b'{"x": 1e999}']
     assert (resp.status, resp.body) == (200, answer)
     assert big.status == 200
+
+
+async def test_e2e_a_304_mapped_to_200_has_no_body() -> None:
+    """A 304's Content-Length is the representation's (RFC 9110 8.6), and it has no
+    body: mapped to 200 it must say 0, or the client reads the next response as its
+    body (one client's answer handed to another behind a pooling proxy)."""
+
+    async def handler(conn: UpstreamConn) -> None:
+        while (got := await conn.read_request()) is not None:
+            rec, _ = got
+            if rec.target.endswith(b"/304"):
+                await conn.send(b"HTTP/1.1 304 Not Modified\r\ncontent-length: 60\r\n\r\n")
+            else:  # a HEAD, or the next request
+                body = b'{"for": "the second request"}'
+                head = response_head(200, content_length=len(body))
+                await conn.send(head if rec.method == b"HEAD" else head + body)
+
+    transform = {"response": {"status_map": {"304": 200}}}
+    with trio.fail_after(10):
+        async with serve_upstream(handler) as up:
+            async with open_gateway(_target_config(up.target, transform)) as gw:
+                stream = await trio.open_tcp_stream("127.0.0.1", gw.port)
+                await stream.send_all(
+                    b"GET /api/v1/things/304 HTTP/1.1\r\nhost: x\r\n\r\n"
+                    b"GET /api/v1/things/2 HTTP/1.1\r\nhost: x\r\n\r\n"
+                    b"HEAD /api/v1/things/3 HTTP/1.1\r\nhost: x\r\n\r\n"
+                )
+                client = h11.Connection(h11.CLIENT)
+                answers: list[tuple[int, bytes, bytes]] = []
+                for method in ("GET", "GET", "HEAD"):
+                    client.send(h11.Request(method=method, target="/", headers=[("host", "x")]))
+                    client.send(h11.EndOfMessage())
+                    status, length, body = 0, b"", b""
+                    while True:
+                        event = client.next_event()
+                        if event is h11.NEED_DATA:
+                            client.receive_data(await stream.receive_some(65536))
+                        elif isinstance(event, h11.Response):
+                            status = event.status_code
+                            length = dict(event.headers).get(b"content-length", b"")
+                        elif isinstance(event, h11.Data):
+                            body += event.data
+                        elif isinstance(event, h11.EndOfMessage):
+                            break
+                    answers.append((status, length, body))
+                    client.start_next_cycle()
+                await stream.aclose()
+    assert answers == [
+        (200, b"0", b""),
+        (200, b"29", b'{"for": "the second request"}'),
+        (200, b"29", b""),  # HEAD: the representation's length, no body
+    ]
 
 
 @pytest.mark.parametrize("status_map", [{"200": 101}, {"101": 200}])
