@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from engine.config import RouteConfig
 
 __all__ = [
+    "FRAMING_HEADERS",
     "BodyStream",
     "Exchange",
     "Headers",
@@ -38,6 +39,14 @@ def _b(name: bytes | str) -> bytes:
 
 
 _TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-z]+")
+
+#: Header names (lowercase) that frame a message or a connection. The gateway writes
+#: them itself; a filter whose config names one (a header to set or inject) is refused
+#: at load, since a second Content-Length or a Transfer-Encoding would corrupt the
+#: framing (request smuggling upstream, desync toward the client).
+FRAMING_HEADERS = frozenset(
+    {"content-length", "transfer-encoding", "connection", "keep-alive", "te", "trailer", "upgrade"}
+)
 
 # Names already checked, lowercased, by what the caller passed (bytes and str apart: a
 # str and a bytes key must never be compared). Filters set headers with a few names from

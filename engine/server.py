@@ -1206,9 +1206,7 @@ class _Connection:
             # now: a 304 mapped to 200 (its Content-Length is the representation's) has
             # none, and a wrong length here would run into the next response. (A HEAD
             # answer's Content-Length is the representation's: it stays.)
-            length = (
-                stream.length if type(stream) is _UpstreamBody and method != b"HEAD" else None
-            )
+            length = stream.length if type(stream) is _UpstreamBody and method != b"HEAD" else None
             cl = b"%d" % length if length is not None else resp.headers.get(b"content-length")
             if cl is not None:
                 head.append(b"content-length: " + cl + b"\r\n")

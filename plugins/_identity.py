@@ -20,7 +20,7 @@ import hashlib
 import re
 from collections.abc import Iterable, Sequence
 
-from engine.exchange import Exchange, StashKey
+from engine.exchange import FRAMING_HEADERS, Exchange, StashKey
 
 __all__ = [
     "DEFAULT_IDENTITY_HEADERS",
@@ -78,6 +78,16 @@ def check_header_name(name: str) -> str | None:
     """An error message if ``name`` is not a valid header field name, else ``None``."""
     if not _TOKEN_RE.match(name):
         return f"not a valid header name: {name!r}"
+    return None
+
+
+def check_injected_header_name(name: str) -> str | None:
+    """:func:`check_header_name` for a header an auth filter sets on the request: also
+    refuses the framing headers and ``Host``, which the gateway writes itself."""
+    if problem := check_header_name(name):
+        return problem
+    if name.lower() in FRAMING_HEADERS or name.lower() == "host":
+        return f"{name!r} is managed by the gateway"
     return None
 
 

@@ -39,7 +39,7 @@ import trio
 
 from engine.chain import Filter, FilterContext, Stage
 from engine.errors import BadGateway, GatewayError, UpstreamTimeout
-from engine.exchange import Exchange, Headers, Response, UpstreamCall
+from engine.exchange import FRAMING_HEADERS, Exchange, Headers, Response, UpstreamCall
 from engine.metrics import counter
 from engine.plugins import hookimpl
 from engine.schema import ByteSize, Duration, Invalid
@@ -71,18 +71,7 @@ _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 _TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+")
 _METHOD_RE = re.compile(r"[A-Z]+")
 # Managed by the gateway's upstream layer; a call cannot meaningfully set them.
-_RESERVED_HEADERS = frozenset(
-    {
-        "host",
-        "content-length",
-        "transfer-encoding",
-        "connection",
-        "keep-alive",
-        "te",
-        "trailer",
-        "upgrade",
-    }
-)
+_RESERVED_HEADERS = FRAMING_HEADERS | {"host"}
 _CTL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 # A closed connection is cleanup: it must finish even when the request is being
 # cancelled, but never hold the request up for long.

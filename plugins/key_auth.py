@@ -35,6 +35,7 @@ from plugins._identity import (
     challenges,
     check_header_name,
     check_header_pattern,
+    check_injected_header_name,
     fingerprint,
     header_key,
     header_value,
@@ -157,7 +158,7 @@ class KeyAuthConfig:
             raise Invalid("query_param", "must not be empty (omit it to read no parameter)")
         for key in ("consumer_header", "groups_header"):
             value = getattr(self, key)
-            if value and (problem := check_header_name(value)):
+            if value and (problem := check_injected_header_name(value)):
                 raise Invalid(key, problem)
         for i, pattern in enumerate(self.strip_headers):
             if problem := check_header_pattern(pattern):

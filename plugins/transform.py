@@ -50,7 +50,7 @@ from engine.errors import (
     reason_phrase,
     render_error,
 )
-from engine.exchange import Exchange, Headers, Request, Response, checked_field
+from engine.exchange import FRAMING_HEADERS, Exchange, Headers, Request, Response, checked_field
 from engine.metrics import counter
 from engine.plugins import hookimpl
 from engine.schema import Invalid
@@ -85,10 +85,6 @@ BODY_SKIPPED = counter(
 
 _TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+")
 _METHOD_RE = re.compile(r"[A-Z]+")
-# The gateway owns message framing: a transform that touched these would corrupt it.
-_FRAMING_HEADERS = frozenset(
-    {"content-length", "transfer-encoding", "connection", "keep-alive", "te", "trailer", "upgrade"}
-)
 # Control characters would split a header line; a rendered value never carries them.
 _CTL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _GROUP_REF_RE = re.compile(r"\\(\d+)|\\g<(\w+)>")
@@ -106,7 +102,7 @@ _FINAL_STATUS_RE = re.compile(r"[2-5][0-9][0-9]")
 def _check_header_name(key: str, name: str) -> None:
     if not _TOKEN_RE.fullmatch(name.lower()):
         raise Invalid(key, f"not a valid header name: {name!r}")
-    if name.lower() in _FRAMING_HEADERS:
+    if name.lower() in FRAMING_HEADERS:
         raise Invalid(key, f"{name!r} is a framing header the gateway manages")
 
 

@@ -280,3 +280,40 @@ async def test_a_skipping_plugin_leaves_the_credential_another_one_verified(
             r = await http_request(gw.port, "GET", "/x", [("Authorization", key)])
             assert r.status == 200
             assert dict(r.json()["headers"])["x-consumer-id"] == "billing-app"
+
+
+@pytest.mark.parametrize(
+    ("plugin", "table", "path"),
+    [
+        (
+            "jwt-auth",
+            {"claims_to_headers": {"te": "Transfer-Encoding"}},
+            "plugins.jwt-auth.claims_to_headers.te",
+        ),
+        (
+            "jwt-auth",
+            {"claims_to_headers": {"aud": "Host"}},
+            "plugins.jwt-auth.claims_to_headers.aud",
+        ),
+        ("key-auth", {"consumer_header": "Content-Length"}, "plugins.key-auth.consumer_header"),
+        ("key-auth", {"groups_header": "connection"}, "plugins.key-auth.groups_header"),
+    ],
+)
+def test_identity_headers_never_frame_the_request(
+    plugin: str, table: dict[str, object], path: str
+) -> None:
+    """A claim injected as Transfer-Encoding (or a second Content-Length) would smuggle
+    a request to the upstream: the framing headers and Host are refused at load."""
+    from engine.schema import ConfigError, build
+    from plugins.jwt_auth.config import JwtAuthConfig
+    from plugins.key_auth import KeyAuthConfig
+
+    base: dict[str, object] = (
+        {"issuers": [{"algorithms": ["HS256"], "secret": "0123456789abcdef" * 2}]}
+        if plugin == "jwt-auth"
+        else {"consumers": [{"id": "app", "key_sha256": "0" * 64}]}
+    )
+    schema = JwtAuthConfig if plugin == "jwt-auth" else KeyAuthConfig
+    with pytest.raises(ConfigError, match="managed by the gateway") as info:
+        build(schema, {**base, **table}, f"plugins.{plugin}")
+    assert info.value.path == path

@@ -19,7 +19,11 @@ from typing import Literal
 
 from engine.schema import ByteSize, Duration, Invalid
 from plugins._fetch import check_url
-from plugins._identity import check_header_name, check_header_pattern
+from plugins._identity import (
+    check_header_name,
+    check_header_pattern,
+    check_injected_header_name,
+)
 
 from .keys import (
     ASYMMETRIC_ALGORITHMS,
@@ -368,7 +372,7 @@ class JwtAuthConfig:
         if self.max_token_size < 16:
             raise Invalid("max_token_size", "too small for any token")
         for claim, name in self.claims_to_headers.items():
-            if problem := check_header_name(name):
+            if problem := check_injected_header_name(name):
                 raise Invalid(f"claims_to_headers.{claim}", problem)
         for i, pattern in enumerate(self.strip_headers):
             if problem := check_header_pattern(pattern):
