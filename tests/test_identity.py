@@ -317,3 +317,65 @@ def test_identity_headers_never_frame_the_request(
     with pytest.raises(ConfigError, match="managed by the gateway") as info:
         build(schema, {**base, **table}, f"plugins.{plugin}")
     assert info.value.path == path
+
+
+async def test_no_unverified_token_gets_past_in_another_spelling(stubs: Stubs) -> None:
+    """What an upstream would read as a token is what jwt-auth verifies or removes: a
+    cookie name with a space before "=" (servers trim it), a TAB after the scheme, every
+    field of a custom token header on the skipping path."""
+    secret = "0123456789abcdef0123456789abcdef"
+    key = "billing-key-0123456789abcdef0123456789"
+    valid = pyjwt.encode({"sub": "carol", "exp": 2**40}, secret, algorithm="HS256")
+    forged = pyjwt.encode({"sub": "admin", "exp": 2**40}, "not the secret " * 3, algorithm="HS256")
+    jwt = {
+        "header": "X-Access-Token",
+        "cookie": "token",
+        "issuers": [{"algorithms": ["HS256"], "secret": secret}],
+    }
+    config = {
+        "upstreams": {"echo": {"targets": [stubs.target("echo")]}},
+        "routes": [
+            {
+                "name": "either",
+                "prefix": "/either",
+                "upstream": "echo",
+                "plugins": {
+                    "key-auth": {
+                        "allow_anonymous": True,
+                        "consumers": [{"id": "billing-app", "key_sha256": hash_key(key)}],
+                    },
+                    "jwt-auth": {**jwt, "skip_if_authenticated": True},
+                },
+            },
+            {
+                "name": "open",
+                "prefix": "/open",
+                "upstream": "echo",
+                "plugins": {"jwt-auth": {**jwt, "allow_anonymous": True}},
+            },
+        ],
+    }
+    with trio.fail_after(20):
+        async with open_gateway(config) as gw:
+
+            async def call(path: str, *headers: tuple[str, str]) -> tuple[int, list[list[str]]]:
+                r = await http_request(gw.port, "GET", path, list(headers))
+                return r.status, r.json()["header_list"] if r.status == 200 else []
+
+            status, seen = await call(
+                "/either",
+                ("X-API-Key", key),
+                ("X-Access-Token", "Basic dXNlcjpwYXNz"),
+                ("X-Access-Token", f"Bearer {forged}"),
+                ("Cookie", f"token ={forged}; theme=dark"),
+            )
+            assert status == 200
+            assert [v for n, v in seen if n == "x-access-token"] == ["Basic dXNlcjpwYXNz"]
+            assert [v for n, v in seen if n == "cookie"] == ["theme=dark"]
+
+            # Where the token is read: a TAB is a separator, a spaced name the cookie.
+            assert (await call("/open", ("X-Access-Token", f"Bearer\t{forged}")))[0] == 401
+            assert (await call("/open", ("X-Access-Token", f"Bearer\t{valid}")))[0] == 200
+            two = ("Cookie", f"token ={forged}; token={valid}")
+            assert (await call("/open", two))[0] == 400  # two token cookies: ambiguous
+            assert (await call("/open", ("Cookie", f"token ={valid}")))[0] == 200

@@ -408,10 +408,12 @@ class JwtAuth(Filter):
     def _token_from_header(self, value: bytes) -> str | None:
         value = value.strip()
         if self._scheme:
-            scheme, _, rest = value.partition(b" ")
+            # Any whitespace ends the scheme: "Bearer<TAB>token" is a token to upstreams
+            # that split on it, so it must be one here (verified, never passed on unread).
+            scheme, *rest = value.split(None, 1)
             if scheme.lower() != self._scheme:
                 return None  # another scheme (Basic ...): no bearer credentials
-            value = rest.strip()
+            value = rest[0].strip() if rest else b""
         # Not token68 (RFC 9110 §11.2)? Still a token, a malformed one: verify refuses it.
         return value.decode("latin-1") or None
 
@@ -533,10 +535,11 @@ class JwtAuth(Filter):
         only when it carries this scheme (not the Basic credentials meant for the
         upstream, nor another plugin's key), and the cookie."""
         headers = exchange.request.headers
-        if self._header is not None:
-            value = headers.get(self._header)
-            if value is not None and self._token_from_header(value) is not None:
-                headers.remove(self._header)
+        name = self._header
+        if name is not None:  # every field of it: nothing checked duplicates on this path
+            headers.items = [
+                (n, v) for n, v in headers.items if n != name or self._token_from_header(v) is None
+            ]
         if self.config.cookie is not None:
             _remove_cookie(headers.items, self.config.cookie)
 
@@ -591,8 +594,10 @@ def _cookies(values: list[bytes], name: str) -> list[str]:
     out = []
     for value in values:
         for pair in value.split(b";"):
-            k, sep, v = pair.strip().partition(b"=")
-            if sep and k == key:
+            # "token =x" is the cookie "token" to the servers behind (they trim the name):
+            # it must be to the gateway too, or it would pass unverified.
+            k, sep, v = pair.partition(b"=")
+            if sep and k.strip() == key:
                 out.append(v.strip().strip(b'"').decode("latin-1"))
     return out
 
@@ -602,7 +607,7 @@ def _remove_cookie(items: list[tuple[bytes, bytes]], name: str) -> None:
     for i, (n, v) in enumerate(items):
         if n != b"cookie":
             continue
-        kept = [p for p in v.split(b";") if p.strip().partition(b"=")[0] != key]
+        kept = [p for p in v.split(b";") if p.partition(b"=")[0].strip() != key]
         items[i] = (n, b";".join(kept).strip())
     items[:] = [(n, v) for n, v in items if n != b"cookie" or v]
 
