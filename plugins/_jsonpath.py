@@ -18,7 +18,6 @@ whole document.
 
 from __future__ import annotations
 
-import copy
 import re
 from collections.abc import Iterator
 from typing import Any, Final
@@ -200,7 +199,21 @@ class JsonPath:
 
 
 def _copy(value: Any) -> Any:
-    return copy.deepcopy(value) if isinstance(value, dict | list) else value
+    """A deep copy of a JSON value, without recursion: ``copy.deepcopy`` recurses, and a
+    document nested a few hundred deep (which the parser accepts) would exhaust it."""
+    if not isinstance(value, dict | list):
+        return value
+    root = value.copy()
+    stack: list[dict[str, Any] | list[Any]] = [root]
+    while stack:
+        node = stack.pop()
+        children = node.items() if isinstance(node, dict) else enumerate(node)
+        for key, child in children:
+            if isinstance(child, dict | list):
+                child = child.copy()
+                node[key] = child  # type: ignore[index]  # (a key of its own container)
+                stack.append(child)
+    return root
 
 
 def _rename_key(parent: dict[str, Any], old: str, new: str) -> None:

@@ -563,7 +563,10 @@ class Aggregate(Filter):
         if partial:
             doc[PARTIAL_FIELD] = partial
             headers.append((PARTIAL_HEADER, ", ".join(partial).encode()))
-        body = dump_json(doc)  # parsed strictly, shaped from those values: always JSON
+        try:
+            body = dump_json(doc)  # parsed strictly and shaped: JSON, unless too deep now
+        except NotJson as e:  # an answer just under the parser's depth, nested further
+            raise BadGateway(f"the composed answer cannot be written as JSON: {e}") from None
         headers.append((b"content-length", str(len(body)).encode()))
         return Response(status=200, headers=Headers(headers), body=body)
 

@@ -420,6 +420,26 @@ async def test_an_answer_that_is_not_strict_json_fails_the_call(
     assert "not valid JSON" in info.value.message
 
 
+async def test_deep_answers_are_composed_or_refused_never_a_500(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """An answer nested a few hundred deep, which the parser takes, is copied without
+    recursion (fields.allow); one nested just under the parser's limit and made deeper
+    by a rename cannot be written: 502, not an internal error."""
+    deep = b"[" * 600 + b"]" * 600
+    allow = {"fields": {"allow": ["a"]}}
+    agg = _aggregate({"calls": [{**_calls()[0], **allow}]})
+    fake = FakeUpstreams({"users/users/1": (0.1, 200, b'{"a": ' + deep + b', "b": 1}')})
+    resp = await _run(agg, fake)
+    assert resp.body == b'{"user":{"a":' + deep + b"}}"
+    too_deep = b"[" * 900 + b"]" * 900
+    rename = {"fields": {"rename": {"a": ".".join(f"p{i}" for i in range(200))}}}
+    agg = _aggregate({"calls": [{**_calls()[0], **rename}]})
+    fake = FakeUpstreams({"users/users/1": (0.1, 200, b'{"a": ' + too_deep + b"}")})
+    with pytest.raises(BadGateway, match="cannot be written as JSON"):
+        await _run(agg, fake)
+
+
 async def test_dots_inside_a_value_are_kept(autojump_clock: trio.testing.MockClock) -> None:
     agg = _aggregate({"calls": [{"name": "s", "upstream": "u", "path": "/files/{header.x-f}"}]})
     fake = FakeUpstreams({"u/files/a..b.json": (0.1, 200, {})})

@@ -1123,6 +1123,22 @@ async def test_e2e_deeply_nested_json_is_invalid_not_500(mandatory: bool) -> Non
     }
 
 
+def test_a_deep_value_is_moved_without_recursion() -> None:
+    """copy.deepcopy recursed, and a value a few hundred deep (the parser takes ~990)
+    made a RecursionError: a 500 for any client able to send 1 KB of brackets."""
+    deep: Any = []
+    for _ in range(5000):
+        deep = [deep]
+    doc = {"user": {"name": deep}}
+    assert JsonPath.parse("user.name").rename(doc, JsonPath.parse("profile.name")) == 1
+    moved = doc["profile"]["name"]
+    for _ in range(5000):
+        assert isinstance(moved, list)
+        assert len(moved) == 1
+        moved = moved[0]
+    assert moved == []
+
+
 async def test_e2e_nan_and_infinity_are_never_written() -> None:
     answer = b'{"x":NaN,"y":-Infinity}'
     received: list[bytes] = []
