@@ -1197,7 +1197,11 @@ class _Connection:
             await _end_bodiless(resp)
             stream = None
         elif body is not None:
-            head.append(b"content-length: %d\r\n" % len(body))
+            if method == b"HEAD" and not body and (cl := resp.headers.get(b"content-length")):
+                # A HEAD answer buffered for a filter is empty; its length is the GET's.
+                head.append(b"content-length: " + cl + b"\r\n")
+            else:
+                head.append(b"content-length: %d\r\n" % len(body))
             if stream is not None:
                 await resp.aclose()
                 stream = None

@@ -1211,6 +1211,29 @@ async def test_e2e_a_304_mapped_to_200_has_no_body() -> None:
     ]
 
 
+async def test_e2e_head_on_a_route_that_buffers_the_response_says_the_get_s_length() -> None:
+    """A HEAD answer has no body; buffered for a response edit it is empty, and its
+    Content-Length must stay the one a GET would get (RFC 9110 9.3.2), not 0."""
+    body = b'{"a": 1, "secret": "x"}'
+
+    async def handler(conn: UpstreamConn) -> None:
+        while (got := await conn.read_request()) is not None:
+            head = response_head(
+                200, [("content-type", "application/json")], content_length=len(body)
+            )
+            await conn.send(head if got[0].method == b"HEAD" else head + body)
+
+    transform = {"response": {"json": {"remove": ["secret"]}}}
+    with trio.fail_after(10):
+        async with serve_upstream(handler) as up:
+            async with open_gateway(_target_config(up.target, transform)) as gw:
+                head = await http_request(gw.port, "HEAD", "/api/v1/things/1")
+                get = await http_request(gw.port, "GET", "/api/v1/things/1")
+    assert (head.status, head.body) == (200, b"")
+    assert head.header("content-length") == str(len(body))
+    assert get.body == b'{"a":1}'
+
+
 @pytest.mark.parametrize("status_map", [{"200": 101}, {"101": 200}])
 async def test_e2e_status_map_refuses_1xx(status_map: dict[str, int]) -> None:
     transform = {"response": {"status_map": status_map}}
