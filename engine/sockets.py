@@ -28,8 +28,10 @@ import logging
 import math
 import socket
 import ssl
+import sys
 import time
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import trio
 
@@ -80,6 +82,39 @@ async def accept_backoff(error: OSError, log: logging.Logger) -> None:
         await trio.sleep(0.1)
 
 
+class _Expiring(Protocol):
+    """What :class:`Timers` ends: a socket's wait, or a send's progress check."""
+
+    def expire(self) -> None: ...
+
+
+# Linux's TCP_INFO: its tcpi_bytes_acked (a u64 at byte 120, since Linux 4.1) counts the
+# bytes the peer has taken; it only grows, and only while the peer reads.
+_TCP_INFO: int | None = getattr(socket, "TCP_INFO", None) if sys.platform == "linux" else None
+
+
+def _acked(sock: socket.socket) -> int | None:
+    """Bytes ``sock``'s peer has acknowledged so far; None where the kernel does not say."""
+    if _TCP_INFO is None:
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 128)
+    except OSError:
+        return None
+    return int.from_bytes(info[120:128], sys.byteorder) if len(info) >= 128 else None
+
+
+def _taking(sock: socket.socket, before: int | None) -> tuple[bool, int | None]:
+    """Whether the peer took bytes since ``before`` was measured, and the count now.
+
+    A writer waits for room in the send buffer, and the kernel wakes it only when half
+    the buffer is free: a peer reading slowly but steadily may take longer than a write
+    timeout to free that much. Its timeout is for a peer that reads nothing.
+    """
+    now = _acked(sock)
+    return (before is not None and now is not None and now > before), now
+
+
 class Timers:
     """The deadlines of the socket waits in progress, in slots of ``TICK`` seconds.
 
@@ -90,11 +125,11 @@ class Timers:
 
     def __init__(self, tick: float = TICK) -> None:
         self.tick = tick
-        self.slots: dict[int, set[RawSocket]] = {}
+        self.slots: dict[int, set[_Expiring]] = {}
         self.done = int(trio.current_time() // tick)  # slots up to this one have fired
         self._wake = trio.Event()
 
-    def add(self, sock: RawSocket, deadline: float) -> int:
+    def add(self, sock: _Expiring, deadline: float) -> int:
         """File ``sock``'s wait until ``deadline``; returns the slot for :meth:`discard`."""
         slot = int(deadline // self.tick) + 1  # the first slot that starts after it
         if slot <= self.done:
@@ -107,7 +142,7 @@ class Timers:
         waits.add(sock)
         return slot
 
-    def discard(self, sock: RawSocket, slot: int) -> None:
+    def discard(self, sock: _Expiring, slot: int) -> None:
         waits = self.slots.get(slot)
         if waits is not None:
             waits.discard(sock)
@@ -217,7 +252,8 @@ class RawSocket:
                 continue
 
     async def send_all(self, data: bytes, max_wait: float, deadline: float = _INF) -> None:
-        """All of ``data``; waits at most ``max_wait`` seconds and never past ``deadline``."""
+        """All of ``data``; waits at most ``max_wait`` seconds for the peer to take more
+        (each time it takes some, the wait starts again), and never past ``deadline``."""
         sock = self.sock
         try:
             sent = sock.send(data)
@@ -227,12 +263,27 @@ class RawSocket:
             return
         view = memoryview(data)[sent:]
         until = min(deadline, trio.current_time() + max_wait)
+        acked = _acked(sock)
         while view:
-            await self._wait(trio.lowlevel.wait_writable, until)
             try:
-                view = view[sock.send(view) :]
+                await self._wait(trio.lowlevel.wait_writable, until)
+            except trio.TooSlowError:
+                now = trio.current_time()
+                if now < until or now >= deadline:
+                    raise  # ended from outside (a shutdown), or the call's own deadline
+                taking, acked = _taking(sock, acked)
+                if not taking:
+                    raise
+                until = min(deadline, now + max_wait)  # it reads, slowly: wait on
+                continue
+            try:
+                sent = sock.send(view)
             except BlockingIOError:
                 continue
+            view = view[sent:]
+            if sent:
+                # ``max_wait`` bounds a wait with no progress, not the whole write.
+                until = min(deadline, trio.current_time() + max_wait)
 
     def shutdown_write(self) -> None:
         """Half-close: the peer reads EOF, this side can still receive."""
@@ -371,6 +422,35 @@ class TlsSocket:
 _TLS_SLICE = 64 * 1024  # bytes encrypted and sent at a time: four full TLS records
 
 
+class _SendGuard:
+    """Cancels ``scope`` (a send through a trio stream) once the peer has taken nothing
+    for ``max_wait`` seconds, or at ``deadline``; checked by :class:`Timers`."""
+
+    __slots__ = ("acked", "deadline", "max_wait", "scope", "slot", "sock", "timers")
+
+    def __init__(
+        self, sock: socket.socket, scope: trio.CancelScope, max_wait: float, deadline: float
+    ) -> None:
+        self.sock = sock
+        self.scope = scope
+        self.max_wait = max_wait
+        self.deadline = deadline
+        self.timers = timers()
+        self.acked = _acked(sock)
+        self.slot = self.timers.add(self, min(deadline, trio.current_time() + max_wait))
+
+    def expire(self) -> None:
+        now = trio.current_time()
+        taking, self.acked = _taking(self.sock, self.acked)
+        if taking and now < self.deadline:
+            self.slot = self.timers.add(self, min(self.deadline, now + self.max_wait))
+        else:
+            self.scope.cancel()
+
+    def disarm(self) -> None:
+        self.timers.discard(self, self.slot)
+
+
 class StreamSocket:
     """The :class:`RawSocket` interface over a trio stream (used for TLS clients)."""
 
@@ -407,11 +487,16 @@ class StreamSocket:
             self._scope.cancel()
 
     async def send_all(self, data: bytes, max_wait: float, deadline: float = _INF) -> None:
-        with trio.CancelScope(deadline=min(deadline, trio.current_time() + max_wait)):
+        """All of ``data``; ``trio.TooSlowError`` once the peer took nothing for
+        ``max_wait`` seconds (as :meth:`RawSocket.send_all`), or at ``deadline``."""
+        with trio.CancelScope() as scope:
+            guard = _SendGuard(self.raw, scope, max_wait, deadline)
             try:
                 await self.stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
                 raise OSError(str(e)) from None
+            finally:
+                guard.disarm()
             return
         raise trio.TooSlowError
 

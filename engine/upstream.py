@@ -729,8 +729,17 @@ class Pool:
         io = conn.io
         got_bytes = False
         informational = 0
+        # read_timeout bounds the whole head, not each read: an upstream that trickles
+        # its head a byte at a time must not hold the request for ever. Each 1xx (at
+        # most 10) starts the wait again, as 102 Processing asks.
+        until: float | None = None
         while True:
+            buffered = len(wire)
             ev = wire.response()
+            if ev is not None and buffered - len(wire) > MAX_RESPONSE_HEAD:
+                # Reader checks incomplete heads only: one that came whole in a read
+                # that crossed the limit is measured here.
+                raise ProtocolError(f"a response head over {MAX_RESPONSE_HEAD} bytes", 431)
             if ev is None:
                 try:
                     if sender is not None and sender.running:
@@ -741,7 +750,8 @@ class Pool:
                             sender.stop()  # the upstream closed: nobody reads the rest
                     else:
                         # Just sent: the answer is seldom here yet, so wait before reading.
-                        until = min(deadline, trio.current_time() + read_timeout)
+                        if until is None:
+                            until = min(deadline, trio.current_time() + read_timeout)
                         chunk = await io.recv_until(until)
                 except OSError as e:
                     self._discard(conn)
@@ -772,12 +782,15 @@ class Pool:
                 wire.feed(chunk)
                 continue
             if type(ev) is h11.Response:
+                if ev.status_code > 599:  # h11 takes any three digits; HTTP ends at 599
+                    raise ProtocolError(f"status {ev.status_code} is not an HTTP status")
                 return ev
             if ev.status_code == 101:  # never asked for: the gateway sends no Upgrade
                 raise BadGateway(f"upstream {self.name!r} switched protocols unasked")
             informational += 1
             if informational > 10:  # an upstream may not stall us with 1xx forever
                 raise BadGateway(f"upstream {self.name!r} sent too many 1xx responses")
+            until = None
 
     async def _send_watching(
         self,

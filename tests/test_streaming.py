@@ -275,6 +275,29 @@ async def test_upstream_garbage_is_502() -> None:
             assert up.connections == 2
 
 
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        # h11 takes any three digits; HTTP's statuses end at 599 (RFC 9110 15)
+        b"HTTP/1.1 600 Weird\r\ncontent-length: 2\r\n\r\nok",
+        # a head over the 64 KiB limit that arrives whole, in the read that crosses it
+        b"HTTP/1.1 200 OK\r\nx-big: " + b"b" * 100_000 + b"\r\ncontent-length: 2\r\n\r\nok",
+    ],
+    ids=["status-600", "whole-head-over-64k"],
+)
+async def test_upstream_heads_that_are_no_http_are_502(garbage: bytes) -> None:
+    with trio.fail_after(10):
+        async with (
+            open_garbage_upstream(garbage) as up,
+            open_gateway(make_config(up.target)) as gw,
+            Client.open(gw.port) as client,
+        ):
+            resp = await client.request("GET", "/x")
+            assert resp.status == 502
+            assert resp.json()["error"]["code"] == "bad_gateway"
+            assert b"b" * 1000 not in resp.body
+
+
 async def test_upstream_trailing_bytes_connection_not_reused() -> None:
     with trio.fail_after(10):
         async with open_trailing_bytes_upstream() as up, open_gateway(make_config(up.target)) as gw:

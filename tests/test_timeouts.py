@@ -24,11 +24,13 @@ from engine.testing import Client, RunningGateway, open_gateway
 from tests.test_hostile import assert_gateway_error, head, parse_responses
 from tests.upstreams import (
     Upstream,
+    UpstreamConn,
     open_blackhole_upstream,
     open_counting_upstream,
     open_refusing_upstream,
     open_stalling_upstream,
     open_streaming_upstream,
+    serve_upstream,
 )
 
 HEAD_TIMEOUT = 5.0
@@ -233,6 +235,29 @@ async def test_client_that_never_reads_is_cut_off_after_write_timeout(
                 await assert_serves(gw.port)
 
 
+async def test_a_client_that_reads_slowly_but_steadily_gets_the_whole_body(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """write_timeout is for a client that reads nothing: one that takes 32 KiB every
+    50 ms (640 KiB/s) is never cut off, although the kernel wakes a writer only once
+    half its send buffer is free, which takes longer than write_timeout here."""
+    size = 24 * 1024 * 1024
+    with trio.fail_after(DEADLINE):
+        async with open_streaming_upstream(size) as big:
+            config = make_config(big.target)
+            config["server"]["write_timeout"] = "300ms"  # less than freeing half the buffer
+            async with open_gateway(config) as gw:
+                stream = await trio.open_tcp_stream("127.0.0.1", gw.port)
+                stream.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 32 * 1024)
+                await stream.send_all(head("/big", "Host: a", "Connection: close"))
+                received = 0
+                while chunk := await stream.receive_some(32 * 1024):
+                    received += len(chunk)
+                    await trio.sleep(0.05)
+                await stream.aclose()
+    assert received > size  # the head, and the whole body
+
+
 async def test_slowloris_does_not_stop_normal_requests(
     autojump_clock: trio.testing.MockClock, setup: Setup
 ) -> None:
@@ -295,6 +320,29 @@ async def test_upstream_read_timeout_is_504(autojump_clock: trio.testing.MockClo
             assert status == 504
             assert elapsed == pytest.approx(4.0, abs=0.1)
             assert resp.json()["error"]["code"] == "upstream_timeout"
+
+
+async def test_a_head_trickled_a_byte_at_a_time_is_504_at_read_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """read_timeout bounds the whole response head, not each read: an upstream that
+    sends a byte every 0.3 s cannot hold the request past it."""
+
+    async def trickle(conn: UpstreamConn) -> None:
+        if await conn.read_request() is None:
+            return
+        for byte in b"HTTP/1.1 200 OK\r\nx-padding: " + b"p" * 100:
+            await conn.send(bytes([byte]))
+            await trio.sleep(0.3)
+
+    with trio.fail_after(DEADLINE):
+        async with (
+            serve_upstream(trickle) as up,
+            open_gateway(make_config(up.target, {"read_timeout": "2s"})) as gw,
+        ):
+            status, elapsed, _ = await timed_request(gw.port)
+            assert status == 504
+            assert elapsed == pytest.approx(2.0, abs=0.1)
 
 
 async def test_route_read_timeout_overrides_the_upstream(

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
+import trio.testing
 import trustme
 
 from engine.chain import Filter, Stage
@@ -102,3 +103,33 @@ async def _ask_any(port: int, ca: trustme.CA) -> bytes:
         data += chunk
     await stream.aclose()
     return data
+
+
+async def test_a_tls_client_that_reads_slowly_but_steadily_gets_the_whole_body(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """As over plain TCP (test_timeouts): write_timeout is for a client that reads
+    nothing, not one slower than the kernel's wake-up of a writer."""
+    from tests.upstreams import open_streaming_upstream
+
+    size = 24 * 1024 * 1024
+    ca = trustme.CA()
+    config = _tls_config(tmp_path, ca, "gw.test")
+    config["server"]["write_timeout"] = "200ms"
+    with trio.fail_after(120):
+        async with open_streaming_upstream(size) as big:
+            config["upstreams"] = {"big": {"targets": [big.target]}}
+            config["routes"] = [{"name": "r", "prefix": "/", "upstream": "big"}]
+            async with open_gateway(config) as gw:
+                context = ssl.create_default_context()
+                ca.configure_trust(context)
+                tcp = await trio.open_tcp_stream("127.0.0.1", gw.port)
+                tcp.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 32 * 1024)
+                stream = trio.SSLStream(tcp, context, server_hostname="gw.test")
+                await stream.send_all(b"GET /big HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
+                received = 0
+                while chunk := await stream.receive_some(32 * 1024):  # 640 KiB/s
+                    received += len(chunk)
+                    await trio.sleep(0.05)
+                await stream.aclose()
+    assert received > size
