@@ -14,6 +14,7 @@ import textwrap
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -31,7 +32,7 @@ from plugins.rate_limit.redis import (
     parse_redis_url,
 )
 from plugins.rate_limit.store import Policy, StoreUnavailable
-from tests.redis_server import RedisServer, open_redis_server
+from tests.redis_server import RedisServer, command, open_redis_server
 
 ROOT = str(Path(__file__).resolve().parent.parent)
 ALGORITHMS = ["sliding-window", "sliding-log", "token-bucket"]
@@ -467,3 +468,49 @@ async def test_filter_with_redis_end_to_end_of_the_phases(
             await trio.sleep(0.15)
             assert [(await attempt(f))[0] for _ in range(4)] == [True, True, True, False]
             nursery.cancel_scope.cancel()
+
+
+async def test_instances_with_the_same_redis_share_one_pool(redis: RedisServer) -> None:
+    """Each route's own limits make an instance each: with one pool per instance, 50
+    routes held 50 x pool_size connections per process. Instances with the same Redis
+    settings share a pool; the last one to go closes its idle connections, and the
+    pool still serves an instance that comes later (a reload's)."""
+    from tests.test_rate_limit import attempt, make_filter
+
+    def limited(limit: int, **redis: Any) -> Any:
+        table = {"url": redis.pop("url", None) or server_url, "pool_size": 2, **redis}
+        return make_filter(store="redis", limits=[{"limit": limit, "window": "1m"}], redis=table)
+
+    server_url = redis.url
+    with trio.fail_after(20):
+        a, b = limited(10), limited(20, key_prefix="other:")
+        assert a.store.pool is b.store.pool
+        assert limited(10, pool_size=3).store.pool is not a.store.pool
+        pool = a.store.pool
+        async with trio.open_nursery() as nursery:
+            scopes = []
+            for f in (a, b):
+                scope = trio.CancelScope()
+                scopes.append(scope)
+
+                async def hold(f: Any = f, scope: trio.CancelScope = scope) -> None:
+                    with scope:
+                        await f.background()
+
+                nursery.start_soon(hold)
+            async with trio.open_nursery() as burst:  # both at once: at most pool_size
+                for f in (a, b) * 10:
+                    burst.start_soon(attempt, f)
+            clients = (await command(redis.port, "CLIENT", "LIST")).count(b"cmd=evalsha")
+            assert clients <= 2
+            scopes[0].cancel()  # one instance goes: the other's connections stay
+            await trio.sleep(0.05)
+            assert pool._idle
+            assert (await attempt(b))[0]
+            scopes[1].cancel()  # the last one goes: its idle connections are closed
+            await trio.sleep(0.05)
+            assert not pool._idle
+        later = limited(30)  # a reload's instance: the same pool, serving again
+        assert later.store.pool is pool
+        assert (await attempt(later))[0]
+        await pool.aclose()

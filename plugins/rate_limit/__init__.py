@@ -42,6 +42,7 @@ from plugins.rate_limit.redis import (
     Sentinels,
     parse_redis_url,
     parse_sentinel_node,
+    shared_pool,
 )
 from plugins.rate_limit.store import Outcome, Policy, Store, StoreUnavailable
 
@@ -193,6 +194,24 @@ class RedisConfig:
             raise Invalid("sentinel_username", "set sentinel_password too (AUTH needs both)")
         if tls:
             raise Invalid("sentinel_master", "not supported with a rediss:// url")
+
+    def pool_key(self) -> tuple[object, ...]:
+        """What makes the connection pool: every instance with the same shares one
+        (``key_prefix`` and ``retry_interval`` are the store's own)."""
+        return (
+            self.url,
+            self.password,
+            self.tls_fingerprint,
+            self.ca_file,
+            self.cert_file,
+            self.key_file,
+            float(self.timeout),
+            self.pool_size,
+            self.sentinel_master,
+            self.sentinel_nodes,
+            self.sentinel_username,
+            self.sentinel_password,
+        )
 
     def sentinels(self) -> Sentinels | None:
         """The sentinels to ask where the master is, or None: ``url`` is the server."""
@@ -491,12 +510,15 @@ class RateLimit(Filter):
         self._memory: MemoryStore | None = None  # set when decisions are synchronous
         if config.store == "redis":
             r = config.redis
-            pool = RedisPool(
-                parse_redis_url(r.url, r.password, host_required=r.sentinel_master is None),
-                timeout=float(r.timeout),
-                pool_size=r.pool_size,
-                ssl_context=r.tls_context(),
-                sentinels=r.sentinels(),
+            pool = shared_pool(
+                r.pool_key(),
+                lambda: RedisPool(
+                    parse_redis_url(r.url, r.password, host_required=r.sentinel_master is None),
+                    timeout=float(r.timeout),
+                    pool_size=r.pool_size,
+                    ssl_context=r.tls_context(),
+                    sentinels=r.sentinels(),
+                ),
             )
             self.store = RedisStore(
                 pool, prefix=r.key_prefix, retry_interval=float(r.retry_interval)
@@ -630,9 +652,10 @@ class RateLimit(Filter):
     async def background(self) -> None:
         """Hold the store open while this instance is in use (with Redis Sentinel,
         following the master); close it when dropped."""
+        if isinstance(self.store, RedisStore):
+            await self.store.pool.serve()  # shared: the last user closes its connections
+            return
         try:
-            if isinstance(self.store, RedisStore):
-                await self.store.pool.watch()
             await trio.sleep_forever()
         finally:
             with trio.CancelScope(shield=True):

@@ -35,7 +35,8 @@ import logging
 import os
 import re
 import ssl
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -56,6 +57,7 @@ __all__ = [
     "Sentinels",
     "parse_redis_url",
     "parse_sentinel_node",
+    "shared_pool",
 ]
 
 log = logging.getLogger("filtergate.plugins.rate-limit")
@@ -249,6 +251,10 @@ class RedisPool:
         self._last_master: tuple[str, int] | None = None
         self._nodes = list(sentinels.nodes) if sentinels is not None else []
         self._asking = trio.Lock()  # one question to the sentinels at a time
+        # Users that :meth:`serve`, and whether one of them runs :meth:`watch`.
+        self._users = 0
+        self._watching = False
+        self._watch_ended = trio.Event()
 
     @property
     def where(self) -> str:
@@ -512,12 +518,52 @@ class RedisPool:
                 self._set_master(master)
                 self._drop_idle(master, to_it=False)
 
+    async def serve(self) -> None:
+        """Run while a user (a store of a filter in use) needs this pool; several may
+        share it. One of them at a time runs :meth:`watch`; when it leaves, another
+        takes over. When the last one leaves, the idle connections are closed (the pool
+        stays usable: a user that comes later opens new ones)."""
+        self._users += 1
+        try:
+            while True:
+                if self._watching:
+                    await self._watch_ended.wait()
+                    continue
+                self._watching = True
+                try:
+                    await self.watch()
+                finally:
+                    self._watching = False
+                    self._watch_ended.set()
+                    self._watch_ended = trio.Event()
+        finally:
+            self._users -= 1
+            if not self._users:
+                idle, self._idle = self._idle, []
+                for conn in idle:
+                    _close_now(conn)
+
     async def aclose(self) -> None:
         """Close idle connections; connections in use close when their command ends."""
         self._closed = True
         idle, self._idle = self._idle, []
         for conn in idle:
             await trio.aclose_forcefully(conn.stream)
+
+
+#: The pools in use, by what makes them (server, credentials, TLS files, limits): every
+#: filter instance with the same Redis settings shares one, so ``pool_size`` and the
+#: sentinel questions are per process, not per route. Held weakly: a pool goes with
+#: the last store that uses it.
+_SHARED: weakref.WeakValueDictionary[Hashable, RedisPool] = weakref.WeakValueDictionary()
+
+
+def shared_pool(key: Hashable, make: Callable[[], RedisPool]) -> RedisPool:
+    """The pool for ``key``, made by ``make`` when there is none (see :data:`_SHARED`)."""
+    pool = _SHARED.get(key)
+    if pool is None or pool._closed:
+        pool = _SHARED[key] = make()
+    return pool
 
 
 def _connect_failure(e: OSError) -> str:
