@@ -46,7 +46,7 @@ class RouteRuntime:
     chain: Chain
     pool: Pool | None
     max_body_size: int
-    rewrite: list[tuple[bool, str]] | None  # (is_capture, text) parts
+    rewrite: list[str | int] | None  # literal parts, and path segment indexes (captures)
     connect_timeout: float | None
     read_timeout: float | None
     timeout: float | None
@@ -118,18 +118,29 @@ class Runtime:
         return hit
 
 
-def _compile_rewrite(template: str | None) -> list[tuple[bool, str]] | None:
+def _compile_rewrite(route: RouteConfig, path: str) -> list[str | int] | None:
+    """A route's ``rewrite`` as literal text and, for each ``{name}``, the index of the
+    path segment that captures it (``path`` is the route's key path, for the error).
+
+    The capture is forwarded as the client's segment is in the canonical path, still
+    percent-encoded: decoded, ``%3F`` would start a query and ``%252e`` become ``%2e``
+    (``.`` to the upstream), and the canonical path has no dot segments left."""
+    template = route.rewrite
     if template is None:
         return None
-    parts: list[tuple[bool, str]] = []
+    segments = route.pattern.split("/")[1:] if route.pattern != "/" else []
+    index = {s[1:-1]: i for i, s in enumerate(segments) if s.startswith("{")}
+    parts: list[str | int] = []
     pos = 0
     for m in re.finditer(r"\{([A-Za-z_][A-Za-z0-9_]*)\}", template):
         if m.start() > pos:
-            parts.append((False, template[pos : m.start()]))
-        parts.append((True, m.group(1)))
+            parts.append(template[pos : m.start()])
+        if m.group(1) not in index:
+            raise ConfigError(f"{path}.rewrite", f"{{{m.group(1)}}} is no capture of the path")
+        parts.append(index[m.group(1)])
         pos = m.end()
     if pos < len(template):
-        parts.append((False, template[pos:]))
+        parts.append(template[pos:])
     return parts
 
 
@@ -256,7 +267,7 @@ def compile_runtime(config: Config, registry: Registry, previous: Runtime | None
                 max_body_size=route.max_body_size
                 if route.max_body_size is not None
                 else config.server.max_body_size,
-                rewrite=_compile_rewrite(route.rewrite),
+                rewrite=_compile_rewrite(route, f"routes[{i}]"),
                 connect_timeout=route.connect_timeout,
                 read_timeout=route.read_timeout,
                 timeout=route.timeout,

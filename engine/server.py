@@ -1379,10 +1379,8 @@ def _forward_target(route: RouteRuntime, exchange: Exchange) -> bytes:
             n = len(segs)
         rest = segs[n:]
         if route.rewrite is not None:
-            head = "".join(
-                exchange.captures.get(text, "") if is_cap else text
-                for is_cap, text in route.rewrite
-            )
+            # A capture as the client's segment is, still encoded (see _compile_rewrite).
+            head = "".join(p if isinstance(p, str) else segs[p] for p in route.rewrite)
         else:
             head = ""
         if rest:

@@ -505,6 +505,17 @@ class Pool:
         caller that does not read it must ``aclose()`` the response. Raises the
         gateway errors listed in the module docstring.
         """
+        request_target = call.target
+        method = call.method
+        if (
+            b" " in request_target
+            or b"\r" in request_target
+            or b"\n" in request_target
+            or not (method.isalpha() or _METHOD.fullmatch(method))
+        ):
+            # Filters may rewrite these; nothing may break the request line. The
+            # gateway's own fault (500): no target is tried, blamed or ejected for it.
+            raise GatewayError("cannot forward this request: invalid method or target")
         ct = connect_timeout if connect_timeout is not None else self.config.connect_timeout
         rt = read_timeout if read_timeout is not None else self.config.read_timeout
         total = call.timeout if call.timeout is not None else (self.config.timeout or None)
@@ -593,15 +604,6 @@ class Pool:
         body = call.body
         method = call.method
         target = call.target
-        if (
-            b" " in target
-            or b"\r" in target
-            or b"\n" in target
-            or not (method.isalpha() or _METHOD.fullmatch(method))
-        ):
-            # Filters may rewrite these; nothing may break the request line.
-            self._discard(conn)
-            raise BadGateway("cannot forward this request: invalid method or target")
         # The head is written here: every field was validated by h11 when it was parsed
         # or by Headers when a filter set it, and is not validated again.
         head = [method, b" ", target, b" HTTP/1.1\r\n"]

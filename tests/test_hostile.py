@@ -26,6 +26,7 @@ import trio
 from engine.chain import Filter, Stage
 from engine.exchange import Exchange
 from engine.plugins import hookimpl
+from engine.schema import ConfigError
 from engine.testing import (
     Client,
     HttpResponse,
@@ -135,10 +136,21 @@ class ClientIpProbe(Filter):
         exchange.request.headers.set(b"x-seen-client", exchange.request.client)
 
 
+class BreakTarget(Filter):
+    """Makes a path no request line can carry (a filter's bug) when asked to."""
+
+    name = "break-target"
+    stage = Stage.EDGE
+
+    def on_request(self, exchange: Exchange) -> None:
+        if "x-break" in exchange.request.headers:
+            exchange.request.path = "/a b"
+
+
 class ProbePlugin:
     @hookimpl
     def filtergate_filters(self) -> list[type[Any]]:
-        return [ClientIpProbe]
+        return [ClientIpProbe, BreakTarget]
 
 
 MAX_BODY = 256 * 1024
@@ -980,6 +992,60 @@ async def test_no_descriptor_for_an_upstream_connection_is_503_and_ejects_nothin
             after = await client.request("GET", "/api/y")
             assert after.status == 200  # not 503 no_healthy_target: nothing was ejected
             assert [r.target for r in up.requests] == [b"/api/y"]
+
+
+async def test_a_rewrite_forwards_captures_as_the_client_encoded_them() -> None:
+    """A capture was forwarded decoded: %3F started a query the client never sent, %23
+    a fragment, %252e became %2e (a dot to the upstream), %20 broke the request line
+    (a 502 the breaker and outlier detection held against the upstream)."""
+    paths = {
+        "/users/42": "/v2/users/42",
+        "/users/x%3Fadmin=1": "/v2/users/x%3Fadmin=1",
+        "/users/a%23frag": "/v2/users/a%23frag",
+        "/users/%252e%252e%252fadmin": "/v2/users/%252e%252e%252fadmin",
+        "/users/%C3%A9": "/v2/users/%C3%A9",
+        "/users/a%20b": "/v2/users/a%20b",
+        "/files/b1/a/b?x=1": "/store/b1/a/b?x=1",
+    }
+    with trio.fail_after(DEADLINE):
+        async with open_counting_upstream() as up:
+            routes: list[dict[str, Any]] = [
+                {"name": "users", "path": "/users/{id}", "rewrite": "/v2/users/{id}"},
+                {"name": "files", "prefix": "/files/{bucket}", "rewrite": "/store/{bucket}"},
+            ]
+            for route in routes:
+                route["upstream"] = "u"
+            config = {"upstreams": {"u": {"targets": [up.target]}}, "routes": routes}
+            async with open_gateway(config) as gw, Client.open(gw.port) as client:
+                for path in paths:
+                    assert (await client.request("GET", path)).status == 200
+            assert [r.target.decode() for r in up.requests] == list(paths.values())
+            routes[0]["rewrite"] = "/v2/users/{user}"
+            with pytest.raises(ConfigError, match="no capture of the path") as info:
+                async with open_gateway(config):
+                    pass
+            assert info.value.path == "routes[0].rewrite"
+
+
+async def test_a_request_line_a_filter_broke_is_500_and_blames_no_target() -> None:
+    """The gateway's own fault: neither the breaker nor outlier detection count it."""
+    with trio.fail_after(DEADLINE):
+        async with open_counting_upstream() as up:
+            config = make_config(up.target)
+            config["upstreams"]["u"]["outlier"] = {"consecutive_failures": 1}
+            config["plugins"] = {
+                "break-target": {},
+                "circuit-breaker": {"consecutive_failures": 1},
+            }
+            async with (
+                open_gateway(config, extra_plugins=PLUGINS) as gw,
+                Client.open(gw.port) as client,
+            ):
+                for _ in range(3):
+                    broken = await client.request("GET", "/api/x", [("x-break", "1")])
+                    assert broken.status == 500
+                assert (await client.request("GET", "/api/x")).status == 200
+            assert [r.target for r in up.requests] == [b"/api/x"]
 
 
 async def test_absolute_form_is_400_even_where_no_route_matches() -> None:
