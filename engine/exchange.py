@@ -310,7 +310,9 @@ class UpstreamCall:
     stream (the client's body, forwarded as it arrives: not replayable once started).
     ``exclude`` holds targets (``host:port``) a retry should avoid; ``target_address``
     is set by the pool to the target it picked. ``body_length`` is the length of a
-    streamed body when known (else it is sent chunked). ``timeout`` bounds the whole call.
+    streamed body when known (else it is sent chunked). ``timeout`` bounds the whole call,
+    retries included: the pool sets ``deadline`` (an instant of trio's clock) at the first
+    attempt, and every attempt ends by it. ``per_try_timeout`` bounds each attempt.
     """
 
     upstream: str
@@ -319,6 +321,8 @@ class UpstreamCall:
     headers: Headers
     body: bytes | BodyStream | None = None
     timeout: float | None = None
+    per_try_timeout: float | None = None
+    deadline: float | None = None
     attempt: int = 0
     exclude: set[str] = field(default_factory=set)
     target_address: str | None = None

@@ -518,8 +518,12 @@ class Pool:
             raise GatewayError("cannot forward this request: invalid method or target")
         ct = connect_timeout if connect_timeout is not None else self.config.connect_timeout
         rt = read_timeout if read_timeout is not None else self.config.read_timeout
-        total = call.timeout if call.timeout is not None else (self.config.timeout or None)
-        deadline = trio.current_time() + total if total else float("inf")
+        deadline = call.deadline
+        if deadline is None:  # the first attempt: the whole call ends by this
+            total = call.timeout if call.timeout is not None else (self.config.timeout or None)
+            deadline = call.deadline = trio.current_time() + total if total else float("inf")
+        if call.per_try_timeout is not None:
+            deadline = min(deadline, trio.current_time() + call.per_try_timeout)
         timed_out = 0
         refused = 0
         failed: set[str] = set()  # targets that refused this call: never tried again

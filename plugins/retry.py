@@ -272,11 +272,7 @@ class Retry(Filter):
         budget = self.budgets.get(call.upstream) or self.budget_for(call.upstream)
         budget.requests.add(trio.current_time())  # record_request, one call fewer
         if cfg.per_try_timeout is not None:
-            call.timeout = (
-                cfg.per_try_timeout
-                if call.timeout is None
-                else min(call.timeout, cfg.per_try_timeout)
-            )
+            call.per_try_timeout = float(cfg.per_try_timeout)
         retryable_method = cfg.attempts > 1 and call.method in self.methods
         replay: ReplayBuffer | None = None
         body = call.body
@@ -349,6 +345,10 @@ class Retry(Filter):
                 0.0, backoff_cap(retries, cfg.backoff_base, cfg.backoff_max)
             )
             retries += 1
+            # The whole call's deadline (set by the pool at the first attempt) holds
+            # across attempts: one that could not start before it is not made.
+            if call.deadline is not None and trio.current_time() + delay >= call.deadline:
+                raise UpstreamTimeout(f"upstream {call.upstream!r}: the call's timeout ran out")
             await trio.sleep(delay)
 
     def _may_retry(
@@ -357,6 +357,8 @@ class Retry(Filter):
         """Whether one more attempt is allowed; spends budget only when it is."""
         if retries + 1 >= self.config.attempts:
             return False
+        if call.deadline is not None and trio.current_time() >= call.deadline:
+            return False  # the whole call's time is up: this answer stands
         if not call.replayable and (replay is None or replay.overflowed):
             return False
         if not budget.try_spend(trio.current_time()):

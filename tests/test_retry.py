@@ -32,7 +32,13 @@ from plugins.retry import (
     RetryConfig,
     backoff_cap,
 )
-from tests.upstreams import UpstreamConn, open_counting_upstream, response_head, serve_upstream
+from tests.upstreams import (
+    UpstreamConn,
+    open_counting_upstream,
+    open_stalling_upstream,
+    response_head,
+    serve_upstream,
+)
 
 
 class UpstreamReset(BadGateway):
@@ -390,16 +396,39 @@ async def test_budgets_are_per_upstream(autojump_clock: trio.testing.MockClock) 
         assert await call_status(f, b, make_call(upstream="b")) == 200
 
 
-async def test_per_try_timeout_sets_the_call_timeout() -> None:
+async def test_per_try_timeout_bounds_each_attempt_not_the_call() -> None:
     with trio.fail_after(5):
-        upstream = Upstream()
-        call = make_call()
-        await make_retry(per_try_timeout="2s").around_upstream(make_exchange(), call, upstream)
-        assert call.timeout == 2.0
         call = make_call()
         call.timeout = 1.0
-        await make_retry(per_try_timeout="2s").around_upstream(make_exchange(), call, upstream)
-        assert call.timeout == 1.0
+        await make_retry(per_try_timeout="2s").around_upstream(make_exchange(), call, Upstream())
+        assert (call.timeout, call.per_try_timeout) == (1.0, 2.0)
+
+
+@pytest.mark.parametrize(("per_try", "attempts_made"), [(None, 1), ("1500ms", 2), ("500ms", 4)])
+async def test_the_whole_call_timeout_holds_across_retries(
+    autojump_clock: trio.testing.MockClock, per_try: str | None, attempts_made: int
+) -> None:
+    """The upstream's timeout is the whole call's: with retries on timeouts, a client
+    waited attempts x timeout (8 s for 2 s and 4 attempts). Each attempt ends by the
+    call's deadline; per_try_timeout cuts an attempt shorter, never the call longer."""
+    retry: dict[str, Any] = {"attempts": 4, "on_timeout": True, "backoff_base": "1ms"}
+    if per_try is not None:
+        retry["per_try_timeout"] = per_try
+    with trio.fail_after(60):
+        async with open_stalling_upstream() as a, open_stalling_upstream() as b:
+            config = {
+                "upstreams": {"u": {"targets": [a.target, b.target], "timeout": "2s"}},
+                "routes": [
+                    {"name": "r", "prefix": "/", "upstream": "u", "plugins": {"retry": retry}}
+                ],
+            }
+            async with open_gateway(config) as gw:
+                start = trio.current_time()
+                r = await http_request(gw.port, "GET", "/x")
+                elapsed = trio.current_time() - start
+    assert r.status == 504
+    assert elapsed == pytest.approx(2.0, abs=0.1)
+    assert len(a.requests) + len(b.requests) == attempts_made
 
 
 # --------------------------------------------------------------------------- with the breaker
