@@ -9,6 +9,7 @@ enter the engine (a ``trio.TooSlowError`` from the upstream becomes :class:`Upst
 from __future__ import annotations
 
 import json
+import math
 from http import HTTPStatus
 
 __all__ = [
@@ -108,7 +109,7 @@ class RateLimited(GatewayError):
     status, code = 429, "rate_limited"
 
     def __init__(self, retry_after: float, message: str | None = None) -> None:
-        seconds = max(1, int(retry_after + 0.999))
+        seconds = max(1, math.ceil(retry_after))
         super().__init__(message, headers=[(b"retry-after", str(seconds).encode())])
         self.retry_after = seconds
 
@@ -133,7 +134,7 @@ class ServiceUnavailable(GatewayError):
     def __init__(self, message: str | None = None, *, retry_after: float | None = None) -> None:
         headers = []
         if retry_after is not None:
-            headers.append((b"retry-after", str(max(1, int(retry_after + 0.999))).encode()))
+            headers.append((b"retry-after", str(max(1, math.ceil(retry_after))).encode()))
         super().__init__(message, headers=headers)
 
 

@@ -281,18 +281,23 @@ class Retry(Filter):
             call.body = replay.attempt()
         retries = 0
         excluded: set[str] | None = None  # targets this filter added to call.exclude
+        failed: GatewayError | None = None  # the last attempt's error
         while True:
             call.attempt = retries
             try:
                 response = await call_next(call)
             except NoHealthyTarget:
-                if not excluded:
-                    raise
-                # Every target left is one that failed: go back to them rather than
-                # fail a retry that has a target to go to.
-                call.exclude -= excluded
-                excluded = None
-                continue
+                if excluded:
+                    # Every target left is one that failed: go back to them rather than
+                    # fail a retry that has a target to go to.
+                    call.exclude -= excluded
+                    excluded = None
+                    continue
+                if failed is not None:
+                    # No target to retry on (the one that failed was ejected): the
+                    # client gets what the last attempt met, not "no healthy target".
+                    raise failed from None
+                raise
             except GatewayError as e:
                 reason = e.code
                 if e.code in _UNSENT_CODES:
@@ -309,6 +314,7 @@ class Retry(Filter):
                     if replay is not None:
                         replay.release()
                     raise
+                failed = e
             else:
                 if (
                     response.status not in self.statuses
@@ -320,6 +326,7 @@ class Retry(Filter):
                         replay.release()  # the answer stands: no attempt will follow
                     return response
                 reason = f"status_{response.status}"
+                failed = None
                 await response.aclose()
             _RETRIES_TOTAL.inc(upstream=call.upstream, reason=reason)
             self.logger.debug(

@@ -35,6 +35,7 @@ from plugins.retry import (
 from tests.upstreams import (
     UpstreamConn,
     open_counting_upstream,
+    open_refusing_upstream,
     open_stalling_upstream,
     response_head,
     serve_upstream,
@@ -658,3 +659,31 @@ async def test_end_to_end_config_error_names_the_path() -> None:
             async with open_gateway(config):
                 pass
         assert info.value.path == "routes[0].plugins.retry.statuses[1]"
+
+
+async def test_a_retry_with_no_target_left_gives_the_attempt_s_own_error() -> None:
+    """One target, refusing: the first attempt ejects it and the retry finds no target.
+    The client gets the 502 the attempt met, as without retry, not a 503 "no healthy
+    target" that only the retry made."""
+    with trio.fail_after(10):
+        async with open_refusing_upstream() as up:
+            config = {
+                "upstreams": {"u": {"targets": [up.target]}},
+                "routes": [{"name": "r", "prefix": "/", "upstream": "u", "plugins": {"retry": {}}}],
+            }
+            async with open_gateway(config) as gw:
+                r = await http_request(gw.port, "GET", "/x")
+    assert r.status == 502
+    assert r.json()["error"]["code"] == "upstream_unreachable"
+
+
+def test_retry_after_is_never_rounded_down() -> None:
+    """int(x + 0.999) rounded 10.0008 s down to 10: a client that waited exactly that
+    long was refused again."""
+    from engine.errors import RateLimited, ServiceUnavailable
+
+    assert RateLimited(10.00084).retry_after == 11
+    assert RateLimited(0.2).retry_after == 1
+    assert RateLimited(3.0).retry_after == 3
+    unavailable = ServiceUnavailable(retry_after=10.00084)
+    assert (b"retry-after", b"11") in unavailable.headers
