@@ -881,6 +881,10 @@ class _Connection:
                     host_name = host_name.split("]", 1)[0] + "]"
                 elif ":" in host_name:
                     host_name = host_name.rsplit(":", 1)[0]
+                if host_name.endswith("."):
+                    # "api.example.com." is the same name, absolute (RFC 1034 3.1): it
+                    # must meet that host's routes, not fall through to a catch-all.
+                    host_name = host_name.rstrip(".")
 
                 request = Request(
                     method=method,
@@ -1334,7 +1338,7 @@ async def _tunnel_request_phases(chain: Chain, exchange: Exchange) -> tuple[Resp
 
 
 def _connect_route(rt: Runtime, authority: bytes) -> RouteRuntime | None:
-    host = authority.rsplit(b":", 1)[0].decode("latin-1").lower().strip("[]")
+    host = authority.rsplit(b":", 1)[0].decode("latin-1").lower().strip("[]").rstrip(".")
     for route in rt.routes:
         cfg = route.config
         if not cfg.allow_connect:

@@ -1027,6 +1027,29 @@ async def test_a_rewrite_forwards_captures_as_the_client_encoded_them() -> None:
             assert info.value.path == "routes[0].rewrite"
 
 
+async def test_a_host_with_a_trailing_dot_meets_its_own_routes() -> None:
+    """ "api.example.com." is that host, absolute: it fell through to the catch-all,
+    around the host's own plugins (auth, limits)."""
+    with trio.fail_after(DEADLINE):
+        async with open_counting_upstream() as api, open_counting_upstream() as other:
+            config = {
+                "upstreams": {
+                    "api": {"targets": [api.target]},
+                    "other": {"targets": [other.target]},
+                },
+                "routes": [
+                    {"name": "api", "hosts": ["api.example.com"], "prefix": "/", "upstream": "api"},
+                    {"name": "wild", "hosts": ["*.example.com"], "prefix": "/", "upstream": "api"},
+                    {"name": "rest", "prefix": "/", "upstream": "other"},
+                ],
+            }
+            async with open_gateway(config) as gw, Client.open(gw.port) as client:
+                for host in ("api.example.com.", "API.example.com.:80", "x.example.com."):
+                    r = await client.request("GET", "/x", [("host", host)])
+                    assert r.status == 200
+            assert (len(api.requests), len(other.requests)) == (3, 0)
+
+
 async def test_a_request_line_a_filter_broke_is_500_and_blames_no_target() -> None:
     """The gateway's own fault: neither the breaker nor outlier detection count it."""
     with trio.fail_after(DEADLINE):
