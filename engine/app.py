@@ -30,6 +30,7 @@ from engine.plugins import Registry, discover
 from engine.schema import ConfigError
 from engine.server import Server, open_listeners
 from engine.sockets import accept_backoff
+from engine.upstream import publish_health
 
 __all__ = ["Gateway", "check_addresses", "load_ssl_context"]
 
@@ -126,6 +127,7 @@ class Gateway:
             entry_points=config.discovery.entry_points,
         )
         self.runtime: Runtime = compile_runtime(config, self.registry)
+        publish_health(self.runtime.pools)
         self._first_process = admin  # the others say nothing the first one says
         if admin:
             _log_chain_notes(self.runtime)
@@ -243,6 +245,7 @@ class Gateway:
                 pool.names.adopt(replaced.names, {(t.host, t.port) for t in pool.targets})
         self.registry = registry
         self.runtime = runtime
+        publish_health(runtime.pools)
         self.server.runtime = runtime
         self.server.wake_acceptors()  # max_connections may have changed
         self.server.ssl_context = ssl_context  # new connections; open ones keep theirs

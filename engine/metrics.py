@@ -149,6 +149,11 @@ class Gauge(_Metric):
         key = self._key(labels)
         self.values[key] = self.values.get(key, 0.0) + amount
 
+    def replace_all(self, values: Mapping[tuple[str, ...], float]) -> None:
+        """Every series at once, by label values in label order: the others go (a
+        series for something that no longer exists must not be exported on)."""
+        self.values = dict(values)
+
 
 class BoundHistogram:
     """One series of a :class:`Histogram`: a count per bucket (not cumulative), and the sum.

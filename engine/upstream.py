@@ -31,7 +31,7 @@ import re
 import select
 import socket
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import h11
@@ -75,6 +75,19 @@ _healthy = gauge(
     ("upstream", "target"),
     merge="min",
 )
+
+
+def publish_health(pools: Mapping[str, Pool]) -> None:
+    """``filtergate_upstream_target_healthy`` for the targets of ``pools`` (those of the
+    config serving), and for no other: a pool built by a refused reload must not say a
+    target is back, nor a target a reload removed stay exported."""
+    _healthy.replace_all(
+        {
+            (name, t.address): 1.0 if t.healthy else 0.0
+            for name, pool in pools.items()
+            for t in pool.targets
+        }
+    )
 
 
 class UpstreamBodyError(BadGateway):
@@ -320,8 +333,6 @@ class Pool:
             r: _requests.bind(upstream=name, result=r)
             for r in ("response", "timeout", "garbage", "reset")
         }
-        for t in self.targets:
-            _healthy.set(1, upstream=name, target=t.address)
 
     # -- balancing ------------------------------------------------------------------
 

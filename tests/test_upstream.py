@@ -437,3 +437,45 @@ def test_addresses_alternate_their_families() -> None:
     order = [info[4][0] for info in _interleave_families([*v6, *v4])]
     assert order == ["2001:db8::0", "192.0.2.0", "2001:db8::1", "192.0.2.1", "2001:db8::2"]
     assert _interleave_families(v4) == v4
+
+
+async def test_the_target_health_gauge_follows_the_config_serving() -> None:
+    """Every pool built, by a refused reload too, set its targets' gauge to 1 (a target
+    down read as back), and a target a reload removed was exported for ever."""
+    from engine.config import load
+    from engine.metrics import render
+    from engine.schema import ConfigError
+
+    def config(*targets: str, bad: bool = False) -> dict[str, Any]:
+        upstream: dict[str, Any] = {"targets": list(targets), "health_check": {"interval": "1h"}}
+        doc: dict[str, Any] = {
+            "upstreams": {"hg": upstream},
+            "routes": [{"name": "r", "prefix": "/", "upstream": "hg"}],
+        }
+        if bad:
+            upstream["timeout"] = "9s"  # a new pool for "hg" is built, then refused
+            doc["plugins"] = {"retry": {"bogus": 1}}
+        return doc
+
+    def series() -> list[str]:
+        return [
+            line
+            for line in render().decode().splitlines()
+            if line.startswith('filtergate_upstream_target_healthy{upstream="hg"')
+        ]
+
+    a, b = "127.0.0.1:1", "127.0.0.1:2"
+    with trio.fail_after(10):
+        async with open_gateway(config(a, b)) as gw:
+            pool = gw.gateway.runtime.pools["hg"]
+            for _ in range(3):
+                pool._record_probe(pool.targets[0], False)  # a fails its health checks
+            down = f'filtergate_upstream_target_healthy{{upstream="hg",target="{a}"}} 0'
+            assert down in series()
+            with pytest.raises(ConfigError):
+                await gw.gateway.reload(load(config(a, b, bad=True)))
+            assert down in series()  # still down: the refused pool says nothing
+            await gw.gateway.reload(load(config(b)))
+            assert series() == [
+                f'filtergate_upstream_target_healthy{{upstream="hg",target="{b}"}} 1'
+            ]
