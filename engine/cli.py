@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tomllib
 from collections.abc import AsyncIterator, Iterator
 from functools import partial
 from pathlib import Path
@@ -192,11 +193,14 @@ def cmd_stubs(args: argparse.Namespace) -> int:
 # a SIGHUP during start-up is then queued, not fatal.
 SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 # Supervision: a worker that dies sooner than this after its start counts as a failure
-# of start-up; this many in a row is a crash loop, and the gateway gives up (exit 1).
+# of start-up; this many in a row, before the slot ever ran longer, is a crash loop,
+# and the gateway gives up (exit 1).
 QUICK_DEATH = 5.0
 CRASH_LOOP = 5
-# The first respawn waits this long, each quick death in a row doubles it.
+# The first respawn waits this long, each quick death in a row doubles it, up to the
+# longest (a slot that has served is never given up on).
 RESPAWN_DELAY = 0.1
+MAX_RESPAWN_DELAY = 30.0
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
@@ -238,9 +242,11 @@ class BindError(Exception):
 class Workers:
     """The parent's worker processes: spawn, reap, respawn with a backoff, stop.
 
-    A slot whose worker keeps dying right after its start is a crash loop: the
-    supervisor raises :class:`CrashLoop` and the gateway stops, so that whatever runs
-    filtergate (systemd, Kubernetes) sees the failure.
+    A slot whose workers keep dying right after their start, none of them ever serving,
+    is a crash loop: the supervisor raises :class:`CrashLoop` and the gateway stops, so
+    that whatever runs filtergate (systemd, Kubernetes) sees that it cannot start. Once a
+    worker of the slot has served, one that cannot start again (a file its config names
+    is gone) is retried ever less often, and the other processes serve on.
     """
 
     def __init__(self, argv: list[str], count: int, config: bytes = b"") -> None:
@@ -259,7 +265,25 @@ class Workers:
         self.retired = Retired()
         self.stopping = False
 
-    def _spawn(self) -> tuple[subprocess.Popen[bytes], WorkerMetrics]:
+    def restart_only_kept(self, raw: bytes) -> bytes:
+        """``raw`` (a reloaded config) with the keys a reload cannot apply as the
+        processes started with them: a worker respawned after a reload that changed
+        ``server.listen`` or ``server.workers`` must bind what the others bound."""
+        import tomli_w
+
+        started = tomllib.loads(self.config.decode()).get("server", {})
+        doc = tomllib.loads(raw.decode())
+        server = doc.setdefault("server", {})
+        for key in ("listen", "workers"):
+            if key in started:
+                server[key] = started[key]
+            else:
+                server.pop(key, None)
+        return tomli_w.dumps(doc).encode()
+
+    def _spawn(self) -> tuple[subprocess.Popen[bytes], WorkerMetrics, int]:
+        """A new worker, the main side of its metrics channel, and the read end of the
+        pipe it writes one byte to once it serves."""
         from engine.worker_metrics import WorkerMetrics
 
         # The config goes in a memory file the worker reads (a pipe could fill up and
@@ -271,45 +295,79 @@ class Workers:
             os.close(fd)
             raise
         try:
+            ready, told = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError:
+            os.close(fd)
+            ours.close()
+            theirs.close()
+            raise
+        try:
             os.write(fd, self.config)
             os.lseek(fd, 0, os.SEEK_SET)
             passed = ["--config-fd", str(fd), "--metrics-fd", str(theirs.fileno())]
+            passed += ["--ready-fd", str(told)]
             # In its own process group: Ctrl-C in a terminal reaches the parent only,
             # which forwards it once (as SIGTERM).
             with _blocked(SIGNALS):
                 proc = subprocess.Popen(
-                    [*self.argv, *passed], process_group=0, pass_fds=(fd, theirs.fileno())
+                    [*self.argv, *passed],
+                    process_group=0,
+                    pass_fds=(fd, theirs.fileno(), told),
                 )
         except BaseException:
             ours.close()
+            os.close(ready)
             raise
         finally:
             os.close(fd)
+            os.close(told)
             theirs.close()
-        return proc, WorkerMetrics(ours)
+        return proc, WorkerMetrics(ours), ready
 
     async def supervise(self, slot: int) -> None:
         import trio
 
         quick_deaths = 0
+        served = False  # a worker of this slot has served: its deaths are no failure to start
+
+        async def note_ready(fd: int) -> None:
+            nonlocal served
+            await trio.lowlevel.wait_readable(fd)
+            try:
+                if os.read(fd, 1) == b"r":
+                    served = True
+            except OSError:
+                pass
+
         while not self.stopping:
-            proc, self.metrics[slot] = self._spawn()
+            proc, self.metrics[slot], ready = self._spawn()
             self.live[slot] = proc
             started = trio.current_time()
             # Cancelled here when the gateway stops: the worker still drains, and is
             # asked for its metrics, until stop() sees it exit.
-            code = await _wait_exit(proc)
+            try:
+                async with trio.open_nursery() as watch:
+                    watch.start_soon(note_ready, ready)
+                    code = await _wait_exit(proc)
+                    watch.cancel_scope.cancel()
+            finally:
+                os.close(ready)
             self._retire(slot)
             self.live.pop(slot, None)  # (stop() may have reaped it first)
             if self.stopping:
                 return
-            quick_deaths = quick_deaths + 1 if trio.current_time() - started < QUICK_DEATH else 0
+            lived = trio.current_time() - started
+            quick_deaths = quick_deaths + 1 if lived < QUICK_DEATH else 0
             how = f"signal {-code}" if code < 0 else f"status {code}"
-            if quick_deaths >= CRASH_LOOP:
+            if quick_deaths >= CRASH_LOOP and not served:
                 log.error("worker %d (pid %d) exited with %s: crash loop", slot, proc.pid, how)
                 raise CrashLoop(f"worker {slot} died {quick_deaths} times in a row")
-            delay = RESPAWN_DELAY * 2 ** max(quick_deaths - 1, 0)
-            log.warning(
+            # Once the gateway has served, a worker that cannot start again (a file
+            # its config names is gone, a bad certificate on disk) must not take the
+            # other processes down with it: it is tried again, less and less often.
+            delay = min(RESPAWN_DELAY * 2 ** max(quick_deaths - 1, 0), MAX_RESPAWN_DELAY)
+            log_at = log.error if quick_deaths >= CRASH_LOOP else log.warning
+            log_at(
                 "worker %d (pid %d) exited with %s; respawning in %.1fs", slot, proc.pid, how, delay
             )
             await trio.sleep(delay)
@@ -327,14 +385,18 @@ class Workers:
         import trio
 
         answers: dict[int, dict[str, MetricDump]] = {}
+        asked = dict(self.metrics)
 
         async def ask(slot: int, channel: WorkerMetrics) -> None:
             answers[slot] = await channel.ask()
 
         async with trio.open_nursery() as nursery:
-            for slot, channel in list(self.metrics.items()):
+            for slot, channel in asked.items():
                 nursery.start_soon(ask, slot, channel)
-        return [self.retired.metrics, *(answers[slot] for slot in sorted(answers))]
+        # A worker that died meanwhile is in the retired totals now, with its last
+        # answer: counted there, its answer here would count it twice.
+        live = [s for s in sorted(answers) if self.metrics.get(s) is asked[s]]
+        return [self.retired.metrics, *(answers[slot] for slot in live)]
 
     def signal(self, signum: int) -> None:
         for proc in self.live.values():
@@ -461,6 +523,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                         from engine.worker_metrics import answer
 
                         nursery.start_soon(answer, socket.socket(fileno=args.metrics_fd))
+                    if args.ready_fd is not None:  # a worker: tell the main one it serves
+                        os.write(args.ready_fd, b"r")
+                        os.close(args.ready_fd)
                     # Signals that came while starting waited in the receiver until now.
                     nursery.start_soon(_serve_signals, sigs, gateway, workers, nursery, stopped)
                     # Everything made so far (modules, config, compiled chains) lives as long
@@ -496,14 +561,38 @@ async def _serve_signals(
     import trio
 
     drain: trio.CancelScope | None = None
+    # A reload runs in a task of its own, so that a SIGTERM is acted on at once even
+    # while a slow reload (an identity provider that does not answer) is under way:
+    # the drain abandons it. A SIGHUP during a reload makes one more once it ends.
+    reloading: trio.CancelScope | None = None
+    again = False
+
+    async def reload_while_asked(scope: trio.CancelScope) -> None:
+        nonlocal reloading, again
+        with scope:
+            while True:
+                again = False
+                await _reload(gateway, workers)
+                if not again:
+                    break
+        reloading = None
+
     async for signum in sigs:
         if signum == signal.SIGHUP:
             if drain is not None:
                 log.info("SIGHUP while draining: ignored")
                 continue
             workers.signal(signal.SIGHUP)
-            await _reload(gateway, workers)
+            if reloading is not None:
+                again = True  # the file may have changed since this reload read it
+                continue
+            reloading = trio.CancelScope()
+            nursery.start_soon(reload_while_asked, reloading)
             continue
+        if reloading is not None:
+            log.warning("reload abandoned: the gateway is draining")
+            reloading.cancel()
+            reloading = None
         if drain is not None:
             name = signal.Signals(signum).name
             log.warning("second %s: not waiting for requests in flight", name)
@@ -548,7 +637,7 @@ async def _reload(gateway: Gateway, workers: Workers) -> None:
         path = gateway.runtime.config.source
         raw = read_file(path)
         await gateway.reload(load_bytes(raw, path))
-        workers.config = raw  # workers started from now on run the new config
+        workers.config = workers.restart_only_kept(raw)  # for workers started from now on
     except (ConfigError, PluginError) as e:
         log.error("reload refused, the old configuration keeps serving: %s", e)
     except Exception:
@@ -569,6 +658,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--worker-of", type=int, default=None, help=argparse.SUPPRESS)
     run.add_argument("--config-fd", type=int, default=None, help=argparse.SUPPRESS)
     run.add_argument("--metrics-fd", type=int, default=None, help=argparse.SUPPRESS)
+    run.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     run.set_defaults(fn=cmd_run)
 
     check = sub.add_parser("check", help="validate a config and print every route's chain")

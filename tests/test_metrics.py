@@ -277,3 +277,33 @@ async def test_a_worker_that_was_busy_answers_only_the_newest_ask() -> None:
             with pytest.raises(BlockingIOError):
                 ours.recv(1)  # no answer to 1 and 2
             ours.close()  # the worker's loop ends
+
+
+async def test_a_worker_that_dies_during_a_scrape_is_counted_once() -> None:
+    """Its answer came, then it died and was retired with that answer as its last:
+    counted in the retired totals and among the answers, 300 requests read 383, and
+    the next scrape went down again (Prometheus reads a reset)."""
+    from engine.cli import Workers
+
+    def requests(n: float) -> dict[str, MetricDump]:
+        return {"r": {"kind": "counter", "help": "", "labels": [], "values": [[[], n]]}}
+
+    class Channel:
+        def __init__(self, n: float, then: object = None) -> None:
+            self.last = requests(n)
+            self.then = then
+
+        async def ask(self) -> dict[str, MetricDump]:
+            await trio.lowlevel.checkpoint()
+            if callable(self.then):
+                self.then()  # what supervise() does when the process exits
+            return self.last
+
+        def close(self) -> None:
+            pass
+
+    workers = Workers([], 2)
+    workers.metrics = {1: Channel(100, lambda: workers._retire(1)), 2: Channel(200)}  # type: ignore[dict-item]
+    with trio.fail_after(5):
+        gathered = await workers.gather_metrics()
+    assert merge(gathered)["r"]["values"] == [[[], 300.0]]

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import h11
+import pytest
 import tomli_w
 import trio
 import trustme
@@ -402,3 +403,91 @@ async def test_run_lifts_the_soft_descriptor_limit(stubs: Stubs, tmp_path: Path)
             assert _soft_nofile(proc.pid) == expected > 256
             proc.send_signal(signal.SIGTERM)
             assert await proc.wait() == 0
+
+
+async def test_a_worker_respawned_after_a_reload_binds_what_the_others_bound(
+    stubs: Stubs, tmp_path: Path
+) -> None:
+    """server.listen and server.workers take effect at the next restart, not on a
+    reload: a worker respawned after one that changed them got them anyway, and bound
+    the new address (or, with workers 2 -> 1, bound without SO_REUSEPORT and failed in
+    a loop that ended the gateway)."""
+    port, other = _free_port(), _free_port()
+    config = _config(port, stubs.target("echo"), workers=2)
+    cfg = _write(tmp_path / "g.toml", config)
+    log = tmp_path / "err.log"
+    with trio.fail_after(30):
+        async with _gateway(cfg, port, log, workers=2) as proc:
+            _write(cfg, _config(other, stubs.target("echo"), workers=1))
+            proc.send_signal(signal.SIGHUP)
+            await _until(lambda: log.read_text().count("configuration reloaded") == 2)
+            for _ in range(2):
+                (worker,) = _children(proc.pid)
+                os.kill(worker, signal.SIGKILL)
+                await _until(lambda w=worker: _children(proc.pid) - {w})
+                await _prefixes(port, 2)  # both processes serve the address they had
+            with pytest.raises(OSError, match="all attempts to connect"):
+                await trio.open_tcp_stream("127.0.0.1", other)
+            assert proc.returncode is None
+            proc.send_signal(signal.SIGTERM)
+            assert await proc.wait() == 0
+    assert "Address already in use" not in log.read_text()
+
+
+async def test_a_worker_that_served_and_cannot_start_again_leaves_the_gateway_up(
+    stubs: Stubs, tmp_path: Path
+) -> None:
+    """A worker killed (an OOM kill) whose respawns fail (the access log's directory
+    was removed meanwhile): the other processes serve on, and the slot is tried again
+    less and less often, where the gateway used to end as in a crash loop at start."""
+    port = _free_port()
+    config = _config(port, stubs.target("echo"), workers=2)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    config["access_log"] = {"path": str(logs / "access.log")}
+    cfg = _write(tmp_path / "g.toml", config)
+    log = tmp_path / "err.log"
+    with trio.fail_after(30):
+        async with _gateway(cfg, port, log, workers=2) as proc:
+            await _prefixes(port, 2)  # the worker serves
+            for entry in logs.iterdir():
+                entry.unlink()
+            logs.rmdir()
+            (worker,) = _children(proc.pid)
+            os.kill(worker, signal.SIGKILL)
+            await _until(lambda: log.read_text().count("exited with status 2") >= 5)
+            assert proc.returncode is None
+            assert (await http_request(port, "GET", "/")).status == 200
+            proc.send_signal(signal.SIGTERM)
+            assert await proc.wait() == 0
+    assert "crash loop" not in log.read_text()
+
+
+async def test_sigterm_during_a_slow_reload_drains_at_once(stubs: Stubs, tmp_path: Path) -> None:
+    """The reload waits on an identity provider that never answers (jwks_timeout 20 s):
+    SIGTERM used to wait for it, /readyz still 200 meanwhile. It drains at once now,
+    and the reload is abandoned."""
+    port = _free_port()
+    config = _config(port, stubs.target("echo"), shutdown_timeout="1s")
+    cfg = _write(tmp_path / "g.toml", config)
+    log = tmp_path / "err.log"
+    silent = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]  # never accepts
+    jwks = f"http://127.0.0.1:{silent.socket.getsockname()[1]}/jwks.json"
+    with trio.fail_after(30):
+        async with _gateway(cfg, port, log) as proc:
+            config["plugins"] = {
+                "jwt-auth": {
+                    "issuers": [{"algorithms": ["RS256"], "jwks_url": jwks, "jwks_timeout": "20s"}]
+                }
+            }
+            _write(cfg, config)
+            proc.send_signal(signal.SIGHUP)
+            await trio.sleep(0.5)  # the reload is waiting on the key set
+            start = trio.current_time()
+            proc.send_signal(signal.SIGTERM)
+            assert await proc.wait() == 0
+            assert trio.current_time() - start < 5
+    await silent.aclose()
+    text = log.read_text()
+    assert "reload abandoned: the gateway is draining" in text
+    assert "configuration reloaded" not in text
