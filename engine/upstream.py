@@ -77,6 +77,19 @@ _healthy = gauge(
 )
 
 
+def _smooth_weighted(targets: list[Target], weights: list[float]) -> Target:
+    """nginx's smooth weighted round robin over ``targets`` with these ``weights``."""
+    total = 0.0
+    best = targets[0]
+    for t, w in zip(targets, weights, strict=True):
+        t.current_weight += w
+        total += w
+        if t.current_weight > best.current_weight:
+            best = t
+    best.current_weight -= total
+    return best
+
+
 def publish_health(pools: Mapping[str, Pool]) -> None:
     """``filtergate_upstream_target_healthy`` for the targets of ``pools`` (those of the
     config serving), and for no other: a pool built by a refused reload must not say a
@@ -302,7 +315,7 @@ class Target:
         self.weight = config.weight
         self.idle: list[_Conn] = []
         self.active = 0
-        self.current_weight = 0
+        self.current_weight = 0.0  # smooth weighted round robin's running weight
         self.ejected_until = 0.0
         self.healthy = True  # set by active health checks
         self.consecutive_failures = 0
@@ -325,6 +338,9 @@ class Pool:
         self._by_address = {t.address: t for t in self.targets}
         self._rng = random.Random()
         self._rr = 0
+        # Weights that differ make least_conn and random weigh targets, as round robin
+        # does; equal ones leave them the plain algorithms.
+        self._weighted = len({t.weight for t in self.targets}) > 1
         self.closed = False
         self._host_header = config.host_header.encode() if config.host_header else None
         self._tls = config.ssl_context()
@@ -360,21 +376,24 @@ class Pool:
         balance = self.config.balance
         if balance == "round_robin":
             # nginx's smooth weighted round robin: even spread, weights honoured.
-            total = 0
-            best = ts[0]
-            for t in ts:
-                t.current_weight += t.weight
-                total += t.weight
-                if t.current_weight > best.current_weight:
-                    best = t
-            best.current_weight -= total
-            return best
+            return _smooth_weighted(ts, [t.weight for t in ts])
         if balance == "least_conn":
+            if self._weighted:
+                # Envoy's weighted least request: round robin by weight / (active + 1).
+                # Weights hold at light load (every target idle), and under load a
+                # busy target gets less: least active / weight alone ties at 0 when
+                # idle, and a 9:1 pool took requests 1:1.
+                return _smooth_weighted(ts, [t.weight / (t.active + 1) for t in ts])
             self._rr += 1
             start = self._rr % len(ts)
             rotated = ts[start:] + ts[:start]  # ties broken in turn, not always the first
-            return min(rotated, key=lambda t: t.active / t.weight)
-        a, b = self._rng.sample(ts, 2)  # power of two choices
+            return min(rotated, key=lambda t: t.active)
+        # Power of two choices; with weights, both drawn by weight (at light load the
+        # two tie, and the first drawn wins: the weights hold).
+        if self._weighted:
+            a, b = self._rng.choices(ts, weights=[t.weight for t in ts], k=2)
+        else:
+            a, b = self._rng.sample(ts, 2)
         return a if a.active / a.weight <= b.active / b.weight else b
 
     # -- connections -----------------------------------------------------------------

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import trio
 
-from engine.testing import Stubs, http_request, open_gateway, raw_exchange
+from engine.testing import Client, Stubs, http_request, open_gateway, raw_exchange
 from engine.upstream import _interleave_families
 from plugins.key_auth import hash_key
 from tests.upstreams import (
@@ -108,6 +108,22 @@ async def test_least_conn_and_random_use_every_target() -> None:
                 assert len(a.requests) + len(b.requests) == 40
                 assert a.requests, balance
                 assert b.requests, balance
+
+
+@pytest.mark.parametrize("balance", ["least_conn", "random"])
+async def test_weights_hold_for_least_conn_and_random_at_light_load(balance: str) -> None:
+    """One request at a time: every target is idle at each pick, and least active /
+    weight tied at 0, so a 9:1 pool took requests about 1:1 (a canary got half)."""
+    with trio.fail_after(20):
+        async with open_counting_upstream() as a, open_counting_upstream() as b:
+            targets = [{"address": a.target, "weight": 9}, {"address": b.target, "weight": 1}]
+            async with open_gateway(_config(targets, balance=balance)) as gw:
+                async with Client.open(gw.port) as client:
+                    for i in range(200):
+                        assert (await client.request("GET", f"/{i}")).status == 200
+    # least_conn is exact (180:20); random draws by weight (sd about 4)
+    assert 165 <= len(a.requests) <= 195, balance
+    assert len(a.requests) + len(b.requests) == 200
 
 
 async def test_health_checks_take_a_target_out_and_back(autojump_clock: Any) -> None:
