@@ -69,16 +69,31 @@ def _ssl_reason(e: OSError | ssl.SSLError) -> str:
     return e.strerror or str(e)
 
 
+def _same_socket(a: str, b: str) -> bool:
+    """Whether listening on ``a`` and on ``b`` (``host:port``) would take one address:
+    the same port, and hosts that meet (``localhost`` is the loopback addresses, a
+    wildcard meets every host)."""
+    (ha, pa), (hb, pb) = parse_address(a), parse_address(b)
+    if pa != pb or pa == 0:
+        return False
+    hosts = [{"127.0.0.1", "::1"} if h == "localhost" else {h} for h in (ha, hb)]
+    wild = {"0.0.0.0", "::", ""}
+    return bool(hosts[0] & hosts[1]) or bool((hosts[0] | hosts[1]) & wild)
+
+
 def check_addresses(config: Config) -> None:
-    """Raise :class:`ConfigError` when the admin listener would take a serving address."""
+    """Raise :class:`ConfigError` when two listeners would take one address (the admin
+    listener a serving one, or one serving address listed twice): ``check`` must refuse
+    what ``run`` could not bind."""
+    listen = config.server.listen
+    for i, addr in enumerate(listen):
+        for j in range(i):
+            if _same_socket(listen[j], addr):
+                raise ConfigError(f"server.listen[{i}]", f"{addr} is server.listen[{j}]")
     if not config.admin.enabled:
         return
-    host, port = parse_address(config.admin.listen)
-    if port == 0:
-        return
-    for i, addr in enumerate(config.server.listen):
-        h, p = parse_address(addr)
-        if p == port and (h == host or "0.0.0.0" in (h, host) or "::" in (h, host)):
+    for i, addr in enumerate(listen):
+        if _same_socket(config.admin.listen, addr):
             raise ConfigError("admin.listen", f"{config.admin.listen} is server.listen[{i}]")
 
 

@@ -151,6 +151,8 @@ class AccessLogConfig:
 
     def __post_init__(self) -> None:
         if self.path is not None and self.path != "-":
+            if os.path.isdir(self.path):
+                raise Invalid("path", f"{self.path} is a directory, not a file")
             folder = os.path.dirname(os.path.abspath(self.path))
             if not os.path.isdir(folder):
                 raise Invalid("path", f"no such directory: {folder}")

@@ -212,3 +212,19 @@ def test_bad_access_log_config_names_the_key(access_log: dict[str, Any], where: 
     with pytest.raises(ConfigError) as e:
         load({"access_log": access_log})
     assert e.value.path == where
+
+
+def test_an_access_log_path_that_cannot_be_a_log_file_is_a_config_error(tmp_path: Path) -> None:
+    """A directory as the path: check said ok, and run dropped every line."""
+    base = {
+        "upstreams": {"u": {"targets": ["127.0.0.1:1"]}},
+        "routes": [{"name": "r", "prefix": "/", "upstream": "u"}],
+    }
+    cases = [
+        (str(tmp_path), "is a directory"),
+        (str(tmp_path / "no" / "a.log"), "no such directory"),
+    ]
+    for path, message in cases:
+        with pytest.raises(ConfigError, match=message) as info:
+            load({**base, "access_log": {"path": path}})
+        assert info.value.path == "access_log.path"

@@ -366,6 +366,17 @@ def test_listeners_that_cannot_work_are_named_in_one_line(tmp_path: Path) -> Non
         r = _run(verb, "-c", str(cfg))
         assert r.returncode == 2, r.stderr
         assert f"admin.listen: 127.0.0.1:{port} is server.listen[0]" in r.stderr
+    # Also by another name of the address, or one serving address listed twice (which
+    # binds with several workers, SO_REUSEPORT, and not with one): `check` said ok.
+    config["admin"] = {"listen": f"localhost:{port}"}
+    r = _run("check", "-c", str(_write(tmp_path / "g.toml", config)))
+    assert r.returncode == 2, r.stderr
+    assert f"admin.listen: localhost:{port} is server.listen[0]" in r.stderr
+    config["admin"] = {"enabled": False}
+    config["server"]["listen"] = [f"127.0.0.1:{port}", f"0.0.0.0:{port}"]
+    r = _run("check", "-c", str(_write(tmp_path / "g.toml", config)))
+    assert r.returncode == 2, r.stderr
+    assert f"server.listen[1]: 0.0.0.0:{port} is server.listen[0]" in r.stderr
     # Valid, but not an address of this host: `check` passes, `run` cannot bind (exit 1).
     config = _config(port, "127.0.0.1:1")
     config["server"]["listen"] = ["192.0.2.1:8080"]  # TEST-NET-1
