@@ -20,8 +20,7 @@ filter can use are the request's (see :data:`REQUEST_ROOTS`):
 A filter may allow more roots (the aggregate filter allows its call names, whose KEY is
 a dotted path into that call's JSON answer). A value that is not found renders as the
 default after ``|`` when one is given; otherwise the caller decides (the transform
-filter writes the empty string, the aggregate filter fails a call that lacks a value
-taken from another call's answer).
+filter writes the empty string, the aggregate filter fails the call that lacks it).
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ from urllib.parse import quote, unquote
 import trio
 
 from engine.chain import Filter, FilterContext, Stage
-from engine.errors import BadGateway, GatewayError, UpstreamTimeout
+from engine.errors import BadGateway, BadRequest, GatewayError, UpstreamTimeout
 from engine.exchange import FRAMING_HEADERS, Exchange, Headers, Response, UpstreamCall
 from engine.metrics import counter
 from engine.plugins import hookimpl
@@ -317,6 +317,8 @@ class _Fields:
 class _Failure:
     timed_out: bool
     detail: str
+    # A value the client's request lacks (no default): its fault, a 400 when required.
+    request_value: bool = False
 
 
 class _CallPlan:
@@ -411,11 +413,12 @@ class _Run:
             if answer is MISSING or ref.json_path is None:
                 return MISSING
             return ref.json_path.get(answer)
-        value = self._request_lookup(ref)
-        # A request value the client did not send is empty text, not a failed call.
-        if value is MISSING and ref.default is None:
-            return ""
-        return value
+        if ref.root == "consumer" and self.exchange.identity is None:
+            return MISSING  # an anonymous caller is no consumer, not the consumer ""
+        # A request value that is missing, without a default, fails the call: the
+        # empty string would send "/orders?user_id=" to a backend that may read it as
+        # "every user's". ``{ref|}`` asks for the empty string.
+        return self._request_lookup(ref)
 
 
 class Aggregate(Filter):
@@ -444,6 +447,8 @@ class Aggregate(Filter):
         if run.fatal is not None:
             name, failure = run.fatal
             message = f"required call {name!r} failed: {failure.detail}"
+            if failure.request_value:
+                raise BadRequest(f"required call {name!r} needs a value: {failure.detail}")
             raise UpstreamTimeout(message) if failure.timed_out else BadGateway(message)
         if deadline.cancelled_caught:
             for plan in self._plans:
@@ -501,7 +506,7 @@ class Aggregate(Filter):
                 )
                 answer = await self._fetch(exchange, call, plan.config.max_body)
             except MissingValue as e:
-                return _Failure(False, str(e))
+                return _Failure(False, str(e), request_value=e.ref.root in REQUEST_ROOTS)
             except _CallFailed as e:
                 return _Failure(e.timed_out, e.detail)
             except UpstreamTimeout as e:

@@ -17,7 +17,7 @@ import pytest
 import trio
 
 from engine.chain import FilterContext
-from engine.errors import BadGateway, UpstreamTimeout, UpstreamUnreachable
+from engine.errors import BadGateway, BadRequest, UpstreamTimeout, UpstreamUnreachable
 from engine.exchange import Exchange, Headers, Identity, Request, Response, Timings, UpstreamCall
 from engine.schema import ConfigError, build
 from engine.stubs import SlowService
@@ -337,6 +337,37 @@ async def test_shaping_and_top_level_merge(autojump_clock: trio.testing.MockCloc
     assert _json(resp) == {"id": 1, "display_name": "Ada", "orders": [{"id": 101}, {"id": 102}]}
 
 
+@pytest.mark.parametrize(
+    "path", ["/orders?user_id={query.user}", "/orders?user_id={consumer}", "/users/{claims.sub}"]
+)
+async def test_a_request_value_that_is_missing_fails_the_call(
+    autojump_clock: trio.testing.MockClock, path: str
+) -> None:
+    """It was the empty string: "/orders?user_id=" reached a backend that may read it
+    as every user's orders (an anonymous caller, a client leaving out a parameter). A
+    required call is a 400, an optional one is left out; "{ref|}" asks for ""."""
+    fake = FakeUpstreams({"orders/orders?user_id=": (0.1, 200, ORDERS)})
+
+    async def anonymous(agg: Aggregate) -> Response:
+        exchange = _exchange(fake)
+        exchange.identity = None
+        with trio.fail_after(30):
+            return await agg.on_request(exchange)
+
+    required = _aggregate({"calls": [{"name": "o", "upstream": "orders", "path": path}]})
+    with pytest.raises(BadRequest, match="needs a value: no value for"):
+        await anonymous(required)
+    optional = _aggregate(
+        {"calls": [{"name": "o", "upstream": "orders", "path": path, "required": False}]}
+    )
+    assert _json(await anonymous(optional)) == {"_partial": ["o"]}
+    assert fake.calls == []
+    if "user_id" in path:
+        explicit = path.replace("}", "|}")
+        agg = _aggregate({"calls": [{"name": "o", "upstream": "orders", "path": explicit}]})
+        assert "o" in _json(await anonymous(agg))
+
+
 async def test_headers_sent_to_backends(autojump_clock: trio.testing.MockClock) -> None:
     agg = _aggregate(
         {
@@ -348,7 +379,7 @@ async def test_headers_sent_to_backends(autojump_clock: trio.testing.MockClock) 
                     "forward_headers": ["accept-language", "authorization"],
                     "headers": {"x-consumer": "{consumer}", "x-sub": "{claims.sub}"},
                 },
-                {"name": "plain", "upstream": "users", "path": "/p/{query.absent}"},
+                {"name": "plain", "upstream": "users", "path": "/p/{query.absent|}"},
             ]
         }
     )
