@@ -770,12 +770,7 @@ class Pool:
         # most 10) starts the wait again, as 102 Processing asks.
         until: float | None = None
         while True:
-            buffered = len(wire)
             ev = wire.response()
-            if ev is not None and buffered - len(wire) > MAX_RESPONSE_HEAD:
-                # Reader checks incomplete heads only: one that came whole in a read
-                # that crossed the limit is measured here.
-                raise ProtocolError(f"a response head over {MAX_RESPONSE_HEAD} bytes", 431)
             if ev is None:
                 try:
                     if sender is not None and sender.running:

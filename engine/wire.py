@@ -120,10 +120,15 @@ class Reader:
         return True  # still blank: h11 refuses the rest
 
     def response(self) -> h11.Response | h11.InformationalResponse | None:
-        """The next response head (1xx included)."""
+        """The next response head (1xx included). One larger than ``max_incomplete`` is
+        refused (431) also when it came whole, in the read that crossed the limit."""
+        data = self.buf._data  # (h11 extracts from this bytearray in place)
+        buffered = len(data)
         resp: h11.Response | h11.InformationalResponse | None = self._head(
             maybe_read_from_SEND_RESPONSE_server
         )
+        if resp is not None and buffered - len(data) > self.max_incomplete:
+            raise ProtocolError(f"a response head over {self.max_incomplete} bytes", 431)
         return resp
 
     def _head(self, read: Callable[[ReceiveBuffer], Any]) -> Any:
