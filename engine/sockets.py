@@ -89,7 +89,8 @@ class _Expiring(Protocol):
 
 
 # Linux's TCP_INFO: its tcpi_bytes_acked (a u64 at byte 120, since Linux 4.1) counts the
-# bytes the peer has taken; it only grows, and only while the peer reads.
+# bytes the peer's kernel has taken. It only grows; once the peer's receive buffer is
+# full, only while the peer reads (bytes in flight when a write blocks settle first).
 _TCP_INFO: int | None = getattr(socket, "TCP_INFO", None) if sys.platform == "linux" else None
 
 
@@ -104,15 +105,44 @@ def _acked(sock: socket.socket) -> int | None:
     return int.from_bytes(info[120:128], sys.byteorder) if len(info) >= 128 else None
 
 
-def _taking(sock: socket.socket, before: int | None) -> tuple[bool, int | None]:
-    """Whether the peer took bytes since ``before`` was measured, and the count now.
+#: A write that waits on its peer looks at it this many times per ``max_wait``: a peer
+#: must take bytes at least once per ``max_wait``, and one that takes none is cut then.
+_CHECKS = 4
+
+
+class _Progress:
+    """Whether a peer that a blocked write waits on still takes bytes.
 
     A writer waits for room in the send buffer, and the kernel wakes it only when half
     the buffer is free: a peer reading slowly but steadily may take longer than a write
-    timeout to free that much. Its timeout is for a peer that reads nothing.
+    timeout to free that much, so the wait is looked at every ``max_wait / _CHECKS``
+    and goes on while the peer's acknowledged bytes grow. Nothing is measured before
+    the first look (a write that does not wait pays nothing), and bytes still in
+    flight then are not taken for reading: a peer that reads nothing is cut after
+    ``max_wait`` from the last write that went out.
     """
-    now = _acked(sock)
-    return (before is not None and now is not None and now > before), now
+
+    __slots__ = ("acked", "last", "max_wait", "sock")
+
+    def __init__(self, sock: socket.socket, now: float, max_wait: float) -> None:
+        self.sock = sock
+        self.max_wait = max_wait
+        self.last = now  # when bytes last went out or were last taken
+        self.acked: int | None = None
+
+    def next(self, now: float, deadline: float) -> float:
+        """When to look next (``_INF``: never)."""
+        return min(deadline, now + self.max_wait / _CHECKS, self.last + self.max_wait)
+
+    def check(self, now: float, deadline: float) -> float | None:
+        """Look now; the next time to look, or None: give up."""
+        acked = _acked(self.sock)
+        if acked is not None and self.acked is not None and acked > self.acked:
+            self.last = now
+        self.acked = acked
+        if now >= deadline or now - self.last >= self.max_wait:
+            return None
+        return self.next(now, deadline)
 
 
 class Timers:
@@ -262,19 +292,20 @@ class RawSocket:
         if sent == len(data):
             return
         view = memoryview(data)[sent:]
-        until = min(deadline, trio.current_time() + max_wait)
-        acked = _acked(sock)
+        now = trio.current_time()
+        progress = _Progress(sock, now, max_wait)
+        until = progress.next(now, deadline)
         while view:
             try:
                 await self._wait(trio.lowlevel.wait_writable, until)
             except trio.TooSlowError:
                 now = trio.current_time()
-                if now < until or now >= deadline:
-                    raise  # ended from outside (a shutdown), or the call's own deadline
-                taking, acked = _taking(sock, acked)
-                if not taking:
-                    raise
-                until = min(deadline, now + max_wait)  # it reads, slowly: wait on
+                if now < until:
+                    raise  # ended from outside (a shutdown)
+                looked = progress.check(now, deadline)
+                if looked is None:
+                    raise  # nothing taken for max_wait, or the call's own deadline
+                until = looked
                 continue
             try:
                 sent = sock.send(view)
@@ -282,8 +313,9 @@ class RawSocket:
                 continue
             view = view[sent:]
             if sent:
-                # ``max_wait`` bounds a wait with no progress, not the whole write.
-                until = min(deadline, trio.current_time() + max_wait)
+                now = trio.current_time()
+                progress.last = now
+                until = progress.next(now, deadline)
 
     def shutdown_write(self) -> None:
         """Half-close: the peer reads EOF, this side can still receive."""
@@ -426,29 +458,30 @@ class _SendGuard:
     """Cancels ``scope`` (a send through a trio stream) once the peer has taken nothing
     for ``max_wait`` seconds, or at ``deadline``; checked by :class:`Timers`."""
 
-    __slots__ = ("acked", "deadline", "max_wait", "scope", "slot", "sock", "timers")
+    __slots__ = ("deadline", "progress", "scope", "slot", "timers")
 
     def __init__(
         self, sock: socket.socket, scope: trio.CancelScope, max_wait: float, deadline: float
     ) -> None:
-        self.sock = sock
+        now = trio.current_time()
         self.scope = scope
-        self.max_wait = max_wait
         self.deadline = deadline
+        self.progress = _Progress(sock, now, max_wait)
         self.timers = timers()
-        self.acked = _acked(sock)
-        self.slot = self.timers.add(self, min(deadline, trio.current_time() + max_wait))
+        first = self.progress.next(now, deadline)
+        # No limit at all (a tunnel's pump): nothing to watch.
+        self.slot = self.timers.add(self, first) if first != _INF else None
 
     def expire(self) -> None:
-        now = trio.current_time()
-        taking, self.acked = _taking(self.sock, self.acked)
-        if taking and now < self.deadline:
-            self.slot = self.timers.add(self, min(self.deadline, now + self.max_wait))
-        else:
+        looked = self.progress.check(trio.current_time(), self.deadline)
+        if looked is None:
             self.scope.cancel()
+        else:
+            self.slot = self.timers.add(self, looked)
 
     def disarm(self) -> None:
-        self.timers.discard(self, self.slot)
+        if self.slot is not None:
+            self.timers.discard(self, self.slot)
 
 
 class StreamSocket:

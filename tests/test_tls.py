@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import ssl
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 import trio.testing
 import trustme
@@ -108,14 +110,15 @@ async def _ask_any(port: int, ca: trustme.CA) -> bytes:
 async def test_a_tls_client_that_reads_slowly_but_steadily_gets_the_whole_body(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    """As over plain TCP (test_timeouts): write_timeout is for a client that reads
-    nothing, not one slower than the kernel's wake-up of a writer."""
+    """As over plain TCP (test_timeouts, which shows the kernel's late wake-up of a
+    writer cutting such a client before): a client that takes bytes steadily is never
+    cut, through the TLS stream's own send path."""
     from tests.upstreams import open_streaming_upstream
 
     size = 24 * 1024 * 1024
     ca = trustme.CA()
     config = _tls_config(tmp_path, ca, "gw.test")
-    config["server"]["write_timeout"] = "200ms"
+    config["server"]["write_timeout"] = "1s"
     with trio.fail_after(120):
         async with open_streaming_upstream(size) as big:
             config["upstreams"] = {"big": {"targets": [big.target]}}
@@ -133,3 +136,77 @@ async def test_a_tls_client_that_reads_slowly_but_steadily_gets_the_whole_body(
                     await trio.sleep(0.05)
                 await stream.aclose()
     assert received > size
+
+
+@pytest.mark.parametrize("tls", [False, True])
+async def test_a_client_that_reads_nothing_is_cut_at_write_timeout(
+    tmp_path: Path, tls: bool
+) -> None:
+    """Bytes still in flight when the write blocked are no sign of reading: the cut
+    comes write_timeout after the last write, not twice that (real time: the kernel's
+    acknowledgements are what is measured)."""
+    from tests.upstreams import open_streaming_upstream
+
+    ca = trustme.CA()
+    config = _tls_config(tmp_path, ca, "gw.test")
+    if not tls:
+        del config["server"]["tls"]
+    config["server"]["write_timeout"] = "1s"
+    with trio.fail_after(20):
+        async with open_streaming_upstream(64 * 1024 * 1024) as big:
+            config["upstreams"] = {"big": {"targets": [big.target]}}
+            config["routes"] = [{"name": "r", "prefix": "/", "upstream": "big"}]
+            async with open_gateway(config) as gw:
+                tcp = await trio.open_tcp_stream("127.0.0.1", gw.port)
+                tcp.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 32 * 1024)
+                stream: trio.abc.Stream = tcp
+                if tls:
+                    context = ssl.create_default_context()
+                    ca.configure_trust(context)
+                    stream = trio.SSLStream(tcp, context, server_hostname="gw.test")
+                await stream.send_all(b"GET /big HTTP/1.1\r\nHost: gw\r\n\r\n")
+                await big.wait_requests(1)
+                start = trio.current_time()
+                while True:  # reads nothing, until the gateway gives up
+                    if big.closed_at:
+                        break
+                    await trio.sleep(0.05)
+                assert 0.9 <= big.closed_at[0] - start <= 1.6
+                await trio.aclose_forcefully(stream)
+
+
+async def test_a_tunnel_through_a_tls_listener_carries_bytes_both_ways(tmp_path: Path) -> None:
+    """The tunnel's pump writes with no time limit: the TLS stream's send guard took
+    that limit as a deadline (int(inf)), and a 500 went into the open tunnel."""
+
+    async def echo(stream: trio.SocketStream) -> None:
+        async with stream:
+            async for data in stream:
+                await stream.send_all(data)
+
+    ca = trustme.CA()
+    config = _tls_config(tmp_path, ca, "gw.test")
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(partial(trio.serve_tcp, echo, 0, host="127.0.0.1"))
+            port = listeners[0].socket.getsockname()[1]
+            config["upstreams"] = {"tcp": {"targets": [f"127.0.0.1:{port}"]}}
+            config["routes"] = [
+                {"name": "t", "hosts": ["db.internal"], "allow_connect": True, "upstream": "tcp"}
+            ]
+            async with open_gateway(config) as gw:
+                context = ssl.create_default_context()
+                ca.configure_trust(context)
+                tcp = await trio.open_tcp_stream("127.0.0.1", gw.port)
+                stream = trio.SSLStream(tcp, context, server_hostname="gw.test")
+                await stream.send_all(
+                    b"CONNECT db.internal:5432 HTTP/1.1\r\nHost: db.internal:5432\r\n\r\nping"
+                )
+                data = b""
+                while not data.endswith(b"ping"):
+                    data += await stream.receive_some(65536)
+                assert data.startswith(b"HTTP/1.1 200 ")
+                await stream.send_all(b"pong")
+                assert await stream.receive_some(65536) == b"pong"
+                await trio.aclose_forcefully(stream)
+            nursery.cancel_scope.cancel()
