@@ -71,14 +71,16 @@ def _ssl_reason(e: OSError | ssl.SSLError) -> str:
 
 def _same_socket(a: str, b: str) -> bool:
     """Whether listening on ``a`` and on ``b`` (``host:port``) would take one address:
-    the same port, and hosts that meet (``localhost`` is the loopback addresses, a
-    wildcard meets every host)."""
+    the same port and address family, and the same host or that family's wildcard
+    (IPv6 listeners are IPv6-only, so ``0.0.0.0`` and ``[::]`` on one port bind both;
+    ``localhost`` binds ``127.0.0.1``)."""
     (ha, pa), (hb, pb) = parse_address(a), parse_address(b)
     if pa != pb or pa == 0:
         return False
-    hosts = [{"127.0.0.1", "::1"} if h == "localhost" else {h} for h in (ha, hb)]
-    wild = {"0.0.0.0", "::", ""}
-    return bool(hosts[0] & hosts[1]) or bool((hosts[0] | hosts[1]) & wild)
+    ha, hb = ("127.0.0.1" if h == "localhost" else h for h in (ha, hb))
+    if (":" in ha) != (":" in hb):
+        return False
+    return ha == hb or {ha, hb} & {"0.0.0.0", "::"} != set()
 
 
 def check_addresses(config: Config) -> None:

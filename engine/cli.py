@@ -350,6 +350,11 @@ class Workers:
                     watch.start_soon(note_ready, ready)
                     code = await _wait_exit(proc)
                     watch.cancel_scope.cancel()
+                if not served:  # written just before it exited, and not read yet
+                    try:
+                        served = os.read(ready, 1) == b"r"
+                    except OSError:
+                        pass  # nothing written (BlockingIOError), or it never ran
             finally:
                 os.close(ready)
             self._retire(slot)
@@ -637,7 +642,10 @@ async def _reload(gateway: Gateway, workers: Workers) -> None:
         path = gateway.runtime.config.source
         raw = read_file(path)
         await gateway.reload(load_bytes(raw, path))
-        workers.config = workers.restart_only_kept(raw)  # for workers started from now on
+        try:
+            workers.config = workers.restart_only_kept(raw)  # for workers started from now on
+        except Exception:
+            log.exception("workers respawned from now on run the previous configuration")
     except (ConfigError, PluginError) as e:
         log.error("reload refused, the old configuration keeps serving: %s", e)
     except Exception:

@@ -284,6 +284,7 @@ class Retry(Filter):
         failed: GatewayError | None = None  # the last attempt's error
         while True:
             call.attempt = retries
+            delay: float | None = None  # before the next attempt: drawn by _may_retry
             try:
                 response = await call_next(call)
             except NoHealthyTarget:
@@ -309,7 +310,9 @@ class Retry(Filter):
                 else:
                     wanted = cfg.on_timeout and isinstance(e, UpstreamTimeout)
                 if not (
-                    wanted and retryable_method and self._may_retry(call, retries, budget, replay)
+                    wanted
+                    and retryable_method
+                    and (delay := self._may_retry(call, retries, budget, replay)) is not None
                 ):
                     if replay is not None:
                         replay.release()
@@ -320,7 +323,7 @@ class Retry(Filter):
                     response.status not in self.statuses
                     or not retryable_method
                     or is_fallback(exchange, response)
-                    or not self._may_retry(call, retries, budget, replay)
+                    or (delay := self._may_retry(call, retries, budget, replay)) is None
                 ):
                     if replay is not None:
                         replay.release()  # the answer stands: no attempt will follow
@@ -348,30 +351,27 @@ class Retry(Filter):
             if replay is not None and call.body_started:
                 call.body = replay.attempt()  # from the first byte again
                 call.body_started = False
-            delay = self.random.uniform(
-                0.0, backoff_cap(retries, cfg.backoff_base, cfg.backoff_max)
-            )
             retries += 1
-            # The whole call's deadline (set by the pool at the first attempt) holds
-            # across attempts: one that could not start before it is not made.
-            if call.deadline is not None and trio.current_time() + delay >= call.deadline:
-                raise UpstreamTimeout(f"upstream {call.upstream!r}: the call's timeout ran out")
+            assert delay is not None  # (set where the retry was allowed)
             await trio.sleep(delay)
 
     def _may_retry(
         self, call: UpstreamCall, retries: int, budget: RetryBudget, replay: ReplayBuffer | None
-    ) -> bool:
-        """Whether one more attempt is allowed; spends budget only when it is."""
-        if retries + 1 >= self.config.attempts:
-            return False
-        if call.deadline is not None and trio.current_time() >= call.deadline:
-            return False  # the whole call's time is up: this answer stands
+    ) -> float | None:
+        """The wait before one more attempt, or None when none is allowed; spends budget
+        only when one is."""
+        cfg = self.config
+        if retries + 1 >= cfg.attempts:
+            return None
+        delay = self.random.uniform(0.0, backoff_cap(retries, cfg.backoff_base, cfg.backoff_max))
+        if call.deadline is not None and trio.current_time() + delay >= call.deadline:
+            return None  # it could not start within the whole call's time: this answer stands
         if not call.replayable and (replay is None or replay.overflowed):
-            return False
+            return None
         if not budget.try_spend(trio.current_time()):
             _BUDGET_EXHAUSTED_TOTAL.inc(upstream=call.upstream)
-            return False
-        return True
+            return None
+        return delay
 
 
 @hookimpl

@@ -377,6 +377,12 @@ def test_listeners_that_cannot_work_are_named_in_one_line(tmp_path: Path) -> Non
     r = _run("check", "-c", str(_write(tmp_path / "g.toml", config)))
     assert r.returncode == 2, r.stderr
     assert f"server.listen[1]: 0.0.0.0:{port} is server.listen[0]" in r.stderr
+    # Each family apart (IPv6 listeners are IPv6-only): dual stack is fine (checked only,
+    # never bound here).
+    for pair in ([f"0.0.0.0:{port}", f"[::]:{port}"], [f"localhost:{port}", f"[::1]:{port}"]):
+        config["server"]["listen"] = pair
+        r = _run("check", "-c", str(_write(tmp_path / "g.toml", config)))
+        assert r.returncode == 0, (pair, r.stderr)
     # Valid, but not an address of this host: `check` passes, `run` cannot bind (exit 1).
     config = _config(port, "127.0.0.1:1")
     config["server"]["listen"] = ["192.0.2.1:8080"]  # TEST-NET-1

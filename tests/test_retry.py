@@ -687,3 +687,25 @@ def test_retry_after_is_never_rounded_down() -> None:
     assert RateLimited(3.0).retry_after == 3
     unavailable = ServiceUnavailable(retry_after=10.00084)
     assert (b"retry-after", b"11") in unavailable.headers
+
+
+async def test_a_retry_that_cannot_start_in_time_leaves_the_answer_standing(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """With a backoff that would cross the call's deadline, no attempt follows and the
+    upstream's own answer (or error) goes to the client: the last version made up a
+    504 in its place, having spent the budget and closed the answer."""
+    cases: list[tuple[tuple[int | GatewayError, ...], int]] = [
+        ((503, 503), 503),
+        ((UpstreamReset("reset"), 200), 502),
+    ]
+    for script, status in cases:
+        upstream = Upstream(*script)
+        call = make_call()
+        call.deadline = trio.current_time() + 0.001  # as the pool sets it; no backoff fits
+        f = make_retry(backoff_base="5s", backoff_max="5s")
+        budget = f.budget_for(call.upstream)
+        with trio.fail_after(10):
+            assert await call_status(f, upstream, call) == status
+        assert len(upstream.seen) == 1
+        assert budget.retries.total(trio.current_time()) == 0  # no budget spent

@@ -253,6 +253,7 @@ class RedisPool:
         self._asking = trio.Lock()  # one question to the sentinels at a time
         # Users that :meth:`serve`, and whether one of them runs :meth:`watch`.
         self._users = 0
+        self._served = False  # whether users serve it (then the last one leaving closes)
         self._watching = False
         self._watch_ended = trio.Event()
 
@@ -463,7 +464,11 @@ class RedisPool:
                         f"{_host_port(conn.address)} is a read-only replica now "
                         "(a failover?); reconnecting"
                     )
-                if self._closed or (self.sentinels is not None and conn.address != self._master):
+                if (
+                    self._closed
+                    or (self._served and not self._users)  # its users have all gone
+                    or (self.sentinels is not None and conn.address != self._master)
+                ):
                     await trio.aclose_forcefully(conn.stream)
                 else:
                     self._idle.append(conn)
@@ -524,8 +529,9 @@ class RedisPool:
         takes over. When the last one leaves, the idle connections are closed (the pool
         stays usable: a user that comes later opens new ones)."""
         self._users += 1
+        self._served = True
         try:
-            while True:
+            while not self._closed:
                 if self._watching:
                     await self._watch_ended.wait()
                     continue
@@ -536,6 +542,7 @@ class RedisPool:
                     self._watching = False
                     self._watch_ended.set()
                     self._watch_ended = trio.Event()
+            await trio.sleep_forever()  # closed: nothing to watch, hold until cancelled
         finally:
             self._users -= 1
             if not self._users:
@@ -555,14 +562,25 @@ class RedisPool:
 #: filter instance with the same Redis settings shares one, so ``pool_size`` and the
 #: sentinel questions are per process, not per route. Held weakly: a pool goes with
 #: the last store that uses it.
-_SHARED: weakref.WeakValueDictionary[Hashable, RedisPool] = weakref.WeakValueDictionary()
+#: One registry per trio run: a pool's locks and limiter belong to the run that made it.
+_SHARED: trio.lowlevel.RunVar[weakref.WeakValueDictionary[Hashable, RedisPool]] = (
+    trio.lowlevel.RunVar("filtergate_redis_pools")
+)
 
 
 def shared_pool(key: Hashable, make: Callable[[], RedisPool]) -> RedisPool:
-    """The pool for ``key``, made by ``make`` when there is none (see :data:`_SHARED`)."""
-    pool = _SHARED.get(key)
+    """The pool for ``key``, made by ``make`` when there is none (see :data:`_SHARED`).
+    Outside a trio run (``filtergate check``) every caller gets a pool of its own."""
+    try:
+        pools = _SHARED.get()
+    except LookupError:
+        pools = weakref.WeakValueDictionary()
+        _SHARED.set(pools)
+    except RuntimeError:  # not in a trio run
+        return make()
+    pool = pools.get(key)
     if pool is None or pool._closed:
-        pool = _SHARED[key] = make()
+        pool = pools[key] = make()
     return pool
 
 
