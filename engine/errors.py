@@ -16,6 +16,7 @@ __all__ = [
     "BadGateway",
     "BadRequest",
     "CircuitOpen",
+    "ClientGone",
     "Forbidden",
     "GatewayError",
     "HeaderTooLarge",
@@ -35,6 +36,11 @@ __all__ = [
     "reason_phrase",
     "render_error",
 ]
+
+
+class ClientGone(Exception):
+    """The client closed its connection while the upstream had not answered: the call
+    is let go. No error of the upstream's, nor an answer to anyone."""
 
 
 class GatewayError(Exception):

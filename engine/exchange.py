@@ -323,6 +323,9 @@ class UpstreamCall:
     timeout: float | None = None
     per_try_timeout: float | None = None
     deadline: float | None = None
+    # The engine's own proxied call: whether its client has gone (looked at while the
+    # upstream is slow to answer, to let go of a call nobody waits for).
+    client_gone: Callable[[], bool] | None = None
     attempt: int = 0
     exclude: set[str] = field(default_factory=set)
     target_address: str | None = None

@@ -40,6 +40,7 @@ from engine.config import parse_address
 from engine.errors import (
     BadGateway,
     BadRequest,
+    ClientGone,
     GatewayError,
     HeaderTooLarge,
     HttpVersionNotSupported,
@@ -555,6 +556,19 @@ class _Connection:
         self.keep_alive = True
         self.bytes_out = 0  # written to the client on this connection, heads included
 
+    def client_gone(self) -> bool:
+        """Whether the client has closed its connection (or reset it), by a peek that
+        takes nothing: pipelined bytes, or an upload still coming, say it is there. A
+        client that half-closed after its request reads as gone, as to nginx."""
+        io = self.io
+        sock = io.sock if isinstance(io, RawSocket) else io.raw  # (TLS: the transport's)
+        try:
+            return not sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+
     def input_unread(self) -> bool:
         """Whether the client may still be sending what this connection did not read: a
         request body it gave up on, bytes behind a malformed head, pipelined requests."""
@@ -977,6 +991,7 @@ class _Connection:
                         body=call_body,
                         timeout=route.timeout,
                         body_length=body_length if call_body is body else None,
+                        client_gone=self.client_gone,
                     )
                     exchange.timings.upstream_start = now()
                     if chain.around:
@@ -1009,6 +1024,13 @@ class _Connection:
             if answer is not None:
                 await answer.aclose()
             raise
+        except ClientGone:
+            # Nobody to answer: the call was let go. Logged as nginx does (499).
+            self.framing_broken = True
+            if request_id is None:
+                request_id = server.ids.next()
+            self._account(rt, route, exchange, req, 499, request_id, start, self.bytes_out)
+            raise _Abort() from None
         except Exception as e:  # a filter's bug must not take the connection's framing down
             if request_id is None:
                 request_id = server.ids.next()

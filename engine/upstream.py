@@ -31,7 +31,7 @@ import re
 import select
 import socket
 import ssl
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import h11
@@ -40,6 +40,7 @@ import trio
 from engine.config import OutlierConfig, TargetConfig, UpstreamConfig, parse_address
 from engine.errors import (
     BadGateway,
+    ClientGone,
     GatewayError,
     NoHealthyTarget,
     ServiceUnavailable,
@@ -75,6 +76,29 @@ _healthy = gauge(
     ("upstream", "target"),
     merge="min",
 )
+
+
+#: Seconds an upstream may take to answer before the gateway looks whether the client
+#: still waits, and then how often it looks again.
+CLIENT_CHECK = 1.0
+
+
+async def _recv_while_wanted(
+    io: RawSocket | TlsSocket, until: float, client_gone: Callable[[], bool]
+) -> bytes:
+    """``io.recv_until(until)``, looking every :data:`CLIENT_CHECK` seconds whether the
+    client has gone: then :class:`ClientGone` (the caller lets the connection go, and
+    the upstream sees the call end), as nginx and Envoy let go of an abandoned call.
+    An answer within the first look's time costs nothing more."""
+    while True:
+        look = min(until, trio.current_time() + CLIENT_CHECK)
+        try:
+            return await io.recv_until(look)
+        except trio.TooSlowError:
+            if look >= until or trio.current_time() < look:
+                raise  # read_timeout, or ended from outside (a shutdown)
+            if client_gone():
+                raise ClientGone() from None
 
 
 def _smooth_weighted(targets: list[Target], weights: list[float]) -> Target:
@@ -783,7 +807,10 @@ class Pool:
                         # Just sent: the answer is seldom here yet, so wait before reading.
                         if until is None:
                             until = min(deadline, trio.current_time() + read_timeout)
-                        chunk = await io.recv_until(until)
+                        if call.client_gone is None:
+                            chunk = await io.recv_until(until)
+                        else:
+                            chunk = await _recv_while_wanted(io, until, call.client_gone)
                 except OSError as e:
                     self._discard(conn)
                     self._count["reset"].inc()

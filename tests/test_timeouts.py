@@ -30,6 +30,7 @@ from tests.upstreams import (
     open_refusing_upstream,
     open_stalling_upstream,
     open_streaming_upstream,
+    response_head,
     serve_upstream,
 )
 
@@ -343,6 +344,43 @@ async def test_a_head_trickled_a_byte_at_a_time_is_504_at_read_timeout(
             status, elapsed, _ = await timed_request(gw.port)
             assert status == 504
             assert elapsed == pytest.approx(2.0, abs=0.1)
+
+
+async def test_a_call_whose_client_left_is_let_go(autojump_clock: trio.testing.MockClock) -> None:
+    """The client closes its connection while a slow upstream has not answered: the
+    upstream connection is closed within a second or two (it held on until
+    read_timeout, 60 s), logged as 499, and counted against nothing: outlier
+    detection and the breaker (both at 1 failure) still let the next call through."""
+
+    async def slow_or_fast(conn: UpstreamConn) -> None:
+        while (got := await conn.read_request()) is not None:
+            if got[0].target == b"/slow":  # never answers; returns once the gateway closes
+                while await conn.stream.receive_some(65536):
+                    pass
+                return
+            await conn.send(response_head(200, content_length=2) + b"ok")
+
+    with trio.fail_after(DEADLINE):
+        async with serve_upstream(slow_or_fast) as up:
+            config = make_config(
+                up.target, {"read_timeout": "60s", "outlier": {"consecutive_failures": 1}}
+            )
+            config["plugins"] = {"circuit-breaker": {"consecutive_failures": 1}}
+            config["access_log"] = {"path": "-", "format": "json"}
+            async with open_gateway(config) as gw:
+                stream = await trio.open_tcp_stream("127.0.0.1", gw.port)
+                await stream.send_all(head("/slow", "Host: a"))
+                await up.wait_requests(1)
+                left = trio.current_time()
+                await trio.sleep(0.3)
+                await stream.aclose()  # the client gives up
+                while True:
+                    if up.closed_at:
+                        break
+                    await trio.sleep(0.05)
+                assert up.closed_at[0] - left <= 2.1
+                status, _, _ = await timed_request(gw.port, "/fast")
+                assert status == 200
 
 
 async def test_route_read_timeout_overrides_the_upstream(
