@@ -31,7 +31,7 @@ import re
 import select
 import socket
 import ssl
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import h11
@@ -79,26 +79,10 @@ _healthy = gauge(
 
 
 #: Seconds an upstream may take to answer before the gateway looks whether the client
-#: still waits, and then how often it looks again.
+#: still waits, and then how often it looks again: a client that has gone makes the
+#: call end with :class:`ClientGone` (the connection is let go, and the upstream sees
+#: the call end), as nginx and Envoy let go of an abandoned call.
 CLIENT_CHECK = 1.0
-
-
-async def _recv_while_wanted(
-    io: RawSocket | TlsSocket, until: float, client_gone: Callable[[], bool]
-) -> bytes:
-    """``io.recv_until(until)``, looking every :data:`CLIENT_CHECK` seconds whether the
-    client has gone: then :class:`ClientGone` (the caller lets the connection go, and
-    the upstream sees the call end), as nginx and Envoy let go of an abandoned call.
-    An answer within the first look's time costs nothing more."""
-    while True:
-        look = min(until, trio.current_time() + CLIENT_CHECK)
-        try:
-            return await io.recv_until(look)
-        except trio.TooSlowError:
-            if look >= until or trio.current_time() < look:
-                raise  # read_timeout, or ended from outside (a shutdown)
-            if client_gone():
-                raise ClientGone() from None
 
 
 def _smooth_weighted(targets: list[Target], weights: list[float]) -> Target:
@@ -793,6 +777,7 @@ class Pool:
         # its head a byte at a time must not hold the request for ever. Each 1xx (at
         # most 10) starts the wait again, as 102 Processing asks.
         until: float | None = None
+        look = 0.0  # the next look whether the client still waits
         while True:
             ev = wire.response()
             if ev is None:
@@ -806,11 +791,21 @@ class Pool:
                     else:
                         # Just sent: the answer is seldom here yet, so wait before reading.
                         if until is None:
-                            until = min(deadline, trio.current_time() + read_timeout)
-                        if call.client_gone is None:
-                            chunk = await io.recv_until(until)
-                        else:
-                            chunk = await _recv_while_wanted(io, until, call.client_gone)
+                            now = trio.current_time()
+                            until = min(deadline, now + read_timeout)
+                            # While the upstream is slow, look whether the client still
+                            # waits (see CLIENT_CHECK); a quick answer costs nothing more.
+                            look = until if call.client_gone is None else now + CLIENT_CHECK
+                        try:
+                            chunk = await io.recv_until(min(look, until))
+                        except trio.TooSlowError:
+                            now = trio.current_time()
+                            if look >= until or now < look or call.client_gone is None:
+                                raise  # read_timeout, or ended from outside (a shutdown)
+                            if call.client_gone():
+                                raise ClientGone() from None
+                            look = now + CLIENT_CHECK
+                            continue
                 except OSError as e:
                     self._discard(conn)
                     self._count["reset"].inc()
