@@ -10,6 +10,7 @@ and a bad new config is refused while the old one keeps serving.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import logging
 import socket
@@ -77,10 +78,24 @@ def _same_socket(a: str, b: str) -> bool:
     (ha, pa), (hb, pb) = parse_address(a), parse_address(b)
     if pa != pb or pa == 0:
         return False
-    ha, hb = ("127.0.0.1" if h == "localhost" else h for h in (ha, hb))
+    ha, hb = (_address_text(h) for h in (ha, hb))
     if (":" in ha) != (":" in hb):
         return False
     return ha == hb or {ha, hb} & {"0.0.0.0", "::"} != set()
+
+
+def _address_text(host: str) -> str:
+    """One spelling per address (``127.1`` is ``127.0.0.1``, ``0::1`` is ``::1``)."""
+    if host == "localhost":
+        return "127.0.0.1"
+    try:
+        return str(ipaddress.ip_address(socket.inet_ntoa(socket.inet_aton(host))))
+    except OSError:
+        pass
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return host
 
 
 def check_addresses(config: Config) -> None:

@@ -321,16 +321,17 @@ class UpstreamCall:
     headers: Headers
     body: bytes | BodyStream | None = None
     timeout: float | None = None
-    per_try_timeout: float | None = None
-    deadline: float | None = None
-    # The engine's own proxied call: whether its client has gone (looked at while the
-    # upstream is slow to answer, to let go of a call nobody waits for).
-    client_gone: Callable[[], bool] | None = None
     attempt: int = 0
     exclude: set[str] = field(default_factory=set)
     target_address: str | None = None
     body_started: bool = False
     body_length: int | None = None
+    # (Fields added later go last: code that builds calls by position keeps working.)
+    per_try_timeout: float | None = None
+    deadline: float | None = None
+    # The engine's own proxied call: whether its client has gone (looked at while the
+    # upstream is slow to answer, to let go of a call nobody waits for).
+    client_gone: Callable[[], bool] | None = None
 
     @property
     def replayable(self) -> bool:

@@ -15,6 +15,7 @@ import itertools
 import logging
 import os
 import re
+import select
 import socket
 import ssl
 import time
@@ -212,6 +213,10 @@ _SNI: contextvars.ContextVar[str | None] = contextvars.ContextVar("filtergate_sn
 
 def _record_sni(_ssl: object, server_name: str | None, _context: ssl.SSLContext) -> None:
     _SNI.set(server_name)
+
+
+# Linux's "the peer closed its end", reported even with unread bytes before it.
+_RDHUP: int = getattr(select, "POLLRDHUP", 0)
 
 
 class _Abort(Exception):
@@ -557,12 +562,18 @@ class _Connection:
         self.bytes_out = 0  # written to the client on this connection, heads included
 
     def client_gone(self) -> bool:
-        """Whether the client has closed its connection (or reset it), by a peek that
-        takes nothing: pipelined bytes, or an upload still coming, say it is there. A
-        client that half-closed after its request reads as gone, as to nginx."""
+        """Whether the client has closed its connection (or reset it). Asked of the
+        kernel (POLLRDHUP, as nginx's EPOLLRDHUP): unread bytes before the end (a TLS
+        client's close_notify, a late pipelined request) must not hide it. A client
+        that half-closed after its request reads as gone, as to nginx."""
         io = self.io
         sock = io.sock if isinstance(io, RawSocket) else io.raw  # (TLS: the transport's)
-        try:
+        if _RDHUP:
+            poller = select.poll()
+            poller.register(sock.fileno(), select.POLLIN | _RDHUP)
+            events = poller.poll(0)
+            return bool(events and events[0][1] & (_RDHUP | select.POLLHUP | select.POLLERR))
+        try:  # elsewhere, a peek that takes nothing (blind behind unread bytes)
             return not sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except BlockingIOError:
             return False

@@ -795,7 +795,13 @@ class Pool:
                             until = min(deadline, now + read_timeout)
                             # While the upstream is slow, look whether the client still
                             # waits (see CLIENT_CHECK); a quick answer costs nothing more.
-                            look = until if call.client_gone is None else now + CLIENT_CHECK
+                            # (Plain upstreams only: a TLS one's wait may be flushing
+                            # TLS's own bytes, which a look's timeout would cut.)
+                            look = (
+                                now + CLIENT_CHECK
+                                if call.client_gone is not None and type(io) is RawSocket
+                                else until
+                            )
                         try:
                             chunk = await io.recv_until(min(look, until))
                         except trio.TooSlowError:

@@ -377,6 +377,11 @@ def test_listeners_that_cannot_work_are_named_in_one_line(tmp_path: Path) -> Non
     r = _run("check", "-c", str(_write(tmp_path / "g.toml", config)))
     assert r.returncode == 2, r.stderr
     assert f"server.listen[1]: 0.0.0.0:{port} is server.listen[0]" in r.stderr
+    # One address however it is written.
+    config["server"]["listen"] = [f"127.0.0.1:{port}", f"127.1:{port}"]
+    r = _run("check", "-c", str(_write(tmp_path / "g.toml", config)))
+    assert r.returncode == 2, r.stderr
+    assert f"server.listen[1]: 127.1:{port} is server.listen[0]" in r.stderr
     # Each family apart (IPv6 listeners are IPv6-only): dual stack is fine (checked only,
     # never bound here).
     for pair in ([f"0.0.0.0:{port}", f"[::]:{port}"], [f"localhost:{port}", f"[::1]:{port}"]):

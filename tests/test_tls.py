@@ -210,3 +210,38 @@ async def test_a_tunnel_through_a_tls_listener_carries_bytes_both_ways(tmp_path:
                 assert await stream.receive_some(65536) == b"pong"
                 await trio.aclose_forcefully(stream)
             nursery.cancel_scope.cancel()
+
+
+async def test_a_tls_client_that_closes_cleanly_has_its_call_let_go(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Its close_notify sits unread before the FIN: a peek saw those bytes, took the
+    client for present, and the call ran to read_timeout (60 s). The kernel says the
+    peer closed whatever is unread (POLLRDHUP)."""
+    from tests.upstreams import UpstreamConn, serve_upstream
+
+    async def never_answers(conn: UpstreamConn) -> None:
+        if await conn.read_request() is not None:
+            while await conn.stream.receive_some(65536):
+                pass  # until the gateway lets the call go
+
+    ca = trustme.CA()
+    config = _tls_config(tmp_path, ca, "gw.test")
+    with trio.fail_after(120):
+        async with serve_upstream(never_answers) as up:
+            config["upstreams"] = {"slow": {"targets": [up.target], "read_timeout": "60s"}}
+            config["routes"] = [{"name": "r", "prefix": "/", "upstream": "slow"}]
+            async with open_gateway(config) as gw:
+                context = ssl.create_default_context()
+                ca.configure_trust(context)
+                tcp = await trio.open_tcp_stream("127.0.0.1", gw.port)
+                stream = trio.SSLStream(tcp, context, server_hostname="gw.test")
+                await stream.send_all(b"GET /slow HTTP/1.1\r\nHost: gw\r\n\r\n")
+                await up.wait_requests(1)
+                left = trio.current_time()
+                await stream.aclose()  # close_notify, then FIN
+                while True:
+                    if up.closed_at:
+                        break
+                    await trio.sleep(0.05)
+                assert up.closed_at[0] - left <= 2.1
