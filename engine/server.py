@@ -215,6 +215,17 @@ def _record_sni(_ssl: object, server_name: str | None, _context: ssl.SSLContext)
     _SNI.set(server_name)
 
 
+#: Seconds between two looks of an accept loop held at max_connections (see there).
+_FULL_LOOK = 0.1
+
+
+def _readable(sock: socket.socket) -> bool:
+    """Whether ``sock`` has something to read now (a listener: a connection to accept)."""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    return bool(poller.poll(0))
+
+
 # Linux's "the peer closed its end", reported even with unread bytes before it.
 _RDHUP: int = getattr(select, "POLLRDHUP", 0)
 
@@ -308,8 +319,16 @@ class Server:
                 for _ in range(batch):
                     limit = self.runtime.config.server.max_connections
                     while limit and self._open >= limit:
-                        # Full: the next clients wait in the kernel's accept queue.
-                        await self._room.park()
+                        # Full: the next clients wait in the kernel's accept queue. For
+                        # one that does wait there, an idle keep-alive connection is let
+                        # go to make room (as nginx reuses idle connections when short):
+                        # clients that stay idle must not lock out the others.
+                        if self._idle and _readable(sock):
+                            self._idle.pop().expire()
+                        # Woken as a connection ends; and looking again now and then,
+                        # since a client may come once the connections are idle.
+                        with trio.move_on_after(_FULL_LOOK):
+                            await self._room.park()
                         limit = self.runtime.config.server.max_connections
                     try:
                         raw, addr = sock.accept()
@@ -355,6 +374,7 @@ class Server:
 
     async def _connection(self, raw: socket.socket, peer: tuple[str, int]) -> None:
         _open_connections.add(1)
+        started = self.now()
         tls: TlsInfo | None = None
         io: RawSocket | StreamSocket = RawSocket(raw)
         try:
@@ -380,11 +400,17 @@ class Server:
                     alpn=ssl_obj.selected_alpn_protocol(),
                 )
                 io = StreamSocket(ssl_stream, raw)
-            conn = _Connection(self, io, peer, tls)
+            conn = _Connection(self, io, peer, tls, started)
             await conn.run()
             if isinstance(io, RawSocket) and conn.input_unread():
                 await _linger(io)
-            if isinstance(io, StreamSocket):
+            elif isinstance(io, StreamSocket) and conn.input_unread():
+                # As over plain TCP: a close with unread input resets, and a client still
+                # sending its body would lose the 413 (401, 404 ...) it was answered. The
+                # answer is whole in the kernel: linger on the transport (without
+                # close_notify: its framing already says where the answer ends).
+                await _linger(RawSocket(raw))
+            elif isinstance(io, StreamSocket):
                 # close_notify, so a TLS client can tell a complete close from a cut.
                 with trio.move_on_after(1):
                     await io.stream.aclose()
@@ -533,6 +559,7 @@ class _Connection:
         "peer",
         "scheme",
         "server",
+        "started",
         "tls",
         "wire",
     )
@@ -543,8 +570,10 @@ class _Connection:
         io: RawSocket | StreamSocket,
         peer: tuple[str, int],
         tls: TlsInfo | None,
+        started: float,
     ) -> None:
         self.server = server
+        self.started = started  # accepted: the first head is due head_timeout after it
         self.io = io
         self.peer = peer
         self.tls = tls
@@ -634,8 +663,13 @@ class _Connection:
         server = self.server
         cfg = server.runtime.config.server
         got_bytes = len(wire) > 0  # pipelined behind the previous request
-        wait = cfg.head_timeout if self.first or got_bytes else cfg.keepalive_timeout
-        deadline = server.now() + wait
+        if self.first:
+            # From the connection's start: a TLS handshake spends the same allowance,
+            # or a slow client would hold the connection for twice head_timeout.
+            deadline = self.started + cfg.head_timeout
+        else:
+            wait = cfg.head_timeout if got_bytes else cfg.keepalive_timeout
+            deadline = server.now() + wait
         while True:
             try:
                 req = wire.request()

@@ -245,3 +245,61 @@ async def test_a_tls_client_that_closes_cleanly_has_its_call_let_go(
                         break
                     await trio.sleep(0.05)
                 assert up.closed_at[0] - left <= 2.1
+
+
+async def test_a_tls_client_that_sends_its_body_before_reading_gets_the_413(
+    tmp_path: Path,
+) -> None:
+    """http.client sends the whole body, then reads: over plain TCP the lingering close
+    let it read the 413; over TLS the connection was closed with the body unread, the
+    kernel reset it, and the client got an SSL EOF error instead of the answer."""
+    import http.client
+    import socket
+
+    ca = trustme.CA()
+    config = _tls_config(tmp_path, ca, "gw.test")
+    config["server"]["max_body_size"] = "1KiB"
+
+    def post(port: int) -> int:
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+        client = http.client.HTTPSConnection("gw.test", port, context=context, timeout=20)
+        client.sock = context.wrap_socket(
+            socket.create_connection(("127.0.0.1", port), timeout=20),
+            server_hostname="gw.test",
+        )
+        try:
+            client.request("POST", "/", body=b"x" * (4 << 20))
+            return client.getresponse().status
+        finally:
+            client.close()
+
+    with trio.fail_after(60):
+        async with open_gateway(config) as gw:
+            for _ in range(2):
+                assert await trio.to_thread.run_sync(post, gw.port) == 413
+
+
+async def test_head_timeout_counts_from_the_connection_not_the_handshake(tmp_path: Path) -> None:
+    """The handshake ran under head_timeout, then the head got a whole head_timeout
+    of its own: a slow client held its connection (and a max_connections slot) for
+    twice as long. Real time: what is measured is when the gateway closes."""
+    ca = trustme.CA()
+    config = _tls_config(tmp_path, ca, "gw.test")
+    config["server"]["head_timeout"] = "1s"
+    with trio.fail_after(20):
+        async with open_gateway(config) as gw:
+            context = ssl.create_default_context()
+            ca.configure_trust(context)
+            start = trio.current_time()
+            tcp = await trio.open_tcp_stream("127.0.0.1", gw.port)
+            await trio.sleep(0.7)  # a slow start
+            stream = trio.SSLStream(tcp, context, server_hostname="gw.test")
+            await stream.do_handshake()
+            try:  # then no head at all: the 408, or the close, comes at 1 s from the start
+                while await stream.receive_some(65536):
+                    pass
+            except trio.BrokenResourceError:
+                pass
+            assert trio.current_time() - start < 1.5
+            await trio.aclose_forcefully(stream)
