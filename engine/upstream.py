@@ -601,7 +601,8 @@ class Pool:
                     # A reused connection the server had closed: nothing reached it, so
                     # the call can go again on a fresh connection to the same target.
                     try:
-                        conn = await self._connect(target, min(ct, max(0.0, deadline - now)))
+                        left = deadline - trio.current_time()  # (the first exchange took some)
+                        conn = await self._connect(target, min(ct, max(0.0, left)))
                     except (trio.TooSlowError, OSError) as e:
                         if isinstance(e, OSError):
                             _raise_if_local(e)  # the handler below releases the target
