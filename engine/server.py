@@ -261,6 +261,9 @@ class Server:
         self.draining = False
         self.ids = _RequestIds()
         self._idle: set[RawSocket | StreamSocket] = set()  # waiting for a next request
+        # Those idle after a request (not waiting for their first), oldest first: the
+        # ones let go to make room at max_connections.
+        self._kept: dict[RawSocket | StreamSocket, None] = {}
         self._busy = 0
         self._no_busy = trio.Event()
         self._open = 0  # client connections, for [server] max_connections
@@ -320,11 +323,14 @@ class Server:
                     limit = self.runtime.config.server.max_connections
                     while limit and self._open >= limit:
                         # Full: the next clients wait in the kernel's accept queue. For
-                        # one that does wait there, an idle keep-alive connection is let
-                        # go to make room (as nginx reuses idle connections when short):
-                        # clients that stay idle must not lock out the others.
-                        if self._idle and _readable(sock):
-                            self._idle.pop().expire()
+                        # one that does wait there, the oldest keep-alive connection idle
+                        # after a request is let go to make room (as nginx reuses idle
+                        # connections when short): clients that stay idle must not lock
+                        # out the others. One still to send its first request is not.
+                        if self._kept and _readable(sock):
+                            oldest = next(iter(self._kept))
+                            del self._kept[oldest]
+                            oldest.expire()
                         # Woken as a connection ends; and looking again now and then,
                         # since a client may come once the connections are idle.
                         with trio.move_on_after(_FULL_LOOK):
@@ -691,11 +697,15 @@ class _Connection:
                     if data is None:
                         # Idle between requests, until the keep-alive deadline or a
                         # shutdown (which expires the wait early).
-                        server._idle.add(self.io)
+                        io = self.io
+                        server._idle.add(io)
+                        if not self.first:
+                            server._kept[io] = None
                         try:
-                            data = await self.io.recv_until(deadline)
+                            data = await io.recv_until(deadline)
                         finally:
-                            server._idle.discard(self.io)
+                            server._idle.discard(io)
+                            server._kept.pop(io, None)
             except trio.TooSlowError:
                 if got_bytes or (self.first and not server.draining):
                     await self._send_fatal(RequestTimeout("the request head took too long"))

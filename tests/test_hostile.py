@@ -1204,6 +1204,33 @@ async def test_max_connections_leaves_the_next_client_waiting_while_the_others_a
                 assert [r.target for r in up.requests] == [b"/api/1", b"/api/3"]
 
 
+async def test_a_connection_yet_to_send_its_first_request_is_not_let_go(
+    autojump_clock: Any,
+) -> None:
+    """A preconnect (a browser, a warming pool) waits for its first request: taken for
+    idle, it got a 408 and lingered, and the client it was let go for waited anyway."""
+    with trio.fail_after(DEADLINE):
+        async with open_counting_upstream() as up:
+            config = make_config(up.target, max_connections=1, head_timeout="5s")
+            async with (
+                open_gateway(config, extra_plugins=PLUGINS) as gw,
+                Client.open(gw.port) as early,
+            ):
+                answered = trio.Event()
+
+                async def later() -> None:
+                    assert (await http_request(gw.port, "GET", "/api/later")).status == 200
+                    answered.set()
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(later)
+                    await trio.sleep(1)
+                    assert not answered.is_set()  # the early one keeps its slot
+                    assert (await early.request("GET", "/api/early")).status == 200
+                    with trio.fail_after(1):  # now idle after a request: let go
+                        await answered.wait()
+
+
 async def test_max_connections_holds_for_a_burst_of_connects(autojump_clock: Any) -> None:
     # Connections accepted in one wake-up count at once, not when their task starts.
     with trio.fail_after(DEADLINE):
