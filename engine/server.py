@@ -18,6 +18,7 @@ import re
 import select
 import socket
 import ssl
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from email.utils import formatdate
@@ -215,6 +216,30 @@ def _record_sni(_ssl: object, server_name: str | None, _context: ssl.SSLContext)
     _SNI.set(server_name)
 
 
+def _quiet_bad_server_names() -> None:
+    """Keep a server name that is not ASCII from printing a traceback on stderr.
+
+    CPython decodes the name a client sends before it calls the SNI callback; one that
+    is not ASCII fails there, the handshake is refused (right), and the error goes to
+    ``sys.unraisablehook``: five lines of traceback per connection, on stderr, for any
+    anonymous client. Those are dropped (counted in the debug log); every other
+    unraisable error goes where it went."""
+    previous = sys.unraisablehook
+    if getattr(previous, "filtergate_sni", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, UnicodeDecodeError) and isinstance(
+            unraisable.object, bytes
+        ):
+            log.debug("a TLS client sent a server name that is not ASCII: refused")
+            return
+        previous(unraisable)
+
+    hook.filtergate_sni = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
+
+
 #: Seconds between two looks of an accept loop held at max_connections (see there).
 _FULL_LOOK = 0.1
 
@@ -287,6 +312,7 @@ class Server:
     def ssl_context(self, context: ssl.SSLContext | None) -> None:
         if context is not None:
             context.sni_callback = _record_sni
+            _quiet_bad_server_names()
         self._ssl_context = context
 
     async def wait_idle(self) -> None:

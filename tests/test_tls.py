@@ -303,3 +303,64 @@ async def test_head_timeout_counts_from_the_connection_not_the_handshake(tmp_pat
                 pass
             assert trio.current_time() - start < 1.5
             await trio.aclose_forcefully(stream)
+
+
+def _client_hello(server_name: bytes) -> bytes:
+    """A TLS ClientHello asking for ``server_name`` as raw bytes (not IDNA-encoded, as
+    a Python client would): one made for a name of the same length, patched."""
+    stand_in = b"x" * len(server_name)
+    context = ssl.create_default_context()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname=stand_in.decode())
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    hello = outgoing.read()
+    assert hello.count(stand_in) == 1
+    return hello.replace(stand_in, server_name)
+
+
+async def test_a_server_name_that_is_not_ascii_prints_no_traceback(tmp_path: Path) -> None:
+    """CPython decodes the client's server name before the SNI callback; a non-ASCII
+    one failed there and went to sys.unraisablehook: a traceback on stderr per
+    connection, for any anonymous client. The handshake is still refused."""
+    import sys
+
+    import tomli_w
+
+    from engine.testing import free_port, wait_listening
+
+    ca = trustme.CA()
+    config = _tls_config(tmp_path, ca, "gw.test")
+    port = free_port()
+    config["server"]["listen"] = [f"127.0.0.1:{port}"]
+    config["admin"] = {"enabled": False}
+    (tmp_path / "g.toml").write_text(tomli_w.dumps(config))
+    log = tmp_path / "err.log"
+    with trio.fail_after(30), log.open("wb") as err:
+        proc = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "engine.cli", "run", "-c", str(tmp_path / "g.toml")],
+            stderr=err,
+        )
+        try:
+            await wait_listening(port, proc)
+            for _ in range(3):
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+                await stream.send_all(_client_hello("éx.test".encode()))
+                with trio.move_on_after(5):
+                    while await stream.receive_some(65536):
+                        pass  # an alert, then the close
+                await stream.aclose()
+            # A well-formed name still works.
+            context = ssl.create_default_context()
+            ca.configure_trust(context)
+            tcp = await trio.open_tcp_stream("127.0.0.1", port)
+            tls = trio.SSLStream(tcp, context, server_hostname="gw.test")
+            await tls.do_handshake()
+            await trio.aclose_forcefully(tls)
+        finally:
+            proc.terminate()
+            await proc.wait()
+    assert proc.returncode is not None
+    text = log.read_text()
+    assert "Traceback" not in text, text
+    assert "UnicodeDecodeError" not in text, text
