@@ -133,7 +133,11 @@ def cmd_init(args: argparse.Namespace) -> int:
     if path.exists() and not args.force:
         print(f"filtergate: {path} exists (use --force to overwrite)", file=sys.stderr)
         return 1
-    path.write_text(tomli_w.dumps(STARTER))
+    try:
+        path.write_text(tomli_w.dumps(STARTER))
+    except OSError as e:  # no such directory, a directory there, no permission
+        print(f"filtergate: cannot write {path}: {e.strerror or e}", file=sys.stderr)
+        return 1
     print(f"wrote {path}")
     return 0
 

@@ -247,9 +247,16 @@ def compile_runtime(config: Config, registry: Registry, previous: Runtime | None
                     raise ConfigError(
                         f"{cfg_path}.{e.key}" if e.key else cfg_path, e.message
                     ) from None
+                except Exception as e:  # a plugin's bug: named, exit 2, no traceback
+                    raise ConfigError(
+                        cfg_path, f"filter {name!r} failed to start: {type(e).__name__}: {e}"
+                    ) from None
                 instances.append((name, scope, cfg, instance))
             filters.append(instance)
-        chain = compile_chain(filters)
+        try:
+            chain = compile_chain(filters)
+        except TypeError as e:  # a filter type whose phases break the contract
+            raise ConfigError(f"routes[{i}]", str(e)) from None
         has_terminal = any(int(f.stage) >= 50 for f in chain.filters)
         if route.upstream is None and not has_terminal:
             raise ConfigError(

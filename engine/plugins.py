@@ -149,9 +149,10 @@ def discover(
             dversion = dist.version if dist is not None else "?"
             try:
                 obj = ep.load()
-            except Exception as e:
+            except (Exception, SystemExit) as e:  # a module that exits (argparse) too
+                why = f"{type(e).__name__}: {e}" if isinstance(e, SystemExit) else str(e)
                 raise PluginError(
-                    f"plugin {ep.name!r} ({dname} {dversion}): cannot be loaded: {e}"
+                    f"plugin {ep.name!r} ({dname} {dversion}): cannot be loaded: {why}"
                 ) from None
             register(obj, ep.name)
             dists[id(obj)] = (dname, dversion)
@@ -169,7 +170,7 @@ def discover(
         dname, dversion = dists.get(id(plugin), ("filtergate (built-in)", _own_version()))
         try:
             types = list(impl())
-        except Exception as e:
+        except (Exception, SystemExit) as e:
             raise PluginError(f"plugin {pname!r}: filtergate_filters() failed: {e}") from None
         for cls in types:
             _validate_type(cls, pname)

@@ -15,6 +15,7 @@ validate further in ``__post_init__`` by raising :class:`Invalid`.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -78,7 +79,7 @@ def parse_duration(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError(f'expected a duration like "1m", got {value!r}')
     if isinstance(value, int | float):
-        if value < 0:
+        if not math.isfinite(value) or value < 0:  # TOML has nan and inf: no durations
             raise ValueError(f"expected a non-negative duration, got {value!r}")
         return float(value)
     if isinstance(value, str):

@@ -431,6 +431,10 @@ class Aggregate(Filter):
     def __init__(self, config: AggregateConfig, context: FilterContext) -> None:
         super().__init__(config, context)
         self.config: AggregateConfig = config
+        if context.upstreams:  # (empty: built outside a gateway's config, as in tests)
+            for i, c in enumerate(config.calls):
+                if c.upstream not in context.upstreams:
+                    raise Invalid(f"calls[{i}].upstream", f"no upstream named {c.upstream!r}")
         index = {c.name: i for i, c in enumerate(config.calls)}
         roots = REQUEST_ROOTS | frozenset(index)
         self._plans = tuple(

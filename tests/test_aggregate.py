@@ -722,3 +722,26 @@ async def test_e2e_config_error_names_the_path() -> None:
             pass
     assert info.value.path == "routes[0].plugins.aggregate.calls[1].path"
     assert "unknown name 'usr'" in info.value.message
+
+
+async def test_a_call_to_an_upstream_that_does_not_exist_is_a_config_error() -> None:
+    """check passed it, and every request was a 502 "no upstream named"."""
+    from engine.schema import ConfigError
+    from engine.testing import open_gateway
+
+    config = {
+        "upstreams": {"users": {"targets": ["127.0.0.1:1"]}},
+        "routes": [
+            {
+                "name": "bff",
+                "path": "/bff",
+                "plugins": {
+                    "aggregate": {"calls": [{"name": "x", "upstream": "nope", "path": "/"}]}
+                },
+            }
+        ],
+    }
+    with trio.fail_after(5), pytest.raises(ConfigError, match="no upstream named 'nope'") as info:
+        async with open_gateway(config):
+            pytest.fail("the gateway started")
+    assert info.value.path == "routes[0].plugins.aggregate.calls[0].upstream"

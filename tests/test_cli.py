@@ -432,3 +432,10 @@ async def test_reload_names_what_only_a_restart_applies(caplog: pytest.LogCaptur
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     for key in ("server.listen", "server.workers", "admin.listen"):
         assert f"{key} changed: it takes effect at the next restart, not on reload" in warned
+
+
+def test_init_where_it_cannot_write_says_so(tmp_path: Path) -> None:
+    r = _run("init", str(tmp_path / "no" / "such" / "gateway.toml"))
+    assert r.returncode == 1
+    assert "cannot write" in r.stderr
+    assert "Traceback" not in r.stderr

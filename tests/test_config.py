@@ -49,3 +49,12 @@ def test_a_global_plugin_table_no_route_uses_is_still_checked() -> None:
     # Defaults only (enabled = false) may be partial: routes complete them.
     defaults = {"rate-limit": {"enabled": False, "store": "memory"}}
     compile_runtime(load({"plugins": defaults}), registry)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_duration_must_be_a_finite_number(value: float) -> None:
+    """TOML has nan and inf: check passed them, and run broke (int(nan)) or never
+    timed out."""
+    with pytest.raises(ConfigError, match="expected a non-negative duration") as info:
+        load({"server": {"head_timeout": value}})
+    assert info.value.path == "server.head_timeout"

@@ -588,3 +588,68 @@ def test_an_installed_plugin_that_fails_to_import(site: Path, tmp_path: Path) ->
     assert result.returncode == 2
     assert "plugin 'broken-plugin'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_an_installed_plugin_that_exits_on_import(site: Path, tmp_path: Path) -> None:
+    """A module that runs argparse (or calls sys.exit) at import: SystemExit is no
+    Exception, and check exited 0 with no word (or with the plugin's usage line)."""
+    exits = tmp_path / "exits"
+    exits.mkdir()
+    install_fake_dist(
+        exits, "fgtest-exits", "0.1.0", "exits-plugin", "fgtest_exits", "raise SystemExit(0)\n"
+    )
+    file = write_toml(tmp_path / "gateway.toml", gateway_config())
+    result = filtergate(site, "check", "-c", str(file), extra_path=exits)
+    assert result.returncode == 2
+    assert "plugin 'exits-plugin'" in result.stderr
+    assert "SystemExit" in result.stderr
+
+
+class _Broken(Filter):
+    """A filter type whose instances cannot start, or whose around_upstream is sync."""
+
+    name = "broken"
+    stage = Stage.EDGE
+
+    def __init__(self, config: Any, context: Any) -> None:
+        super().__init__(config, context)
+        raise RuntimeError("boom in __init__")
+
+    def on_request(self, exchange: Any) -> None:
+        pass
+
+
+class _SyncAround(Filter):
+    name = "sync-around"
+    stage = Stage.EDGE
+
+    def around_upstream(self, exchange: Any, call: Any, call_next: Any) -> Any:  # not async
+        return call_next(call)
+
+
+class _BrokenPlugin:
+    @hookimpl
+    def filtergate_filters(self) -> list[type[Any]]:
+        return [_Broken, _SyncAround]
+
+
+@pytest.mark.parametrize(
+    ("plugin", "path", "message"),
+    [
+        ("broken", "plugins.broken", "failed to start: RuntimeError: boom in __init__"),
+        ("sync-around", "routes[0]", "around_upstream must be async"),
+    ],
+)
+async def test_a_filter_that_cannot_start_is_a_config_error(
+    plugin: str, path: str, message: str
+) -> None:
+    """A traceback and exit 1 before: a plugin's bug is named, with exit 2."""
+    config = {
+        "upstreams": {"u": {"targets": ["127.0.0.1:1"]}},
+        "plugins": {plugin: {}},
+        "routes": [{"name": "r", "prefix": "/", "upstream": "u"}],
+    }
+    with trio.fail_after(5), pytest.raises(ConfigError, match=message) as info:
+        async with open_gateway(config, extra_plugins=[("broken-plugin", _BrokenPlugin())]):
+            pytest.fail("the gateway started")
+    assert info.value.path == path
