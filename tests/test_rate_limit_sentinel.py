@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -30,34 +29,10 @@ from plugins.rate_limit.redis import (
 )
 from plugins.rate_limit.store import Policy, StoreUnavailable
 from tests.redis_server import command, open_redis_server, open_sentinel_group
+from tests.test_timeouts import _Names
 
 DEADLINE = 30
 POLICY = Policy.build("", "sliding-log", [Quota(6, 60.0)])
-
-
-class _Name(trio.abc.HostnameResolver):
-    """``redis.test`` is wherever ``address`` says: a name whose address moves, as a
-    managed Redis' primary endpoint after a failover."""
-
-    def __init__(self, address: tuple[str, int]) -> None:
-        self.address = address
-
-    async def getaddrinfo(
-        self,
-        host: bytes | None,
-        port: bytes | str | int | None,
-        family: int = 0,
-        type: int = 0,
-        proto: int = 0,
-        flags: int = 0,
-    ) -> list[tuple[Any, Any, int, str, Any]]:
-        assert host in (b"redis.test", "redis.test")
-        return [(socket.AF_INET, socket.SOCK_STREAM, 0, "", self.address)]
-
-    async def getnameinfo(
-        self, sockaddr: tuple[str, int] | tuple[str, int, int, int], flags: int
-    ) -> tuple[str, str]:
-        raise NotImplementedError
 
 
 @asynccontextmanager
@@ -110,8 +85,11 @@ async def test_a_master_demoted_to_replica_is_left_for_where_the_name_points() -
     name up again (before, every decision failed until the gateway restarted)."""
     with trio.fail_after(DEADLINE):
         async with open_redis_server() as old, open_redis_server() as new:
-            name = _Name(("127.0.0.1", old.port))
-            trio.socket.set_custom_hostname_resolver(name)
+            # redis.test is wherever the dict says: a name whose address moves.
+            names: dict[str, list[tuple[str, int]] | None] = {
+                "redis.test": [("127.0.0.1", old.port)]
+            }
+            trio.socket.set_custom_hostname_resolver(_Names(names))
             pool = RedisPool(parse_redis_url("redis://redis.test/0"), timeout=1.0, pool_size=4)
             async with open_store(pool) as store:
                 async with trio.open_nursery() as nursery:  # several pooled connections
@@ -119,7 +97,7 @@ async def test_a_master_demoted_to_replica_is_left_for_where_the_name_points() -
                         nursery.start_soon(decide, store)
                 assert await count_on(old.port) == 4
                 await command(old.port, "REPLICAOF", "127.0.0.1", new.port)
-                name.address = ("127.0.0.1", new.port)
+                names["redis.test"] = [("127.0.0.1", new.port)]
                 with pytest.raises(StoreUnavailable, match="read-only replica"):
                     await decide(store)
                 assert await until_decided(store)
