@@ -85,11 +85,13 @@ _healthy = gauge(
 CLIENT_CHECK = 1.0
 
 
-def _smooth_weighted(targets: list[Target], weights: list[float]) -> Target:
-    """nginx's smooth weighted round robin over ``targets`` with these ``weights``."""
+def _smooth_weighted(targets: list[Target], busy: bool = False) -> Target:
+    """nginx's smooth weighted round robin over ``targets`` by their weights; with
+    ``busy``, by weight / (calls in flight + 1) (Envoy's weighted least request)."""
     total = 0.0
     best = targets[0]
-    for t, w in zip(targets, weights, strict=True):
+    for t in targets:
+        w = t.weight / (t.active + 1) if busy else t.weight
         t.current_weight += w
         total += w
         if t.current_weight > best.current_weight:
@@ -384,14 +386,14 @@ class Pool:
         balance = self.config.balance
         if balance == "round_robin":
             # nginx's smooth weighted round robin: even spread, weights honoured.
-            return _smooth_weighted(ts, [t.weight for t in ts])
+            return _smooth_weighted(ts)
         if balance == "least_conn":
             if self._weighted:
                 # Envoy's weighted least request: round robin by weight / (active + 1).
                 # Weights hold at light load (every target idle), and under load a
                 # busy target gets less: least active / weight alone ties at 0 when
                 # idle, and a 9:1 pool took requests 1:1.
-                return _smooth_weighted(ts, [t.weight / (t.active + 1) for t in ts])
+                return _smooth_weighted(ts, busy=True)
             self._rr += 1
             start = self._rr % len(ts)
             rotated = ts[start:] + ts[:start]  # ties broken in turn, not always the first
