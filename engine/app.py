@@ -140,6 +140,17 @@ def _log_chain_notes(runtime: Runtime) -> None:
             log.warning("route %s: %s", route.config.name, note)
 
 
+def _plugin_path(config: Config, name: str, scope: str) -> str:
+    """The key path of a filter instance's table: ``plugins.NAME`` for the global one,
+    ``routes[i].plugins.NAME`` for a route's own (scope ``route:ROUTE``)."""
+    if scope.startswith("route:"):
+        route = scope[len("route:") :]
+        for i, r in enumerate(config.routes):
+            if r.name == route:
+                return f"routes[{i}].plugins.{name}"
+    return f"plugins.{name}"
+
+
 class Gateway:
     """One gateway process: serve ``config`` until cancelled or :meth:`shutdown`."""
 
@@ -177,13 +188,30 @@ class Gateway:
     async def _setup(self, runtime: Runtime, previous: Runtime | None = None) -> None:
         # Concurrently: several identity providers that are down must not add up.
         # Instances carried over from the previous config were set up already.
+        # A setup that raises is the config's error, named by its key path (exit 2 at
+        # start, a refused reload later), never a traceback.
         done = {id(entry[3]) for entry in previous.instances} if previous else set()
-        unique = {id(e[3]): e[3] for e in runtime.instances if id(e[3]) not in done}
+        unique = {id(e[3]): e for e in runtime.instances if id(e[3]) not in done}
+        failures: list[ConfigError] = []
+
+        async def set_up(name: str, scope: str, setup: Any) -> None:
+            try:
+                await setup()
+            except Exception as e:
+                path = _plugin_path(runtime.config, name, scope)
+                message = f"filter {name!r} failed to set up: {type(e).__name__}: {e}"
+                failures.append(ConfigError(path, message))
+
         async with trio.open_nursery() as nursery:
-            for instance in unique.values():
+            for name, scope, _, instance in unique.values():
                 setup = getattr(instance, "setup", None)
                 if setup is not None:
-                    nursery.start_soon(setup)
+                    nursery.start_soon(set_up, name, scope, setup)
+        if failures:
+            failures.sort(key=lambda e: e.path)
+            for other in failures[1:]:
+                log.error("%s", other)
+            raise failures[0]
 
     def _start_background(self, runtime: Runtime) -> None:
         assert self._nursery is not None

@@ -513,9 +513,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         raw,
     )
     failed = False
+    setup_error: ConfigError | None = None
 
     async def main() -> None:
-        nonlocal failed
+        nonlocal failed, setup_error
         stopped = trio.Event()
         with trio.open_signal_receiver(*SIGNALS) as sigs:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
@@ -552,10 +553,14 @@ def cmd_run(args: argparse.Namespace) -> int:
                 failed = True
                 with trio.CancelScope(shield=True):
                     await workers.stop(config.server.shutdown_timeout)
+            except* ConfigError as group:  # a plugin's setup failed, before serving
+                setup_error = next(e for e in group.exceptions if isinstance(e, ConfigError))
             # Anything still queued would be re-raised by trio on closing the receiver.
             signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
 
     trio.run(main)
+    if setup_error is not None:
+        return _config_error(setup_error, args.config)
     return 1 if failed else 0
 
 

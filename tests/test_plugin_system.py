@@ -653,3 +653,113 @@ async def test_a_filter_that_cannot_start_is_a_config_error(
         async with open_gateway(config, extra_plugins=[("broken-plugin", _BrokenPlugin())]):
             pytest.fail("the gateway started")
     assert info.value.path == path
+
+
+class _SetupFails(Filter):
+    """A filter whose ``setup`` raises (e.g. a resource it cannot do without)."""
+
+    name = "setup-fails"
+    stage = Stage.EDGE
+
+    async def setup(self) -> None:
+        raise RuntimeError("cannot reach the policy server")
+
+    def on_request(self, exchange: Any) -> None:
+        pass
+
+
+class _SetupFailsPlugin:
+    @hookimpl
+    def filtergate_filters(self) -> list[type[Any]]:
+        return [_SetupFails]
+
+
+@pytest.mark.parametrize(
+    ("where", "path"),
+    [("global", "plugins.setup-fails"), ("route", "routes[1].plugins.setup-fails")],
+)
+async def test_a_setup_that_fails_names_its_table(where: str, path: str) -> None:
+    """A traceback and exit 1 before: the failure is named by the table's key path."""
+    config: dict[str, Any] = {
+        "upstreams": {"u": {"targets": ["127.0.0.1:1"]}},
+        "routes": [
+            {"name": "a", "prefix": "/a", "upstream": "u"},
+            {"name": "b", "prefix": "/", "upstream": "u"},
+        ],
+    }
+    if where == "global":
+        config["plugins"] = {"setup-fails": {}}
+    else:
+        config["routes"][1]["plugins"] = {"setup-fails": {}}
+    errors: list[ConfigError] = []
+    with trio.fail_after(5):
+        try:
+            async with open_gateway(config, extra_plugins=[("p", _SetupFailsPlugin())]):
+                pytest.fail("the gateway started")
+        except* ConfigError as group:  # from within open_gateway's nursery
+            errors += [e for e in group.exceptions if isinstance(e, ConfigError)]
+    (error,) = errors
+    assert error.path == path
+    assert "failed to set up: RuntimeError: cannot reach the policy server" in str(error)
+
+
+async def test_a_reload_whose_setup_fails_is_refused(stubs: Stubs) -> None:
+    """The old config keeps serving; the error names the new table."""
+    config: dict[str, Any] = {
+        "upstreams": {"echo": {"targets": [stubs.target("echo")]}},
+        "routes": [{"name": "r", "prefix": "/", "upstream": "echo"}],
+    }
+    with trio.fail_after(10):
+        async with open_gateway(config, extra_plugins=[("p", _SetupFailsPlugin())]) as gw:
+            gateway: Gateway = gw.gateway
+            before = gateway.runtime
+            broken = _listen_anywhere({**config, "plugins": {"setup-fails": {}}})
+            with pytest.raises(ConfigError, match=r"^plugins\.setup-fails: filter 'setup-fails'"):
+                await gateway.reload(load(broken))
+            assert gateway.runtime is before
+            assert (await http_request(gw.port, "GET", "/still")).status == 200
+
+
+SETUP_FAILS_MODULE = """
+from engine.chain import Filter, Stage
+from engine.plugins import hookimpl
+
+
+class SetupFails(Filter):
+    name = "setup-fails"
+    stage = Stage.EDGE
+
+    async def setup(self):
+        raise RuntimeError("cannot reach the policy server")
+
+    def on_request(self, exchange):
+        pass
+
+
+@hookimpl
+def filtergate_filters():
+    return [SetupFails]
+"""
+
+
+def test_run_exits_2_naming_a_failed_setup(tmp_path: Path) -> None:
+    """`filtergate check` cannot see it (setup runs only when serving): `run` names it."""
+    extra = tmp_path / "site"
+    extra.mkdir()
+    module = SETUP_FAILS_MODULE
+    install_fake_dist(extra, "fgtest-setup", "1.0", "setup-plugin", "fgtest_setup", module)
+    config = {
+        "server": {"listen": ["127.0.0.1:0"]},
+        "admin": {"enabled": False},
+        "upstreams": {"u": {"targets": ["127.0.0.1:1"]}},
+        "plugins": {"setup-fails": {}},
+        "routes": [{"name": "r", "prefix": "/", "upstream": "u"}],
+    }
+    file = write_toml(tmp_path / "gateway.toml", config)
+    result = filtergate(extra, "run", "-c", str(file))
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert (
+        f"{file}: plugins.setup-fails: filter 'setup-fails' failed to set up: "
+        "RuntimeError: cannot reach the policy server"
+    ) in result.stderr
