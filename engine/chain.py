@@ -24,7 +24,9 @@ Phases (each optional, sync or async; which is which is decided once here, not p
     Wraps every upstream call, proxied or made by a filter through
     ``exchange.call_upstream``: the place for circuit breaking and retries.
 ``on_log(exchange) -> None``
-    After the last byte was sent; exceptions are logged, never seen by the client.
+    After the last byte was sent, and for an exchange that did not end whole
+    (``exchange.aborted``: the client left first, or the response was cut off);
+    exceptions are logged, never seen by the client.
 
 Lifecycle hooks, also optional: ``async setup()`` is awaited before the gateway serves
 with this config (e.g. a first JWKS fetch); ``async background()`` runs for as long as

@@ -354,6 +354,9 @@ class Exchange:
     error: Exception | None = None
     upstream_target: str | None = None
     bytes_sent: int = 0  # of the response to the client, head included (set before on_log)
+    # In on_log: the client did not get the response whole (it left before an answer:
+    # ``response`` None, ``error`` ClientGone; or the response was cut off midway).
+    aborted: bool = False
     # Headers the route's filters read credentials from (their ``credential_headers``):
     # identity-header stripping leaves them to the filter that reads them.
     credential_headers: frozenset[bytes] = frozenset()

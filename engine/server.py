@@ -1105,12 +1105,17 @@ class _Connection:
             if answer is not None:
                 await answer.aclose()
             raise
-        except ClientGone:
+        except ClientGone as gone:
             # Nobody to answer: the call was let go. Logged as nginx does (499).
             self.framing_broken = True
             if request_id is None:
                 request_id = server.ids.next()
-            self._account(rt, route, exchange, req, 499, request_id, start, self.bytes_out)
+            end = self._account(rt, route, exchange, req, 499, request_id, start, self.bytes_out)
+            if exchange is not None and route is not None and route.chain.log:
+                exchange.error = gone
+                exchange.aborted = True
+                exchange.timings.end = end
+                await run_log_phases(route.chain, exchange)
             raise _Abort() from None
         except Exception as e:  # a filter's bug must not take the connection's framing down
             if request_id is None:
@@ -1132,8 +1137,16 @@ class _Connection:
             await self._send_response(answer, request_id, req.method)
         except _Abort:
             # Cut off (the upstream's body broke, the client left): still measured and
-            # logged, with the bytes that did go out.
-            self._account(rt, route, exchange, req, answer.status, request_id, start, sent_before)
+            # logged, with the bytes that did go out, and seen by on_log as cut off.
+            end = self._account(
+                rt, route, exchange, req, answer.status, request_id, start, sent_before
+            )
+            if exchange is not None and route is not None and route.chain.log:
+                exchange.response = answer
+                exchange.timings.end = end
+                exchange.bytes_sent = self.bytes_out - sent_before
+                exchange.aborted = True
+                await run_log_phases(route.chain, exchange)
             raise
         end = self._account(rt, route, exchange, req, answer.status, request_id, start, sent_before)
         if exchange is not None:

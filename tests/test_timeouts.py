@@ -14,13 +14,16 @@ import socket
 import warnings
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import trio
 import trio.testing
 
+from engine.chain import Filter, Stage
+from engine.exchange import Exchange
 from engine.testing import Client, RunningGateway, open_gateway
+from tests.test_chain import FilterSet
 from tests.test_hostile import assert_gateway_error, head, parse_responses
 from tests.upstreams import (
     Upstream,
@@ -381,6 +384,71 @@ async def test_a_call_whose_client_left_is_let_go(autojump_clock: trio.testing.M
                 assert up.closed_at[0] - left <= 2.1
                 status, _, _ = await timed_request(gw.port, "/fast")
                 assert status == 200
+
+
+class _LogRecorder(Filter):
+    """Records what on_log sees of each exchange."""
+
+    name, stage = "log-recorder", Stage.EDGE
+    seen: ClassVar[list[tuple[str, int | None, bool, int, str | None]]] = []
+    logged: ClassVar[trio.Event]
+
+    def on_log(self, exchange: Exchange) -> None:
+        status = exchange.response.status if exchange.response is not None else None
+        error = type(exchange.error).__name__ if exchange.error is not None else None
+        self.seen.append(
+            (exchange.request.path, status, exchange.aborted, exchange.bytes_sent, error)
+        )
+        self.logged.set()
+
+
+async def test_on_log_sees_a_client_gone_and_a_cut_off_response(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """on_log ran only for responses sent whole: a plugin's own logs or metrics missed the
+    499s and the responses cut off midway that the access log has."""
+
+    async def slow_or_short(conn: UpstreamConn) -> None:
+        while (got := await conn.read_request()) is not None:
+            if got[0].target == b"/slow":  # never answers
+                while await conn.stream.receive_some(65536):
+                    pass
+                return
+            if got[0].target == b"/short":  # promises 1000 bytes, sends 10 and closes
+                await conn.send(response_head(200, content_length=1000) + b"x" * 10)
+                return
+            await conn.send(response_head(200, content_length=2) + b"ok")
+
+    _LogRecorder.seen = []
+    with trio.fail_after(DEADLINE):
+        async with serve_upstream(slow_or_short) as up:
+            config = make_config(up.target, {"read_timeout": "60s"})
+            config["plugins"] = {"log-recorder": {}}
+            plugin = ("rec", FilterSet(_LogRecorder))
+            async with open_gateway(config, extra_plugins=[plugin]) as gw:
+                _LogRecorder.logged = trio.Event()
+                stream = await trio.open_tcp_stream("127.0.0.1", gw.port)
+                await stream.send_all(head("/slow", "Host: a"))
+                await up.wait_requests(1)
+                await stream.aclose()  # the client gives up
+                await _LogRecorder.logged.wait()
+
+                _LogRecorder.logged = trio.Event()
+                stream = await trio.open_tcp_stream("127.0.0.1", gw.port)
+                await stream.send_all(head("/short", "Host: a"))
+                got = await read_until_closed(stream)
+                assert got.data.startswith(b"HTTP/1.1 200 ")
+                await _LogRecorder.logged.wait()
+
+                status, _, _ = await timed_request(gw.port, "/whole")
+                assert status == 200
+    gone, short, whole = _LogRecorder.seen
+    assert gone == ("/slow", None, True, 0, "ClientGone")
+    assert short[:3] == ("/short", 200, True)
+    assert short[4] is None
+    assert short[3] == len(got.data)  # bytes_sent: what went out before the cut
+    assert short[3] > 10
+    assert whole[:3] == ("/whole", 200, False)
 
 
 async def test_route_read_timeout_overrides_the_upstream(
