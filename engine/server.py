@@ -951,7 +951,11 @@ class _Connection:
                 exchange.timings.routed = now()
                 answer, depth = await _tunnel_request_phases(chain, exchange)
                 if answer is None:
-                    await self._tunnel(route, request_id)
+                    sent_before = self.bytes_out
+                    await self._tunnel(route, exchange, request_id)
+                    # Its line once it ends: status 200, the tunnel's whole life, and
+                    # every byte the client was sent through it (as nginx's stream log).
+                    self._account(rt, route, exchange, req, 200, request_id, start, sent_before)
                     return
             else:
                 if not target.startswith(b"/"):
@@ -1181,15 +1185,20 @@ class _Connection:
             access.record(client, req, exchange, status, request_id, end - start, sent)
         return end
 
-    async def _tunnel(self, route: RouteRuntime, request_id: str) -> None:
-        """Answer CONNECT with a TCP tunnel to the route's upstream, until both sides end."""
+    async def _tunnel(self, route: RouteRuntime, exchange: Exchange, request_id: str) -> None:
+        """Answer CONNECT with a TCP tunnel to the route's upstream, until both sides end.
+
+        Returns once the tunnel was open and has ended, however it ended; raises a
+        :class:`GatewayError` (or ``_Abort``) when it could not open.
+        """
         assert route.pool is not None
         pool = route.pool
         self.framing_broken = True  # whatever happens, this connection speaks no more HTTP
         target = pool.pick(frozenset(), trio.current_time())
         connect_timeout = route.connect_timeout or pool.config.connect_timeout
         try:
-            deadline = trio.current_time() + connect_timeout
+            exchange.timings.upstream_start = trio.current_time()
+            deadline = exchange.timings.upstream_start + connect_timeout
             infos = await pool.addresses(target, deadline)
             upstream = await open_connection(target.host, target.port, deadline, infos)
         except trio.TooSlowError:
@@ -1201,6 +1210,8 @@ class _Connection:
             raise UpstreamUnreachable(
                 f"upstream {pool.name!r}: the tunnel target refused"
             ) from None
+        exchange.upstream_target = target.address
+        exchange.timings.upstream_headers = trio.current_time()  # connected
         idle = route.read_timeout or pool.config.read_timeout
         try:
             await self.send_raw(
@@ -1228,6 +1239,8 @@ class _Connection:
                         last[0] = trio.current_time()
                         await dst.send_all(data, _INF)
                         last[0] = trio.current_time()
+                        if dst is client:
+                            self.bytes_out += len(data)
                         await trio.lowlevel.checkpoint()
                 except OSError:
                     nursery.cancel_scope.cancel()  # one side broke: end the tunnel

@@ -6,10 +6,12 @@ import json
 import socket
 from collections import Counter
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from engine.testing import Client, Stubs, http_request, open_gateway, raw_exchange
 from engine.upstream import _interleave_families
@@ -369,6 +371,43 @@ async def test_a_tunnel_is_idle_only_when_both_directions_are(autojump_clock: An
             nursery.cancel_scope.cancel()
     assert received == b"".join(b"tick %d\n" % i for i in range(10))
     assert 3.5 <= ended <= 4.5  # the last tick at 2.7 s, then 1 s of silence both ways
+
+
+async def test_a_tunnel_writes_its_access_log_line_when_it_ends(tmp_path: Path) -> None:
+    """An open tunnel left no trace: now one line once it ends, with status 200, the
+    target, and every byte the client was sent (the 200 head included)."""
+
+    async def echo(stream: trio.SocketStream) -> None:
+        async with stream:
+            while data := await stream.receive_some(65536):
+                await stream.send_all(data)
+
+    log = tmp_path / "access.log"
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(partial(trio.serve_tcp, echo, 0, host="127.0.0.1"))
+            port = listeners[0].socket.getsockname()[1]
+            config = _tunnel_config(port)
+            config["access_log"] = {"path": str(log), "format": "json"}
+            async with open_gateway(config) as gw:
+                stream = await _open_tunnel(gw.port)
+                await stream.send_all(b"x" * 1000)
+                received = 0
+                while received < 1000:
+                    received += len(await stream.receive_some(65536))
+                await stream.send_eof()
+                assert await stream.receive_some(65536) == b""
+                await stream.aclose()
+                await trio.testing.wait_all_tasks_blocked()  # the tunnel's task has ended
+            nursery.cancel_scope.cancel()  # (the gateway wrote its lines as it stopped)
+    (line,) = [json.loads(text) for text in log.read_text().splitlines()]
+    assert line["method"] == "CONNECT"
+    assert line["target"] == "db.internal:5432"
+    assert line["status"] == 200
+    assert line["route"] == "t"
+    assert line["upstream"] == f"127.0.0.1:{port}"
+    head = len(b"HTTP/1.1 200 Connection Established\r\n\r\n") + len(b"x-request-id: : \r\n")
+    assert line["bytes_sent"] >= 1000 + head
 
 
 async def test_a_tunnel_target_that_does_not_accept_is_504(autojump_clock: Any) -> None:
