@@ -30,7 +30,7 @@ from engine.exchange import Exchange, Response, UpstreamCall
 from engine.metrics import BoundHistogram
 from engine.plugins import Registry
 from engine.router import Router
-from engine.schema import ConfigError, Invalid, build
+from engine.schema import ConfigError, Invalid, build, check_keys
 from engine.upstream import Pool
 
 __all__ = ["RouteRuntime", "Runtime", "compile_runtime", "effective_plugin_configs"]
@@ -286,10 +286,21 @@ def compile_runtime(config: Config, registry: Registry, previous: Runtime | None
     trusted = [ipaddress.ip_network(c, strict=False) for c in config.server.trusted_proxies]
     # A global table no route uses (no routes yet, or every route switches it off) is
     # still checked: check must not pass a file whose next route would fail to load.
+    # A table switched off (with enabled = false) is checked for what it has: a typo
+    # in it must not wait for the day a route turns it on. It may be partial (routes
+    # complete a global one), so no required key is asked for.
     for name, table in config.plugins.items():
+        base = {k: v for k, v in table.items() if k != "enabled"}
         if name not in built and table.get("enabled", True):
-            base = {k: v for k, v in table.items() if k != "enabled"}
             build(registry.filters[name].type.Config, base, f"plugins.{name}")
+        elif not table.get("enabled", True):
+            check_keys(registry.filters[name].type.Config, base, f"plugins.{name}")
+    for i, route in enumerate(config.routes):
+        for name, table in route.plugins.items():
+            if not table.get("enabled", True):
+                changes = {k: v for k, v in table.items() if k != "enabled"}
+                path = f"routes[{i}].plugins.{name}"
+                check_keys(registry.filters[name].type.Config, changes, path)
     return Runtime(
         config=config,
         registry=registry,

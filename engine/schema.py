@@ -211,25 +211,44 @@ def build(cls: type[T], data: object, path: str = "") -> T:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(path, f"expected a table, got {data!r}")
+    kwargs = _convert_keys(cls, data, path)
+    for name, f in _init_fields(cls).items():
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if required and name not in data:
+            raise ConfigError(_join(path, name), "required key is missing")
+    try:
+        return cls(**kwargs)
+    except Invalid as e:
+        raise ConfigError(_join(path, e.key) if e.key else path, e.message) from None
+
+
+def check_keys(cls: type, data: object, path: str = "") -> None:
+    """What :func:`build` checks of the keys ``data`` has: unknown keys and bad values,
+    for a table that may be partial (a plugin table with ``enabled = false``, which
+    routes may complete). No required key is asked for, and the dataclass's own checks
+    do not run."""
+    if data is None:
+        return
+    if not isinstance(data, dict):
+        raise ConfigError(path, f"expected a table, got {data!r}")
+    _convert_keys(cls, data, path)
+
+
+def _init_fields(cls: type) -> dict[str, dataclasses.Field[Any]]:
     assert dataclasses.is_dataclass(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    hints = _hints(cls)
+    return {f.name: f for f in dataclasses.fields(cls) if f.init}
+
+
+def _convert_keys(cls: type, data: dict[str, Any], path: str) -> dict[str, Any]:
+    fields = _init_fields(cls)
     for key in data:
         # A field marked internal (set by the loader, like Config.source) is no key.
         if key not in fields or fields[key].metadata.get("internal"):
             keys = [n for n, f in fields.items() if not f.metadata.get("internal")]
             known = ", ".join(sorted(keys)) or "none"
             raise ConfigError(_join(path, key), f"unknown key (known keys: {known})")
-    kwargs: dict[str, Any] = {}
-    for name, f in fields.items():
-        if name in data:
-            kwargs[name] = _convert(hints[name], data[name], _join(path, name))
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(_join(path, name), "required key is missing")
-    try:
-        return cls(**kwargs)
-    except Invalid as e:
-        raise ConfigError(_join(path, e.key) if e.key else path, e.message) from None
+    hints = _hints(cls)
+    return {name: _convert(hints[name], data[name], _join(path, name)) for name in data}
 
 
 def describe_fields(cls: type) -> list[tuple[str, str, str, str]]:

@@ -51,6 +51,40 @@ def test_a_global_plugin_table_no_route_uses_is_still_checked() -> None:
     compile_runtime(load({"plugins": defaults}), registry)
 
 
+@pytest.mark.parametrize(
+    ("plugins", "route_plugins", "where"),
+    [
+        ({"rate-limit": {"enabled": False, "limts": []}}, {}, "plugins.rate-limit.limts"),
+        ({"rate-limit": {"enabled": False, "limits": "5/s"}}, {}, "plugins.rate-limit.limits"),
+        (
+            {},
+            {"jwt-auth": {"enabled": False, "issuers": 5}},
+            "routes[0].plugins.jwt-auth.issuers",
+        ),
+        (
+            {"retry": {}},
+            {"retry": {"enabled": False, "atempts": 3}},
+            "routes[0].plugins.retry.atempts",
+        ),
+    ],
+)
+def test_a_switched_off_plugin_table_is_checked_for_what_it_has(
+    plugins: dict[str, Any], route_plugins: dict[str, Any], where: str
+) -> None:
+    """A typo in a table with enabled = false passed check, to fail the day a route
+    turned the plugin on."""
+    config = load(
+        {
+            "plugins": plugins,
+            "upstreams": {"u": {"targets": ["127.0.0.1:9"]}},
+            "routes": [{"prefix": "/", "upstream": "u", "plugins": route_plugins}],
+        }
+    )
+    with pytest.raises(ConfigError) as info:
+        compile_runtime(config, discover(entry_points=False))
+    assert info.value.path == where
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_a_duration_must_be_a_finite_number(value: float) -> None:
     """TOML has nan and inf: check passed them, and run broke (int(nan)) or never
