@@ -124,29 +124,42 @@ def discover(
     for name in blocked:
         pm.set_blocked(name)
     dists: dict[int, tuple[str, str]] = {}
+    # In registration order (pluggy's get_plugins is a set): built-ins, extras, entry
+    # points, so that a clash is always told the same way.
+    registered: list[tuple[str, object]] = []
+    owners: dict[str, str] = {}  # plugin name -> who registered it, for clash messages
 
-    def register(obj: object, name: str) -> None:
+    def register(obj: object, name: str, owner: str) -> None:
         try:
             pm.register(obj, name=name)
         except (pluggy.PluginValidationError, ValueError) as e:
             raise PluginError(f"plugin {name!r}: {e}") from None
+        registered.append((name, obj))
+        owners[name] = owner
 
     for modname in _builtin_modules():
         short = modname.rsplit(".", 1)[-1].replace("_", "-")
         if not pm.is_blocked(short):
-            register(importlib.import_module(modname), short)
+            register(importlib.import_module(modname), short, "the built-in plugin")
     for name, obj in extra:
         if not pm.is_blocked(name):
-            register(obj, name)
+            register(obj, name, f"plugin {name!r}")
     if entry_points:
         # pluggy's load_setuptools_entrypoints would let an import error of one broken
-        # package escape as a traceback; each is loaded here and named when it fails.
+        # package escape as a traceback, and skip a name taken before without a word;
+        # each is loaded here and named when it fails.
         for ep in importlib.metadata.entry_points(group=PROJECT):
-            if pm.is_blocked(ep.name) or pm.has_plugin(ep.name):
+            if pm.is_blocked(ep.name):
                 continue
             dist = ep.dist
             dname = dist.metadata["name"] if dist is not None else "?"
             dversion = dist.version if dist is not None else "?"
+            if pm.has_plugin(ep.name):
+                raise PluginError(
+                    f"plugin {ep.name!r} ({dname} {dversion}): the name is taken by "
+                    f"{owners[ep.name]}; one of the two must be renamed or uninstalled "
+                    "(blocking the name would block both)"
+                )
             try:
                 obj = ep.load()
             except (Exception, SystemExit) as e:  # a module that exits (argparse) too
@@ -154,7 +167,7 @@ def discover(
                 raise PluginError(
                     f"plugin {ep.name!r} ({dname} {dversion}): cannot be loaded: {why}"
                 ) from None
-            register(obj, ep.name)
+            register(obj, ep.name, f"{dname} {dversion}")
             dists[id(obj)] = (dname, dversion)
     try:
         pm.check_pending()
@@ -162,8 +175,7 @@ def discover(
         raise PluginError(f"plugin {pm.get_name(e.plugin)!r}: {e}") from None
 
     filters: dict[str, FilterInfo] = {}
-    for plugin in pm.get_plugins():
-        pname = pm.get_name(plugin) or repr(plugin)
+    for pname, plugin in registered:
         impl = getattr(plugin, "filtergate_filters", None)
         if impl is None:
             continue
@@ -175,9 +187,11 @@ def discover(
         for cls in types:
             _validate_type(cls, pname)
             if cls.name in filters:
-                other = filters[cls.name].plugin
+                other = filters[cls.name]
                 raise PluginError(
-                    f"plugin {pname!r}: filter name {cls.name!r} is already provided by {other!r}"
+                    f"plugin {pname!r} ({dname} {dversion}): filter name {cls.name!r} is "
+                    f"already provided by plugin {other.plugin!r} ({other.distribution} "
+                    f"{other.version}); block one of the two in [discovery] blocked"
                 )
             filters[cls.name] = FilterInfo(cls, pname, dname, dversion)
     return Registry(filters=filters, blocked=blocked)

@@ -763,3 +763,53 @@ def test_run_exits_2_naming_a_failed_setup(tmp_path: Path) -> None:
         f"{file}: plugins.setup-fails: filter 'setup-fails' failed to set up: "
         "RuntimeError: cannot reach the policy server"
     ) in result.stderr
+
+
+CLASH_MODULE = """
+from engine.chain import Filter, Stage
+from engine.plugins import hookimpl
+
+
+class Another(Filter):
+    name, stage = "another", Stage.EDGE
+
+    def on_request(self, exchange):
+        pass
+
+
+@hookimpl
+def filtergate_filters():
+    return [Another]
+"""
+
+
+@pytest.mark.parametrize(
+    ("ep", "taken_by"),
+    [("rate-limit", "the built-in plugin"), ("probe-plugin", "fgtest-probe 2.5.0")],
+)
+def test_an_entry_point_name_already_taken_is_an_error(
+    site: Path, tmp_path: Path, ep: str, taken_by: str
+) -> None:
+    """The second of two plugins with one name was skipped without a word: installed,
+    listed nowhere, and its filters unknown."""
+    extra = tmp_path / "site"
+    extra.mkdir()
+    install_fake_dist(extra, "fgtest-clash", "3.0", ep, "fgtest_clash", CLASH_MODULE)
+    file = write_toml(tmp_path / "gateway.toml", gateway_config())
+    result = filtergate(site, "check", "-c", str(file), extra_path=extra)
+    assert result.returncode == 2
+    assert f"plugin {ep!r} (fgtest-clash 3.0): the name is taken by {taken_by}" in result.stderr
+
+
+def test_a_filter_name_two_distributions_provide_names_both(site: Path, tmp_path: Path) -> None:
+    extra = tmp_path / "site"
+    extra.mkdir()
+    copy = CLASH_MODULE.replace('"another"', '"probe"')
+    install_fake_dist(extra, "fgtest-copy", "1.1", "copy-plugin", "fgtest_copy", copy)
+    file = write_toml(tmp_path / "gateway.toml", gateway_config())
+    result = filtergate(site, "check", "-c", str(file), extra_path=extra)
+    assert result.returncode == 2
+    message = result.stderr
+    assert "filter name 'probe'" in message
+    assert "fgtest-copy 1.1" in message
+    assert "fgtest-probe 2.5.0" in message
