@@ -4,7 +4,8 @@
 percent-encoded unreserved characters (so ``/a/%2E%2E/b`` and ``/b`` are one path); it
 refuses, with :class:`~engine.errors.BadRequest`, encoded ``/``, ``\\`` and NUL (which
 upstreams decode differently), dot segments with parameters (``..;x``, which servlet
-containers read as ``..``), raw backslashes, malformed escapes and invalid UTF-8.
+containers read as ``..``), segments of parameters alone (``/;x/``), raw backslashes,
+malformed escapes and invalid UTF-8.
 Other escapes are kept, with upper-case hex, so the forwarded path means what it meant.
 """
 
@@ -20,8 +21,8 @@ _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz01
 _HEX = frozenset(b"0123456789ABCDEFabcdef")
 _FORBIDDEN_ESCAPES = {0x2F: "/", 0x5C: "\\", 0x00: "NUL"}
 # What a path needs more than an ASCII decode for: escapes, fragments, backslashes,
-# raw non-ASCII bytes, duplicate slashes and dot segments.
-_NEEDS_WORK = re.compile(rb"[%#\\\x80-\xff]|//|/\.")
+# raw non-ASCII bytes, duplicate slashes, dot segments and nameless path parameters.
+_NEEDS_WORK = re.compile(rb"[%#\\\x80-\xff]|//|/\.|/;")
 # Path parameters of a segment (";x" or its escape "%3Bx"), as servlet containers strip them.
 _PARAMETERS = re.compile(r"(?:;|%3B).*", re.DOTALL)
 
@@ -92,6 +93,10 @@ def _remove_dot_segments(path: str) -> str:
             # "..;x" is a name to the RFC and ".." to Tomcat, Jetty and Spring, which
             # drop path parameters first: forwarded, it would climb out of the route.
             raise BadRequest("a dot segment with parameters (..;) in the request path")
+        if seg[:1] == ";":
+            # "/;x/admin": a segment with parameters and no name, which servlet
+            # containers drop ("/admin" to them), and no route's segment to match.
+            raise BadRequest("a path segment of parameters alone (/;) in the request path")
     out: list[str] = []
     for seg in segments[1:-1]:
         if seg == "" or seg == ".":

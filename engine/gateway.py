@@ -29,7 +29,7 @@ from engine.errors import BadGateway
 from engine.exchange import Exchange, Response, UpstreamCall
 from engine.metrics import BoundHistogram
 from engine.plugins import Registry
-from engine.router import Router
+from engine.router import Router, allowed_methods
 from engine.schema import ConfigError, Invalid, build, check_keys
 from engine.upstream import Pool
 
@@ -52,6 +52,7 @@ class RouteRuntime:
     timeout: float | None
     host_header: bytes | None
     pools: dict[str, Pool]
+    allow: tuple[str, ...]  # its Allow header (405, OPTIONS): HEAD with GET, all if none
     # The request-duration series of this route by status class (index status // 100),
     # bound on first use: a class that never occurs renders nothing.
     latency: list[BoundHistogram | None] = field(default_factory=lambda: [None] * 10)
@@ -280,6 +281,7 @@ def compile_runtime(config: Config, registry: Registry, previous: Runtime | None
                 timeout=route.timeout,
                 host_header=host_header,
                 pools=pools,
+                allow=allowed_methods(route.methods),
             )
         )
     router = Router([(r.config, r) for r in routes])

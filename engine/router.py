@@ -24,7 +24,7 @@ from urllib.parse import unquote
 from engine.config import RouteConfig
 from engine.errors import MethodNotAllowed, NotFound
 
-__all__ = ["Match", "Router"]
+__all__ = ["ANY_METHOD_ALLOW", "Match", "Router", "allowed_methods"]
 
 R = TypeVar("R")
 
@@ -104,7 +104,7 @@ class Router(Generic[R]):
             route=route,
             value=value,
             captures=captures,
-            methods=frozenset(m.encode() for m in route.methods) if route.methods else None,
+            methods=_methods(route.methods) if route.methods else None,
             headers=[
                 (k.lower().encode(), None if v == "*" else v.encode())
                 for k, v in route.headers.items()
@@ -210,6 +210,12 @@ class Router(Generic[R]):
             return
         seg = segs[i]
         child = node.literal.get(seg)
+        if child is None and ";" in seg:
+            # Path parameters ("admin;x", "admin;jsessionid=1"): Tomcat, Jetty and Spring
+            # drop them and serve "admin". Matched the same way here, so that they cannot
+            # take a request past "admin"'s route to a catch-all (and its upstream's
+            # "admin"); forwarded as they came.
+            child = node.literal.get(seg.partition(";")[0])
         if child is not None:
             self._walk(child, segs, i + 1, [*values, seg], exact, prefixes)
         if node.param is not None and seg != "":
@@ -220,22 +226,51 @@ def _depth(t: tuple[int, list[_Entry[R]], list[str]]) -> int:
     return t[0]
 
 
+def _methods(methods: Sequence[str]) -> frozenset[bytes]:
+    """A route's methods; GET brings HEAD (RFC 9110 9.3.2: HEAD is GET without the body,
+    and frameworks answer HEAD with their GET handler), as nginx's ``limit_except``."""
+    out = {m.encode() for m in methods}
+    if b"GET" in out:
+        out.add(b"HEAD")
+    return frozenset(out)
+
+
+# The Allow of a route that takes any method (TRACE only when a route lists it).
+ANY_METHOD_ALLOW = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+
+
+def allowed_methods(methods: Sequence[str]) -> tuple[str, ...]:
+    """The ``Allow`` of a route that lists ``methods`` (with HEAD when GET is there)."""
+    if not methods:
+        return ANY_METHOD_ALLOW
+    return tuple(sorted(m.decode() for m in _methods(methods)))
+
+
 def _conditions_hold(
     e: _Entry[R],
     headers: Sequence[tuple[bytes, bytes]],
     query: dict[str, list[str]] | None,
 ) -> bool:
+    """Whether a request meets a route's header and query conditions.
+
+    A name the request repeats holds only when every occurrence has the wanted value:
+    upstreams read one of them (the first, the last, or all joined), so a match on any
+    one would let ``?visibility=private&visibility=public`` meet the public route.
+    """
     for name, want in e.headers:
+        present = False
         for n, v in headers:
-            if n == name and (want is None or v == want):
-                break
-        else:
+            if n == name:
+                if want is not None and v != want:
+                    return False
+                present = True
+        if not present:
             return False
     if e.query:
         if query is None:
             return False
         for qname, qwant in e.query:
             got = query.get(qname)
-            if got is None or (qwant is not None and qwant not in got):
+            if got is None or (qwant is not None and any(v != qwant for v in got)):
                 return False
     return True

@@ -156,9 +156,11 @@ _open_connections = gauge("filtergate_open_connections", "Client connections ope
 # RFC 9110 4.2: "http" or "https" (any case), "//", the authority up to the first
 # "/", "?" or "#", then the path and query.
 _ABSOLUTE_FORM = re.compile(rb"https?://([^/?#]*)(.*)", re.IGNORECASE | re.DOTALL)
-# A Host value: uri-host [":" port], uri-host an IP-literal or a reg-name (RFC 3986 3.2.2;
-# IPv4 addresses are reg-names by their characters). No userinfo, no spaces, no "/".
-_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[-A-Za-z0-9._~%!$&'()*+,;=]*)(?::[0-9]*)?")
+# A Host value: uri-host [":" port], uri-host an IP-literal or a host name (letters,
+# digits, "-", ".", "_"; IPv4 addresses are names by their characters). RFC 3986 allows
+# more in a reg-name ("%", ",", ";", "!"...), which no DNS name has: "admin.example.com,"
+# would miss its route and reach an upstream that reads it as "admin.example.com".
+_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[-A-Za-z0-9._]*)(?::[0-9]*)?")
 _VALID_HOSTS: dict[bytes, bool] = {}
 
 
@@ -172,8 +174,6 @@ def _valid_host(host: bytes) -> bool:
     return known
 
 
-# The Allow of a route that takes any method (TRACE only when a route lists it).
-_ANY_METHOD_ALLOW = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
 # Never echoed by TRACE (RFC 9110 9.3.8: leave out fields likely to be sensitive).
 _NOT_ECHOED = frozenset({b"authorization", b"proxy-authorization", b"cookie"})
 
@@ -190,10 +190,15 @@ def _max_forwards(route: RouteRuntime, request: Request, req: h11.Request) -> Re
         items[at] = (b"max-forwards", b"%d" % (hops - 1))
         return None
     if request.method == b"OPTIONS":
-        allow = ", ".join(route.config.methods or _ANY_METHOD_ALLOW).encode()
+        allow = ", ".join(route.allow).encode()
         return Response(200, Headers([(b"allow", allow)]), body=b"")
     lines = [b"%s %s HTTP/%s" % (req.method, req.target, req.http_version)]
-    lines += [raw + b": " + v for raw, n, v in req.headers._full_items if n not in _NOT_ECHOED]
+    hidden = route.chain.credential_headers  # e.g. key-auth's header = "X-Api-Key"
+    lines += [
+        raw + b": " + v
+        for raw, n, v in req.headers._full_items
+        if n not in _NOT_ECHOED and n not in hidden
+    ]
     echo = b"\r\n".join(lines) + b"\r\n\r\n"
     return Response(200, Headers([(b"content-type", b"message/http")]), body=echo)
 
@@ -920,6 +925,11 @@ class _Connection:
                 request_id = server.ids.next()
 
             method = req.method
+            if not method.isupper():
+                # Methods are case-sensitive (RFC 9110 9.1), but frameworks upper-case
+                # them: "get" would pass a route's methods = ["GET"] to a catch-all and
+                # meet the upstream's GET handler there. Refused, as nginx does.
+                raise BadRequest("the request method must be in upper case")
             target = req.target
             absolute = False
             if method == b"CONNECT":
@@ -1006,7 +1016,7 @@ class _Connection:
                 if method == b"TRACE" and "TRACE" not in route.config.methods:
                     # A TRACE echo shows what the gateway added (identity headers): nginx
                     # refuses it too. A route that lists TRACE in its methods may have it.
-                    raise MethodNotAllowed(list(route.config.methods or _ANY_METHOD_ALLOW))
+                    raise MethodNotAllowed(list(route.allow))
                 exchange.route = route.config
                 exchange.caller = route.call_upstream
                 exchange.credential_headers = route.chain.credential_headers

@@ -32,6 +32,7 @@ from engine.errors import BadRequest
         (b"/a/...;x/b", "/a/...;x/b"),  # not a dot segment: a name
         (b"/a/.well-known;v=1", "/a/.well-known;v=1"),
         (b"/a/b;..", "/a/b;.."),
+        (b"/admin;x/users", "/admin;x/users"),  # forwarded with its parameters
     ],
 )
 def test_canonical_forms(raw: bytes, canonical: str) -> None:
@@ -59,6 +60,10 @@ def test_canonical_forms(raw: bytes, canonical: str) -> None:
         (b"/api/..%3b/admin", "dot segment with parameters"),
         (b"/api/%2e%2e;/admin", "dot segment with parameters"),
         (b"/api/..;", "dot segment with parameters"),
+        # "/admin" to servlet containers, and no segment name for a route to match
+        (b"/;x/admin", "parameters alone"),
+        (b"/a/;/b", "parameters alone"),
+        (b"/;", "parameters alone"),
     ],
 )
 def test_refused_paths(raw: bytes, reason: str) -> None:

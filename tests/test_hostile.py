@@ -36,6 +36,7 @@ from engine.testing import (
     open_stubs,
     raw_exchange,
 )
+from plugins.key_auth import hash_key
 from tests.upstreams import (
     Upstream,
     open_counting_upstream,
@@ -163,7 +164,8 @@ DRAIN_LIMIT = 16 * 1024
 
 
 def make_config(target: str, **server: Any) -> dict[str, Any]:
-    """Routes: /api (any method), /get-only (GET), /abs (absolute-form allowed).
+    """Routes: /api (any method), /get-only (GET, so HEAD too), /post-only (POST), /abs
+    (absolute-form allowed).
 
     There is no catch-all route, so any other path is a 404.
     """
@@ -174,6 +176,7 @@ def make_config(target: str, **server: Any) -> dict[str, Any]:
         "routes": [
             {"name": "api", "prefix": "/api", "upstream": "u"},
             {"name": "get-only", "prefix": "/get-only", "methods": ["GET"], "upstream": "u"},
+            {"name": "post-only", "prefix": "/post-only", "methods": ["POST"], "upstream": "u"},
             {"name": "abs", "prefix": "/abs", "upstream": "u", "allow_absolute_form": True},
         ],
     }
@@ -280,6 +283,16 @@ REFUSED: list[tuple[str, bytes, int]] = [
     ("duplicate-host", head("/api/x", "Host: a", "Host: b"), 400),
     ("invalid-host", head("/api/x", "Host: a b/c@d"), 400),  # RFC 9112 3.2
     ("host-with-userinfo", head("/api/x", "Host: user@a"), 400),
+    # No DNS name has these; "admin.example.com," missed its route, and an upstream read
+    # X-Forwarded-Host "admin.example.com," as the admin host.
+    ("host-with-comma", head("/api/x", "Host: admin.example.com,"), 400),
+    ("host-with-semicolon", head("/api/x", "Host: a;x"), 400),
+    ("host-with-escape", head("/api/x", "Host: admin%2Eexample.com"), 400),
+    # "get" took a catch-all past methods = ["GET"], and frameworks upper-case it.
+    ("lower-case-method", head("/get-only/x", "Host: a", method="get"), 400),
+    ("mixed-case-method", head("/get-only/x", "Host: a", method="Get"), 400),
+    ("lower-case-trace", head("/api/x", "Host: a", method="trace"), 400),
+    ("nameless-path-parameters", head("/;x/api/x", "Host: a"), 400),
     ("absolute-form-empty-host", head("http:///abs/x", "Host: a"), 400),  # RFC 9110 4.2.1
     ("absolute-form-userinfo", head("http://u:p@b.example/abs/x", "Host: a"), 400),
     ("absolute-form-port-only", head("http://:80/abs/x", "Host: a"), 400),
@@ -794,7 +807,7 @@ async def test_early_answer_drains_a_small_body(setup: Setup, path: str, status:
         assert [r.status for r in responses] == [status, 200]
         assert_gateway_error(responses[0], status)
         if status == 405:
-            assert responses[0].header("allow") == "GET"
+            assert responses[0].header("allow") == "GET, HEAD"
         assert responses[0].header("connection") is None  # kept alive
         assert responses[1].json()["target"] == "/api/after"
         assert [r.target for r in setup.up.requests] == [b"/api/after"]
@@ -869,7 +882,7 @@ async def test_gateway_errors_have_the_json_body(setup: Setup) -> None:
                 assert resp.header("cache-control") == "no-store"
 
 
-@pytest.mark.parametrize(("path", "status"), [("/nowhere", 404), ("/get-only/x", 405)])
+@pytest.mark.parametrize(("path", "status"), [("/nowhere", 404), ("/post-only/x", 405)])
 async def test_gateway_error_to_a_head_request(setup: Setup, path: str, status: int) -> None:
     # The error has no body on the wire (HEAD), and the connection stays usable.
     with trio.fail_after(DEADLINE):
@@ -1125,7 +1138,18 @@ async def test_a_pipelining_client_does_not_starve_the_others(setup: Setup) -> N
 async def trace_setup() -> AsyncIterator[Setup]:
     config = make_config("")
     config["routes"].append(
-        {"name": "traced", "prefix": "/traced", "methods": ["GET", "TRACE"], "upstream": "u"}
+        {
+            "name": "traced",
+            "prefix": "/traced",
+            "methods": ["GET", "TRACE"],
+            "upstream": "u",
+            "plugins": {
+                "key-auth": {
+                    "header": "X-Api-Key",
+                    "consumers": [{"id": "c", "key_sha256": hash_key("k3y-s3cret")}],
+                }
+            },
+        }
     )
     async with open_counting_upstream() as up:
         config["upstreams"]["u"]["targets"] = [up.target]
@@ -1137,7 +1161,10 @@ async def test_trace_is_refused_unless_a_route_lists_it(trace_setup: Setup) -> N
     with trio.fail_after(DEADLINE):
         refused = await http_request(trace_setup.port, "TRACE", "/api/x")
         allowed = await http_request(
-            trace_setup.port, "TRACE", "/traced/x", [("Max-Forwards", "1")]
+            trace_setup.port,
+            "TRACE",
+            "/traced/x",
+            [("Max-Forwards", "1"), ("X-Api-Key", "k3y-s3cret")],
         )
     assert refused.status == 405
     assert refused.header("allow") == "DELETE, GET, HEAD, OPTIONS, PATCH, POST, PUT"
@@ -1148,18 +1175,25 @@ async def test_trace_is_refused_unless_a_route_lists_it(trace_setup: Setup) -> N
 
 async def test_max_forwards_zero_is_answered_by_the_gateway(trace_setup: Setup) -> None:
     # RFC 9110 7.6.2: the intermediary that receives Max-Forwards: 0 is the final recipient.
-    secret = [("Max-Forwards", "0"), ("Authorization", "Bearer s3cret"), ("X-Mine", "1")]
+    secret = [
+        ("Max-Forwards", "0"),
+        ("Authorization", "Bearer s3cret"),
+        ("X-Api-Key", "k3y-s3cret"),  # the route's key-auth reads it
+        ("X-Mine", "1"),
+    ]
     with trio.fail_after(DEADLINE):
         options = await http_request(trace_setup.port, "OPTIONS", "/api/x", [secret[0]])
         trace = await http_request(trace_setup.port, "TRACE", "/traced/x", secret)
+        no_key = await http_request(trace_setup.port, "TRACE", "/traced/x", secret[:2])
         onward = await http_request(trace_setup.port, "OPTIONS", "/api/x", [("Max-Forwards", "5")])
     assert options.status == 200
     assert options.header("allow") == "DELETE, GET, HEAD, OPTIONS, PATCH, POST, PUT"
+    assert no_key.status == 401  # the route's filters run before the echo
     assert trace.status == 200
     assert trace.header("content-type") == "message/http"
     assert trace.body.startswith(b"TRACE /traced/x HTTP/1.1\r\n")
     assert b"X-Mine: 1" in trace.body
-    assert b"s3cret" not in trace.body  # credentials are never echoed
+    assert b"s3cret" not in trace.body  # credentials are never echoed, nor the key header
     assert onward.status == 200
     (seen,) = trace_setup.up.requests  # only the OPTIONS with hops left went on
     assert (seen.method, seen.header("max-forwards")) == (b"OPTIONS", "4")

@@ -72,7 +72,7 @@ def test_404_and_405_with_allow() -> None:
     )
     with pytest.raises(MethodNotAllowed) as info:
         router.match("a", "/things/1", b"DELETE", [])
-    assert (b"allow", b"GET, PUT") in info.value.headers
+    assert (b"allow", b"GET, HEAD, PUT") in info.value.headers  # GET brings HEAD
     with pytest.raises(NotFound):
         router.match("a", "/other", b"GET", [])
 
@@ -96,3 +96,75 @@ def test_ten_thousand_routes_are_indexed_not_scanned() -> None:
     assert len(router._any.literal) == 10_000
     m = router.match("h", "/svc9876/items/5", b"GET", [])
     assert (m.value, m.captures) == ("r9876", {"id": "5"})
+
+
+def test_path_parameters_are_matched_by_their_segment_s_name() -> None:
+    """``/admin;x/users`` is ``/admin/users`` to Tomcat, Jetty and Spring: it took a
+    catch-all, past the authenticated ``/admin`` route, to the upstream's admin pages."""
+    router = _router(
+        [
+            {"name": "open", "prefix": "/", "upstream": "u"},
+            {"name": "admin", "prefix": "/admin", "upstream": "u"},
+            {"name": "login", "path": "/login", "upstream": "u"},
+            {"name": "item", "path": "/items/{id}/edit", "upstream": "u"},
+        ]
+    )
+    for path in ("/admin;x/users", "/admin;jsessionid=1", "/admin;"):
+        assert router.match("a", path, b"GET", []).route.name == "admin"
+    assert router.match("a", "/login;jsessionid=1", b"POST", []).route.name == "login"
+    match = router.match("a", "/items/7;v=2/edit;x", b"GET", [])
+    assert match.route.name == "item"
+    assert match.captures == {"id": "7;v=2"}  # a capture keeps what the client sent
+    assert router.match("a", "/adminx;y", b"GET", []).route.name == "open"
+
+
+def test_a_get_route_takes_head_too() -> None:
+    """HEAD went past ``methods = ["GET"]`` to a catch-all, whose upstream answered it
+    with its GET handler (headers of what the GET route guards)."""
+    router = _router(
+        [
+            {"name": "open", "prefix": "/", "upstream": "u"},
+            {"name": "ops", "prefix": "/ops", "methods": ["GET", "POST"], "upstream": "u"},
+        ]
+    )
+    assert router.match("a", "/ops/secret", b"HEAD", []).route.name == "ops"
+    assert router.match("a", "/ops/secret", b"DELETE", []).route.name == "open"
+
+
+@pytest.mark.parametrize(
+    ("headers", "query", "route"),
+    [
+        ([(b"x-tenant", b"public")], {}, "public-docs"),
+        ([(b"x-tenant", b"public"), (b"x-tenant", b"public")], {}, "public-docs"),
+        ([(b"x-tenant", b"internal"), (b"x-tenant", b"public")], {}, "guarded"),
+        ([(b"x-tenant", b"public"), (b"x-tenant", b"internal")], {}, "guarded"),
+        ([], {"visibility": ["public"]}, "public-reports"),
+        ([], {"visibility": ["private", "public"]}, "guarded"),
+        ([], {"visibility": ["public", "private"]}, "guarded"),
+        ([], {"debug": ["", "1"]}, "debug"),  # "*": present, whatever the values
+    ],
+)
+def test_a_repeated_name_meets_a_condition_only_when_every_value_does(
+    headers: list[tuple[bytes, bytes]], query: dict[str, list[str]], route: str
+) -> None:
+    """Upstreams read one of the values (the first, the last, or all joined): a match on
+    any one let ``?visibility=private&visibility=public`` take the public route."""
+    router = _router(
+        [
+            {"name": "guarded", "prefix": "/", "upstream": "u"},
+            {
+                "name": "public-docs",
+                "prefix": "/",
+                "headers": {"x-tenant": "public"},
+                "upstream": "u",
+            },
+            {
+                "name": "public-reports",
+                "prefix": "/",
+                "query": {"visibility": "public"},
+                "upstream": "u",
+            },
+            {"name": "debug", "prefix": "/", "query": {"debug": "*"}, "upstream": "u"},
+        ]
+    )
+    assert router.match("a", "/r", b"GET", headers, query).route.name == route
