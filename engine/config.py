@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from engine.exchange import FRAMING_HEADERS
 from engine.schema import ByteSize, ConfigError, Duration, Invalid, build
 
 # Keys the TLS files' digests (check_tls_files): a config's repr must reveal nothing of a key.
@@ -135,6 +136,40 @@ class ServerConfig:
             raise Invalid("accept_batch", "must be at least 1")  # 0 would never accept
         if self.max_connections < 0:
             raise Invalid("max_connections", "must be 0 (no limit) or more")
+        rid = self.request_id_header
+        if not _TOKEN.fullmatch(rid):
+            raise Invalid("request_id_header", f"not a header name: {rid!r}")
+        if rid.lower() in _NOT_FOR_REQUEST_IDS:
+            raise Invalid(
+                "request_id_header",
+                f"{rid!r} is a header the gateway or HTTP itself gives a meaning to",
+            )
+
+
+# A header name (RFC 9110 5.6.2 token).
+_TOKEN = re.compile(r"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
+# Headers the request id cannot be sent in: framing (a second Content-Length on every
+# response), and the ones the gateway sets, strips or reads itself.
+_NOT_FOR_REQUEST_IDS = FRAMING_HEADERS | {
+    "host",
+    "proxy-connection",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "authorization",
+    "cookie",
+    "set-cookie",
+    "expect",
+    "date",
+    "via",
+    "location",
+    "content-type",
+    "forwarded",
+    "x-real-ip",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-forwarded-port",
+}
 
 
 @dataclass(frozen=True)

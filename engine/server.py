@@ -162,6 +162,9 @@ _ABSOLUTE_FORM = re.compile(rb"https?://([^/?#]*)(.*)", re.IGNORECASE | re.DOTAL
 # would miss its route and reach an upstream that reads it as "admin.example.com".
 _HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[-A-Za-z0-9._]*)(?::[0-9]*)?")
 _VALID_HOSTS: dict[bytes, bool] = {}
+# A request id a trusted proxy sent, kept as it is: visible ASCII, at most 200 bytes (a
+# UUID is 36). Anything else gets an id of the gateway's own.
+_REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,200}")
 
 
 def _valid_host(host: bytes) -> bool:
@@ -781,8 +784,9 @@ class _Connection:
     async def _send_fatal(self, err: GatewayError) -> None:
         # h11 may be in an error state; write the whole response by hand and close.
         request_id = self.server.ids.next()
+        rid_header = self.server.runtime.rid_header
         status, data = _closing_error(
-            err, request_id, b"x-request-id: " + request_id.encode() + b"\r\n"
+            err, request_id, rid_header + b": " + request_id.encode() + b"\r\n"
         )
         try:
             await self.send_raw(data)
@@ -915,8 +919,8 @@ class _Connection:
                 proto = xfp or self.scheme.encode()
                 fwd_host = xfh or host
                 fwd += from_proxies
-                if client_rid:
-                    request_id = client_rid.decode("latin-1")
+                if client_rid and _REQUEST_ID.fullmatch(client_rid):
+                    request_id = client_rid.decode("ascii")
             else:
                 xff_out = peer_ip.encode()
                 proto = self.scheme.encode()
@@ -1490,6 +1494,10 @@ def _connect_route(rt: Runtime, authority: bytes) -> RouteRuntime | None:
 
 
 def _is_ip(text: str) -> bool:
+    """An IPv4 or IPv6 address, without an IPv6 zone: Python takes any text after "%"
+    as one (spaces and quotes too), which would reach the logs as the client."""
+    if "%" in text:
+        return False
     try:
         ipaddress.ip_address(text)
     except ValueError:

@@ -21,6 +21,11 @@ from engine.schema import ConfigError
         ({"server": {"max_head_size": 100}}, "server.max_head_size"),
         ({"server": {"underscores_in_headers": "keep"}}, "server.underscores_in_headers"),
         ({"source": "elsewhere.toml"}, "source"),  # set by the loader, not a key of the file
+        # A header line injected into every response, or a second Content-Length on it.
+        ({"server": {"request_id_header": "x-id\r\nset-cookie: a=1"}}, "server.request_id_header"),
+        ({"server": {"request_id_header": "Content-Length"}}, "server.request_id_header"),
+        ({"server": {"request_id_header": "host"}}, "server.request_id_header"),
+        ({"server": {"request_id_header": ""}}, "server.request_id_header"),
     ],
 )
 def test_values_that_cannot_work_name_their_key(data: dict[str, Any], where: str) -> None:

@@ -690,6 +690,13 @@ XFF_CASES: list[Any] = [
         "1.1.1.1",
         id="empty-hop",
     ),
+    # Python takes anything after "%" as an IPv6 zone: it reached the combined log as
+    # the client's address, a forged line prefix included. Malformed: the walk ends.
+    pytest.param(
+        'fe80::1%x - mallory [01-Jan-2020] "DELETE admin HTTP" 200 1, 127.0.0.9',
+        "127.0.0.9",
+        id="ipv6-zone",
+    ),
 ]
 
 
@@ -747,6 +754,33 @@ async def test_request_id_from_a_trusted_peer_is_kept(trusted_setup: Setup) -> N
             assert resp.status == 404
             assert resp.header("x-request-id") == "edge-43"
             assert resp.json()["error"]["request_id"] == "edge-43"
+
+
+@pytest.mark.parametrize(
+    "sent", ["caf\xe9", "a" * 201, "two words"], ids=["latin-1", "too-long", "space"]
+)
+async def test_a_trusted_request_id_that_is_no_plain_token_is_replaced(
+    trusted_setup: Setup, sent: str
+) -> None:
+    """It was kept as it came (caf\xe9 going on as UTF-8 caf\xc3\xa9, and any length)."""
+    with trio.fail_after(DEADLINE):
+        async with Client.open(trusted_setup.port) as client:
+            resp = await client.request("GET", "/api/x", [("x-request-id", sent)])
+    rid = resp.header("x-request-id")
+    assert rid
+    assert rid.isascii()  # not caf\xe9 sent on as UTF-8
+    assert rid != sent
+    assert trusted_setup.up.requests[-1].header_all("x-request-id") == [rid]
+
+
+async def test_an_error_before_parsing_carries_the_configured_request_id_header() -> None:
+    config = make_config("127.0.0.1:9", request_id_header="X-Trace")
+    with trio.fail_after(DEADLINE):
+        async with open_gateway(config, extra_plugins=PLUGINS) as gw:
+            (resp,), _closed = await send_raw(gw.port, b"GARBAGE\r\n\r\n")
+    assert resp.status == 400
+    assert resp.header("x-trace")
+    assert resp.header("x-request-id") is None
 
 
 # -- connection reuse: keep-alive, pipelining, early answers ---------------------------
