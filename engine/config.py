@@ -387,6 +387,52 @@ def check_tls_files(
     return digest.hexdigest()[:16]
 
 
+# Request headers the router never sees (the gateway reads, sets or drops them before
+# routing): a condition on one could never hold.
+_UNROUTED_HEADERS = {
+    "host": 'the Host header is matched by "hosts"',
+    **{
+        name: "a hop-by-hop header, read by the gateway and never routed on"
+        for name in (*FRAMING_HEADERS, "proxy-connection", "proxy-authorization")
+    },
+    "expect": "Expect is answered by the gateway (100 Continue)",
+    **{
+        name: "the gateway sets it from the connection (or a trusted proxy's) after routing"
+        for name in (
+            "x-forwarded-for",
+            "x-forwarded-proto",
+            "x-forwarded-host",
+            "x-forwarded-port",
+            "forwarded",
+            "x-real-ip",
+        )
+    },
+}
+
+
+def _check_canonical(key: str, pattern: str) -> None:
+    """A path pattern must be written as requests are matched: in canonical form (see
+    :mod:`engine.canonical`), or it can never match."""
+    from engine.canonical import canonical_path
+    from engine.errors import BadRequest
+
+    if "?" in pattern or "#" in pattern:
+        raise Invalid(key, 'never matches: a path has no query (match one with "query")')
+    # As a client sends it: characters outside ASCII as UTF-8 escapes.
+    sent = "".join(
+        c if " " < c < "\x7f" else "".join(f"%{b:02X}" for b in c.encode()) for c in pattern
+    )
+    try:
+        canonical = canonical_path(sent.encode())
+    except BadRequest as e:
+        raise Invalid(key, f"never matches: a request with this path is refused ({e})") from None
+    if canonical != pattern:
+        raise Invalid(
+            key,
+            f"never matches: requests are matched by their canonical path; write {canonical!r}",
+        )
+
+
 @dataclass(frozen=True)
 class RouteConfig:
     name: str = ""
@@ -427,14 +473,25 @@ class RouteConfig:
             for seg in pattern.split("/"):
                 if "{" in seg and not re.fullmatch(r"\{[A-Za-z_][A-Za-z0-9_]*\}", seg):
                     raise Invalid(key, f"a capture must be a whole segment: {seg!r}")
+            _check_canonical(key, pattern)
         for i, m in enumerate(self.methods):
             if not re.fullmatch(r"[A-Z]+", m):
                 raise Invalid(f"methods[{i}]", f"expected an upper-case method, got {m!r}")
         for i, h in enumerate(self.hosts):
-            if not re.fullmatch(r"(\*\.)?[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:\d+)?", h):
+            if re.fullmatch(r"(\*\.)?[a-z0-9]([a-z0-9.-]*[a-z0-9])?:\d+", h):
+                raise Invalid(
+                    f"hosts[{i}]",
+                    f"a port never matches ({h!r}): routes match the host name without "
+                    f"its port; write {h.rsplit(':', 1)[0]!r}",
+                )
+            if not re.fullmatch(r"(\*\.)?[a-z0-9]([a-z0-9.-]*[a-z0-9])?", h):
                 raise Invalid(
                     f"hosts[{i}]", f'expected "api.example.com" or "*.example.com", got {h!r}'
                 )
+        for name in self.headers:
+            unseen = _UNROUTED_HEADERS.get(name.lower())
+            if unseen is not None:
+                raise Invalid(f"headers.{name}", f"never matches: {unseen}")
         if self.allow_connect and self.upstream is None:
             raise Invalid("allow_connect", 'needs "upstream": the tunnel goes there')
         if self.strip_prefix and self.prefix is None:
@@ -490,6 +547,14 @@ def load(data: dict[str, Any], source: str = "<memory>") -> Config:
             raise ConfigError(
                 f"{path}.upstream", f"no upstream named {route.upstream!r} (known: {known})"
             )
+        server = config.server
+        for name in route.headers:
+            if name.lower() == server.request_id_header.lower():
+                why = "the request id header is the gateway's own (server.request_id_header)"
+                raise ConfigError(f"{path}.headers.{name}", f"never matches: {why}")
+            if "_" in name and server.underscores_in_headers != "allow":
+                why = 'headers with "_" are dropped (server.underscores_in_headers)'
+                raise ConfigError(f"{path}.headers.{name}", f"never matches: {why}")
         routes.append(route)
     result: Config = _replace(config, routes=routes)
     return result

@@ -97,3 +97,49 @@ def test_a_duration_must_be_a_finite_number(value: float) -> None:
     with pytest.raises(ConfigError, match="expected a non-negative duration") as info:
         load({"server": {"head_timeout": value}})
     assert info.value.path == "server.head_timeout"
+
+
+@pytest.mark.parametrize(
+    ("route", "where", "message"),
+    [
+        ({"prefix": "/café"}, "routes[0].prefix", "write '/caf%C3%A9'"),
+        ({"prefix": "/%7Euser"}, "routes[0].prefix", "write '/~user'"),
+        ({"path": "/caf%c3%a9/menu"}, "routes[0].path", "write '/caf%C3%A9/menu'"),
+        ({"prefix": "/a//b"}, "routes[0].prefix", "write '/a/b'"),
+        ({"prefix": "/a/../b"}, "routes[0].prefix", "write '/b'"),
+        ({"prefix": "/a?x=1"}, "routes[0].prefix", "a path has no query"),
+        ({"prefix": "/a%2Fb"}, "routes[0].prefix", "encoded /"),
+        ({"hosts": ["portal.example.com:8080"]}, "routes[0].hosts[0]", "a port never matches"),
+        ({"headers": {"Host": "a"}}, "routes[0].headers.Host", 'matched by "hosts"'),
+        ({"headers": {"x-forwarded-for": "1.2.3.4"}}, "routes[0].headers.x-forwarded-for", ""),
+        ({"headers": {"x-request-id": "a"}}, "routes[0].headers.x-request-id", "request id"),
+        ({"headers": {"x_tenant": "a"}}, "routes[0].headers.x_tenant", "underscores_in_headers"),
+    ],
+)
+def test_a_route_condition_no_request_can_meet_is_an_error(
+    route: dict[str, Any], where: str, message: str
+) -> None:
+    """check passed them, and the route never matched: a guarded route left silently
+    dead, its requests taken by a catch-all."""
+    data = {
+        "upstreams": {"u": {"targets": ["127.0.0.1:9"]}},
+        "routes": [{"upstream": "u", **route}],
+    }
+    with pytest.raises(ConfigError, match="never matches") as info:
+        load(data)
+    assert info.value.path == where
+    assert message in info.value.message
+
+
+def test_canonical_patterns_and_allowed_underscores_pass() -> None:
+    routes = [
+        {"path": "/users/{id}", "upstream": "u"},
+        {"prefix": "/caf%C3%A9/", "upstream": "u"},
+        {"prefix": "/~user", "upstream": "u", "headers": {"x_tenant": "a"}},
+    ]
+    data = {
+        "server": {"underscores_in_headers": "allow"},
+        "upstreams": {"u": {"targets": ["127.0.0.1:9"]}},
+        "routes": routes,
+    }
+    assert len(load(data).routes) == 3
