@@ -26,6 +26,7 @@ __all__ = [
     "Gauge",
     "Histogram",
     "MetricDump",
+    "before_dump",
     "counter",
     "dump",
     "gauge",
@@ -250,8 +251,19 @@ def histogram(
     return m
 
 
+_BEFORE_DUMP: list[Callable[[], None]] = []
+
+
+def before_dump(fn: Callable[[], None]) -> None:
+    """Have ``fn`` bring gauges up to date before each :func:`dump`, for a state that
+    changes with time alone (a target whose ejection ran out is back in rotation)."""
+    _BEFORE_DUMP.append(fn)
+
+
 def dump() -> dict[str, MetricDump]:
     """This process's metrics as plain data, by name (what a worker sends the main one)."""
+    for fn in _BEFORE_DUMP:
+        fn()
     return {name: m.dump() for name, m in _REGISTRY.items()}
 
 

@@ -49,7 +49,7 @@ from engine.errors import (
     UpstreamUnreachable,
 )
 from engine.exchange import BodyStream, Headers, Response, UpstreamCall
-from engine.metrics import counter, gauge
+from engine.metrics import before_dump, counter, gauge
 from engine.names import Names, is_address, lookup
 from engine.sockets import RESOURCE_ERRORS, RawSocket, TlsSocket
 from engine.wire import BodyReader, ChunkedReader, Http10Reader, ProtocolError, Reader
@@ -100,17 +100,36 @@ def _smooth_weighted(targets: list[Target], busy: bool = False) -> Target:
     return best
 
 
+_published: Mapping[str, Pool] = {}
+
+
 def publish_health(pools: Mapping[str, Pool]) -> None:
     """``filtergate_upstream_target_healthy`` for the targets of ``pools`` (those of the
     config serving), and for no other: a pool built by a refused reload must not say a
-    target is back, nor a target a reload removed stay exported."""
+    target is back, nor a target a reload removed stay exported. Looked at again at
+    every scrape: a target is in rotation when active checks pass and no passive
+    ejection (a refused connection, outlier detection) holds it out, which time alone
+    ends."""
+    global _published
+    _published = pools
+    _refresh_health()
+
+
+def _refresh_health() -> None:
+    try:
+        now = trio.current_time()
+    except RuntimeError:  # no trio run (a dump outside the gateway): as last published
+        return
     _healthy.replace_all(
         {
-            (name, t.address): 1.0 if t.healthy else 0.0
-            for name, pool in pools.items()
+            (name, t.address): 1.0 if t.available(now) else 0.0
+            for name, pool in _published.items()
             for t in pool.targets
         }
     )
+
+
+before_dump(_refresh_health)
 
 
 class UpstreamBodyError(BadGateway):
@@ -357,7 +376,14 @@ class Pool:
         self.names = Names(name, self._addresses_changed)
         self._count = {
             r: _requests.bind(upstream=name, result=r)
-            for r in ("response", "timeout", "garbage", "reset")
+            for r in (
+                "response",
+                "timeout",
+                "garbage",
+                "reset",
+                "connect_error",
+                "no_healthy_target",
+            )
         }
 
     # -- balancing ------------------------------------------------------------------
@@ -580,6 +606,7 @@ class Pool:
                     raise UpstreamUnreachable(
                         f"upstream {self.name!r}: no target accepted a connection"
                     ) from None
+                self._count["no_healthy_target"].inc()
                 raise
             call.target_address = target.address
             conn = self._checkout_idle(target, now)
@@ -615,6 +642,7 @@ class Pool:
                     try:
                         resp = await self._exchange(call, conn, rt, deadline)
                     except _StaleConnection:
+                        self._count["reset"].inc()
                         raise UpstreamReset(
                             f"upstream {self.name!r} closed the connection without answering"
                         ) from None
@@ -636,6 +664,7 @@ class Pool:
             return resp
 
     def _connect_failed(self, target: Target, failed: set[str]) -> None:
+        self._count["connect_error"].inc()
         now = trio.current_time()
         self._eject(target, now)
         failed.add(target.address)
@@ -838,6 +867,7 @@ class Pool:
                         and (_safe_to_repeat(call) or (sender is not None and sender.failed))
                     ):
                         raise _StaleConnection()
+                    self._count["reset"].inc()
                     raise UpstreamReset(
                         f"upstream {self.name!r} closed the connection without answering"
                     )
@@ -949,7 +979,6 @@ class Pool:
             if not target.healthy and target.hc_successes >= hc.healthy_threshold:
                 target.healthy = True
                 target.ejected_until = target.outlier_until = 0.0
-                _healthy.set(1, upstream=self.name, target=target.address)
                 log.warning("upstream %s: target %s is healthy again", self.name, target.address)
             elif target.healthy and (target.ejected_until or target.outlier_until):
                 # A passing check brings a passively ejected target back early.
@@ -959,7 +988,6 @@ class Pool:
             target.hc_failures += 1
             if target.healthy and target.hc_failures >= hc.unhealthy_threshold:
                 target.healthy = False
-                _healthy.set(0, upstream=self.name, target=target.address)
                 log.warning(
                     "upstream %s: target %s failed health checks", self.name, target.address
                 )

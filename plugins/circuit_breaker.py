@@ -45,7 +45,7 @@ import trio
 from engine.chain import CallNext, Filter, FilterContext, Stage
 from engine.errors import BadGateway, CircuitOpen, GatewayError, UpstreamTimeout
 from engine.exchange import Exchange, Headers, Response, StashKey, UpstreamCall
-from engine.metrics import BoundCounter, counter, gauge
+from engine.metrics import BoundCounter, before_dump, counter, gauge
 from engine.plugins import hookimpl
 from engine.schema import Duration, Invalid
 
@@ -661,9 +661,28 @@ class FailedResponseHidden(BadGateway):
         self.upstream_status = upstream_status
 
 
-def _publish_state(name: str, state: State) -> None:
-    for s in State:
-        _STATE_GAUGE.set(1.0 if s is state else 0.0, breaker=name, state=s.value)
+# Instances in use by the config serving (their background task runs), by creation:
+# the state gauge is theirs alone, so a breaker a reload dropped or replaced leaves it
+# (an alert on "open" must not fire forever for a removed route).
+_IN_USE: dict[int, CircuitBreaker] = {}
+
+
+def _publish_states() -> None:
+    """``filtergate_circuit_breaker_state`` as of now, at each scrape: an open breaker
+    whose time is up reads half_open, as :func:`breaker_states` does."""
+    try:
+        now = trio.current_time()
+    except RuntimeError:  # no trio run: nothing in use
+        return
+    values: dict[tuple[str, ...], float] = {}
+    for _serial, instance in sorted(_IN_USE.items()):  # a newer one's names win
+        for name, snap in instance.snapshot(now).items():
+            for s in State:
+                values[(name, s.value)] = 1.0 if s.value == snap.state else 0.0
+    _STATE_GAUGE.replace_all(values)
+
+
+before_dump(_publish_states)
 
 
 def _failure_detail(err: GatewayError) -> str | None:
@@ -727,7 +746,16 @@ class CircuitBreaker(Filter):
                 fb.body.encode(),
             )
         )
-        _INSTANCES[next(_CREATED)] = self
+        self._serial = next(_CREATED)
+        _INSTANCES[self._serial] = self
+
+    async def background(self) -> None:
+        """Mark this instance in use for as long as the serving config has it."""
+        _IN_USE[self._serial] = self
+        try:
+            await trio.sleep_forever()
+        finally:
+            del _IN_USE[self._serial]
 
     @property
     def breakers(self) -> dict[str, Breaker]:
@@ -759,7 +787,6 @@ class CircuitBreaker(Filter):
                 on_transition=self._on_transition,
             )
             entry = self._entries[key] = (breaker, _CallCounts(name))
-            _publish_state(name, breaker.state)
         return entry
 
     def _on_transition(self, breaker: Breaker, old: State, new: State, reason: str) -> None:
@@ -774,7 +801,6 @@ class CircuitBreaker(Filter):
             reason,
             extra,
         )
-        _publish_state(breaker.name, new)
         _TRANSITIONS_TOTAL.inc(breaker=breaker.name, from_state=old.value, to_state=new.value)
 
     def snapshot(self, now: float | None = None) -> dict[str, BreakerSnapshot]:

@@ -12,7 +12,7 @@ import trio
 import trio.testing
 
 from engine.chain import FilterContext
-from engine.config import RouteConfig
+from engine.config import RouteConfig, load
 from engine.errors import (
     BadGateway,
     CircuitOpen,
@@ -569,9 +569,18 @@ async def test_states_are_logged_exposed_and_counted(caplog: pytest.LogCaptureFi
             for r in caplog.records
         )
         assert breaker_states()["logged"].state == "open"
-        metrics = render().decode()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(f.background)  # in use, as the serving config's instances are
+            await trio.testing.wait_all_tasks_blocked()
+            metrics = render().decode()
+            nursery.cancel_scope.cancel()
         assert 'filtergate_circuit_breaker_state{breaker="logged",state="open"} 1' in metrics
         assert 'filtergate_circuit_breaker_state{breaker="logged",state="closed"} 0' in metrics
+        # An instance no longer in use (a reload dropped it) leaves the gauge.
+        after = render().decode().splitlines()
+        assert not [
+            m for m in after if m.startswith('filtergate_circuit_breaker_state{breaker="logged"')
+        ]
         assert (
             'filtergate_circuit_breaker_transitions_total{breaker="logged",'
             'from_state="closed",to_state="open"} 1'
@@ -699,6 +708,39 @@ async def test_end_to_end_trips_refuses_and_recovers() -> None:
                 states = breaker_states()
                 assert states["route:flaky/flaky"].state == "closed"
                 assert states["route:flaky/flaky"].trips == 1
+
+
+async def test_the_state_gauge_follows_a_reload() -> None:
+    """It said open for good once a reload changed or removed the breaker's route: an
+    alert on it fired forever."""
+    series = 'filtergate_circuit_breaker_state{breaker="route:flaky/flaky",state="open"}'
+
+    async def open_state(admin_port: int | None) -> str | None:
+        assert admin_port is not None
+        text = (await http_request(admin_port, "GET", "/metrics")).body.decode()
+        return next(
+            (line.split()[-1] for line in text.splitlines() if line.startswith(series)), None
+        )
+
+    with trio.fail_after(20):
+        async with open_stubs(names=["flaky"]) as stubs:
+            config = flaky_gateway(stubs, consecutive_failures=2, open_duration="60s")
+            async with open_gateway(config) as gw:
+                for _ in range(2):
+                    await http_request(gw.port, "GET", "/things?rate=1")
+                assert await open_state(gw.admin_port) == "1"
+                changed = flaky_gateway(stubs, consecutive_failures=3, open_duration="60s")
+                changed["server"] = {"listen": ["127.0.0.1:0"]}
+                changed["admin"] = {"listen": "127.0.0.1:0"}
+                await gw.gateway.reload(load(changed))
+                await trio.testing.wait_all_tasks_blocked()
+                assert await open_state(gw.admin_port) is None  # a fresh breaker, not used yet
+                await http_request(gw.port, "GET", "/things")
+                assert await open_state(gw.admin_port) == "0"
+                removed = {**changed, "routes": []}
+                await gw.gateway.reload(load(removed))
+                await trio.testing.wait_all_tasks_blocked()
+                assert await open_state(gw.admin_port) is None
 
 
 async def test_end_to_end_a_hanging_backend_gets_fast_503s() -> None:

@@ -34,20 +34,56 @@ def _config(targets: list[Any], **upstream: Any) -> dict[str, Any]:
     }
 
 
+async def _sample(admin_port: int | None, series: str) -> float | None:
+    """The value of one series (``name{labels}``) on the admin listener's /metrics."""
+    assert admin_port is not None
+    text = (await http_request(admin_port, "GET", "/metrics")).body.decode()
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
 async def test_refused_connection_is_502_then_503_while_ejected(autojump_clock: Any) -> None:
+    """Also in the metrics: before, the target read healthy while ejected, and neither
+    the refused connection nor the 503 was counted in upstream_requests_total."""
+
     with trio.fail_after(30):
         async with (
             open_refusing_upstream() as dead,
             open_gateway(_config([dead.target], eject_cooldown="10s")) as gw,
         ):
+            healthy = f'filtergate_upstream_target_healthy{{upstream="up",target="{dead.target}"}}'
+            requests = 'filtergate_upstream_requests_total{upstream="up",result="%s"}'
+            errors = await _sample(gw.admin_port, requests % "connect_error") or 0.0
+            none = await _sample(gw.admin_port, requests % "no_healthy_target") or 0.0
+            assert await _sample(gw.admin_port, healthy) == 1
             first = await http_request(gw.port, "GET", "/")
             assert first.status == 502
             assert first.json()["error"]["code"] == "upstream_unreachable"
+            assert await _sample(gw.admin_port, healthy) == 0  # out of rotation
+            assert await _sample(gw.admin_port, requests % "connect_error") == errors + 1
             second = await http_request(gw.port, "GET", "/")
             assert second.status == 503
             assert second.json()["error"]["code"] == "no_healthy_target"
+            assert await _sample(gw.admin_port, requests % "no_healthy_target") == none + 1
             await trio.sleep(11)  # the cooldown ends: the target is tried again
+            assert await _sample(gw.admin_port, healthy) == 1
             assert (await http_request(gw.port, "GET", "/")).status == 502
+
+
+async def test_an_upstream_that_closes_without_answering_counts_as_reset() -> None:
+    async def hang_up(conn: UpstreamConn) -> None:
+        await conn.read_request()  # and close
+
+    with trio.fail_after(10):
+        async with serve_upstream(hang_up) as up, open_gateway(_config([up.target])) as gw:
+            series = 'filtergate_upstream_requests_total{upstream="up",result="reset"}'
+            before = await _sample(gw.admin_port, series) or 0.0
+            resp = await http_request(gw.port, "POST", "/", body=b"x")
+            assert resp.status == 502
+            assert resp.json()["error"]["code"] == "upstream_reset"
+            assert await _sample(gw.admin_port, series) == before + 1
 
 
 async def test_connect_failure_moves_to_another_target() -> None:
