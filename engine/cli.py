@@ -38,12 +38,32 @@ if TYPE_CHECKING:
 EXIT_CONFIG = 2
 log = logging.getLogger("filtergate")
 
-STARTER: dict[str, Any] = {
-    "server": {"listen": ["127.0.0.1:8080"]},
-    "admin": {"listen": "127.0.0.1:9901"},
-    "upstreams": {"echo": {"targets": ["127.0.0.1:9004"]}},
-    "routes": [{"name": "echo", "prefix": "/", "upstream": "echo"}],
-}
+# Written as text, not by tomli-w: its inline `routes = [{...}]` cannot take the
+# `[[routes]]` and `[routes.plugins.NAME]` tables the README adds (TOML refuses to
+# extend an inline array), and comments point to what to add next.
+STARTER = """\
+# filtergate configuration: every key is in the README's configuration reference.
+# `filtergate check -c FILE` validates it and prints each route's chain.
+
+[server]
+listen = ["127.0.0.1:8080"]
+
+[admin]
+listen = "127.0.0.1:9901"   # /healthz, /readyz, /metrics, /routes: keep it on loopback
+
+# `filtergate stubs` serves a demo echo service on 127.0.0.1:9004.
+[upstreams.echo]
+targets = ["127.0.0.1:9004"]
+
+[[routes]]
+name = "echo"
+prefix = "/"
+upstream = "echo"
+
+# Plugins for one route go under it, e.g.:
+# [routes.plugins.rate-limit]
+# limits = [{ limit = 100, window = "1m" }]
+"""
 
 
 def _load(path: str, raw: bytes | None = None) -> tuple[Config, Registry]:
@@ -77,7 +97,11 @@ def cmd_check(args: argparse.Namespace) -> int:
         runtime = compile_runtime(config, registry)
     except (ConfigError, PluginError) as e:
         return _config_error(e, args.config)
-    print(f"{args.config}: ok, {len(runtime.routes)} routes, {len(runtime.pools)} upstreams")
+    routes, pools = len(runtime.routes), len(runtime.pools)
+    print(
+        f"{args.config}: ok, {routes} route{'s' * (routes != 1)}, "
+        f"{pools} upstream{'s' * (pools != 1)}"
+    )
     access = config.access_log
     if access.path is not None:
         where = "standard output" if access.path == "-" else access.path
@@ -127,14 +151,12 @@ def _own_keys(table: dict[str, Any] | None) -> str:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    import tomli_w
-
     path = Path(args.file)
     if path.exists() and not args.force:
         print(f"filtergate: {path} exists (use --force to overwrite)", file=sys.stderr)
         return 1
     try:
-        path.write_text(tomli_w.dumps(STARTER))
+        path.write_text(STARTER)
     except OSError as e:  # no such directory, a directory there, no permission
         print(f"filtergate: cannot write {path}: {e.strerror or e}", file=sys.stderr)
         return 1
@@ -647,8 +669,8 @@ async def _reload(gateway: Gateway, workers: Workers) -> None:
     from engine.config import load_bytes, read_file
     from engine.plugins import PluginError
 
+    path = gateway.runtime.config.source
     try:
-        path = gateway.runtime.config.source
         raw = read_file(path)
         await gateway.reload(load_bytes(raw, path))
         try:
@@ -656,9 +678,18 @@ async def _reload(gateway: Gateway, workers: Workers) -> None:
         except Exception:
             log.exception("workers respawned from now on run the previous configuration")
     except (ConfigError, PluginError) as e:
-        log.error("reload refused, the old configuration keeps serving: %s", e)
+        log.error("reload refused, the old configuration keeps serving: %s: %s", path, e)
     except Exception:
         log.exception("reload failed")
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _version() -> str:
+    from engine.plugins import _own_version
+
+    return _own_version()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -666,7 +697,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="filtergate",
         description="filtergate: an API gateway you extend in plain Python.",
     )
-    p.add_argument("--log-level", default=os.environ.get("FILTERGATE_LOG", "info"))
+    p.add_argument(
+        "--log-level",
+        default=os.environ.get("FILTERGATE_LOG", "info").lower(),
+        type=str.lower,
+        choices=LOG_LEVELS,
+        help="debug, info, warning or error (default: $FILTERGATE_LOG, else info)",
+    )
+    p.add_argument("--version", action="version", version=f"filtergate {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the gateway (SIGHUP reloads, SIGTERM drains)")
@@ -709,8 +747,10 @@ def main(argv: list[str] | None = None) -> int:
     if rest and args.command != "stubs":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.rest = rest
+    if args.log_level not in LOG_LEVELS:  # a default from FILTERGATE_LOG is not checked
+        parser.error(f"FILTERGATE_LOG={args.log_level!r}: expected one of {', '.join(LOG_LEVELS)}")
     logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        level=getattr(logging, args.log_level.upper()),
         # The pid tells the processes of `workers > 1` apart.
         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
     )

@@ -576,7 +576,12 @@ def read_file(path: str | Path) -> bytes:
     try:
         return Path(path).read_bytes()
     except OSError as e:
-        raise ConfigError("", f"cannot read {path}: {e.strerror}") from None
+        hint = (
+            " (`filtergate init` writes a starter config)"
+            if isinstance(e, FileNotFoundError)
+            else ""
+        )
+        raise ConfigError("", f"cannot read it: {e.strerror}{hint}") from None
 
 
 def load_bytes(raw: bytes, path: str | Path) -> Config:
@@ -584,6 +589,6 @@ def load_bytes(raw: bytes, path: str | Path) -> Config:
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError("", f"{path}: not valid TOML: {e}") from None
+        raise ConfigError("", f"not valid TOML: {e}") from None
     config: Config = load(data, source=str(path))
     return config

@@ -167,6 +167,53 @@ def test_init_writes_a_config_that_checks(tmp_path: Path) -> None:
     assert _run("init", str(tmp_path / "new.toml")).returncode == 1  # never overwrites
 
 
+def test_the_starter_config_takes_routes_added_as_the_readme_writes_them(
+    tmp_path: Path,
+) -> None:
+    """init wrote routes = [{...}] inline, which TOML cannot extend with [[routes]]."""
+    path = tmp_path / "new.toml"
+    assert _run("init", str(path)).returncode == 0
+    with path.open("a") as f:
+        f.write(
+            '\n[[routes]]\nname = "users"\nprefix = "/users"\nupstream = "echo"\n'
+            '[routes.plugins.rate-limit]\nlimits = [{ limit = 5, window = "1s" }]\n'
+        )
+    r = _run("check", "-c", str(path))
+    assert r.returncode == 0, r.stderr
+    assert "2 routes" in r.stdout
+
+
+def test_log_level_and_version(tmp_path: Path) -> None:
+    """A misspelled level was taken as info without a word."""
+    bad = _run("--log-level", "verbose", "check")
+    assert bad.returncode == 2
+    assert "invalid choice: 'verbose'" in bad.stderr
+    env_bad = subprocess.run(
+        [*CLI, "check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "FILTERGATE_LOG": "loud"},
+        check=False,
+    )
+    assert env_bad.returncode == 2
+    assert "FILTERGATE_LOG='loud'" in env_bad.stderr
+    version = _run("--version")
+    assert version.returncode == 0
+    assert version.stdout.startswith("filtergate ")
+
+
+def test_a_missing_or_broken_file_is_named_once(tmp_path: Path) -> None:
+    missing = _run("check", "-c", str(tmp_path / "gone.toml"))
+    assert missing.returncode == 2
+    assert missing.stderr.count("gone.toml") == 1
+    assert "filtergate init" in missing.stderr
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[server\n")
+    r = _run("check", "-c", str(broken))
+    assert r.stderr.count("broken.toml") == 1
+
+
 def test_help_lists_every_verb() -> None:
     out = _run("--help").stdout
     for verb in ("run", "check", "init", "plugins", "stubs", "hash-key"):

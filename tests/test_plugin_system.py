@@ -507,7 +507,7 @@ def test_check_prints_the_effective_chain_of_every_route(site: Path, tmp_path: P
     result = filtergate(site, "check", "-c", str(file))
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0] == f"{file}: ok, 4 routes, 1 upstreams"
+    assert lines[0] == f"{file}: ok, 4 routes, 1 upstream"
     chains = [line.strip() for line in lines if line.strip().startswith("chain:")]
     assert chains == [
         "chain: probe [limit]",
