@@ -223,7 +223,10 @@ def compile_runtime(config: Config, registry: Registry, previous: Runtime | None
             except ConfigError as e:
                 if route_path and e.path.startswith(cfg_path + "."):
                     key = e.path[len(cfg_path) + 1 :].split(".")[0].split("[")[0]
-                    if key not in route.plugins.get(name, {}):
+                    # A missing key belongs to the route's table, where it is missing.
+                    if key in config.plugins.get(name, {}) and key not in route.plugins.get(
+                        name, {}
+                    ):
                         # The bad key came from the global table: say so.
                         raise ConfigError(
                             f"plugins.{name}.{e.path[len(cfg_path) + 1 :]}", e.message

@@ -143,3 +143,18 @@ def test_canonical_patterns_and_allowed_underscores_pass() -> None:
         "routes": routes,
     }
     assert len(load(data).routes) == 3
+
+
+def test_a_key_missing_from_a_route_s_own_plugin_table_is_named_there() -> None:
+    """It was blamed on plugins.rate-limit.limits, a table the file does not have."""
+    config = load(
+        {
+            "upstreams": {"u": {"targets": ["127.0.0.1:9"]}},
+            "routes": [
+                {"prefix": "/", "upstream": "u", "plugins": {"rate-limit": {"store": "memory"}}}
+            ],
+        }
+    )
+    with pytest.raises(ConfigError, match="required key is missing") as info:
+        compile_runtime(config, discover(entry_points=False))
+    assert info.value.path == "routes[0].plugins.rate-limit.limits"
