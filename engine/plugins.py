@@ -167,9 +167,10 @@ def discover(
             try:
                 obj = ep.load()
             except (Exception, SystemExit) as e:  # a module that exits (argparse) too
-                why = f"{type(e).__name__}: {e}" if isinstance(e, SystemExit) else str(e)
                 raise PluginError(
-                    f"plugin {ep.name!r} ({dname} {dversion}): cannot be loaded: {why}"
+                    f"plugin {ep.name!r} ({dname} {dversion}): cannot be loaded: "
+                    f"{type(e).__name__}: {e}{_where(e)} (to run without it, list "
+                    f'"{ep.name}" in [discovery] blocked)'
                 ) from None
             register(obj, ep.name, f"{dname} {dversion}")
             dists[id(obj)] = (dname, dversion)
@@ -199,6 +200,19 @@ def discover(
                 )
             filters[cls.name] = FilterInfo(cls, pname, dname, dversion)
     return Registry(filters=filters, blocked=blocked)
+
+
+def _where(e: BaseException) -> str:
+    """`` at FILE:LINE`` of the innermost frame an exception went through (where a
+    plugin's import failed), or of the file a syntax error is in."""
+    if isinstance(e, SyntaxError) and e.filename:
+        return f" at {e.filename}:{e.lineno}"
+    tb = e.__traceback__
+    if tb is None:
+        return ""
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return f" at {tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}"
 
 
 def _own_version() -> str:

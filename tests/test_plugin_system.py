@@ -588,6 +588,10 @@ def test_an_installed_plugin_that_fails_to_import(site: Path, tmp_path: Path) ->
     assert result.returncode == 2
     assert "plugin 'broken-plugin'" in result.stderr
     assert "Traceback" not in result.stderr
+    # Where it broke, and how to start without it.
+    assert "ModuleNotFoundError" in result.stderr
+    assert f"at {broken / 'fgtest_broken.py'}:1" in result.stderr
+    assert '"broken-plugin" in [discovery] blocked' in result.stderr
 
 
 def test_an_installed_plugin_that_exits_on_import(site: Path, tmp_path: Path) -> None:
