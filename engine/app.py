@@ -23,9 +23,8 @@ import h11
 import trio
 
 from engine import metrics
-from engine.chain import chain_notes
 from engine.config import Config, parse_address
-from engine.gateway import Runtime, compile_runtime
+from engine.gateway import Runtime, compile_runtime, route_notes
 from engine.metrics import MetricDump
 from engine.plugins import Registry, discover
 from engine.schema import ConfigError
@@ -135,9 +134,9 @@ def _restart_only_changes(old: Config, new: Config) -> list[str]:
 
 
 def _log_chain_notes(runtime: Runtime) -> None:
-    for route in runtime.routes:
-        for note in chain_notes(route.chain):
-            log.warning("route %s: %s", route.config.name, note)
+    for name, notes in route_notes(runtime).items():
+        for note in notes:
+            log.warning("route %s: %s", name, note)
 
 
 def _plugin_path(config: Config, name: str, scope: str) -> str:

@@ -222,12 +222,17 @@ def chain_notes(chain: Chain) -> list[str]:
     """
     notes = []
     for i, f in enumerate(chain.filters):
-        if getattr(getattr(f, "config", None), "skip_if_authenticated", False) is True and not any(
-            g.stage is Stage.AUTHENTICATE for g in chain.filters[:i]
-        ):
+        config = getattr(f, "config", None)
+        authenticated = any(g.stage is Stage.AUTHENTICATE for g in chain.filters[:i])
+        if getattr(config, "skip_if_authenticated", False) is True and not authenticated:
             notes.append(
                 f"{f.name}: skip_if_authenticated never applies, no authentication runs "
                 "before it (put allow_anonymous on an auth plugin that runs first)"
+            )
+        if f.name == "rate-limit" and getattr(config, "groups", None) and not authenticated:
+            notes.append(
+                "rate-limit: groups never apply, no authentication runs before it to give "
+                "the caller its groups (every caller gets the default limits)"
             )
     return notes
 

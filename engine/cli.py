@@ -88,8 +88,7 @@ def _config_error(e: Exception, path: str) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from engine.chain import chain_notes
-    from engine.gateway import compile_runtime
+    from engine.gateway import compile_runtime, route_notes
     from engine.plugins import PluginError
 
     try:
@@ -106,6 +105,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     if access.path is not None:
         where = "standard output" if access.path == "-" else access.path
         print(f"  access log: {where} ({access.format})")
+    notes = route_notes(runtime)
     for r in runtime.routes:
         rc = r.config
         match = rc.path if rc.path is not None else f"{rc.pattern}*"
@@ -128,7 +128,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         ]
         if off:
             print(f"    turned off here: {', '.join(off)}")
-        for note in chain_notes(r.chain):
+        for note in notes.get(rc.name, []):
             print(f"    warning: {note}")
     for name, pool in runtime.pools.items():
         uc = pool.config

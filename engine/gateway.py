@@ -33,7 +33,13 @@ from engine.router import Router, allowed_methods
 from engine.schema import ConfigError, Invalid, build, check_keys
 from engine.upstream import Pool
 
-__all__ = ["RouteRuntime", "Runtime", "compile_runtime", "effective_plugin_configs"]
+__all__ = [
+    "RouteRuntime",
+    "Runtime",
+    "compile_runtime",
+    "effective_plugin_configs",
+    "route_notes",
+]
 
 log = logging.getLogger("filtergate.gateway")
 
@@ -331,6 +337,46 @@ def _access_log(config: Config, previous: Runtime | None) -> AccessLog | None:
     if old is not None and old.config == config.access_log:
         return old
     return AccessLog(config.access_log)
+
+
+def route_notes(runtime: Runtime) -> dict[str, list[str]]:
+    """What in each route cannot work as configured, by route name, for ``check`` and
+    the log at load: its chain's notes (:func:`engine.chain.chain_notes`), and a route
+    that an earlier one takes every request of (same hosts, pattern and conditions,
+    methods included), so that it never matches."""
+    from engine.chain import chain_notes
+
+    notes: dict[str, list[str]] = {}
+    seen: list[RouteConfig] = []
+    for route in runtime.routes:
+        rc = route.config
+        found = chain_notes(route.chain)
+        shadow = next((earlier for earlier in seen if _takes_all_of(earlier, rc)), None)
+        if shadow is not None:
+            found.append(
+                f"never matches: route {shadow.name!r} before it has the same hosts, "
+                "path and conditions, and takes every request it would"
+            )
+        if found:
+            notes[rc.name] = found
+        seen.append(rc)
+    return notes
+
+
+def _takes_all_of(earlier: RouteConfig, later: RouteConfig) -> bool:
+    def shape(rc: RouteConfig) -> tuple[object, ...]:
+        pattern = re.sub(
+            r"\{[^}/]*\}", "{}", rc.pattern.rstrip("/") if rc.is_prefix else rc.pattern
+        )
+        return (sorted(rc.hosts), pattern, rc.is_prefix, rc.headers, rc.query)
+
+    if shape(earlier) != shape(later):
+        return False
+    if not earlier.methods:
+        return not later.methods  # any method: tried after a route that lists some
+    if not later.methods:
+        return False
+    return set(allowed_methods(later.methods)) <= set(allowed_methods(earlier.methods))
 
 
 def _find_instance(

@@ -158,3 +158,42 @@ def test_a_key_missing_from_a_route_s_own_plugin_table_is_named_there() -> None:
     with pytest.raises(ConfigError, match="required key is missing") as info:
         compile_runtime(config, discover(entry_points=False))
     assert info.value.path == "routes[0].plugins.rate-limit.limits"
+
+
+def _notes(routes: list[dict[str, Any]]) -> dict[str, list[str]]:
+    from engine.gateway import route_notes
+
+    config = load({"upstreams": {"u": {"targets": ["127.0.0.1:9"]}}, "routes": routes})
+    return route_notes(compile_runtime(config, discover(entry_points=False)))
+
+
+def test_a_route_an_earlier_one_takes_every_request_of_is_noted() -> None:
+    """check passed two routes of one pattern silently; the second never matched."""
+    notes = _notes(
+        [
+            {"name": "a", "path": "/users/{id}", "upstream": "u"},
+            {"name": "b", "path": "/users/{uid}", "upstream": "u"},  # same shape
+            {"name": "c", "prefix": "/x", "methods": ["GET", "POST"], "upstream": "u"},
+            {"name": "d", "prefix": "/x/", "methods": ["HEAD"], "upstream": "u"},  # GET has it
+            {"name": "e", "prefix": "/x", "methods": ["PUT"], "upstream": "u"},  # its own
+            {"name": "f", "prefix": "/x", "upstream": "u"},  # any other method
+            {"name": "g", "prefix": "/x", "headers": {"x-v": "2"}, "upstream": "u"},  # more
+            {"name": "h", "prefix": "/x", "hosts": ["a.example"], "upstream": "u"},
+        ]
+    )
+    assert set(notes) == {"b", "d"}
+    assert "route 'a' before it" in notes["b"][0]
+    assert "route 'c' before it" in notes["d"][0]
+
+
+def test_rate_limit_groups_with_no_authentication_before_them_are_noted() -> None:
+    limits = {"limits": [{"limit": 10, "window": "1s"}]}
+    groups = {**limits, "groups": {"gold": limits}}
+    notes = _notes(
+        [
+            {"name": "open", "prefix": "/a", "upstream": "u", "plugins": {"rate-limit": groups}},
+            {"name": "plain", "prefix": "/b", "upstream": "u", "plugins": {"rate-limit": limits}},
+        ]
+    )
+    assert list(notes) == ["open"]
+    assert "groups never apply" in notes["open"][0]
