@@ -966,7 +966,14 @@ class _Connection:
                 answer, depth = await _tunnel_request_phases(chain, exchange)
                 if answer is None:
                     sent_before = self.bytes_out
-                    await self._tunnel(route, exchange, request_id)
+                    try:
+                        await self._tunnel(route, exchange, request_id)
+                    except trio.Cancelled:  # a shutdown cut it: still its line
+                        if exchange.upstream_target is not None:  # (it had opened)
+                            self._account(
+                                rt, route, exchange, req, 200, request_id, start, sent_before
+                            )
+                        raise
                     # Its line once it ends: status 200, the tunnel's whole life, and
                     # every byte the client was sent through it (as nginx's stream log).
                     self._account(rt, route, exchange, req, 200, request_id, start, sent_before)
@@ -1153,6 +1160,11 @@ class _Connection:
         sent_before = self.bytes_out
         try:
             await self._send_response(answer, request_id, req.method)
+        except trio.Cancelled:
+            # A shutdown cut it midway (past shutdown_timeout): measured and logged with
+            # the bytes that went out, as any response cut off.
+            self._account(rt, route, exchange, req, answer.status, request_id, start, sent_before)
+            raise
         except _Abort:
             # Cut off (the upstream's body broke, the client left): still measured and
             # logged, with the bytes that did go out, and seen by on_log as cut off.

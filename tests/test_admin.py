@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ from engine.chain import Filter, Stage
 from engine.exchange import Exchange
 from engine.plugins import hookimpl
 from engine.testing import Stubs, http_request, open_gateway
+from tests.upstreams import open_truncating_upstream
 
 
 async def test_admin_endpoints(stubs: Stubs) -> None:
@@ -101,6 +103,33 @@ async def test_a_drain_that_runs_out_of_time_says_how_many_requests_it_cut(
             nursery.cancel_scope.cancel()
     cut = [r.getMessage() for r in caplog.records if "cut off" in r.getMessage()]
     assert cut == ["shutdown: 1 request(s) still in flight after 5s are cut off"]
+
+
+async def test_a_response_a_drain_cuts_off_is_still_logged(
+    autojump_clock: object, tmp_path: Path
+) -> None:
+    """It left no access-log line, nor a duration, where any other cut-off has both."""
+    log = tmp_path / "access.log"
+    with trio.fail_after(30):
+        async with open_truncating_upstream(declared=1000, sent=10, stall=True) as up:
+            config = {
+                "access_log": {"path": str(log)},
+                "upstreams": {"u": {"targets": [up.target], "read_timeout": "60s"}},
+                "routes": [{"name": "stalled", "prefix": "/", "upstream": "u"}],
+            }
+            async with open_gateway(config) as gw, trio.open_nursery() as nursery:
+                stream = await trio.open_tcp_stream("127.0.0.1", gw.port)
+                await stream.send_all(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+                got = b""
+                while not got.endswith(b"x" * 10):
+                    got += await stream.receive_some(65536)
+                await gw.gateway.shutdown(grace=2)
+                nursery.cancel_scope.cancel()
+                await stream.aclose()
+    (line,) = [json.loads(text) for text in log.read_text().splitlines()]
+    assert line["status"] == 200
+    assert line["route"] == "stalled"
+    assert line["bytes_sent"] == len(got)
 
 
 async def test_drain_delay_says_not_ready_while_still_serving(
