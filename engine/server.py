@@ -402,15 +402,21 @@ class Server:
 
     # -- one connection ----------------------------------------------------------------
 
-    def _plain_http_on_tls(self, raw: socket.socket) -> None:
+    def _plain_http_on_tls(self, raw: socket.socket, peer: tuple[str, int]) -> None:
         """Say why, in plain text, to a client that spoke HTTP to a TLS listener (nginx
-        answers it the same way), instead of closing without a word."""
+        answers it the same way), instead of closing without a word; logged as any
+        request that could not be read."""
         err = BadRequest("a plain HTTP request was sent to an HTTPS port")
-        _status, data = _closing_error(err, self.ids.next())
+        request_id = self.ids.next()
+        rid = self.runtime.rid_header + b": " + request_id.encode() + b"\r\n"
+        status, data = _closing_error(err, request_id, rid)
         try:
-            raw.send(data)  # small: the kernel takes it at once
+            sent = raw.send(data)  # small: the kernel takes it at once
         except OSError:
-            pass
+            sent = 0
+        access = self.runtime.access_log
+        if access is not None:
+            access.record(peer[0], None, None, status, request_id, 0.0, sent)
 
     async def _connection(self, raw: socket.socket, peer: tuple[str, int]) -> None:
         _open_connections.add(1)
@@ -427,7 +433,7 @@ class Server:
                     except (trio.BrokenResourceError, ssl.SSLError) as e:
                         cause = e if isinstance(e, ssl.SSLError) else e.__cause__
                         if getattr(cause, "reason", None) == "HTTP_REQUEST":
-                            self._plain_http_on_tls(raw)
+                            self._plain_http_on_tls(raw, peer)
                         return
                 if cs.cancelled_caught:
                     return

@@ -84,6 +84,8 @@ async def test_filters_see_the_server_name_the_client_asked_for(tmp_path: Path) 
 async def test_plain_http_on_the_tls_port_gets_a_400_saying_so(tmp_path: Path) -> None:
     ca = trustme.CA()
     config = _tls_config(tmp_path, ca, "gw.test")
+    log = tmp_path / "access.log"
+    config["access_log"] = {"path": str(log)}
     with trio.fail_after(20):
         async with open_gateway(config) as gw:
             data = await raw_exchange(gw.port, b"GET / HTTP/1.1\r\nHost: gw.test\r\n\r\n")
@@ -92,6 +94,13 @@ async def test_plain_http_on_the_tls_port_gets_a_400_saying_so(tmp_path: Path) -
     head, _, body = data.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400 Bad Request\r\n")
     assert json.loads(body)["error"]["message"] == "a plain HTTP request was sent to an HTTPS port"
+    # Logged as any request that could not be read (it was not, before), with its id.
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    refused = [line for line in lines if line["status"] == 400]
+    assert len(refused) == 1
+    assert refused[0]["method"] == "-"
+    assert refused[0]["bytes_sent"] == len(data)
+    assert f"x-request-id: {refused[0]['request_id']}".encode() in head
 
 
 async def _ask_any(port: int, ca: trustme.CA) -> bytes:
