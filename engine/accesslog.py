@@ -145,7 +145,8 @@ class AccessLog:
             # Apache's and nginx's "combined": %h %l %u %t "%r" %>s %b "Referer" "UA".
             user = "-"
             if exchange is not None and exchange.identity is not None:
-                user = _escape(exchange.identity.consumer) or "-"
+                # Unquoted in the format: a space would shift every field after it.
+                user = _escape(exchange.identity.consumer).replace(" ", "\\x20") or "-"
             request_line = "-" if req is None else _escape(f"{method} {target} {version}")
             line = (
                 f'{client} - {user} [{clf}] "{request_line}" '

@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
 import trio
 
@@ -108,6 +109,26 @@ async def test_combined_format_and_a_malformed_request(stubs: Stubs, tmp_path: P
         rf'127\.0\.0\.1 - - {stamp} "GET /echo/c HTTP/1\.1" 200 \d+ "-" "a \\"b\\" \\\\c"', good
     ), good
     assert re.fullmatch(rf'127\.0\.0\.1 - - {stamp} "-" 400 {len(garbage)} "-" "-"', bad), bad
+
+
+async def test_a_consumer_with_spaces_keeps_the_combined_fields_apart(
+    stubs: Stubs, tmp_path: Path
+) -> None:
+    """The user field is not quoted: 'bob [x] "GET' shifted every field after it."""
+    path = tmp_path / "access.log"
+    secret = "s" * 32
+    config = _config(stubs, path=str(path), format="combined")
+    issuer = {"issuer": "t", "algorithms": ["HS256"], "secret": secret}
+    config["routes"][0]["plugins"] = {"jwt-auth": {"issuers": [issuer]}}
+    token = jwt.encode({"iss": "t", "sub": 'bob [x] "GET', "exp": 2**31}, secret, "HS256")
+    with trio.fail_after(20):
+        async with open_gateway(config) as gw:
+            auth = [("Authorization", f"Bearer {token}")]
+            resp = await http_request(gw.port, "GET", "/echo/c", auth)
+            assert resp.status == 200
+    (line,) = _lines(path)
+    assert line.split(" ")[2] == 'bob\\x20[x]\\x20\\"GET'
+    assert line.split(" ")[3].startswith("[")  # the time is still the fourth field
 
 
 async def test_lines_are_written_every_flush_interval(
