@@ -109,6 +109,15 @@ _REQ_SPECIAL = {name: 1 for name in _HOP_BY_HOP} | {
     b"forwarded": 9,
     b"x-real-ip": 9,
     b"x-forwarded-port": 9,
+    # The same for the path a proxy in front saw: Symfony, Laminas and IIS's URL Rewrite
+    # serve X-Original-URL / X-Rewrite-URL in place of the request line, so "GET /" with
+    # "X-Original-URL: /admin" would be routed as "/" and served as "/admin".
+    b"x-original-url": 9,
+    b"x-rewrite-url": 9,
+    b"x-original-uri": 9,
+    b"x-forwarded-uri": 9,
+    b"x-forwarded-prefix": 9,
+    b"x-envoy-original-path": 9,
 }
 
 _responses = counter("filtergate_responses_total", "Responses sent, by status class", ("code",))

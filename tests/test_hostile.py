@@ -623,6 +623,14 @@ SPOOFABLE = [
     ("forwarded", "for=8.8.8.8;proto=https"),
     ("x-real-ip", "8.8.8.8"),
     ("x-forwarded-port", "443"),
+    # Served in place of the request line by Symfony, Laminas, IIS: "GET /api/x" routed
+    # as such and served as /admin.
+    ("x-original-url", "/admin"),
+    ("x-rewrite-url", "/admin"),
+    ("x-original-uri", "/admin"),
+    ("x-forwarded-uri", "/admin"),
+    ("x-forwarded-prefix", "/admin"),
+    ("x-envoy-original-path", "/admin"),
 ]
 # CGI and WSGI read these as X-Forwarded-For and X-User-Id.
 UNDERSCORED = [("x_forwarded_for", "6.6.6.6"), ("x_user_id", "admin")]
