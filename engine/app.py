@@ -169,6 +169,7 @@ class Gateway:
             entry_points=config.discovery.entry_points,
         )
         self.runtime: Runtime = compile_runtime(config, self.registry)
+        self._started = config  # what listeners, workers and admin were made from
         publish_health(self.runtime.pools)
         self._first_process = admin  # the others say nothing the first one says
         if admin:
@@ -308,8 +309,15 @@ class Gateway:
         self.server.runtime = runtime
         self.server.wake_acceptors()  # max_connections may have changed
         self.server.ssl_context = ssl_context  # new connections; open ones keep theirs
-        for key in _restart_only_changes(old.config, config):
-            log.warning("%s changed: it takes effect at the next restart, not on reload", key)
+        # Against what this process started with (what is bound), not the last file: a
+        # value put back to the running one needs no restart, and a change made over two
+        # reloads still does.
+        changed = _restart_only_changes(old.config, config)
+        for key in _restart_only_changes(self._started, config):
+            if key in changed:
+                log.warning(
+                    "%s changed: it takes effect at the next restart, not on reload", key
+                )
         if self._nursery is not None:
             self._start_background(runtime)
         for name, pool in old.pools.items():
