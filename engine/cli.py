@@ -608,6 +608,10 @@ async def _serve_signals(
         with scope:
             while True:
                 again = False
+                # A SIGTERM that came with the SIGHUP (both queued at start-up) has
+                # cancelled this already: a reload with nothing to wait for would
+                # otherwise run whole, after "reload abandoned" was logged.
+                await trio.lowlevel.checkpoint()
                 await _reload(gateway, workers)
                 if not again:
                     break

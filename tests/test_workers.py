@@ -301,6 +301,25 @@ async def test_sighup_while_starting_is_queued_not_fatal(stubs: Stubs, tmp_path:
             assert await proc.wait() == 0
 
 
+async def test_sighup_and_sigterm_while_starting_reload_nothing(
+    stubs: Stubs, tmp_path: Path
+) -> None:
+    """Both queued at start-up: the log said "reload abandoned" and then
+    "configuration reloaded", since a reload with nothing to wait for ran whole."""
+    port = _free_port()
+    cfg = _write(tmp_path / "g.toml", _config(port, stubs.target("echo")))
+    log = tmp_path / "err.log"
+    with trio.fail_after(30):
+        async with _process([*CLI, "run", "-c", str(cfg)], log) as proc:
+            await _until(lambda: _blocks(proc.pid, signal.SIGHUP) or proc.returncode)
+            proc.send_signal(signal.SIGHUP)
+            proc.send_signal(signal.SIGTERM)
+            assert await proc.wait() == 0
+    text = log.read_text()
+    assert "reload abandoned" in text
+    assert "configuration reloaded" not in text
+
+
 async def test_a_second_signal_cuts_the_drain_short(stubs: Stubs, tmp_path: Path) -> None:
     port = _free_port()
     cfg = _write(tmp_path / "g.toml", _config(port, stubs.target("slow"), workers=2))
