@@ -315,9 +315,7 @@ class Gateway:
         changed = _restart_only_changes(old.config, config)
         for key in _restart_only_changes(self._started, config):
             if key in changed:
-                log.warning(
-                    "%s changed: it takes effect at the next restart, not on reload", key
-                )
+                log.warning("%s changed: it takes effect at the next restart, not on reload", key)
         if self._nursery is not None:
             self._start_background(runtime)
         for name, pool in old.pools.items():

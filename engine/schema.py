@@ -15,6 +15,7 @@ validate further in ``__post_init__`` by raising :class:`Invalid`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 import types
@@ -259,13 +260,62 @@ def describe_fields(cls: type) -> list[tuple[str, str, str, str]]:
     out = []
     hints = _hints(cls)
     for f in dataclasses.fields(cls):
-        if not f.init:
+        if not f.init or f.metadata.get("internal"):
             continue
+        tp = hints[f.name]
         if f.default is not dataclasses.MISSING:
-            default = repr(f.default)
+            value: Any = f.default
         elif f.default_factory is not dataclasses.MISSING:
-            default = repr(f.default_factory())
+            value = f.default_factory()
         else:
-            default = "(required)"
-        out.append((f.name, _type_name(hints[f.name]), default, f.metadata.get("doc", "")))
+            out.append((f.name, _type_name(tp), "(required)", f.metadata.get("doc", "")))
+            continue
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            # A table with defaults of its own: its keys, as `redis.url`.
+            out.append((f.name, "a table", "(below)", f.metadata.get("doc", "")))
+            for key, typ, default, doc in describe_fields(type(value)):
+                out.append((f"{f.name}.{key}", typ, default, doc))
+            continue
+        out.append((f.name, _type_name(tp), _toml(tp, value), f.metadata.get("doc", "")))
     return out
+
+
+def _toml(tp: Any, value: Any) -> str:
+    """``value`` as it would be written in gateway.toml (``(none)`` for no value)."""
+    if value is None:
+        return "(none)"
+    origin = get_origin(tp)
+    if origin is Union or origin is types.UnionType:
+        options = [a for a in get_args(tp) if a is not type(None)]
+        tp = options[0] if len(options) == 1 else Any
+        origin = get_origin(tp)
+    if tp is Duration:
+        ms = value * 1000
+        if value < 1 and ms == int(ms):
+            return f'"{int(ms)}ms"'
+        for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+            if value >= size and value % size == 0:
+                return f'"{int(value // size)}{unit}"'
+        return f'"{value:g}s"'
+    if tp is ByteSize:
+        for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+            if value >= size and value % size == 0:
+                return f'"{value // size}{unit}"'
+        return str(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        args = get_args(tp)
+        item = args[0] if args else Any
+        return "[" + ", ".join(_toml(item, v) for v in value) + "]"
+    if isinstance(value, dict):
+        args = get_args(tp)
+        item = args[1] if len(args) == 2 else Any
+        if not value:
+            return "{}"
+        return (
+            "{ " + ", ".join(f"{json.dumps(k)} = {_toml(item, v)}" for k, v in value.items()) + " }"
+        )
+    return str(value)

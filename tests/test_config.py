@@ -197,3 +197,18 @@ def test_rate_limit_groups_with_no_authentication_before_them_are_noted() -> Non
     )
     assert list(notes) == ["open"]
     assert "groups never apply" in notes["open"][0]
+
+
+def test_plugin_defaults_are_described_as_gateway_toml_writes_them() -> None:
+    """filtergate plugins printed Python reprs: False, None, ('5xx',), 8192, and a whole
+    RedisConfig(...) on one line."""
+    from engine.schema import describe_fields
+    from plugins.rate_limit import RateLimitConfig
+
+    rows = {key: default for key, _typ, default, _doc in describe_fields(RateLimitConfig)}
+    assert rows["key"] == '["consumer"]'
+    assert rows["headers"] == "true"
+    assert rows["redis"] == "(below)"
+    assert rows["redis.timeout"] == '"100ms"'
+    assert rows["redis.password"] == "(none)"
+    assert rows["redis.url"] == '"redis://127.0.0.1:6379/0"'

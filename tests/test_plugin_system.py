@@ -552,8 +552,9 @@ def test_plugins_lists_name_distribution_version_stage_and_config_keys(site: Pat
         "    Stamps x-probe.",
         "    label: a string = (required)  # what the probe stamps",
         "    limit: an integer = 10",
-        '    window: a duration like "1m" = 60.0',
-        "    mode: one of 'fast', 'slow' = 'fast'",
+        # Defaults as gateway.toml writes them (they were Python reprs: 60.0, 'fast').
+        '    window: a duration like "1m" = "1m"',
+        "    mode: one of 'fast', 'slow' = \"fast\"",
     ]
     assert "tagger  [edge]  from fgtest-probe 2.5.0" in out
     assert "from filtergate (built-in)" in out  # the built-ins beside it
