@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.metadata
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,9 @@ from typing import Any
 import pluggy
 
 from engine.chain import FILTER_API_VERSION, Stage
+from engine.schema import unsupported_field
+
+log = logging.getLogger("filtergate.plugins")
 
 __all__ = [
     "PluginError",
@@ -82,6 +86,9 @@ class Registry:
         return self.filters.get(name)
 
 
+_PHASES = ("on_request", "on_response", "around_upstream", "on_log")
+
+
 def _validate_type(cls: Any, plugin: str) -> None:
     for attr in ("name", "stage"):
         if not hasattr(cls, attr):
@@ -94,11 +101,33 @@ def _validate_type(cls: Any, plugin: str) -> None:
             f"plugin {plugin!r}: filter {cls.name!r} was written for filter API "
             f"version {version!r}, this filtergate implements version {FILTER_API_VERSION}"
         )
-    if not any(hasattr(cls, p) for p in ("on_request", "on_response", "around_upstream", "on_log")):
+    if not any(hasattr(cls, p) for p in _PHASES):
         raise PluginError(f"plugin {plugin!r}: filter {cls.name!r} defines no phase")
     config = getattr(cls, "Config", None)
-    if config is None or not dataclasses.is_dataclass(config):
+    if not isinstance(config, type) or not dataclasses.is_dataclass(config):
         raise PluginError(f"plugin {plugin!r}: filter {cls.name!r}: Config must be a dataclass")
+    bad = unsupported_field(config)
+    if bad is not None:
+        raise PluginError(
+            f"plugin {plugin!r}: filter {cls.name!r}: Config field {bad} cannot be read "
+            "from TOML (use str, int, float, bool, Duration, ByteSize, Literal, list, "
+            "tuple, dict, a dataclass, or an Optional of one)"
+        )
+    near = [
+        name
+        for name in dir(cls)
+        if name.startswith(("on_", "around_"))
+        and name not in _PHASES
+        and callable(getattr(cls, name))
+    ]
+    if near:
+        log.warning(
+            "plugin %r: filter %r has %s, which no phase is (the phases: %s); it is never called",
+            plugin,
+            cls.name,
+            ", ".join(near),
+            ", ".join(_PHASES),
+        )
 
 
 def _builtin_modules() -> list[str]:

@@ -192,6 +192,42 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
     raise ConfigError(path, f"expected {_type_name(tp)}, got {value!r}")
 
 
+def unsupported_field(cls: type) -> str | None:
+    """The first field of config dataclass ``cls`` (nested ones included) whose type
+    no TOML value can be read into (``set[str]``, a class of the plugin's own...), as
+    ``"name: type"``; None when every field can be read. Checked when a plugin is
+    discovered, so that the mistake is the plugin's, not a user's config error."""
+    try:
+        hints = _hints(cls)
+    except Exception as e:  # a forward reference that does not resolve
+        return f"(type hints): {e}"
+    for f in dataclasses.fields(cls):
+        if f.init and not _readable(hints[f.name]):
+            return f"{f.name}: {hints[f.name]!r}"
+        tp = hints[f.name]
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+            inner = unsupported_field(tp)
+            if inner is not None:
+                return f"{f.name}.{inner}"
+    return None
+
+
+def _readable(tp: Any) -> bool:
+    if tp in (Any, object, Duration, ByteSize, bool, int, float, str, type(None)):
+        return True
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType, list, tuple, dict, Mapping):
+        args = get_args(tp)
+        if origin in (dict, Mapping):
+            args = args[1:]  # keys are strings in TOML
+        if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+            args = args[:1]
+        return all(_readable(a) for a in args)
+    if origin is Literal:
+        return True
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
 _HINTS: dict[type, dict[str, Any]] = {}
 
 

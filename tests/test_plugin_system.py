@@ -8,6 +8,7 @@ directory on ``PYTHONPATH`` (what pip would install, without a build).
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -818,3 +819,40 @@ def test_a_filter_name_two_distributions_provide_names_both(site: Path, tmp_path
     assert "filter name 'probe'" in message
     assert "fgtest-copy 1.1" in message
     assert "fgtest-probe 2.5.0" in message
+
+
+@dataclass(frozen=True)
+class _SetConfig:
+    tags: set[str] = field(default_factory=set)
+
+
+class _SetFilter(Filter):
+    name, stage, Config = "set-config", Stage.EDGE, _SetConfig
+
+    def on_request(self, exchange: Any) -> None:
+        pass
+
+
+class _Misspelled(Filter):
+    name, stage = "misspelled", Stage.EDGE
+
+    def on_response(self, exchange: Any, response: Any) -> None:
+        pass
+
+    def on_requets(self, exchange: Any) -> None:  # never called
+        pass
+
+
+def test_a_config_field_toml_cannot_fill_is_the_plugin_s_error() -> None:
+    """A set[str] field passed discovery, and every user's config then failed with
+    'expected set' at a key they had written right."""
+    with pytest.raises(PluginError, match=r"Config field tags: set\[str\] cannot be read"):
+        discover(extra=[("sets", FilterSet(_SetFilter))], entry_points=False)
+
+
+def test_a_misspelled_phase_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="filtergate.plugins")
+    registry = discover(extra=[("typo", FilterSet(_Misspelled))], entry_points=False)
+    assert registry.get("misspelled") is not None
+    (warning,) = [r.getMessage() for r in caplog.records if "misspelled" in r.getMessage()]
+    assert "on_requets, which no phase is" in warning
