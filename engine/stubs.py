@@ -39,6 +39,7 @@ import json
 import math
 import random
 import signal
+import socket
 import ssl
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
@@ -567,6 +568,19 @@ async def open_stubs(
             nursery.cancel_scope.cancel()
 
 
+def _cannot_bind(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on (taken, no such address), or None."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, kind, proto, _, addr = infos[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(addr)
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
+
+
 def main(argv: list[str]) -> int:
     """``filtergate stubs [--host H] [--base-port P]``: serve every stub until Ctrl-C."""
     parser = argparse.ArgumentParser(
@@ -582,7 +596,14 @@ def main(argv: list[str]) -> int:
     )
     args = parser.parse_args(argv)
     base: int = args.base_port
+    last = 65535 - (len(STUB_PORTS) - 1)
+    if base and not 1 <= base <= last:
+        parser.error(f"--base-port must be 0 or 1-{last} (the services take {len(STUB_PORTS)})")
     ports = {name: (base + i if base else 0) for i, name in enumerate(STUB_PORTS)}
+    for name, port in ports.items():  # name the port that is taken, before serving any
+        if port and (why := _cannot_bind(args.host, port)):
+            sys.stderr.write(f"filtergate stubs: {args.host}:{port} ({name}): {why}\n")
+            return 1
 
     async def run() -> None:
         # SIGINT and SIGTERM both stop the stubs cleanly (`make run` stops them by TERM).

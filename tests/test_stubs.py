@@ -240,3 +240,41 @@ async def test_cli_serves_every_stub_and_stops_on_interrupt() -> None:
         finally:
             proc.kill()
             await proc.wait()
+
+
+def test_cli_names_a_taken_port_and_refuses_a_base_port_out_of_range() -> None:
+    """A taken port gave 'Address already in use' without saying which, and
+    --base-port 65533 an 80-line traceback."""
+    import socket
+
+    code = "import sys, engine.stubs as s; sys.exit(s.main(sys.argv[1:]))"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        base = port - 3  # echo is the fourth service
+        if base < 1 or port + 2 > 65535:
+            pytest.skip("no room around the port the kernel gave")
+        from engine.stubs import _cannot_bind
+
+        if any(_cannot_bind("127.0.0.1", p) for p in range(base, port)):
+            pytest.skip("a port before it is taken by someone else")
+        run = subprocess.run(
+            [sys.executable, "-c", code, "--base-port", str(base)],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+        )
+    assert run.returncode == 1
+    assert f"127.0.0.1:{port} (echo): Address already in use" in run.stderr
+    out_of_range = subprocess.run(
+        [sys.executable, "-c", code, "--base-port", "65533"],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
+    assert out_of_range.returncode == 2
+    assert "Traceback" not in out_of_range.stderr
+    assert "--base-port must be 0 or 1-65530" in out_of_range.stderr
