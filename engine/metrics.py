@@ -108,8 +108,14 @@ class Counter(_Metric):
         self.values[key] = self.values.get(key, 0.0) + amount
 
     def bind(self, **labels: str) -> BoundCounter:
-        """This counter with its labels fixed once: ``inc()`` on a hot path is a dict add."""
+        """This counter with its labels fixed once: ``inc()`` on a hot path is a dict add.
+        The series is shown from now on, at 0 until counted."""
         return BoundCounter(self.values, self._key(labels))
+
+    def bind_lazily(self, **labels: str) -> BoundCounter:
+        """As :meth:`bind`, but the series appears only with its first count (for label
+        values that may never occur)."""
+        return _LazyBoundCounter(self.values, self._key(labels))
 
 
 class BoundCounter:
@@ -122,6 +128,17 @@ class BoundCounter:
 
     def inc(self, amount: float = 1.0) -> None:
         self.values[self.key] += amount
+
+
+class _LazyBoundCounter(BoundCounter):
+    __slots__ = ()
+
+    def __init__(self, values: dict[tuple[str, ...], float], key: tuple[str, ...]) -> None:
+        self.values = values
+        self.key = key
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.values[self.key] = self.values.get(self.key, 0.0) + amount
 
 
 class Gauge(_Metric):

@@ -121,7 +121,11 @@ _REQ_SPECIAL = {name: 1 for name in _HOP_BY_HOP} | {
 }
 
 _responses = counter("filtergate_responses_total", "Responses sent, by status class", ("code",))
-_RESPONSES = [_responses.bind(code=f"{c}xx") for c in range(10)]
+# 1xx-5xx shown from the start (at 0); the others only if a filter ever makes one.
+_RESPONSES = [
+    _responses.bind(code=f"{c}xx") if 1 <= c <= 5 else _responses.bind_lazily(code=f"{c}xx")
+    for c in range(10)
+]
 #: Seconds, from a parsed request head to the last byte of its response.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _duration = histogram(

@@ -307,3 +307,14 @@ async def test_a_worker_that_dies_during_a_scrape_is_counted_once() -> None:
     with trio.fail_after(5):
         gathered = await workers.gather_metrics()
     assert merge(gathered)["r"]["values"] == [[[], 300.0]]
+
+
+def test_status_classes_that_never_occur_are_not_shown() -> None:
+    """/metrics listed responses_total for 0xx and 6xx-9xx, at 0 for ever."""
+    import engine.server  # noqa: F401  (binds the series)
+    from engine.metrics import render
+
+    text = render().decode()
+    shown = [line for line in text.splitlines() if line.startswith("filtergate_responses_total{")]
+    assert [line.split('"')[1] for line in shown][:5] == ["1xx", "2xx", "3xx", "4xx", "5xx"]
+    assert not any(f'code="{c}xx"' in text for c in (0, 6, 7, 8, 9))
