@@ -136,6 +136,7 @@ class ServerConfig:
             raise Invalid("accept_batch", "must be at least 1")  # 0 would never accept
         if self.max_connections < 0:
             raise Invalid("max_connections", "must be 0 (no limit) or more")
+        _positive(self, "head_timeout", "body_timeout", "write_timeout")
         rid = self.request_id_header
         if not _TOKEN.fullmatch(rid):
             raise Invalid("request_id_header", f"not a header name: {rid!r}")
@@ -144,6 +145,15 @@ class ServerConfig:
                 "request_id_header",
                 f"{rid!r} is a header the gateway or HTTP itself gives a meaning to",
             )
+
+
+def _positive(section: object, *keys: str) -> None:
+    """Durations that must be more than 0: there, 0 would time out at once (a 504 for
+    every call, and every target ejected), where it may be read as "no limit"."""
+    for key in keys:
+        value = getattr(section, key)
+        if value is not None and value <= 0:
+            raise Invalid(key, "must be more than 0 (0 would time out at once, not mean no limit)")
 
 
 # A header name (RFC 9110 5.6.2 token).
@@ -239,6 +249,7 @@ class HealthCheckConfig:
             raise Invalid("path", 'must start with "/"')
         if self.interval <= 0:
             raise Invalid("interval", "must be positive")
+        _positive(self, "timeout")
         if self.healthy_threshold < 1:
             raise Invalid("healthy_threshold", "must be at least 1")
         if self.unhealthy_threshold < 1:
@@ -303,6 +314,7 @@ class UpstreamConfig:
     def __post_init__(self) -> None:
         if not self.targets:
             raise Invalid("targets", "at least one target is needed")
+        _positive(self, "connect_timeout", "read_timeout", "write_timeout")
         for i, t in enumerate(self.targets):
             if isinstance(t, str):
                 try:
@@ -492,6 +504,7 @@ class RouteConfig:
             unseen = _UNROUTED_HEADERS.get(name.lower())
             if unseen is not None:
                 raise Invalid(f"headers.{name}", f"never matches: {unseen}")
+        _positive(self, "connect_timeout", "read_timeout")
         if self.allow_connect and self.upstream is None:
             raise Invalid("allow_connect", 'needs "upstream": the tunnel goes there')
         if self.strip_prefix and self.prefix is None:
