@@ -687,7 +687,7 @@ async def _reload(gateway: Gateway, workers: Workers) -> None:
         log.exception("reload failed")
 
 
-LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_LEVELS = ("debug", "info", "warning", "warn", "error", "critical")
 
 
 def _version() -> str:
@@ -706,7 +706,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("FILTERGATE_LOG", "info").lower(),
         type=str.lower,
         choices=LOG_LEVELS,
-        help="debug, info, warning or error (default: $FILTERGATE_LOG, else info)",
+        help="debug, info, warning, error or critical (default: $FILTERGATE_LOG, else info)",
     )
     p.add_argument("--version", action="version", version=f"filtergate {_version()}")
     sub = p.add_subparsers(dest="command", required=True)

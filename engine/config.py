@@ -140,11 +140,16 @@ class ServerConfig:
         rid = self.request_id_header
         if not _TOKEN.fullmatch(rid):
             raise Invalid("request_id_header", f"not a header name: {rid!r}")
-        if rid.lower() in _NOT_FOR_REQUEST_IDS:
+        if _reserved_for_request_ids(rid.lower()):
             raise Invalid(
                 "request_id_header",
                 f"{rid!r} is a header the gateway or HTTP itself gives a meaning to",
             )
+
+
+def _reserved_for_request_ids(name: str) -> bool:
+    """A header the request id cannot be sent in (see ``_NOT_FOR_REQUEST_IDS``)."""
+    return name in _NOT_FOR_REQUEST_IDS or name.startswith(_NOT_FOR_REQUEST_ID_PREFIXES)
 
 
 def _positive(section: object, *keys: str) -> None:
@@ -179,7 +184,23 @@ _NOT_FOR_REQUEST_IDS = FRAMING_HEADERS | {
     "x-forwarded-proto",
     "x-forwarded-host",
     "x-forwarded-port",
+    "server",
+    "www-authenticate",
+    "range",
+    "cache-control",
+    "vary",
+    "etag",
+    "last-modified",
+    "expires",
+    "age",
+    "retry-after",
+    "allow",
+    "origin",
+    "referer",
+    "user-agent",
 }
+# Representation, negotiation and conditional headers, CORS and fetch metadata.
+_NOT_FOR_REQUEST_ID_PREFIXES = ("content-", "accept", "if-", "access-control-", "sec-")
 
 
 @dataclass(frozen=True)
@@ -410,14 +431,9 @@ _UNROUTED_HEADERS = {
     "expect": "Expect is answered by the gateway (100 Continue)",
     **{
         name: "the gateway sets it from the connection (or a trusted proxy's) after routing"
-        for name in (
-            "x-forwarded-for",
-            "x-forwarded-proto",
-            "x-forwarded-host",
-            "x-forwarded-port",
-            "forwarded",
-            "x-real-ip",
-        )
+        # (Forwarded, X-Real-IP, X-Forwarded-Port and the path headers such as
+        # X-Original-URL are routed on when a trusted proxy sent them.)
+        for name in ("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host")
     },
 }
 

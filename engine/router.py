@@ -22,7 +22,7 @@ from typing import Generic, TypeVar
 from urllib.parse import unquote
 
 from engine.config import RouteConfig
-from engine.errors import MethodNotAllowed, NotFound
+from engine.errors import BadRequest, MethodNotAllowed, NotFound
 
 __all__ = ["ANY_METHOD_ALLOW", "Match", "Router", "allowed_methods"]
 
@@ -253,24 +253,30 @@ def _conditions_hold(
 ) -> bool:
     """Whether a request meets a route's header and query conditions.
 
-    A name the request repeats holds only when every occurrence has the wanted value:
-    upstreams read one of them (the first, the last, or all joined), so a match on any
-    one would let ``?visibility=private&visibility=public`` meet the public route.
+    A name a value condition is on (not ``"*"``), repeated with different values, is
+    refused (400): upstreams read one of them (the first, the last, or all joined), so
+    whichever way the router chose, a client could pick the route by one value and be
+    served by another (``?visibility=private&visibility=public`` past a guarded route,
+    or the mirror).
     """
     for name, want in e.headers:
-        present = False
+        seen: bytes | None = None
         for n, v in headers:
             if n == name:
-                if want is not None and v != want:
-                    return False
-                present = True
-        if not present:
+                if want is not None and seen is not None and v != seen:
+                    raise BadRequest(f"header {name.decode()} is repeated with different values")
+                seen = v
+        if seen is None or (want is not None and seen != want):
             return False
     if e.query:
         if query is None:
             return False
         for qname, qwant in e.query:
             got = query.get(qname)
-            if got is None or (qwant is not None and any(v != qwant for v in got)):
+            if got is None:
+                return False
+            if qwant is not None and len(got) > 1 and any(v != got[0] for v in got):
+                raise BadRequest(f"query parameter {qname} is repeated with different values")
+            if qwant is not None and got[0] != qwant:
                 return False
     return True

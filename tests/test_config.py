@@ -26,6 +26,19 @@ from engine.schema import ConfigError
         ({"server": {"request_id_header": "Content-Length"}}, "server.request_id_header"),
         ({"server": {"request_id_header": "host"}}, "server.request_id_header"),
         ({"server": {"request_id_header": ""}}, "server.request_id_header"),
+        ({"server": {"request_id_header": "Content-Encoding"}}, "server.request_id_header"),
+        ({"server": {"request_id_header": "server"}}, "server.request_id_header"),
+        # 0 would time out at once (a 504 for every call, every target ejected)
+        ({"server": {"head_timeout": 0}}, "server.head_timeout"),
+        ({"server": {"write_timeout": "0s"}}, "server.write_timeout"),
+        (
+            {"upstreams": {"u": {"targets": ["127.0.0.1:9"], "connect_timeout": 0}}},
+            "upstreams.u.connect_timeout",
+        ),
+        (
+            {"upstreams": {"u": {"targets": ["127.0.0.1:9"], "read_timeout": 0}}},
+            "upstreams.u.read_timeout",
+        ),
     ],
 )
 def test_values_that_cannot_work_name_their_key(data: dict[str, Any], where: str) -> None:

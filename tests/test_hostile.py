@@ -1330,3 +1330,24 @@ async def test_max_connections_holds_for_a_burst_of_connects(autojump_clock: Any
                     nursery.cancel_scope.cancel()
                 for stream in streams:
                     await stream.aclose()
+
+
+async def test_a_condition_s_name_repeated_with_different_values_is_400() -> None:
+    """A second value took a request past the guarded route it named (or, before,
+    onto the open one): refused before any route or upstream sees it."""
+    config = make_config("")
+    config["routes"].insert(
+        0, {"name": "public", "prefix": "/api", "query": {"visibility": "public"}, "upstream": "u"}
+    )
+    async with open_counting_upstream() as up:
+        config["upstreams"]["u"]["targets"] = [up.target]
+        with trio.fail_after(DEADLINE):
+            async with open_gateway(config, extra_plugins=PLUGINS) as gw:
+                refused = await http_request(
+                    gw.port, "GET", "/api/x?visibility=private&visibility=public"
+                )
+                ok = await http_request(gw.port, "GET", "/api/x?visibility=public")
+    assert refused.status == 400
+    assert "repeated with different values" in refused.json()["error"]["message"]
+    assert ok.status == 200
+    assert len(up.requests) == 1

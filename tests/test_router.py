@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from engine.config import load
-from engine.errors import MethodNotAllowed, NotFound
+from engine.errors import BadRequest, MethodNotAllowed, NotFound
 from engine.router import Router
 
 
@@ -136,19 +136,24 @@ def test_a_get_route_takes_head_too() -> None:
     [
         ([(b"x-tenant", b"public")], {}, "public-docs"),
         ([(b"x-tenant", b"public"), (b"x-tenant", b"public")], {}, "public-docs"),
-        ([(b"x-tenant", b"internal"), (b"x-tenant", b"public")], {}, "guarded"),
-        ([(b"x-tenant", b"public"), (b"x-tenant", b"internal")], {}, "guarded"),
+        ([(b"x-tenant", b"internal"), (b"x-tenant", b"public")], {}, None),
+        ([(b"x-tenant", b"public"), (b"x-tenant", b"internal")], {}, None),
+        ([(b"x-tenant", b"internal"), (b"x-tenant", b"other")], {}, None),
         ([], {"visibility": ["public"]}, "public-reports"),
-        ([], {"visibility": ["private", "public"]}, "guarded"),
-        ([], {"visibility": ["public", "private"]}, "guarded"),
+        ([], {"visibility": ["public", "public"]}, "public-reports"),
+        ([], {"visibility": ["private", "public"]}, None),
+        ([], {"visibility": ["public", "private"]}, None),
+        ([], {"visibility": ["private", ""]}, None),
         ([], {"debug": ["", "1"]}, "debug"),  # "*": present, whatever the values
     ],
 )
-def test_a_repeated_name_meets_a_condition_only_when_every_value_does(
-    headers: list[tuple[bytes, bytes]], query: dict[str, list[str]], route: str
+def test_a_name_a_condition_is_on_repeated_with_different_values_is_refused(
+    headers: list[tuple[bytes, bytes]], query: dict[str, list[str]], route: str | None
 ) -> None:
-    """Upstreams read one of the values (the first, the last, or all joined): a match on
-    any one let ``?visibility=private&visibility=public`` take the public route."""
+    """Upstreams read one of the values (the first, the last, or all joined). A match on
+    any one let ?visibility=private&visibility=public take the public route; one on every
+    one let a second value take a guarded request past its route to a catch-all. Either
+    way the client chose the route by one value and was served by another: refused."""
     router = _router(
         [
             {"name": "guarded", "prefix": "/", "upstream": "u"},
@@ -167,4 +172,23 @@ def test_a_repeated_name_meets_a_condition_only_when_every_value_does(
             {"name": "debug", "prefix": "/", "query": {"debug": "*"}, "upstream": "u"},
         ]
     )
-    assert router.match("a", "/r", b"GET", headers, query).route.name == route
+    if route is None:
+        with pytest.raises(BadRequest, match="repeated with different values"):
+            router.match("a", "/r", b"GET", headers, query)
+    else:
+        assert router.match("a", "/r", b"GET", headers, query).route.name == route
+
+
+def test_a_repeated_name_no_condition_is_on_is_left_alone() -> None:
+    router = _router(
+        [
+            {"name": "open", "prefix": "/", "upstream": "u"},
+            {"name": "docs", "prefix": "/docs", "query": {"v": "2"}, "upstream": "u"},
+        ]
+    )
+    query = {"tag": ["a", "b"], "v": ["2"]}
+    assert (
+        router.match("a", "/docs", b"GET", [(b"x-a", b"1"), (b"x-a", b"2")], query).route.name
+        == "docs"
+    )
+    assert router.match("a", "/other", b"GET", [], {"v": ["1", "2"]}).route.name == "open"
