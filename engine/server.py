@@ -436,6 +436,7 @@ class Server:
         started = self.now()
         tls: TlsInfo | None = None
         io: RawSocket | StreamSocket = RawSocket(raw)
+        conn: _Connection | None = None
         try:
             if self.ssl_context is not None:
                 stream = trio.SocketStream(trio.socket.from_stdlib_socket(raw))
@@ -485,6 +486,8 @@ class Server:
                 raw.close()
             except OSError:
                 pass
+        if conn is not None and conn.late_log is not None:
+            await run_log_phases(*conn.late_log)
 
 
 # Closing in stages (RFC 9112 9.6), with nginx's lingering_time and lingering_timeout.
@@ -615,6 +618,7 @@ class _Connection:
         "http11",
         "io",
         "keep_alive",
+        "late_log",
         "peer",
         "scheme",
         "server",
@@ -648,6 +652,10 @@ class _Connection:
         self.http11 = True
         self.keep_alive = True
         self.bytes_out = 0  # written to the client on this connection, heads included
+        # The on_log of an exchange that ended the connection (cut off, client gone):
+        # run once the client's socket is closed, so a slow on_log never keeps a client
+        # from seeing its response end.
+        self.late_log: tuple[Chain, Exchange] | None = None
 
     def client_gone(self) -> bool:
         """Whether the client has closed its connection (or reset it). Asked of the
@@ -1159,7 +1167,7 @@ class _Connection:
                 exchange.error = gone
                 exchange.aborted = True
                 exchange.timings.end = end
-                await run_log_phases(route.chain, exchange)
+                self.late_log = (route.chain, exchange)
             raise _Abort() from None
         except Exception as e:  # a filter's bug must not take the connection's framing down
             if request_id is None:
@@ -1195,7 +1203,7 @@ class _Connection:
                 exchange.timings.end = end
                 exchange.bytes_sent = self.bytes_out - sent_before
                 exchange.aborted = True
-                await run_log_phases(route.chain, exchange)
+                self.late_log = (route.chain, exchange)
             raise
         end = self._account(rt, route, exchange, req, answer.status, request_id, start, sent_before)
         if exchange is not None:

@@ -393,7 +393,8 @@ class _LogRecorder(Filter):
     seen: ClassVar[list[tuple[str, int | None, bool, int, str | None]]] = []
     logged: ClassVar[trio.Event]
 
-    def on_log(self, exchange: Exchange) -> None:
+    async def on_log(self, exchange: Exchange) -> None:
+        await trio.sleep(5)  # a slow log sink: the client must not wait for it
         status = exchange.response.status if exchange.response is not None else None
         error = type(exchange.error).__name__ if exchange.error is not None else None
         self.seen.append(
@@ -435,13 +436,17 @@ async def test_on_log_sees_a_client_gone_and_a_cut_off_response(
 
                 _LogRecorder.logged = trio.Event()
                 stream = await trio.open_tcp_stream("127.0.0.1", gw.port)
+                asked = trio.current_time()
                 await stream.send_all(head("/short", "Host: a"))
                 got = await read_until_closed(stream)
                 assert got.data.startswith(b"HTTP/1.1 200 ")
+                assert got.closed_at - asked < 1  # not after the 5 s on_log
                 await _LogRecorder.logged.wait()
 
+                _LogRecorder.logged = trio.Event()
                 status, _, _ = await timed_request(gw.port, "/whole")
                 assert status == 200
+                await _LogRecorder.logged.wait()
     gone, short, whole = _LogRecorder.seen
     assert gone == ("/slow", None, True, 0, "ClientGone")
     assert short[:3] == ("/short", 200, True)
