@@ -197,7 +197,7 @@ class Gateway:
         async def set_up(name: str, scope: str, setup: Any) -> None:
             try:
                 await setup()
-            except Exception as e:
+            except (Exception, SystemExit) as e:  # (a SystemExit would end the gateway)
                 path = _plugin_path(runtime.config, name, scope)
                 message = f"filter {name!r} failed to set up: {type(e).__name__}: {e}"
                 failures.append(ConfigError(path, message))

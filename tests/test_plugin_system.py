@@ -674,10 +674,23 @@ class _SetupFails(Filter):
         pass
 
 
+class _SetupExits(Filter):
+    """A setup that calls sys.exit: on a reload it ended the whole gateway."""
+
+    name = "setup-exits"
+    stage = Stage.EDGE
+
+    async def setup(self) -> None:
+        raise SystemExit(3)
+
+    def on_request(self, exchange: Any) -> None:
+        pass
+
+
 class _SetupFailsPlugin:
     @hookimpl
     def filtergate_filters(self) -> list[type[Any]]:
-        return [_SetupFails]
+        return [_SetupFails, _SetupExits]
 
 
 @pytest.mark.parametrize(
@@ -722,6 +735,10 @@ async def test_a_reload_whose_setup_fails_is_refused(stubs: Stubs) -> None:
             broken = _listen_anywhere({**config, "plugins": {"setup-fails": {}}})
             with pytest.raises(ConfigError, match=r"^plugins\.setup-fails: filter 'setup-fails'"):
                 await gateway.reload(load(broken))
+            assert gateway.runtime is before
+            exits = _listen_anywhere({**config, "plugins": {"setup-exits": {}}})
+            with pytest.raises(ConfigError, match="failed to set up: SystemExit: 3"):
+                await gateway.reload(load(exits))
             assert gateway.runtime is before
             assert (await http_request(gw.port, "GET", "/still")).status == 200
 
