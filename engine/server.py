@@ -1153,9 +1153,22 @@ class _Connection:
             if answer is not None:
                 await answer.aclose()  # an upstream body nobody will read: release it
             answer = await self._error_response(err, exchange, route, request_id)
-        except (_Abort, trio.Cancelled):
+        except trio.Cancelled:
             if answer is not None:
                 await answer.aclose()
+            raise
+        except _Abort:
+            # The client broke off before it could be answered (a reset while its body
+            # was read or relayed): logged as a client gone (499), as nginx does.
+            if answer is not None:
+                await answer.aclose()
+            if request_id is None:
+                request_id = server.ids.next()
+            end = self._account(rt, route, exchange, req, 499, request_id, start, self.bytes_out)
+            if exchange is not None and route is not None and route.chain.log:
+                exchange.aborted = True
+                exchange.timings.end = end
+                self.late_log = (route.chain, exchange)
             raise
         except ClientGone as gone:
             # Nobody to answer: the call was let go. Logged as nginx does (499).

@@ -249,3 +249,42 @@ def test_an_access_log_path_that_cannot_be_a_log_file_is_a_config_error(tmp_path
         with pytest.raises(ConfigError, match=message) as info:
             load({**base, "access_log": {"path": path}})
         assert info.value.path == "access_log.path"
+
+
+async def test_a_client_that_resets_mid_upload_is_logged_as_gone(tmp_path: Path) -> None:
+    """It left no line, no duration and no on_log: the abort skipped them all."""
+    import socket
+    import struct
+
+    from tests.upstreams import UpstreamConn, serve_upstream
+
+    relayed = trio.Event()
+
+    async def swallow(conn: UpstreamConn) -> None:
+        while await conn.stream.receive_some(65536):
+            relayed.set()
+
+    path = tmp_path / "access.log"
+    with trio.fail_after(20):
+        async with serve_upstream(swallow) as up:
+            config = {
+                "access_log": {"path": str(path)},
+                "upstreams": {"u": {"targets": [up.target]}},
+                "routes": [{"name": "upload", "prefix": "/", "upstream": "u"}],
+            }
+            async with open_gateway(config) as gw:
+                stream = await trio.open_tcp_stream("127.0.0.1", gw.port)
+                await stream.send_all(
+                    b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: 100000\r\n\r\n0123456789"
+                )
+                await relayed.wait()  # the upload is under way
+                sock = stream.socket
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                await stream.aclose()  # a reset
+                # Until the gateway has let it go (no event says so: looked at).
+                while gw.gateway.server._open:  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+    (line,) = [json.loads(text) for text in _lines(path)]
+    assert line["status"] == 499
+    assert line["route"] == "upload"
+    assert line["target"] == "/up"
