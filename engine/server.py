@@ -1396,9 +1396,11 @@ class _Connection:
             await _end_bodiless(resp)
             stream = None
         elif body is not None:
-            if method == b"HEAD" and not body and (cl := resp.headers.get(b"content-length")):
-                # A HEAD answer buffered for a filter is empty; its length is the GET's.
-                head.append(b"content-length: " + cl + b"\r\n")
+            if method == b"HEAD" and not body:
+                # A HEAD answer buffered for a filter is empty; its length is the GET's,
+                # and is left out when a filter made it unknown (RFC 9110 8.6).
+                if cl := resp.headers.get(b"content-length"):
+                    head.append(b"content-length: " + cl + b"\r\n")
             else:
                 head.append(b"content-length: %d\r\n" % len(body))
             if stream is not None:

@@ -670,6 +670,10 @@ class Transform(Filter):
                     await self._refuse_response(exchange, response, "is too large to transform")
             return
         if not response.body:
+            if exchange.request.method == b"HEAD":
+                # The GET's length is the unedited body's, which an edit changes: say
+                # none rather than a wrong one.
+                response.headers.remove(b"content-length")
             return
         if _is_compressed(response.headers):
             self._skipped(exchange, "response", "compressed")
