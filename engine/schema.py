@@ -15,6 +15,7 @@ validate further in ``__post_init__`` by raising :class:`Invalid`.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import re
@@ -87,6 +88,12 @@ def parse_duration(value: object) -> float:
         m = _DURATION_RE.match(value)
         if m:
             return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+        if value.strip().startswith("-"):
+            raise ValueError(f"expected a non-negative duration, got {value!r}")
+        raise ValueError(
+            'expected a duration like "1m" (seconds, or a number with ms, s, m, h or d), '
+            f"got {value!r}"
+        )
     raise ValueError(f'expected a duration like "1m", got {value!r}')
 
 
@@ -100,6 +107,12 @@ def parse_byte_size(value: object) -> int:
         m = _SIZE_RE.match(value)
         if m:
             return int(m.group(1)) * _SIZE_UNITS[(m.group(2) or "b").lower()]
+        if value.strip().startswith("-"):
+            raise ValueError(f"expected a non-negative size, got {value!r}")
+        raise ValueError(
+            'expected a size like "16KiB" (bytes, or a whole number with B, KiB, MiB, GiB, '
+            f"or KB, MB, GB for powers of 1000), got {value!r}"
+        )
     raise ValueError(f'expected a size like "16KiB", got {value!r}')
 
 
@@ -283,7 +296,9 @@ def _convert_keys(cls: type, data: dict[str, Any], path: str) -> dict[str, Any]:
         if key not in fields or fields[key].metadata.get("internal"):
             keys = [n for n, f in fields.items() if not f.metadata.get("internal")]
             known = ", ".join(sorted(keys)) or "none"
-            raise ConfigError(_join(path, key), f"unknown key (known keys: {known})")
+            close = difflib.get_close_matches(str(key), keys, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(_join(path, key), f"unknown key ({hint}known keys: {known})")
     hints = _hints(cls)
     return {name: _convert(hints[name], data[name], _join(path, name)) for name in data}
 

@@ -225,3 +225,23 @@ def test_plugin_defaults_are_described_as_gateway_toml_writes_them() -> None:
     assert rows["redis.timeout"] == '"100ms"'
     assert rows["redis.password"] == "(none)"
     assert rows["redis.url"] == '"redis://127.0.0.1:6379/0"'
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("-1s", "expected a non-negative duration, got '-1s'"),
+        ("5sec", "(seconds, or a number with ms, s, m, h or d), got '5sec'"),
+    ],
+)
+def test_a_bad_duration_says_what_is_wrong(value: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load({"server": {"head_timeout": value}})
+    assert message in info.value.message
+
+
+def test_an_unknown_key_suggests_the_closest() -> None:
+    with pytest.raises(ConfigError) as info:
+        load({"server": {"head_timout": "5s"}})
+    assert info.value.path == "server.head_timout"
+    assert info.value.message.startswith("unknown key (did you mean 'head_timeout'? known keys:")

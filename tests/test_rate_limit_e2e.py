@@ -138,8 +138,8 @@ async def test_config_errors_through_the_gateway(stubs: Stubs) -> None:
             async with open_gateway(gateway_config(stubs, bad)):
                 pass
         assert str(info.value) == (
-            'routes[0].plugins.rate-limit.limits[0].window: expected a duration like "1m", '
-            "got 'soon'"
+            'routes[0].plugins.rate-limit.limits[0].window: expected a duration like "1m" '
+            "(seconds, or a number with ms, s, m, h or d), got 'soon'"
         )
 
 
