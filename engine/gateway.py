@@ -18,7 +18,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import re
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +59,9 @@ class RouteRuntime:
     host_header: bytes | None
     pools: dict[str, Pool]
     allow: tuple[str, ...]  # its Allow header (405, OPTIONS): HEAD with GET, all if none
+    # On a route with no auth filter whose upstream an authenticated route also reaches:
+    # the identity headers those auth filters strip (see _shared_upstream_hygiene).
+    strip_identity: Callable[[bytes], bool] | None = None
     # The request-duration series of this route by status class (index status // 100),
     # bound on first use: a class that never occurs renders nothing.
     latency: list[BoundHistogram | None] = field(default_factory=lambda: [None] * 10)
@@ -293,6 +296,7 @@ def compile_runtime(config: Config, registry: Registry, previous: Runtime | None
                 allow=allowed_methods(route.methods),
             )
         )
+    _shared_upstream_hygiene(routes)
     router = Router([(r.config, r) for r in routes])
     trusted = [ipaddress.ip_network(c, strict=False) for c in config.server.trusted_proxies]
     # A global table no route uses (no routes yet, or every route switches it off) is
@@ -337,6 +341,35 @@ def _access_log(config: Config, previous: Runtime | None) -> AccessLog | None:
     if old is not None and old.config == config.access_log:
         return old
     return AccessLog(config.access_log)
+
+
+def _shared_upstream_hygiene(routes: list[RouteRuntime]) -> None:
+    """Identity headers are stripped on a route with no auth filter too, when its upstream
+    is one an authenticated route reaches: that upstream trusts the ``X-User-Id`` its
+    guarded route injects, and must not get a client's own from the open route beside
+    it. (Auth filters say which headers they treat as identity: ``identity_headers``, a
+    test on lowercase names.)"""
+    guarded: dict[str, list[Callable[[bytes], bool]]] = {}
+    for route in routes:
+        tests: list[Callable[[bytes], bool]] = [
+            t for f in route.chain.filters if (t := getattr(f, "identity_headers", None))
+        ]
+        if tests and route.config.upstream is not None:
+            guarded.setdefault(route.config.upstream, []).extend(tests)
+    for route in routes:
+        if route.config.upstream not in guarded:
+            continue
+        if any(getattr(f, "identity_headers", None) for f in route.chain.filters):
+            continue
+        found = tuple(guarded[route.config.upstream])
+        route.strip_identity = found[0] if len(found) == 1 else _any_of(found)
+
+
+def _any_of(tests: tuple[Callable[[bytes], bool], ...]) -> Callable[[bytes], bool]:
+    def test(name: bytes) -> bool:
+        return any(t(name) for t in tests)
+
+    return test
 
 
 def route_notes(runtime: Runtime) -> dict[str, list[str]]:

@@ -1060,6 +1060,8 @@ class _Connection:
                 exchange.credential_headers = route.chain.credential_headers
                 exchange.captures = match.captures
                 exchange.timings.routed = now()
+                if route.strip_identity is not None:  # an open route beside a guarded one
+                    request.headers.remove_where(route.strip_identity)
 
                 # Body: refuse before reading a byte when the declared length is too large.
                 body: _ClientBody | None = None

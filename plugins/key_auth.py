@@ -213,6 +213,8 @@ class KeyAuth(Filter):
                 self.by_digest[digest] = _Entry(digest, identity, tuple(headers))
         injected = [h for h in (config.consumer_header, config.groups_header) if h]
         self.strip = HeaderPatterns([*DEFAULT_IDENTITY_HEADERS, *config.strip_headers, *injected])
+        # Also stripped on open routes to the same upstream (the engine's hygiene).
+        self.identity_headers = self.strip
         self._header = config.header.lower().encode() if config.header else None
         # Read here, so never stripped as an identity header on this filter's routes.
         self.credential_headers = frozenset({self._header}) if self._header else frozenset()

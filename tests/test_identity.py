@@ -379,3 +379,46 @@ async def test_no_unverified_token_gets_past_in_another_spelling(stubs: Stubs) -
             two = ("Cookie", f"token ={forged}; token={valid}")
             assert (await call("/open", two))[0] == 400  # two token cookies: ambiguous
             assert (await call("/open", ("Cookie", f"token ={valid}")))[0] == 200
+
+
+async def test_an_open_route_to_a_guarded_upstream_strips_identity_headers(
+    stubs: Stubs,
+) -> None:
+    """The upstream trusts the X-User-Id its guarded route injects: a client sent its own
+    through the open route beside it, and the upstream believed it."""
+    key = "k-0123456789abcdef0123456789abcdef"
+    config = {
+        "upstreams": {
+            "app": {"targets": [stubs.target("echo")]},
+            "other": {"targets": [stubs.target("echo")]},
+        },
+        "routes": [
+            {
+                "name": "guarded",
+                "prefix": "/admin",
+                "upstream": "app",
+                "plugins": {
+                    "key-auth": {
+                        "consumers": [{"id": "alice", "key_sha256": hash_key(key)}],
+                        "consumer_header": "X-Tenant-User",
+                    }
+                },
+            },
+            {"name": "open", "prefix": "/", "upstream": "app"},
+            {"name": "elsewhere", "prefix": "/other", "upstream": "other"},
+        ],
+    }
+    spoofed = [("X-User-Id", "admin"), ("X-Tenant-User", "alice"), ("X-Mine", "1")]
+    with trio.fail_after(10):
+        async with open_gateway(config) as gw:
+            opened = await http_request(gw.port, "GET", "/public", spoofed)
+            guarded = await http_request(gw.port, "GET", "/admin", [*spoofed, ("X-API-Key", key)])
+            other = await http_request(gw.port, "GET", "/other", spoofed)
+    seen = opened.json()["headers"]
+    assert "x-user-id" not in seen
+    assert "x-tenant-user" not in seen  # what the guarded route's key-auth injects
+    assert seen["x-mine"] == "1"
+    assert guarded.json()["headers"]["x-tenant-user"] == "alice"  # injected, verified
+    assert "x-user-id" not in guarded.json()["headers"]
+    # Another upstream is no neighbour of the guarded route: as sent.
+    assert other.json()["headers"]["x-user-id"] == "admin"

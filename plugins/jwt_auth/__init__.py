@@ -200,6 +200,8 @@ class JwtAuth(Filter):
         self.strip = HeaderPatterns(
             [*DEFAULT_IDENTITY_HEADERS, *config.strip_headers, *config.claims_to_headers.values()]
         )
+        # Also stripped on open routes to the same upstream (the engine's hygiene).
+        self.identity_headers = self.strip
         self._header = config.header.lower().encode() if config.header else None
         # Read here, so never stripped as an identity header on this filter's routes.
         self.credential_headers = frozenset({self._header}) if self._header else frozenset()
