@@ -22,7 +22,7 @@ import re
 from collections.abc import Iterator
 from typing import Any, Final
 
-__all__ = ["MISSING", "WILDCARD", "JsonPath", "JsonPathError"]
+__all__ = ["MISSING", "WILDCARD", "JsonPath", "JsonPathError", "TooManyPlaces"]
 
 
 class _Wildcard:
@@ -54,6 +54,10 @@ _INDEX_RE = re.compile(r"\[(-?\d+|\*)\]")
 
 class JsonPathError(ValueError):
     """A path is malformed, or an operation cannot apply to it (set on a wildcard root)."""
+
+
+class TooManyPlaces(Exception):
+    """A :meth:`JsonPath.set` would write more places than its ``limit``."""
 
 
 class JsonPath:
@@ -117,13 +121,17 @@ class JsonPath:
 
     # -- writing -------------------------------------------------------------------
 
-    def set(self, doc: Any, value: Any, *, only_if_absent: bool = False) -> int:
+    def set(
+        self, doc: Any, value: Any, *, only_if_absent: bool = False, limit: int | None = None
+    ) -> int:
         """Put ``value`` at every place the path names; returns how many were written.
 
         Missing objects on the way are created (``a.b.c`` on ``{}`` makes
         ``{"a": {"b": {"c": value}}}``); missing array elements are not. With
         ``only_if_absent`` an existing value is left alone. Each place gets its own copy
-        of a ``dict``/``list`` value, so later operations cannot alias them.
+        of a ``dict``/``list`` value, so later operations cannot alias them. Raises
+        :class:`TooManyPlaces` before writing a place beyond ``limit`` (a wildcard over a
+        client's array must not multiply a value without bound).
         """
         if not self.segments:
             raise JsonPathError("cannot set the whole document")
@@ -133,11 +141,15 @@ class JsonPath:
             if isinstance(last, str):
                 if not isinstance(parent, dict) or (only_if_absent and last in parent):
                     continue
+                if limit is not None and written >= limit:
+                    raise TooManyPlaces()
                 parent[last] = _copy(value)
                 written += 1
             elif isinstance(parent, list):
                 for i in _indexes(parent, last):
                     if not only_if_absent:
+                        if limit is not None and written >= limit:
+                            raise TooManyPlaces()
                         parent[i] = _copy(value)
                         written += 1
         return written

@@ -38,6 +38,9 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, unquote_plus
 
+import trio
+from trio.lowlevel import RunVar
+
 from engine.chain import Filter, FilterContext, Stage
 from engine.errors import (
     BadGateway,
@@ -53,9 +56,9 @@ from engine.errors import (
 from engine.exchange import FRAMING_HEADERS, Exchange, Headers, Request, Response, checked_field
 from engine.metrics import counter
 from engine.plugins import hookimpl
-from engine.schema import Invalid
+from engine.schema import ByteSize, Invalid
 from plugins._json import NotJson, dump_json, load_json
-from plugins._jsonpath import MISSING, JsonPath, JsonPathError
+from plugins._jsonpath import MISSING, JsonPath, JsonPathError, TooManyPlaces
 from plugins._template import (
     Lookup,
     Ref,
@@ -222,8 +225,17 @@ class JsonOps:
             "response: 502)"
         },
     )
+    max_size: ByteSize = field(
+        default=ByteSize(4 * 1024 * 1024),
+        metadata={
+            "doc": "an edited body that would be larger is never built (a set over a "
+            "client's array multiplies its value): it counts as too large"
+        },
+    )
 
     def __post_init__(self) -> None:
+        if self.max_size < 1:
+            raise Invalid("max_size", "must be at least 1 byte")
         for i, p in enumerate(self.remove):
             _check_path(f"remove[{i}]", p)
         for src, dst in self.rename.items():
@@ -439,8 +451,12 @@ def _compile_value(value: Any) -> ValueFn:
     return lambda _lookup: value
 
 
+class EditTooLarge(Exception):
+    """The edited body would be larger than the plan's ``max_size``."""
+
+
 class _JsonPlan:
-    __slots__ = ("add", "mandatory", "remove", "rename", "set")
+    __slots__ = ("add", "mandatory", "max_size", "remove", "rename", "set")
 
     def __init__(self, ops: JsonOps) -> None:
         self.remove = tuple(JsonPath.parse(p) for p in ops.remove)
@@ -448,20 +464,61 @@ class _JsonPlan:
         self.set = tuple((JsonPath.parse(p), _compile_value(v)) for p, v in ops.set.items())
         self.add = tuple((JsonPath.parse(p), _compile_value(v)) for p, v in ops.add.items())
         self.mandatory = ops.mandatory
+        self.max_size = int(ops.max_size)
 
-    def apply(self, doc: Any, lookup: Lookup) -> bool:
-        """Edit ``doc`` in place; returns whether anything changed."""
+    def apply(self, doc: Any, lookup: Lookup, size: int) -> bool:
+        """Edit ``doc`` (``size`` bytes as received) in place; returns whether anything
+        changed. Raises :class:`EditTooLarge` before a set or add would take the document
+        past ``max_size``: each place written grows it by the value's JSON size at most."""
+        budget = self.max_size - size
         changed = 0
         for path in self.remove:
             changed += path.remove(doc)
         for source, target in self.rename:
             changed += source.rename(doc, target)
         for path, fn in self.set:
-            changed += path.set(doc, fn(lookup))
+            value = fn(lookup)
+            cost = _json_size(value) + 1  # and a separator
+            try:
+                written = path.set(doc, value, limit=max(0, budget) // cost)
+            except TooManyPlaces:
+                raise EditTooLarge() from None
+            budget -= written * cost
+            changed += written
         for path, fn in self.add:
             if path.get(doc) is MISSING:
-                changed += path.set(doc, fn(lookup), only_if_absent=True)
+                value = fn(lookup)
+                cost = _json_size(value) + 1
+                try:
+                    written = path.set(
+                        doc, value, only_if_absent=True, limit=max(0, budget) // cost
+                    )
+                except TooManyPlaces:
+                    raise EditTooLarge() from None
+                budget -= written * cost
+                changed += written
         return changed > 0
+
+    def edit(self, body: bytes, lookup: Lookup) -> bytes | None:
+        """``body`` edited, or ``None`` when nothing changed (never when mandatory).
+        Raises :class:`NotJson` or :class:`EditTooLarge`."""
+        doc = load_json(body)
+        # Mandatory: always the gateway's serialization, even when nothing changed, so
+        # duplicate keys or odd spellings never reach a parser that reads them
+        # differently from this one.
+        if not self.apply(doc, lookup, len(body)) and not self.mandatory:
+            return None
+        out = dump_json(doc)
+        if len(out) > self.max_size:
+            raise EditTooLarge()
+        return out
+
+
+def _json_size(value: Any) -> int:
+    """The size of ``value`` written as JSON (a string's, without dumping it)."""
+    if isinstance(value, str):
+        return len(value) * 6 + 2 if not value.isascii() else len(value) + 2 + value.count('"')
+    return len(dump_json(value))
 
 
 def is_json(content_type: bytes | None) -> bool:
@@ -568,6 +625,8 @@ class Transform(Filter):
         )
         if not any(request_work):
             vars(self)["on_request"] = None
+        elif self._req_json is not None:
+            vars(self)["on_request"] = self._on_request_with_body
         if not (self._status_map or self._resp_json or self._resp_headers):
             vars(self)["on_response"] = None
         elif not (self._status_map or self._resp_json):
@@ -577,14 +636,22 @@ class Transform(Filter):
 
     # -- request side ----------------------------------------------------------------
 
+    async def _on_request_with_body(self, exchange: Exchange) -> None:
+        """on_request of an instance with request JSON edits: the body edit may wait
+        for a worker thread."""
+        lookup = exchange_lookup(exchange) if self._req_lookup else _no_lookup
+        await self._transform_request_body(exchange, lookup)
+        self._request_head(exchange, lookup)
+
     def on_request(self, exchange: Exchange) -> None:
-        request = exchange.request
         # Lazy: it reads the exchange only when a template asks for a value.
         lookup = exchange_lookup(exchange) if self._req_lookup else _no_lookup
+        self._request_head(exchange, lookup)
+
+    def _request_head(self, exchange: Exchange, lookup: Lookup) -> None:
+        request = exchange.request
         if self._identity_response:
             request.headers.set(b"accept-encoding", b"identity")
-        if self._req_json is not None:
-            self._transform_request_body(exchange, lookup)
         if self._rewrite is not None:
             pattern, replacement = self._rewrite
             path = pattern.sub(replacement, request.path, count=1)
@@ -599,7 +666,7 @@ class Transform(Filter):
         if self._method is not None:
             request.method = self._method
 
-    def _transform_request_body(self, exchange: Exchange, lookup: Lookup) -> None:
+    async def _transform_request_body(self, exchange: Exchange, lookup: Lookup) -> None:
         plan = self._req_json
         assert plan is not None
         request = exchange.request
@@ -624,11 +691,17 @@ class Transform(Filter):
                 raise PayloadTooLarge("the request body is too large to transform")
             return
         try:
-            new = self._rewrite_json(exchange, "request", body, plan, lookup)
+            new = await self._rewrite_json(exchange, "request", body, plan, lookup)
         except NotJson as e:
             if plan.mandatory:
                 # The whole body has been read: the connection's framing is intact.
                 raise BadRequest(f"the request body is not valid JSON: {e}", close=False) from None
+            return
+        except EditTooLarge:
+            if plan.mandatory:
+                raise PayloadTooLarge(
+                    "the request body would be too large once transformed", close=False
+                ) from None
             return
         if new is not None:
             request.body = new
@@ -682,10 +755,14 @@ class Transform(Filter):
             return
         lookup = exchange_lookup(exchange)
         try:
-            new = self._rewrite_json(exchange, "response", response.body, plan, lookup)
+            new = await self._rewrite_json(exchange, "response", response.body, plan, lookup)
         except NotJson:
             if plan.mandatory:
                 await self._refuse_response(exchange, response, "is not valid JSON")
+            return
+        except EditTooLarge:
+            if plan.mandatory:
+                await self._refuse_response(exchange, response, "would be too large edited")
             return
         if new is not None:
             response.body = new
@@ -698,24 +775,27 @@ class Transform(Filter):
         err = BadGateway(f"the upstream's body {why}")
         await replace_with_error(response, err, exchange.request_id)
 
-    def _rewrite_json(
+    async def _rewrite_json(
         self, exchange: Exchange, direction: str, body: bytes, plan: _JsonPlan, lookup: Lookup
     ) -> bytes | None:
         """The edited body, or ``None`` when it is unchanged (never with ``mandatory``).
 
         Raises :class:`NotJson` (counted as ``invalid_json``) when the body is not JSON
-        or the edited document cannot be written as JSON.
+        or the edited document cannot be written as JSON, and :class:`EditTooLarge`
+        (counted as ``too_large``). A body over ``_INLINE_EDIT`` is parsed, edited and
+        written in a worker thread, one at a time per process: the event loop keeps
+        serving others meanwhile (the GIL is handed back every few milliseconds), where
+        a megabyte edited inline held every client for tenths of a second.
         """
         try:
-            doc = load_json(body)
-            # Mandatory: always the gateway's serialization, even when nothing changed,
-            # so duplicate keys or odd spellings never reach a parser that reads them
-            # differently from this one.
-            if not plan.apply(doc, lookup) and not plan.mandatory:
-                return None
-            return dump_json(doc)
+            if len(body) <= _INLINE_EDIT:
+                return plan.edit(body, lookup)
+            return await trio.to_thread.run_sync(plan.edit, body, lookup, limiter=_edit_limiter())
         except NotJson:
             self._skipped(exchange, direction, "invalid_json")
+            raise
+        except EditTooLarge:
+            self._skipped(exchange, direction, "too_large")
             raise
 
     def _skipped(self, exchange: Exchange, direction: str, reason: str) -> None:
@@ -728,6 +808,22 @@ class Transform(Filter):
                 direction,
                 exchange.request_id,
             )
+
+
+#: Bodies larger than this are edited in a worker thread (see Transform._rewrite_json).
+_INLINE_EDIT = 64 * 1024
+_EDIT_LIMITER: RunVar[trio.CapacityLimiter] = RunVar("transform.edit_limiter")
+
+
+def _edit_limiter() -> trio.CapacityLimiter:
+    """One large edit at a time per process (per trio run): a second waits its turn
+    rather than take a CPU the event loop needs."""
+    try:
+        return _EDIT_LIMITER.get()
+    except LookupError:
+        limiter = trio.CapacityLimiter(1)
+        _EDIT_LIMITER.set(limiter)
+        return limiter
 
 
 def _body_over_cap(request: Request) -> bool:

@@ -7,7 +7,9 @@ in-memory exchange; and end to end through a running gateway against the echo st
 from __future__ import annotations
 
 import gzip
+import inspect
 import json
+import threading
 from typing import Any
 
 import h11
@@ -299,7 +301,7 @@ def test_request_headers_every_operation() -> None:
             (b"x-trace", b"client"),
         ]
     )
-    t.on_request(ex)
+    _request(t, ex)
     h = ex.request.headers
     assert "x-debug" not in h
     assert h.get("x-new") == b"v"
@@ -313,7 +315,7 @@ def test_request_headers_every_operation() -> None:
 def test_request_header_values_cannot_inject_lines() -> None:
     t = _transform({"request": {"headers": {"set": {"x-echo": "{query.q}"}}}})
     ex = _exchange(query=b"q=a%0D%0AInjected:%20yes")
-    t.on_request(ex)
+    _request(t, ex)
     assert ex.request.headers.get("x-echo") == b"aInjected: yes"
 
 
@@ -333,7 +335,7 @@ def test_path_rewrite_query_and_method() -> None:
     )
     ex = _exchange(query=b"keep=yes&debug=1&page=2&page=3&q=a+b%2Fc")
     assert ex.request.query["debug"] == ["1"]  # parsed (and cached) before the change
-    t.on_request(ex)
+    _request(t, ex)
     assert ex.request.path == "/v2/things"
     assert ex.request.method == b"POST"
     # Untouched parameters keep their exact bytes; the parsed view follows the change.
@@ -346,7 +348,7 @@ def test_path_rewrite_no_match_leaves_path() -> None:
         {"request": {"path_rewrite": {"pattern": "^/other/(.*)$", "replacement": r"/\1"}}}
     )
     ex = _exchange(path="/api/v1/things")
-    t.on_request(ex)
+    _request(t, ex)
     assert ex.request.path == "/api/v1/things"
 
 
@@ -365,12 +367,12 @@ def test_path_rewrite_never_makes_a_dot_segment(path: str) -> None:
     )
     ex = _exchange(path=path)
     with pytest.raises(GatewayError) as caught:
-        t.on_request(ex)
+        _request(t, ex)
     assert caught.value.status == 400
     assert "dot segment" in str(caught.value)
     assert ex.request.path == path  # nothing forwarded
     ok = _exchange(path="/files/..ax/b")  # "..a" is a name, not a dot segment
-    t.on_request(ok)
+    _request(t, ok)
     assert ok.request.path == "/store/..a/b"
 
 
@@ -400,6 +402,18 @@ def test_needs_body_only_with_json_ops() -> None:
 JSON = (b"content-type", b"application/json; charset=utf-8")
 
 
+def _request(t: Any, exchange: Any) -> None:
+    """Run ``t``'s request side as the engine would: awaited when it is a coroutine
+    (an instance with JSON edits, whose large bodies go to a worker thread)."""
+    result = t.on_request(exchange)
+    if inspect.iscoroutine(result):
+
+        async def run() -> None:
+            await result
+
+        trio.run(run)
+
+
 def test_request_json_every_operation() -> None:
     t = _transform(
         {
@@ -425,7 +439,7 @@ def test_request_json_every_operation() -> None:
         body=json.dumps(body).encode(),
         identity=Identity("alice", claims={"n": 5}),
     )
-    t.on_request(ex)
+    _request(t, ex)
     assert ex.request.body is not None
     assert json.loads(ex.request.body) == {
         "user": "ada",
@@ -447,23 +461,23 @@ def test_request_json_skips_invalid_compressed_and_non_json() -> None:
     t = _transform({"request": {"json": {"set": {"a": 1}}}})
     before = _skipped("request", "invalid_json")
     ex = _exchange(method="POST", headers=[JSON], body=b"{not json")
-    t.on_request(ex)
+    _request(t, ex)
     assert ex.request.body == b"{not json"
     assert _skipped("request", "invalid_json") == before + 1
 
     before = _skipped("request", "compressed")
     ex = _exchange(method="POST", headers=[JSON, (b"content-encoding", b"gzip")], body=b"\x1f\x8b")
-    t.on_request(ex)
+    _request(t, ex)
     assert ex.request.body == b"\x1f\x8b"
     assert _skipped("request", "compressed") == before + 1
 
     ex = _exchange(method="POST", headers=[(b"content-type", b"text/plain")], body=b"{}")
-    t.on_request(ex)
+    _request(t, ex)
     assert ex.request.body == b"{}"
     ex = _exchange(
         method="POST", headers=[(b"content-type", b"application/problem+json")], body=b"{}"
     )
-    t.on_request(ex)
+    _request(t, ex)
     assert ex.request.body == b'{"a":1}'
 
 
@@ -471,15 +485,15 @@ def test_request_json_too_large() -> None:
     lenient = _transform({"request": {"json": {"set": {"a": 1}}}})
     ex = _exchange(method="POST", headers=[JSON, (b"content-length", b"5000000")], body=None)
     before = _skipped("request", "too_large")
-    lenient.on_request(ex)
+    _request(lenient, ex)
     assert _skipped("request", "too_large") == before + 1
     strict = _transform({"request": {"json": {"set": {"a": 1}, "mandatory": True}}})
     from engine.errors import PayloadTooLarge
 
     with pytest.raises(PayloadTooLarge):
-        strict.on_request(ex)
+        _request(strict, ex)
     # No body at all is not "too large".
-    strict.on_request(_exchange(method="GET", headers=[JSON]))
+    _request(strict, _exchange(method="GET", headers=[JSON]))
 
 
 class _Stream:
@@ -947,13 +961,13 @@ def test_request_body_that_cannot_be_edited(
     # Not mandatory: it passes through byte for byte (counted, unless simply not JSON).
     lenient = _transform({"request": {"json": OWNER_EDIT}})
     ex = _exchange(method="POST", headers=headers, body=body)
-    lenient.on_request(ex)
+    _request(lenient, ex)
     assert ex.request.body == body
     # Mandatory: refused, never forwarded unedited; the framing is intact, so no close.
     strict = _transform(MANDATORY_OWNER)
     ex = _exchange(method="POST", headers=headers, body=body)
     with pytest.raises(GatewayError) as info:
-        strict.on_request(ex)
+        _request(strict, ex)
     assert info.value.status == status
     assert not info.value.close
 
@@ -962,7 +976,7 @@ def test_mandatory_request_without_a_body_is_not_refused() -> None:
     strict = _transform(MANDATORY_OWNER)
     for headers, body in [([], None), ([(b"content-type", b"text/plain")], b"")]:
         ex = _exchange(method="POST", headers=headers, body=body)
-        strict.on_request(ex)
+        _request(strict, ex)
         assert ex.request.body == body
 
 
@@ -973,11 +987,11 @@ def test_mandatory_edit_is_always_reserialized() -> None:
     body = b'{"items":[{"secret":1}], "items":[{"id":2}]}'
     lenient = _transform({"request": {"json": {"remove": ["items[*].secret"]}}})
     ex = _exchange(method="POST", headers=[JSON], body=body)
-    lenient.on_request(ex)
+    _request(lenient, ex)
     assert ex.request.body == body  # nothing changed: not re-serialized
     strict = _transform({"request": {"json": {"remove": ["items[*].secret"], "mandatory": True}}})
     ex = _exchange(method="POST", headers=[JSON], body=body)
-    strict.on_request(ex)
+    _request(strict, ex)
     assert ex.request.body == b'{"items":[{"id":2}]}'
 
 
@@ -988,20 +1002,20 @@ def test_non_finite_claim_is_never_written() -> None:
     lenient = _transform({"request": {"json": {"set": {"n": "{claims.n}"}}}})
     before = _skipped("request", "invalid_json")
     ex = _exchange(method="POST", headers=[JSON], body=b"{}", identity=claims)
-    lenient.on_request(ex)
+    _request(lenient, ex)
     assert ex.request.body == b"{}"
     assert _skipped("request", "invalid_json") == before + 1
     strict = _transform({"request": {"json": {"set": {"n": "{claims.n}"}, "mandatory": True}}})
     ex = _exchange(method="POST", headers=[JSON], body=b"{}", identity=claims)
     with pytest.raises(GatewayError) as info:
-        strict.on_request(ex)
+        _request(strict, ex)
     assert info.value.status == 400
 
 
 def test_lone_surrogate_is_written_escaped() -> None:
     t = _transform({"request": {"json": {"set": {"a": 1}}}})
     ex = _exchange(method="POST", headers=[JSON], body=b'{"s":"\\ud800\xc3\xa9"}')
-    t.on_request(ex)
+    _request(t, ex)
     assert ex.request.body == b'{"s":"\\ud800\\u00e9","a":1}'
 
 
@@ -1246,3 +1260,60 @@ async def test_e2e_status_map_refuses_1xx(status_map: dict[str, int]) -> None:
         info.value.path
         == f"routes[0].plugins.transform.response.status_map.{next(iter(status_map))}"
     )
+
+
+def test_a_set_over_a_client_s_array_cannot_multiply_the_body_without_bound() -> None:
+    """items[*].who = "{header.x-who}": 30,000 empty objects (90 KB) and a 2 KB header
+    made a 60 MB body, built in memory and sent upstream."""
+    edits = {"set": {"items[*].who": "{header.x-who}"}, "max_size": "1MiB"}
+    body = json.dumps({"items": [{}] * 30_000}).encode()
+    headers = [JSON, (b"x-who", b"w" * 2048), (b"content-length", b"%d" % len(body))]
+    lenient = _transform({"request": {"json": edits}})
+    ex = _exchange(method="POST", headers=headers, body=body)
+    before = BODY_SKIPPED.value(route="", direction="request", reason="too_large")
+    _request(lenient, ex)
+    assert ex.request.body == body  # passed on untouched, as any body too large to edit
+    assert BODY_SKIPPED.value(route="", direction="request", reason="too_large") == before + 1
+    from engine.errors import PayloadTooLarge
+
+    strict = _transform({"request": {"json": {**edits, "mandatory": True}}})
+    with pytest.raises(PayloadTooLarge, match="too large once transformed"):
+        _request(strict, _exchange(method="POST", headers=headers, body=body))
+    # The same edit on a body it fits: done.
+    small = json.dumps({"items": [{}] * 10}).encode()
+    ok = _exchange(method="POST", headers=[JSON, (b"x-who", b"w" * 2048)], body=small)
+    _request(strict, ok)
+    assert ok.request.body is not None
+    assert json.loads(ok.request.body)["items"][9]["who"] == "w" * 2048
+
+
+def test_a_large_body_is_edited_off_the_event_loop_with_the_same_result(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Over 64 KiB the edit runs in a worker thread (a megabyte edited inline held every
+    client for tenths of a second)."""
+    import plugins.transform as transform_module
+
+    t = _transform({"request": {"json": {"remove": ["items[*].secret"], "set": {"n": 1}}}})
+    items = [{"id": i, "secret": "s" * 20} for i in range(5000)]
+    body = json.dumps({"items": items}).encode()
+    assert len(body) > 64 * 1024
+    threads: list[str] = []
+    from plugins._json import load_json as load
+
+    def recording_load(data: bytes | str) -> Any:
+        threads.append(threading.current_thread().name)
+        return load(data)
+
+    monkeypatch.setattr(transform_module, "load_json", recording_load)
+    ex = _exchange(method="POST", headers=[JSON], body=body)
+    _request(t, ex)
+    assert ex.request.body is not None
+    edited = json.loads(ex.request.body)
+    assert edited["n"] == 1
+    assert edited["items"][4999] == {"id": 4999}
+    small = _exchange(method="POST", headers=[JSON], body=b'{"items": []}')
+    _request(t, small)
+    main = threading.main_thread().name
+    assert threads[0] != main  # the large one
+    assert threads[1] == main  # a small one is edited inline
