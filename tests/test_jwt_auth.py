@@ -1437,6 +1437,21 @@ async def test_a_verified_token_is_remembered_until_it_expires(
     assert len(f._verified) == 2
 
 
+async def test_padded_spellings_of_one_token_share_one_cache_entry() -> None:
+    """Any user could fill the verified-token cache (10,000 entries by default) with
+    one token spelled with ~15 KB of whitespace each way: ~150 MB per instance."""
+    f = _filter(_rsa_config())
+    token = _token()
+    with trio.fail_after(5):
+        for pad in range(1, 60):
+            ex = await _run(f, [("Authorization", "Bearer" + " \t" * pad + token)])
+            assert ex.identity is not None
+            assert ex.identity.consumer == "alice"
+        assert list(f._verified) == [("header", token)]
+        await _run(f, _bearer(token))  # the plain spelling: found by its raw value
+        assert len(f._verified) == 2
+
+
 async def test_a_remembered_token_is_found_by_the_raw_header_without_parsing_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -398,7 +398,14 @@ class JwtAuth(Filter):
         if raw is not None:
             token = self._token_from_header(raw)
             if token is not None:
-                return token, raw
+                # The raw value is the key (found again without parsing) only in its
+                # plain form, "Scheme token": spellings padded with whitespace would
+                # each hold an entry of their own, up to max_token_size bytes apiece,
+                # for one token. Those are keyed by the token itself.
+                plain = len(self._scheme) + 1 if self._scheme else 0
+                if len(raw) == plain + len(token):
+                    return token, raw
+                return token, ("header", token)
         if self.config.cookie is not None:
             found = _cookies(exchange.request.headers.get_all(b"cookie"), self.config.cookie)
             if len(found) > 1:
