@@ -208,6 +208,8 @@ class JwtAuth(Filter):
         # The challenge of a request without credentials (RFC 6750 3.1: no error=).
         self._challenge = challenge("Bearer", config.realm)
         self._scheme = config.scheme.lower().encode()
+        # The plain spelling of the header, "Bearer " then the token (see _credential).
+        self._plain_prefix = config.scheme.encode() + b" " if config.scheme else b""
         # The token header's raw value (or ("cookie", token)) -> what verifying the token
         # gave; bounded, oldest first out (see _remember).
         self._verified: OrderedDict[_CacheKey, _Verified] = OrderedDict()
@@ -399,11 +401,11 @@ class JwtAuth(Filter):
             token = self._token_from_header(raw)
             if token is not None:
                 # The raw value is the key (found again without parsing) only in its
-                # plain form, "Scheme token": spellings padded with whitespace would
+                # plain form, "Bearer token": other spellings (whitespace, case) would
                 # each hold an entry of their own, up to max_token_size bytes apiece,
                 # for one token. Those are keyed by the token itself.
-                plain = len(self._scheme) + 1 if self._scheme else 0
-                if len(raw) == plain + len(token):
+                prefix = self._plain_prefix
+                if len(raw) == len(prefix) + len(token) and raw.startswith(prefix):
                     return token, raw
                 return token, ("header", token)
         if self.config.cookie is not None:
