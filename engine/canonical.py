@@ -12,6 +12,7 @@ Other escapes are kept, with upper-case hex, so the forwarded path means what it
 from __future__ import annotations
 
 import re
+from urllib.parse import unquote_to_bytes
 
 from engine.errors import BadRequest
 
@@ -51,38 +52,36 @@ def canonical_path(raw: bytes) -> str:
 
 
 def _decode_unreserved(raw: bytes) -> str:
-    out = bytearray()
-    utf8_check = bytearray()  # the fully decoded path, only to check it is valid UTF-8
-    i, n = 0, len(raw)
-    while i < n:
-        c = raw[i]
-        if c == 0x25:  # %
-            if i + 2 >= n:
-                raise BadRequest("malformed percent-escape in the request path")
-            h1, h2 = raw[i + 1], raw[i + 2]
-            if h1 not in _HEX or h2 not in _HEX:
-                raise BadRequest("malformed percent-escape in the request path")
-            value = int(raw[i + 1 : i + 3], 16)
-            if value in _FORBIDDEN_ESCAPES:
-                name = _FORBIDDEN_ESCAPES[value]
-                raise BadRequest(f"an encoded {name} is not allowed in the request path")
-            if value in _UNRESERVED:
-                out.append(value)
-            else:
-                out += b"%" + raw[i + 1 : i + 3].upper()
-            utf8_check.append(value)
-            i += 3
-        elif c >= 0x80:
-            raise BadRequest("the request path has raw non-ASCII bytes")
-        else:
-            out.append(c)
-            utf8_check.append(c)
-            i += 1
-    try:
-        utf8_check.decode("utf-8")
-    except UnicodeDecodeError:
-        raise BadRequest("the request path is not valid UTF-8") from None
-    return out.decode("ascii")
+    """Escapes of unreserved characters decoded, others kept with upper-case hex; raises
+    for malformed escapes, raw non-ASCII bytes, forbidden escapes and invalid UTF-8.
+
+    Done with regexes, a split on ``%`` and a table of the 484 spellings of two hex
+    digits, not byte by byte: a path of thousands of escapes took milliseconds in a
+    Python loop."""
+    if _MALFORMED.search(raw) is not None:
+        raise BadRequest("malformed percent-escape in the request path")
+    if not raw.isascii():
+        raise BadRequest("the request path has raw non-ASCII bytes")
+    forbidden = _FORBIDDEN.search(raw)
+    if forbidden is not None:
+        name = _FORBIDDEN_ESCAPES[int(forbidden.group(1), 16)]
+        raise BadRequest(f"an encoded {name} is not allowed in the request path")
+    if _HIGH_ESCAPE.search(raw) is not None:  # only escapes of bytes >= 0x80 can break UTF-8
+        try:
+            unquote_to_bytes(raw).decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadRequest("the request path is not valid UTF-8") from None
+    parts = raw.split(b"%")
+    kept = _KEPT
+    return (parts[0] + b"".join([kept[p[:2]] + p[2:] for p in parts[1:]])).decode("ascii")
+
+
+_FORBIDDEN = re.compile(rb"%(2[fF]|5[cC]|00)")
+_HIGH_ESCAPE = re.compile(rb"%[89A-Fa-f][0-9A-Fa-f]")
+_MALFORMED = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+_HEX_VALUE = {bytes([a, b]): int(bytes([a, b]), 16) for a in _HEX for b in _HEX}
+# What each escape becomes: its character when unreserved, else itself in upper case.
+_KEPT = {h: bytes([v]) if v in _UNRESERVED else b"%" + h.upper() for h, v in _HEX_VALUE.items()}
 
 
 def _remove_dot_segments(path: str) -> str:

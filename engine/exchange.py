@@ -44,6 +44,9 @@ _TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-z]+")
 #: them itself; a filter whose config names one (a header to set or inject) is refused
 #: at load, since a second Content-Length or a Transfer-Encoding would corrupt the
 #: framing (request smuggling upstream, desync toward the client).
+#: Query parameters a request may have when they are parsed (see Request.query).
+MAX_QUERY_FIELDS = 1000
+
 FRAMING_HEADERS = frozenset(
     {"content-length", "transfer-encoding", "connection", "keep-alive", "te", "trailer", "upgrade"}
 )
@@ -215,9 +218,20 @@ class Request:
 
     @property
     def query(self) -> dict[str, list[str]]:
-        """Query parameters, parsed once on first use."""
+        """Query parameters, parsed once on first use. More than ``MAX_QUERY_FIELDS`` is
+        a 400 (:class:`~engine.errors.BadRequest`): each costs microseconds to parse,
+        and a head full of them milliseconds (Tomcat caps them at 1000 too)."""
         if self._query is None:
-            self._query = parse_qs(self.raw_query.decode("latin-1"), keep_blank_values=True)
+            try:
+                self._query = parse_qs(
+                    self.raw_query.decode("latin-1"),
+                    keep_blank_values=True,
+                    max_num_fields=MAX_QUERY_FIELDS,
+                )
+            except ValueError:
+                from engine.errors import BadRequest
+
+                raise BadRequest(f"more than {MAX_QUERY_FIELDS} query parameters") from None
         return self._query
 
     @property

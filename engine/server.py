@@ -181,7 +181,11 @@ _REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,200}")
 
 
 def _valid_host(host: bytes) -> bool:
-    """Whether ``host`` is a valid Host value; remembered, as clients repeat a few."""
+    """Whether ``host`` is a valid Host value; remembered, as clients repeat a few. A
+    name has at most 253 bytes (RFC 1035), so anything much longer is refused, and
+    never remembered: 4096 entries of 16 KB would be 64 MB."""
+    if len(host) > 300:
+        return False
     known = _VALID_HOSTS.get(host)
     if known is None:
         if len(_VALID_HOSTS) >= 4096:

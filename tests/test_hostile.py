@@ -287,6 +287,7 @@ REFUSED: list[tuple[str, bytes, int]] = [
     # X-Forwarded-Host "admin.example.com," as the admin host.
     ("host-with-comma", head("/api/x", "Host: admin.example.com,"), 400),
     ("host-with-semicolon", head("/api/x", "Host: a;x"), 400),
+    ("host-too-long", head("/api/x", "Host: " + "a" * 301), 400),  # no name is that long
     ("host-with-escape", head("/api/x", "Host: admin%2Eexample.com"), 400),
     # "get" took a catch-all past methods = ["GET"], and frameworks upper-case it.
     ("lower-case-method", head("/get-only/x", "Host: a", method="get"), 400),
@@ -1347,7 +1348,12 @@ async def test_a_condition_s_name_repeated_with_different_values_is_400() -> Non
                     gw.port, "GET", "/api/x?visibility=private&visibility=public"
                 )
                 ok = await http_request(gw.port, "GET", "/api/x?visibility=public")
+                # Parsed for the condition: a head full of parameters costs milliseconds.
+                many = "&".join(["a=%41"] * 1001)
+                too_many = await http_request(gw.port, "GET", f"/api/x?{many}")
     assert refused.status == 400
     assert "repeated with different values" in refused.json()["error"]["message"]
+    assert too_many.status == 400
+    assert "more than 1000 query parameters" in too_many.json()["error"]["message"]
     assert ok.status == 200
     assert len(up.requests) == 1
