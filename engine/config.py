@@ -89,6 +89,9 @@ class ServerConfig:
     head_timeout: Duration = Duration(10.0)
     # Longest silence while a request body is arriving.
     body_timeout: Duration = Duration(30.0)
+    # Past 5 s of waiting on it, a request body must arrive this fast on average
+    # (bytes a second; 0: no floor). Kestrel's default: a trickle holds no slot for ever.
+    min_body_rate: ByteSize = ByteSize(240)
     # Idle keep-alive connections are closed after this (nginx uses 75 s).
     keepalive_timeout: Duration = Duration(60.0)
     # A client that reads nothing for this long is cut off.

@@ -516,16 +516,21 @@ async def _linger(io: RawSocket) -> None:
         pass
 
 
+#: Seconds of waiting on a request body before min_body_rate applies (Kestrel's 5 s).
+_BODY_RATE_GRACE = 5.0
+
+
 class _ClientBody:
     """The client's request body as it arrives, with the size cap and idle timeout."""
 
-    __slots__ = ("_conn", "_done", "_limit", "_prefix", "_reader", "_seen")
+    __slots__ = ("_conn", "_done", "_limit", "_prefix", "_reader", "_seen", "_waited")
 
     def __init__(self, conn: _Connection, reader: BodyReader, limit: int) -> None:
         self._conn = conn
         self._reader = reader
         self._limit = limit
         self._seen = 0
+        self._waited = 0.0  # seconds spent waiting for the client's bytes (see min_body_rate)
         self._done = False
         self._prefix: list[bytes] | None = None
 
@@ -554,15 +559,31 @@ class _ClientBody:
                 conn.framing_broken = True
                 raise BadRequest(f"malformed request body: {e}") from None
             if ev is None:
-                timeout = conn.server.runtime.config.server.body_timeout
+                cfg = conn.server.runtime.config.server
+                timeout = float(cfg.body_timeout)
+                rate = cfg.min_body_rate
+                slow = False
+                if rate:
+                    # Only time spent waiting on the client counts (not an upstream that
+                    # holds the relay back): past a grace, it must have sent min_body_rate
+                    # bytes a second on average (Kestrel's MinRequestBodyDataRate).
+                    left = max(_BODY_RATE_GRACE, self._seen / rate) - self._waited
+                    if left < timeout:
+                        timeout, slow = max(left, 0.0), True
+                before = trio.current_time()
                 try:
                     data = await conn.io.recv(timeout)
                 except trio.TooSlowError:
                     conn.framing_broken = True
+                    if slow:
+                        raise RequestTimeout(
+                            f"the request body arrives slower than {rate} bytes a second"
+                        ) from None
                     raise RequestTimeout("the request body stopped arriving") from None
                 except OSError:
                     conn.framing_broken = True
                     raise _Abort() from None
+                self._waited += trio.current_time() - before
                 wire.feed(data)
                 continue
             if type(ev) is h11.Data:

@@ -8,6 +8,7 @@ blocked: no test waits in real time, and elapsed times are measured exactly with
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import socket
@@ -48,6 +49,7 @@ SERVER = {
     "body_timeout": f"{BODY_TIMEOUT}s",
     "keepalive_timeout": f"{KEEPALIVE_TIMEOUT}s",
     "write_timeout": f"{WRITE_TIMEOUT}s",
+    "min_body_rate": 0,  # each timeout alone (the rate floor has its own tests)
 }
 
 
@@ -209,6 +211,54 @@ async def test_stalled_request_body_gets_408_after_body_timeout(
         assert_gateway_error(resp, 408)
         assert setup.up.completed == 0  # the upstream never got a complete request
         await assert_serves(setup.gw.port)
+
+
+async def test_a_body_that_trickles_is_cut_at_min_body_rate(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A byte every 5 s never trips body_timeout (30 s): with max_connections, 50 such
+    uploads held every slot for good. Past 5 s of waiting, the body must average
+    min_body_rate; waiting on a slow upstream does not count against the client."""
+    with trio.fail_after(DEADLINE):
+        async with open_counting_upstream() as up:
+            config = make_config(up.target)
+            config["server"]["min_body_rate"] = "100B"
+            config["server"]["body_timeout"] = "30s"
+            async with open_gateway(config) as gw:
+                stream = await trio.open_tcp_stream("127.0.0.1", gw.port)
+                await stream.send_all(
+                    head("/upload", "Host: a", "Content-Length: 100000", method="POST")
+                )
+                start = trio.current_time()
+
+                async def trickle() -> None:
+                    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                        while True:
+                            await stream.send_all(b"x")
+                            await trio.sleep(1)
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(trickle)
+                    out = await read_until_closed(stream)
+                    nursery.cancel_scope.cancel()
+                await stream.aclose()
+                # 5 s of grace, then 100 bytes a second: about 1 byte a second is cut at 5 s.
+                assert out.closed_at - start == pytest.approx(5.0, abs=0.2)
+                [resp] = parse_responses(out.data)
+                assert_gateway_error(resp, 408)
+                assert b"slower than 100 bytes a second" in resp.body
+                # A steady upload above the floor goes through.
+                body = b"y" * 2000
+                steady = await trio.open_tcp_stream("127.0.0.1", gw.port)
+                await steady.send_all(
+                    head("/upload", "Host: a", f"Content-Length: {len(body)}", method="POST")
+                )
+                for i in range(0, len(body), 200):
+                    await steady.send_all(body[i : i + 200])
+                    await trio.sleep(1)  # 200 bytes a second for 10 s
+                got = await steady.receive_some(65536)
+                assert got.startswith(b"HTTP/1.1 200 ")
+                await steady.aclose()
 
 
 async def test_client_that_never_reads_is_cut_off_after_write_timeout(
