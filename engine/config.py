@@ -85,6 +85,8 @@ class ServerConfig:
     max_body_size: ByteSize = ByteSize(10 * MiB)
     # What a filter that needs a whole body may hold in memory per request.
     max_buffered_body: ByteSize = ByteSize(1 * MiB)
+    # What all requests together may hold of bodies still arriving (per process).
+    max_buffering: ByteSize = ByteSize(128 * MiB)
     # Slowloris defence: the whole request head must arrive within this.
     head_timeout: Duration = Duration(10.0)
     # Longest silence while a request body is arriving.
@@ -140,6 +142,8 @@ class ServerConfig:
         if self.max_connections < 0:
             raise Invalid("max_connections", "must be 0 (no limit) or more")
         _positive(self, "head_timeout", "body_timeout", "write_timeout")
+        if self.max_buffering < self.max_buffered_body:
+            raise Invalid("max_buffering", "must be at least max_buffered_body (one body must fit)")
         rid = self.request_id_header
         if not _TOKEN.fullmatch(rid):
             raise Invalid("request_id_header", f"not a header name: {rid!r}")

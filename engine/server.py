@@ -49,6 +49,7 @@ from engine.errors import (
     MethodNotAllowed,
     PayloadTooLarge,
     RequestTimeout,
+    ServiceUnavailable,
     UpstreamTimeout,
     UpstreamUnreachable,
     reason_phrase,
@@ -317,6 +318,9 @@ class Server:
         self._busy = 0
         self._no_busy = trio.Event()
         self._open = 0  # client connections, for [server] max_connections
+        # Request-body bytes being read into memory for filters, by every connection:
+        # bounded by [server] max_buffering (a slow upload holds its part meanwhile).
+        self.buffering = 0
         # Accept loops waiting for room under max_connections; woken as connections end.
         self._room = trio.lowlevel.ParkingLot()
         # trio's clock, read by every request several times: serve() binds the run's own
@@ -598,16 +602,33 @@ class _ClientBody:
             raise StopAsyncIteration
 
     async def read_all(self, cap: int) -> bytes | None:
-        """The whole body if it fits in ``cap`` bytes, else ``None`` (body left unread)."""
+        """The whole body if it fits in ``cap`` bytes, else ``None`` (body left unread).
+
+        The bytes read so far count against ``[server] max_buffering`` while the body
+        arrives: past it, the request is refused (503, close) rather than let slow
+        uploads hold ``max_buffered_body`` each, as many as there are connections.
+        """
+        server = self._conn.server
+        limit = server.runtime.config.server.max_buffering
         parts = []
         size = 0
-        async for chunk in self:
-            parts.append(chunk)
-            size += len(chunk)
-            if size > cap:
-                self._prefix = parts
-                return None
-        return b"".join(parts)
+        try:
+            async for chunk in self:
+                parts.append(chunk)
+                size += len(chunk)
+                server.buffering += len(chunk)
+                if server.buffering > limit:
+                    self._conn.framing_broken = True
+                    raise ServiceUnavailable(
+                        "too many request bodies are being buffered; try again",
+                        retry_after=1,
+                    )
+                if size > cap:
+                    self._prefix = parts
+                    return None
+            return b"".join(parts)
+        finally:
+            server.buffering -= size
 
     async def aclose(self) -> None:
         self._done = True

@@ -22,7 +22,7 @@ import pytest
 import trio
 import trio.testing
 
-from engine.testing import Client, free_port, open_gateway, wait_listening
+from engine.testing import Client, Stubs, free_port, http_request, open_gateway, wait_listening
 from tests.test_hostile import RawResponse, assert_gateway_error, head, parse_responses
 from tests.upstreams import (
     CHUNK,
@@ -532,3 +532,46 @@ async def test_a_pooled_connection_the_upstream_closed_is_not_a_failure(
                     assert resp.body == b"ok"
                     await trio.sleep(pause)
             assert up.connections == 3
+
+
+async def test_bodies_being_buffered_are_bounded_for_the_whole_process(stubs: Stubs) -> None:
+    """150 uploads of 1 MiB that went quiet held 150 MB (max_buffered_body each, as many
+    as there are connections). Past max_buffering, the next is refused."""
+    config = {
+        "server": {"max_buffered_body": "8KiB", "max_buffering": "12KiB"},
+        "upstreams": {"echo": {"targets": [stubs.target("echo")]}},
+        "routes": [
+            {
+                "name": "edit",
+                "prefix": "/",
+                "upstream": "echo",
+                "plugins": {"transform": {"request": {"json": {"set": {"seen": True}}}}},
+            }
+        ],
+    }
+    body = b'{"pad": "' + b"x" * 7900 + b'"}'
+    head = (
+        b"POST /e HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body)
+    )
+    with trio.fail_after(10):
+        async with open_gateway(config) as gw:
+            first = await trio.open_tcp_stream("127.0.0.1", gw.port)
+            await first.send_all(head + body[:7000])  # buffered, not whole yet
+            await trio.testing.wait_all_tasks_blocked()
+            second = await trio.open_tcp_stream("127.0.0.1", gw.port)
+            await second.send_all(head + body[:7000])  # 14,000 bytes with the first's
+            refused = b""
+            while chunk := await second.receive_some(65536):
+                refused += chunk
+            assert refused.startswith(b"HTTP/1.1 503 ")
+            assert b"retry-after: 1" in refused.lower()
+            await first.send_all(body[7000:])
+            answered = await first.receive_some(65536)
+            assert answered.startswith(b"HTTP/1.1 200 ")
+            await first.aclose()
+            await second.aclose()
+            again = await http_request(
+                gw.port, "POST", "/e", [("Content-Type", "application/json")], body
+            )
+            assert again.status == 200  # the budget came back
