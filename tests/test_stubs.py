@@ -247,18 +247,21 @@ def test_cli_names_a_taken_port_and_refuses_a_base_port_out_of_range() -> None:
     --base-port 65533 an 80-line traceback."""
     import socket
 
-    code = "import sys, engine.stubs as s; sys.exit(s.main(sys.argv[1:]))"
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        base = port - 3  # echo is the fourth service
-        if base < 1 or port + 2 > 65535:
-            pytest.skip("no room around the port the kernel gave")
-        from engine.stubs import _cannot_bind
+    from engine.stubs import _cannot_bind
 
-        if any(_cannot_bind("127.0.0.1", p) for p in range(base, port)):
-            pytest.skip("a port before it is taken by someone else")
+    code = "import sys, engine.stubs as s; sys.exit(s.main(sys.argv[1:]))"
+    for _ in range(20):  # a port whose three before it are free (echo is the fourth)
+        taken = socket.socket()
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        base = port - 3
+        if base >= 1 and not any(_cannot_bind("127.0.0.1", p) for p in range(base, port)):
+            break
+        taken.close()
+    else:
+        pytest.skip("no free run of ports around one the kernel gave")
+    with taken:
+        taken.listen()
         run = subprocess.run(
             [sys.executable, "-c", code, "--base-port", str(base)],
             capture_output=True,
