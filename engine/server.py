@@ -344,6 +344,12 @@ class Server:
             _quiet_bad_server_names()
         self._ssl_context = context
 
+    def request_done(self) -> None:
+        """A request counted busy has ended (and its on_log has run)."""
+        self._busy -= 1
+        if not self._busy:
+            self._no_busy.set()
+
     async def wait_idle(self) -> None:
         """Return once no request is in flight."""
         while self._busy:
@@ -494,8 +500,15 @@ class Server:
                 raw.close()
             except OSError:
                 pass
-        if conn is not None and conn.late_log is not None:
-            await run_log_phases(*conn.late_log)
+            if conn is not None and conn.late_log is not None:
+                # The on_log of the exchange that ended the connection, once the client
+                # has seen the end. Its request stays busy until then, so a drain waits
+                # for it as for any request in flight.
+                late, conn.late_log = conn.late_log, None
+                try:
+                    await run_log_phases(*late)
+                finally:
+                    self.request_done()
 
 
 # Closing in stages (RFC 9112 9.6), with nginx's lingering_time and lingering_timeout.
@@ -779,9 +792,8 @@ class _Connection:
                 try:
                     await self._handle(req)
                 finally:
-                    server._busy -= 1
-                    if not server._busy:
-                        server._no_busy.set()
+                    if self.late_log is None:  # else busy until its on_log has run
+                        server.request_done()
                 if self.framing_broken or not self.keep_alive:
                     return
                 if server.draining:

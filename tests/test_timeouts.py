@@ -506,6 +506,33 @@ async def test_on_log_sees_a_client_gone_and_a_cut_off_response(
     assert whole[:3] == ("/whole", 200, False)
 
 
+async def test_a_drain_waits_for_the_on_log_of_a_client_gone(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The on_log of an aborted exchange runs once the client's socket is closed; the
+    request no longer counted as busy then, so a SIGTERM drain ended without it."""
+
+    async def silent(conn: UpstreamConn) -> None:
+        while await conn.stream.receive_some(65536):
+            pass
+
+    _LogRecorder.seen = []
+    _LogRecorder.logged = trio.Event()
+    with trio.fail_after(DEADLINE):
+        async with serve_upstream(silent) as up:
+            config = make_config(up.target, {"read_timeout": "60s"})
+            config["plugins"] = {"log-recorder": {}}
+            async with open_gateway(config, extra_plugins=[("rec", FilterSet(_LogRecorder))]) as gw:
+                stream = await trio.open_tcp_stream("127.0.0.1", gw.port)
+                await stream.send_all(head("/slow", "Host: a"))
+                await trio.sleep(0.5)
+                await stream.aclose()  # gone: let go within a second or two
+                while not up.closed_at:
+                    await trio.sleep(0.05)
+                await gw.gateway.shutdown(grace=30)  # on_log takes 5 s: waited for
+                assert [entry[:3] for entry in _LogRecorder.seen] == [("/slow", None, True)]
+
+
 async def test_route_read_timeout_overrides_the_upstream(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
