@@ -698,11 +698,12 @@ class Transform(Filter):
                 raise BadRequest(f"the request body is not valid JSON: {e}", close=False) from None
             return
         except EditTooLarge:
-            if plan.mandatory:
-                raise PayloadTooLarge(
-                    "the request body would be too large once transformed", close=False
-                ) from None
-            return
+            # Refused whatever mandatory says: the body is valid JSON, and passing it on
+            # unedited would let a client (whose values a template inserts) choose to
+            # skip every edit, a remove of a field it must not set included.
+            raise PayloadTooLarge(
+                "the request body would be too large once transformed", close=False
+            ) from None
         if new is not None:
             request.body = new
 
@@ -760,9 +761,8 @@ class Transform(Filter):
             if plan.mandatory:
                 await self._refuse_response(exchange, response, "is not valid JSON")
             return
-        except EditTooLarge:
-            if plan.mandatory:
-                await self._refuse_response(exchange, response, "would be too large edited")
+        except EditTooLarge:  # refused whatever mandatory says (see the request side)
+            await self._refuse_response(exchange, response, "would be too large edited")
             return
         if new is not None:
             response.body = new
