@@ -129,9 +129,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         if off:
             print(f"    turned off here: {', '.join(off)}")
         if r.strip_identity is not None:
-            print(
-                f"    identity headers stripped: an authenticated route reaches {rc.upstream} too"
-            )
+            print("    identity headers stripped: an authenticated route reaches its services")
         for note in notes.get(rc.name, []):
             print(f"    warning: {note}")
     for name, pool in runtime.pools.items():

@@ -344,25 +344,41 @@ def _access_log(config: Config, previous: Runtime | None) -> AccessLog | None:
 
 
 def _shared_upstream_hygiene(routes: list[RouteRuntime]) -> None:
-    """Identity headers are stripped on a route with no auth filter too, when its upstream
-    is one an authenticated route reaches: that upstream trusts the ``X-User-Id`` its
+    """Identity headers are stripped on a route with no auth filter too, when it reaches
+    a service an authenticated route reaches: that service trusts the ``X-User-Id`` its
     guarded route injects, and must not get a client's own from the open route beside
-    it. (Auth filters say which headers they treat as identity: ``identity_headers``, a
-    test on lowercase names.)"""
+    it. A route reaches its upstream's targets and those of the upstreams its filters
+    call (``upstreams_called``, e.g. aggregate's); two upstream names with a target in
+    common are one service. (Auth filters say which headers they treat as identity:
+    ``identity_headers``, a test on lowercase names.)"""
+    if not routes:
+        return
+    pools = routes[0].pools
+
+    def targets(route: RouteRuntime) -> set[str]:
+        names = {route.config.upstream} if route.config.upstream else set()
+        for f in route.chain.filters:
+            names |= set(getattr(f, "upstreams_called", ()))
+        return {t.address for n in names if (pool := pools.get(n)) for t in pool.targets}
+
     guarded: dict[str, list[Callable[[bytes], bool]]] = {}
     for route in routes:
         tests: list[Callable[[bytes], bool]] = [
             t for f in route.chain.filters if (t := getattr(f, "identity_headers", None))
         ]
-        if tests and route.config.upstream is not None:
-            guarded.setdefault(route.config.upstream, []).extend(tests)
+        if tests:
+            for address in targets(route):
+                guarded.setdefault(address, []).extend(tests)
+    if not guarded:
+        return
     for route in routes:
-        if route.config.upstream not in guarded:
-            continue
         if any(getattr(f, "identity_headers", None) for f in route.chain.filters):
             continue
-        found = tuple(guarded[route.config.upstream])
-        route.strip_identity = found[0] if len(found) == 1 else _any_of(found)
+        found = list(
+            dict.fromkeys(t for a in targets(route) for t in guarded.get(a, ()))
+        )  # in order, once each
+        if found:
+            route.strip_identity = found[0] if len(found) == 1 else _any_of(tuple(found))
 
 
 def _any_of(tests: tuple[Callable[[bytes], bool], ...]) -> Callable[[bytes], bool]:

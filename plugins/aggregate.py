@@ -435,6 +435,9 @@ class Aggregate(Filter):
             for i, c in enumerate(config.calls):
                 if c.upstream not in context.upstreams:
                     raise Invalid(f"calls[{i}].upstream", f"no upstream named {c.upstream!r}")
+        # The upstreams this filter calls itself: the engine's identity hygiene looks at
+        # them as at a route's own upstream.
+        self.upstreams_called = frozenset(c.upstream for c in config.calls)
         index = {c.name: i for i, c in enumerate(config.calls)}
         roots = REQUEST_ROOTS | frozenset(index)
         self._plans = tuple(

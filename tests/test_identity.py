@@ -18,6 +18,7 @@ from plugins._identity import (
     strip_identity_headers,
 )
 from plugins.key_auth import hash_key
+from tests.upstreams import open_counting_upstream
 
 PATTERNS = HeaderPatterns(["X-User-Id", "X-Auth-*", "X-Strip-Test-Key"])
 
@@ -384,41 +385,67 @@ async def test_no_unverified_token_gets_past_in_another_spelling(stubs: Stubs) -
 async def test_an_open_route_to_a_guarded_upstream_strips_identity_headers(
     stubs: Stubs,
 ) -> None:
-    """The upstream trusts the X-User-Id its guarded route injects: a client sent its own
-    through the open route beside it, and the upstream believed it."""
+    """The service trusts the X-User-Id its guarded route injects: a client sent its own
+    through an open route beside it (by the same upstream, another name for it, or an
+    aggregate call), and the service believed it."""
     key = "k-0123456789abcdef0123456789abcdef"
-    config = {
-        "upstreams": {
-            "app": {"targets": [stubs.target("echo")]},
-            "other": {"targets": [stubs.target("echo")]},
-        },
-        "routes": [
-            {
-                "name": "guarded",
-                "prefix": "/admin",
-                "upstream": "app",
-                "plugins": {
-                    "key-auth": {
-                        "consumers": [{"id": "alice", "key_sha256": hash_key(key)}],
-                        "consumer_header": "X-Tenant-User",
-                    }
-                },
+    async with open_counting_upstream() as elsewhere:
+        config = {
+            "upstreams": {
+                "app": {"targets": [stubs.target("echo")]},
+                "alias": {"targets": [stubs.target("echo")]},  # the same service
+                "other": {"targets": [elsewhere.target]},  # another one
             },
-            {"name": "open", "prefix": "/", "upstream": "app"},
-            {"name": "elsewhere", "prefix": "/other", "upstream": "other"},
-        ],
-    }
-    spoofed = [("X-User-Id", "admin"), ("X-Tenant-User", "alice"), ("X-Mine", "1")]
-    with trio.fail_after(10):
-        async with open_gateway(config) as gw:
-            opened = await http_request(gw.port, "GET", "/public", spoofed)
-            guarded = await http_request(gw.port, "GET", "/admin", [*spoofed, ("X-API-Key", key)])
-            other = await http_request(gw.port, "GET", "/other", spoofed)
+            "routes": [
+                {
+                    "name": "guarded",
+                    "prefix": "/admin",
+                    "upstream": "app",
+                    "plugins": {
+                        "key-auth": {
+                            "consumers": [{"id": "alice", "key_sha256": hash_key(key)}],
+                            "consumer_header": "X-Tenant-User",
+                        }
+                    },
+                },
+                {"name": "open", "prefix": "/", "upstream": "app"},
+                {"name": "by-alias", "prefix": "/alias", "upstream": "alias"},
+                {
+                    "name": "bff",
+                    "prefix": "/bff",
+                    "plugins": {
+                        "aggregate": {
+                            "calls": [
+                                {
+                                    "name": "me",
+                                    "upstream": "app",
+                                    "path": "/me",
+                                    "forward_headers": ["x-user-id"],
+                                }
+                            ]
+                        }
+                    },
+                },
+                {"name": "elsewhere", "prefix": "/other", "upstream": "other"},
+            ],
+        }
+        spoofed = [("X-User-Id", "admin"), ("X-Tenant-User", "alice"), ("X-Mine", "1")]
+        with trio.fail_after(10):
+            async with open_gateway(config) as gw:
+                opened = await http_request(gw.port, "GET", "/public", spoofed)
+                auth = [*spoofed, ("X-API-Key", key)]
+                guarded = await http_request(gw.port, "GET", "/admin", auth)
+                alias = await http_request(gw.port, "GET", "/alias", spoofed)
+                bff = await http_request(gw.port, "GET", "/bff", spoofed)
+                other = await http_request(gw.port, "GET", "/other", spoofed)
     seen = opened.json()["headers"]
     assert "x-user-id" not in seen
     assert "x-tenant-user" not in seen  # what the guarded route's key-auth injects
     assert seen["x-mine"] == "1"
     assert guarded.json()["headers"]["x-tenant-user"] == "alice"  # injected, verified
     assert "x-user-id" not in guarded.json()["headers"]
-    # Another upstream is no neighbour of the guarded route: as sent.
-    assert other.json()["headers"]["x-user-id"] == "admin"
+    assert "x-user-id" not in alias.json()["headers"]
+    assert "x-user-id" not in bff.json()["me"]["headers"]
+    # Another service is no neighbour of the guarded route: as sent.
+    assert other.status == 200
+    assert elsewhere.requests[-1].header("x-user-id") == "admin"
