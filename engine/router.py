@@ -175,10 +175,12 @@ class Router(Generic[R]):
                 prefixes.sort(key=_depth, reverse=True)  # stable: the walk's order on ties
             for entries, values in [*exact, *((es, vals) for _, es, vals in prefixes)]:
                 for e in entries:
-                    if e.conditional and not _conditions_hold(e, headers, query):
-                        continue
                     if e.methods is not None and method not in e.methods:
-                        allowed |= e.methods
+                        # Another method's route: its conditions may say 405, never 400.
+                        if not e.conditional or _conditions_hold(e, headers, query, False):
+                            allowed |= e.methods
+                        continue
+                    if e.conditional and not _conditions_hold(e, headers, query):
                         continue
                     return Match(
                         route=e.route,
@@ -250,6 +252,7 @@ def _conditions_hold(
     e: _Entry[R],
     headers: Sequence[tuple[bytes, bytes]],
     query: dict[str, list[str]] | None,
+    strict: bool = True,
 ) -> bool:
     """Whether a request meets a route's header and query conditions.
 
@@ -264,6 +267,8 @@ def _conditions_hold(
         for n, v in headers:
             if n == name:
                 if want is not None and seen is not None and v != seen:
+                    if not strict:
+                        return False
                     raise BadRequest(f"header {name.decode()} is repeated with different values")
                 seen = v
         if seen is None or (want is not None and seen != want):
@@ -275,8 +280,26 @@ def _conditions_hold(
             got = query.get(qname)
             if got is None:
                 return False
-            if qwant is not None and len(got) > 1 and any(v != got[0] for v in got):
-                raise BadRequest(f"query parameter {qname} is repeated with different values")
+            why = _ambiguous(qname, got, query) if qwant is not None else None
+            if why is not None:
+                if not strict:
+                    return False
+                raise BadRequest(f"query parameter {qname} {why}")
             if qwant is not None and got[0] != qwant:
                 return False
     return True
+
+
+def _ambiguous(name: str, values: list[str], query: dict[str, list[str]]) -> str | None:
+    """Why upstreams may read another value of ``name`` than the router (None if they
+    cannot): repeated with different values, a ``;`` in a value (Rack and older Go split
+    on it), or the name again in another case (ASP.NET reads names case-insensitively)."""
+    if len(values) > 1 and any(v != values[0] for v in values):
+        return "is repeated with different values"
+    if any(";" in v for v in values):
+        return "has a ';' in its value, a separator to some servers"
+    if len(query) > 1:
+        folded = name.lower()
+        if any(other != name and other.lower() == folded for other in query):
+            return "is given again in another case"
+    return None

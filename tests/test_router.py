@@ -192,3 +192,45 @@ def test_a_repeated_name_no_condition_is_on_is_left_alone() -> None:
         == "docs"
     )
     assert router.match("a", "/other", b"GET", [], {"v": ["1", "2"]}).route.name == "open"
+
+
+@pytest.mark.parametrize(
+    ("query", "why"),
+    [
+        ({"visibility": ["public;visibility=private"]}, "';' in its value"),
+        ({"visibility": ["public"], "Visibility": ["private"]}, "in another case"),
+    ],
+)
+def test_a_condition_s_value_other_servers_read_otherwise_is_refused(
+    query: dict[str, list[str]], why: str
+) -> None:
+    """Rack and older Go split on ';'; ASP.NET reads names case-insensitively."""
+    router = _router(
+        [
+            {"name": "guarded", "prefix": "/", "upstream": "u"},
+            {"name": "public", "prefix": "/", "query": {"visibility": "public"}, "upstream": "u"},
+        ]
+    )
+    with pytest.raises(BadRequest, match=why):
+        router.match("a", "/r", b"GET", [], query)
+
+
+def test_another_method_s_conditions_never_refuse_a_request() -> None:
+    """A GET with two X-Role headers was 400 because of a POST-only route with an
+    X-Role condition, though a catch-all takes the GET."""
+    router = _router(
+        [
+            {"name": "open", "prefix": "/", "upstream": "u"},
+            {
+                "name": "writers",
+                "prefix": "/",
+                "methods": ["POST"],
+                "headers": {"x-role": "writer"},
+                "upstream": "u",
+            },
+        ]
+    )
+    twice = [(b"x-role", b"writer"), (b"x-role", b"reader")]
+    assert router.match("a", "/r", b"GET", twice).route.name == "open"
+    with pytest.raises(BadRequest):
+        router.match("a", "/r", b"POST", twice)
