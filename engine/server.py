@@ -657,15 +657,15 @@ class _ClientBody:
                 parts.append(chunk)
                 size += len(chunk)
                 server.buffering += len(chunk)
+                if size > cap:  # too large to buffer: streamed on (first, so not a 503)
+                    self._prefix = parts
+                    return None
                 if server.buffering > limit:
                     self._conn.framing_broken = True
                     raise ServiceUnavailable(
                         "too many request bodies are being buffered; try again",
                         retry_after=1,
                     )
-                if size > cap:
-                    self._prefix = parts
-                    return None
             return b"".join(parts)
         finally:
             server.buffering -= size
@@ -1253,6 +1253,7 @@ class _Connection:
                 request_id = server.ids.next()
             end = self._account(rt, route, exchange, req, 499, request_id, start, self.bytes_out)
             if exchange is not None and route is not None and route.chain.log:
+                exchange.error = ClientGone()
                 exchange.aborted = True
                 exchange.timings.end = end
                 self.late_log = (route.chain, exchange)

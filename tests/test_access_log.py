@@ -288,3 +288,50 @@ async def test_a_client_that_resets_mid_upload_is_logged_as_gone(tmp_path: Path)
     assert line["status"] == 499
     assert line["route"] == "upload"
     assert line["target"] == "/up"
+
+
+async def test_on_log_of_a_reset_mid_upload_sees_client_gone() -> None:
+    """It saw error None, where the guide says a 499's error is ClientGone."""
+    import socket
+    import struct
+
+    from engine.chain import Filter, Stage
+    from engine.errors import ClientGone
+    from engine.exchange import Exchange
+    from tests.test_chain import FilterSet
+    from tests.upstreams import UpstreamConn, serve_upstream
+
+    seen: list[tuple[bool, type[BaseException] | None]] = []
+    logged = trio.Event()
+
+    class Recorder(Filter):
+        name, stage = "recorder", Stage.EDGE
+
+        def on_log(self, exchange: Exchange) -> None:
+            seen.append((exchange.aborted, type(exchange.error) if exchange.error else None))
+            logged.set()
+
+    relayed = trio.Event()
+
+    async def swallow(conn: UpstreamConn) -> None:
+        while await conn.stream.receive_some(65536):
+            relayed.set()
+
+    with trio.fail_after(20):
+        async with serve_upstream(swallow) as up:
+            config = {
+                "upstreams": {"u": {"targets": [up.target]}},
+                "plugins": {"recorder": {}},
+                "routes": [{"name": "upload", "prefix": "/", "upstream": "u"}],
+            }
+            async with open_gateway(config, extra_plugins=[("r", FilterSet(Recorder))]) as gw:
+                stream = await trio.open_tcp_stream("127.0.0.1", gw.port)
+                await stream.send_all(
+                    b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: 100000\r\n\r\n0123"
+                )
+                await relayed.wait()
+                linger = struct.pack("ii", 1, 0)
+                stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+                await stream.aclose()  # a reset
+                await logged.wait()
+    assert seen == [(True, ClientGone)]

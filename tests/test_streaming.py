@@ -617,3 +617,28 @@ async def test_a_body_of_tiny_chunks_goes_upstream_in_few_pieces() -> None:
         rest = rest[size + 2 :]
     assert len(pieces) < 20
     assert b"".join(pieces) == bytes(65 + i % 26 for i in range(2000))  # every byte, in order
+
+
+async def test_a_body_over_the_buffer_cap_streams_on_rather_than_503(stubs: Stubs) -> None:
+    """With max_buffering = max_buffered_body (allowed), a body over the cap was a 503:
+    the process-wide limit was looked at before the body's own."""
+    config = {
+        "server": {"max_buffered_body": "8KiB", "max_buffering": "8KiB"},
+        "upstreams": {"echo": {"targets": [stubs.target("echo")]}},
+        "routes": [
+            {
+                "name": "edit",
+                "prefix": "/",
+                "upstream": "echo",
+                "plugins": {"transform": {"request": {"json": {"set": {"seen": True}}}}},
+            }
+        ],
+    }
+    body = b'{"pad": "' + b"x" * 10_000 + b'"}'
+    with trio.fail_after(10):
+        async with open_gateway(config) as gw:
+            resp = await http_request(
+                gw.port, "POST", "/e", [("Content-Type", "application/json")], body
+            )
+    assert resp.status == 200  # passed on unedited, as too large to edit
+    assert resp.json()["body"] == body.decode()
