@@ -238,7 +238,9 @@ def exchange_lookup(exchange: Exchange) -> Lookup:
             return values[0] if values else MISSING
         if root == "header":
             value = request.headers.get(key)
-            return MISSING if value is None else value.decode("latin-1")
+            # UTF-8 as clients send it (what is no UTF-8 kept byte for byte): written
+            # into a header again, it is the same bytes, not latin-1 made mojibake.
+            return MISSING if value is None else value.decode("utf-8", "surrogateescape")
         if root == "route":
             return exchange.route.name if exchange.route is not None else ""
         if root == "consumer":

@@ -361,7 +361,8 @@ class _CallPlan:
             items.extend((name, v) for v in values)
         headers = Headers(items)
         for name, template in self.headers:
-            headers.set(name, _CTL_RE.sub("", template.render(lookup)).encode())
+            value = _CTL_RE.sub("", template.render(lookup))
+            headers.set(name, value.encode("utf-8", "surrogateescape"))
         return headers
 
     def shape(self, answer: Any) -> Any:
@@ -386,7 +387,8 @@ _DOT_SEGMENTS = frozenset({".", ".."})
 
 
 def _escape_value(text: str) -> str:
-    return quote(text, safe="")
+    # (A header's bytes that are no UTF-8 come as surrogates: escaped as those bytes.)
+    return quote(text.encode("utf-8", "surrogateescape"), safe="")
 
 
 class _CallFailed(Exception):
@@ -568,6 +570,9 @@ class Aggregate(Filter):
             value = plan.shape(run.results[plan.name])
             if self.config.merge == "top-level" and isinstance(value, dict):
                 doc.update(value)
+                # Reserved: a backend's own "_partial" would tell the client that calls
+                # were left out when none was (or hide which).
+                doc.pop(PARTIAL_FIELD, None)
             else:
                 doc[plan.config.output_key] = value
         partial = [p.name for p in self._plans if p.name in run.failures]

@@ -343,7 +343,7 @@ def _header_value(text: str) -> HeaderValue:
 
 
 def _render_header(template: Template, lookup: Lookup) -> bytes:
-    return _CTL_RE.sub("", template.render(lookup, missing="")).encode()
+    return _CTL_RE.sub("", template.render(lookup, missing="")).encode("utf-8", "surrogateescape")
 
 
 def _no_lookup(ref: Ref) -> Any:
@@ -429,7 +429,8 @@ class _QueryPlan:
 
 
 def _query_pair(name: str, value: str) -> bytes:
-    return f"{quote(name, safe='')}={quote(value, safe='')}".encode("ascii")
+    value_bytes = value.encode("utf-8", "surrogateescape")  # (a header's non-UTF-8 bytes)
+    return f"{quote(name, safe='')}={quote(value_bytes, safe='')}".encode("ascii")
 
 
 ValueFn = Callable[[Lookup], Any]

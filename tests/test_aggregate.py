@@ -337,6 +337,20 @@ async def test_shaping_and_top_level_merge(autojump_clock: trio.testing.MockCloc
     assert _json(resp) == {"id": 1, "display_name": "Ada", "orders": [{"id": 101}, {"id": 102}]}
 
 
+async def test_a_backend_s_own_partial_field_never_reaches_the_client(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Merged at the top level, a backend's {"_partial": ["spoof"]} told the client that
+    calls were left out when none was."""
+    agg = _aggregate(
+        {"merge": "top-level", "calls": [{"name": "u", "upstream": "users", "path": "/u"}]}
+    )
+    fake = FakeUpstreams({"users/u": (0.1, 200, {"id": 1, "_partial": ["spoof"]})})
+    resp = await _run(agg, fake)
+    assert _json(resp) == {"id": 1}
+    assert resp.headers.get(b"x-aggregate-partial") is None
+
+
 @pytest.mark.parametrize(
     "path", ["/orders?user_id={query.user}", "/orders?user_id={consumer}", "/users/{claims.sub}"]
 )

@@ -1320,3 +1320,22 @@ def test_a_large_body_is_edited_off_the_event_loop_with_the_same_result(
     main = threading.main_thread().name
     assert threads[0] != main  # the large one
     assert threads[1] == main  # a small one is edited inline
+
+
+@pytest.mark.parametrize("raw", ["café".encode(), b"\xff\xfe", b"plain"])
+def test_a_header_value_copied_by_a_template_keeps_its_bytes(raw: bytes) -> None:
+    """Read as latin-1 and written as UTF-8, 'cafe' with an accent became mojibake."""
+    t = _transform(
+        {
+            "request": {
+                "headers": {"set": {"x-copy": "{header.x-name}"}},
+                "query": {"set": {"n": "{header.x-name}"}},
+            }
+        }
+    )
+    ex = _exchange(headers=[(b"x-name", raw)])
+    _request(t, ex)
+    assert ex.request.headers.get(b"x-copy") == raw
+    from urllib.parse import unquote_to_bytes
+
+    assert unquote_to_bytes(ex.request.raw_query.split(b"=", 1)[1]) == raw

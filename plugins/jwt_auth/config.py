@@ -151,8 +151,8 @@ class IssuerConfig:
             # RFC 8725 §2.1: one key interpreted by both kinds is the confusion attack.
             raise Invalid(
                 "algorithms",
-                "do not mix HMAC (HS*) and public-key algorithms in one issuer; "
-                "declare the issuer twice if it really uses both",
+                "do not mix HMAC (HS*) and public-key algorithms in one issuer (RFC 8725 "
+                "2.1: one key read both ways is the confusion attack); list one kind",
             )
         if self.issuer is not None and not self.issuer:
             raise Invalid("issuer", "must not be empty (omit it to leave iss unchecked)")
