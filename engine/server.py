@@ -542,7 +542,7 @@ _BODY_RATE_GRACE = 5.0
 class _ClientBody:
     """The client's request body as it arrives, with the size cap and idle timeout."""
 
-    __slots__ = ("_conn", "_done", "_limit", "_prefix", "_reader", "_seen", "_waited")
+    __slots__ = ("_conn", "_done", "_error", "_limit", "_prefix", "_reader", "_seen", "_waited")
 
     def __init__(self, conn: _Connection, reader: BodyReader, limit: int) -> None:
         self._conn = conn
@@ -550,6 +550,7 @@ class _ClientBody:
         self._limit = limit
         self._seen = 0
         self._waited = 0.0  # seconds spent waiting for the client's bytes (see min_body_rate)
+        self._error: ProtocolError | None = None  # met by _more_chunks: the next call's
         self._done = False
         self._prefix: list[bytes] | None = None
 
@@ -573,6 +574,8 @@ class _ClientBody:
         reader = self._reader
         while True:
             try:
+                if self._error is not None:  # the reader has gone past it: never again
+                    raise self._error
                 ev = wire.body(reader)
             except ProtocolError as e:
                 conn.framing_broken = True
@@ -629,8 +632,11 @@ class _ClientBody:
         while size < _CHUNK_GATHER:
             try:
                 ev = wire.body(reader)
-            except ProtocolError:
-                break  # raised again, in order, by the next call
+            except ProtocolError as e:
+                # The reader consumed the bad bytes before it raised: kept, and raised
+                # by the next call, after the good chunks before it went on.
+                self._error = e
+                break
             if type(ev) is h11.Data:
                 parts.append(ev.data)
                 size += len(ev.data)

@@ -642,3 +642,33 @@ async def test_a_body_over_the_buffer_cap_streams_on_rather_than_503(stubs: Stub
             )
     assert resp.status == 200  # passed on unedited, as too large to edit
     assert resp.json()["body"] == body.decode()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b"5\r\nhello\r\nzz\r\n5\r\nworld\r\n0\r\n\r\n",  # a chunk size that is no number
+        b"5\r\nhelloXX\r\n5\r\nworld\r\n0\r\n\r\n",  # a chunk longer than its size
+        b"5\r\nhello\r\n-1\r\nworld\r\n0\r\n\r\n",
+    ],
+)
+async def test_a_malformed_chunk_after_good_ones_is_400_never_skipped(
+    stubs: Stubs, bad: bytes
+) -> None:
+    """Gathering chunks swallowed the error of a bad chunk after good ones, and the body
+    went on without the bad bytes: 200 'helloworld', where a strict parser stops."""
+    config = {
+        "upstreams": {"echo": {"targets": [stubs.target("echo")]}},
+        "routes": [{"name": "r", "prefix": "/", "upstream": "echo"}],
+    }
+    with trio.fail_after(10):
+        async with open_gateway(config) as gw:
+            stream = await trio.open_tcp_stream("127.0.0.1", gw.port)
+            await stream.send_all(
+                b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n" + bad
+            )
+            answer = b""
+            while chunk := await stream.receive_some(65536):
+                answer += chunk
+            await stream.aclose()
+    assert answer.startswith(b"HTTP/1.1 400 ")
