@@ -476,6 +476,19 @@ class Server:
                 io = StreamSocket(ssl_stream, raw)
             conn = _Connection(self, io, peer, tls, started)
             await conn.run()
+            if conn.late_log is not None:
+                # The exchange that ended the connection: the client sees the end (its
+                # write side shut), then its on_log runs, before any lingering close,
+                # which a drain must not wait for.
+                try:
+                    raw.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+                late, conn.late_log = conn.late_log, None
+                try:
+                    await run_log_phases(*late)
+                finally:
+                    self.request_done()
             if isinstance(io, RawSocket) and conn.input_unread():
                 await _linger(io)
             elif isinstance(io, StreamSocket) and conn.input_unread():

@@ -34,6 +34,7 @@ from tests.upstreams import (
     open_refusing_upstream,
     open_stalling_upstream,
     open_streaming_upstream,
+    open_truncating_upstream,
     response_head,
     serve_upstream,
 )
@@ -533,6 +534,39 @@ async def test_a_drain_waits_for_the_on_log_of_a_client_gone(
                     await trio.sleep(0.05)
                 await gw.gateway.shutdown(grace=30)  # on_log takes 5 s: waited for
                 assert [entry[:3] for entry in _LogRecorder.seen] == [("/slow", None, True)]
+
+
+class _QuickLog(Filter):
+    name, stage = "quick-log", Stage.EDGE
+    paths: ClassVar[list[str]] = []
+
+    def on_log(self, exchange: Exchange) -> None:
+        self.paths.append(exchange.request.path)
+
+
+async def test_a_drain_does_not_wait_for_a_lingering_close(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A cut-off response with a pipelined request behind it is closed lingering (up to
+    30 s, as the client likes); its on_log waited for that, and the drain for its on_log:
+    a SIGTERM took shutdown_timeout instead of a moment."""
+    _QuickLog.paths = []
+    with trio.fail_after(DEADLINE):
+        async with open_truncating_upstream(declared=1000, sent=10) as up:
+            config = make_config(up.target)
+            config["plugins"] = {"quick-log": {}}
+            async with open_gateway(config, extra_plugins=[("q", FilterSet(_QuickLog))]) as gw:
+                stream = await trio.open_tcp_stream("127.0.0.1", gw.port)
+                await stream.send_all(head("/cut", "Host: a") + head("/next", "Host: a"))
+                got = b""
+                while not got.endswith(b"x" * 10):
+                    got += await stream.receive_some(65536)
+                await trio.testing.wait_all_tasks_blocked()
+                started = trio.current_time()
+                await gw.gateway.shutdown(grace=20)
+                assert trio.current_time() - started < 1
+                assert _QuickLog.paths == ["/cut"]
+                await stream.aclose()
 
 
 async def test_route_read_timeout_overrides_the_upstream(
