@@ -16,10 +16,11 @@ grows with the path depth, not with the number of routes.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
-from urllib.parse import unquote
+from urllib.parse import unquote, unquote_plus
 
 from engine.config import RouteConfig
 from engine.errors import BadRequest, MethodNotAllowed, NotFound
@@ -158,6 +159,7 @@ class Router(Generic[R]):
         method: bytes,
         headers: Sequence[tuple[bytes, bytes]],
         query: dict[str, list[str]] | None = None,
+        raw_query: bytes = b"",
     ) -> Match[R]:
         """The most specific route for a request. Raises ``NotFound``/``MethodNotAllowed``.
 
@@ -177,10 +179,12 @@ class Router(Generic[R]):
                 for e in entries:
                     if e.methods is not None and method not in e.methods:
                         # Another method's route: its conditions may say 405, never 400.
-                        if not e.conditional or _conditions_hold(e, headers, query, False):
+                        if not e.conditional or _conditions_hold(
+                            e, headers, query, raw_query, False
+                        ):
                             allowed |= e.methods
                         continue
-                    if e.conditional and not _conditions_hold(e, headers, query):
+                    if e.conditional and not _conditions_hold(e, headers, query, raw_query):
                         continue
                     return Match(
                         route=e.route,
@@ -252,6 +256,7 @@ def _conditions_hold(
     e: _Entry[R],
     headers: Sequence[tuple[bytes, bytes]],
     query: dict[str, list[str]] | None,
+    raw_query: bytes = b"",
     strict: bool = True,
 ) -> bool:
     """Whether a request meets a route's header and query conditions.
@@ -278,28 +283,45 @@ def _conditions_hold(
             return False
         for qname, qwant in e.query:
             got = query.get(qname)
-            if got is None:
-                return False
-            why = _ambiguous(qname, got, query) if qwant is not None else None
-            if why is not None:
+            if qwant is not None and _ambiguous(qname, got, raw_query):
                 if not strict:
                     return False
-                raise BadRequest(f"query parameter {qname} {why}")
-            if qwant is not None and got[0] != qwant:
+                raise BadRequest(
+                    f"query parameter {qname} can be read more than one way (repeated "
+                    "with different values, after a ';', or spelled otherwise)"
+                )
+            if got is None or (qwant is not None and got[0] != qwant):
                 return False
     return True
 
 
-def _ambiguous(name: str, values: list[str], query: dict[str, list[str]]) -> str | None:
-    """Why upstreams may read another value of ``name`` than the router (None if they
-    cannot): repeated with different values, a ``;`` in a value (Rack and older Go split
-    on it), or the name again in another case (ASP.NET reads names case-insensitively)."""
-    if len(values) > 1 and any(v != values[0] for v in values):
-        return "is repeated with different values"
-    if any(";" in v for v in values):
-        return "has a ';' in its value, a separator to some servers"
-    if len(query) > 1:
-        folded = name.lower()
-        if any(other != name and other.lower() == folded for other in query):
-            return "is given again in another case"
-    return None
+def _ambiguous(name: str, values: list[str] | None, raw_query: bytes) -> bool:
+    """Whether some upstream may read another value of query parameter ``name`` than
+    the router (``values``, split on ``&`` only): repeated with different values, or
+    given after a ``;`` (Rack and older Go split on it too), or under another spelling
+    of the name (ASP.NET folds case; PHP turns ``.``, space and ``[`` into ``_``)."""
+    seen = set(values or ())
+    if len(seen) > 1:
+        return True
+    if b";" not in raw_query and not _MAY_RESPELL.search(raw_query):
+        return False  # every reading is the router's
+    wanted = _normal_name(name)
+    others = {
+        unquote_plus(value)
+        for piece in _SEPARATORS.split(raw_query.decode("latin-1"))
+        for key, _, value in (piece.partition("="),)
+        if _normal_name(unquote_plus(key)) == wanted
+    }
+    if values is None:
+        return bool(others)  # the router saw none: another reading sees one
+    return bool(others - seen)
+
+
+_SEPARATORS = re.compile(r"[&;]")
+# Names another server may read as another name: a capital, ".", space ("+"), "[", or
+# an escape of any of them.
+_MAY_RESPELL = re.compile(rb"[A-Z.+\[%]")
+
+
+def _normal_name(name: str) -> str:
+    return name.lower().replace(".", "_").replace(" ", "_").replace("[", "_")

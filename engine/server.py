@@ -1150,7 +1150,12 @@ class _Connection:
                 )
                 exchange = Exchange(request=request, request_id=request_id, timings=Timings(start))
                 match = rt.router.match(
-                    host_name, path, method, fwd, request.query if rt.router_needs_query else None
+                    host_name,
+                    path,
+                    method,
+                    fwd,
+                    request.query if rt.router_needs_query else None,
+                    raw_query,
                 )
                 route = match.value
                 if absolute and not route.config.allow_absolute_form:
