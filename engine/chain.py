@@ -229,6 +229,18 @@ def chain_notes(chain: Chain) -> list[str]:
                 f"{f.name}: skip_if_authenticated never applies, no authentication runs "
                 "before it (put allow_anonymous on an auth plugin that runs first)"
             )
+        request_json = getattr(getattr(config, "request", None), "json", None)
+        if (
+            f.name == "transform"
+            and request_json is not None
+            and (request_json.remove or request_json.rename)
+            and not request_json.mandatory
+        ):
+            notes.append(
+                "transform: the request body's remove/rename can be made to skip by the "
+                "client (a body too large, compressed or not JSON passes on unedited); set "
+                "request.json.mandatory = true if the upstream must never see those fields"
+            )
         if f.name == "rate-limit" and getattr(config, "groups", None) and not authenticated:
             notes.append(
                 "rate-limit: groups never apply, no authentication runs before it to give "

@@ -699,12 +699,13 @@ class Transform(Filter):
                 raise BadRequest(f"the request body is not valid JSON: {e}", close=False) from None
             return
         except EditTooLarge:
-            # Refused whatever mandatory says: the body is valid JSON, and passing it on
-            # unedited would let a client (whose values a template inserts) choose to
-            # skip every edit, a remove of a field it must not set included.
-            raise PayloadTooLarge(
-                "the request body would be too large once transformed", close=False
-            ) from None
+            # As any body that cannot be edited: passed on untouched unless mandatory
+            # (check warns about removes without it: a client can make them skip).
+            if plan.mandatory:
+                raise PayloadTooLarge(
+                    "the request body would be too large once transformed", close=False
+                ) from None
+            return
         if new is not None:
             request.body = new
 
@@ -762,8 +763,9 @@ class Transform(Filter):
             if plan.mandatory:
                 await self._refuse_response(exchange, response, "is not valid JSON")
             return
-        except EditTooLarge:  # refused whatever mandatory says (see the request side)
-            await self._refuse_response(exchange, response, "would be too large edited")
+        except EditTooLarge:
+            if plan.mandatory:
+                await self._refuse_response(exchange, response, "would be too large edited")
             return
         if new is not None:
             response.body = new

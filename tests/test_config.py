@@ -245,3 +245,18 @@ def test_an_unknown_key_suggests_the_closest() -> None:
         load({"server": {"head_timout": "5s"}})
     assert info.value.path == "server.head_timout"
     assert info.value.message.startswith("unknown key (did you mean 'head_timeout'? known keys:")
+
+
+def test_a_request_remove_without_mandatory_is_noted() -> None:
+    """A client made such removes skip (a body over the cap, compressed, or not JSON
+    passes on unedited): check says so, and what to set."""
+    plugins = {"transform": {"request": {"json": {"remove": ["admin"]}}}}
+    strict = {"transform": {"request": {"json": {"remove": ["admin"], "mandatory": True}}}}
+    notes = _notes(
+        [
+            {"name": "lenient", "prefix": "/a", "upstream": "u", "plugins": plugins},
+            {"name": "strict", "prefix": "/b", "upstream": "u", "plugins": strict},
+        ]
+    )
+    assert list(notes) == ["lenient"]
+    assert "mandatory = true" in notes["lenient"][0]
