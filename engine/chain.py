@@ -233,13 +233,13 @@ def chain_notes(chain: Chain) -> list[str]:
         if (
             f.name == "transform"
             and request_json is not None
-            and (request_json.remove or request_json.rename)
+            and (request_json.remove or request_json.rename or request_json.set or request_json.add)
             and not request_json.mandatory
         ):
             notes.append(
-                "transform: the request body's remove/rename can be made to skip by the "
-                "client (a body too large, compressed or not JSON passes on unedited); set "
-                "request.json.mandatory = true if the upstream must never see those fields"
+                "transform: the client can make the request body's JSON edits skip (a body "
+                "too large, compressed or not JSON passes on unedited); set "
+                "request.json.mandatory = true if the upstream relies on them"
             )
         if f.name == "rate-limit" and getattr(config, "groups", None) and not authenticated:
             notes.append(

@@ -24,6 +24,7 @@ from urllib.parse import unquote, unquote_plus
 
 from engine.config import RouteConfig
 from engine.errors import BadRequest, MethodNotAllowed, NotFound
+from engine.exchange import MAX_QUERY_FIELDS
 
 __all__ = ["ANY_METHOD_ALLOW", "Match", "Router", "allowed_methods"]
 
@@ -76,6 +77,7 @@ class Router(Generic[R]):
         self._exact_hosts: dict[str, _Node[R]] = {}
         self._wildcards: list[tuple[str, _Node[R]]] = []
         self._any: _Node[R] = _Node()
+        self._query_values = any(v != "*" for r, _ in routes for v in r.query.values())
         wild: dict[str, _Node[R]] = {}
         for order, (route, value) in enumerate(routes):
             entry = self._entry(route, value, order)
@@ -168,6 +170,8 @@ class Router(Generic[R]):
         to have routes with query conditions not match).
         """
         segs = _segments(path)
+        # (Split again only when a route has a value condition on the query, and asks.)
+        readings = _Readings(raw_query) if self._query_values and raw_query else _NO_READINGS
         allowed: set[bytes] = set()
         for root in self._roots(host):
             exact: list[tuple[list[_Entry[R]], list[str]]] = []
@@ -180,11 +184,11 @@ class Router(Generic[R]):
                     if e.methods is not None and method not in e.methods:
                         # Another method's route: its conditions may say 405, never 400.
                         if not e.conditional or _conditions_hold(
-                            e, headers, query, raw_query, False
+                            e, headers, query, readings, False
                         ):
                             allowed |= e.methods
                         continue
-                    if e.conditional and not _conditions_hold(e, headers, query, raw_query):
+                    if e.conditional and not _conditions_hold(e, headers, query, readings):
                         continue
                     return Match(
                         route=e.route,
@@ -256,7 +260,7 @@ def _conditions_hold(
     e: _Entry[R],
     headers: Sequence[tuple[bytes, bytes]],
     query: dict[str, list[str]] | None,
-    raw_query: bytes = b"",
+    readings: _Readings | None = None,
     strict: bool = True,
 ) -> bool:
     """Whether a request meets a route's header and query conditions.
@@ -283,7 +287,7 @@ def _conditions_hold(
             return False
         for qname, qwant in e.query:
             got = query.get(qname)
-            if qwant is not None and _ambiguous(qname, got, raw_query):
+            if qwant is not None and _ambiguous(qname, got, readings or _NO_READINGS):
                 if not strict:
                     return False
                 raise BadRequest(
@@ -295,33 +299,63 @@ def _conditions_hold(
     return True
 
 
-def _ambiguous(name: str, values: list[str] | None, raw_query: bytes) -> bool:
+def _ambiguous(name: str, values: list[str] | None, readings: _Readings) -> bool:
     """Whether some upstream may read another value of query parameter ``name`` than
     the router (``values``, split on ``&`` only): repeated with different values, or
     given after a ``;`` (Rack and older Go split on it too), or under another spelling
-    of the name (ASP.NET folds case; PHP turns ``.``, space and ``[`` into ``_``)."""
+    of the name (see :func:`_normal_name`)."""
     seen = set(values or ())
     if len(seen) > 1:
         return True
-    if b";" not in raw_query and not _MAY_RESPELL.search(raw_query):
+    if not readings.may_differ:
         return False  # every reading is the router's
-    wanted = _normal_name(name)
-    others = {
-        unquote_plus(value)
-        for piece in _SEPARATORS.split(raw_query.decode("latin-1"))
-        for key, _, value in (piece.partition("="),)
-        if _normal_name(unquote_plus(key)) == wanted
-    }
+    others = readings.values(name)
     if values is None:
         return bool(others)  # the router saw none: another reading sees one
     return bool(others - seen)
 
 
+class _Readings:
+    """Every way servers may read a query: split on ``&`` and ``;``, names as they take
+    them. Made at most once per request, and only when a value condition asks."""
+
+    __slots__ = ("_by_name", "raw")
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+        self._by_name: dict[str, set[str]] | None = None
+
+    @property
+    def may_differ(self) -> bool:
+        return bool(self.raw) and _MAY_DIFFER.search(self.raw) is not None
+
+    def values(self, name: str) -> set[str]:
+        by_name = self._by_name
+        if by_name is None:
+            pieces = _SEPARATORS.split(self.raw.decode("latin-1"))
+            if len(pieces) > MAX_QUERY_FIELDS:  # ";" pieces too, which parse_qs leaves
+                raise BadRequest(f"more than {MAX_QUERY_FIELDS} query parameters")
+            by_name = self._by_name = {}
+            for piece in pieces:
+                key, _, value = piece.partition("=")
+                by_name.setdefault(_normal_name(key), set()).add(unquote_plus(value))
+        return by_name.get(_normal_name(name, raw=False), set())
+
+
+_NO_READINGS = _Readings(b"")
 _SEPARATORS = re.compile(r"[&;]")
-# Names another server may read as another name: a capital, ".", space ("+"), "[", or
-# an escape of any of them.
-_MAY_RESPELL = re.compile(rb"[A-Z.+\[%]")
+# A query some server may read otherwise than the router: a ";", or a name with a capital,
+# a ".", a space ("+"), a "[", an escape, a control byte or a byte over 0x7f.
+_MAY_DIFFER = re.compile(rb"[;A-Z.+\[%\x00-\x20\x7f-\xff]")
+_IIS_ESCAPE = re.compile(r"%u([0-9A-Fa-f]{4})")
 
 
-def _normal_name(name: str) -> str:
-    return name.lower().replace(".", "_").replace(" ", "_").replace("[", "_")
+def _normal_name(name: str, raw: bool = True) -> str:
+    """``name`` as the laxest servers take it: IIS's ``%uXXXX`` escapes decoded, then
+    the rest (``raw``); cut at a NUL and at a ``[`` (PHP, Rack and qs read ``a[]`` and
+    ``a[0]`` as ``a``); leading spaces dropped and ``.`` and spaces as ``_`` (PHP);
+    case folded as ASP.NET does, ``\u0131`` and ``\u017f`` included."""
+    if raw:
+        name = unquote_plus(_IIS_ESCAPE.sub(lambda m: chr(int(m.group(1), 16)), name))
+    name = name.partition("\x00")[0].partition("[")[0].lstrip(" ")
+    return name.upper().lower().replace(".", "_").replace(" ", "_")

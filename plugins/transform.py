@@ -436,13 +436,22 @@ def _query_pair(name: str, value: str) -> bytes:
 ValueFn = Callable[[Lookup], Any]
 
 
+def _json_text(value: Any) -> Any:
+    """A template's value for a JSON body: a header's bytes that are no UTF-8 (kept as
+    surrogates, see plugins._template) become U+FFFD, not lone surrogates, which strict
+    JSON parsers refuse."""
+    if isinstance(value, str) and not value.isascii():
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return value
+
+
 def _compile_value(value: Any) -> ValueFn:
     if isinstance(value, str):
         template = compile_template(value)
         constant = template.constant
         if constant is not None:
             return lambda _lookup: constant
-        return lambda lookup: template.evaluate(lookup, missing="")
+        return lambda lookup: _json_text(template.evaluate(lookup, missing=""))
     if isinstance(value, dict):
         items = [(k, _compile_value(v)) for k, v in value.items()]
         return lambda lookup: {k: fn(lookup) for k, fn in items}

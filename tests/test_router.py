@@ -202,6 +202,14 @@ def test_a_repeated_name_no_condition_is_on_is_left_alone() -> None:
         "visibility=public&Visibility=private",  # ASP.NET folds case
         "Visibility=public",
         "user.id=1&visibility=public",  # (another name: no matter)
+        "visibility=public&%20visibility=private",  # PHP drops leading spaces
+        "visibility=public&+visibility=private",
+        "visibility=public&visibility%00x=private",  # PHP cuts the name at a NUL
+        "visibility=public&%u0076isibility=private",  # IIS's %u escapes
+        "visibility=public&V%C4%B1s%C4%B1b%C4%B1l%C4%B1ty=private",  # dotless i: ASP.NET
+        "visibility=public&vi%C5%BFibility=private",  # long s
+        "visibility=public&visibility[]=private",  # PHP, Rack, qs: the same parameter
+        "visibility=public&visibility[0]=private",
     ],
 )
 def test_a_condition_s_value_other_servers_read_otherwise_is_refused(raw: str) -> None:
@@ -280,4 +288,20 @@ def test_a_name_php_reads_as_the_condition_s_is_refused() -> None:
     )
     raw = "user_id=1&user.id=2"
     with pytest.raises(BadRequest, match="more than one way"):
+        router.match("a", "/r", b"GET", [], parse_qs(raw), raw.encode())
+
+
+def test_semicolon_pieces_count_against_the_parameter_cap() -> None:
+    """parse_qs counts only '&': a query of ';' pieces went past the 1000 cap, and was
+    split and decoded again for every condition of every route at the path."""
+    from urllib.parse import parse_qs
+
+    router = _router(
+        [
+            {"name": "open", "prefix": "/", "upstream": "u"},
+            {"name": "public", "prefix": "/", "query": {"visibility": "public"}, "upstream": "u"},
+        ]
+    )
+    raw = "visibility=public;" + ";".join(["%41"] * 2000)
+    with pytest.raises(BadRequest, match="more than 1000 query parameters"):
         router.match("a", "/r", b"GET", [], parse_qs(raw), raw.encode())

@@ -1338,3 +1338,13 @@ def test_a_header_value_copied_by_a_template_keeps_its_bytes(raw: bytes) -> None
     from urllib.parse import unquote_to_bytes
 
     assert unquote_to_bytes(ex.request.raw_query.split(b"=", 1)[1]) == raw
+
+
+def test_a_header_s_non_utf8_bytes_go_into_json_as_replacement_characters() -> None:
+    """They went in as lone surrogates ("\\udcff"), which strict JSON parsers refuse."""
+    t = _transform({"request": {"json": {"set": {"who": "{header.x-name}"}}}})
+    ex = _exchange(method="POST", headers=[JSON, (b"x-name", b"caf\xc3\xa9 \xff")], body=b"{}")
+    _request(t, ex)
+    assert ex.request.body is not None
+    assert json.loads(ex.request.body) == {"who": "café \ufffd"}
+    assert b"\\udc" not in ex.request.body
