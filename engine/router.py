@@ -301,61 +301,90 @@ def _conditions_hold(
 
 def _ambiguous(name: str, values: list[str] | None, readings: _Readings) -> bool:
     """Whether some upstream may read another value of query parameter ``name`` than
-    the router (``values``, split on ``&`` only): repeated with different values, or
-    given after a ``;`` (Rack and older Go split on it too), or under another spelling
-    of the name (see :func:`_normal_name`)."""
-    seen = set(values or ())
-    if len(seen) > 1:
+    the router (``values``, split on ``&`` only): given more than once (ASP.NET joins
+    repeats with ","), after a ``;`` (Rack and older Go split on it too), or under
+    another spelling of the name (see :func:`_normal_name`)."""
+    if values is not None and len(values) > 1:
         return True
     if not readings.may_differ:
         return False  # every reading is the router's
-    others = readings.values(name)
+    found = readings.values(name)
     if values is None:
-        return bool(others)  # the router saw none: another reading sees one
-    return bool(others - seen)
+        return bool(found)  # the router saw none: another reading sees one
+    return found != [values[0]]
 
 
 class _Readings:
-    """Every way servers may read a query: split on ``&`` and ``;``, names as they take
-    them. Made at most once per request, and only when a value condition asks."""
+    """Every way servers may read a query: split on ``&`` (PHP, ASP.NET) and also on
+    ``;`` (Rack, older Go), names as they take them. Made at most once per request, and
+    only when a value condition asks."""
 
     __slots__ = ("_by_name", "raw")
 
     def __init__(self, raw: bytes) -> None:
         self.raw = raw
-        self._by_name: dict[str, set[str]] | None = None
+        self._by_name: dict[str, list[str]] | None = None
 
     @property
     def may_differ(self) -> bool:
         return bool(self.raw) and _MAY_DIFFER.search(self.raw) is not None
 
-    def values(self, name: str) -> set[str]:
+    def values(self, name: str) -> list[str]:
+        """Every value some server may read for ``name``, one per reading: a parameter
+        read alike by every server appears once."""
         by_name = self._by_name
         if by_name is None:
-            pieces = _SEPARATORS.split(self.raw.decode("latin-1"))
-            if len(pieces) > MAX_QUERY_FIELDS:  # ";" pieces too, which parse_qs leaves
+            text = self.raw.decode("latin-1")
+            if len(_SEPARATORS.findall(text)) >= MAX_QUERY_FIELDS:  # ";" pieces count too
                 raise BadRequest(f"more than {MAX_QUERY_FIELDS} query parameters")
-            by_name = self._by_name = {}
-            for piece in pieces:
-                key, _, value = piece.partition("=")
-                by_name.setdefault(_normal_name(key), set()).add(unquote_plus(value))
-        return by_name.get(_normal_name(name, raw=False), set())
+            readings: dict[str, set[tuple[int, str]]] = {}
+            for split in (_AMPERSAND, _SEPARATORS):
+                start = 0
+                for m in (*split.finditer(text), None):
+                    end = m.start() if m is not None else len(text)
+                    key, _, value = text[start:end].partition("=")
+                    decoded = unquote_plus(_IIS_ESCAPE.sub(_iis_char, key))
+                    for spelling in _normal_names(decoded):
+                        # Keyed by where the piece starts too, so that one piece read
+                        # alike by both splits counts once, and a repeat twice.
+                        readings.setdefault(spelling, set()).add((start, unquote_plus(value)))
+                    start = end + 1
+            by_name = self._by_name = {
+                k: [v for _, v in sorted(pairs)] for k, pairs in readings.items()
+            }
+        wanted = name.lower() if "[" in name else _normal_names(name)[0]
+        return by_name.get(wanted, [])
 
 
 _NO_READINGS = _Readings(b"")
 _SEPARATORS = re.compile(r"[&;]")
+_AMPERSAND = re.compile(r"&")
 # A query some server may read otherwise than the router: a ";", or a name with a capital,
 # a ".", a space ("+"), a "[", an escape, a control byte or a byte over 0x7f.
 _MAY_DIFFER = re.compile(rb"[;A-Z.+\[%\x00-\x20\x7f-\xff]")
 _IIS_ESCAPE = re.compile(r"%u([0-9A-Fa-f]{4})")
 
 
-def _normal_name(name: str, raw: bool = True) -> str:
-    """``name`` as the laxest servers take it: IIS's ``%uXXXX`` escapes decoded, then
-    the rest (``raw``); cut at a NUL and at a ``[`` (PHP, Rack and qs read ``a[]`` and
-    ``a[0]`` as ``a``); leading spaces dropped and ``.`` and spaces as ``_`` (PHP);
-    case folded as ASP.NET does, ``\u0131`` and ``\u017f`` included."""
-    if raw:
-        name = unquote_plus(_IIS_ESCAPE.sub(lambda m: chr(int(m.group(1), 16)), name))
-    name = name.partition("\x00")[0].partition("[")[0].lstrip(" ")
+def _iis_char(m: re.Match[str]) -> str:
+    return chr(int(m.group(1), 16))
+
+
+def _normal_names(name: str) -> list[str]:
+    """The names the laxest servers take ``name`` (decoded) for: cut at a NUL; leading
+    spaces dropped and ``.`` and spaces as ``_`` (PHP); case folded as ASP.NET does,
+    ``\u0131`` and ``\u017f`` included; with a ``[``, also the whole name lowered (a
+    condition may name ``filter[status]``), and the name before it when a ``]`` closes
+    it (PHP, Rack and qs read ``a[]`` and ``a[0]`` as ``a``) or the name with it as
+    ``_`` when none does (PHP reads ``user[type`` as ``user_type``)."""
+    name = name.partition("\x00")[0].lstrip(" ")
+    at = name.find("[")
+    if at < 0:
+        return [_fold(name)]
+    whole = name.upper().lower()
+    if "]" in name[at:]:
+        return [_fold(name[:at]), whole]
+    return [_fold(name[:at] + "_" + name[at + 1 :]), whole]
+
+
+def _fold(name: str) -> str:
     return name.upper().lower().replace(".", "_").replace(" ", "_")

@@ -140,7 +140,7 @@ def test_a_get_route_takes_head_too() -> None:
         ([(b"x-tenant", b"public"), (b"x-tenant", b"internal")], {}, None),
         ([(b"x-tenant", b"internal"), (b"x-tenant", b"other")], {}, None),
         ([], {"visibility": ["public"]}, "public-reports"),
-        ([], {"visibility": ["public", "public"]}, "public-reports"),
+        ([], {"visibility": ["public", "public"]}, None),  # ASP.NET: "public,public"
         ([], {"visibility": ["private", "public"]}, None),
         ([], {"visibility": ["public", "private"]}, None),
         ([], {"visibility": ["private", ""]}, None),
@@ -236,6 +236,7 @@ def test_a_condition_s_value_other_servers_read_otherwise_is_refused(raw: str) -
         ("sort=a&page=2", "open"),
         ("sort=b;c=1", None),  # "b" to Rack, "b;c=1" to the router
         ("page=1;2", "open"),  # no condition on page
+        ("x=1;y=2&sort=a%3Bdesc", "sorted"),  # pieces before it split on ";": no matter
     ],
 )
 def test_a_semicolon_is_refused_only_where_a_reading_differs(raw: str, route: str | None) -> None:
@@ -305,3 +306,38 @@ def test_semicolon_pieces_count_against_the_parameter_cap() -> None:
     raw = "visibility=public;" + ";".join(["%41"] * 2000)
     with pytest.raises(BadRequest, match="more than 1000 query parameters"):
         router.match("a", "/r", b"GET", [], parse_qs(raw), raw.encode())
+
+
+@pytest.mark.parametrize(
+    ("raw", "route"),
+    [
+        ("user_type=public&user[type=private", None),  # PHP: user[type is user_type
+        ("visibility=public&Visibility=public;private", None),  # ASP.NET: & only, folded
+        ("visibility=public&visibility[]=public;private", None),
+        ("filter[status]=open&filter[type]=bug", "filtered"),  # a condition named [..]
+        ("filter[status]=open&Filter=x", "filtered"),
+        ("filter[status]=open&Filter[Status]=closed", None),
+    ],
+)
+def test_names_and_splits_servers_read_together(raw: str, route: str | None) -> None:
+    from urllib.parse import parse_qs
+
+    router = _router(
+        [
+            {"name": "open", "prefix": "/", "upstream": "u"},
+            {"name": "typed", "prefix": "/", "query": {"user_type": "public"}, "upstream": "u"},
+            {"name": "public", "prefix": "/", "query": {"visibility": "public"}, "upstream": "u"},
+            {
+                "name": "filtered",
+                "prefix": "/",
+                "query": {"filter[status]": "open"},
+                "upstream": "u",
+            },
+        ]
+    )
+    query = parse_qs(raw, keep_blank_values=True)
+    if route is None:
+        with pytest.raises(BadRequest):
+            router.match("a", "/r", b"GET", [], query, raw.encode())
+    else:
+        assert router.match("a", "/r", b"GET", [], query, raw.encode()).route.name == route
