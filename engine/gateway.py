@@ -392,15 +392,18 @@ def route_notes(runtime: Runtime) -> dict[str, list[str]]:
     """What in each route cannot work as configured, by route name, for ``check`` and
     the log at load: its chain's notes (:func:`engine.chain.chain_notes`), and a route
     that an earlier one takes every request of (same hosts, pattern and conditions,
-    methods included), so that it never matches."""
+    methods included), so that it never matches. One pass over the routes, grouped by
+    that shape: 10,000 routes were 50 million comparisons."""
     from engine.chain import chain_notes
 
     notes: dict[str, list[str]] = {}
-    seen: list[RouteConfig] = []
+    seen: dict[tuple[object, ...], list[RouteConfig]] = {}
     for route in runtime.routes:
         rc = route.config
         found = chain_notes(route.chain)
-        shadow = next((earlier for earlier in seen if _takes_all_of(earlier, rc)), None)
+        shape = _shape(rc)
+        earlier = seen.setdefault(shape, [])
+        shadow = next((e for e in earlier if _methods_cover(e, rc)), None)
         if shadow is not None:
             found.append(
                 f"never matches: route {shadow.name!r} before it has the same hosts, "
@@ -408,19 +411,24 @@ def route_notes(runtime: Runtime) -> dict[str, list[str]]:
             )
         if found:
             notes[rc.name] = found
-        seen.append(rc)
+        earlier.append(rc)
     return notes
 
 
-def _takes_all_of(earlier: RouteConfig, later: RouteConfig) -> bool:
-    def shape(rc: RouteConfig) -> tuple[object, ...]:
-        pattern = re.sub(
-            r"\{[^}/]*\}", "{}", rc.pattern.rstrip("/") if rc.is_prefix else rc.pattern
-        )
-        return (sorted(rc.hosts), pattern, rc.is_prefix, rc.headers, rc.query)
+def _shape(rc: RouteConfig) -> tuple[object, ...]:
+    raw = rc.pattern.rstrip("/") if rc.is_prefix else rc.pattern  # "/a/" is "/a"
+    pattern = re.sub(r"\{[^}/]*\}", "{}", raw)  # captures match alike, whatever their name
+    return (
+        tuple(sorted(rc.hosts)),
+        pattern,
+        rc.is_prefix,
+        tuple(sorted(rc.headers.items())),
+        tuple(sorted(rc.query.items())),
+    )
 
-    if shape(earlier) != shape(later):
-        return False
+
+def _methods_cover(earlier: RouteConfig, later: RouteConfig) -> bool:
+    """Whether ``earlier`` (of the same shape) takes every method ``later`` does."""
     if not earlier.methods:
         return not later.methods  # any method: tried after a route that lists some
     if not later.methods:

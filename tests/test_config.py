@@ -260,3 +260,16 @@ def test_a_request_remove_without_mandatory_is_noted() -> None:
     )
     assert list(notes) == ["lenient"]
     assert "mandatory = true" in notes["lenient"][0]
+
+
+def test_ten_thousand_routes_load_and_are_noted_in_one_pass() -> None:
+    """The shadowed-route warning compared every route with every earlier one: 10,000
+    routes took minutes at start-up (the 10,000-routes benchmark never started). Under
+    the suite's per-test timeout, the quadratic version cannot pass."""
+    from engine.gateway import route_notes
+
+    routes = [{"name": f"r{i}", "prefix": f"/p{i}", "upstream": "u"} for i in range(10_000)]
+    routes.append({"name": "again", "prefix": "/p9999", "upstream": "u"})
+    config = load({"upstreams": {"u": {"targets": ["127.0.0.1:9"]}}, "routes": routes})
+    notes = route_notes(compile_runtime(config, discover(entry_points=False)))
+    assert list(notes) == ["again"]
