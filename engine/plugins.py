@@ -166,6 +166,16 @@ def discover(
         registered.append((name, obj))
         owners[name] = owner
 
+    known = {m.rsplit(".", 1)[-1].replace("_", "-") for m in _builtin_modules()}
+    known |= {name for name, _ in extra}
+    known |= {ep.name for ep in importlib.metadata.entry_points(group=PROJECT)}
+    unknown = sorted(set(blocked) - known)
+    if unknown:  # a typo blocks nothing, and says nothing
+        log.warning(
+            "[discovery] blocked names no plugin: %s (plugins: %s)",
+            ", ".join(unknown),
+            ", ".join(sorted(known)),
+        )
     for modname in _builtin_modules():
         short = modname.rsplit(".", 1)[-1].replace("_", "-")
         if not pm.is_blocked(short):

@@ -873,3 +873,13 @@ def test_a_misspelled_phase_is_warned_about(caplog: pytest.LogCaptureFixture) ->
     assert registry.get("misspelled") is not None
     (warning,) = [r.getMessage() for r in caplog.records if "misspelled" in r.getMessage()]
     assert "on_requets, which no phase is" in warning
+
+
+def test_a_blocked_name_no_plugin_has_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    """blocked = ["rate-limt"] blocked nothing, without a word."""
+    caplog.set_level(logging.WARNING, logger="filtergate.plugins")
+    registry = discover(blocked=["rate-limt", "key-auth"], entry_points=False)
+    assert registry.get("key-auth") is None
+    assert registry.get("rate-limit") is not None
+    (warning,) = [r.getMessage() for r in caplog.records if "blocked" in r.getMessage()]
+    assert warning.startswith("[discovery] blocked names no plugin: rate-limt (plugins: ")
