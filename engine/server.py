@@ -142,6 +142,11 @@ _OWN_RESPONSE_FIELDS = frozenset({b"content-length", b"transfer-encoding", b"con
 _date_cache: list[Any] = [-1, b""]  # [second, the "date: ..." line of that second]
 
 
+def _rid_line(rt: Runtime, request_id: str) -> bytes:
+    """The request id's header line, for heads written by hand."""
+    return rt.rid_header + b": " + request_id.encode() + b"\r\n"
+
+
 def _closing_error(err: GatewayError, request_id: str, extra: bytes = b"") -> tuple[int, bytes]:
     """The whole response for ``err`` written by hand, ending the connection: for when
     no request could be read, so nothing of the request cycle applies (counted here)."""
@@ -435,8 +440,7 @@ class Server:
         request that could not be read."""
         err = BadRequest("a plain HTTP request was sent to an HTTPS port")
         request_id = self.ids.next()
-        rid = self.runtime.rid_header + b": " + request_id.encode() + b"\r\n"
-        status, data = _closing_error(err, request_id, rid)
+        status, data = _closing_error(err, request_id, _rid_line(self.runtime, request_id))
         try:
             sent = raw.send(data)  # small: the kernel takes it at once
         except OSError:
@@ -484,11 +488,7 @@ class Server:
                     raw.shutdown(socket.SHUT_WR)
                 except OSError:
                     pass
-                late, conn.late_log = conn.late_log, None
-                try:
-                    await run_log_phases(*late)
-                finally:
-                    self.request_done()
+                await self._run_late_log(conn)
             if isinstance(io, RawSocket) and conn.input_unread():
                 await _linger(io)
             elif isinstance(io, StreamSocket) and conn.input_unread():
@@ -513,15 +513,18 @@ class Server:
                 raw.close()
             except OSError:
                 pass
-            if conn is not None and conn.late_log is not None:
-                # The on_log of the exchange that ended the connection, once the client
-                # has seen the end. Its request stays busy until then, so a drain waits
-                # for it as for any request in flight.
-                late, conn.late_log = conn.late_log, None
-                try:
-                    await run_log_phases(*late)
-                finally:
-                    self.request_done()
+            if conn is not None and conn.late_log is not None:  # (run() raised)
+                await self._run_late_log(conn)
+
+    async def _run_late_log(self, conn: _Connection) -> None:
+        """The on_log of the exchange that ended ``conn``. Its request stays busy until
+        then, so a drain waits for it as for any request in flight."""
+        assert conn.late_log is not None
+        late, conn.late_log = conn.late_log, None
+        try:
+            await run_log_phases(*late)
+        finally:
+            self.request_done()
 
 
 # Closing in stages (RFC 9112 9.6), with nginx's lingering_time and lingering_timeout.
@@ -758,8 +761,8 @@ class _Connection:
         self.keep_alive = True
         self.bytes_out = 0  # written to the client on this connection, heads included
         # The on_log of an exchange that ended the connection (cut off, client gone):
-        # run once the client's socket is closed, so a slow on_log never keeps a client
-        # from seeing its response end.
+        # run once the client has seen the end, so a slow on_log never keeps a client
+        # from seeing its response end (see Server._run_late_log).
         self.late_log: tuple[Chain, Exchange] | None = None
 
     def client_gone(self) -> bool:
@@ -915,10 +918,7 @@ class _Connection:
     async def _send_fatal(self, err: GatewayError) -> None:
         # h11 may be in an error state; write the whole response by hand and close.
         request_id = self.server.ids.next()
-        rid_header = self.server.runtime.rid_header
-        status, data = _closing_error(
-            err, request_id, rid_header + b": " + request_id.encode() + b"\r\n"
-        )
+        status, data = _closing_error(err, request_id, _rid_line(self.server.runtime, request_id))
         try:
             await self.send_raw(data)
         except _Abort:
@@ -1276,11 +1276,7 @@ class _Connection:
             if request_id is None:
                 request_id = server.ids.next()
             end = self._account(rt, route, exchange, req, 499, request_id, start, self.bytes_out)
-            if exchange is not None and route is not None and route.chain.log:
-                exchange.error = ClientGone()
-                exchange.aborted = True
-                exchange.timings.end = end
-                self.late_log = (route.chain, exchange)
+            self._log_later(route, exchange, end, error=ClientGone())
             raise
         except ClientGone as gone:
             # Nobody to answer: the call was let go. Logged as nginx does (499).
@@ -1288,11 +1284,7 @@ class _Connection:
             if request_id is None:
                 request_id = server.ids.next()
             end = self._account(rt, route, exchange, req, 499, request_id, start, self.bytes_out)
-            if exchange is not None and route is not None and route.chain.log:
-                exchange.error = gone
-                exchange.aborted = True
-                exchange.timings.end = end
-                self.late_log = (route.chain, exchange)
+            self._log_later(route, exchange, end, error=gone)
             raise _Abort() from None
         except Exception as e:  # a filter's bug must not take the connection's framing down
             if request_id is None:
@@ -1323,12 +1315,10 @@ class _Connection:
             end = self._account(
                 rt, route, exchange, req, answer.status, request_id, start, sent_before
             )
-            if exchange is not None and route is not None and route.chain.log:
+            if exchange is not None:
                 exchange.response = answer
-                exchange.timings.end = end
                 exchange.bytes_sent = self.bytes_out - sent_before
-                exchange.aborted = True
-                self.late_log = (route.chain, exchange)
+            self._log_later(route, exchange, end)
             raise
         end = self._account(rt, route, exchange, req, answer.status, request_id, start, sent_before)
         if exchange is not None:
@@ -1337,6 +1327,23 @@ class _Connection:
             exchange.bytes_sent = self.bytes_out - sent_before
             if route is not None and route.chain.log:
                 await run_log_phases(route.chain, exchange)
+
+    def _log_later(
+        self,
+        route: RouteRuntime | None,
+        exchange: Exchange | None,
+        end: float,
+        error: Exception | None = None,
+    ) -> None:
+        """Mark ``exchange`` aborted (the client did not get its response whole) and
+        have its on_log run once the connection has ended (see Server._run_late_log)."""
+        if exchange is None or route is None or not route.chain.log:
+            return
+        if error is not None:
+            exchange.error = error
+        exchange.aborted = True
+        exchange.timings.end = end
+        self.late_log = (route.chain, exchange)
 
     def _account(
         self,
@@ -1394,10 +1401,8 @@ class _Connection:
         try:
             await self.send_raw(
                 b"HTTP/1.1 200 Connection Established\r\n"
-                + self.server.runtime.rid_header
-                + b": "
-                + request_id.encode()
-                + b"\r\n\r\n"
+                + _rid_line(self.server.runtime, request_id)
+                + b"\r\n"
             )
             leftover = self.wire.take()
             if leftover:
