@@ -362,21 +362,18 @@ def _shared_upstream_hygiene(routes: list[RouteRuntime]) -> None:
         return {t.address for n in names if (pool := pools.get(n)) for t in pool.targets}
 
     guarded: dict[str, list[Callable[[bytes], bool]]] = {}
+    open_routes = []
     for route in routes:
         tests: list[Callable[[bytes], bool]] = [
             t for f in route.chain.filters if (t := getattr(f, "identity_headers", None))
         ]
-        if tests:
-            for address in targets(route):
-                guarded.setdefault(address, []).extend(tests)
-    if not guarded:
-        return
-    for route in routes:
-        if any(getattr(f, "identity_headers", None) for f in route.chain.filters):
-            continue
-        found = list(
-            dict.fromkeys(t for a in targets(route) for t in guarded.get(a, ()))
-        )  # in order, once each
+        if not tests:
+            open_routes.append(route)
+        for address in targets(route) if tests else ():
+            guarded.setdefault(address, []).extend(tests)
+    for route in open_routes if guarded else ():
+        # In order, once each.
+        found = list(dict.fromkeys(t for a in targets(route) for t in guarded.get(a, ())))
         if found:
             route.strip_identity = found[0] if len(found) == 1 else _any_of(tuple(found))
 
