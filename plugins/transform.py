@@ -480,33 +480,17 @@ class _JsonPlan:
         """Edit ``doc`` (``size`` bytes as received) in place; returns whether anything
         changed. Raises :class:`EditTooLarge` before a set or add would take the document
         past ``max_size``: each place written grows it by the value's JSON size at most."""
-        budget = self.max_size - size
+        budget = [self.max_size - size]
         changed = 0
         for path in self.remove:
             changed += path.remove(doc)
         for source, target in self.rename:
             changed += source.rename(doc, target)
         for path, fn in self.set:
-            value = fn(lookup)
-            cost = _json_size(value) + 1  # and a separator
-            try:
-                written = path.set(doc, value, limit=max(0, budget) // cost)
-            except TooManyPlaces:
-                raise EditTooLarge() from None
-            budget -= written * cost
-            changed += written
+            changed += _write(doc, path, fn(lookup), budget, only_if_absent=False)
         for path, fn in self.add:
             if path.get(doc) is MISSING:
-                value = fn(lookup)
-                cost = _json_size(value) + 1
-                try:
-                    written = path.set(
-                        doc, value, only_if_absent=True, limit=max(0, budget) // cost
-                    )
-                except TooManyPlaces:
-                    raise EditTooLarge() from None
-                budget -= written * cost
-                changed += written
+                changed += _write(doc, path, fn(lookup), budget, only_if_absent=True)
         return changed > 0
 
     def edit(self, body: bytes, lookup: Lookup) -> bytes | None:
@@ -522,6 +506,19 @@ class _JsonPlan:
         if len(out) > self.max_size:
             raise EditTooLarge()
         return out
+
+
+def _write(doc: Any, path: JsonPath, value: Any, budget: list[int], *, only_if_absent: bool) -> int:
+    """``path.set`` within ``budget[0]`` bytes of growth (spent here); the places written.
+    Raises :class:`EditTooLarge` rather than pass the budget."""
+    cost = _json_size(value) + 1  # and a separator
+    limit = max(0, budget[0]) // cost
+    try:
+        written = path.set(doc, value, only_if_absent=only_if_absent, limit=limit)
+    except TooManyPlaces:
+        raise EditTooLarge() from None
+    budget[0] -= written * cost
+    return written
 
 
 def _json_size(value: Any) -> int:
