@@ -112,6 +112,10 @@ def cmd_check(args: argparse.Namespace) -> int:
         hosts = ",".join(rc.hosts) or "*"
         methods = ",".join(rc.methods) or "ANY"
         target = rc.upstream or "(answered by a filter)"
+        if rc.allow_connect:
+            target += " (CONNECT tunnels)"
+        if rc.upgrades:
+            target += f" (upgrades: {', '.join(rc.upgrades)})"
         print(f"  route {rc.name}: {methods} {hosts}{match} -> {target}")
         if r.chain.filters:
             steps = " -> ".join(

@@ -445,6 +445,10 @@ _UNROUTED_HEADERS = {
 }
 
 
+#: An HTTP token (RFC 9110 5.6.2): what an Upgrade protocol name is made of.
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
 def _check_canonical(key: str, pattern: str) -> None:
     """A path pattern must be written as requests are matched: in canonical form (see
     :mod:`engine.canonical`), or it can never match."""
@@ -489,6 +493,9 @@ class RouteConfig:
     # CONNECT host:port opens a TCP tunnel to this route's upstream (never to the host
     # the client names: the gateway is no open proxy). Matched on `hosts` only.
     allow_connect: bool = False
+    # Protocols a client may switch to on this route (Upgrade, e.g. "websocket"): the
+    # request goes upstream with its Upgrade, and an upstream's 101 opens a tunnel.
+    upgrades: list[str] = field(default_factory=list)
     plugins: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -532,6 +539,22 @@ class RouteConfig:
             raise Invalid("allow_connect", 'needs "upstream": the tunnel goes there')
         if self.strip_prefix and self.prefix is None:
             raise Invalid("strip_prefix", 'needs "prefix"')
+        for i, proto in enumerate(self.upgrades):
+            if not _TOKEN.fullmatch(proto):
+                raise Invalid(
+                    f"upgrades[{i}]", f'expected a protocol name ("websocket"), got {proto!r}'
+                )
+            if proto.lower() == "h2c":
+                # After a 101 the client would speak HTTP/2 straight to the upstream:
+                # every request on the tunnel would pass routing and filters by
+                # ("h2c smuggling").
+                raise Invalid(
+                    f"upgrades[{i}]",
+                    "h2c is not proxied: requests over the upgraded connection would bypass "
+                    "routing and every filter",
+                )
+        if self.upgrades and self.upstream is None:
+            raise Invalid("upgrades", 'needs "upstream": the upgraded connection goes there')
         if self.rewrite is not None and not self.rewrite.startswith("/"):
             raise Invalid("rewrite", 'must start with "/"')
 

@@ -28,6 +28,7 @@ __all__ = [
     "StashKey",
     "Timings",
     "TlsInfo",
+    "Upgraded",
     "UpstreamCall",
 ]
 
@@ -183,6 +184,15 @@ class BodyStream(Protocol):
     async def aclose(self) -> None: ...
 
 
+class Upgraded(Protocol):
+    """An upstream connection switched to another protocol (a 101 answer)."""
+
+    #: The protocol the upstream switched to, as its Upgrade header named it.
+    protocol: bytes
+
+    async def aclose(self) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class TlsInfo:
     version: str
@@ -256,12 +266,19 @@ class Response:
     body: bytes | None = None
     stream: BodyStream | None = None
     reason: bytes = b""
+    # A 101 from the upstream to a request that asked to switch protocols: the
+    # connection now speaking the new protocol (the engine relays it to the client).
+    upgraded: Upgraded | None = None
 
     async def aclose(self) -> None:
-        """Abandon a streamed body (its upstream connection is not reused)."""
+        """Abandon a streamed body (its upstream connection is not reused), or the
+        connection an upgrade left."""
         if self.stream is not None:
             stream, self.stream = self.stream, None
             await stream.aclose()
+        if self.upgraded is not None:
+            upgraded, self.upgraded = self.upgraded, None
+            await upgraded.aclose()
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,6 +363,10 @@ class UpstreamCall:
     # The engine's own proxied call: whether its client has gone (looked at while the
     # upstream is slow to answer, to let go of a call nobody waits for).
     client_gone: Callable[[], bool] | None = None
+    # The protocols the client asked to switch to (its Upgrade header, those the route
+    # allows), sent upstream with the request; ``None``: no upgrade is asked. Only a
+    # call without a body asks.
+    upgrade: bytes | None = None
 
     @property
     def replayable(self) -> bool:

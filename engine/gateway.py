@@ -62,6 +62,8 @@ class RouteRuntime:
     # On a route with no auth filter whose upstream an authenticated route also reaches:
     # the identity headers those auth filters strip (see _shared_upstream_hygiene).
     strip_identity: Callable[[bytes], bool] | None = None
+    # The protocols a client may switch to here (``upgrades``), lower-case.
+    upgrades: frozenset[bytes] = frozenset()
     # The request-duration series of this route by status class (index status // 100),
     # bound on first use: a class that never occurs renders nothing.
     latency: list[BoundHistogram | None] = field(default_factory=lambda: [None] * 10)
@@ -294,6 +296,7 @@ def compile_runtime(config: Config, registry: Registry, previous: Runtime | None
                 host_header=host_header,
                 pools=pools,
                 allow=allowed_methods(route.methods),
+                upgrades=frozenset(p.lower().encode() for p in route.upgrades),
             )
         )
     _shared_upstream_hygiene(routes)

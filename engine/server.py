@@ -67,11 +67,12 @@ from engine.exchange import (
 )
 from engine.gateway import RouteRuntime, Runtime
 from engine.metrics import BoundHistogram, counter, gauge, histogram
-from engine.sockets import RawSocket, StreamSocket, accept_backoff
+from engine.sockets import RawSocket, StreamSocket, TlsSocket, accept_backoff
 from engine.upstream import (
     _END,
     UpstreamBodyError,
     _raise_if_local,
+    _Switched,
     _UpstreamBody,
     open_connection,
 )
@@ -82,6 +83,9 @@ __all__ = ["Server", "open_listeners"]
 log = logging.getLogger("filtergate.server")
 
 _INF = float("inf")
+
+#: What a tunnel relays between: the client's side and an upstream's, plain or TLS.
+_Stream = RawSocket | StreamSocket | TlsSocket
 
 _HOP_BY_HOP = frozenset(
     {
@@ -954,6 +958,7 @@ class _Connection:
             xfp = b""
             xfh = b""
             conn_tokens: bytes | None = None
+            upgrade: bytes | None = None  # the protocols the client asks to switch to
             authz = 0
             content_length: bytes | None = None
             expect: bytes | None = None
@@ -982,6 +987,8 @@ class _Connection:
                         chunked = True
                     elif name == b"connection":
                         conn_tokens = value if conn_tokens is None else conn_tokens + b"," + value
+                    elif name == b"upgrade":
+                        upgrade = value if upgrade is None else upgrade + b"," + value
                 elif kind == 2:
                     content_length = value
                 elif kind == 3:
@@ -1026,6 +1033,12 @@ class _Connection:
                     self.keep_alive = False
                 if tokens - {b"close", b"keep-alive"}:
                     fwd = [(n, v) for n, v in fwd if n not in tokens]
+                if b"upgrade" not in tokens or not self.http11:
+                    # One the Connection header does not name is not meant for us; one in
+                    # HTTP/1.0 is ignored (RFC 9110 7.8).
+                    upgrade = None
+            else:
+                upgrade = None
 
             # Who is calling: the peer, or the rightmost untrusted hop behind trusted proxies.
             peer_ip = self.peer[0]
@@ -1237,6 +1250,8 @@ class _Connection:
                         body_length=body_length if call_body is body else None,
                         client_gone=self.client_gone,
                     )
+                    if upgrade is not None and route.upgrades and call_body is None:
+                        call.upgrade = _upgrades_allowed(upgrade, route.upgrades)
                     exchange.timings.upstream_start = now()
                     if chain.around:
                         answer = await wrap_upstream(chain.around, exchange, route.send_proxied)(
@@ -1301,6 +1316,13 @@ class _Connection:
             if hasattr(e, "phases_left"):
                 internal.phases_left = e.phases_left  # type: ignore[attr-defined]
             answer = await self._error_response(internal, exchange, route, request_id)
+        if answer.upgraded is not None:
+            if answer.status == 101 and exchange is not None and route is not None:
+                await self._switch(answer, exchange, route, req, request_id, start)
+                return
+            # A filter made it another answer: the switch is off.
+            upgraded, answer.upgraded = answer.upgraded, None
+            await upgraded.aclose()
         sent_before = self.bytes_out
         try:
             await self._send_response(answer, request_id, req.method)
@@ -1404,53 +1426,122 @@ class _Connection:
                 + _rid_line(self.server.runtime, request_id)
                 + b"\r\n"
             )
-            leftover = self.wire.take()
-            if leftover:
-                await upstream.send_all(leftover, idle)
-            client = self.io
-            # When data last crossed, either way: the tunnel is idle only when both
-            # directions are (as HAProxy's timeout tunnel), so a download is not cut
-            # because the client has nothing to say.
-            last = [trio.current_time()]
-            ended = [0]  # directions that reached their end
-
-            async def pump(src: RawSocket | StreamSocket, dst: RawSocket | StreamSocket) -> None:
-                # No socket timers here: a timer ends every wait on its socket, so one
-                # direction's would cut the other's write. The watchdog below times both.
-                try:
-                    while data := await src.recv(_INF):
-                        last[0] = trio.current_time()
-                        await dst.send_all(data, _INF)
-                        last[0] = trio.current_time()
-                        if dst is client:
-                            self.bytes_out += len(data)
-                        await trio.lowlevel.checkpoint()
-                except OSError:
-                    nursery.cancel_scope.cancel()  # one side broke: end the tunnel
-                    return
-                if isinstance(dst, RawSocket):
-                    dst.shutdown_write()  # pass the half-close on, keep the other way
-                else:
-                    nursery.cancel_scope.cancel()
-                ended[0] += 1
-                if ended[0] == 2:
-                    nursery.cancel_scope.cancel()  # both ways closed: the watchdog too
-
-            async def watchdog() -> None:
-                # Idle only when no data crossed either way (and no write moved) for
-                # read_timeout, as HAProxy's timeout tunnel.
-                while True:
-                    await trio.sleep_until(last[0] + idle)
-                    if trio.current_time() >= last[0] + idle:
-                        nursery.cancel_scope.cancel()
-                        return
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(pump, client, upstream)
-                nursery.start_soon(pump, upstream, client)
-                nursery.start_soon(watchdog)
+            await self._relay(upstream, idle, self.wire.take(), b"")
         finally:
             upstream.close()
+
+    async def _switch(
+        self,
+        answer: Response,
+        exchange: Exchange,
+        route: RouteRuntime,
+        req: h11.Request,
+        request_id: str,
+        start: float,
+    ) -> None:
+        """Answer with the upstream's 101 and relay the protocol it switched to, both
+        ways, until it ends; then the exchange is logged (status 101, its whole life)."""
+        switched = answer.upgraded
+        assert isinstance(switched, _Switched)
+        rt = self.server.runtime
+        self.keep_alive = False
+        self.framing_broken = True  # whatever happens, this connection speaks no more HTTP
+        rid = rt.rid_header
+        head = [b"HTTP/1.1 101 Switching Protocols\r\n"]
+        for n, v in answer.headers.items:
+            # No framing in a 1xx (RFC 9110 8.6); Connection and Upgrade are written here.
+            if n != b"content-length" and n != b"transfer-encoding" and n != rid:
+                head.append(n + b": " + v + b"\r\n")
+        head += (b"connection: upgrade\r\nupgrade: ", switched.protocol, b"\r\n")
+        head += (_rid_line(rt, request_id), b"\r\n")
+        _RESPONSES[1].inc()
+        sent_before = self.bytes_out
+        pool = route.pool
+        assert pool is not None
+        idle = route.read_timeout or pool.config.read_timeout
+        try:
+            try:
+                await self.send_raw(b"".join(head))
+                await self._relay(switched.io, idle, self.wire.take(), switched.take())
+            finally:
+                switched.close()
+        except trio.Cancelled:  # a shutdown cut it: still its line
+            self._account(rt, route, exchange, req, 101, request_id, start, sent_before)
+            raise
+        except _Abort:  # the client left before the 101 reached it
+            end = self._account(rt, route, exchange, req, 101, request_id, start, sent_before)
+            exchange.response = answer
+            exchange.bytes_sent = self.bytes_out - sent_before
+            self._log_later(route, exchange, end)
+            raise
+        end = self._account(rt, route, exchange, req, 101, request_id, start, sent_before)
+        exchange.response = answer
+        exchange.timings.end = end
+        exchange.bytes_sent = self.bytes_out - sent_before
+        if route.chain.log:
+            await run_log_phases(route.chain, exchange)
+
+    async def _relay(
+        self,
+        upstream: RawSocket | TlsSocket,
+        idle: float,
+        to_upstream: bytes,
+        to_client: bytes,
+    ) -> None:
+        """Pass bytes both ways between the client and ``upstream`` (a CONNECT tunnel, a
+        switched protocol) until both sides have ended, one breaks, or no byte crossed
+        either way for ``idle`` seconds. ``to_upstream`` / ``to_client`` were read
+        already (past a head) and go first. Half-closes are passed on."""
+        client = self.io
+        try:
+            if to_client:
+                await client.send_all(to_client, idle)
+                self.bytes_out += len(to_client)
+            if to_upstream:
+                await upstream.send_all(to_upstream, idle)
+        except (trio.TooSlowError, OSError):
+            return
+        # When data last crossed, either way: the tunnel is idle only when both
+        # directions are (as HAProxy's timeout tunnel), so a download is not cut
+        # because the client has nothing to say.
+        last = [trio.current_time()]
+        ended = [0]  # directions that reached their end
+
+        async def pump(src: _Stream, dst: _Stream) -> None:
+            # No socket timers here: a timer ends every wait on its socket, so one
+            # direction's would cut the other's write. The watchdog below times both.
+            try:
+                while data := await src.recv(_INF):
+                    last[0] = trio.current_time()
+                    await dst.send_all(data, _INF)
+                    last[0] = trio.current_time()
+                    if dst is client:
+                        self.bytes_out += len(data)
+                    await trio.lowlevel.checkpoint()
+            except OSError:
+                nursery.cancel_scope.cancel()  # one side broke: end the tunnel
+                return
+            if isinstance(dst, RawSocket):
+                dst.shutdown_write()  # pass the half-close on, keep the other way
+            else:
+                nursery.cancel_scope.cancel()
+            ended[0] += 1
+            if ended[0] == 2:
+                nursery.cancel_scope.cancel()  # both ways closed: the watchdog too
+
+        async def watchdog() -> None:
+            # Idle only when no data crossed either way (and no write moved) for
+            # read_timeout, as HAProxy's timeout tunnel.
+            while True:
+                await trio.sleep_until(last[0] + idle)
+                if trio.current_time() >= last[0] + idle:
+                    nursery.cancel_scope.cancel()
+                    return
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pump, client, upstream)
+            nursery.start_soon(pump, upstream, client)
+            nursery.start_soon(watchdog)
 
     async def _error_response(
         self,
@@ -1715,6 +1806,14 @@ def _forward_target(route: RouteRuntime, exchange: Exchange) -> bytes:
     if request.raw_query:
         target += b"?" + request.raw_query
     return target
+
+
+def _upgrades_allowed(asked: bytes, allowed: frozenset[bytes]) -> bytes | None:
+    """The protocols of a client's Upgrade (``websocket, foo/2``) that a route allows
+    (by name, without version), in the client's order; ``None`` when none is."""
+    offered = [p.strip() for p in asked.split(b",")]
+    kept = [p for p in offered if p.split(b"/", 1)[0].strip().lower() in allowed]
+    return b", ".join(kept) or None
 
 
 def _strip_hop_by_hop(headers: Headers) -> None:

@@ -18,7 +18,9 @@ Services (each also answers ``GET /healthz`` with ``{"status": "ok", "service": 
     "header_list", "body"}`` of what it received. ``headers`` maps each lowercase name to
     its value (repeated headers joined with ``", "``); ``header_list`` keeps every
     ``[name, value]`` pair in order; ``body`` is the body decoded as UTF-8 (invalid bytes
-    replaced).
+    replaced). A WebSocket handshake to any path is accepted: the first message is a
+    JSON text of what it saw (``path``, ``query``, ``headers``), then every message is
+    echoed back. (The other services refuse WebSockets.)
 ``slow``
     Answers after ``?delay=SECONDS`` (default 1). When the client goes away before the
     delay is over the call counts as cancelled: ``GET /slow/stats`` (or ``/stats``)
@@ -154,6 +156,9 @@ class StubService:
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
             return
+        if scope["type"] == "websocket":
+            await self.websocket(scope, receive, send)
+            return
         if scope["type"] != "http":
             return
         if scope["path"] == "/healthz":
@@ -174,6 +179,11 @@ class StubService:
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         await _read_body(receive)
         await self.not_found(send, scope["path"])
+
+    async def websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A WebSocket handshake: refused (403) but by the services that take them."""
+        await receive()  # websocket.connect
+        await send({"type": "websocket.close", "code": 1008})
 
     async def not_found(self, send: Send, path: str) -> None:
         await _send_json(
@@ -262,6 +272,30 @@ class EchoService(StubService):
             "body": body.decode("utf-8", errors="replace"),
         }
         await _send_json(send, 200, payload, self.name)
+
+    async def websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Accepts, sends what it saw of the handshake as a JSON text message (``path``,
+        ``query``, ``headers``), then echoes every message until the client closes."""
+        await receive()  # websocket.connect
+        await send({"type": "websocket.accept"})
+        headers: dict[str, str] = {}
+        for k, v in scope["headers"]:
+            name, value = k.decode("latin-1"), v.decode("latin-1")
+            headers[name] = f"{headers[name]}, {value}" if name in headers else value
+        seen = {
+            "path": scope["path"],
+            "query": scope.get("query_string", b"").decode("latin-1"),
+            "headers": headers,
+        }
+        await send({"type": "websocket.send", "text": json.dumps(seen)})
+        while True:
+            message = await receive()
+            if message["type"] != "websocket.receive":
+                return  # websocket.disconnect
+            if message.get("text") is not None:
+                await send({"type": "websocket.send", "text": message["text"]})
+            else:
+                await send({"type": "websocket.send", "bytes": message.get("bytes") or b""})
 
 
 @dataclass

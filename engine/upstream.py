@@ -676,6 +676,8 @@ class Pool:
         # The gateway writes the request; h11 parses the response (engine.wire).
         io = conn.io
         body = call.body
+        if body is not None:
+            call.upgrade = None  # only a request without a body may switch protocols
         method = call.method
         target = call.target
         # The head is written here: every field was validated by h11 when it was parsed
@@ -690,6 +692,8 @@ class Pool:
             head += (b"host: ", self._host_header or conn.target.address.encode(), b"\r\n")
         chunked = False
         if body is None:
+            if call.upgrade is not None:
+                head += (b"connection: upgrade\r\nupgrade: ", call.upgrade, b"\r\n")
             if method in _METHODS_WITH_BODY:
                 head.append(b"content-length: 0\r\n")
         elif isinstance(body, bytes):
@@ -746,12 +750,15 @@ class Pool:
             raise
         self._count["response"].inc()
         items = [(n, v) for _, n, v in ev.headers._full_items]
+        if type(ev) is h11.InformationalResponse:  # a 101 to the upgrade asked (see below)
+            return self._switched(call, conn, ev, items)
         te = False
         cl: bytes | None = None
         keep_alive = ev.http_version == b"1.1"  # HTTP/1.0 keep-alive is not used (as h11)
-        if sender is not None and not sender.done:
+        if (sender is not None and not sender.done) or call.upgrade is not None:
             # Answered before the request body went out whole: the connection is in
-            # the middle of a request, never to be reused.
+            # the middle of a request, never to be reused. (Nor is one that was asked
+            # to switch protocols and did not: it may still mean to.)
             keep_alive = False
         for n, v in items:
             if n == b"transfer-encoding":
@@ -786,6 +793,26 @@ class Pool:
         resp.stream = _UpstreamBody(self, conn, read_timeout, deadline, length, reader, keep_alive)
         return resp
 
+    def _switched(
+        self, call: UpstreamCall, conn: _Conn, ev: h11.InformationalResponse, items: Any
+    ) -> Response:
+        """The upstream's 101: the connection now speaks the protocol it names, which
+        must be one the call asked for; it is handed over, never pooled again."""
+        named = b",".join(v for n, v in items if n == b"upgrade")
+        protocol = named.split(b",", 1)[0].strip()
+        asked = {p.strip().lower() for p in (call.upgrade or b"").split(b",")}
+        if not protocol or protocol.lower() not in asked:
+            # A 101 to something not asked (or to nothing) would turn the connection
+            # into a tunnel the client could send any request through.
+            self._discard(conn)
+            self._count["garbage"].inc()
+            raise BadGateway(
+                f"upstream {self.name!r} switched to a protocol that was not asked for"
+            )
+        resp = Response(status=101, headers=Headers(items), reason=ev.reason)
+        resp.upgraded = _Switched(conn, protocol)
+        return resp
+
     async def _response_head(
         self,
         conn: _Conn,
@@ -793,8 +820,9 @@ class Pool:
         read_timeout: float,
         deadline: float,
         sender: _BodySender | None,
-    ) -> h11.Response:
-        """The final response head; 1xx ones are skipped.
+    ) -> h11.Response | h11.InformationalResponse:
+        """The final response head; 1xx ones are skipped, but for the 101 an upgrade
+        asked for.
 
         While ``sender`` still sends the request body, the upstream is watched without
         ``read_timeout`` (which starts once the request is sent): it may answer before
@@ -877,7 +905,9 @@ class Pool:
                 if ev.status_code > 599:  # h11 takes any three digits; HTTP ends at 599
                     raise ProtocolError(f"status {ev.status_code} is not an HTTP status")
                 return ev
-            if ev.status_code == 101:  # never asked for: the gateway sends no Upgrade
+            if ev.status_code == 101:
+                if call.upgrade is not None:
+                    return ev  # the switch asked for (checked by _switched)
                 raise BadGateway(f"upstream {self.name!r} switched protocols unasked")
             informational += 1
             if informational > 10:  # an upstream may not stall us with 1xx forever
@@ -891,7 +921,7 @@ class Pool:
         sender: _BodySender,
         read_timeout: float,
         deadline: float,
-    ) -> h11.Response:
+    ) -> h11.Response | h11.InformationalResponse:
         """The final response head, read while ``sender`` sends the request body.
 
         RFC 9112 9.5: a client sending a body should watch for an error response
@@ -1161,6 +1191,35 @@ def _safe_to_repeat(call: UpstreamCall) -> bool:
 
 _END: Any = object()
 """Returned by :meth:`_UpstreamBody.poll` when the body is complete."""
+
+
+class _Switched:
+    """An upstream connection a 101 switched to ``protocol``: its socket, with what the
+    upstream sent after the 101's head. Closed (never pooled) when dropped."""
+
+    __slots__ = ("_done", "conn", "protocol")
+
+    def __init__(self, conn: _Conn, protocol: bytes) -> None:
+        self.conn = conn
+        self.protocol = protocol
+        self._done = False
+
+    @property
+    def io(self) -> RawSocket | TlsSocket:
+        return self.conn.io
+
+    def take(self) -> bytes:
+        """What the upstream sent past the 101's head, already read."""
+        return self.conn.wire.take()
+
+    def close(self) -> None:
+        if not self._done:
+            self._done = True
+            self.conn.target.active -= 1
+            self.conn.io.close()
+
+    async def aclose(self) -> None:
+        self.close()
 
 
 class _UpstreamBody:

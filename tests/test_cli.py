@@ -51,6 +51,7 @@ def test_check_accepts_the_default_config() -> None:
     assert r.returncode == 0, r.stderr
     assert "route users:" in r.stdout
     assert "chain:" in r.stdout
+    assert "  route echo: ANY */echo* -> echo (upgrades: websocket)" in r.stdout.splitlines()
 
 
 def test_check_shows_the_access_log(tmp_path: Path) -> None:
