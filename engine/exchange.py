@@ -396,6 +396,9 @@ class Exchange:
     # identity-header stripping leaves them to the filter that reads them.
     credential_headers: frozenset[bytes] = frozenset()
     caller: Callable[[Exchange, UpstreamCall], Awaitable[Response]] | None = None
+    # Whether the client has closed its connection: a call a filter makes through
+    # ``call_upstream`` is let go (``ClientGone``) when its client has gone.
+    client_gone: Callable[[], bool] | None = None
 
     async def call_upstream(self, call: UpstreamCall) -> Response:
         """Send ``call`` through the route's ``around_upstream`` filters and the pool.

@@ -84,6 +84,8 @@ class RouteRuntime:
         pool = self.pools.get(call.upstream)
         if pool is None:
             raise BadGateway(f"no upstream named {call.upstream!r}")
+        if call.client_gone is None:  # let go when the client goes, as a proxied call
+            call.client_gone = exchange.client_gone
         pools = self.pools
 
         def send(c: UpstreamCall) -> Awaitable[Response]:

@@ -1179,6 +1179,7 @@ class _Connection:
                     raise MethodNotAllowed(list(route.allow))
                 exchange.route = route.config
                 exchange.caller = route.call_upstream
+                exchange.client_gone = self.client_gone
                 exchange.credential_headers = route.chain.credential_headers
                 exchange.captures = match.captures
                 exchange.timings.routed = now()

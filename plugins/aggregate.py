@@ -38,7 +38,7 @@ from urllib.parse import quote, unquote
 import trio
 
 from engine.chain import Filter, FilterContext, Stage
-from engine.errors import BadGateway, BadRequest, GatewayError, UpstreamTimeout
+from engine.errors import BadGateway, BadRequest, ClientGone, GatewayError, UpstreamTimeout
 from engine.exchange import FRAMING_HEADERS, Exchange, Headers, Response, UpstreamCall
 from engine.metrics import counter
 from engine.plugins import hookimpl
@@ -449,10 +449,15 @@ class Aggregate(Filter):
 
     async def on_request(self, exchange: Exchange) -> Response:
         run = _Run(self._plans, exchange)
-        with trio.move_on_after(self.config.timeout) as deadline:
-            async with trio.open_nursery() as nursery:
-                for plan in self._plans:
-                    nursery.start_soon(self._run_call, run, plan, nursery.cancel_scope)
+        try:
+            with trio.move_on_after(self.config.timeout) as deadline:
+                async with trio.open_nursery() as nursery:
+                    for plan in self._plans:
+                        nursery.start_soon(self._run_call, run, plan, nursery.cancel_scope)
+        except* ClientGone:
+            # The client closed its connection while a call waited: the calls are let
+            # go (the others cancelled with the nursery), as a proxied call is.
+            raise ClientGone() from None
         if run.fatal is not None:
             name, failure = run.fatal
             message = f"required call {name!r} failed: {failure.detail}"
@@ -522,6 +527,8 @@ class Aggregate(Filter):
                 return _Failure(True, e.message)
             except GatewayError as e:
                 return _Failure(False, e.message)
+            except ClientGone:
+                raise  # nobody to answer: the whole aggregate ends
             except Exception as e:
                 # Anything the upstream layer did not convert: the call failed, the
                 # request need not (an optional call is just left out).

@@ -701,6 +701,37 @@ async def test_e2e_required_failure_cancels_siblings() -> None:
     assert "flaky" in resp.json()["error"]["message"]
 
 
+async def test_e2e_a_client_that_leaves_lets_the_calls_go(tmp_path: Path) -> None:
+    """The calls went on to their own timeouts after the client had gone (here 30 s):
+    now, as for a proxied call, the gateway sees it within a second, lets every call go
+    (the upstreams see them end) and logs a 499."""
+    calls: list[dict[str, Any]] = [
+        {"name": "a", "upstream": "slow", "path": "/a?delay=30"},
+        {"name": "b", "upstream": "slow", "path": "/b?delay=30", "required": False},
+    ]
+    log = tmp_path / "access.log"
+    with trio.fail_after(10):
+        async with open_stubs(names=["slow"]) as stubs:
+            config = _stub_config(stubs, [_route(calls)])
+            config["access_log"] = {"path": str(log), "format": "json"}
+            async with open_gateway(config) as gw:
+                slow = _slow(stubs)
+                stream = await trio.open_tcp_stream("127.0.0.1", gw.port)
+                await stream.send_all(b"GET /bff/1 HTTP/1.1\r\nHost: a\r\n\r\n")
+                while slow.started < 2:
+                    await slow.started_event.wait()
+                await stream.aclose()
+                left = trio.current_time()
+                await slow.wait_cancelled(2)
+                assert trio.current_time() - left < 3
+                for _ in range(100):  # the line is written once the connection ended
+                    if log.exists() and log.read_text():
+                        break
+                    await trio.sleep(0.02)
+    (line,) = [json.loads(text) for text in log.read_text().splitlines()]
+    assert line["status"] == 499
+
+
 async def test_e2e_dependent_call_and_overall_deadline() -> None:
     dependent = [
         {"name": "user", "upstream": "users", "path": "/users/{path.id}"},
