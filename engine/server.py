@@ -67,7 +67,7 @@ from engine.exchange import (
 )
 from engine.gateway import RouteRuntime, Runtime
 from engine.metrics import BoundHistogram, counter, gauge, histogram
-from engine.sockets import RawSocket, StreamSocket, TlsSocket, accept_backoff
+from engine.sockets import RawSocket, StreamSocket, TlsSocket, accept_backoff, acked
 from engine.upstream import (
     _END,
     UpstreamBodyError,
@@ -1249,7 +1249,7 @@ class _Connection:
                         body=call_body,
                         timeout=route.timeout,
                         body_length=body_length if call_body is body else None,
-                        client_gone=self.client_gone,
+                        client_gone=exchange.client_gone,
                     )
                     if upgrade is not None and route.upgrades and call_body is None:
                         call.upgrade = _upgrades_allowed(upgrade, route.upgrades)
@@ -1457,13 +1457,10 @@ class _Connection:
         head += (_rid_line(rt, request_id), b"\r\n")
         _RESPONSES[1].inc()
         sent_before = self.bytes_out
-        pool = route.pool
-        assert pool is not None
-        idle = route.read_timeout or pool.config.read_timeout
         try:
             try:
                 await self.send_raw(b"".join(head))
-                await self._relay(switched.io, idle, self.wire.take(), switched.take())
+                await self._relay(switched.io, switched.idle, self.wire.take(), switched.take())
             finally:
                 switched.close()
         except trio.Cancelled:  # a shutdown cut it: still its line
@@ -1507,6 +1504,7 @@ class _Connection:
         # because the client has nothing to say.
         last = [trio.current_time()]
         ended = [0]  # directions that reached their end
+        writing = [0]  # directions inside a write (which may wait on a slow reader)
 
         async def pump(src: _Stream, dst: _Stream) -> None:
             # No socket timers here: a timer ends every wait on its socket, so one
@@ -1514,35 +1512,59 @@ class _Connection:
             try:
                 while data := await src.recv(_INF):
                     last[0] = trio.current_time()
-                    await dst.send_all(data, _INF)
+                    writing[0] += 1
+                    try:
+                        await dst.send_all(data, _INF)
+                    finally:
+                        writing[0] -= 1
                     last[0] = trio.current_time()
                     if dst is client:
                         self.bytes_out += len(data)
                     await trio.lowlevel.checkpoint()
-            except OSError:
+                if isinstance(dst, RawSocket):
+                    dst.shutdown_write()  # pass the half-close on, keep the other way
+                elif isinstance(dst, TlsSocket):
+                    await dst.shutdown_write(idle)  # (close_notify first)
+                else:  # a TLS client: trio's stream cannot half-close
+                    nursery.cancel_scope.cancel()
+            except (OSError, trio.TooSlowError):
                 nursery.cancel_scope.cancel()  # one side broke: end the tunnel
                 return
-            if isinstance(dst, RawSocket):
-                dst.shutdown_write()  # pass the half-close on, keep the other way
-            else:
-                nursery.cancel_scope.cancel()
             ended[0] += 1
             if ended[0] == 2:
                 nursery.cancel_scope.cancel()  # both ways closed: the watchdog too
 
         async def watchdog() -> None:
-            # Idle only when no data crossed either way (and no write moved) for
-            # read_timeout, as HAProxy's timeout tunnel.
+            # Idle only when no data crossed either way for read_timeout, as HAProxy's
+            # timeout tunnel. A write blocked on a slow reader counts as crossing while
+            # the reader's kernel takes bytes: it is woken only when half the send
+            # buffer is free, which a steady slow reader may take longer than that for.
+            taken = (acked(client), acked(upstream))
             while True:
-                await trio.sleep_until(last[0] + idle)
-                if trio.current_time() >= last[0] + idle:
+                # Looked at four times per read_timeout, as a blocked write's progress.
+                await trio.sleep_until(min(last[0] + idle, trio.current_time() + idle / 4))
+                now = trio.current_time()
+                before, taken = taken, (acked(client), acked(upstream))
+                if writing[0] and taken != before and None not in taken:
+                    last[0] = now  # a peer took bytes of a write that still waits
+                if now >= last[0] + idle:
                     nursery.cancel_scope.cancel()
                     return
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(pump, client, upstream)
-            nursery.start_soon(pump, upstream, client)
-            nursery.start_soon(watchdog)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pump, client, upstream)
+                nursery.start_soon(pump, upstream, client)
+                nursery.start_soon(watchdog)
+        except BaseExceptionGroup as group:
+            if group.split(trio.Cancelled)[1] is not None:
+                raise
+            # Cut from outside (a shutdown): raised as the cancellation it is, which
+            # the callers' line for a cut tunnel looks for (not as trio's group of it).
+            leaf: BaseException = group
+            while isinstance(leaf, BaseExceptionGroup):
+                leaf = leaf.exceptions[0]
+            raise leaf from None
 
     async def _error_response(
         self,

@@ -44,6 +44,7 @@ __all__ = [
     "Timers",
     "TlsSocket",
     "accept_backoff",
+    "acked",
 ]
 
 READ_SIZE = 64 * 1024
@@ -103,6 +104,16 @@ def _acked(sock: socket.socket) -> int | None:
     except OSError:
         return None
     return int.from_bytes(info[120:128], sys.byteorder) if len(info) >= 128 else None
+
+
+def acked(stream: RawSocket | TlsSocket | StreamSocket) -> int | None:
+    """Bytes the peer of ``stream`` has acknowledged so far (its TCP connection's, TLS
+    included); None where the kernel does not say."""
+    if isinstance(stream, RawSocket):
+        return _acked(stream.sock)
+    if isinstance(stream, TlsSocket):
+        return _acked(stream.raw.sock)
+    return _acked(stream.raw)
 
 
 #: A write that waits on its peer looks at it this many times per ``max_wait``: a peer
@@ -443,6 +454,18 @@ class TlsSocket:
             await self._flush(max_wait, deadline)
         if not view:
             await self._flush(max_wait, deadline)
+
+    async def shutdown_write(self, max_wait: float) -> None:
+        """Half-close: TLS's close_notify, then the transport's; the peer reads EOF
+        and this side can still receive (as TLS 1.3 allows, and OpenSSL for 1.2)."""
+        try:
+            self.tls.unwrap()
+        except ssl.SSLWantReadError:
+            pass  # (it would wait for the peer's close_notify: not asked for)
+        except ssl.SSLError:
+            pass
+        await self._flush(max_wait, _INF)
+        self.raw.shutdown_write()
 
     def expire(self) -> None:
         self.raw.expire()

@@ -751,7 +751,7 @@ class Pool:
         self._count["response"].inc()
         items = [(n, v) for _, n, v in ev.headers._full_items]
         if type(ev) is h11.InformationalResponse:  # a 101 to the upgrade asked (see below)
-            return self._switched(call, conn, ev, items)
+            return self._switched(call, conn, ev, items, read_timeout)
         te = False
         cl: bytes | None = None
         keep_alive = ev.http_version == b"1.1"  # HTTP/1.0 keep-alive is not used (as h11)
@@ -794,7 +794,12 @@ class Pool:
         return resp
 
     def _switched(
-        self, call: UpstreamCall, conn: _Conn, ev: h11.InformationalResponse, items: Any
+        self,
+        call: UpstreamCall,
+        conn: _Conn,
+        ev: h11.InformationalResponse,
+        items: Any,
+        read_timeout: float,
     ) -> Response:
         """The upstream's 101: the connection now speaks the protocol it names, which
         must be one the call asked for; it is handed over, never pooled again."""
@@ -810,7 +815,7 @@ class Pool:
                 f"upstream {self.name!r} switched to a protocol that was not asked for"
             )
         resp = Response(status=101, headers=Headers(items), reason=ev.reason)
-        resp.upgraded = _Switched(conn, protocol)
+        resp.upgraded = _Switched(conn, protocol, read_timeout)
         return resp
 
     async def _response_head(
@@ -1195,13 +1200,15 @@ _END: Any = object()
 
 class _Switched:
     """An upstream connection a 101 switched to ``protocol``: its socket, with what the
-    upstream sent after the 101's head. Closed (never pooled) when dropped."""
+    upstream sent after the 101's head, and the call's ``read_timeout`` (the relay's
+    idle limit). Closed (never pooled) when dropped."""
 
-    __slots__ = ("_done", "conn", "protocol")
+    __slots__ = ("_done", "conn", "idle", "protocol")
 
-    def __init__(self, conn: _Conn, protocol: bytes) -> None:
+    def __init__(self, conn: _Conn, protocol: bytes, idle: float) -> None:
         self.conn = conn
         self.protocol = protocol
+        self.idle = idle
         self._done = False
 
     @property

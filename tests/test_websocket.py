@@ -8,6 +8,8 @@ socket, the way a browser's handshake and frames look on the wire.
 from __future__ import annotations
 
 import json
+import socket
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
@@ -17,6 +19,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+import trustme
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import (
     AcceptConnection,
@@ -363,3 +366,128 @@ async def test_the_whole_chain_around_a_websocket(stubs: Stubs) -> None:
             assert isinstance(event, RejectConnection)
             assert event.status_code == 429
             await client.stream.aclose()
+
+
+_HANDSHAKE = (
+    b"GET /ws HTTP/1.1\r\nHost: api.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+    b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+)
+_ACCEPT = (
+    b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+    b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
+)
+
+
+async def _head(stream: trio.abc.Stream) -> tuple[bytes, bytes]:
+    """A head read from ``stream``, and the bytes read past it."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = await stream.receive_some(65536)
+        assert chunk, data
+        data += chunk
+    head, rest = data.split(b"\r\n\r\n", 1)
+    return head, rest
+
+
+async def test_a_drain_that_cuts_a_websocket_or_a_tunnel_still_logs_it(
+    stubs: Stubs, tmp_path: Path
+) -> None:
+    """At shutdown_timeout the open connections are cut; their lines were lost (trio
+    raised the cut as a group the tunnel's handler did not look for)."""
+    log = tmp_path / "access.log"
+    config = _config(stubs.target("echo"))
+    config["routes"].append(
+        {"name": "tunnel", "hosts": ["tun.test"], "upstream": "up", "allow_connect": True}
+    )
+    config["access_log"] = {"path": str(log), "format": "json"}
+    with trio.fail_after(20):
+        async with open_gateway(config) as gw:
+            ws = await trio.open_tcp_stream("127.0.0.1", gw.port)
+            await ws.send_all(_HANDSHAKE)
+            assert (await _head(ws))[0].startswith(b"HTTP/1.1 101 ")
+            tunnel = await trio.open_tcp_stream("127.0.0.1", gw.port)
+            await tunnel.send_all(b"CONNECT tun.test:443 HTTP/1.1\r\nHost: tun.test:443\r\n\r\n")
+            assert (await _head(tunnel))[0].startswith(b"HTTP/1.1 200 ")
+            await gw.gateway.shutdown(grace=0.2)
+    lines = [json.loads(text) for text in log.read_text().splitlines()]
+    assert sorted((line["method"], line["status"]) for line in lines) == [
+        ("CONNECT", 200),
+        ("GET", 101),
+    ]
+
+
+async def test_a_half_close_passes_through_a_tls_upstream(tmp_path: Path) -> None:
+    """The client half-closes and the upstream answers after it: over a TLS upstream
+    the whole connection ended at the half-close, and the answer was lost."""
+    ca = trustme.CA()
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+
+    async def upstream(plain: trio.SocketStream) -> None:
+        stream = trio.SSLStream(plain, context, server_side=True, https_compatible=True)
+        _, said = await _head(stream)
+        await stream.send_all(_ACCEPT)
+        while data := await stream.receive_some(65536):  # to the client's half-close
+            said += data
+        await stream.send_all(b"after the half-close: " + said)
+        await stream.aclose()
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(partial(trio.serve_tcp, upstream, 0, host="127.0.0.1"))
+            port = listeners[0].socket.getsockname()[1]
+            config = _config(f"127.0.0.1:{port}")
+            config["upstreams"]["up"] |= {"tls": True, "tls_ca_file": str(ca_file)}
+            async with open_gateway(config) as gw:
+                client = await trio.open_tcp_stream("127.0.0.1", gw.port)
+                await client.send_all(_HANDSHAKE + b"hello")
+                await client.send_eof()
+                head, received = await _head(client)
+                assert head.startswith(b"HTTP/1.1 101 ")
+                while data := await client.receive_some(65536):
+                    received += data
+                await client.aclose()
+            nursery.cancel_scope.cancel()
+    assert received == b"after the half-close: hello"
+
+
+async def test_a_slow_steady_reader_is_not_idle(autojump_clock: Any) -> None:
+    """A client reading 200 KB/s without a pause was cut at read_timeout: a relay write
+    blocked on it is woken only when half the send buffer is free, and only a finished
+    write counted as bytes crossing. Bytes its kernel takes count now."""
+    closed: list[float] = []
+
+    async def flood(stream: trio.SocketStream) -> None:
+        await _head(stream)
+        await stream.send_all(_ACCEPT)
+        try:
+            while True:
+                await stream.send_all(b"x" * 65536)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            closed.append(trio.current_time())
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(partial(trio.serve_tcp, flood, 0, host="127.0.0.1"))
+            port = listeners[0].socket.getsockname()[1]
+            config = _config(f"127.0.0.1:{port}")
+            config["upstreams"]["up"]["read_timeout"] = "2s"
+            async with open_gateway(config) as gw:
+                sock = trio.socket.socket()
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                await sock.connect(("127.0.0.1", gw.port))
+                client = trio.SocketStream(sock)
+                await client.send_all(_HANDSHAKE)
+                start = trio.current_time()
+                received = 0
+                while trio.current_time() - start < 8:  # 4x read_timeout
+                    data = await client.receive_some(20_000)
+                    assert data, "cut while reading"
+                    received += len(data)
+                    await trio.sleep(len(data) / 200_000)
+                assert not closed
+                await client.aclose()
+            nursery.cancel_scope.cancel()
+    assert received > 1_000_000
