@@ -776,6 +776,8 @@ class _Connection:
         that half-closed after its request reads as gone, as to nginx."""
         io = self.io
         sock = io.sock if isinstance(io, RawSocket) else io.raw  # (TLS: the transport's)
+        if sock.fileno() < 0:
+            return True  # closed already
         if _RDHUP:
             poller = select.poll()
             poller.register(sock.fileno(), select.POLLIN | _RDHUP)
@@ -1379,7 +1381,12 @@ class _Connection:
         start: float,
         sent_before: int,
     ) -> float:
-        """Observe the request's duration and write its access-log line; returns its end."""
+        """Observe the request's duration and write its access-log line; returns its end.
+
+        The request is over: calls a filter makes from now on (in ``on_log``, from a
+        background task) no longer end when its client goes."""
+        if exchange is not None:
+            exchange.client_gone = None
         end = self.server.now()
         cls = status // 100
         series = (route.latency if route is not None else _UNROUTED)[cls]

@@ -357,12 +357,13 @@ class TlsSocket:
     once from the reading task when no send is under way.
     """
 
-    __slots__ = ("_in", "_lock", "_out", "ragged_eof", "raw", "tls")
+    __slots__ = ("_held", "_in", "_lock", "_out", "ragged_eof", "raw", "tls")
 
     def __init__(self, raw: RawSocket, context: ssl.SSLContext, server_name: str) -> None:
         self.raw = raw
         self._in = ssl.MemoryBIO()
         self._out = ssl.MemoryBIO()
+        self._held = b""  # decrypted before a half-close, not returned yet
         self._lock = trio.Lock()
         self.ragged_eof = False
         self.tls = context.wrap_bio(self._in, self._out, server_hostname=server_name)
@@ -396,10 +397,13 @@ class TlsSocket:
 
     def holds_data(self) -> bool:
         """Whether TLS holds bytes not read yet (decrypted, or still encrypted)."""
-        return self._in.pending > 0 or self.tls.pending() > 0
+        return self._in.pending > 0 or self.tls.pending() > 0 or bool(self._held)
 
     def _plain(self) -> bytes | None:
         """What TLS can return now; ``b""`` at EOF; ``None`` when it needs more input."""
+        if self._held:
+            held, self._held = self._held, b""
+            return held
         try:
             return self.tls.read(READ_SIZE)
         except ssl.SSLWantReadError:
@@ -457,7 +461,21 @@ class TlsSocket:
 
     async def shutdown_write(self, max_wait: float) -> None:
         """Half-close: TLS's close_notify, then the transport's; the peer reads EOF
-        and this side can still receive (as TLS 1.3 allows, and OpenSSL for 1.2)."""
+        and this side can still receive (as TLS 1.3 allows, and OpenSSL for 1.2).
+
+        Whole records already received are decrypted first and kept for ``recv``:
+        ``unwrap`` looks for the peer's close_notify, and OpenSSL drops the
+        application data it finds on the way."""
+        held = [self._held]
+        while True:
+            try:
+                chunk = self.tls.read(READ_SIZE)
+            except ssl.SSLError:  # wants more input, or the end: later reads say which
+                break
+            if not chunk:
+                break
+            held.append(chunk)
+        self._held = b"".join(held)
         try:
             self.tls.unwrap()
         except ssl.SSLWantReadError:

@@ -454,7 +454,12 @@ class Aggregate(Filter):
                 async with trio.open_nursery() as nursery:
                     for plan in self._plans:
                         nursery.start_soon(self._run_call, run, plan, nursery.cancel_scope)
-        except* ClientGone:
+        except BaseExceptionGroup as group:
+            gone, rest = group.split(ClientGone)
+            if gone is None:
+                raise
+            if rest is not None:  # cut from outside meanwhile (a shutdown): that wins
+                raise rest from None
             # The client closed its connection while a call waited: the calls are let
             # go (the others cancelled with the nursery), as a proxied call is.
             raise ClientGone() from None

@@ -16,13 +16,20 @@ from typing import Any
 import pytest
 import trio
 
-from engine.chain import FilterContext
-from engine.errors import BadGateway, BadRequest, UpstreamTimeout, UpstreamUnreachable
+from engine.chain import Filter, FilterContext, Stage
+from engine.errors import (
+    BadGateway,
+    BadRequest,
+    ClientGone,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
 from engine.exchange import Exchange, Headers, Identity, Request, Response, Timings, UpstreamCall
 from engine.schema import ConfigError, build
 from engine.stubs import SlowService
-from engine.testing import Stubs, http_request, open_gateway, open_stubs
+from engine.testing import Client, Stubs, http_request, open_gateway, open_stubs
 from plugins.aggregate import Aggregate, AggregateConfig
+from tests.test_chain import FilterSet
 
 # -- a fake upstream -------------------------------------------------------------------------
 
@@ -730,6 +737,90 @@ async def test_e2e_a_client_that_leaves_lets_the_calls_go(tmp_path: Path) -> Non
                     await trio.sleep(0.02)
     (line,) = [json.loads(text) for text in log.read_text().splitlines()]
     assert line["status"] == 499
+
+
+async def test_a_client_gone_as_a_shutdown_cuts_the_aggregate_is_the_cut(
+    autojump_clock: Any,
+) -> None:
+    """A call's ClientGone while a shutdown cut the request was raised together with the
+    cut, in a group no handler of the engine took: the cut wins, as the cancellation
+    it is."""
+
+    async def caller(exchange: Exchange, call: UpstreamCall) -> Response:
+        if call.target.startswith(b"/a"):
+            await trio.sleep(1)
+            raise ClientGone()  # the pool's check of the client fired
+        try:
+            await trio.sleep(10)
+        except trio.Cancelled:
+            with trio.CancelScope(shield=True):
+                await trio.sleep(0.01)  # a shielded close of the upstream connection
+            raise
+        raise AssertionError("not reached")
+
+    aggregate = _aggregate(
+        {
+            "calls": [
+                {"name": "a", "upstream": "u", "path": "/a"},
+                {"name": "b", "upstream": "u", "path": "/b", "required": False},
+            ]
+        }
+    )
+    escaped: list[BaseException] = []
+    with trio.CancelScope() as cut:
+
+        async def shutdown() -> None:
+            await trio.sleep(1.005)  # while call b unwinds from the first cancellation
+            cut.cancel()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(shutdown)
+            try:
+                await aggregate.on_request(_exchange(caller))
+            except BaseException as e:
+                escaped.append(e)
+                raise
+    assert cut.cancelled_caught
+    (raised,) = escaped
+    # Only cancellations (as trio raises them out of a nursery), which the cut's scope
+    # takes: no ClientGone mixed in.
+    assert isinstance(raised, BaseExceptionGroup)
+    assert raised.split(trio.Cancelled)[1] is None
+
+
+async def test_a_call_made_in_on_log_finishes_after_the_client_left() -> None:
+    """Once the response is over, a filter's call (an audit record in on_log) no longer
+    follows the client: a keep-alive client closing after its answer, as they do, cut
+    it with ClientGone (and a closed socket made the check itself fail)."""
+    outcomes: list[object] = []
+    done = trio.Event()
+
+    class Audit(Filter):
+        name, stage = "audit", Stage.EDGE
+
+        async def on_log(self, exchange: Exchange) -> None:
+            call = UpstreamCall(
+                upstream="slow", method=b"GET", target=b"/audit?delay=2", headers=Headers()
+            )
+            try:
+                response = await exchange.call_upstream(call)
+                await response.aclose()
+                outcomes.append(response.status)
+            except Exception as e:
+                outcomes.append(repr(e))
+            done.set()
+
+    with trio.fail_after(20):
+        async with open_stubs(names=["slow", "echo"]) as stubs:
+            config = {
+                "upstreams": {n: {"targets": [stubs.target(n)]} for n in ("slow", "echo")},
+                "routes": [{"prefix": "/", "upstream": "echo", "plugins": {"audit": {}}}],
+            }
+            async with open_gateway(config, extra_plugins=[("a", FilterSet(Audit))]) as gw:
+                async with Client.open(gw.port) as client:
+                    assert (await client.request("GET", "/x")).status == 200
+                await done.wait()
+    assert outcomes == [200]
 
 
 async def test_e2e_dependent_call_and_overall_deadline() -> None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import socket
+import ssl
 
 import pytest
 import trio
 import trio.testing
+import trustme
 
-from engine.sockets import TICK, RawSocket, timers
+from engine.sockets import TICK, RawSocket, TlsSocket, timers
 
 
 def _pair() -> tuple[RawSocket, socket.socket]:
@@ -108,3 +110,46 @@ async def test_the_timer_task_sleeps_when_nothing_waits(
         done = wheel.done
         await trio.sleep(1000)  # and no tick runs while nothing is filed
         assert wheel.done == done
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+async def test_a_tls_half_close_keeps_what_was_received_and_reads_on(
+    version: ssl.TLSVersion,
+) -> None:
+    """shutdown_write sends close_notify and FIN, and the peer's data still arrives:
+    the records already received (OpenSSL drops them while it looks for the peer's
+    close_notify) and what the peer sends after it saw the half-close."""
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.maximum_version = version
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    a, b = socket.socketpair()
+    server = trio.SSLStream(
+        trio.SocketStream(trio.socket.from_stdlib_socket(b)), server_context, server_side=True
+    )
+    tls = TlsSocket(RawSocket(a), client_context, "127.0.0.1")
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.do_handshake)
+            await tls.handshake(trio.current_time() + 5)
+        records = b"".join(bytes([65 + i]) * 16384 for i in range(5))
+        await server.send_all(records)
+        got = await tls.recv(5)  # one record; the others wait undecrypted
+        while len(got) < 16384:
+            got += await tls.recv(5)
+        await tls.shutdown_write(5)
+
+        async def answer_after_eof() -> None:
+            while await server.receive_some(65536):
+                pass
+            await server.send_all(b"END")
+            await server.aclose()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(answer_after_eof)
+            while data := await tls.recv(5):
+                got += data
+        tls.close()
+    assert got == records + b"END"
