@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import functools
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
@@ -133,38 +132,11 @@ PhaseFn = Callable[..., Any]
 
 @dataclass(frozen=True, slots=True)
 class Phase:
-    """One bound phase method and whether it must be awaited.
-
-    ``call_next_keyword`` (``around_upstream`` only) names the parameter that takes
-    ``call_next`` when it can be passed by keyword: :func:`wrap_upstream` then binds the
-    phase with :func:`functools.partial` instead of wrapping it in a coroutine of its own.
-    """
+    """One bound phase method and whether it must be awaited."""
 
     fn: PhaseFn
     is_async: bool
     filter: Any
-    call_next_keyword: str | None = dataclasses.field(default=None, repr=False, compare=False)
-
-
-def _call_next_keyword(fn: PhaseFn) -> str | None:
-    """The name of ``fn``'s ``call_next`` parameter if it may be passed by keyword.
-
-    ``fn`` is a bound ``around_upstream(exchange, call, call_next)``. Decorated functions
-    (whose real parameters are not known) and any other shape answer ``None``.
-    """
-    try:
-        params = list(inspect.signature(fn, follow_wrapped=False).parameters.values())
-    except (TypeError, ValueError):
-        return None
-    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    if len(params) < 3 or any(p.kind not in positional for p in params[:2]):
-        return None
-    third = params[2]
-    if third.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD:
-        return None
-    if any(p.default is inspect.Parameter.empty and p.kind in positional for p in params[3:]):
-        return None
-    return third.name
 
 
 def _phase(instance: Any, name: str) -> Phase | None:
@@ -172,10 +144,8 @@ def _phase(instance: Any, name: str) -> Phase | None:
     if fn is None:
         return None
     is_async = inspect.iscoroutinefunction(fn)
-    if name == "around_upstream":
-        if not is_async:
-            raise TypeError(f"filter {instance.name!r}: around_upstream must be async")
-        return Phase(fn, is_async, instance, _call_next_keyword(fn))
+    if name == "around_upstream" and not is_async:
+        raise TypeError(f"filter {instance.name!r}: around_upstream must be async")
     return Phase(fn, is_async, instance)
 
 
@@ -387,26 +357,21 @@ def wrap_upstream(
 ) -> CallNext:
     """``send`` wrapped by the ``around_upstream`` phases from index ``start`` on.
 
-    Made per call, so it is cheap: a phase whose ``call_next`` parameter takes a keyword
-    is bound with :func:`functools.partial` (calling it starts the phase's own coroutine,
-    with no wrapper coroutine around it); others get a small closure.
+    Made per call, so it is cheap: each phase is bound by a plain function that hands
+    back the phase's own coroutine (no wrapper coroutine around it), passing
+    ``call_next`` by position, so any parameter name or shape works.
     """
     call_next = send
     for i in range(len(phases) - 1, start - 1, -1):
-        phase = phases[i]
-        keyword = phase.call_next_keyword
-        if keyword == "call_next":  # the documented name: no keyword dict to build
-            call_next = functools.partial(phase.fn, exchange, call_next=call_next)
-        elif keyword is not None:
-            call_next = functools.partial(phase.fn, exchange, **{keyword: call_next})
-        else:
-            call_next = _wrap_one(phase.fn, exchange, call_next)
+        call_next = _bind(phases[i].fn, exchange, call_next)
     return call_next
 
 
-def _wrap_one(fn: PhaseFn, exchange: Exchange, inner: CallNext) -> CallNext:
-    async def call(c: UpstreamCall) -> Response:
-        r: Response = await fn(exchange, c, inner)
-        return r
+def _bind(fn: PhaseFn, exchange: Exchange, inner: CallNext) -> CallNext:
+    # A closure, not functools.partial(fn, exchange, call_next=inner): a partial with a
+    # keyword copies its keyword dict and goes through the generic call path per call.
+    def call(c: UpstreamCall) -> Awaitable[Response]:
+        coro: Awaitable[Response] = fn(exchange, c, inner)
+        return coro
 
     return call

@@ -923,13 +923,6 @@ async def test_wrap_upstream_nests_any_shape_of_around_upstream() -> None:
 
     filters = [build_filter(t) for t in (Decorated, PositionalOnly, OtherName, Named)]
     chain = compile_chain(filters)
-    keywords = [(p.filter.name, p.call_next_keyword) for p in chain.around]
-    assert keywords == [
-        ("named", "call_next"),
-        ("other-name", "nxt"),
-        ("positional-only", None),
-        ("decorated", None),  # its real parameters are hidden: called positionally
-    ]
 
     async def send(call: UpstreamCall) -> Response:
         events.append(f"send {call.target.decode()}")
