@@ -634,6 +634,10 @@ class Transform(Filter):
             vars(self)["on_request"] = None
         elif self._req_json is not None:
             vars(self)["on_request"] = self._on_request_with_body
+        elif not (self._rewrite or self._query or self._method or self._identity_response):
+            # Header edits only (the common case): the plan is applied directly, with no
+            # step through on_request and _request_head, as on the response side.
+            vars(self)["on_request"] = self._on_request_headers
         if not (self._status_map or self._resp_json or self._resp_headers):
             vars(self)["on_response"] = None
         elif not (self._status_map or self._resp_json):
@@ -654,6 +658,14 @@ class Transform(Filter):
         # Lazy: it reads the exchange only when a template asks for a value.
         lookup = exchange_lookup(exchange) if self._req_lookup else _no_lookup
         self._request_head(exchange, lookup)
+
+    def _on_request_headers(self, exchange: Exchange) -> None:
+        plan = self._req_headers
+        assert plan is not None
+        plan.apply(
+            exchange.request.headers,
+            exchange_lookup(exchange) if plan.needs_lookup else _no_lookup,
+        )
 
     def _request_head(self, exchange: Exchange, lookup: Lookup) -> None:
         request = exchange.request
