@@ -567,7 +567,11 @@ class RateLimit(Filter):
         assert self._memory is not None
         policy = self.policy_for(exchange) if self._groups else self._default
         key = self._prefixes[policy.name] + self._key(exchange)
-        self._count(exchange, policy, self._memory.decide_now(key, policy, trio.current_time()))
+        outcome = self._memory.decide_now(key, policy, trio.current_time())
+        # _count, inlined: one call fewer per request.
+        exchange.stash[_STAMP] = (policy, outcome)
+        if not outcome.allowed:
+            self._refuse(exchange, outcome)
 
     def _count(self, exchange: Exchange, policy: Policy, outcome: Outcome) -> None:
         """Stamp the decision for the response side; raise RateLimited when refused."""

@@ -159,7 +159,10 @@ class SlidingWindow:
         """
         w = quota.window
         index = math.floor(now / w)
-        previous, current = self._roll(state, index)
+        if index == state.index:  # still the last request's window: nothing to roll
+            previous, current = state.previous, state.current
+        else:
+            previous, current = self._roll(state, index)
         start = index * w
         elapsed = (now - start) / w
         weight = 1.0 - elapsed
@@ -168,7 +171,8 @@ class SlidingWindow:
             if count:
                 state.index, state.previous, state.current = index, previous, current + 1
             after = estimate + 1
-            remaining = max(0, math.floor(quota.limit - after))
+            # Never negative: after <= limit here (no max() call needed).
+            remaining = math.floor(quota.limit - after)
             # Whole again once the current window (with this request) has slid out.
             reset = start + 2 * w - now
             return new_verdict((True, remaining, reset, 0.0))
