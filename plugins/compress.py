@@ -3,26 +3,29 @@
 A response is compressed when all of these hold:
 
 - the client accepts gzip (``Accept-Encoding``: ``gzip`` or ``*`` with a q-value above 0;
-  ``gzip;q=0`` refuses it, as does a q-value that is not a number);
+  ``gzip;q=0`` refuses it, as does a q-value out of RFC 9110's grammar), over HTTP/1.1
+  (an HTTP/1.0 body ends at the close: a compressed one cut midway would pass for whole);
 - its media type is one of ``types`` (``text/*`` and ``application/*+json`` patterns
   allowed);
-- it is not encoded already (``Content-Encoding`` other than ``identity``), asks for no
-  transformation (``Cache-Control: no-transform``), and is not a part (206,
-  ``Content-Range``);
-- it has a body: not a HEAD answer, nor 1xx, 204 or 304;
+- it is not encoded already (a ``Content-Encoding`` other than ``identity`` in any
+  field), neither it nor the request asks for no transformation (``Cache-Control:
+  no-transform``), and it is not a part (206, ``Content-Range``);
+- it has a body: not 1xx, 204 or 304;
 - its length is ``min_size`` or more, or unknown (a chunked or close-delimited body).
 
-A compressed response gets ``Content-Encoding: gzip``, loses its ``Content-Length`` (it
-is sent chunked, or close-delimited to an HTTP/1.0 client) and ``Accept-Ranges``, and a
-strong ``ETag`` becomes weak (``W/"..."``, as nginx does: the bytes differ, the
-representation does not). Every response whose compression depends on the client's
-``Accept-Encoding`` says so in ``Vary``, compressed or not, so that a cache keeps the
-two apart.
+A compressed response gets ``Content-Encoding: gzip``, loses its ``Content-Length`` and
+``Accept-Ranges``, and a strong ``ETag`` becomes weak (``W/"..."``, as nginx does: the
+bytes differ, the representation does not). Every response whose compression depends on
+the client's ``Accept-Encoding`` says so in ``Vary``, compressed or not, so that a cache
+keeps the two apart. A HEAD answer gets the fields of its GET, and a 304 to a client
+holding the compressed copy (its ``If-None-Match`` names the weak tag) gets that copy's
+``ETag`` and ``Vary`` (RFC 9110 15.4.5).
 
-A streamed body is compressed as it arrives, chunk by chunk, and each chunk is flushed
-(``Z_SYNC_FLUSH``): a response the upstream sends slowly (a long poll, a progress
-stream) reaches the client as it comes, at a few bytes per chunk. Memory stays at
-zlib's own state (about 256 KiB at level 6) whatever the body's size.
+A streamed body is compressed as it arrives, at most ``_SLICE`` bytes per step, and
+flushed (``Z_SYNC_FLUSH``) whenever the upstream has nothing more ready: a response the
+upstream sends slowly reaches the client as it comes, one arriving in small pieces keeps
+its ratio. Memory stays at zlib's own state (about 256 KiB at level 6) whatever the
+body's size. A buffered body (another filter's) over ``_SLICE`` is sent the same way.
 
 Stage EDGE: its response side runs after every other filter's, so ``transform`` edits
 the JSON before it is compressed.
@@ -33,15 +36,18 @@ from __future__ import annotations
 import fnmatch
 import re
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+import trio
 
 from engine.chain import Filter, FilterContext, Stage
 from engine.exchange import BodyStream, Exchange, Headers, Response
 from engine.metrics import counter
 from engine.plugins import hookimpl
 from engine.schema import ByteSize, Invalid
+from engine.upstream import _END  # what the upstream body's poll says at the end
 
 __all__ = ["DEFAULT_TYPES", "Compress", "CompressConfig", "accepts_gzip"]
 
@@ -64,6 +70,11 @@ DEFAULT_TYPES = (
 
 _MEDIA_PATTERN = re.compile(r"[a-z0-9*][a-z0-9!#$&^_.+*-]*/[a-z0-9*][a-z0-9!#$&^_.+*-]*")
 _BODILESS = frozenset({204, 206, 304})
+#: The most compressed in one go before the engine passes to other tasks (at level 9 on
+#: data chosen to be slow, zlib takes some 35 ms for this much; at level 6, 2 ms).
+_SLICE = 16 * 1024
+
+_QVALUE = re.compile(rb"0(\.[0-9]{0,3})?|1(\.0{0,3})?")
 _GZIP_WBITS = 16 + zlib.MAX_WBITS  # a gzip header and trailer around the deflate stream
 
 _compressed = counter(
@@ -112,10 +123,9 @@ def accepts_gzip(accept_encoding: bytes) -> bool:
         for param in params.split(b";"):
             key, _, value = param.partition(b"=")
             if key.strip().lower() == b"q":
-                try:
-                    q = float(value.strip())
-                except ValueError:
-                    q = 0.0  # unreadable: not taken as a yes
+                value = value.strip()
+                # RFC 9110 12.4.2: 0 to 1, three decimals at most; anything else is no yes.
+                q = float(value) if _QVALUE.fullmatch(value) else 0.0
         if coding == b"*":
             star = q if star is None else max(star, q)
         else:
@@ -126,34 +136,87 @@ def accepts_gzip(accept_encoding: bytes) -> bool:
 
 
 class _Gzipped:
-    """A body stream, gzipped as it arrives; each chunk flushed."""
+    """A body stream, gzipped as it arrives.
 
-    __slots__ = ("_inner", "_it", "_z")
+    Each call compresses at most ``_SLICE`` bytes, so the engine's pass to other tasks
+    between chunks comes at least that often (zlib's cost per byte depends on the data,
+    and a client may choose it). What was compressed is flushed (``Z_SYNC_FLUSH``) when
+    the upstream has nothing more ready, not after every chunk: a body arriving in
+    small pieces keeps its ratio, and a slow stream still reaches the client as it
+    comes.
+    """
+
+    __slots__ = ("_dirty", "_inner", "_it", "_poll", "_rest", "_z")
 
     def __init__(self, inner: BodyStream, level: int) -> None:
         self._inner = inner
         self._it: AsyncIterator[bytes] = inner.__aiter__()
+        # The upstream's body says what is already here (engine.upstream._UpstreamBody's
+        # poll: a chunk, _END, or None when it must wait).
+        self._poll: Callable[[], Any] | None = getattr(inner, "poll", None)
         self._z: Any = zlib.compressobj(level, zlib.DEFLATED, _GZIP_WBITS)
+        self._rest = memoryview(b"")
+        self._dirty = False  # compressed input not flushed yet
 
     def __aiter__(self) -> _Gzipped:
         return self
 
     async def __anext__(self) -> bytes:
-        z = self._z
-        if z is None:
-            raise StopAsyncIteration
-        try:
-            chunk = await self._it.__anext__()
-        except StopAsyncIteration:
-            self._z = None
-            tail: bytes = z.flush(zlib.Z_FINISH)
-            return tail
-        out: bytes = z.compress(chunk) + z.flush(zlib.Z_SYNC_FLUSH)
-        return out
+        while True:
+            z = self._z
+            if z is None:
+                raise StopAsyncIteration
+            if self._rest:
+                piece, self._rest = self._rest[:_SLICE], self._rest[_SLICE:]
+                self._dirty = True
+                out: bytes = z.compress(piece)
+                if out:
+                    return out
+                # zlib kept it all (a very compressible body): let others run before
+                # the next slice, as the engine does between the chunks it sends.
+                await trio.lowlevel.checkpoint()
+                continue
+            chunk = self._poll() if self._poll is not None else None
+            if chunk is None:  # nothing ready: what was compressed goes out first
+                if self._dirty:
+                    self._dirty = False
+                    out = z.flush(zlib.Z_SYNC_FLUSH)
+                    if out:
+                        return out
+                try:
+                    chunk = await self._it.__anext__()
+                except StopAsyncIteration:
+                    chunk = _END
+            if chunk is _END:
+                self._z = None
+                out = z.flush(zlib.Z_FINISH)
+                return out
+            self._rest = memoryview(chunk)  # (bytes: _END was handled above)
 
     async def aclose(self) -> None:
         self._z = None
         await self._inner.aclose()
+
+
+class _Once:
+    """A buffered body as a stream of one chunk (compressed in slices by _Gzipped)."""
+
+    __slots__ = ("_body",)
+
+    def __init__(self, body: bytes) -> None:
+        self._body: bytes | None = body
+
+    def __aiter__(self) -> _Once:
+        return self
+
+    async def __anext__(self) -> bytes:
+        body, self._body = self._body, None
+        if body is None:
+            raise StopAsyncIteration
+        return body
+
+    async def aclose(self) -> None:
+        self._body = None
 
 
 class Compress(Filter):
@@ -185,32 +248,46 @@ class Compress(Filter):
 
     def on_response(self, exchange: Exchange, response: Response) -> None:
         status = response.status
-        if status < 200 or status in _BODILESS or exchange.request.method == b"HEAD":
+        if status < 200 or status in _BODILESS:
+            if status == 304:
+                _revalidated(exchange, response.headers)
             return
         if response.body is None and response.stream is None:
             return
         headers = response.headers
         if not self._compressible(headers.get(b"content-type")):
             return
-        if response.body is not None:
+        head = exchange.request.method == b"HEAD"  # its fields are those of the GET
+        if response.body is not None and not head:
             size: int | None = len(response.body)
         else:
             declared = headers.get(b"content-length")
             size = int(declared) if declared is not None and declared.isdigit() else None
         if size is not None and size < self._min_size:
             return
-        encoding = headers.get(b"content-encoding")
-        if encoding is not None and encoding.strip().lower() not in (b"", b"identity"):
-            return
+        for name, value in headers.items:
+            if name == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
+                return  # encoded already (in any of its fields)
         if headers.get(b"content-range") is not None or _no_transform(headers):
             return
-        _vary_on_accept_encoding(headers)
-        accept = b",".join(v for n, v in exchange.request.headers.items if n == b"accept-encoding")
-        if not accepts_gzip(accept):
+        request = exchange.request
+        if _no_transform(request.headers):
             return
-        if response.body is not None:
+        _vary_on_accept_encoding(headers)
+        accept = b",".join(v for n, v in request.headers.items if n == b"accept-encoding")
+        # Not for HTTP/1.0 (as nginx's gzip_http_version): its body would end at the
+        # close, and a cut one would pass for whole.
+        if request.http_version != b"1.1" or not accepts_gzip(accept):
+            return
+        body = response.body
+        if head:
+            pass  # the fields only: no body goes out
+        elif body is not None and len(body) <= _SLICE:
             z = zlib.compressobj(self._level, zlib.DEFLATED, _GZIP_WBITS)
-            response.body = z.compress(response.body) + z.flush()
+            response.body = z.compress(body) + z.flush()
+        elif body is not None:  # larger: compressed a slice at a time as it is sent
+            response.body = None
+            response.stream = _Gzipped(_Once(body), self._level)
         else:
             assert response.stream is not None
             response.stream = _Gzipped(response.stream, self._level)
@@ -221,6 +298,20 @@ class Compress(Filter):
         if etag is not None and not etag.startswith(b"W/"):
             headers.set(b"etag", b"W/" + etag)
         _compressed.inc(route=exchange.route.name if exchange.route is not None else "")
+
+
+def _revalidated(exchange: Exchange, headers: Headers) -> None:
+    """A 304 to a client holding a compressed copy: its ETag and Vary as the 200 had
+    them (RFC 9110 15.4.5), or the client's cache would not match it to that copy."""
+    etag = headers.get(b"etag")
+    if etag is None or etag.startswith(b"W/"):
+        return
+    weak = b"W/" + etag
+    for name, value in exchange.request.headers.items:
+        if name == b"if-none-match" and weak in (v.strip() for v in value.split(b",")):
+            headers.set(b"etag", weak)
+            _vary_on_accept_encoding(headers)
+            return
 
 
 def _no_transform(headers: Headers) -> bool:
