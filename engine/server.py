@@ -716,6 +716,13 @@ class _PrefixedBody:
         chunk: bytes = await self._rest.__aiter__().__anext__()
         return chunk
 
+    def poll(self) -> Any:
+        """As the upstream body's: a chunk already here, ``_END``, or ``None`` (wait)."""
+        if self._prefix:
+            return self._prefix.pop(0)
+        poll = getattr(self._rest, "poll", None)
+        return poll() if poll is not None else None
+
     async def aclose(self) -> None:
         await self._rest.aclose()
 

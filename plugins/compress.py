@@ -17,15 +17,16 @@ A compressed response gets ``Content-Encoding: gzip``, loses its ``Content-Lengt
 ``Accept-Ranges``, and a strong ``ETag`` becomes weak (``W/"..."``, as nginx does: the
 bytes differ, the representation does not). Every response whose compression depends on
 the client's ``Accept-Encoding`` says so in ``Vary``, compressed or not, so that a cache
-keeps the two apart. A HEAD answer gets the fields of its GET, and a 304 to a client
-holding the compressed copy (its ``If-None-Match`` names the weak tag) gets that copy's
-``ETag`` and ``Vary`` (RFC 9110 15.4.5).
+keeps the two apart. A HEAD answer gets the fields of its GET, and a 304 to a request
+that would get the compressed copy and holds it (its ``If-None-Match`` names the weak
+tag) gets that copy's ``ETag`` and ``Vary`` (RFC 9110 15.4.5).
 
 A streamed body is compressed as it arrives, at most ``_SLICE`` bytes per step, and
 flushed (``Z_SYNC_FLUSH``) whenever the upstream has nothing more ready: a response the
 upstream sends slowly reaches the client as it comes, one arriving in small pieces keeps
 its ratio. Memory stays at zlib's own state (about 256 KiB at level 6) whatever the
 body's size. A buffered body (another filter's) over ``_SLICE`` is sent the same way.
+Above level 6 the slices are compressed in a worker thread (see ``_Gzipped``).
 
 Stage EDGE: its response side runs after every other filter's, so ``transform`` edits
 the JSON before it is compressed.
@@ -43,7 +44,7 @@ from typing import Any
 import trio
 
 from engine.chain import Filter, FilterContext, Stage
-from engine.exchange import BodyStream, Exchange, Headers, Response
+from engine.exchange import BodyStream, Exchange, Headers, Request, Response
 from engine.metrics import counter
 from engine.plugins import hookimpl
 from engine.schema import ByteSize, Invalid
@@ -70,9 +71,11 @@ DEFAULT_TYPES = (
 
 _MEDIA_PATTERN = re.compile(r"[a-z0-9*][a-z0-9!#$&^_.+*-]*/[a-z0-9*][a-z0-9!#$&^_.+*-]*")
 _BODILESS = frozenset({204, 206, 304})
-#: The most compressed in one go before the engine passes to other tasks (at level 9 on
-#: data chosen to be slow, zlib takes some 35 ms for this much; at level 6, 2 ms).
+#: The most compressed in one go before the engine passes to other tasks (at level 6,
+#: about 2 ms on data chosen to be slow to compress, 0.1 ms on repetitive JSON).
 _SLICE = 16 * 1024
+#: The highest level compressed in the event loop; above it, in a worker thread.
+_LOOP_LEVEL = 6
 
 _QVALUE = re.compile(rb"0(\.[0-9]{0,3})?|1(\.0{0,3})?")
 _GZIP_WBITS = 16 + zlib.MAX_WBITS  # a gzip header and trailer around the deflate stream
@@ -146,9 +149,13 @@ class _Gzipped:
     comes.
     """
 
-    __slots__ = ("_dirty", "_inner", "_it", "_poll", "_rest", "_z")
+    __slots__ = ("_dirty", "_inner", "_it", "_poll", "_rest", "_threaded", "_z")
 
     def __init__(self, inner: BodyStream, level: int) -> None:
+        # Above level 6, zlib can take 50 ms and more per slice of data chosen to be slow
+        # to compress (ten times level 6's worst): such slices go to a worker thread
+        # (zlib lets go of the GIL while it works), so the event loop never waits on them.
+        self._threaded = level > _LOOP_LEVEL
         self._inner = inner
         self._it: AsyncIterator[bytes] = inner.__aiter__()
         # The upstream's body says what is already here (engine.upstream._UpstreamBody's
@@ -169,7 +176,10 @@ class _Gzipped:
             if self._rest:
                 piece, self._rest = self._rest[:_SLICE], self._rest[_SLICE:]
                 self._dirty = True
-                out: bytes = z.compress(piece)
+                if self._threaded:
+                    out: bytes = await trio.to_thread.run_sync(z.compress, piece)
+                else:
+                    out = z.compress(piece)
                 if out:
                     return out
                 # zlib kept it all (a very compressible body): let others run before
@@ -237,6 +247,9 @@ class Compress(Filter):
         )
         self._min_size = int(config.min_size)
         self._level = config.level
+        # Above _LOOP_LEVEL even a small buffered body is compressed in a worker thread,
+        # as a stream (_Gzipped).
+        self._threaded = config.level > _LOOP_LEVEL
 
     def _compressible(self, content_type: bytes | None) -> bool:
         if content_type is None:
@@ -258,7 +271,7 @@ class Compress(Filter):
         if not self._compressible(headers.get(b"content-type")):
             return
         head = exchange.request.method == b"HEAD"  # its fields are those of the GET
-        if response.body is not None and not head:
+        if response.body:  # (a HEAD answer buffered for a filter is empty: its GET's length)
             size: int | None = len(response.body)
         else:
             declared = headers.get(b"content-length")
@@ -274,20 +287,17 @@ class Compress(Filter):
         if _no_transform(request.headers):
             return
         _vary_on_accept_encoding(headers)
-        accept = b",".join(v for n, v in request.headers.items if n == b"accept-encoding")
-        # Not for HTTP/1.0 (as nginx's gzip_http_version): its body would end at the
-        # close, and a cut one would pass for whole.
-        if request.http_version != b"1.1" or not accepts_gzip(accept):
+        if not _wants_gzip(request):
             return
         body = response.body
-        if head:
+        if head and not body:
             pass  # the fields only: no body goes out
-        elif body is not None and len(body) <= _SLICE:
+        elif body is not None and len(body) <= _SLICE and not self._threaded:
             z = zlib.compressobj(self._level, zlib.DEFLATED, _GZIP_WBITS)
             response.body = z.compress(body) + z.flush()
-        elif body is not None:  # larger: compressed a slice at a time as it is sent
+        elif body is not None:  # larger, or a high level: a slice at a time as it is sent
             response.body = None
-            response.stream = _Gzipped(_Once(body), self._level)
+            response.stream = _Gzipped(_Once(body), self._level)  # (chunked)
         else:
             assert response.stream is not None
             response.stream = _Gzipped(response.stream, self._level)
@@ -300,11 +310,24 @@ class Compress(Filter):
         _compressed.inc(route=exchange.route.name if exchange.route is not None else "")
 
 
+def _wants_gzip(request: Request) -> bool:
+    """Whether ``request`` takes a gzipped answer: it accepts gzip, over HTTP/1.1 (an
+    HTTP/1.0 body ends at the close, and a cut one would pass for whole; nginx's
+    gzip_http_version 1.1)."""
+    if request.http_version != b"1.1":
+        return False
+    return accepts_gzip(b",".join(v for n, v in request.headers.items if n == b"accept-encoding"))
+
+
 def _revalidated(exchange: Exchange, headers: Headers) -> None:
     """A 304 to a client holding a compressed copy: its ETag and Vary as the 200 had
-    them (RFC 9110 15.4.5), or the client's cache would not match it to that copy."""
+    them (RFC 9110 15.4.5), or the client's cache would not match it to that copy.
+    Only when this request would have got the compressed copy itself."""
     etag = headers.get(b"etag")
     if etag is None or etag.startswith(b"W/"):
+        return
+    request = exchange.request
+    if not _wants_gzip(request) or _no_transform(request.headers):
         return
     weak = b"W/" + etag
     for name, value in exchange.request.headers.items:

@@ -201,9 +201,12 @@ async def test_an_http_10_client_gets_no_gzip(stubs: Stubs) -> None:
     assert json.loads(body)["body"] == "z" * 4096
 
 
-async def _through(head: bytes, body: bytes, requests: list[tuple[str, list[Any]]]) -> list[Any]:
+async def _through(
+    head: bytes, body: bytes, requests: list[tuple[str, list[Any]]], **plugins: Any
+) -> list[Any]:
     """The gateway's answers to ``requests`` (method, headers) in front of an upstream
-    answering each with ``head`` and ``body`` (none to a HEAD)."""
+    answering each with ``head`` and ``body`` (none to a HEAD); ``plugins``: more
+    plugin tables on the route."""
 
     async def answer(stream: trio.SocketStream) -> None:
         data = b""
@@ -219,7 +222,9 @@ async def _through(head: bytes, body: bytes, requests: list[tuple[str, list[Any]
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(partial(trio.serve_tcp, answer, 0, host="127.0.0.1"))
         port = listeners[0].socket.getsockname()[1]
-        async with open_gateway(_config(f"127.0.0.1:{port}")) as gw:
+        config = _config(f"127.0.0.1:{port}")
+        config["routes"][0]["plugins"] |= plugins
+        async with open_gateway(config) as gw:
             for method, headers in requests:
                 answers.append(await http_request(gw.port, method, "/", headers))
         nursery.cancel_scope.cancel()
@@ -280,6 +285,69 @@ async def test_small_chunks_arriving_together_are_compressed_together() -> None:
         (resp,) = await _through(head, chunks + b"0\r\n\r\n", [("GET", GZIP)])
     assert gzip.decompress(resp.body) == line * 10_000
     assert len(resp.body) < 20 * len(gzip.compress(line * 10_000))
+
+
+async def test_a_body_past_a_filter_s_buffer_keeps_its_ratio() -> None:
+    """A JSON body over the buffer a transform edit asks for passes unedited, streamed
+    on from what was buffered: it flushed after every chunk (35 times gzip's size)."""
+    line = b'{"id": 1, "name": "a record like the others", "tags": ["x", "y"], "n": 0}\n'
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(line), line) for _ in range(15_000))
+    head = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    edit = {"transform": {"response": {"json": {"set": {"e": 1}}}}}
+    with trio.fail_after(20):
+        (resp,) = await _through(head, chunks + b"0\r\n\r\n", [("GET", GZIP)], **edit)
+    assert gzip.decompress(resp.body) == line * 15_000
+    assert len(resp.body) < 20 * len(gzip.compress(line * 15_000))
+
+
+async def test_head_and_get_agree_on_a_body_the_gateway_made() -> None:
+    """The gateway's own error body (or a breaker's fallback) has no Content-Length of
+    the upstream's: HEAD said gzip with the plain length where GET sent it compressed."""
+    config = _config("127.0.0.1:1", min_size="0")
+    guard = {"consumers": [{"id": "a", "key_sha256": "0" * 64}]}
+    config["routes"][0]["plugins"]["key-auth"] = guard  # a 401, made by the gateway
+    with trio.fail_after(20):
+        async with open_gateway(config) as gw:
+            get = await http_request(gw.port, "GET", "/", GZIP)
+            head = await http_request(gw.port, "HEAD", "/", GZIP)
+    assert get.status == head.status == 401
+    assert get.header("content-encoding") == head.header("content-encoding") == "gzip"
+    assert head.header("content-length") == get.header("content-length") == str(len(get.body))
+    assert json.loads(gzip.decompress(get.body))["error"]["code"]
+
+
+@pytest.mark.parametrize(
+    "asked",
+    [
+        [],  # no Accept-Encoding
+        [("accept-encoding", "gzip;q=0")],
+        [*GZIP, ("cache-control", "no-transform")],
+    ],
+)
+async def test_a_304_to_a_request_that_would_get_no_gzip_keeps_its_tag(asked: list[Any]) -> None:
+    """The weak tag and Vary went on every 304 whose If-None-Match held the weak tag,
+    also to a request whose 200 would be plain (with the strong tag)."""
+    not_modified = b'HTTP/1.1 304 Not Modified\r\nETag: "v1"\r\n\r\n'
+    with trio.fail_after(20):
+        (resp,) = await _through(
+            not_modified, b"", [("GET", [*asked, ("if-none-match", '"v1", W/"v1"')])]
+        )
+    assert resp.status == 304
+    assert resp.header("etag") == '"v1"'
+    assert resp.header("vary") is None
+
+
+@pytest.mark.parametrize("level", [6, 9])
+async def test_every_level_makes_the_same_bytes_back(stubs: Stubs, level: int) -> None:
+    """Above level 6 slices go to a worker thread, small buffered bodies included."""
+    config = _config(stubs.target("echo"), level=level)
+    config["routes"][0]["plugins"]["transform"] = {"response": {"json": {"set": {"edited": "yes"}}}}
+    with trio.fail_after(20):
+        async with open_gateway(config) as gw:
+            resp = await http_request(gw.port, "POST", "/a", GZIP, BIG.encode())
+    assert json.loads(gzip.decompress(resp.body))["body"] == BIG
 
 
 async def test_a_client_asking_for_no_transform_gets_none(stubs: Stubs) -> None:
