@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import trio
+from trio.lowlevel import RunVar
 
 from engine.chain import Filter, FilterContext, Stage
 from engine.exchange import BodyStream, Exchange, Headers, Request, Response
@@ -177,7 +178,9 @@ class _Gzipped:
                 piece, self._rest = self._rest[:_SLICE], self._rest[_SLICE:]
                 self._dirty = True
                 if self._threaded:
-                    out: bytes = await trio.to_thread.run_sync(z.compress, piece)
+                    out: bytes = await trio.to_thread.run_sync(
+                        z.compress, piece, limiter=_thread_limiter()
+                    )
                 else:
                     out = z.compress(piece)
                 if out:
@@ -206,6 +209,21 @@ class _Gzipped:
     async def aclose(self) -> None:
         self._z = None
         await self._inner.aclose()
+
+
+_THREADS: RunVar[trio.CapacityLimiter] = RunVar("compress.threads")
+
+
+def _thread_limiter() -> trio.CapacityLimiter:
+    """One slice at a time per process (per trio run), as transform's large edits: more
+    would take the CPU the event loop needs, and trio's default limiter, which name
+    lookups share."""
+    try:
+        return _THREADS.get()
+    except LookupError:
+        limiter = trio.CapacityLimiter(1)
+        _THREADS.set(limiter)
+        return limiter
 
 
 class _Once:
@@ -271,8 +289,10 @@ class Compress(Filter):
         if not self._compressible(headers.get(b"content-type")):
             return
         head = exchange.request.method == b"HEAD"  # its fields are those of the GET
-        if response.body:  # (a HEAD answer buffered for a filter is empty: its GET's length)
-            size: int | None = len(response.body)
+        body = response.body
+        if body is not None and (body or not head):
+            # (A HEAD answer buffered for a filter is empty: its length is the GET's.)
+            size: int | None = len(body)
         else:
             declared = headers.get(b"content-length")
             size = int(declared) if declared is not None and declared.isdigit() else None
@@ -289,7 +309,6 @@ class Compress(Filter):
         _vary_on_accept_encoding(headers)
         if not _wants_gzip(request):
             return
-        body = response.body
         if head and not body:
             pass  # the fields only: no body goes out
         elif body is not None and len(body) <= _SLICE and not self._threaded:

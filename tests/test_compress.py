@@ -308,10 +308,13 @@ async def test_head_and_get_agree_on_a_body_the_gateway_made() -> None:
     config = _config("127.0.0.1:1", min_size="0")
     guard = {"consumers": [{"id": "a", "key_sha256": "0" * 64}]}
     config["routes"][0]["plugins"]["key-auth"] = guard  # a 401, made by the gateway
+    # One request id for both (the error body shows it), from a trusted proxy.
+    config["server"] = {"trusted_proxies": ["127.0.0.1/32"]}
+    asked = [*GZIP, ("x-request-id", "same-id")]
     with trio.fail_after(20):
         async with open_gateway(config) as gw:
-            get = await http_request(gw.port, "GET", "/", GZIP)
-            head = await http_request(gw.port, "HEAD", "/", GZIP)
+            get = await http_request(gw.port, "GET", "/", asked)
+            head = await http_request(gw.port, "HEAD", "/", asked)
     assert get.status == head.status == 401
     assert get.header("content-encoding") == head.header("content-encoding") == "gzip"
     assert head.header("content-length") == get.header("content-length") == str(len(get.body))
@@ -348,6 +351,19 @@ async def test_every_level_makes_the_same_bytes_back(stubs: Stubs, level: int) -
         async with open_gateway(config) as gw:
             resp = await http_request(gw.port, "POST", "/a", GZIP, BIG.encode())
     assert json.loads(gzip.decompress(resp.body))["body"] == BIG
+
+
+async def test_an_empty_buffered_body_is_not_compressed(stubs: Stubs) -> None:
+    """It is under min_size (it was taken for a body of unknown length: 20 bytes of
+    gzip for none)."""
+    head = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    edit = {"transform": {"response": {"json": {"set": {"e": 1}}}}}
+    with trio.fail_after(20):
+        (resp,) = await _through(head, b"0\r\n\r\n", [("GET", GZIP)], **edit)
+    assert resp.header("content-encoding") is None
+    assert resp.body == b""
 
 
 async def test_a_client_asking_for_no_transform_gets_none(stubs: Stubs) -> None:
