@@ -42,7 +42,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import trio
-from trio.lowlevel import RunVar
 
 from engine.chain import Filter, FilterContext, Stage
 from engine.exchange import BodyStream, Exchange, Headers, Request, Response
@@ -50,6 +49,7 @@ from engine.metrics import counter
 from engine.plugins import hookimpl
 from engine.schema import ByteSize, Invalid
 from engine.upstream import _END  # what the upstream body's poll says at the end
+from plugins._threads import one_at_a_time
 
 __all__ = ["DEFAULT_TYPES", "Compress", "CompressConfig", "accepts_gzip"]
 
@@ -179,7 +179,7 @@ class _Gzipped:
                 self._dirty = True
                 if self._threaded:
                     out: bytes = await trio.to_thread.run_sync(
-                        z.compress, piece, limiter=_thread_limiter()
+                        z.compress, piece, limiter=one_at_a_time("compress")
                     )
                 else:
                     out = z.compress(piece)
@@ -209,21 +209,6 @@ class _Gzipped:
     async def aclose(self) -> None:
         self._z = None
         await self._inner.aclose()
-
-
-_THREADS: RunVar[trio.CapacityLimiter] = RunVar("compress.threads")
-
-
-def _thread_limiter() -> trio.CapacityLimiter:
-    """One slice at a time per process (per trio run), as transform's large edits: more
-    would take the CPU the event loop needs, and trio's default limiter, which name
-    lookups share."""
-    try:
-        return _THREADS.get()
-    except LookupError:
-        limiter = trio.CapacityLimiter(1)
-        _THREADS.set(limiter)
-        return limiter
 
 
 class _Once:

@@ -39,7 +39,6 @@ from typing import Any
 from urllib.parse import quote, unquote_plus
 
 import trio
-from trio.lowlevel import RunVar
 
 from engine.chain import Filter, FilterContext, Stage
 from engine.errors import (
@@ -67,6 +66,7 @@ from plugins._template import (
     compile_template,
     exchange_lookup,
 )
+from plugins._threads import one_at_a_time
 
 __all__ = [
     "HeaderOps",
@@ -811,7 +811,9 @@ class Transform(Filter):
         try:
             if len(body) <= _INLINE_EDIT:
                 return plan.edit(body, lookup)
-            return await trio.to_thread.run_sync(plan.edit, body, lookup, limiter=_edit_limiter())
+            return await trio.to_thread.run_sync(
+                plan.edit, body, lookup, limiter=one_at_a_time("transform")
+            )
         except NotJson:
             self._skipped(exchange, direction, "invalid_json")
             raise
@@ -833,18 +835,6 @@ class Transform(Filter):
 
 #: Bodies larger than this are edited in a worker thread (see Transform._rewrite_json).
 _INLINE_EDIT = 64 * 1024
-_EDIT_LIMITER: RunVar[trio.CapacityLimiter] = RunVar("transform.edit_limiter")
-
-
-def _edit_limiter() -> trio.CapacityLimiter:
-    """One large edit at a time per process (per trio run): a second waits its turn
-    rather than take a CPU the event loop needs."""
-    try:
-        return _EDIT_LIMITER.get()
-    except LookupError:
-        limiter = trio.CapacityLimiter(1)
-        _EDIT_LIMITER.set(limiter)
-        return limiter
 
 
 def _body_over_cap(request: Request) -> bool:
