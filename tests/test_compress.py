@@ -7,7 +7,6 @@ import gzip
 import json
 import random
 import zlib
-from functools import partial
 from typing import Any
 
 import pytest
@@ -17,6 +16,7 @@ from engine.config import load
 from engine.schema import ConfigError
 from engine.testing import Stubs, http_request, open_gateway, raw_exchange
 from plugins.compress import accepts_gzip
+from tests.upstreams import serve_raw
 
 BIG = "x" * 4096  # an echoed body this long makes a JSON answer over min_size
 GZIP = [("accept-encoding", "gzip")]
@@ -141,9 +141,7 @@ async def test_a_slow_stream_reaches_the_client_as_it_comes() -> None:
         await stream.aclose()
 
     with trio.fail_after(20):
-        async with trio.open_nursery() as nursery:
-            listeners = await nursery.start(partial(trio.serve_tcp, slow, 0, host="127.0.0.1"))
-            port = listeners[0].socket.getsockname()[1]
+        async with serve_raw(slow) as port:
             async with open_gateway(_config(f"127.0.0.1:{port}")) as gw:
                 client = await trio.open_tcp_stream("127.0.0.1", gw.port)
                 await client.send_all(
@@ -163,7 +161,6 @@ async def test_a_slow_stream_reaches_the_client_as_it_comes() -> None:
                 while data := await client.receive_some(65536):
                     received += data
                 await client.aclose()
-            nursery.cancel_scope.cancel()
     body = gzip.decompress(_dechunk(received.partition(b"\r\n\r\n")[2]))
     assert body == b'{"event": "first"}\n{"event": "second"}\n'
 
@@ -219,15 +216,12 @@ async def _through(
         await stream.aclose()
 
     answers = []
-    async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(partial(trio.serve_tcp, answer, 0, host="127.0.0.1"))
-        port = listeners[0].socket.getsockname()[1]
+    async with serve_raw(answer) as port:
         config = _config(f"127.0.0.1:{port}")
         config["routes"][0]["plugins"] |= plugins
         async with open_gateway(config) as gw:
             for method, headers in requests:
                 answers.append(await http_request(gw.port, method, "/", headers))
-        nursery.cancel_scope.cancel()
     return answers
 
 

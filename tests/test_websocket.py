@@ -12,7 +12,6 @@ import socket
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +35,7 @@ from engine.config import load
 from engine.schema import ConfigError
 from engine.testing import Stubs, open_gateway, raw_exchange
 from plugins.key_auth import hash_key
+from tests.upstreams import serve_raw
 
 
 class WsClient:
@@ -206,9 +206,7 @@ async def test_a_101_to_a_protocol_not_asked_is_502() -> None:
             await trio.sleep_forever()
 
     with trio.fail_after(20):
-        async with trio.open_nursery() as nursery:
-            listeners = await nursery.start(partial(trio.serve_tcp, switcher, 0, host="127.0.0.1"))
-            port = listeners[0].socket.getsockname()[1]
+        async with serve_raw(switcher) as port:
             async with open_gateway(_config(f"127.0.0.1:{port}")) as gw:
                 data = await raw_exchange(
                     gw.port,
@@ -216,7 +214,6 @@ async def test_a_101_to_a_protocol_not_asked_is_502() -> None:
                     b"Upgrade: websocket\r\n\r\n",
                 )
                 assert data.startswith(b"HTTP/1.1 502 ")
-            nursery.cancel_scope.cancel()
 
 
 async def _recorded_upgrade(request: bytes) -> bytes:
@@ -232,13 +229,10 @@ async def _recorded_upgrade(request: bytes) -> bytes:
             heads.append(data.split(b"\r\n\r\n")[0])
             await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
 
-    async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(partial(trio.serve_tcp, recorder, 0, host="127.0.0.1"))
-        port = listeners[0].socket.getsockname()[1]
+    async with serve_raw(recorder) as port:
         async with open_gateway(_config(f"127.0.0.1:{port}")) as gw:
             data = await raw_exchange(gw.port, request)
             assert data.startswith(b"HTTP/1.1 200 "), data
-        nursery.cancel_scope.cancel()
     (head,) = heads
     return head.lower()
 
@@ -435,9 +429,7 @@ async def test_a_half_close_passes_through_a_tls_upstream(tmp_path: Path) -> Non
         await stream.aclose()
 
     with trio.fail_after(20):
-        async with trio.open_nursery() as nursery:
-            listeners = await nursery.start(partial(trio.serve_tcp, upstream, 0, host="127.0.0.1"))
-            port = listeners[0].socket.getsockname()[1]
+        async with serve_raw(upstream) as port:
             config = _config(f"127.0.0.1:{port}")
             config["upstreams"]["up"] |= {"tls": True, "tls_ca_file": str(ca_file)}
             async with open_gateway(config) as gw:
@@ -449,7 +441,6 @@ async def test_a_half_close_passes_through_a_tls_upstream(tmp_path: Path) -> Non
                 while data := await client.receive_some(65536):
                     received += data
                 await client.aclose()
-            nursery.cancel_scope.cancel()
     assert received == b"after the half-close: hello"
 
 
@@ -469,9 +460,7 @@ async def test_a_slow_steady_reader_is_not_idle(autojump_clock: Any) -> None:
             closed.append(trio.current_time())
 
     with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            listeners = await nursery.start(partial(trio.serve_tcp, flood, 0, host="127.0.0.1"))
-            port = listeners[0].socket.getsockname()[1]
+        async with serve_raw(flood) as port:
             config = _config(f"127.0.0.1:{port}")
             config["upstreams"]["up"]["read_timeout"] = "2s"
             async with open_gateway(config) as gw:
@@ -489,5 +478,4 @@ async def test_a_slow_steady_reader_is_not_idle(autojump_clock: Any) -> None:
                     await trio.sleep(len(data) / 200_000)
                 assert not closed
                 await client.aclose()
-            nursery.cancel_scope.cancel()
     assert received > 1_000_000

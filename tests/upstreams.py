@@ -14,6 +14,7 @@ import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 import h11
 import trio
@@ -34,6 +35,7 @@ __all__ = [
     "open_streaming_upstream",
     "open_trailing_bytes_upstream",
     "open_truncating_upstream",
+    "serve_raw",
     "serve_upstream",
 ]
 
@@ -208,6 +210,18 @@ async def serve_upstream(handler: Handler) -> AsyncIterator[Upstream]:
         nursery.start_soon(trio.serve_listeners, one, listeners)
         try:
             yield upstream
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def serve_raw(handler: Callable[[trio.SocketStream], Awaitable[None]]) -> AsyncIterator[int]:
+    """Serve ``handler`` on each accepted TCP stream as it is (no HTTP parsing, errors
+    not swallowed) while the block runs; yields the port."""
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+        try:
+            yield listeners[0].socket.getsockname()[1]
         finally:
             nursery.cancel_scope.cancel()
 
