@@ -370,8 +370,10 @@ def wrap_upstream(
 def _bind(fn: PhaseFn, exchange: Exchange, inner: CallNext) -> CallNext:
     # A closure, not functools.partial(fn, exchange, call_next=inner): a partial with a
     # keyword copies its keyword dict and goes through the generic call path per call.
-    def call(c: UpstreamCall) -> Awaitable[Response]:
-        coro: Awaitable[Response] = fn(exchange, c, inner)
+    # (Its parameter is named as the engine's own send names it: ``call_next(call=...)``
+    # works whichever phases are inside.)
+    def bound(call: UpstreamCall) -> Awaitable[Response]:
+        coro: Awaitable[Response] = fn(exchange, call, inner)
         return coro
 
-    return call
+    return bound

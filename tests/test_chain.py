@@ -884,6 +884,39 @@ def _logged(log: list[str], fn: Callable[..., Awaitable[Response]]) -> Any:
     return wrapper
 
 
+async def test_call_next_takes_the_call_by_keyword_too() -> None:
+    """``call_next(call=...)`` worked with the engine's own send (its parameter is
+    ``call``) but not when another around phase was inside: its binding named it ``c``."""
+
+    class Outer(Filter):
+        name, stage = "outer", Stage.EDGE
+
+        async def around_upstream(
+            self, exchange: Exchange, call: UpstreamCall, call_next: CallNext
+        ) -> Response:
+            response: Response = await call_next(call=call)
+            return response
+
+    class Inner(Filter):
+        name, stage = "inner", Stage.LIMIT
+
+        async def around_upstream(
+            self, exchange: Exchange, call: UpstreamCall, call_next: CallNext
+        ) -> Response:
+            response: Response = await call_next(call)
+            return response
+
+    chain = compile_chain([build_filter(Inner), build_filter(Outer)])
+
+    async def send(call: UpstreamCall) -> Response:
+        return Response(204)
+
+    call = UpstreamCall(upstream="u", method=b"GET", target=b"/x", headers=Headers())
+    with trio.fail_after(5):
+        response = await wrap_upstream(chain.around, make_exchange(), send)(call)
+    assert response.status == 204
+
+
 async def test_wrap_upstream_nests_any_shape_of_around_upstream() -> None:
     events: list[str] = []
 
