@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from engine.config import RouteConfig
 
 __all__ = [
+    "END",
     "FRAMING_HEADERS",
     "BodyStream",
     "Exchange",
@@ -176,8 +177,20 @@ class Headers:
         return f"Headers({self.items!r})"
 
 
+END: Any = object()
+"""What a body stream's ``poll()`` returns once the body has ended (see :class:`BodyStream`)."""
+
+
 class BodyStream(Protocol):
-    """A body that arrives in chunks; iterate it once, or close it to abandon it."""
+    """A body that arrives in chunks; iterate it once, or close it to abandon it.
+
+    A stream may also have ``poll()``, which never waits: the next chunk if it is already
+    here, :data:`END` once the body has ended, or ``None`` when the next chunk must be
+    awaited. The upstream's body has it, and a filter that wraps a stream should pass it
+    on when the inner one has it (``getattr(inner, "poll", None)``): the ``compress``
+    filter flushes only when nothing more is ready, so a stream without ``poll`` gets a
+    flush after every chunk.
+    """
 
     def __aiter__(self) -> AsyncIterator[bytes]: ...
 

@@ -48,7 +48,7 @@ from engine.errors import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
-from engine.exchange import BodyStream, Headers, Response, UpstreamCall
+from engine.exchange import END, BodyStream, Headers, Response, UpstreamCall
 from engine.metrics import before_dump, counter, gauge
 from engine.names import Names, is_address, lookup
 from engine.sockets import RESOURCE_ERRORS, RawSocket, TlsSocket
@@ -1194,8 +1194,7 @@ def _safe_to_repeat(call: UpstreamCall) -> bool:
     return call.method in IDEMPOTENT
 
 
-_END: Any = object()
-"""Returned by :meth:`_UpstreamBody.poll` when the body is complete."""
+_END = END  # what _UpstreamBody.poll returns when the body is complete
 
 
 class _Switched:

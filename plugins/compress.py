@@ -44,11 +44,10 @@ from typing import Any
 import trio
 
 from engine.chain import Filter, FilterContext, Stage
-from engine.exchange import BodyStream, Exchange, Headers, Request, Response
+from engine.exchange import END, BodyStream, Exchange, Headers, Request, Response
 from engine.metrics import counter
 from engine.plugins import hookimpl
 from engine.schema import ByteSize, Invalid
-from engine.upstream import _END  # what the upstream body's poll says at the end
 from plugins._threads import one_at_a_time
 
 __all__ = ["DEFAULT_TYPES", "Compress", "CompressConfig", "accepts_gzip"]
@@ -159,8 +158,7 @@ class _Gzipped:
         self._threaded = level > _LOOP_LEVEL
         self._inner = inner
         self._it: AsyncIterator[bytes] = inner.__aiter__()
-        # The upstream's body says what is already here (engine.upstream._UpstreamBody's
-        # poll: a chunk, _END, or None when it must wait).
+        # What is already here (a stream's poll: a chunk, END, or None when it must wait).
         self._poll: Callable[[], Any] | None = getattr(inner, "poll", None)
         self._z: Any = zlib.compressobj(level, zlib.DEFLATED, _GZIP_WBITS)
         self._rest = memoryview(b"")
@@ -199,12 +197,12 @@ class _Gzipped:
                 try:
                     chunk = await self._it.__anext__()
                 except StopAsyncIteration:
-                    chunk = _END
-            if chunk is _END:
+                    chunk = END
+            if chunk is END:
                 self._z = None
                 out = z.flush(zlib.Z_FINISH)
                 return out
-            self._rest = memoryview(chunk)  # (bytes: _END was handled above)
+            self._rest = memoryview(chunk)  # (bytes: END was handled above)
 
     async def aclose(self) -> None:
         self._z = None

@@ -1,0 +1,818 @@
+"""The ``cache`` filter: a shared HTTP cache (RFC 9111) between the gateway and the upstream.
+
+It wraps every upstream call of its route (``around_upstream``, outside ``retry`` and
+``circuit-breaker`` when listed before them), so a hit costs the upstream nothing, is
+served while a breaker is open, and still passes through every filter's request and
+response side (authentication, limits, transformation, compression) as a miss does.
+
+What is stored: the answer to a ``GET`` without a body, when
+
+- its status is one of ``statuses``;
+- the upstream allows it: no ``no-store`` or ``private``, no ``Set-Cookie``, no
+  ``Vary: *``, and a body framed by ``Content-Length`` or chunked (a close-delimited body
+  cut midway would pass for whole);
+- it says how long it is fresh (``s-maxage``, ``max-age``, ``Expires``), or ``ttl`` is set
+  (then ``ttl`` is its freshness); ``no-cache`` stores it for revalidation only;
+- a request carrying ``Authorization`` got ``public``, ``s-maxage`` or ``must-revalidate``
+  (RFC 9111 3.5);
+- its body is at most ``max_entry_size``. The body is kept as it streams to the client,
+  and stored once it has ended whole.
+
+What is served: a stored answer for the same route, upstream and target (path and query
+as forwarded), the same host and scheme the client asked for, the same consumer
+(``per_consumer``: an authenticated request only meets the answers fetched for its own
+consumer), the same values of ``key_headers`` and of the request fields the answer's
+``Vary`` names. ``HEAD`` is served from the ``GET``'s answer.
+A fresh answer is a hit; a stale one with a validator (``ETag``, ``Last-Modified``) is
+revalidated with a conditional request, and a ``304`` refreshes it. A client's own
+``If-None-Match`` / ``If-Modified-Since`` is answered from the cache (a ``304`` when it
+matches); on the way to the upstream the client's conditionals are replaced by the
+cache's, so that the cache gets whole answers. A request with ``Range``, ``If-Range``,
+``If-Match`` or ``If-Unmodified-Since`` bypasses the cache.
+
+Served answers carry ``Age`` and, unless ``status_header`` is empty, ``X-Cache-Status``:
+``HIT``, ``MISS``, ``EXPIRED`` (stale, fetched again), ``REVALIDATED``, ``STALE`` (served
+stale because the upstream failed) or ``BYPASS``.
+
+Concurrent misses of one key wait for the first (``lock_timeout``), so a popular entry
+that expires sends one request upstream, not one per client. A non-error answer to an
+unsafe method (``POST``, ``PUT``, ``PATCH``, ``DELETE`` ...) drops what is stored for its
+target (RFC 9111 4.4). A request's own ``Cache-Control`` is not obeyed, as nginx does not:
+a client cannot make the gateway go to the upstream.
+
+Memory: at most ``max_size`` bytes of answers per filter instance and process, least
+recently used dropped first. Each worker process has its own cache.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import trio
+
+from engine.chain import CallNext, Filter, FilterContext, Stage
+from engine.errors import GatewayError
+from engine.exchange import (
+    END,
+    BodyStream,
+    Exchange,
+    Headers,
+    Response,
+    UpstreamCall,
+    checked_field,
+)
+from engine.metrics import counter
+from engine.plugins import hookimpl
+from engine.schema import ByteSize, Duration, Invalid
+from plugins.circuit_breaker import is_fallback
+
+__all__ = ["Cache", "CacheConfig", "MemoryCache", "directives", "freshness"]
+
+_GET = b"GET"
+_HEAD = b"HEAD"
+#: Methods that leave what is stored as it is (RFC 9111 4.4 names the unsafe ones).
+_SAFE = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE"})
+#: Request fields a stored whole answer cannot stand in for: the request goes upstream.
+_BYPASS = frozenset({b"range", b"if-range", b"if-match", b"if-unmodified-since"})
+#: The client's conditionals: answered from the cache, replaced by its own upstream.
+_CONDITIONALS = frozenset({b"if-none-match", b"if-modified-since"})
+#: Fields never stored: the connection's, the framing (the gateway frames what it
+#: sends), ``Age`` (worked out when served).
+_NOT_STORED = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"content-length",
+        b"age",
+    }
+)
+#: What a 304 carries of the answer it stands for (RFC 9110 15.4.5).
+_NOT_MODIFIED_FIELDS = frozenset(
+    {b"cache-control", b"content-location", b"date", b"etag", b"expires", b"vary"}
+)
+#: Request fields always in the key: the host and scheme the client asked for (an
+#: upstream writes them into links and redirects; unkeyed, one host's answer would be
+#: served to another's clients: web cache poisoning).
+_KEYED = (b"host", b"x-forwarded-host", b"x-forwarded-proto")
+#: Upstream statuses a stale answer may stand in for (RFC 5861 stale-if-error).
+_FAILED = frozenset({500, 502, 503, 504})
+_MAX_AGE = 2**31  # delta-seconds beyond this are taken as this (RFC 9111 1.2.2)
+#: Answers kept per key, one per combination of the values its Vary names.
+_MAX_VARIANTS = 8
+
+_responses = counter(
+    "filtergate_cache_responses_total",
+    "Cacheable requests by what the cache did (hit, miss, expired, revalidated, stale, bypass).",
+    ("route", "status"),
+)
+_evictions = counter(
+    "filtergate_cache_evictions_total",
+    "Stored answers dropped to make room (least recently used first).",
+)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    ttl: Duration = field(
+        default=Duration(0.0),
+        metadata={
+            "doc": "freshness of an answer that gives none (no s-maxage, max-age or Expires); "
+            "0: such answers are not stored"
+        },
+    )
+    statuses: list[int] = field(
+        default_factory=lambda: [200, 203, 204, 300, 301, 308, 404, 410],
+        metadata={"doc": "statuses that may be stored"},
+    )
+    max_size: ByteSize = field(
+        default=ByteSize(32 * 1024 * 1024),
+        metadata={"doc": "memory for stored answers, per process (least recently used dropped)"},
+    )
+    max_entry_size: ByteSize = field(
+        default=ByteSize(1024 * 1024),
+        metadata={"doc": "larger answers are passed on, not stored"},
+    )
+    per_consumer: bool = field(
+        default=True,
+        metadata={"doc": "an authenticated request only meets answers fetched for its consumer"},
+    )
+    key_headers: list[str] = field(
+        default_factory=list,
+        metadata={"doc": "request fields whose values are part of the key (beside Vary's)"},
+    )
+    stale_if_error: Duration = field(
+        default=Duration(0.0),
+        metadata={
+            "doc": "how long past its freshness a stored answer may stand in for a failed "
+            "upstream (error, timeout, open breaker, 500/502/503/504)"
+        },
+    )
+    lock_timeout: Duration = field(
+        default=Duration(5.0),
+        metadata={"doc": "how long a miss waits for a concurrent one of the same key; 0: never"},
+    )
+    status_header: str = field(
+        default="x-cache-status",
+        metadata={"doc": 'the field that says HIT, MISS ... on answers; "" for none'},
+    )
+
+    def __post_init__(self) -> None:
+        for i, status in enumerate(self.statuses):
+            if not 200 <= status <= 599:
+                raise Invalid(f"statuses[{i}]", f"must be a final status (200-599), got {status}")
+        if self.max_entry_size > self.max_size:
+            raise Invalid("max_entry_size", "must not be larger than max_size")
+        for i, name in enumerate(self.key_headers):
+            try:
+                checked_field(name, "")
+            except ValueError:
+                raise Invalid(f"key_headers[{i}]", f"not a header name: {name!r}") from None
+        if self.status_header:
+            try:
+                checked_field(self.status_header, "")
+            except ValueError:
+                raise Invalid(
+                    "status_header", f"not a header name: {self.status_header!r}"
+                ) from None
+        for name in ("ttl", "stale_if_error", "lock_timeout"):
+            if getattr(self, name) < 0:
+                raise Invalid(name, "must not be negative")
+
+
+# -- what the fields say --------------------------------------------------------------
+
+
+def directives(items: Iterable[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
+    """The ``Cache-Control`` directives of ``items`` (all its fields), names lowercased,
+    values unquoted (``b""`` for none); the first of a repeated directive counts."""
+    out: dict[bytes, bytes] = {}
+    for name, value in items:
+        if name == b"cache-control":
+            for part in value.split(b","):
+                key, _, arg = part.partition(b"=")
+                key = key.strip().lower()
+                if key and key not in out:
+                    out[key] = arg.strip().strip(b'"')
+    return out
+
+
+def _seconds(value: bytes) -> int | None:
+    """delta-seconds, or None when it is not one."""
+    return min(int(value), _MAX_AGE) if value.isdigit() else None
+
+
+def _first(items: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    for n, v in items:
+        if n == name:
+            return v
+    return None
+
+
+def _http_date(value: bytes | None) -> float | None:
+    """An HTTP date as a POSIX timestamp, or None when it is not one."""
+    if value is None:
+        return None
+    try:
+        return parsedate_to_datetime(value.decode("latin-1")).timestamp()
+    except (ValueError, TypeError, IndexError, OverflowError):
+        return None
+
+
+def freshness(cc: dict[bytes, bytes], items: list[tuple[bytes, bytes]], ttl: float) -> float | None:
+    """How long an answer is fresh (RFC 9111 4.2.1), ``ttl`` when it says nothing, or
+    None when it says nothing and ``ttl`` is 0. An unreadable value means stale (0)."""
+    if b"s-maxage" in cc:
+        return float(_seconds(cc[b"s-maxage"]) or 0)
+    if b"max-age" in cc:
+        return float(_seconds(cc[b"max-age"]) or 0)
+    expires = _first(items, b"expires")
+    if expires is not None:
+        at = _http_date(expires)
+        if at is None:
+            return 0.0  # "0", "-1" ...: already expired (RFC 9111 5.3)
+        date = _http_date(_first(items, b"date"))
+        if date is None:
+            return 0.0  # no Date to measure it against: taken as stale
+        return max(0.0, at - date)
+    return ttl if ttl > 0 else None
+
+
+def _vary(items: Iterable[tuple[bytes, bytes]]) -> tuple[bytes, ...] | None:
+    """The request fields an answer varies on, sorted; None for ``Vary: *``."""
+    names: set[bytes] = set()
+    for n, v in items:
+        if n == b"vary":
+            for name in v.split(b","):
+                name = name.strip().lower()
+                if name == b"*":
+                    return None
+                if name:
+                    names.add(name)
+    return tuple(sorted(names))
+
+
+def _values(names: tuple[bytes, ...], headers: Headers) -> tuple[bytes | None, ...]:
+    """The request's values of ``names`` (repeated fields joined), None where absent."""
+    if not names:
+        return ()
+    out: list[bytes | None] = []
+    items = headers.items
+    for name in names:
+        found = [v for n, v in items if n == name]
+        out.append(b",".join(found) if found else None)
+    return tuple(out)
+
+
+def _tags(value: bytes) -> list[bytes]:
+    """The entity tags of an If-None-Match value, weak prefixes dropped (weak comparison)."""
+    out = []
+    for tag in value.split(b","):
+        tag = tag.strip()
+        out.append(tag[2:] if tag.startswith(b"W/") else tag)
+    return out
+
+
+# -- the store ------------------------------------------------------------------------
+
+
+class Entry:
+    """One stored answer."""
+
+    __slots__ = (
+        "age0",
+        "body",
+        "etag",
+        "headers",
+        "last_modified",
+        "lifetime",
+        "reason",
+        "size",
+        "stale_window",
+        "status",
+        "stored_at",
+        "vary",
+        "vary_values",
+    )
+
+    def __init__(
+        self,
+        status: int,
+        reason: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        stored_at: float,
+        lifetime: float,
+        stale_window: float,
+        vary: tuple[bytes, ...],
+        vary_values: tuple[bytes | None, ...],
+    ) -> None:
+        self.status = status
+        self.reason = reason
+        self.body = body
+        self.vary = vary
+        self.vary_values = vary_values
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.stored_at = stored_at
+        self.age0 = 0.0
+        self.lifetime = lifetime
+        self.stale_window = stale_window
+        self.etag: bytes | None = None
+        self.last_modified: bytes | None = None
+        self.size = 0
+        self.set_headers(headers, stored_at, lifetime, stale_window)
+
+    def set_headers(
+        self, headers: list[tuple[bytes, bytes]], now: float, lifetime: float, stale: float
+    ) -> None:
+        self.headers = headers
+        self.stored_at = now
+        age = _first(headers, b"age")
+        self.age0 = float(_seconds(age.strip()) or 0) if age is not None else 0.0
+        self.lifetime = lifetime
+        self.stale_window = stale
+        self.etag = _first(headers, b"etag")
+        self.last_modified = _first(headers, b"last-modified")
+        self.size = 256 + len(self.body) + sum(len(n) + len(v) + 32 for n, v in headers)
+
+    def age(self, now: float) -> float:
+        return self.age0 + (now - self.stored_at)
+
+    def fresh(self, now: float) -> bool:
+        return self.age(now) < self.lifetime
+
+    def may_stand_in(self, now: float) -> bool:
+        """Whether it may be served stale for a failed upstream (stale-if-error)."""
+        return self.age(now) < self.lifetime + self.stale_window
+
+    @property
+    def validated(self) -> bool:
+        """Whether a conditional request can revalidate it."""
+        return self.etag is not None or self.last_modified is not None
+
+
+Resource = tuple[str, str, bytes]  # route, upstream, target
+Key = tuple[Resource, tuple[Any, ...]]  # the resource, then consumer and key_headers values
+
+
+class MemoryCache:
+    """Stored answers in this process, least recently used dropped first.
+
+    A key holds up to ``_MAX_VARIANTS`` answers, one per set of values of the fields its
+    answers' ``Vary`` names. ``size`` counts bodies, fields and a fixed overhead each.
+    """
+
+    def __init__(self, max_size: int) -> None:
+        self.max_size = max_size
+        self.size = 0
+        self._entries: OrderedDict[Key, list[Entry]] = OrderedDict()
+        self._keys: dict[Resource, set[Key]] = {}  # for invalidation by target
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self._entries.values())
+
+    def find(self, key: Key, headers: Headers) -> Entry | None:
+        variants = self._entries.get(key)
+        if variants is None:
+            return None
+        self._entries.move_to_end(key)
+        for entry in variants:
+            if entry.vary_values == _values(entry.vary, headers):
+                return entry
+        return None
+
+    def put(self, key: Key, entry: Entry) -> None:
+        variants = self._entries.get(key)
+        if variants is None:
+            variants = self._entries[key] = []
+            self._keys.setdefault(key[0], set()).add(key)
+        else:
+            self._entries.move_to_end(key)
+        for i, old in enumerate(variants):
+            if old.vary == entry.vary and old.vary_values == entry.vary_values:
+                self.size -= old.size
+                del variants[i]
+                break
+        variants.insert(0, entry)
+        self.size += entry.size
+        while len(variants) > _MAX_VARIANTS:
+            self.size -= variants.pop().size
+        while self.size > self.max_size and self._entries:
+            self._drop_oldest()
+
+    def resized(self, entry: Entry, before: int) -> None:
+        """``entry`` (stored) changed its fields: its size went from ``before``."""
+        self.size += entry.size - before
+
+    def remove(self, key: Key, entry: Entry) -> None:
+        variants = self._entries.get(key)
+        if variants is not None and entry in variants:
+            variants.remove(entry)
+            self.size -= entry.size
+            if not variants:
+                self._forget(key)
+
+    def invalidate(self, resource: Resource) -> int:
+        """Drop every answer stored for ``resource``; returns how many."""
+        dropped = 0
+        for key in list(self._keys.get(resource, ())):
+            variants = self._entries.get(key, [])
+            dropped += len(variants)
+            self.size -= sum(e.size for e in variants)
+            self._forget(key)
+        return dropped
+
+    def _forget(self, key: Key) -> None:
+        self._entries.pop(key, None)
+        keys = self._keys.get(key[0])
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del self._keys[key[0]]
+
+    def _drop_oldest(self) -> None:
+        key, variants = next(iter(self._entries.items()))
+        self.size -= sum(e.size for e in variants)
+        self._forget(key)
+        _evictions.inc()
+
+
+# -- the body as it streams -----------------------------------------------------------
+
+
+class _Filling:
+    """The upstream's body on its way to the client, kept (up to ``cap`` bytes) so that
+    it can be stored once it has ended whole; ``done`` gets the body, or None when it
+    was cut, abandoned or too large. Passes the inner stream's ``poll`` on."""
+
+    __slots__ = ("_cap", "_done", "_inner", "_it", "_parts", "_poll", "_size")
+
+    def __init__(self, inner: BodyStream, cap: int, done: Callable[[bytes | None], None]) -> None:
+        self._inner = inner
+        self._it = inner.__aiter__()
+        self._poll: Callable[[], Any] | None = getattr(inner, "poll", None)
+        self._cap = cap
+        self._parts: list[bytes] | None = []
+        self._size = 0
+        self._done: Callable[[bytes | None], None] | None = done
+
+    def __aiter__(self) -> _Filling:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            chunk = await self._it.__anext__()
+        except StopAsyncIteration:
+            self._finish(whole=True)
+            raise
+        except BaseException:
+            self._finish(whole=False)
+            raise
+        self._keep(chunk)
+        return chunk
+
+    def poll(self) -> Any:
+        if self._poll is None:
+            return None
+        try:
+            chunk = self._poll()
+        except BaseException:
+            self._finish(whole=False)
+            raise
+        if chunk is END:
+            self._finish(whole=True)
+        elif chunk is not None:
+            self._keep(chunk)
+        return chunk
+
+    def _keep(self, chunk: bytes) -> None:
+        parts = self._parts
+        if parts is None:
+            return
+        self._size += len(chunk)
+        if self._size > self._cap:
+            self._finish(whole=False)  # too large: let waiting misses go now
+        else:
+            parts.append(bytes(chunk))
+
+    def _finish(self, whole: bool) -> None:
+        done, self._done = self._done, None
+        parts, self._parts = self._parts, None
+        if done is not None:
+            done(b"".join(parts) if whole and parts is not None else None)
+
+    async def aclose(self) -> None:
+        self._finish(whole=False)
+        await self._inner.aclose()
+
+
+# -- the filter -----------------------------------------------------------------------
+
+
+class Cache(Filter):
+    """Stores and serves upstream answers (see the module docstring)."""
+
+    name = "cache"
+    stage = Stage.EDGE
+    Config = CacheConfig
+
+    def __init__(self, config: CacheConfig, context: FilterContext) -> None:
+        super().__init__(config, context)
+        self.config: CacheConfig = config
+        self.store = MemoryCache(int(config.max_size))
+        self._statuses = frozenset(config.statuses)
+        self._ttl = float(config.ttl)
+        self._stale = float(config.stale_if_error)
+        self._lock_timeout = float(config.lock_timeout)
+        self._max_entry = int(config.max_entry_size)
+        named = (checked_field(n, "")[0] for n in config.key_headers)
+        self._key_headers = tuple(dict.fromkeys((*_KEYED, *named)))
+        self._status_header = (
+            checked_field(config.status_header, "")[0] if config.status_header else None
+        )
+        # Misses being fetched, by key: the event is set once the answer is stored or
+        # known not to be.
+        self._filling: dict[Key, trio.Event] = {}
+
+    def _resource(self, exchange: Exchange, call: UpstreamCall) -> Resource:
+        route = exchange.route.name if exchange.route is not None else ""
+        return (route, call.upstream, call.target)
+
+    def _key(self, exchange: Exchange, call: UpstreamCall) -> Key:
+        consumer = ""
+        if self.config.per_consumer and exchange.identity is not None:
+            consumer = exchange.identity.consumer
+        return (
+            self._resource(exchange, call),
+            (consumer, *_values(self._key_headers, call.headers)),
+        )
+
+    def _count(self, exchange: Exchange, status: str) -> None:
+        _responses.inc(
+            route=exchange.route.name if exchange.route is not None else "", status=status
+        )
+
+    def _mark(self, exchange: Exchange, response: Response, status: bytes) -> None:
+        if self._status_header is not None:  # (in place of one from the upstream)
+            response.headers.set_checked((self._status_header, status))
+        self._count(exchange, status.decode().lower())
+
+    async def around_upstream(
+        self, exchange: Exchange, call: UpstreamCall, call_next: CallNext
+    ) -> Response:
+        method = call.method
+        if method != _GET and method != _HEAD:
+            response = await call_next(call)
+            if method not in _SAFE and response.status < 400:
+                # A change went through: what is stored for the target is out of date.
+                self.store.invalidate(self._resource(exchange, call))
+            return response
+        if call.upgrade is not None or call.body is not None:
+            return await call_next(call)
+        headers = call.headers
+        conditional = False
+        for name, _ in headers.items:
+            if name in _CONDITIONALS:
+                conditional = True
+            elif name in _BYPASS:
+                response = await call_next(call)
+                self._mark(exchange, response, b"BYPASS")
+                return response
+        key = self._key(exchange, call)
+        now = trio.current_time()
+        entry = self.store.find(key, headers)
+        if entry is not None and entry.fresh(now):
+            return self._serve(exchange, entry, headers, now, b"HIT")
+        if method == _HEAD:  # the GET's answer is what is stored; a HEAD stores nothing
+            response = await call_next(call)
+            self._mark(exchange, response, b"MISS")
+            return response
+
+        lock: trio.Event | None = None
+        if self._lock_timeout > 0:
+            filling = self._filling.get(key)
+            if filling is not None:
+                # A miss of this key is on its way: its answer may do for this one too.
+                with trio.move_on_after(self._lock_timeout):
+                    await filling.wait()
+                now = trio.current_time()
+                entry = self.store.find(key, headers)
+                if entry is not None and entry.fresh(now):
+                    return self._serve(exchange, entry, headers, now, b"HIT")
+            if key not in self._filling:
+                lock = self._filling[key] = trio.Event()
+        try:
+            revalidating = entry is not None and entry.validated
+            if conditional or revalidating:
+                # The client's conditionals go; the cache's own (if it holds a stale
+                # answer it can revalidate) take their place.
+                items = [(n, v) for n, v in headers.items if n not in _CONDITIONALS]
+                if revalidating:
+                    assert entry is not None
+                    if entry.etag is not None:
+                        items.append((b"if-none-match", entry.etag))
+                    if entry.last_modified is not None:
+                        items.append((b"if-modified-since", entry.last_modified))
+                call.headers = Headers(items)
+            try:
+                response = await call_next(call)
+            except GatewayError:
+                if entry is not None and entry.may_stand_in(trio.current_time()):
+                    return self._serve(exchange, entry, headers, trio.current_time(), b"STALE")
+                raise
+            finally:
+                call.headers = headers
+            now = trio.current_time()
+            if entry is not None:
+                if revalidating and response.status == 304:
+                    await response.aclose()
+                    self._refresh(key, entry, response.headers.items, now, headers)
+                    return self._serve(exchange, entry, headers, now, b"REVALIDATED")
+                if (
+                    response.status in _FAILED or is_fallback(exchange, response)
+                ) and entry.may_stand_in(now):
+                    await response.aclose()
+                    return self._serve(exchange, entry, headers, now, b"STALE")
+            if self._fill(key, response, headers, now, lock):
+                lock = None  # released once the body has ended
+            self._mark(exchange, response, b"EXPIRED" if entry is not None else b"MISS")
+            return response
+        finally:
+            if lock is not None:
+                self._release(key, lock)
+
+    def _release(self, key: Key, lock: trio.Event) -> None:
+        if self._filling.get(key) is lock:
+            del self._filling[key]
+        lock.set()
+
+    def _storable(self, response: Response, request: Headers, now: float) -> Entry | None:
+        """A new entry for ``response`` (its body still to come), or None when it must
+        not be stored."""
+        status = response.status
+        if status not in self._statuses:
+            return None
+        items = response.headers.items
+        chunked = False
+        length: bytes | None = None
+        for n, v in items:
+            if n == b"set-cookie":
+                return None  # one client's cookie must not reach the next
+            if n == b"transfer-encoding":
+                chunked = True
+            elif n == b"content-length":
+                length = v
+        if response.body is None and response.stream is not None:
+            if length is not None:
+                if int(length) > self._max_entry:
+                    return None
+            elif not chunked:
+                return None  # close-delimited: a cut body would pass for whole
+        cc = directives(items)
+        if b"no-store" in cc or b"private" in cc:
+            return None
+        if (
+            b"public" not in cc
+            and b"s-maxage" not in cc
+            and b"must-revalidate" not in cc
+            and any(n == b"authorization" for n, _ in request.items)
+        ):
+            return None  # RFC 9111 3.5: an answer to a credential is that client's
+        vary = _vary(items)
+        if vary is None:
+            return None
+        # no-cache: stored, but revalidated before each use.
+        lifetime = 0.0 if b"no-cache" in cc else freshness(cc, items, self._ttl)
+        if lifetime is None:
+            return None
+        entry = Entry(
+            status,
+            response.reason,
+            _kept(items),
+            b"",
+            now,
+            lifetime,
+            self._stale_window(cc),
+            vary,
+            _values(vary, request),
+        )
+        if lifetime <= 0 and not entry.validated:
+            return None  # never of use
+        return entry
+
+    def _stale_window(self, cc: dict[bytes, bytes]) -> float:
+        if b"must-revalidate" in cc or b"proxy-revalidate" in cc or b"no-cache" in cc:
+            return 0.0
+        if b"s-maxage" in cc:
+            return 0.0  # s-maxage includes proxy-revalidate (RFC 9111 5.2.2.10)
+        allowed = _seconds(cc.get(b"stale-if-error", b""))
+        return max(self._stale, float(allowed or 0))
+
+    def _fill(
+        self,
+        key: Key,
+        response: Response,
+        request: Headers,
+        now: float,
+        lock: trio.Event | None,
+    ) -> bool:
+        """Store ``response`` if it may be, now (a whole body) or once its streamed body
+        has ended whole. True when the body is streaming and ``lock`` (if any) is
+        released at its end."""
+        entry = self._storable(response, request, now)
+        if entry is None:
+            return False
+        if response.body is not None or response.stream is None or response.status == 204:
+            # Whole already (a 204's body is empty whatever it says: its stream stays,
+            # for the engine to release the connection clean).
+            self._put(key, entry, response.body or b"")
+            return False
+
+        def done(body: bytes | None) -> None:
+            if body is not None:
+                self._put(key, entry, body)
+            if lock is not None:
+                self._release(key, lock)
+
+        response.stream = _Filling(response.stream, self._max_entry, done)
+        return True
+
+    def _put(self, key: Key, entry: Entry, body: bytes) -> None:
+        if len(body) <= self._max_entry:
+            entry.body = body
+            entry.size += len(body)
+            self.store.put(key, entry)
+
+    def _refresh(
+        self, key: Key, entry: Entry, items: list[tuple[bytes, bytes]], now: float, request: Headers
+    ) -> None:
+        """A 304 revalidated ``entry``: its fields updated with the 304's (RFC 9111 3.2),
+        its freshness from them; dropped if they now forbid storing it."""
+        updates = _kept(items)
+        names = {n for n, _ in updates if n not in (b"content-type", b"content-encoding")}
+        merged = [(n, v) for n, v in entry.headers if n not in names]
+        merged += [(n, v) for n, v in updates if n in names]
+        cc = directives(merged)
+        before = entry.size
+        lifetime = 0.0 if b"no-cache" in cc else freshness(cc, merged, self._ttl)
+        entry.set_headers(merged, now, lifetime or 0.0, self._stale_window(cc))
+        if b"no-store" in cc or b"private" in cc or lifetime is None:
+            self.store.remove(key, entry)
+        else:
+            self.store.resized(entry, before)
+
+    def _serve(
+        self, exchange: Exchange, entry: Entry, request: Headers, now: float, status: bytes
+    ) -> Response:
+        if entry.status == 200 and _not_modified(entry, request):
+            fields = [(n, v) for n, v in entry.headers if n in _NOT_MODIFIED_FIELDS]
+            if entry.etag is None and entry.last_modified is not None:
+                fields.append((b"last-modified", entry.last_modified))
+            response = Response(304, Headers(fields))
+        else:
+            response = Response(
+                entry.status, Headers(list(entry.headers)), body=entry.body, reason=entry.reason
+            )
+        response.headers.items.append((b"age", b"%d" % int(entry.age(now))))
+        self._mark(exchange, response, status)
+        return response
+
+
+def _kept(items: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The fields of an answer that are stored: not those of the connection (nor those
+    its Connection field names), the framing, or Age."""
+    named: set[bytes] = set()
+    for n, v in items:
+        if n == b"connection":
+            named.update(t.strip().lower() for t in v.split(b","))
+    return [(n, v) for n, v in items if n not in _NOT_STORED and n not in named]
+
+
+def _not_modified(entry: Entry, request: Headers) -> bool:
+    """Whether the client's conditionals say it holds ``entry`` (RFC 9110 13.2.2): its
+    If-None-Match (weak comparison), else its If-Modified-Since against Last-Modified."""
+    inm = [v for n, v in request.items if n == b"if-none-match"]
+    if inm:
+        if entry.etag is None:
+            return any(v.strip() == b"*" for v in inm)
+        ours = _tags(entry.etag)[0]
+        return any(t == b"*" or t == ours for v in inm for t in _tags(v))
+    ims = _first(request.items, b"if-modified-since")
+    if ims is None or entry.last_modified is None:
+        return False
+    since = _http_date(ims)
+    modified = _http_date(entry.last_modified)
+    return since is not None and modified is not None and modified <= since
+
+
+@hookimpl
+def filtergate_filters() -> list[type[Any]]:
+    return [Cache]

@@ -1,0 +1,552 @@
+"""The ``cache`` filter: a shared HTTP cache in front of real upstreams, over real sockets.
+
+The upstreams are scripted raw servers that count the requests they get, so each test
+can tell a hit (the upstream saw nothing) from a miss. Time is trio's MockClock, jumped
+by hand past an answer's freshness: nothing sleeps.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import h11
+import pytest
+import trio
+import trio.testing
+
+from engine.config import load
+from engine.exchange import Headers
+from engine.schema import ConfigError
+from engine.testing import Client, HttpResponse, http_request, open_gateway
+from plugins.cache import Entry, MemoryCache, directives, freshness
+from tests.upstreams import RecordedRequest, Upstream, UpstreamConn, response_head, serve_upstream
+
+Answer = Callable[[RecordedRequest], bytes]
+# The MockClock's jumps count against trio deadlines: tests that jump get one past their
+# jumps (pytest-timeout bounds every test in real time too).
+JUMPED_DEADLINE = 3600
+BODY = b'{"items": [1, 2, 3]}'
+
+
+def answer(headers: list[tuple[str, str]], body: bytes = BODY, status: int = 200) -> Answer:
+    """An answer with ``headers`` and ``body``, framed by Content-Length."""
+    data = response_head(status, headers, content_length=len(body)) + body
+    return lambda _req: data
+
+
+def etagged(tag: str, headers: Sequence[tuple[str, str]] = ()) -> Answer:
+    """``body`` with ETag ``tag``, or a 304 when the request's If-None-Match names it."""
+
+    def respond(req: RecordedRequest) -> bytes:
+        if req.header("if-none-match") == tag:
+            return response_head(304, [("etag", tag), *headers], content_length=0)
+        return answer([("etag", tag), *headers])(req)
+
+    return respond
+
+
+@asynccontextmanager
+async def scripted(respond: Answer) -> AsyncIterator[Upstream]:
+    """An upstream answering every request (keep-alive) with ``respond(request)``."""
+
+    async def handler(conn: UpstreamConn) -> None:
+        while (got := await conn.read_request()) is not None:
+            await conn.send(respond(got[0]))
+
+    async with serve_upstream(handler) as upstream:
+        yield upstream
+
+
+def _config(target: str, cache: dict[str, Any] | None = None, **route: Any) -> dict[str, Any]:
+    plugins = {"cache": cache or {}, **route.pop("plugins", {})}
+    return {
+        "upstreams": {"up": {"targets": [target]}},
+        "routes": [
+            {"name": "r", "prefix": "/", "upstream": "up", "plugins": plugins, **route},
+        ],
+    }
+
+
+async def _get(
+    client: Client, path: str = "/a", headers: Sequence[tuple[str, str]] = (), method: str = "GET"
+) -> HttpResponse:
+    return await client.request(method, path, headers)
+
+
+async def test_a_fresh_answer_is_served_from_the_cache(mock_clock: trio.testing.MockClock) -> None:
+    respond = answer([("content-type", "application/json"), ("cache-control", "max-age=60")])
+    with trio.fail_after(JUMPED_DEADLINE):
+        async with scripted(respond) as up, open_gateway(_config(up.target)) as gw:
+            async with Client.open(gw.port) as client:
+                first = await _get(client)
+                mock_clock.jump(30)
+                second = await _get(client)
+                head = await _get(client, method="HEAD")
+                other = await _get(client, "/b")
+                mock_clock.jump(31)  # 61 s old: stale, and nothing to revalidate it with
+                third = await _get(client)
+    assert [r.status for r in (first, second, third)] == [200, 200, 200]
+    assert first.header("x-cache-status") == "MISS"
+    assert second.header("x-cache-status") == "HIT"
+    assert second.header("age") == "30"
+    assert second.body == first.body == BODY
+    assert second.header("content-length") == str(len(BODY))
+    assert second.header("content-type") == "application/json"
+    assert head.header("x-cache-status") == "HIT"
+    assert head.body == b""
+    assert head.header("content-length") == str(len(BODY))  # the GET's
+    assert other.header("x-cache-status") == "MISS"  # another target, another key
+    assert third.header("x-cache-status") == "EXPIRED"
+    assert [r.target for r in up.requests] == [b"/a", b"/b", b"/a"]
+
+
+async def test_a_stale_answer_is_revalidated_with_its_etag(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    with trio.fail_after(JUMPED_DEADLINE):
+        async with scripted(etagged('"v1"', [("cache-control", "max-age=10")])) as up:
+            async with open_gateway(_config(up.target)) as gw, Client.open(gw.port) as client:
+                await _get(client)
+                mock_clock.jump(11)
+                revalidated = await _get(client)
+                again = await _get(client)
+    assert revalidated.status == 200
+    assert revalidated.header("x-cache-status") == "REVALIDATED"
+    assert revalidated.body == BODY
+    assert again.header("x-cache-status") == "HIT"  # fresh again for 10 s
+    assert again.header("age") == "0"
+    assert len(up.requests) == 2
+    assert up.requests[0].header("if-none-match") is None
+    assert up.requests[1].header("if-none-match") == '"v1"'
+
+
+async def test_no_cache_answers_are_revalidated_every_time() -> None:
+    respond = etagged('"v1"', [("cache-control", "no-cache")])
+    with trio.fail_after(20):
+        async with scripted(respond) as up, open_gateway(_config(up.target)) as gw:
+            async with Client.open(gw.port) as client:
+                statuses = [(await _get(client)).header("x-cache-status") for _ in range(3)]
+    assert statuses == ["MISS", "REVALIDATED", "REVALIDATED"]
+    assert [r.header("if-none-match") for r in up.requests] == [None, '"v1"', '"v1"']
+
+
+async def test_a_clients_conditional_is_answered_from_the_cache() -> None:
+    respond = etagged('"v1"', [("cache-control", "max-age=60"), ("vary", "accept-language")])
+    with trio.fail_after(20):
+        async with scripted(respond) as up, open_gateway(_config(up.target)) as gw:
+            async with Client.open(gw.port) as client:
+                # A first request with a conditional: the upstream gets no conditional, so
+                # the cache gets the whole answer.
+                first = await _get(client, headers=[("if-none-match", '"v1"')])
+                matching = await _get(client, headers=[("if-none-match", 'W/"v1", "v0"')])
+                star = await _get(client, headers=[("if-none-match", "*")])
+                other = await _get(client, headers=[("if-none-match", '"v2"')])
+    assert first.status == 200
+    assert up.requests[0].header("if-none-match") is None
+    for resp in (matching, star):
+        assert resp.status == 304
+        assert resp.body == b""
+        assert resp.header("etag") == '"v1"'
+        assert resp.header("cache-control") == "max-age=60"
+        assert resp.header("vary") == "accept-language"
+        assert resp.header("content-type") is None  # not one of a 304's fields
+    assert other.status == 200
+    assert other.body == BODY
+    assert len(up.requests) == 1
+
+
+async def test_if_modified_since_is_answered_from_last_modified() -> None:
+    modified = "Mon, 02 Nov 2026 10:00:00 GMT"
+    respond = answer([("cache-control", "max-age=60"), ("last-modified", modified)])
+    with trio.fail_after(20):
+        async with scripted(respond) as up, open_gateway(_config(up.target)) as gw:
+            async with Client.open(gw.port) as client:
+                await _get(client)
+                later = await _get(
+                    client, headers=[("if-modified-since", "Tue, 03 Nov 2026 00:00:00 GMT")]
+                )
+                earlier = await _get(
+                    client, headers=[("if-modified-since", "Sun, 01 Nov 2026 00:00:00 GMT")]
+                )
+    assert later.status == 304
+    assert later.header("last-modified") == modified  # no ETag: it says which copy
+    assert earlier.status == 200
+    assert len(up.requests) == 1
+
+
+@pytest.mark.parametrize(
+    ("headers", "status", "why"),
+    [
+        ([("cache-control", "no-store, max-age=60")], 200, "no-store"),
+        ([("cache-control", "private, max-age=60")], 200, "private"),
+        ([("cache-control", "max-age=60"), ("set-cookie", "s=1")], 200, "a cookie"),
+        ([("cache-control", "max-age=60"), ("vary", "*")], 200, "Vary: *"),
+        ([], 200, "no freshness and no ttl"),
+        ([("cache-control", "max-age=60")], 500, "a status not listed"),
+        ([("cache-control", "max-age=0")], 200, "stale at once, no validator"),
+        ([("expires", "0")], 200, "an Expires that is no date"),
+    ],
+)
+async def test_answers_the_upstream_keeps_out_are_not_stored(
+    headers: list[tuple[str, str]], status: int, why: str
+) -> None:
+    with trio.fail_after(20):
+        async with scripted(answer(headers, status=status)) as up:
+            async with open_gateway(_config(up.target)) as gw, Client.open(gw.port) as client:
+                got = [await _get(client) for _ in range(2)]
+    assert [r.header("x-cache-status") for r in got] == ["MISS", "MISS"], why
+    assert len(up.requests) == 2, why
+
+
+async def test_expires_and_ttl_give_freshness(mock_clock: trio.testing.MockClock) -> None:
+    dated = answer(
+        [("date", "Mon, 02 Nov 2026 10:00:00 GMT"), ("expires", "Mon, 02 Nov 2026 10:00:30 GMT")]
+    )
+    with trio.fail_after(JUMPED_DEADLINE):
+        async with scripted(dated) as up, open_gateway(_config(up.target)) as gw:
+            async with Client.open(gw.port) as client:
+                statuses = [(await _get(client)).header("x-cache-status") for _ in range(2)]
+                mock_clock.jump(31)
+                statuses.append((await _get(client)).header("x-cache-status"))
+        assert statuses == ["MISS", "HIT", "EXPIRED"]
+        async with scripted(answer([])) as up:
+            async with open_gateway(_config(up.target, {"ttl": "5s"})) as gw:
+                async with Client.open(gw.port) as client:
+                    statuses = [(await _get(client)).header("x-cache-status") for _ in range(2)]
+                    mock_clock.jump(6)
+                    statuses.append((await _get(client)).header("x-cache-status"))
+        assert statuses == ["MISS", "HIT", "EXPIRED"]
+
+
+async def test_vary_keeps_the_variants_apart() -> None:
+    def respond(req: RecordedRequest) -> bytes:
+        lang = (req.header("accept-language") or "none").encode()
+        return answer([("cache-control", "max-age=60"), ("vary", "Accept-Language")], lang)(req)
+
+    with trio.fail_after(20):
+        async with scripted(respond) as up, open_gateway(_config(up.target)) as gw:
+            async with Client.open(gw.port) as client:
+                got = []
+                for lang in ("en", "fr", "en", "fr", None):
+                    hdrs = [("accept-language", lang)] if lang else []
+                    got.append(await _get(client, headers=hdrs))
+    assert [r.body for r in got] == [b"en", b"fr", b"en", b"fr", b"none"]
+    assert [r.header("x-cache-status") for r in got] == ["MISS", "MISS", "HIT", "HIT", "MISS"]
+
+
+async def test_each_consumer_gets_only_its_own_answers() -> None:
+    keys = {"alice": "key-alice-0123456789", "bob": "key-bob-0123456789ab"}
+    consumers = [
+        {"id": who, "key_sha256": hashlib.sha256(key.encode()).hexdigest()}
+        for who, key in keys.items()
+    ]
+
+    def respond(req: RecordedRequest) -> bytes:
+        who = (req.header("x-consumer-id") or "?").encode()
+        return answer([("cache-control", "max-age=60")], who)(req)
+
+    with trio.fail_after(20):
+        for per_consumer, expected in (
+            (True, [b"alice", b"bob", b"alice"]),
+            (False, [b"alice"] * 3),
+        ):
+            config = _config(
+                "127.0.0.1:1",
+                {"per_consumer": per_consumer},
+                plugins={"key-auth": {"consumers": consumers}},
+            )
+            async with scripted(respond) as up:
+                config["upstreams"]["up"]["targets"] = [up.target]
+                async with open_gateway(config) as gw, Client.open(gw.port) as client:
+                    got = [
+                        await _get(client, headers=[("x-api-key", keys[who])])
+                        for who in ("alice", "bob", "alice")
+                    ]
+            assert [r.body for r in got] == expected
+            assert all(r.status == 200 for r in got)
+
+
+async def test_an_answer_to_a_credential_is_stored_only_when_it_says_public() -> None:
+    async def statuses(headers: list[tuple[str, str]]) -> list[str | None]:
+        async with scripted(answer(headers)) as up, open_gateway(_config(up.target)) as gw:
+            async with Client.open(gw.port) as client:
+                auth = [("authorization", "Basic dTpw")]
+                return [
+                    (await _get(client, headers=auth)).header("x-cache-status") for _ in range(2)
+                ]
+
+    with trio.fail_after(20):
+        assert await statuses([("cache-control", "max-age=60")]) == ["MISS", "MISS"]
+        assert await statuses([("cache-control", "public, max-age=60")]) == ["MISS", "HIT"]
+        assert await statuses([("cache-control", "s-maxage=60")]) == ["MISS", "HIT"]
+
+
+async def test_a_change_through_the_gateway_drops_what_is_stored() -> None:
+    with trio.fail_after(20):
+        async with scripted(answer([("cache-control", "max-age=60")])) as up:
+            async with open_gateway(_config(up.target)) as gw, Client.open(gw.port) as client:
+                before = [(await _get(client, "/a?x=1")).header("x-cache-status") for _ in range(2)]
+                await client.request("PUT", "/a?x=1", [], b"new")
+                other = await client.request("POST", "/b", [], b"")
+                after = await _get(client, "/a?x=1")
+    assert before == ["MISS", "HIT"]
+    assert other.status == 200
+    assert after.header("x-cache-status") == "MISS"
+
+
+async def test_concurrent_misses_send_one_request_upstream() -> None:
+    release = trio.Event()
+
+    async def handler(conn: UpstreamConn) -> None:
+        while (got := await conn.read_request()) is not None:
+            await release.wait()
+            await conn.send(answer([("cache-control", "max-age=60")])(got[0]))
+
+    with trio.fail_after(20):
+        async with serve_upstream(handler) as up, open_gateway(_config(up.target)) as gw:
+            results: list[HttpResponse] = []
+
+            async def one() -> None:
+                results.append(await http_request(gw.port, "GET", "/a"))
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(10):
+                    nursery.start_soon(one)
+                await up.wait_requests(1)
+                await trio.testing.wait_all_tasks_blocked()
+                release.set()
+    assert len(up.requests) == 1
+    assert [r.body for r in results] == [BODY] * 10
+    assert sorted(r.header("x-cache-status") or "" for r in results) == ["HIT"] * 9 + ["MISS"]
+
+
+async def test_a_stale_answer_stands_in_for_a_failing_upstream(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    failing = False
+
+    def respond(req: RecordedRequest) -> bytes:
+        if failing:
+            return answer([], b"down", status=503)(req)
+        return answer([("cache-control", "max-age=10")])(req)
+
+    with trio.fail_after(JUMPED_DEADLINE):
+        async with scripted(respond) as up:
+            config = _config(up.target, {"stale_if_error": "1m"})
+            async with open_gateway(config) as gw, Client.open(gw.port) as client:
+                await _get(client)
+                mock_clock.jump(20)
+                failing = True
+                stale = await _get(client)
+                mock_clock.jump(60)  # 80 s old: past 10 s + 1 min
+                failed = await _get(client)
+    assert stale.status == 200
+    assert stale.body == BODY
+    assert stale.header("x-cache-status") == "STALE"
+    assert stale.header("age") == "20"
+    assert failed.status == 503
+
+
+async def test_a_stale_answer_stands_in_for_a_broken_upstream(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    broken = False
+
+    async def handler(conn: UpstreamConn) -> None:
+        while not broken and (got := await conn.read_request()) is not None:
+            await conn.send(answer([("cache-control", "max-age=10, stale-if-error=300")])(got[0]))
+        # broken: the connection closes without an answer (a 502 of the gateway's own)
+
+    with trio.fail_after(JUMPED_DEADLINE):
+        async with serve_upstream(handler) as up, open_gateway(_config(up.target)) as gw:
+            await http_request(gw.port, "GET", "/a")
+            broken = True
+            mock_clock.jump(60)
+            stale = await http_request(gw.port, "GET", "/a")
+            failed = await http_request(gw.port, "GET", "/b")
+    assert stale.status == 200
+    assert stale.body == BODY
+    assert stale.header("x-cache-status") == "STALE"
+    assert failed.status == 502
+
+
+async def test_requests_a_stored_answer_cannot_stand_for_bypass_it() -> None:
+    with trio.fail_after(20):
+        async with scripted(answer([("cache-control", "max-age=60")])) as up:
+            async with open_gateway(_config(up.target)) as gw, Client.open(gw.port) as client:
+                await _get(client)
+                ranged = await _get(client, headers=[("range", "bytes=0-3")])
+                matched = await _get(client, headers=[("if-match", '"x"')])
+                hit = await _get(client)
+    assert ranged.header("x-cache-status") == "BYPASS"
+    assert up.requests[1].header("range") == "bytes=0-3"
+    assert matched.header("x-cache-status") == "BYPASS"
+    assert hit.header("x-cache-status") == "HIT"
+
+
+async def test_a_streamed_body_is_stored_once_whole_and_a_cut_one_never() -> None:
+    big = bytes(range(256)) * 800  # 200 KiB, chunked
+    cut = False
+
+    def respond(_req: RecordedRequest) -> bytes:
+        head = response_head(200, [("cache-control", "max-age=60")])
+        chunks = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in (big[:100_000], big[100_000:]))
+        if cut:
+            return head + chunks[:50_000]  # and the connection closes
+        return head + chunks + b"0\r\n\r\n"
+
+    async def handler(conn: UpstreamConn) -> None:
+        while (got := await conn.read_request()) is not None:
+            await conn.send(respond(got[0]))
+            if cut:
+                return
+
+    with trio.fail_after(20):
+        async with serve_upstream(handler) as up, open_gateway(_config(up.target)) as gw:
+            whole = await http_request(gw.port, "GET", "/whole")
+            hit = await http_request(gw.port, "GET", "/whole")
+            cut = True
+            with pytest.raises(h11.RemoteProtocolError):
+                await http_request(gw.port, "GET", "/cut")
+            cut = False
+            after_cut = await http_request(gw.port, "GET", "/cut")
+    assert whole.body == hit.body == big
+    assert hit.header("x-cache-status") == "HIT"
+    assert after_cut.header("x-cache-status") == "MISS"
+    assert after_cut.body == big
+
+
+async def test_answers_over_max_entry_size_pass_without_being_stored() -> None:
+    big = b"x" * 5000
+    with trio.fail_after(20):
+        async with scripted(answer([("cache-control", "max-age=60")], big)) as up:
+            config = _config(up.target, {"max_entry_size": "4KiB"})
+            async with open_gateway(config) as gw, Client.open(gw.port) as client:
+                got = [await _get(client) for _ in range(2)]
+    assert [r.body for r in got] == [big, big]
+    assert [r.header("x-cache-status") for r in got] == ["MISS", "MISS"]
+
+
+async def test_a_hit_is_compressed_like_a_miss() -> None:
+    body = b'{"k": "' + b"v" * 5000 + b'"}'
+    respond = etagged(
+        '"v1"', [("cache-control", "max-age=60"), ("content-type", "application/json")]
+    )
+
+    def with_body(req: RecordedRequest) -> bytes:
+        data = respond(req)
+        return data.replace(BODY, body).replace(
+            b"content-length: %d" % len(BODY), b"content-length: %d" % len(body)
+        )
+
+    with trio.fail_after(20):
+        async with scripted(with_body) as up:
+            config = _config(up.target, plugins={"compress": {}})
+            async with open_gateway(config) as gw, Client.open(gw.port) as client:
+                gz = [("accept-encoding", "gzip")]
+                miss = await _get(client, headers=gz)
+                hit = await _get(client, headers=gz)
+                plain = await _get(client)
+                not_modified = await _get(client, headers=[*gz, ("if-none-match", 'W/"v1"')])
+    assert miss.header("x-cache-status") == "MISS"
+    assert hit.header("x-cache-status") == "HIT"
+    for resp in (miss, hit):
+        assert resp.header("content-encoding") == "gzip"
+        assert gzip.decompress(resp.body) == body
+        assert resp.header("etag") == 'W/"v1"'
+    assert plain.body == body
+    assert plain.header("etag") == '"v1"'
+    assert not_modified.status == 304
+    assert not_modified.header("etag") == 'W/"v1"'
+    assert len(up.requests) == 1
+
+
+def test_cache_control_and_freshness_are_read_as_rfc_9111_says() -> None:
+    cc = directives(
+        [(b"cache-control", b'Max-Age=60, no-cache="set-cookie"'), (b"cache-control", b"max-age=5")]
+    )
+    assert cc == {b"max-age": b"60", b"no-cache": b"set-cookie"}  # the first max-age counts
+    assert freshness({b"s-maxage": b"10", b"max-age": b"60"}, [], 0) == 10
+    assert freshness({b"max-age": b"ten"}, [], 30) == 0  # unreadable: stale
+    assert freshness({}, [], 30) == 30
+    assert freshness({}, [], 0) is None
+    dated = [
+        (b"date", b"Mon, 02 Nov 2026 10:00:00 GMT"),
+        (b"expires", b"Mon, 02 Nov 2026 10:01:00 GMT"),
+    ]
+    assert freshness({}, dated, 0) == 60
+    assert freshness({}, [(b"expires", b"Mon, 02 Nov 2026 10:01:00 GMT")], 0) == 0  # no Date
+
+
+def test_the_memory_store_drops_the_least_recently_used_first() -> None:
+    def entry(body: bytes) -> Entry:
+        return Entry(200, b"OK", [], body, 0.0, 60.0, 0.0, (), ())
+
+    store = MemoryCache(max_size=3000)
+    keys = [(("r", "up", b"/%d" % i), ("",)) for i in range(3)]
+    for key in keys:
+        store.put(key, entry(b"x" * 700))
+    assert len(store) == 3
+    assert store.find(keys[0], Headers()) is not None  # now the most recently used
+    store.put((("r", "up", b"/3"), ("",)), entry(b"x" * 700))
+    assert store.find(keys[1], Headers()) is None  # the least recently used went
+    assert store.find(keys[0], Headers()) is not None
+    assert store.size <= 3000
+    assert store.invalidate(("r", "up", b"/0")) == 1
+    assert store.find(keys[0], Headers()) is None
+
+
+@pytest.mark.parametrize(
+    ("table", "path"),
+    [
+        ({"statuses": [99]}, "statuses[0]"),
+        ({"max_size": "1KiB", "max_entry_size": "2KiB"}, "max_entry_size"),
+        ({"key_headers": ["bad name"]}, "key_headers[0]"),
+        ({"status_header": "x:y"}, "status_header"),
+        ({"ttl": "-1s"}, "ttl"),
+    ],
+)
+def test_bad_config_names_the_key(table: dict[str, Any], path: str) -> None:
+    from engine.gateway import compile_runtime
+    from engine.plugins import discover
+
+    config = load(_config("127.0.0.1:1", table))
+    with pytest.raises(ConfigError) as err:
+        compile_runtime(config, discover(entry_points=False))
+    assert err.value.path == f"routes[0].plugins.cache.{path}"
+
+
+async def test_the_clients_host_is_part_of_the_key() -> None:
+    """An upstream that writes the host into its answer (a link, a redirect) must not
+    have one host's answer served to another's clients (web cache poisoning)."""
+
+    def respond(req: RecordedRequest) -> bytes:
+        host = (req.header("x-forwarded-host") or "?").encode()
+        return answer([("cache-control", "max-age=60")], b"https://" + host + b"/next")(req)
+
+    with trio.fail_after(20):
+        async with scripted(respond) as up, open_gateway(_config(up.target)) as gw:
+            evil = await http_request(gw.port, "GET", "/a", host="evil.example")
+            good = await http_request(gw.port, "GET", "/a", host="api.example")
+            again = await http_request(gw.port, "GET", "/a", host="api.example")
+    assert evil.body == b"https://evil.example/next"
+    assert good.body == again.body == b"https://api.example/next"
+    assert again.header("x-cache-status") == "HIT"
+
+
+async def test_a_204_is_stored_and_the_upstreams_own_status_field_replaced() -> None:
+    respond = answer(
+        [("cache-control", "max-age=60"), ("x-cache-status", "HIT from cdn")], b"", 204
+    )
+    with trio.fail_after(20):
+        async with scripted(respond) as up, open_gateway(_config(up.target)) as gw:
+            async with Client.open(gw.port) as client:
+                got = [await _get(client) for _ in range(3)]
+    assert [r.status for r in got] == [204] * 3
+    assert [r.header_all("x-cache-status") for r in got] == [["MISS"], ["HIT"], ["HIT"]]
+    assert len(up.requests) == 1
+    assert up.connections == 1  # the 204's connection went back to the pool
