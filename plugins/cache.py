@@ -641,6 +641,8 @@ class Cache(Filter):
                 ) and entry.may_stand_in(now):
                     await response.aclose()
                     return self._serve(exchange, entry, headers, now, b"STALE")
+            if entry is not None:
+                self.store.remove(key, entry)  # replaced by this answer, or by none
             if self._fill(key, response, headers, now, lock):
                 lock = None  # released once the body has ended
             self._mark(exchange, response, b"EXPIRED" if entry is not None else b"MISS")

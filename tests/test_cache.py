@@ -550,3 +550,28 @@ async def test_a_204_is_stored_and_the_upstreams_own_status_field_replaced() -> 
     assert [r.header_all("x-cache-status") for r in got] == [["MISS"], ["HIT"], ["HIT"]]
     assert len(up.requests) == 1
     assert up.connections == 1  # the 204's connection went back to the pool
+
+
+async def test_an_answer_that_may_no_longer_be_stored_drops_the_stale_one(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    stored = True
+
+    def respond(req: RecordedRequest) -> bytes:
+        if stored:
+            return etagged('"v1"', [("cache-control", "max-age=10")])(req)
+        return answer([("cache-control", "no-store")], b"fresh")(req)
+
+    with trio.fail_after(JUMPED_DEADLINE):
+        async with scripted(respond) as up, open_gateway(_config(up.target)) as gw:
+            async with Client.open(gw.port) as client:
+                await _get(client)
+                mock_clock.jump(11)
+                stored = False
+                replaced = await _get(client)
+                after = await _get(client)
+    assert replaced.header("x-cache-status") == "EXPIRED"
+    assert replaced.body == b"fresh"
+    # The stale answer went: the next request is a plain miss, with no conditional.
+    assert after.header("x-cache-status") == "MISS"
+    assert up.requests[2].header("if-none-match") is None
