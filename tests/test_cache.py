@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import tomllib
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import h11
@@ -21,6 +23,7 @@ import trio.testing
 from engine.config import load
 from engine.exchange import Headers
 from engine.schema import ConfigError
+from engine.stubs import open_stubs
 from engine.testing import Client, HttpResponse, http_request, open_gateway
 from plugins.cache import Entry, MemoryCache, directives, freshness
 from tests.upstreams import RecordedRequest, Upstream, UpstreamConn, response_head, serve_upstream
@@ -575,3 +578,21 @@ async def test_an_answer_that_may_no_longer_be_stored_drops_the_stale_one(
     # The stale answer went: the next request is a plain miss, with no conditional.
     assert after.header("x-cache-status") == "MISS"
     assert up.requests[2].header("if-none-match") is None
+
+
+async def test_the_demo_catalog_list_is_served_from_the_cache() -> None:
+    """The default gateway.toml's catalog-list route, in front of the catalog stub."""
+    demo = tomllib.loads((Path(__file__).parent.parent / "gateway.toml").read_text())
+    (route,) = [r for r in demo["routes"] if r["name"] == "catalog-list"]
+    with trio.fail_after(20):
+        async with open_stubs(names=["catalog"]) as stubs:
+            config = {
+                "upstreams": {"catalog": {"targets": [f"127.0.0.1:{stubs.ports['catalog']}"]}},
+                "routes": [route],
+            }
+            async with open_gateway(config) as gw, Client.open(gw.port) as client:
+                first = await _get(client, "/api/catalog")
+                second = await _get(client, "/api/catalog")
+    assert first.status == second.status == 200
+    assert first.body == second.body
+    assert [first.header("x-cache-status"), second.header("x-cache-status")] == ["MISS", "HIT"]
