@@ -28,7 +28,9 @@ revalidated with a conditional request, and a ``304`` refreshes it. A client's o
 ``If-None-Match`` / ``If-Modified-Since`` is answered from the cache (a ``304`` when it
 matches); on the way to the upstream the client's conditionals are replaced by the
 cache's, so that the cache gets whole answers. A request with ``Range``, ``If-Range``,
-``If-Match`` or ``If-Unmodified-Since`` bypasses the cache.
+``If-Match`` or ``If-Unmodified-Since`` bypasses the cache, and so does one with a
+``Cookie`` unless ``cookies`` is set (Varnish's default: many upstreams shape an answer
+by the session and mark it cacheable for browsers, without ``private``).
 
 Served answers carry ``Age`` and, unless ``status_header`` is empty, ``X-Cache-Status``:
 ``HIT``, ``MISS``, ``EXPIRED`` (stale, fetched again), ``REVALIDATED``, ``STALE`` (served
@@ -144,6 +146,13 @@ class CacheConfig:
     per_consumer: bool = field(
         default=True,
         metadata={"doc": "an authenticated request only meets answers fetched for its consumer"},
+    )
+    cookies: bool = field(
+        default=False,
+        metadata={
+            "doc": "whether requests with a Cookie use the cache (by default they bypass it: "
+            "an upstream may shape its answer by a session without saying private)"
+        },
     )
     key_headers: list[str] = field(
         default_factory=list,
@@ -535,6 +544,7 @@ class Cache(Filter):
         self._max_entry = int(config.max_entry_size)
         named = (checked_field(n, "")[0] for n in config.key_headers)
         self._key_headers = tuple(dict.fromkeys((*_KEYED, *named)))
+        self._bypass = _BYPASS if config.cookies else _BYPASS | {b"cookie"}
         self._status_header = (
             checked_field(config.status_header, "")[0] if config.status_header else None
         )
@@ -579,10 +589,11 @@ class Cache(Filter):
             return await call_next(call)
         headers = call.headers
         conditional = False
+        bypass = self._bypass
         for name, _ in headers.items:
             if name in _CONDITIONALS:
                 conditional = True
-            elif name in _BYPASS:
+            elif name in bypass:
                 response = await call_next(call)
                 self._mark(exchange, response, b"BYPASS")
                 return response

@@ -391,6 +391,30 @@ async def test_requests_a_stored_answer_cannot_stand_for_bypass_it() -> None:
     assert hit.header("x-cache-status") == "HIT"
 
 
+async def test_requests_with_a_cookie_bypass_the_cache_unless_told() -> None:
+    def respond(req: RecordedRequest) -> bytes:
+        who = (req.header("cookie") or "nobody").encode()
+        return answer([("cache-control", "max-age=60")], b"page of " + who)(req)
+
+    with trio.fail_after(20):
+        async with scripted(respond) as up:
+            async with open_gateway(_config(up.target)) as gw, Client.open(gw.port) as client:
+                anonymous = await _get(client)
+                alice = await _get(client, headers=[("cookie", "session=alice")])
+                bob = await _get(client, headers=[("cookie", "session=bob")])
+            config = _config(up.target, {"cookies": True, "key_headers": ["cookie"]})
+            async with open_gateway(config) as gw, Client.open(gw.port) as client:
+                keyed = [
+                    await _get(client, headers=[("cookie", f"session={who}")])
+                    for who in ("alice", "bob", "alice")
+                ]
+    assert anonymous.header("x-cache-status") == "MISS"
+    assert alice.header("x-cache-status") == bob.header("x-cache-status") == "BYPASS"
+    assert (alice.body, bob.body) == (b"page of session=alice", b"page of session=bob")
+    assert [r.header("x-cache-status") for r in keyed] == ["MISS", "MISS", "HIT"]
+    assert keyed[2].body == b"page of session=alice"
+
+
 async def test_a_streamed_body_is_stored_once_whole_and_a_cut_one_never() -> None:
     big = bytes(range(256)) * 800  # 200 KiB, chunked
     cut = False
