@@ -15,16 +15,20 @@ What is stored: the answer to a ``GET`` without a body, when
   (then ``ttl`` is its freshness); ``no-cache`` stores it for revalidation only;
 - a request carrying ``Authorization`` got ``public``, ``s-maxage`` or ``must-revalidate``
   (RFC 9111 3.5);
-- its body is at most ``max_entry_size``. The body is kept as it streams to the client,
-  and stored once it has ended whole.
+- it is not a breaker's fallback (which must not outlive the outage);
+- its body is at most ``max_entry_size``. A body of known length is read whole from the
+  upstream first, at the upstream's pace, stored, then sent; a chunked body is kept as
+  it streams to the client and stored once it has ended whole.
 
 What is served: a stored answer for the same route, upstream and target (path and query
 as forwarded), the same host and scheme the client asked for, the same consumer
 (``per_consumer``: an authenticated request only meets the answers fetched for its own
-consumer), the same values of ``key_headers`` and of the request fields the answer's
-``Vary`` names. ``HEAD`` is served from the ``GET``'s answer.
+consumer, by the identity's source and consumer), the same values of ``key_headers`` and
+of the request fields the answer's ``Vary`` names. ``HEAD`` is served from the ``GET``'s
+answer.
 A fresh answer is a hit; a stale one with a validator (``ETag``, ``Last-Modified``) is
-revalidated with a conditional request, and a ``304`` refreshes it. A client's own
+revalidated with a conditional request, and a ``304`` for it refreshes it (one that
+sets a cookie reaches its client, and the answer is no longer kept). A client's own
 ``If-None-Match`` / ``If-Modified-Since`` is answered from the cache (a ``304`` when it
 matches); on the way to the upstream the client's conditionals are replaced by the
 cache's, so that the cache gets whole answers. A request with ``Range``, ``If-Range``,
@@ -36,18 +40,22 @@ Served answers carry ``Age`` and, unless ``status_header`` is empty, ``X-Cache-S
 ``HIT``, ``MISS``, ``EXPIRED`` (stale, fetched again), ``REVALIDATED``, ``STALE`` (served
 stale because the upstream failed) or ``BYPASS``.
 
-Concurrent misses of one key wait for the first (``lock_timeout``), so a popular entry
-that expires sends one request upstream, not one per client. A non-error answer to an
+Concurrent misses of one key wait for the first (``lock_timeout``) until its answer's
+head has come, or its body too when it is stored whole first, so a popular entry that
+expires sends one request upstream, not one per client. A non-error answer to an
 unsafe method (``POST``, ``PUT``, ``PATCH``, ``DELETE`` ...) drops what is stored for its
 target (RFC 9111 4.4). A request's own ``Cache-Control`` is not obeyed, as nginx does not:
 a client cannot make the gateway go to the upstream.
 
-Memory: at most ``max_size`` bytes of answers per filter instance and process, least
-recently used dropped first. Each worker process has its own cache.
+Memory: at most ``max_size`` bytes of stored answers per filter instance and process,
+least recently used dropped first, and at most ``max_size`` more in the bodies being
+fetched to be stored (past that, an answer passes unstored). Each worker process has
+its own cache.
 """
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -250,7 +258,7 @@ def freshness(cc: dict[bytes, bytes], items: list[tuple[bytes, bytes]], ttl: flo
             return 0.0  # "0", "-1" ...: already expired (RFC 9111 5.3)
         date = _http_date(_first(items, b"date"))
         if date is None:
-            return 0.0  # no Date to measure it against: taken as stale
+            date = time.time()  # when it was received (RFC 9111 4.2.1): a wall-clock read
         return max(0.0, at - date)
     return ttl if ttl > 0 else None
 
@@ -398,7 +406,13 @@ class MemoryCache:
                 return entry
         return None
 
+    def holds(self, key: Key, entry: Entry) -> bool:
+        variants = self._entries.get(key)
+        return variants is not None and any(e is entry for e in variants)
+
     def put(self, key: Key, entry: Entry) -> None:
+        if entry.size > self.max_size:
+            return  # it would push out everything else, then itself
         variants = self._entries.get(key)
         if variants is None:
             variants = self._entries[key] = []
@@ -417,14 +431,18 @@ class MemoryCache:
         while self.size > self.max_size and self._entries:
             self._drop_oldest()
 
-    def resized(self, entry: Entry, before: int) -> None:
-        """``entry`` (stored) changed its fields: its size went from ``before``."""
-        self.size += entry.size - before
+    def resized(self, key: Key, entry: Entry, before: int) -> None:
+        """``entry`` changed its fields: its size went from ``before`` (counted only
+        while it is stored: an unsafe method may have dropped it meanwhile)."""
+        if self.holds(key, entry):
+            self.size += entry.size - before
+            while self.size > self.max_size and self._entries:
+                self._drop_oldest()
 
     def remove(self, key: Key, entry: Entry) -> None:
         variants = self._entries.get(key)
-        if variants is not None and entry in variants:
-            variants.remove(entry)
+        if variants is not None and self.holds(key, entry):
+            variants[:] = [e for e in variants if e is not entry]
             self.size -= entry.size
             if not variants:
                 self._forget(key)
@@ -457,18 +475,40 @@ class MemoryCache:
 # -- the body as it streams -----------------------------------------------------------
 
 
+class _Budget:
+    """Bytes the answers being fetched may hold in memory, over all of them."""
+
+    __slots__ = ("left",)
+
+    def __init__(self, size: int) -> None:
+        self.left = size
+
+    def take(self, n: int) -> bool:
+        if n > self.left:
+            return False
+        self.left -= n
+        return True
+
+    def give(self, n: int) -> None:
+        self.left += n
+
+
 class _Filling:
-    """The upstream's body on its way to the client, kept (up to ``cap`` bytes) so that
-    it can be stored once it has ended whole; ``done`` gets the body, or None when it
-    was cut, abandoned or too large. Passes the inner stream's ``poll`` on."""
+    """A chunked body on its way to the client, kept (up to ``cap`` bytes, and as long
+    as ``budget`` allows) so that it can be stored once it has ended whole; ``done``
+    gets the body, or None when it was cut, abandoned or too large. Passes the inner
+    stream's ``poll`` on."""
 
-    __slots__ = ("_cap", "_done", "_inner", "_it", "_parts", "_poll", "_size")
+    __slots__ = ("_budget", "_cap", "_done", "_inner", "_it", "_parts", "_poll", "_size")
 
-    def __init__(self, inner: BodyStream, cap: int, done: Callable[[bytes | None], None]) -> None:
+    def __init__(
+        self, inner: BodyStream, cap: int, budget: _Budget, done: Callable[[bytes | None], None]
+    ) -> None:
         self._inner = inner
         self._it = inner.__aiter__()
         self._poll: Callable[[], Any] | None = getattr(inner, "poll", None)
         self._cap = cap
+        self._budget = budget
         self._parts: list[bytes] | None = []
         self._size = 0
         self._done: Callable[[bytes | None], None] | None = done
@@ -506,15 +546,17 @@ class _Filling:
         parts = self._parts
         if parts is None:
             return
+        if self._size + len(chunk) > self._cap or not self._budget.take(len(chunk)):
+            self._finish(whole=False)  # too large, or too much being fetched at once
+            return
         self._size += len(chunk)
-        if self._size > self._cap:
-            self._finish(whole=False)  # too large: let waiting misses go now
-        else:
-            parts.append(bytes(chunk))
+        parts.append(bytes(chunk))
 
     def _finish(self, whole: bool) -> None:
         done, self._done = self._done, None
         parts, self._parts = self._parts, None
+        self._budget.give(self._size)
+        self._size = 0
         if done is not None:
             done(b"".join(parts) if whole and parts is not None else None)
 
@@ -523,7 +565,34 @@ class _Filling:
         await self._inner.aclose()
 
 
-# -- the filter -----------------------------------------------------------------------
+async def _discard(response: Response) -> None:
+    """Drop a bodiless answer (a 304): its connection goes back to the pool when the
+    body has ended, as the engine's own 304s do; closed otherwise."""
+    poll = getattr(response.stream, "poll", None)
+    if poll is not None:
+        try:
+            ended = poll() is END
+        except GatewayError:  # (the body broke: the stream has closed its connection)
+            ended = True
+        if ended:
+            response.stream = None
+            return
+    await response.aclose()
+
+
+async def _read_whole(response: Response) -> bytes:
+    """The rest of ``response``'s streamed body, read now (closed if that fails)."""
+    stream = response.stream
+    assert stream is not None
+    parts: list[bytes] = []
+    try:
+        async for chunk in stream:
+            parts.append(chunk)
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await stream.aclose()
+        raise
+    return b"".join(parts)
 
 
 class Cache(Filter):
@@ -551,15 +620,18 @@ class Cache(Filter):
         # Misses being fetched, by key: the event is set once the answer is stored or
         # known not to be.
         self._filling: dict[Key, trio.Event] = {}
+        # What answers being fetched may hold in memory before they are stored.
+        self._budget = _Budget(int(config.max_size))
 
     def _resource(self, exchange: Exchange, call: UpstreamCall) -> Resource:
         route = exchange.route.name if exchange.route is not None else ""
         return (route, call.upstream, call.target)
 
     def _key(self, exchange: Exchange, call: UpstreamCall) -> Key:
-        consumer = ""
-        if self.config.per_consumer and exchange.identity is not None:
-            consumer = exchange.identity.consumer
+        consumer: tuple[str, str] | None = None
+        identity = exchange.identity
+        if identity is not None and self.config.per_consumer:
+            consumer = (identity.source, identity.consumer)  # (two issuers may share ids)
         return (
             self._resource(exchange, call),
             (consumer, *_values(self._key_headers, call.headers)),
@@ -621,41 +693,56 @@ class Cache(Filter):
             if key not in self._filling:
                 lock = self._filling[key] = trio.Event()
         try:
+            # The client's conditionals go (the cache wants a whole answer); the cache's
+            # own take their place when it holds a stale answer it can revalidate.
+            items = headers.items
+            if conditional:
+                items = [(n, v) for n, v in items if n not in _CONDITIONALS]
             revalidating = entry is not None and entry.validated
-            if conditional or revalidating:
-                # The client's conditionals go; the cache's own (if it holds a stale
-                # answer it can revalidate) take their place.
-                items = [(n, v) for n, v in headers.items if n not in _CONDITIONALS]
-                if revalidating:
-                    assert entry is not None
-                    if entry.etag is not None:
-                        items.append((b"if-none-match", entry.etag))
-                    if entry.last_modified is not None:
-                        items.append((b"if-modified-since", entry.last_modified))
-                call.headers = Headers(items)
+            if revalidating:
+                assert entry is not None
+                items = list(items)
+                if entry.etag is not None:
+                    items.append((b"if-none-match", entry.etag))
+                if entry.last_modified is not None:
+                    items.append((b"if-modified-since", entry.last_modified))
             try:
-                response = await call_next(call)
+                try:
+                    if items is not headers.items:
+                        call.headers = Headers(items)
+                    response = await call_next(call)
+                    if revalidating and response.status == 304:
+                        assert entry is not None
+                        await _discard(response)
+                        if _same_representation(entry, response.headers):
+                            now = trio.current_time()
+                            cookies = self._refresh(key, entry, response.headers.items, now)
+                            return self._serve(
+                                exchange, entry, headers, now, b"REVALIDATED", cookies
+                            )
+                        # A 304 for another representation than the one stored: fetch it.
+                        self.store.remove(key, entry)
+                        entry = None
+                        call.headers = Headers(
+                            [(n, v) for n, v in headers.items if n not in _CONDITIONALS]
+                        )
+                        response = await call_next(call)
+                finally:
+                    call.headers = headers
             except GatewayError:
-                if entry is not None and entry.may_stand_in(trio.current_time()):
-                    return self._serve(exchange, entry, headers, trio.current_time(), b"STALE")
+                now = trio.current_time()
+                if entry is not None and entry.may_stand_in(now):
+                    return self._serve(exchange, entry, headers, now, b"STALE")
                 raise
-            finally:
-                call.headers = headers
             now = trio.current_time()
+            fallback = is_fallback(exchange, response)
             if entry is not None:
-                if revalidating and response.status == 304:
-                    await response.aclose()
-                    self._refresh(key, entry, response.headers.items, now, headers)
-                    return self._serve(exchange, entry, headers, now, b"REVALIDATED")
-                if (
-                    response.status in _FAILED or is_fallback(exchange, response)
-                ) and entry.may_stand_in(now):
+                if (response.status in _FAILED or fallback) and entry.may_stand_in(now):
                     await response.aclose()
                     return self._serve(exchange, entry, headers, now, b"STALE")
-            if entry is not None:
                 self.store.remove(key, entry)  # replaced by this answer, or by none
-            if self._fill(key, response, headers, now, lock):
-                lock = None  # released once the body has ended
+            if not fallback:  # (a breaker's stand-in must not outlive the outage)
+                await self._fill(key, response, headers, now)
             self._mark(exchange, response, b"EXPIRED" if entry is not None else b"MISS")
             return response
         finally:
@@ -729,61 +816,75 @@ class Cache(Filter):
         allowed = _seconds(cc.get(b"stale-if-error", b""))
         return max(self._stale, float(allowed or 0))
 
-    def _fill(
-        self,
-        key: Key,
-        response: Response,
-        request: Headers,
-        now: float,
-        lock: trio.Event | None,
-    ) -> bool:
-        """Store ``response`` if it may be, now (a whole body) or once its streamed body
-        has ended whole. True when the body is streaming and ``lock`` (if any) is
-        released at its end."""
+    async def _fill(self, key: Key, response: Response, request: Headers, now: float) -> None:
+        """Store ``response`` if it may be. A body of known length is read whole first,
+        at the upstream's pace (so that concurrent misses waiting for it are not held
+        back by a slow client), and then sent as read; a chunked one is kept as it
+        streams to the client and stored once it has ended whole."""
         entry = self._storable(response, request, now)
         if entry is None:
-            return False
-        if response.body is not None or response.stream is None or response.status == 204:
+            return
+        stream = response.stream
+        if response.body is not None or stream is None or response.status == 204:
             # Whole already (a 204's body is empty whatever it says: its stream stays,
             # for the engine to release the connection clean).
             self._put(key, entry, response.body or b"")
-            return False
+            return
+        length = _first(response.headers.items, b"content-length")
+        if length is None:
+            response.stream = _Filling(
+                stream, self._max_entry, self._budget, lambda body: self._put(key, entry, body)
+            )
+            return
+        size = int(length)  # (at most max_entry_size: _storable saw to it)
+        if not self._budget.take(size):
+            return  # too much being fetched at once: this one passes unstored
+        try:
+            body = await _read_whole(response)
+        finally:
+            self._budget.give(size)
+        response.stream = None
+        response.body = body
+        self._put(key, entry, body)
 
-        def done(body: bytes | None) -> None:
-            if body is not None:
-                self._put(key, entry, body)
-            if lock is not None:
-                self._release(key, lock)
-
-        response.stream = _Filling(response.stream, self._max_entry, done)
-        return True
-
-    def _put(self, key: Key, entry: Entry, body: bytes) -> None:
-        if len(body) <= self._max_entry:
+    def _put(self, key: Key, entry: Entry, body: bytes | None) -> None:
+        if body is not None and len(body) <= self._max_entry:
             entry.body = body
             entry.size += len(body)
             self.store.put(key, entry)
 
     def _refresh(
-        self, key: Key, entry: Entry, items: list[tuple[bytes, bytes]], now: float, request: Headers
-    ) -> None:
+        self, key: Key, entry: Entry, items: list[tuple[bytes, bytes]], now: float
+    ) -> list[tuple[bytes, bytes]]:
         """A 304 revalidated ``entry``: its fields updated with the 304's (RFC 9111 3.2),
-        its freshness from them; dropped if they now forbid storing it."""
+        its freshness from them; dropped if they now forbid storing it. Returns the
+        304's ``Set-Cookie`` fields: for this client only, never stored (and an answer
+        that sets a cookie is not kept)."""
         updates = _kept(items)
-        names = {n for n, _ in updates if n not in (b"content-type", b"content-encoding")}
+        cookies = [(n, v) for n, v in updates if n == b"set-cookie"]
+        names = {
+            n for n, _ in updates if n not in (b"content-type", b"content-encoding", b"set-cookie")
+        }
         merged = [(n, v) for n, v in entry.headers if n not in names]
         merged += [(n, v) for n, v in updates if n in names]
         cc = directives(merged)
         before = entry.size
         lifetime = 0.0 if b"no-cache" in cc else freshness(cc, merged, self._ttl)
         entry.set_headers(merged, now, lifetime or 0.0, self._stale_window(cc))
-        if b"no-store" in cc or b"private" in cc or lifetime is None:
+        if cookies or b"no-store" in cc or b"private" in cc or lifetime is None:
             self.store.remove(key, entry)
         else:
-            self.store.resized(entry, before)
+            self.store.resized(key, entry, before)
+        return cookies
 
     def _serve(
-        self, exchange: Exchange, entry: Entry, request: Headers, now: float, status: bytes
+        self,
+        exchange: Exchange,
+        entry: Entry,
+        request: Headers,
+        now: float,
+        status: bytes,
+        extra: list[tuple[bytes, bytes]] | None = None,
     ) -> Response:
         if entry.status == 200 and _not_modified(entry, request):
             fields = [(n, v) for n, v in entry.headers if n in _NOT_MODIFIED_FIELDS]
@@ -795,6 +896,8 @@ class Cache(Filter):
                 entry.status, Headers(list(entry.headers)), body=entry.body, reason=entry.reason
             )
         response.headers.items.append((b"age", b"%d" % int(entry.age(now))))
+        if extra:
+            response.headers.items += extra
         self._mark(exchange, response, status)
         return response
 
@@ -807,6 +910,17 @@ def _kept(items: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
         if n == b"connection":
             named.update(t.strip().lower() for t in v.split(b","))
     return [(n, v) for n, v in items if n not in _NOT_STORED and n not in named]
+
+
+def _same_representation(entry: Entry, headers: Headers) -> bool:
+    """Whether a 304 stands for ``entry`` (RFC 9111 4.3.4): its ETag, if it has one, is
+    the stored one (strong tags compared strongly, weak ones weakly)."""
+    tag = headers.get(b"etag")
+    if tag is None or entry.etag is None:
+        return tag is None
+    if tag.startswith(b"W/") or entry.etag.startswith(b"W/"):
+        return _tags(tag)[0] == _tags(entry.etag)[0]
+    return tag == entry.etag
 
 
 def _not_modified(entry: Entry, request: Headers) -> bool:

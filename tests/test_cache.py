@@ -25,7 +25,7 @@ from engine.exchange import Headers
 from engine.schema import ConfigError
 from engine.stubs import open_stubs
 from engine.testing import Client, HttpResponse, http_request, open_gateway
-from plugins.cache import Entry, MemoryCache, directives, freshness
+from plugins.cache import Entry, MemoryCache, _Budget, directives, freshness
 from tests.upstreams import RecordedRequest, Upstream, UpstreamConn, response_head, serve_upstream
 
 Answer = Callable[[RecordedRequest], bytes]
@@ -506,7 +506,11 @@ def test_cache_control_and_freshness_are_read_as_rfc_9111_says() -> None:
         (b"expires", b"Mon, 02 Nov 2026 10:01:00 GMT"),
     ]
     assert freshness({}, dated, 0) == 60
-    assert freshness({}, [(b"expires", b"Mon, 02 Nov 2026 10:01:00 GMT")], 0) == 0  # no Date
+    # No Date: measured from when it arrived.
+    assert freshness({}, [(b"expires", b"Mon, 02 Nov 2026 10:01:00 GMT")], 0) == 0  # past
+    ahead = freshness({}, [(b"expires", b"Fri, 01 Jan 2100 00:00:00 GMT")], 0)
+    assert ahead is not None
+    assert ahead > 365 * 86400
 
 
 def test_the_memory_store_drops_the_least_recently_used_first() -> None:
@@ -620,3 +624,221 @@ async def test_the_demo_catalog_list_is_served_from_the_cache() -> None:
     assert first.status == second.status == 200
     assert first.body == second.body
     assert [first.header("x-cache-status"), second.header("x-cache-status")] == ["MISS", "HIT"]
+
+
+# -- found by review: each of these failed before its fix ---------------------------------
+
+
+async def test_a_cookie_in_a_304_goes_to_its_client_only(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    sent = 0
+
+    def respond(req: RecordedRequest) -> bytes:
+        nonlocal sent
+        sent += 1
+        if req.header("if-none-match") == '"v1"':
+            fields = [("etag", '"v1"'), ("cache-control", "max-age=60")]
+            return response_head(
+                304, [*fields, ("set-cookie", f"s=client-{sent}")], content_length=0
+            )
+        return answer([("etag", '"v1"'), ("cache-control", "max-age=10")])(req)
+
+    with trio.fail_after(JUMPED_DEADLINE):
+        async with scripted(respond) as up, open_gateway(_config(up.target)) as gw:
+            await http_request(gw.port, "GET", "/a")
+            mock_clock.jump(11)
+            revalidated = await http_request(gw.port, "GET", "/a")
+            other = await http_request(gw.port, "GET", "/a")
+    assert revalidated.header("x-cache-status") == "REVALIDATED"
+    assert revalidated.header_all("set-cookie") == ["s=client-2"]
+    assert other.header_all("set-cookie") == []
+    assert other.header("x-cache-status") == "MISS"  # an answer that sets cookies is not kept
+
+
+async def test_a_breakers_fallback_is_never_stored(mock_clock: trio.testing.MockClock) -> None:
+    failing = True
+
+    def respond(req: RecordedRequest) -> bytes:
+        if failing:
+            return answer([], b"down", status=503)(req)
+        return answer([], b"real")(req)
+
+    breaker = {
+        "consecutive_failures": 1,
+        "open_duration": "1s",
+        "fallback": {
+            "status": 200,
+            "body": "fallback",
+            "headers": {"cache-control": "max-age=600"},
+        },
+    }
+    with trio.fail_after(JUMPED_DEADLINE):
+        async with scripted(respond) as up:
+            config = _config(up.target, {"ttl": "60s"}, plugins={"circuit-breaker": breaker})
+            async with open_gateway(config) as gw, Client.open(gw.port) as client:
+                tripped = await _get(client)
+                fallback = await _get(client)
+                mock_clock.jump(5)  # the breaker lets a call through; the upstream is back
+                failing = False
+                recovered = await _get(client)
+    assert tripped.status == 503
+    assert fallback.body == b"fallback"
+    assert recovered.body == b"real"
+
+
+async def test_a_slow_client_does_not_hold_back_the_misses_waiting_for_its_answer() -> None:
+    """A body of known length is read whole at the upstream's pace and stored before
+    it is sent, so the requests waiting for it get a hit at once, whatever the speed
+    of the client that asked first (it might never read)."""
+    big = b"z" * 6_000_000  # more than the sockets' buffers hold
+
+    with trio.fail_after(20):
+        async with scripted(answer([("cache-control", "max-age=60")], big)) as up:
+            config = _config(up.target, {"max_entry_size": "8MiB"})
+            async with open_gateway(config) as gw:
+                stream = await trio.open_tcp_stream("127.0.0.1", gw.port)
+                async with stream:
+                    await stream.send_all(b"GET /a HTTP/1.1\r\nhost: test.local\r\n\r\n")
+                    await up.wait_requests(1)
+                    with trio.fail_after(5):  # (well below lock_timeout)
+                        second = await http_request(gw.port, "GET", "/a")
+    assert second.header("x-cache-status") == "HIT"
+    assert second.body == big
+    assert len(up.requests) == 1
+
+
+async def test_an_endless_stream_holds_no_one_back() -> None:
+    """A chunked answer is stored once it ends; concurrent misses do not wait for that
+    (an event stream may never end)."""
+    go_on = trio.Event()
+
+    async def handler(conn: UpstreamConn) -> None:
+        while (got := await conn.read_request()) is not None:
+            await conn.send(response_head(200, [("cache-control", "max-age=60")]))
+            await conn.send(b"5\r\nfirst\r\n")
+            await go_on.wait()
+            await conn.send(b"0\r\n\r\n")
+            del got
+
+    with trio.fail_after(20):
+        async with serve_upstream(handler) as up, open_gateway(_config(up.target)) as gw:
+            first = await trio.open_tcp_stream("127.0.0.1", gw.port)
+            async with first:
+                await first.send_all(b"GET /events HTTP/1.1\r\nhost: x\r\n\r\n")
+                await up.wait_requests(1)
+                second = await trio.open_tcp_stream("127.0.0.1", gw.port)
+                async with second:
+                    await second.send_all(b"GET /events HTTP/1.1\r\nhost: x\r\n\r\n")
+                    got = b""
+                    with trio.fail_after(2):  # its first chunk comes, no lock_timeout
+                        while b"first" not in got:
+                            got += await second.receive_some(65536)
+                    go_on.set()
+    assert b"x-cache-status: miss" in got.lower()
+    assert len(up.requests) == 2
+
+
+async def test_answers_being_fetched_hold_at_most_max_size() -> None:
+    release = trio.Event()
+    body = b"q" * 300_000
+
+    async def handler(conn: UpstreamConn) -> None:
+        while (got := await conn.read_request()) is not None:
+            head = response_head(200, [("cache-control", "max-age=60")], content_length=len(body))
+            await conn.send(head + body[:100_000])
+            await release.wait()
+            await conn.send(body[100_000:])
+            del got
+
+    with trio.fail_after(20):
+        async with serve_upstream(handler) as up:
+            config = _config(up.target, {"max_size": "1MiB", "max_entry_size": "512KiB"})
+            async with open_gateway(config) as gw:
+                results: list[HttpResponse] = []
+
+                async def one(i: int) -> None:
+                    results.append(await http_request(gw.port, "GET", f"/{i}"))
+
+                filters = gw.gateway.runtime.routes[0].chain.filters
+                (cache,) = [f for f in filters if f.name == "cache"]
+                budget = cache._budget = _Watched(1024 * 1024, asks=6)
+                async with trio.open_nursery() as nursery:
+                    for i in range(6):  # 6 x 300 KB: more than 1 MiB at once
+                        nursery.start_soon(one, i)
+                    await budget.all_asked.wait()  # every head is in; no body is whole
+                    release.set()
+                stored = len(cache.store)
+    assert [r.body for r in results] == [body] * 6  # every client got its answer
+    # Three fitted in the budget while being fetched (the rest passed unstored), and
+    # the budget is whole again once they were.
+    assert budget.peak == 900_000
+    assert stored == 3
+    assert budget.left == 1024 * 1024
+
+
+class _Watched(_Budget):
+    """The fetch budget, with its peak, and an event once ``asks`` takes were asked."""
+
+    def __init__(self, size: int, asks: int) -> None:
+        super().__init__(size)
+        self.size = size
+        self.asks = asks
+        self.peak = 0
+        self.all_asked = trio.Event()
+
+    def take(self, n: int) -> bool:
+        taken = super().take(n)
+        self.peak = max(self.peak, self.size - self.left)
+        self.asks -= 1
+        if self.asks == 0:
+            self.all_asked.set()
+        return taken
+
+
+async def test_revalidations_keep_the_upstream_connection() -> None:
+    respond = etagged('"v1"', [("cache-control", "no-cache")])
+    with trio.fail_after(20):
+        async with scripted(respond) as up, open_gateway(_config(up.target)) as gw:
+            async with Client.open(gw.port) as client:
+                statuses = [(await _get(client)).header("x-cache-status") for _ in range(5)]
+    assert statuses == ["MISS"] + ["REVALIDATED"] * 4
+    assert up.connections == 1
+
+
+async def test_a_304_for_another_representation_fetches_it_whole(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    def respond(req: RecordedRequest) -> bytes:
+        if req.header("if-none-match") is not None:  # a broken upstream: another tag
+            return response_head(304, [("etag", '"v2"')], content_length=0)
+        return answer(
+            [("etag", '"v2"' if up.requests[1:] else '"v1"'), ("cache-control", "max-age=10")]
+        )(req)
+
+    with trio.fail_after(JUMPED_DEADLINE):
+        async with scripted(respond) as up, open_gateway(_config(up.target)) as gw:
+            await http_request(gw.port, "GET", "/a")
+            mock_clock.jump(11)
+            again = await http_request(gw.port, "GET", "/a")
+    assert again.status == 200
+    assert again.header("etag") == '"v2"'
+    assert again.header("x-cache-status") == "MISS"
+    assert [r.header("if-none-match") for r in up.requests] == [None, '"v1"', None]
+
+
+def test_the_store_keeps_its_size_right_when_a_dropped_entry_is_refreshed() -> None:
+    store = MemoryCache(max_size=10_000)
+    key = (("r", "up", b"/a"), ("",))
+    entry = Entry(200, b"OK", [], b"x" * 100, 0.0, 60.0, 0.0, (), ())
+    store.put(key, entry)
+    store.invalidate(("r", "up", b"/a"))  # a PUT went through meanwhile
+    before = entry.size
+    entry.set_headers([(b"x-big", b"y" * 2000)], 1.0, 60.0, 0.0)
+    store.resized(key, entry, before)
+    assert store.size == 0
+    huge = Entry(200, b"OK", [], b"x" * 20_000, 0.0, 60.0, 0.0, (), ())
+    store.put(key, Entry(200, b"OK", [], b"small", 0.0, 60.0, 0.0, (), ()))
+    store.put((("r", "up", b"/b"), ("",)), huge)  # larger than the store: not kept
+    assert store.find(key, Headers()) is not None
+    assert store.size < 10_000
