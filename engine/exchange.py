@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 __all__ = [
     "END",
     "FRAMING_HEADERS",
+    "HOP_BY_HOP",
     "BodyStream",
     "Exchange",
     "Headers",
@@ -51,6 +52,22 @@ MAX_QUERY_FIELDS = 1000
 
 FRAMING_HEADERS = frozenset(
     {"content-length", "transfer-encoding", "connection", "keep-alive", "te", "trailer", "upgrade"}
+)
+
+#: The fields of one connection (RFC 9110 7.6.1), never passed on to the next hop, nor
+#: stored with an answer; with those a ``Connection`` field names.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+    }
 )
 
 # Names already checked, lowercased, by what the caller passed (bytes and str apart: a

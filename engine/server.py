@@ -56,6 +56,7 @@ from engine.errors import (
     render_error,
 )
 from engine.exchange import (
+    HOP_BY_HOP,
     BodyStream,
     Exchange,
     Headers,
@@ -87,19 +88,7 @@ _INF = float("inf")
 #: What a tunnel relays between: the client's side and an upstream's, plain or TLS.
 _Stream = RawSocket | StreamSocket | TlsSocket
 
-_HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-    }
-)
+_HOP_BY_HOP = HOP_BY_HOP
 # Request fields the gateway recomputes instead of forwarding; value: how it uses them.
 _REQ_SPECIAL = {name: 1 for name in _HOP_BY_HOP} | {
     b"content-length": 2,

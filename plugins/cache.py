@@ -68,6 +68,7 @@ from engine.chain import CallNext, Filter, FilterContext, Stage
 from engine.errors import GatewayError
 from engine.exchange import (
     END,
+    HOP_BY_HOP,
     BodyStream,
     Exchange,
     Headers,
@@ -92,19 +93,7 @@ _BYPASS = frozenset({b"range", b"if-range", b"if-match", b"if-unmodified-since"}
 _CONDITIONALS = frozenset({b"if-none-match", b"if-modified-since"})
 #: Fields never stored: the connection's, the framing (the gateway frames what it
 #: sends), ``Age`` (worked out when served).
-_NOT_STORED = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"content-length",
-        b"age",
-    }
-)
+_NOT_STORED = HOP_BY_HOP | {b"content-length", b"age"}
 #: What a 304 carries of the answer it stands for (RFC 9110 15.4.5).
 _NOT_MODIFIED_FIELDS = frozenset(
     {b"cache-control", b"content-location", b"date", b"etag", b"expires", b"vary"}
