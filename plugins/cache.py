@@ -612,6 +612,17 @@ class Cache(Filter):
         # What answers being fetched may hold in memory before they are stored.
         self._budget = _Budget(int(config.max_size))
 
+    def snapshot(self) -> dict[str, int]:
+        """What the admin listener's ``/plugins`` shows of this cache."""
+        store = self.store
+        return {
+            "answers": len(store),
+            "bytes": store.size,
+            "max_size": store.max_size,
+            "misses_being_fetched": len(self._filling),
+            "bytes_being_fetched": int(self.config.max_size) - self._budget.left,
+        }
+
     def _resource(self, exchange: Exchange, call: UpstreamCall) -> Resource:
         route = exchange.route.name if exchange.route is not None else ""
         return (route, call.upstream, call.target)

@@ -842,3 +842,18 @@ def test_the_store_keeps_its_size_right_when_a_dropped_entry_is_refreshed() -> N
     store.put((("r", "up", b"/b"), ("",)), huge)  # larger than the store: not kept
     assert store.find(key, Headers()) is not None
     assert store.size < 10_000
+
+
+async def test_the_admin_listener_shows_each_cache() -> None:
+    with trio.fail_after(20):
+        async with scripted(answer([("cache-control", "max-age=60")])) as up:
+            async with open_gateway(_config(up.target)) as gw:
+                await http_request(gw.port, "GET", "/a")
+                await http_request(gw.port, "GET", "/b")
+                assert gw.admin_port is not None
+                plugins = await http_request(gw.admin_port, "GET", "/plugins")
+    state = plugins.json()["cache (route:r)"]
+    assert state["answers"] == 2
+    assert 2 * len(BODY) < state["bytes"] < 4096
+    assert state["max_size"] == 32 * 1024 * 1024
+    assert state["misses_being_fetched"] == state["bytes_being_fetched"] == 0
