@@ -736,13 +736,20 @@ class Cache(Filter):
                 raise
             now = trio.current_time()
             fallback = is_fallback(exchange, response)
-            if entry is not None:
-                if (response.status in _FAILED or fallback) and entry.may_stand_in(now):
-                    await response.aclose()
-                    return self._serve(exchange, entry, headers, now, b"STALE")
-                self.store.remove(key, entry)  # replaced by this answer, or by none
+            failed = response.status in _FAILED or fallback
+            if entry is not None and failed and entry.may_stand_in(now):
+                await response.aclose()
+                return self._serve(exchange, entry, headers, now, b"STALE")
             if not fallback:  # (a breaker's stand-in must not outlive the outage)
-                await self._fill(key, response, headers, now)
+                try:
+                    await self._fill(key, response, headers, now)
+                except GatewayError:  # the body broke while it was read whole
+                    now = trio.current_time()
+                    if entry is not None and entry.may_stand_in(now):
+                        return self._serve(exchange, entry, headers, now, b"STALE")
+                    raise
+            if entry is not None:
+                self.store.remove(key, entry)  # replaced by this answer, or by none
             self._mark(exchange, response, b"EXPIRED" if entry is not None else b"MISS")
             return response
         finally:

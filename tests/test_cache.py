@@ -857,3 +857,35 @@ async def test_the_admin_listener_shows_each_cache() -> None:
     assert 2 * len(BODY) < state["bytes"] < 4096
     assert state["max_size"] == 32 * 1024 * 1024
     assert state["misses_being_fetched"] == state["bytes_being_fetched"] == 0
+
+
+async def test_a_body_that_breaks_while_read_whole_gets_a_stale_answer_or_a_502(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    broken = False
+
+    async def handler(conn: UpstreamConn) -> None:
+        while (got := await conn.read_request()) is not None:
+            head = response_head(
+                200, [("cache-control", "max-age=10, stale-if-error=60")], content_length=len(BODY)
+            )
+            if broken:
+                await conn.send(head + BODY[:5])  # then the connection closes
+                return
+            await conn.send(head + BODY)
+            del got
+
+    with trio.fail_after(JUMPED_DEADLINE):
+        async with serve_upstream(handler) as up, open_gateway(_config(up.target)) as gw:
+            await http_request(gw.port, "GET", "/a")
+            mock_clock.jump(20)
+            broken = True
+            async with Client.open(gw.port) as client:
+                stale = await _get(client, "/a")
+                failed = await _get(client, "/b")  # nothing stored: the gateway's 502
+                after = await _get(client, "/a")  # the connection is still good
+    assert stale.status == 200
+    assert stale.body == BODY
+    assert stale.header("x-cache-status") == "STALE"
+    assert failed.status == 502
+    assert after.header("x-cache-status") == "STALE"
