@@ -585,7 +585,7 @@ async def _read_whole(response: Response) -> bytes:
 
 
 class Cache(Filter):
-    """Stores and serves upstream answers (see the module docstring)."""
+    """A shared HTTP cache in front of the upstream (RFC 9111): the README's "Caching"."""
 
     name = "cache"
     stage = Stage.EDGE
