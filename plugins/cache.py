@@ -68,6 +68,7 @@ from engine.chain import CallNext, Filter, FilterContext, Stage
 from engine.errors import GatewayError
 from engine.exchange import (
     END,
+    FRAMING_HEADERS,
     HOP_BY_HOP,
     BodyStream,
     Exchange,
@@ -107,6 +108,24 @@ _FAILED = frozenset({500, 502, 503, 504})
 _MAX_AGE = 2**31  # delta-seconds beyond this are taken as this (RFC 9111 1.2.2)
 #: Answers kept per key, one per combination of the values its Vary names.
 _MAX_VARIANTS = 8
+#: Chunks already received that are read past to let a dropped answer's connection go
+#: back to the pool (an error page is one or two).
+_DRAIN_CHUNKS = 16
+#: Fields the status field may not be named: the framing, and those the cache reads or
+#: writes itself.
+_NOT_STATUS_NAMES = frozenset(FRAMING_HEADERS) | {
+    "age",
+    "cache-control",
+    "content-encoding",
+    "content-location",
+    "content-type",
+    "date",
+    "etag",
+    "expires",
+    "last-modified",
+    "set-cookie",
+    "vary",
+}
 
 _responses = counter(
     "filtergate_cache_responses_total",
@@ -184,11 +203,13 @@ class CacheConfig:
                 raise Invalid(f"key_headers[{i}]", f"not a header name: {name!r}") from None
         if self.status_header:
             try:
-                checked_field(self.status_header, "")
+                name = checked_field(self.status_header, "")[0].decode()
             except ValueError:
                 raise Invalid(
                     "status_header", f"not a header name: {self.status_header!r}"
                 ) from None
+            if name in _NOT_STATUS_NAMES:
+                raise Invalid("status_header", f"{name!r} is a field of HTTP's own")
         for name in ("ttl", "stale_if_error", "lock_timeout"):
             if getattr(self, name) < 0:
                 raise Invalid(name, "must not be negative")
@@ -250,6 +271,12 @@ def freshness(cc: dict[bytes, bytes], items: list[tuple[bytes, bytes]], ttl: flo
             date = time.time()  # when it was received (RFC 9111 4.2.1): a wall-clock read
         return max(0.0, at - date)
     return ttl if ttl > 0 else None
+
+
+def _age(items: Iterable[tuple[bytes, bytes]]) -> float:
+    """What an answer's ``Age`` says it had spent in caches behind us (0 when unreadable)."""
+    value = _first(items, b"age")
+    return float(_seconds(value.strip()) or 0) if value is not None else 0.0
 
 
 def _vary(items: Iterable[tuple[bytes, bytes]]) -> tuple[bytes, ...] | None:
@@ -320,6 +347,7 @@ class Entry:
         stale_window: float,
         vary: tuple[bytes, ...],
         vary_values: tuple[bytes | None, ...],
+        age: float = 0.0,
     ) -> None:
         self.status = status
         self.reason = reason
@@ -334,15 +362,21 @@ class Entry:
         self.etag: bytes | None = None
         self.last_modified: bytes | None = None
         self.size = 0
-        self.set_headers(headers, stored_at, lifetime, stale_window)
+        self.set_headers(headers, stored_at, lifetime, stale_window, age)
 
     def set_headers(
-        self, headers: list[tuple[bytes, bytes]], now: float, lifetime: float, stale: float
+        self,
+        headers: list[tuple[bytes, bytes]],
+        now: float,
+        lifetime: float,
+        stale: float,
+        age: float = 0.0,
     ) -> None:
+        """New fields (``Age`` is not among them: ``age`` is what it said), fetched or
+        validated at ``now``."""
         self.headers = headers
         self.stored_at = now
-        age = _first(headers, b"age")
-        self.age0 = float(_seconds(age.strip()) or 0) if age is not None else 0.0
+        self.age0 = age
         self.lifetime = lifetime
         self.stale_window = stale
         self.etag = _first(headers, b"etag")
@@ -555,15 +589,21 @@ class _Filling:
 
 
 async def _discard(response: Response) -> None:
-    """Drop a bodiless answer (a 304): its connection goes back to the pool when the
-    body has ended, as the engine's own 304s do; closed otherwise."""
+    """Drop an answer nobody will see (a 304, a failure a stale answer stands in for).
+    When its body has already arrived whole (a 304's, a short error page's), its
+    connection goes back to the pool, as the engine's own 304s do; it is closed
+    otherwise, without waiting for more."""
     poll = getattr(response.stream, "poll", None)
     if poll is not None:
         try:
-            ended = poll() is END
+            for _ in range(_DRAIN_CHUNKS):
+                chunk = poll()
+                if chunk is END:
+                    response.stream = None
+                    return
+                if chunk is None:
+                    break
         except GatewayError:  # (the body broke: the stream has closed its connection)
-            ended = True
-        if ended:
             response.stream = None
             return
     await response.aclose()
@@ -658,7 +698,9 @@ class Cache(Filter):
                 self.store.invalidate(self._resource(exchange, call))
             return response
         if call.upgrade is not None or call.body is not None:
-            return await call_next(call)
+            response = await call_next(call)
+            self._mark(exchange, response, b"BYPASS")
+            return response
         headers = call.headers
         conditional = False
         bypass = self._bypass
@@ -706,6 +748,7 @@ class Cache(Filter):
                     items.append((b"if-none-match", entry.etag))
                 if entry.last_modified is not None:
                     items.append((b"if-modified-since", entry.last_modified))
+            cookies: list[tuple[bytes, bytes]] = []  # a 304's, for this client only
             try:
                 try:
                     if items is not headers.items:
@@ -721,6 +764,7 @@ class Cache(Filter):
                                 exchange, entry, headers, now, b"REVALIDATED", cookies
                             )
                         # A 304 for another representation than the one stored: fetch it.
+                        cookies = [(n, v) for n, v in response.headers if n == b"set-cookie"]
                         self.store.remove(key, entry)
                         entry = None
                         call.headers = Headers(
@@ -738,7 +782,7 @@ class Cache(Filter):
             fallback = is_fallback(exchange, response)
             failed = response.status in _FAILED or fallback
             if entry is not None and failed and entry.may_stand_in(now):
-                await response.aclose()
+                await _discard(response)
                 return self._serve(exchange, entry, headers, now, b"STALE")
             if not fallback:  # (a breaker's stand-in must not outlive the outage)
                 try:
@@ -751,6 +795,7 @@ class Cache(Filter):
             if entry is not None:
                 self.store.remove(key, entry)  # replaced by this answer, or by none
             self._mark(exchange, response, b"EXPIRED" if entry is not None else b"MISS")
+            response.headers.items += cookies  # (after _fill: never stored)
             return response
         finally:
             if lock is not None:
@@ -777,7 +822,7 @@ class Cache(Filter):
                 chunked = True
             elif n == b"content-length":
                 length = v
-        if response.body is None and response.stream is not None:
+        if response.body is None and response.stream is not None and status != 204:
             if length is not None:
                 if int(length) > self._max_entry:
                     return None
@@ -810,6 +855,7 @@ class Cache(Filter):
             self._stale_window(cc),
             vary,
             _values(vary, request),
+            _age(items),
         )
         if lifetime <= 0 and not entry.validated:
             return None  # never of use
@@ -877,7 +923,7 @@ class Cache(Filter):
         cc = directives(merged)
         before = entry.size
         lifetime = 0.0 if b"no-cache" in cc else freshness(cc, merged, self._ttl)
-        entry.set_headers(merged, now, lifetime or 0.0, self._stale_window(cc))
+        entry.set_headers(merged, now, lifetime or 0.0, self._stale_window(cc), _age(items))
         if cookies or b"no-store" in cc or b"private" in cc or lifetime is None:
             self.store.remove(key, entry)
         else:

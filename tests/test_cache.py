@@ -539,6 +539,8 @@ def test_the_memory_store_drops_the_least_recently_used_first() -> None:
         ({"key_headers": ["bad name"]}, "key_headers[0]"),
         ({"status_header": "x:y"}, "status_header"),
         ({"ttl": "-1s"}, "ttl"),
+        ({"status_header": "content-length"}, "status_header"),
+        ({"status_header": "Date"}, "status_header"),
     ],
 )
 def test_bad_config_names_the_key(table: dict[str, Any], path: str) -> None:
@@ -889,3 +891,79 @@ async def test_a_body_that_breaks_while_read_whole_gets_a_stale_answer_or_a_502(
     assert stale.header("x-cache-status") == "STALE"
     assert failed.status == 502
     assert after.header("x-cache-status") == "STALE"
+
+
+async def test_the_upstreams_age_counts(mock_clock: trio.testing.MockClock) -> None:
+    """An answer that spent 50 s in a cache behind the gateway has 10 s of its 60 left."""
+    respond = answer([("cache-control", "max-age=60"), ("age", "50")])
+    with trio.fail_after(JUMPED_DEADLINE):
+        async with scripted(respond) as up, open_gateway(_config(up.target)) as gw:
+            async with Client.open(gw.port) as client:
+                await _get(client)
+                mock_clock.jump(5)
+                hit = await _get(client)
+                mock_clock.jump(6)
+                expired = await _get(client)
+    assert hit.header("x-cache-status") == "HIT"
+    assert hit.header_all("age") == ["55"]
+    assert expired.header("x-cache-status") == "EXPIRED"
+
+
+async def test_a_204_without_content_length_is_stored() -> None:
+    """RFC 9110 8.6: a 204 has no Content-Length, and no body whatever its framing."""
+    data = b"HTTP/1.1 204 No Content\r\ncache-control: max-age=60\r\n\r\n"
+    with trio.fail_after(20):
+        async with scripted(lambda _req: data) as up, open_gateway(_config(up.target)) as gw:
+            async with Client.open(gw.port) as client:
+                got = [await _get(client) for _ in range(2)]
+    assert [r.header("x-cache-status") for r in got] == ["MISS", "HIT"]
+    assert len(up.requests) == 1
+
+
+async def test_a_stale_answer_keeps_the_failing_upstreams_connection(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    failing = False
+
+    def respond(req: RecordedRequest) -> bytes:
+        if failing:
+            return answer([], b"down", status=503)(req)
+        return answer([("cache-control", "max-age=1, stale-if-error=600")])(req)
+
+    with trio.fail_after(JUMPED_DEADLINE):
+        async with scripted(respond) as up, open_gateway(_config(up.target)) as gw:
+            async with Client.open(gw.port) as client:
+                await _get(client)
+                failing = True
+                mock_clock.jump(2)
+                stale = [(await _get(client)).header("x-cache-status") for _ in range(4)]
+    assert stale == ["STALE"] * 4
+    assert up.connections == 1  # each 503 was read to its end, not closed
+
+
+async def test_requests_that_cannot_be_cached_say_bypass() -> None:
+    respond = answer([("cache-control", "max-age=60"), ("x-cache-status", "FROM-UPSTREAM")])
+    with trio.fail_after(20):
+        async with scripted(respond) as up, open_gateway(_config(up.target)) as gw:
+            async with Client.open(gw.port) as client:
+                with_body = await client.request("GET", "/a", [], b"a body")
+    assert with_body.header_all("x-cache-status") == ["BYPASS"]
+
+
+async def test_a_refetch_passes_on_the_cookie_of_the_304_that_caused_it(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    def respond(req: RecordedRequest) -> bytes:
+        if req.header("if-none-match") is not None:
+            return response_head(304, [("etag", '"v2"'), ("set-cookie", "s=1")], content_length=0)
+        return answer([("etag", '"v1"'), ("cache-control", "max-age=10")])(req)
+
+    with trio.fail_after(JUMPED_DEADLINE):
+        async with scripted(respond) as up, open_gateway(_config(up.target)) as gw:
+            await http_request(gw.port, "GET", "/a")
+            mock_clock.jump(11)
+            refetched = await http_request(gw.port, "GET", "/a")
+            hit = await http_request(gw.port, "GET", "/a")
+    assert refetched.header_all("set-cookie") == ["s=1"]
+    assert hit.header("x-cache-status") == "HIT"  # what was fetched again was stored
+    assert hit.header_all("set-cookie") == []
