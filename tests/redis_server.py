@@ -13,6 +13,10 @@
         group.master, group.replica, group.sentinel   # RedisServer each
         await group.failover()                         # the replica is the master now
 
+    async with open_redis_cluster(3) as cluster:
+        cluster.nodes                  # RedisServer each, slots split evenly, no replicas
+        cluster.url                    # the first node's: "redis://127.0.0.1:PORT/0"
+
 A missing ``redis-server`` fails the test (``make test`` installs it): a skipped Redis
 test would hide that the shared store is untested.
 """
@@ -24,7 +28,7 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import pytest
@@ -34,7 +38,14 @@ import trustme
 from engine.testing import free_port as _free_port
 from plugins.rate_limit.redis import RedisAddress, RedisPool, RedisReplyError
 
-__all__ = ["RedisServer", "SentinelGroup", "open_redis_server", "open_sentinel_group"]
+__all__ = [
+    "RedisCluster",
+    "RedisServer",
+    "SentinelGroup",
+    "open_redis_cluster",
+    "open_redis_server",
+    "open_sentinel_group",
+]
 
 
 class RedisServer:
@@ -259,3 +270,69 @@ async def open_sentinel_group(name: str) -> AsyncIterator[SentinelGroup]:
                 finally:
                     with trio.CancelScope(shield=True):
                         await sentinel.stop()
+
+
+class RedisCluster:
+    """Masters of a Redis Cluster on 127.0.0.1, the slots split evenly between them."""
+
+    def __init__(self, nodes: list[RedisServer]) -> None:
+        self.nodes = nodes
+
+    @property
+    def url(self) -> str:
+        return self.nodes[0].url
+
+    async def node_id(self, node: RedisServer) -> str:
+        return (await command(node.port, "CLUSTER", "MYID")).decode()  # type: ignore[no-any-return]
+
+    async def owner(self, slot: int) -> RedisServer:
+        """The node serving ``slot``, as the first node sees it."""
+        for entry in await command(self.nodes[0].port, "CLUSTER", "SLOTS"):
+            if int(entry[0]) <= slot <= int(entry[1]):
+                port = int(entry[2][1])
+                return next(n for n in self.nodes if n.port == port)
+        raise LookupError(slot)
+
+    async def wait_ok(self) -> None:
+        """Until every node sees every other and the whole slot range served."""
+        for node in self.nodes:
+            while True:
+                info = (await command(node.port, "CLUSTER", "INFO")).decode()
+                if "cluster_state:ok" in info and (
+                    f"cluster_known_nodes:{len(self.nodes)}" in info
+                ):
+                    break
+                await trio.sleep(0.05)
+
+
+@asynccontextmanager
+async def open_redis_cluster(size: int = 3) -> AsyncIterator[RedisCluster]:
+    """``size`` masters of one Redis Cluster (no replicas), each with its own directory
+    and a free port for the cluster bus; waits (within 20 s) until the cluster is ok."""
+    async with AsyncExitStack() as stack:
+        nodes = []
+        for _ in range(size):
+            bus = str(_free_port())
+            args = [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-port",
+                bus,
+                "--cluster-node-timeout",
+                "2000",
+            ]
+            nodes.append(await stack.enter_async_context(open_redis_server(args=args)))
+        cluster = RedisCluster(nodes)
+        per = 16384 // size
+        with trio.fail_after(20):
+            for i, node in enumerate(nodes):
+                last = 16383 if i == size - 1 else (i + 1) * per - 1
+                await command(node.port, "CLUSTER", "ADDSLOTSRANGE", i * per, last)
+            for node in nodes[1:]:
+                await command(nodes[0].port, "CLUSTER", "MEET", "127.0.0.1", node.port, _bus(node))
+            await cluster.wait_ok()
+        yield cluster
+
+
+def _bus(node: RedisServer) -> int:
+    return int(node.args[node.args.index("--cluster-port") + 1])

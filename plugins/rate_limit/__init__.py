@@ -21,6 +21,7 @@ import socket
 import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal
 
 import trio
@@ -36,6 +37,8 @@ from plugins._identity import fingerprint
 from plugins.rate_limit.algorithms import Quota
 from plugins.rate_limit.memory import MemoryStore
 from plugins.rate_limit.redis import (
+    AnyPool,
+    RedisCluster,
     RedisError,
     RedisPool,
     RedisStore,
@@ -135,6 +138,13 @@ class RedisConfig:
     key_prefix: str = field(
         default="filtergate:rl:", metadata={"doc": "prefix of every key this plugin writes"}
     )
+    cluster: bool = field(
+        default=False,
+        metadata={
+            "doc": "the url is one node of a Redis Cluster (or its configuration endpoint); "
+            "the others are found from it"
+        },
+    )
     sentinel_master: str | None = field(
         default=None,
         metadata={"doc": "Redis Sentinel: the master's name (the url's host and port unused)"},
@@ -160,6 +170,11 @@ class RedisConfig:
         except ValueError as e:
             raise Invalid("url", str(e)) from None
         self._check_sentinels(address.tls)
+        if self.cluster:
+            if sentinel:
+                raise Invalid("cluster", "a Redis Cluster has no sentinels: set one or the other")
+            if address.db:
+                raise Invalid("url", "a Redis Cluster has only database 0")
         files = {"ca_file": self.ca_file, "cert_file": self.cert_file, "key_file": self.key_file}
         given = {k: v for k, v in files.items() if v is not None}
         if given and not address.tls:
@@ -207,6 +222,7 @@ class RedisConfig:
             self.key_file,
             float(self.timeout),
             self.pool_size,
+            self.cluster,
             self.sentinel_master,
             self.sentinel_nodes,
             self.sentinel_username,
@@ -230,6 +246,21 @@ class RedisConfig:
         if self.ca_file is None and self.cert_file is None:
             return None
         return client_tls_context(self.ca_file, self.cert_file, self.key_file)
+
+
+def _redis_pool(r: RedisConfig) -> AnyPool:
+    address = parse_redis_url(r.url, r.password, host_required=r.sentinel_master is None)
+    if r.cluster:
+        return RedisCluster(
+            address, timeout=float(r.timeout), pool_size=r.pool_size, ssl_context=r.tls_context()
+        )
+    return RedisPool(
+        address,
+        timeout=float(r.timeout),
+        pool_size=r.pool_size,
+        ssl_context=r.tls_context(),
+        sentinels=r.sentinels(),
+    )
 
 
 _KEY_HELP = 'expected "consumer", "ip", "route", "header:NAME" or "claim:NAME"'
@@ -510,16 +541,7 @@ class RateLimit(Filter):
         self._memory: MemoryStore | None = None  # set when decisions are synchronous
         if config.store == "redis":
             r = config.redis
-            pool = shared_pool(
-                r.pool_key(),
-                lambda: RedisPool(
-                    parse_redis_url(r.url, r.password, host_required=r.sentinel_master is None),
-                    timeout=float(r.timeout),
-                    pool_size=r.pool_size,
-                    ssl_context=r.tls_context(),
-                    sentinels=r.sentinels(),
-                ),
-            )
+            pool = shared_pool(r.pool_key(), partial(_redis_pool, r))
             self.store = RedisStore(
                 pool, prefix=r.key_prefix, retry_interval=float(r.retry_interval)
             )

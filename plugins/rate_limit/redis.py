@@ -21,6 +21,10 @@ to the new one. Without Sentinel the same holds for a name whose address moves (
 managed Redis' primary endpoint): a ``READONLY`` reply, a master demoted to replica,
 closes the pool's connections, so the next one looks the name up again.
 
+With Redis Cluster (:class:`RedisCluster`), a pool per master; each decision goes to the
+master of its keys' slot (one hash tag: one slot), following ``MOVED`` and ``ASK``
+redirections.
+
 When Redis fails, the store raises :class:`~plugins.rate_limit.store.StoreUnavailable`
 and, for ``retry_interval`` seconds, answers every decision that way without touching
 the network (so a dead server costs no request a timeout); then one decision probes
@@ -29,6 +33,7 @@ the server while the others keep failing fast, and the first success restores se
 
 from __future__ import annotations
 
+import binascii
 import hashlib
 import itertools
 import logging
@@ -48,13 +53,17 @@ from plugins.rate_limit.algorithms import Verdict
 from plugins.rate_limit.store import Outcome, Policy, StoreUnavailable, combine
 
 __all__ = [
+    "CLUSTER_SLOTS",
+    "AnyPool",
     "RedisAddress",
+    "RedisCluster",
     "RedisError",
     "RedisPool",
     "RedisReplyError",
     "RedisStore",
     "RedisUnavailable",
     "Sentinels",
+    "key_slot",
     "parse_redis_url",
     "parse_sentinel_node",
     "shared_pool",
@@ -198,6 +207,9 @@ def _encode(args: Sequence[bytes | str | int | float]) -> bytes:
     return b"".join(out)
 
 
+_ASKING = _encode([b"ASKING"])
+
+
 class _Connection:
     __slots__ = ("address", "reader", "stream")
 
@@ -206,14 +218,21 @@ class _Connection:
         self.address = address
         self.reader = hiredis.Reader()
 
-    async def roundtrip(self, payload: bytes) -> Any:
-        """Send one command, return its reply (a ``hiredis.ReplyError`` is returned)."""
+    async def roundtrip(self, payload: bytes, replies: int = 1) -> Any:
+        """Send ``replies`` commands (one by default), return the last reply, or the
+        first error reply (a ``hiredis.ReplyError`` is returned, not raised)."""
         await self.stream.send_all(payload)
         reader = self.reader
+        first_error: Any = None
         while True:
             reply = reader.gets()
             if reply is not False:
-                return reply
+                replies -= 1
+                if isinstance(reply, hiredis.ReplyError) and first_error is None:
+                    first_error = reply
+                if not replies:
+                    return first_error if first_error is not None else reply
+                continue
             data = await self.stream.receive_some(65536)
             if not data:
                 raise _ConnectionLost("connection closed by the server")
@@ -401,8 +420,9 @@ class RedisPool:
             raise RedisUnavailable(f"connection set-up refused: {reply}")
         return reply
 
-    async def execute(self, *args: bytes | str | int | float) -> Any:
-        """The reply to one command.
+    async def execute(self, *args: bytes | str | int | float, asking: bool = False) -> Any:
+        """The reply to one command (after ``ASKING``, for a Redis Cluster's ``ASK``
+        redirection, with ``asking``).
 
         Raises :class:`RedisReplyError` for an error reply and :class:`RedisUnavailable`
         when there is no reply within ``timeout``, the connection fails, or the server
@@ -411,6 +431,9 @@ class RedisPool:
         if self._closed:
             raise RedisUnavailable("the pool is closed")
         payload = _encode(args)
+        replies = 1
+        if asking:
+            payload, replies = _ASKING + payload, 2
         reply: Any = None
         with trio.move_on_after(self.timeout) as scope:
             async with self._limiter:
@@ -420,7 +443,7 @@ class RedisPool:
                     if conn is None:
                         conn = await self._connect()
                     try:
-                        reply = await conn.roundtrip(payload)
+                        reply = await conn.roundtrip(payload, replies)
                     except (_ConnectionLost, trio.BrokenResourceError, OSError) as e:
                         if not reused:
                             raise
@@ -430,7 +453,7 @@ class RedisPool:
                         await trio.aclose_forcefully(conn.stream)
                         conn = None
                         conn = await self._connect()
-                        reply = await conn.roundtrip(payload)
+                        reply = await conn.roundtrip(payload, replies)
                 except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
                     if conn is not None:
                         await trio.aclose_forcefully(conn.stream)
@@ -558,17 +581,198 @@ class RedisPool:
             await trio.aclose_forcefully(conn.stream)
 
 
+# -- Redis Cluster ----------------------------------------------------------------------
+
+CLUSTER_SLOTS = 16384
+#: Redirections (MOVED, ASK) one command may follow before it gives up: a resharding
+#: moves a slot once; more means the map is changing faster than it can be followed.
+_MAX_REDIRECTS = 5
+
+
+def key_slot(key: bytes) -> int:
+    """The cluster slot of ``key``: CRC16 (XMODEM) of its hash tag (the part between the
+    first ``{`` and the next ``}``, when not empty) or of the whole key, mod 16384."""
+    start = key.find(b"{")
+    if start != -1:
+        end = key.find(b"}", start + 1)
+        if end > start + 1:
+            key = key[start + 1 : end]
+    return binascii.crc_hqx(key, 0) % CLUSTER_SLOTS
+
+
+def _as_bytes(arg: bytes | str | int | float) -> bytes:
+    return arg if isinstance(arg, bytes) else str(arg).encode()
+
+
+def _command_key(args: Sequence[bytes | str | int | float]) -> bytes | None:
+    """The key a command is routed by: the first key of ``EVAL``/``EVALSHA``, else none
+    (``PING`` and the like go to any node)."""
+    command = _as_bytes(args[0]).upper() if args else b""
+    if command in (b"EVAL", b"EVALSHA") and len(args) > 3 and int(args[2]) > 0:
+        return _as_bytes(args[3])
+    return None
+
+
+class RedisCluster:
+    """A Redis Cluster, reached through ``address`` (one node, or a managed service's
+    configuration endpoint): a :class:`RedisPool` per master, each command sent to the
+    master of its key's slot.
+
+    The slot map comes from ``CLUSTER SLOTS``, asked of the nodes known (the seed first
+    time). A ``MOVED`` reply (the slot has a new master: a failover, a resharding)
+    updates that slot and has the whole map asked again before the next command; an
+    ``ASK`` reply (a slot being migrated) sends the command once to the node named,
+    after ``ASKING``. ``CLUSTERDOWN`` and ``TRYAGAIN`` are failures of the moment.
+    Credentials and TLS are ``address``'s for every node; a TLS certificate is checked
+    against the name the cluster gives the node (its hostname, or its IP address).
+    """
+
+    def __init__(
+        self,
+        address: RedisAddress,
+        *,
+        timeout: float,
+        pool_size: int,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        if address.db:
+            raise ValueError("a Redis Cluster has only database 0")
+        self.address = address
+        self.timeout = timeout
+        self._pool_size = pool_size
+        self._ssl_context = ssl_context
+        self._pools: dict[tuple[str, int], RedisPool] = {}
+        self._slots: list[tuple[str, int] | None] = [None] * CLUSTER_SLOTS
+        self._masters: list[tuple[str, int]] = []
+        self._stale = True  # the map must be asked for before the next command
+        self._mapping = trio.Lock()
+        self._closed = False
+        self._users = 0
+
+    @property
+    def where(self) -> str:
+        return f"cluster via {_host_port((self.address.host, self.address.port))}"
+
+    def _pool(self, node: tuple[str, int]) -> RedisPool:
+        pool = self._pools.get(node)
+        if pool is None:
+            a = self.address
+            pool = self._pools[node] = RedisPool(
+                RedisAddress(node[0], node[1], 0, a.username, a.password, a.tls),
+                timeout=self.timeout,
+                pool_size=self._pool_size,
+                ssl_context=self._ssl_context,
+            )
+        return pool
+
+    async def _map(self) -> None:
+        """Ask the nodes known, the seed last, for the slot map (one asker at a time)."""
+        async with self._mapping:
+            if not self._stale:
+                return
+            seed = (self.address.host, self.address.port)
+            nodes = self._masters + ([seed] if seed not in self._masters else [])
+            failures: list[str] = []
+            for node in nodes:
+                try:
+                    reply = await self._pool(node).execute(b"CLUSTER", b"SLOTS")
+                    self._read_map(node, reply)
+                except (RedisError, ValueError, TypeError, IndexError) as e:
+                    failures.append(f"{_host_port(node)}: {e}")
+                    continue
+                self._stale = False
+                return
+            raise RedisUnavailable(f"no node gave the slot map ({'; '.join(failures)})")
+
+    def _read_map(self, asked: tuple[str, int], reply: Any) -> None:
+        slots: list[tuple[str, int] | None] = [None] * CLUSTER_SLOTS
+        masters: list[tuple[str, int]] = []
+        for entry in reply:
+            start, end, master = int(entry[0]), int(entry[1]), entry[2]
+            host = master[0].decode() if master[0] else asked[0]  # "": the node asked
+            node = (host, int(master[1]))
+            if node not in masters:
+                masters.append(node)
+            slots[start : end + 1] = [node] * (end + 1 - start)
+        if not masters:
+            raise ValueError("no slot is served (is the cluster set up?)")
+        self._slots, self._masters = slots, masters
+        for node in list(self._pools):
+            if node not in masters and node != (self.address.host, self.address.port):
+                pool = self._pools.pop(node)  # a node that serves no slot now
+                idle, pool._idle = pool._idle, []
+                for conn in idle:
+                    _close_now(conn)
+
+    async def execute(self, *args: bytes | str | int | float) -> Any:
+        """The reply to one command, from the master of its key's slot (see the class
+        docstring); raises as :meth:`RedisPool.execute`."""
+        if self._closed:
+            raise RedisUnavailable("the pool is closed")
+        if self._stale:
+            await self._map()
+        key = _command_key(args)
+        node = self._slots[key_slot(key)] if key is not None else self._masters[0]
+        asking = False
+        for _ in range(_MAX_REDIRECTS):
+            if node is None:  # a slot no master serves: the cluster is missing a part
+                self._stale = True
+                raise RedisUnavailable("no master serves this key's slot")
+            try:
+                return await self._pool(node).execute(*args, asking=asking)
+            except RedisReplyError as e:
+                kind, _, rest = str(e).partition(" ")
+                if kind not in ("MOVED", "ASK"):
+                    if kind in ("CLUSTERDOWN", "TRYAGAIN"):
+                        raise RedisUnavailable(str(e)) from None
+                    raise
+                slot, _, target = rest.partition(" ")
+                host, _, port = target.rpartition(":")
+                node = (host.strip("[]") or node[0], int(port))
+                asking = kind == "ASK"
+                if not asking:
+                    self._slots[int(slot)] = node
+                    self._stale = True  # more slots may have moved with it
+            except RedisUnavailable:
+                self._stale = True  # a master gone: a failover may be under way
+                raise
+        raise RedisUnavailable(f"more than {_MAX_REDIRECTS} redirections for one command")
+
+    async def serve(self) -> None:
+        """Run while a user (a store of a filter in use) needs the cluster; several may
+        share it. When the last one leaves, the idle connections are closed (as
+        :meth:`RedisPool.serve` does)."""
+        self._users += 1
+        try:
+            await trio.sleep_forever()
+        finally:
+            self._users -= 1
+            if not self._users:
+                for pool in self._pools.values():
+                    idle, pool._idle = pool._idle, []
+                    for conn in idle:
+                        _close_now(conn)
+
+    async def aclose(self) -> None:
+        self._closed = True
+        for pool in self._pools.values():
+            await pool.aclose()
+
+
+#: A server's pool, or a cluster's pools.
+AnyPool = RedisPool | RedisCluster
+
 #: The pools in use, by what makes them (server, credentials, TLS files, limits): every
 #: filter instance with the same Redis settings shares one, so ``pool_size`` and the
 #: sentinel questions are per process, not per route. Held weakly: a pool goes with
 #: the last store that uses it.
 #: One registry per trio run: a pool's locks and limiter belong to the run that made it.
-_SHARED: trio.lowlevel.RunVar[weakref.WeakValueDictionary[Hashable, RedisPool]] = (
+_SHARED: trio.lowlevel.RunVar[weakref.WeakValueDictionary[Hashable, AnyPool]] = (
     trio.lowlevel.RunVar("filtergate_redis_pools")
 )
 
 
-def shared_pool(key: Hashable, make: Callable[[], RedisPool]) -> RedisPool:
+def shared_pool(key: Hashable, make: Callable[[], AnyPool]) -> AnyPool:
     """The pool for ``key``, made by ``make`` when there is none (see :data:`_SHARED`).
     Outside a trio run (``filtergate check``) every caller gets a pool of its own."""
     try:
@@ -809,7 +1013,7 @@ class RedisStore:
     ``prefix`` starts every key; the filter's key (scope, tier, caller) is the hash tag.
     """
 
-    def __init__(self, pool: RedisPool, *, prefix: str, retry_interval: float) -> None:
+    def __init__(self, pool: AnyPool, *, prefix: str, retry_interval: float) -> None:
         self.pool = pool
         self.prefix = prefix
         self.retry_interval = retry_interval
