@@ -306,22 +306,19 @@ class RedisCluster:
 
 
 @asynccontextmanager
-async def open_redis_cluster(size: int = 3) -> AsyncIterator[RedisCluster]:
+async def open_redis_cluster(
+    size: int = 3, args: Sequence[str] = ()
+) -> AsyncIterator[RedisCluster]:
     """``size`` masters of one Redis Cluster (no replicas), each with its own directory
-    and a free port for the cluster bus; waits (within 20 s) until the cluster is ok."""
+    and a free port for the cluster bus, ``args`` given to each; waits (within 20 s)
+    until the cluster is ok."""
     async with AsyncExitStack() as stack:
         nodes = []
         for _ in range(size):
             bus = str(_free_port())
-            args = [
-                "--cluster-enabled",
-                "yes",
-                "--cluster-port",
-                bus,
-                "--cluster-node-timeout",
-                "2000",
-            ]
-            nodes.append(await stack.enter_async_context(open_redis_server(args=args)))
+            node_args = ["--cluster-enabled", "yes", "--cluster-port", bus]
+            node_args += ["--cluster-node-timeout", "2000", *args]
+            nodes.append(await stack.enter_async_context(open_redis_server(args=node_args)))
         cluster = RedisCluster(nodes)
         per = 16384 // size
         with trio.fail_after(20):

@@ -7,6 +7,7 @@ for conditions, never for fixed times, within their deadline.
 
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 import pytest
@@ -17,7 +18,7 @@ from engine.testing import Stubs, http_request, open_gateway
 from plugins.rate_limit import RedisConfig
 from plugins.rate_limit.algorithms import Quota
 from plugins.rate_limit.redis import RedisCluster, RedisStore, key_slot, parse_redis_url
-from plugins.rate_limit.store import Policy
+from plugins.rate_limit.store import Policy, StoreUnavailable
 from tests.redis_server import command, open_redis_cluster
 
 DEADLINE = 30
@@ -158,3 +159,135 @@ def test_bad_cluster_settings_name_their_key(table: dict[str, Any], path: str, w
         build(RedisConfig, table, "redis")
     assert err.value.path == f"redis.{path}"
     assert words in str(err.value)
+
+
+# -- found by review: each of these failed before its fix ---------------------------------
+
+
+async def test_one_failing_master_fails_only_its_own_callers() -> None:
+    """A master gone (the others keep their slots): decisions on the others' slots go
+    on, and the store's fail-fast holds only for the dead master's."""
+    with trio.fail_after(DEADLINE):
+        async with open_redis_cluster(3, ["--cluster-require-full-coverage", "no"]) as cluster:
+            client = _cluster(cluster.url)
+            store = RedisStore(client, prefix="t:", retry_interval=30.0)
+            try:
+                await _allowed(store, "warm")  # the map is known
+                dead = cluster.nodes[0]
+                by_node: dict[int, list[str]] = {n.port: [] for n in cluster.nodes}
+                for i in range(60):
+                    node = client.node_of(f"t:{{c{i}}}:x".encode())
+                    assert node is not None
+                    by_node[node[1]].append(f"c{i}")
+                await dead.stop()
+                healthy = [k for port, ks in by_node.items() if port != dead.port for k in ks]
+                failed_first = False
+                for k in by_node[dead.port][:1]:
+                    try:
+                        await _allowed(store, k)
+                    except StoreUnavailable:
+                        failed_first = True
+                results = [await _allowed(store, k) for k in healthy]
+            finally:
+                await store.aclose()
+    assert failed_first
+    assert results == [True] * len(healthy)
+
+
+async def test_tryagain_during_a_migration_is_sent_again() -> None:
+    """A decision of two quotas (two keys, one slot) whose slot migrates gets TRYAGAIN
+    until the migration ends; it is sent again, and succeeds, within its timeout."""
+    two = Policy.build("", "sliding-window", [Quota(3, 60.0), Quota(10, 3600.0)])
+    with trio.fail_after(DEADLINE):
+        async with open_redis_cluster(3) as cluster:
+            slot = key_slot(b"t:{moving}")
+            source = await cluster.owner(slot)
+            target = next(n for n in cluster.nodes if n is not source)
+            source_id, target_id = await cluster.node_id(source), await cluster.node_id(target)
+            await command(target.port, "CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+            await command(source.port, "CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+            client = _cluster(cluster.url)
+            store = RedisStore(client, prefix="t:", retry_interval=0.1)
+            try:
+                outcome = None
+
+                async def decide() -> None:
+                    nonlocal outcome
+                    outcome = await store.decide("moving", two, trio.current_time())
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(decide)
+                    await trio.sleep(0.2)  # (it is getting TRYAGAIN meanwhile)
+                    for node in cluster.nodes:
+                        await command(node.port, "CLUSTER", "SETSLOT", slot, "NODE", target_id)
+            finally:
+                await store.aclose()
+    assert outcome is not None
+    assert outcome.allowed
+
+
+async def test_a_hung_cluster_fails_a_decision_within_its_timeout() -> None:
+    with trio.fail_after(DEADLINE):
+        async with open_redis_cluster(3) as cluster:
+            client = RedisCluster(parse_redis_url(cluster.url), timeout=0.3, pool_size=2)
+            store = RedisStore(client, prefix="t:", retry_interval=0.0)
+            try:
+                await _allowed(store, "warm")
+                for node in cluster.nodes:
+                    assert node.process is not None
+                    node.process.send_signal(signal.SIGSTOP)
+                try:
+                    client._mark_stale()  # a map to ask again, of nodes that never answer
+                    started = trio.current_time()
+                    with pytest.raises(StoreUnavailable):
+                        await _allowed(store, "k")
+                    took = trio.current_time() - started
+                finally:
+                    for node in cluster.nodes:
+                        assert node.process is not None
+                        node.process.send_signal(signal.SIGCONT)
+            finally:
+                await store.aclose()
+    assert took < 0.6  # its timeout, 0.3 s, and the scheduler's slack; not 3 x 0.3
+
+
+async def test_clusterdown_has_the_map_asked_again() -> None:
+    with trio.fail_after(DEADLINE):
+        async with open_redis_cluster(3) as cluster:
+            client = _cluster(cluster.url)
+            store = RedisStore(client, prefix="t:", retry_interval=0.0)
+            try:
+                await _allowed(store, "warm")
+                owner = await cluster.owner(0)
+                await command(owner.port, "CLUSTER", "DELSLOTS", 0)  # a slot nobody serves
+                while True:  # until the node sees the cluster as failing
+                    if b"cluster_state:fail" in await command(owner.port, "CLUSTER", "INFO"):
+                        break
+                    await trio.sleep(0.05)
+                # A caller whose slot that node serves (it sees the cluster failing).
+                key = next(
+                    f"k{i}"
+                    for i in range(1000)
+                    if client.node_of(f"t:{{k{i}}}".encode()) == ("127.0.0.1", owner.port)
+                )
+                with pytest.raises(StoreUnavailable, match="CLUSTERDOWN"):
+                    await _allowed(store, key)
+                stale = client._stale
+            finally:
+                await store.aclose()
+    assert stale
+
+
+def test_a_slot_map_out_of_bounds_is_refused_and_replicas_are_remembered() -> None:
+    client = _cluster("redis://127.0.0.1:7000/0")
+    with pytest.raises(ValueError, match="out of bounds"):
+        client._read_map(("127.0.0.1", 7000), [[-5, 3, [b"127.0.0.1", 7000, b"id"]]])
+    with pytest.raises(ValueError, match="out of bounds"):
+        client._read_map(("127.0.0.1", 7000), [[0, 20000, [b"127.0.0.1", 7000, b"id"]]])
+    client._read_map(
+        ("127.0.0.1", 7000),
+        [[0, 16383, [b"127.0.0.1", 7000, b"m"], [b"127.0.0.1", 7001, b"r"]]],
+    )
+    assert client._masters == [("127.0.0.1", 7000)]
+    assert ("127.0.0.1", 7001) in client._known  # asked for the map when the master is gone
+    assert len(client._slots) == 16384

@@ -23,12 +23,14 @@ closes the pool's connections, so the next one looks the name up again.
 
 With Redis Cluster (:class:`RedisCluster`), a pool per master; each decision goes to the
 master of its keys' slot (one hash tag: one slot), following ``MOVED`` and ``ASK``
-redirections.
+redirections, and a master's failure is its slots' alone (below).
 
 When Redis fails, the store raises :class:`~plugins.rate_limit.store.StoreUnavailable`
 and, for ``retry_interval`` seconds, answers every decision that way without touching
 the network (so a dead server costs no request a timeout); then one decision probes
 the server while the others keep failing fast, and the first success restores service.
+With a cluster, this holds per master: the decisions of the slots a failing master
+serves fail fast, the others go on.
 """
 
 from __future__ import annotations
@@ -587,6 +589,10 @@ CLUSTER_SLOTS = 16384
 #: Redirections (MOVED, ASK) one command may follow before it gives up: a resharding
 #: moves a slot once; more means the map is changing faster than it can be followed.
 _MAX_REDIRECTS = 5
+#: Pause before a command its slot's migration refused (``TRYAGAIN``) is sent again.
+_TRYAGAIN_PAUSE = 0.01
+#: Pause between two failed attempts of the background map refresh.
+_REMAP_PAUSE = 0.1
 
 
 def key_slot(key: bytes) -> int:
@@ -618,13 +624,18 @@ class RedisCluster:
     configuration endpoint): a :class:`RedisPool` per master, each command sent to the
     master of its key's slot.
 
-    The slot map comes from ``CLUSTER SLOTS``, asked of the nodes known (the seed first
-    time). A ``MOVED`` reply (the slot has a new master: a failover, a resharding)
-    updates that slot and has the whole map asked again before the next command; an
-    ``ASK`` reply (a slot being migrated) sends the command once to the node named,
-    after ``ASKING``. ``CLUSTERDOWN`` and ``TRYAGAIN`` are failures of the moment.
-    Credentials and TLS are ``address``'s for every node; a TLS certificate is checked
-    against the name the cluster gives the node (its hostname, or its IP address).
+    The slot map comes from ``CLUSTER SLOTS``, asked of the nodes known (masters and
+    replicas the last map named, then ``address``), each within its share of
+    ``timeout``. A ``MOVED`` reply (the slot has a new master: a failover, a resharding)
+    updates that slot; an ``ASK`` reply (a slot being migrated) sends the command once to
+    the node named, after ``ASKING``; ``TRYAGAIN`` (a multi-key command while its slot
+    migrates) is sent again after a short pause. A ``MOVED``, ``CLUSTERDOWN`` or a node
+    that fails has the whole map asked again: in the background while a user
+    :meth:`serve` s the cluster (a command whose slot is known does not wait for it),
+    else before the next command. Every command, redirections and waits included, ends
+    within ``timeout``. Credentials and TLS are ``address``'s for every node; a TLS
+    certificate is checked against the name the cluster gives the node (its hostname, or
+    its IP address).
     """
 
     def __init__(
@@ -644,7 +655,9 @@ class RedisCluster:
         self._pools: dict[tuple[str, int], RedisPool] = {}
         self._slots: list[tuple[str, int] | None] = [None] * CLUSTER_SLOTS
         self._masters: list[tuple[str, int]] = []
-        self._stale = True  # the map must be asked for before the next command
+        self._known: list[tuple[str, int]] = []  # masters and replicas, to ask the map of
+        self._stale = True  # the map must be asked for again
+        self._stale_event = trio.Event()  # set when it becomes stale (for serve)
         self._mapping = trio.Lock()
         self._closed = False
         self._users = 0
@@ -652,6 +665,14 @@ class RedisCluster:
     @property
     def where(self) -> str:
         return f"cluster via {_host_port((self.address.host, self.address.port))}"
+
+    def node_of(self, key: bytes) -> tuple[str, int] | None:
+        """The master that serves ``key``'s slot, as the map says (None: not known)."""
+        return self._slots[key_slot(key)]
+
+    def _mark_stale(self) -> None:
+        self._stale = True
+        self._stale_event.set()
 
     def _pool(self, node: tuple[str, int]) -> RedisPool:
         pool = self._pools.get(node)
@@ -663,98 +684,160 @@ class RedisCluster:
                 pool_size=self._pool_size,
                 ssl_context=self._ssl_context,
             )
+            pool._served = self._users > 0  # (connections close when no user is left)
+            pool._users = self._users
         return pool
 
     async def _map(self) -> None:
-        """Ask the nodes known, the seed last, for the slot map (one asker at a time)."""
+        """Ask the nodes known, the seed last, for the slot map, each within its share of
+        ``timeout`` (one asker at a time; the others wait for its answer)."""
         async with self._mapping:
             if not self._stale:
                 return
+            self._stale = False  # a MOVED while this runs makes it stale again
+            if self._stale_event.is_set():  # (its waiters have woken: they read anew)
+                self._stale_event = trio.Event()
             seed = (self.address.host, self.address.port)
-            nodes = self._masters + ([seed] if seed not in self._masters else [])
+            nodes = self._known + ([seed] if seed not in self._known else [])
+            each = self.timeout / len(nodes)
             failures: list[str] = []
             for node in nodes:
-                try:
-                    reply = await self._pool(node).execute(b"CLUSTER", b"SLOTS")
-                    self._read_map(node, reply)
-                except (RedisError, ValueError, TypeError, IndexError) as e:
-                    failures.append(f"{_host_port(node)}: {e}")
-                    continue
-                self._stale = False
-                return
+                with trio.move_on_after(each):
+                    try:
+                        reply = await self._pool(node).execute(b"CLUSTER", b"SLOTS")
+                        self._read_map(node, reply)
+                    except (RedisError, ValueError, TypeError, IndexError) as e:
+                        failures.append(f"{_host_port(node)}: {e}")
+                        continue
+                    return
+                failures.append(f"{_host_port(node)}: no answer within {each:.3g}s")
+            self._mark_stale()
             raise RedisUnavailable(f"no node gave the slot map ({'; '.join(failures)})")
 
     def _read_map(self, asked: tuple[str, int], reply: Any) -> None:
         slots: list[tuple[str, int] | None] = [None] * CLUSTER_SLOTS
         masters: list[tuple[str, int]] = []
+        known: list[tuple[str, int]] = []
         for entry in reply:
-            start, end, master = int(entry[0]), int(entry[1]), entry[2]
-            host = master[0].decode() if master[0] else asked[0]  # "": the node asked
-            node = (host, int(master[1]))
-            if node not in masters:
-                masters.append(node)
-            slots[start : end + 1] = [node] * (end + 1 - start)
+            start, end = int(entry[0]), int(entry[1])
+            if not 0 <= start <= end < CLUSTER_SLOTS:
+                raise ValueError(f"a slot range out of bounds: {start}-{end}")
+            nodes = []
+            for node in entry[2:]:
+                host = node[0].decode() if node[0] else asked[0]  # "": the node asked
+                nodes.append((host, int(node[1])))
+            if not nodes:
+                raise ValueError(f"no master for slots {start}-{end}")
+            master = nodes[0]
+            if master not in masters:
+                masters.append(master)
+            for node in nodes:
+                if node not in known:
+                    known.append(node)
+            slots[start : end + 1] = [master] * (end + 1 - start)
         if not masters:
             raise ValueError("no slot is served (is the cluster set up?)")
-        self._slots, self._masters = slots, masters
+        self._slots, self._masters, self._known = slots, masters, known
         for node in list(self._pools):
             if node not in masters and node != (self.address.host, self.address.port):
-                pool = self._pools.pop(node)  # a node that serves no slot now
-                idle, pool._idle = pool._idle, []
-                for conn in idle:
-                    _close_now(conn)
+                self._drop(node)  # a node that serves no slot now
+
+    def _drop(self, node: tuple[str, int]) -> None:
+        """Close the pool to ``node`` (its connections in use close when they end)."""
+        pool = self._pools.pop(node)
+        pool._closed = True
+        idle, pool._idle = pool._idle, []
+        for conn in idle:
+            _close_now(conn)
 
     async def execute(self, *args: bytes | str | int | float) -> Any:
         """The reply to one command, from the master of its key's slot (see the class
-        docstring); raises as :meth:`RedisPool.execute`."""
+        docstring), within ``timeout``; raises as :meth:`RedisPool.execute`."""
         if self._closed:
             raise RedisUnavailable("the pool is closed")
-        if self._stale:
-            await self._map()
+        with trio.move_on_after(self.timeout):
+            return await self._execute(args)
+        raise RedisUnavailable(f"no answer within {self.timeout:g}s")
+
+    async def _execute(self, args: Sequence[bytes | str | int | float]) -> Any:
         key = _command_key(args)
-        node = self._slots[key_slot(key)] if key is not None else self._masters[0]
+        node = self.node_of(key) if key is not None else None
+        if node is None and key is None and self._masters:
+            node = self._masters[0]
+        if node is None or (self._stale and not self._users):
+            # Unknown yet, or nobody refreshes the map in the background: ask now.
+            await self._map()
+            node = self.node_of(key) if key is not None else self._masters[0]
         asking = False
-        for _ in range(_MAX_REDIRECTS):
+        redirects = 0
+        while True:
             if node is None:  # a slot no master serves: the cluster is missing a part
-                self._stale = True
+                self._mark_stale()
                 raise RedisUnavailable("no master serves this key's slot")
             try:
                 return await self._pool(node).execute(*args, asking=asking)
             except RedisReplyError as e:
                 kind, _, rest = str(e).partition(" ")
+                if kind == "TRYAGAIN":
+                    # A multi-key command while its slot migrates: soon over. Sent again
+                    # from the slot's master as the map says (the caller's timeout ends
+                    # the waiting).
+                    await trio.sleep(_TRYAGAIN_PAUSE)
+                    node = self.node_of(key) if key is not None else node
+                    asking, redirects = False, 0
+                    continue
+                if kind == "CLUSTERDOWN":
+                    self._mark_stale()
+                    raise RedisUnavailable(str(e)) from None
                 if kind not in ("MOVED", "ASK"):
-                    if kind in ("CLUSTERDOWN", "TRYAGAIN"):
-                        raise RedisUnavailable(str(e)) from None
                     raise
+                redirects += 1
+                if redirects > _MAX_REDIRECTS:
+                    raise RedisUnavailable(
+                        f"more than {_MAX_REDIRECTS} redirections for one command"
+                    ) from None
                 slot, _, target = rest.partition(" ")
                 host, _, port = target.rpartition(":")
                 node = (host.strip("[]") or node[0], int(port))
                 asking = kind == "ASK"
                 if not asking:
                     self._slots[int(slot)] = node
-                    self._stale = True  # more slots may have moved with it
+                    self._mark_stale()  # more slots may have moved with it
             except RedisUnavailable:
-                self._stale = True  # a master gone: a failover may be under way
+                self._mark_stale()  # a master gone: a failover may be under way
                 raise
-        raise RedisUnavailable(f"more than {_MAX_REDIRECTS} redirections for one command")
 
     async def serve(self) -> None:
         """Run while a user (a store of a filter in use) needs the cluster; several may
-        share it. When the last one leaves, the idle connections are closed (as
-        :meth:`RedisPool.serve` does)."""
+        share it. The first asks the slot map again whenever it is stale; when the last
+        one leaves, the idle connections are closed (as :meth:`RedisPool.serve`)."""
         self._users += 1
+        for pool in self._pools.values():
+            pool._served, pool._users = True, self._users
         try:
+            while not self._closed:
+                if not self._stale:
+                    await self._stale_event.wait()
+                    continue
+                try:
+                    with trio.move_on_after(self.timeout):
+                        await self._map()
+                except RedisUnavailable as e:
+                    log.warning("Redis %s: %s", self.where, e)
+                    await trio.sleep(_REMAP_PAUSE)
             await trio.sleep_forever()
         finally:
             self._users -= 1
-            if not self._users:
-                for pool in self._pools.values():
+            for pool in self._pools.values():
+                pool._users = self._users
+                if not self._users:
                     idle, pool._idle = pool._idle, []
                     for conn in idle:
                         _close_now(conn)
 
     async def aclose(self) -> None:
         self._closed = True
+        self._stale_event.set()
         for pool in self._pools.values():
             await pool.aclose()
 
@@ -1007,6 +1090,18 @@ class _Plan:
     argv: tuple[int, ...]
 
 
+class _Outage:
+    """A failure of the store (or of one master of a cluster): decisions fail fast until
+    ``retry_at``, then one ``probing`` decision tries while the others keep failing."""
+
+    __slots__ = ("probing", "retry_at", "since")
+
+    def __init__(self, since: float) -> None:
+        self.since = since
+        self.retry_at = since
+        self.probing = False
+
+
 class RedisStore:
     """Counters in Redis, shared by every gateway that uses the same server and prefix.
 
@@ -1021,14 +1116,15 @@ class RedisStore:
         # Unique sliding-log members across processes: a random process part + a count.
         self._nonce_base = os.urandom(6).hex()
         self._nonces = itertools.count()
-        self._down_since: float | None = None
-        self._retry_at = 0.0
-        self._probing = False
+        # Outages by what failed: the server (None), or with a cluster the master of the
+        # slot, so that one failing master does not fail the callers of the others.
+        self._down: dict[Hashable, _Outage] = {}
 
     @property
     def available(self) -> bool:
-        """False from a failure until the next successful decision."""
-        return self._down_since is None
+        """False from a failure until the next successful decision (of each master of
+        a cluster that failed)."""
+        return not self._down
 
     def _plan(self, policy: Policy) -> _Plan:
         plan = self._plans.get(policy)
@@ -1058,41 +1154,50 @@ class RedisStore:
         return await self.pool.execute(b"EVAL", script.source, len(keys), *keys, *argv)
 
     async def decide(self, key: str, policy: Policy, now: float) -> Outcome:
-        if self._down_since is not None and (now < self._retry_at or self._probing):
-            raise StoreUnavailable("Redis is unavailable; retrying shortly")
-        probing = self._down_since is not None
-        self._probing = probing
         plan = self._plan(policy)
         base = f"{self.prefix}{{{key}}}"
         keys = [base + s for s in plan.suffixes]
+        pool = self.pool
+        domain = pool.node_of(keys[0].encode()) if isinstance(pool, RedisCluster) else None
+        outage = self._down.get(domain)
+        if outage is not None and (now < outage.retry_at or outage.probing):
+            raise StoreUnavailable("Redis is unavailable; retrying shortly")
+        if outage is not None:
+            outage.probing = True
         argv: list[bytes | str | int] = list(plan.argv)
         if policy.algorithm == "sliding-log":
             argv.insert(0, f"{self._nonce_base}.{next(self._nonces)}")
         try:
             reply = await self._eval(plan.script, keys, argv)
         except RedisError as e:
-            self._failed(now, e)
+            self._failed(domain, now, e)
             raise StoreUnavailable(str(e)) from e
         finally:
-            if probing:
-                self._probing = False
+            if outage is not None:
+                outage.probing = False
         try:
             outcome = self._outcome(policy, reply)
         except (TypeError, ValueError, IndexError) as e:
-            self._failed(now, e)
+            self._failed(domain, now, e)
             raise StoreUnavailable(f"unexpected reply from Redis: {reply!r}") from e
-        if self._down_since is not None:
+        outage = self._down.pop(domain, None)
+        if outage is not None:
             log.warning(
-                "Redis %s is available again after %.1fs", self.pool.where, now - self._down_since
+                "Redis %s is available again after %.1fs", self._where(domain), now - outage.since
             )
-            self._down_since = None
         return outcome
 
-    def _failed(self, now: float, error: Exception) -> None:
-        if self._down_since is None:
-            self._down_since = now
-            log.error("Redis %s is unavailable: %s", self.pool.where, error)
-        self._retry_at = now + self.retry_interval
+    def _where(self, domain: Hashable) -> str:
+        if domain is None:
+            return self.pool.where
+        return f"{self.pool.where}, master {_host_port(domain)}"  # type: ignore[arg-type]
+
+    def _failed(self, domain: Hashable, now: float, error: Exception) -> None:
+        outage = self._down.get(domain)
+        if outage is None:
+            outage = self._down[domain] = _Outage(now)
+            log.error("Redis %s is unavailable: %s", self._where(domain), error)
+        outage.retry_at = now + self.retry_interval
 
     @staticmethod
     def _outcome(policy: Policy, reply: Any) -> Outcome:
