@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from engine.schema import ConfigError
 from engine.testing import Stubs, http_request, open_gateway
@@ -291,3 +292,119 @@ def test_a_slot_map_out_of_bounds_is_refused_and_replicas_are_remembered() -> No
     assert client._masters == [("127.0.0.1", 7000)]
     assert ("127.0.0.1", 7001) in client._known  # asked for the map when the master is gone
     assert len(client._slots) == 16384
+
+
+async def test_a_master_that_does_not_answer_has_the_map_asked_again() -> None:
+    """A hung master never sends MOVED: its timeout must have the map asked again, or
+    its callers would never find the replica promoted in its place."""
+    with trio.fail_after(DEADLINE):
+        async with open_redis_cluster(3) as cluster:
+            client = RedisCluster(parse_redis_url(cluster.url), timeout=0.3, pool_size=2)
+            store = RedisStore(client, prefix="t:", retry_interval=0.0)
+            try:
+                await _allowed(store, "warm")
+                hung = cluster.nodes[1]
+                key = next(
+                    f"k{i}"
+                    for i in range(1000)
+                    if client.node_of(f"t:{{k{i}}}".encode()) == ("127.0.0.1", hung.port)
+                )
+                assert not client._stale
+                assert hung.process is not None
+                hung.process.send_signal(signal.SIGSTOP)
+                try:
+                    with pytest.raises(StoreUnavailable, match="no answer"):
+                        await _allowed(store, key)
+                    stale = client._stale
+                finally:
+                    hung.process.send_signal(signal.SIGCONT)
+            finally:
+                await store.aclose()
+    assert stale
+
+
+async def test_a_slot_migrating_past_the_timeout_is_no_outage_of_its_master() -> None:
+    two = Policy.build("", "sliding-window", [Quota(3, 60.0), Quota(10, 3600.0)])
+    with trio.fail_after(DEADLINE):
+        async with open_redis_cluster(3) as cluster:
+            slot = key_slot(b"t:{moving}")
+            source = await cluster.owner(slot)
+            target = next(n for n in cluster.nodes if n is not source)
+            source_id, target_id = await cluster.node_id(source), await cluster.node_id(target)
+            await command(target.port, "CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+            await command(source.port, "CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+            client = RedisCluster(parse_redis_url(cluster.url), timeout=0.3, pool_size=2)
+            store = RedisStore(client, prefix="t:", retry_interval=30.0)
+            try:
+                with pytest.raises(StoreUnavailable, match="TRYAGAIN"):
+                    await store.decide("moving", two, trio.current_time())
+                available = store.available
+                # Another caller of the same master, on a slot that does not migrate.
+                other = next(
+                    f"o{i}"
+                    for i in range(1000)
+                    if client.node_of(f"t:{{o{i}}}".encode()) == ("127.0.0.1", source.port)
+                    and key_slot(f"t:{{o{i}}}".encode()) != slot
+                )
+                allowed = await _allowed(store, other)
+            finally:
+                await store.aclose()
+    assert available
+    assert allowed
+
+
+async def test_outages_recorded_under_an_older_map_are_forgotten() -> None:
+    with trio.fail_after(DEADLINE):
+        async with open_redis_cluster(3) as cluster:
+            client = RedisCluster(parse_redis_url(cluster.url), timeout=0.3, pool_size=2)
+            store = RedisStore(client, prefix="t:", retry_interval=30.0)
+            try:
+                await _allowed(store, "warm")
+                hung = cluster.nodes[2]
+                key = next(
+                    f"k{i}"
+                    for i in range(1000)
+                    if client.node_of(f"t:{{k{i}}}".encode()) == ("127.0.0.1", hung.port)
+                )
+                assert hung.process is not None
+                hung.process.send_signal(signal.SIGSTOP)
+                try:
+                    with pytest.raises(StoreUnavailable):
+                        await _allowed(store, key)
+                finally:
+                    hung.process.send_signal(signal.SIGCONT)
+                with pytest.raises(StoreUnavailable, match="retrying shortly"):
+                    await _allowed(store, key)  # failing fast, for retry_interval
+                client.generation += 1  # the map changed (a failover, a resharding)
+                allowed = await _allowed(store, key)
+            finally:
+                await store.aclose()
+    assert allowed
+
+
+async def test_stores_sharing_a_cluster_have_one_refresher_and_one_warning(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Ten routes with the same Redis settings share one cluster: while no node gives
+    the map, one of them asks for it every 0.1 s, and says so once, not ten times."""
+    from engine.testing import free_port
+
+    client = _cluster(f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
+    asked = 0
+    ask = client._map
+
+    async def counted() -> None:
+        nonlocal asked
+        asked += 1
+        await ask()
+
+    client._map = counted  # type: ignore[method-assign]
+    with caplog.at_level("WARNING", logger="filtergate.plugins.rate-limit"):
+        async with trio.open_nursery() as nursery:
+            for _ in range(10):
+                nursery.start_soon(client.serve)
+            await trio.sleep(1.0)
+            nursery.cancel_scope.cancel()
+    warnings = [r for r in caplog.records if "slot map" in r.getMessage()]
+    assert 5 <= asked <= 12  # about one ask per 0.1 s, not ten
+    assert len(warnings) == 1

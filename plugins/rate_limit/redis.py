@@ -60,6 +60,7 @@ __all__ = [
     "RedisAddress",
     "RedisCluster",
     "RedisError",
+    "RedisMigrating",
     "RedisPool",
     "RedisReplyError",
     "RedisStore",
@@ -90,6 +91,11 @@ class RedisError(Exception):
 
 class RedisUnavailable(RedisError):
     """No answer: cannot connect, connection lost, timed out, or garbled protocol."""
+
+
+class RedisMigrating(RedisUnavailable):
+    """A cluster slot stayed in migration (``TRYAGAIN``) past the command's timeout: no
+    failure of the master's."""
 
 
 class _ConnectionLost(RedisUnavailable):
@@ -661,6 +667,9 @@ class RedisCluster:
         self._mapping = trio.Lock()
         self._closed = False
         self._users = 0
+        self.generation = 0  # of the slot map
+        self._refreshing = False  # whether a user's serve() refreshes the map
+        self._refresher_left = trio.Event()
 
     @property
     def where(self) -> str:
@@ -701,18 +710,21 @@ class RedisCluster:
             nodes = self._known + ([seed] if seed not in self._known else [])
             each = self.timeout / len(nodes)
             failures: list[str] = []
-            for node in nodes:
-                with trio.move_on_after(each):
-                    try:
-                        reply = await self._pool(node).execute(b"CLUSTER", b"SLOTS")
-                        self._read_map(node, reply)
-                    except (RedisError, ValueError, TypeError, IndexError) as e:
-                        failures.append(f"{_host_port(node)}: {e}")
-                        continue
-                    return
-                failures.append(f"{_host_port(node)}: no answer within {each:.3g}s")
-            self._mark_stale()
-            raise RedisUnavailable(f"no node gave the slot map ({'; '.join(failures)})")
+            try:
+                for node in nodes:
+                    with trio.move_on_after(each):
+                        try:
+                            reply = await self._pool(node).execute(b"CLUSTER", b"SLOTS")
+                            self._read_map(node, reply)
+                        except (RedisError, ValueError, TypeError, IndexError) as e:
+                            failures.append(f"{_host_port(node)}: {e}")
+                            continue
+                        return
+                    failures.append(f"{_host_port(node)}: no answer within {each:.3g}s")
+                raise RedisUnavailable(f"no node gave the slot map ({'; '.join(failures)})")
+            except BaseException:
+                self._mark_stale()  # (cut short by the caller's deadline too)
+                raise
 
     def _read_map(self, asked: tuple[str, int], reply: Any) -> None:
         slots: list[tuple[str, int] | None] = [None] * CLUSTER_SLOTS
@@ -737,6 +749,8 @@ class RedisCluster:
             slots[start : end + 1] = [master] * (end + 1 - start)
         if not masters:
             raise ValueError("no slot is served (is the cluster set up?)")
+        if slots != self._slots:
+            self.generation += 1  # (outages recorded under the old map are forgotten)
         self._slots, self._masters, self._known = slots, masters, known
         for node in list(self._pools):
             if node not in masters and node != (self.address.host, self.address.port):
@@ -755,11 +769,15 @@ class RedisCluster:
         docstring), within ``timeout``; raises as :meth:`RedisPool.execute`."""
         if self._closed:
             raise RedisUnavailable("the pool is closed")
+        waiting: list[bool] = [False]  # whether the time ran out waiting on TRYAGAIN
         with trio.move_on_after(self.timeout):
-            return await self._execute(args)
+            return await self._execute(args, waiting)
+        if waiting[0]:
+            raise RedisMigrating(f"the slot was migrating (TRYAGAIN) for {self.timeout:g}s")
+        self._mark_stale()  # a master that does not answer: a failover may be under way
         raise RedisUnavailable(f"no answer within {self.timeout:g}s")
 
-    async def _execute(self, args: Sequence[bytes | str | int | float]) -> Any:
+    async def _execute(self, args: Sequence[bytes | str | int | float], waiting: list[bool]) -> Any:
         key = _command_key(args)
         node = self.node_of(key) if key is not None else None
         if node is None and key is None and self._masters:
@@ -782,7 +800,9 @@ class RedisCluster:
                     # A multi-key command while its slot migrates: soon over. Sent again
                     # from the slot's master as the map says (the caller's timeout ends
                     # the waiting).
+                    waiting[0] = True
                     await trio.sleep(_TRYAGAIN_PAUSE)
+                    waiting[0] = False
                     node = self.node_of(key) if key is not None else node
                     asking, redirects = False, 0
                     continue
@@ -809,22 +829,24 @@ class RedisCluster:
 
     async def serve(self) -> None:
         """Run while a user (a store of a filter in use) needs the cluster; several may
-        share it. The first asks the slot map again whenever it is stale; when the last
-        one leaves, the idle connections are closed (as :meth:`RedisPool.serve`)."""
+        share it. One of them at a time asks the slot map again whenever it is stale
+        (when it leaves, another takes over); when the last one leaves, the idle
+        connections are closed (as :meth:`RedisPool.serve`)."""
         self._users += 1
         for pool in self._pools.values():
             pool._served, pool._users = True, self._users
         try:
             while not self._closed:
-                if not self._stale:
-                    await self._stale_event.wait()
+                if self._refreshing:
+                    await self._refresher_left.wait()
                     continue
+                self._refreshing = True
                 try:
-                    with trio.move_on_after(self.timeout):
-                        await self._map()
-                except RedisUnavailable as e:
-                    log.warning("Redis %s: %s", self.where, e)
-                    await trio.sleep(_REMAP_PAUSE)
+                    await self._refresh_when_stale()
+                finally:
+                    self._refreshing = False
+                    self._refresher_left.set()
+                    self._refresher_left = trio.Event()
             await trio.sleep_forever()
         finally:
             self._users -= 1
@@ -834,6 +856,25 @@ class RedisCluster:
                     idle, pool._idle = pool._idle, []
                     for conn in idle:
                         _close_now(conn)
+
+    async def _refresh_when_stale(self) -> None:
+        failing = False
+        while not self._closed:
+            if not self._stale:
+                await self._stale_event.wait()
+                continue
+            try:
+                with trio.move_on_after(self.timeout):
+                    await self._map()
+            except RedisUnavailable as e:
+                if not failing:
+                    failing = True
+                    log.warning("Redis %s: %s; asking again every %gs", self.where, e, _REMAP_PAUSE)
+                await trio.sleep(_REMAP_PAUSE)
+                continue
+            if failing and not self._stale:
+                failing = False
+                log.warning("Redis %s: the slot map is known again", self.where)
 
     async def aclose(self) -> None:
         self._closed = True
@@ -1119,6 +1160,7 @@ class RedisStore:
         # Outages by what failed: the server (None), or with a cluster the master of the
         # slot, so that one failing master does not fail the callers of the others.
         self._down: dict[Hashable, _Outage] = {}
+        self._down_generation = 0  # the cluster's map generation they were recorded under
 
     @property
     def available(self) -> bool:
@@ -1158,7 +1200,12 @@ class RedisStore:
         base = f"{self.prefix}{{{key}}}"
         keys = [base + s for s in plan.suffixes]
         pool = self.pool
-        domain = pool.node_of(keys[0].encode()) if isinstance(pool, RedisCluster) else None
+        domain = None
+        if isinstance(pool, RedisCluster):
+            domain = pool.node_of(keys[0].encode())
+            if self._down and pool.generation != self._down_generation:
+                self._down.clear()  # a new map: what failed may be elsewhere now
+            self._down_generation = pool.generation
         outage = self._down.get(domain)
         if outage is not None and (now < outage.retry_at or outage.probing):
             raise StoreUnavailable("Redis is unavailable; retrying shortly")
@@ -1169,6 +1216,8 @@ class RedisStore:
             argv.insert(0, f"{self._nonce_base}.{next(self._nonces)}")
         try:
             reply = await self._eval(plan.script, keys, argv)
+        except RedisMigrating as e:  # one slot's migration: its master is fine
+            raise StoreUnavailable(str(e)) from e
         except RedisError as e:
             self._failed(domain, now, e)
             raise StoreUnavailable(str(e)) from e
