@@ -408,3 +408,34 @@ async def test_stores_sharing_a_cluster_have_one_refresher_and_one_warning(
     warnings = [r for r in caplog.records if "slot map" in r.getMessage()]
     assert 5 <= asked <= 12  # about one ask per 0.1 s, not ten
     assert len(warnings) == 1
+
+
+async def test_a_map_that_no_node_gives_in_time_is_warned_of(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with trio.fail_after(DEADLINE):
+        async with open_redis_cluster(3) as cluster:
+            client = RedisCluster(parse_redis_url(cluster.url), timeout=0.3, pool_size=2)
+            store = RedisStore(client, prefix="t:", retry_interval=0.0)
+            try:
+                await _allowed(store, "warm")
+                for node in cluster.nodes:
+                    assert node.process is not None
+                    node.process.send_signal(signal.SIGSTOP)
+                try:
+                    with caplog.at_level("WARNING", logger="filtergate.plugins.rate-limit"):
+                        async with trio.open_nursery() as nursery:
+                            nursery.start_soon(client.serve)
+                            client._mark_stale()
+                            with trio.fail_after(5):
+                                while True:  # until the refresher says it cannot
+                                    if any("within" in r.getMessage() for r in caplog.records):
+                                        break
+                                    await trio.sleep(0.05)
+                            nursery.cancel_scope.cancel()
+                finally:
+                    for node in cluster.nodes:
+                        assert node.process is not None
+                        node.process.send_signal(signal.SIGCONT)
+            finally:
+                await store.aclose()

@@ -864,8 +864,10 @@ class RedisCluster:
                 await self._stale_event.wait()
                 continue
             try:
-                with trio.move_on_after(self.timeout):
+                with trio.move_on_after(self.timeout) as scope:
                     await self._map()
+                if scope.cancelled_caught:
+                    raise RedisUnavailable(f"no node gave the slot map within {self.timeout:g}s")
             except RedisUnavailable as e:
                 if not failing:
                     failing = True
