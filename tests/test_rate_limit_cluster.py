@@ -20,7 +20,7 @@ from plugins.rate_limit import RedisConfig
 from plugins.rate_limit.algorithms import Quota
 from plugins.rate_limit.redis import RedisCluster, RedisStore, key_slot, parse_redis_url
 from plugins.rate_limit.store import Policy, StoreUnavailable
-from tests.redis_server import command, open_redis_cluster
+from tests.redis_server import RedisServer, command, open_redis_cluster
 
 DEADLINE = 30
 POLICY = Policy.build("", "sliding-window", [Quota(3, 60.0)])
@@ -36,6 +36,19 @@ def test_key_slots_are_redis_own() -> None:
 
 def _cluster(url: str) -> RedisCluster:
     return RedisCluster(parse_redis_url(url), timeout=2.0, pool_size=4)
+
+
+async def _start_migrating(cluster: Any, key: bytes) -> tuple[int, RedisServer, RedisServer, str]:
+    """Put ``key``'s slot in migration from its master to another (IMPORTING on the
+    target, MIGRATING on the source; no key moved): its slot, source, target and the
+    target's node id."""
+    slot = key_slot(key)
+    source = await cluster.owner(slot)
+    target = next(n for n in cluster.nodes if n is not source)
+    source_id, target_id = await cluster.node_id(source), await cluster.node_id(target)
+    await command(target.port, "CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+    await command(source.port, "CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+    return slot, source, target, target_id
 
 
 async def _allowed(store: RedisStore, key: str) -> bool:
@@ -93,12 +106,7 @@ async def test_a_slot_being_migrated_is_asked_of_its_new_master() -> None:
     command goes to the new one after ASKING, and the map is not changed."""
     with trio.fail_after(DEADLINE):
         async with open_redis_cluster(3) as cluster:
-            slot = key_slot(b"t:{fresh}")
-            source = await cluster.owner(slot)
-            target = next(n for n in cluster.nodes if n is not source)
-            source_id, target_id = await cluster.node_id(source), await cluster.node_id(target)
-            await command(target.port, "CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
-            await command(source.port, "CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+            slot, source, target, _ = await _start_migrating(cluster, b"t:{fresh}")
             client = _cluster(cluster.url)
             store = RedisStore(client, prefix="t:", retry_interval=0.1)
             try:
@@ -201,12 +209,7 @@ async def test_tryagain_during_a_migration_is_sent_again() -> None:
     two = Policy.build("", "sliding-window", [Quota(3, 60.0), Quota(10, 3600.0)])
     with trio.fail_after(DEADLINE):
         async with open_redis_cluster(3) as cluster:
-            slot = key_slot(b"t:{moving}")
-            source = await cluster.owner(slot)
-            target = next(n for n in cluster.nodes if n is not source)
-            source_id, target_id = await cluster.node_id(source), await cluster.node_id(target)
-            await command(target.port, "CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
-            await command(source.port, "CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+            slot, _, _, target_id = await _start_migrating(cluster, b"t:{moving}")
             client = _cluster(cluster.url)
             store = RedisStore(client, prefix="t:", retry_interval=0.1)
             try:
@@ -327,12 +330,7 @@ async def test_a_slot_migrating_past_the_timeout_is_no_outage_of_its_master() ->
     two = Policy.build("", "sliding-window", [Quota(3, 60.0), Quota(10, 3600.0)])
     with trio.fail_after(DEADLINE):
         async with open_redis_cluster(3) as cluster:
-            slot = key_slot(b"t:{moving}")
-            source = await cluster.owner(slot)
-            target = next(n for n in cluster.nodes if n is not source)
-            source_id, target_id = await cluster.node_id(source), await cluster.node_id(target)
-            await command(target.port, "CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
-            await command(source.port, "CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+            slot, source, _, _ = await _start_migrating(cluster, b"t:{moving}")
             client = RedisCluster(parse_redis_url(cluster.url), timeout=0.3, pool_size=2)
             store = RedisStore(client, prefix="t:", retry_interval=30.0)
             try:

@@ -43,7 +43,7 @@ import os
 import re
 import ssl
 import weakref
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -247,6 +247,29 @@ class _Connection:
             reader.feed(bytes(data))  # a TLS stream may give a bytearray
 
 
+class _Turns:
+    """A job that the users of a shared object run one at a time: when the one running it
+    leaves (its task cancelled), another that waits takes over."""
+
+    def __init__(self) -> None:
+        self._busy = False
+        self._left = trio.Event()
+
+    async def take(self, job: Callable[[], Awaitable[None]], closed: Callable[[], bool]) -> None:
+        """Run ``job`` when no other user does, until ``closed()``; returns then."""
+        while not closed():
+            if self._busy:
+                await self._left.wait()
+                continue
+            self._busy = True
+            try:
+                await job()
+            finally:
+                self._busy = False
+                self._left.set()
+                self._left = trio.Event()
+
+
 class RedisPool:
     """At most ``pool_size`` connections to one server, each command within ``timeout``.
 
@@ -278,11 +301,10 @@ class RedisPool:
         self._last_master: tuple[str, int] | None = None
         self._nodes = list(sentinels.nodes) if sentinels is not None else []
         self._asking = trio.Lock()  # one question to the sentinels at a time
-        # Users that :meth:`serve`, and whether one of them runs :meth:`watch`.
+        # Users that :meth:`serve`; one of them at a time runs :meth:`watch`.
         self._users = 0
         self._served = False  # whether users serve it (then the last one leaving closes)
-        self._watching = False
-        self._watch_ended = trio.Event()
+        self._watcher = _Turns()  # one user's serve() at a time runs watch()
 
     @property
     def where(self) -> str:
@@ -562,17 +584,7 @@ class RedisPool:
         self._users += 1
         self._served = True
         try:
-            while not self._closed:
-                if self._watching:
-                    await self._watch_ended.wait()
-                    continue
-                self._watching = True
-                try:
-                    await self.watch()
-                finally:
-                    self._watching = False
-                    self._watch_ended.set()
-                    self._watch_ended = trio.Event()
+            await self._watcher.take(self.watch, lambda: self._closed)
             await trio.sleep_forever()  # closed: nothing to watch, hold until cancelled
         finally:
             self._users -= 1
@@ -668,8 +680,7 @@ class RedisCluster:
         self._closed = False
         self._users = 0
         self.generation = 0  # of the slot map
-        self._refreshing = False  # whether a user's serve() refreshes the map
-        self._refresher_left = trio.Event()
+        self._refresher = _Turns()  # one user's serve() at a time refreshes the map
 
     @property
     def where(self) -> str:
@@ -836,17 +847,7 @@ class RedisCluster:
         for pool in self._pools.values():
             pool._served, pool._users = True, self._users
         try:
-            while not self._closed:
-                if self._refreshing:
-                    await self._refresher_left.wait()
-                    continue
-                self._refreshing = True
-                try:
-                    await self._refresh_when_stale()
-                finally:
-                    self._refreshing = False
-                    self._refresher_left.set()
-                    self._refresher_left = trio.Event()
+            await self._refresher.take(self._refresh_when_stale, lambda: self._closed)
             await trio.sleep_forever()
         finally:
             self._users -= 1
