@@ -51,6 +51,16 @@ async def _start_migrating(cluster: Any, key: bytes) -> tuple[int, RedisServer, 
     return slot, source, target, target_id
 
 
+def _caller_of(client: RedisCluster, node: RedisServer, not_in_slot: int = -1) -> str:
+    """A caller key (prefix ``t:``) whose slot ``node`` serves, as ``client``'s map says."""
+    return next(
+        f"k{i}"
+        for i in range(10_000)
+        if client.node_of(f"t:{{k{i}}}".encode()) == ("127.0.0.1", node.port)
+        and key_slot(f"t:{{k{i}}}".encode()) != not_in_slot
+    )
+
+
 async def _allowed(store: RedisStore, key: str) -> bool:
     return (await store.decide(key, POLICY, trio.current_time())).allowed
 
@@ -252,7 +262,7 @@ async def test_a_hung_cluster_fails_a_decision_within_its_timeout() -> None:
                         node.process.send_signal(signal.SIGCONT)
             finally:
                 await store.aclose()
-    assert took < 0.6  # its timeout, 0.3 s, and the scheduler's slack; not 3 x 0.3
+    assert took < 1.0  # its timeout, 0.3 s, and slack for a busy machine; not (3 + 1) x 0.3
 
 
 async def test_clusterdown_has_the_map_asked_again() -> None:
@@ -269,11 +279,7 @@ async def test_clusterdown_has_the_map_asked_again() -> None:
                         break
                     await trio.sleep(0.05)
                 # A caller whose slot that node serves (it sees the cluster failing).
-                key = next(
-                    f"k{i}"
-                    for i in range(1000)
-                    if client.node_of(f"t:{{k{i}}}".encode()) == ("127.0.0.1", owner.port)
-                )
+                key = _caller_of(client, owner)
                 with pytest.raises(StoreUnavailable, match="CLUSTERDOWN"):
                     await _allowed(store, key)
                 stale = client._stale
@@ -307,11 +313,7 @@ async def test_a_master_that_does_not_answer_has_the_map_asked_again() -> None:
             try:
                 await _allowed(store, "warm")
                 hung = cluster.nodes[1]
-                key = next(
-                    f"k{i}"
-                    for i in range(1000)
-                    if client.node_of(f"t:{{k{i}}}".encode()) == ("127.0.0.1", hung.port)
-                )
+                key = _caller_of(client, hung)
                 assert not client._stale
                 assert hung.process is not None
                 hung.process.send_signal(signal.SIGSTOP)
@@ -338,12 +340,7 @@ async def test_a_slot_migrating_past_the_timeout_is_no_outage_of_its_master() ->
                     await store.decide("moving", two, trio.current_time())
                 available = store.available
                 # Another caller of the same master, on a slot that does not migrate.
-                other = next(
-                    f"o{i}"
-                    for i in range(1000)
-                    if client.node_of(f"t:{{o{i}}}".encode()) == ("127.0.0.1", source.port)
-                    and key_slot(f"t:{{o{i}}}".encode()) != slot
-                )
+                other = _caller_of(client, source, not_in_slot=slot)
                 allowed = await _allowed(store, other)
             finally:
                 await store.aclose()
@@ -359,11 +356,7 @@ async def test_outages_recorded_under_an_older_map_are_forgotten() -> None:
             try:
                 await _allowed(store, "warm")
                 hung = cluster.nodes[2]
-                key = next(
-                    f"k{i}"
-                    for i in range(1000)
-                    if client.node_of(f"t:{{k{i}}}".encode()) == ("127.0.0.1", hung.port)
-                )
+                key = _caller_of(client, hung)
                 assert hung.process is not None
                 hung.process.send_signal(signal.SIGSTOP)
                 try:
