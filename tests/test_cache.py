@@ -52,6 +52,20 @@ def etagged(tag: str, headers: Sequence[tuple[str, str]] = ()) -> Answer:
     return respond
 
 
+class Failing:
+    """An upstream script: ``BODY`` with ``Cache-Control: cache_control``, until
+    ``failing`` is set; then a 503."""
+
+    def __init__(self, cache_control: str) -> None:
+        self.cache_control = cache_control
+        self.failing = False
+
+    def __call__(self, req: RecordedRequest) -> bytes:
+        if self.failing:
+            return answer([], b"down", status=503)(req)
+        return answer([("cache-control", self.cache_control)])(req)
+
+
 @asynccontextmanager
 async def scripted(respond: Answer) -> AsyncIterator[Upstream]:
     """An upstream answering every request (keep-alive) with ``respond(request)``."""
@@ -330,12 +344,7 @@ async def test_concurrent_misses_send_one_request_upstream() -> None:
 async def test_a_stale_answer_stands_in_for_a_failing_upstream(
     mock_clock: trio.testing.MockClock,
 ) -> None:
-    failing = False
-
-    def respond(req: RecordedRequest) -> bytes:
-        if failing:
-            return answer([], b"down", status=503)(req)
-        return answer([("cache-control", "max-age=10")])(req)
+    respond = Failing("max-age=10")
 
     with trio.fail_after(JUMPED_DEADLINE):
         async with scripted(respond) as up:
@@ -343,7 +352,7 @@ async def test_a_stale_answer_stands_in_for_a_failing_upstream(
             async with open_gateway(config) as gw, Client.open(gw.port) as client:
                 await _get(client)
                 mock_clock.jump(20)
-                failing = True
+                respond.failing = True
                 stale = await _get(client)
                 mock_clock.jump(60)  # 80 s old: past 10 s + 1 min
                 failed = await _get(client)
@@ -923,18 +932,13 @@ async def test_a_204_without_content_length_is_stored() -> None:
 async def test_a_stale_answer_keeps_the_failing_upstreams_connection(
     mock_clock: trio.testing.MockClock,
 ) -> None:
-    failing = False
-
-    def respond(req: RecordedRequest) -> bytes:
-        if failing:
-            return answer([], b"down", status=503)(req)
-        return answer([("cache-control", "max-age=1, stale-if-error=600")])(req)
+    respond = Failing("max-age=1, stale-if-error=600")
 
     with trio.fail_after(JUMPED_DEADLINE):
         async with scripted(respond) as up, open_gateway(_config(up.target)) as gw:
             async with Client.open(gw.port) as client:
                 await _get(client)
-                failing = True
+                respond.failing = True
                 mock_clock.jump(2)
                 stale = [(await _get(client)).header("x-cache-status") for _ in range(4)]
     assert stale == ["STALE"] * 4

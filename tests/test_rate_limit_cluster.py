@@ -8,6 +8,8 @@ for conditions, never for fixed times, within their deadline.
 from __future__ import annotations
 
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -59,6 +61,21 @@ def _caller_of(client: RedisCluster, node: RedisServer, not_in_slot: int = -1) -
         if client.node_of(f"t:{{k{i}}}".encode()) == ("127.0.0.1", node.port)
         and key_slot(f"t:{{k{i}}}".encode()) != not_in_slot
     )
+
+
+@contextmanager
+def _hung(*nodes: RedisServer) -> Iterator[None]:
+    """``nodes`` stopped (SIGSTOP: they accept connections and never answer, as behind a
+    network blackhole) while the block runs, then resumed."""
+    for node in nodes:
+        assert node.process is not None
+        node.process.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for node in nodes:
+            assert node.process is not None
+            node.process.send_signal(signal.SIGCONT)
 
 
 async def _allowed(store: RedisStore, key: str) -> bool:
@@ -247,19 +264,12 @@ async def test_a_hung_cluster_fails_a_decision_within_its_timeout() -> None:
             store = RedisStore(client, prefix="t:", retry_interval=0.0)
             try:
                 await _allowed(store, "warm")
-                for node in cluster.nodes:
-                    assert node.process is not None
-                    node.process.send_signal(signal.SIGSTOP)
-                try:
+                with _hung(*cluster.nodes):
                     client._mark_stale()  # a map to ask again, of nodes that never answer
                     started = trio.current_time()
                     with pytest.raises(StoreUnavailable):
                         await _allowed(store, "k")
                     took = trio.current_time() - started
-                finally:
-                    for node in cluster.nodes:
-                        assert node.process is not None
-                        node.process.send_signal(signal.SIGCONT)
             finally:
                 await store.aclose()
     assert took < 1.0  # its timeout, 0.3 s, and slack for a busy machine; not (3 + 1) x 0.3
@@ -315,14 +325,10 @@ async def test_a_master_that_does_not_answer_has_the_map_asked_again() -> None:
                 hung = cluster.nodes[1]
                 key = _caller_of(client, hung)
                 assert not client._stale
-                assert hung.process is not None
-                hung.process.send_signal(signal.SIGSTOP)
-                try:
+                with _hung(hung):
                     with pytest.raises(StoreUnavailable, match="no answer"):
                         await _allowed(store, key)
                     stale = client._stale
-                finally:
-                    hung.process.send_signal(signal.SIGCONT)
             finally:
                 await store.aclose()
     assert stale
@@ -357,13 +363,9 @@ async def test_outages_recorded_under_an_older_map_are_forgotten() -> None:
                 await _allowed(store, "warm")
                 hung = cluster.nodes[2]
                 key = _caller_of(client, hung)
-                assert hung.process is not None
-                hung.process.send_signal(signal.SIGSTOP)
-                try:
+                with _hung(hung):
                     with pytest.raises(StoreUnavailable):
                         await _allowed(store, key)
-                finally:
-                    hung.process.send_signal(signal.SIGCONT)
                 with pytest.raises(StoreUnavailable, match="retrying shortly"):
                     await _allowed(store, key)  # failing fast, for retry_interval
                 client.generation += 1  # the map changed (a failover, a resharding)
@@ -410,10 +412,7 @@ async def test_a_map_that_no_node_gives_in_time_is_warned_of(
             store = RedisStore(client, prefix="t:", retry_interval=0.0)
             try:
                 await _allowed(store, "warm")
-                for node in cluster.nodes:
-                    assert node.process is not None
-                    node.process.send_signal(signal.SIGSTOP)
-                try:
+                with _hung(*cluster.nodes):
                     with caplog.at_level("WARNING", logger="filtergate.plugins.rate-limit"):
                         async with trio.open_nursery() as nursery:
                             nursery.start_soon(client.serve)
@@ -424,9 +423,5 @@ async def test_a_map_that_no_node_gives_in_time_is_warned_of(
                                         break
                                     await trio.sleep(0.05)
                             nursery.cancel_scope.cancel()
-                finally:
-                    for node in cluster.nodes:
-                        assert node.process is not None
-                        node.process.send_signal(signal.SIGCONT)
             finally:
                 await store.aclose()
