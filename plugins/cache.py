@@ -36,9 +36,15 @@ cache's, so that the cache gets whole answers. A request with ``Range``, ``If-Ra
 ``Cookie`` unless ``cookies`` is set (Varnish's default: many upstreams shape an answer
 by the session and mark it cacheable for browsers, without ``private``).
 
+Within ``stale_while_revalidate`` (or the upstream's own ``stale-while-revalidate``) past
+its freshness, a stale answer is served at once, and the first request to find it so
+starts one refresh in the background (``background`` holds the nursery); a failed refresh
+leaves it as it is.
+
 Served answers carry ``Age`` and, unless ``status_header`` is empty, ``X-Cache-Status``:
 ``HIT``, ``MISS``, ``EXPIRED`` (stale, fetched again), ``REVALIDATED``, ``STALE`` (served
-stale because the upstream failed) or ``BYPASS``.
+stale because the upstream failed), ``UPDATING`` (served stale while it is refreshed) or
+``BYPASS``.
 
 Concurrent misses of one key wait for the first (``lock_timeout``) until its answer's
 head has come, or its body too when it is stored whole first, so a popular entry that
@@ -132,6 +138,12 @@ _responses = counter(
     "Cacheable requests by what the cache did (hit, miss, expired, revalidated, stale, bypass).",
     ("route", "status"),
 )
+_background_updates = counter(
+    "filtergate_cache_background_refreshes_total",
+    "Stale answers brought up to date in the background (stale-while-revalidate), "
+    "by outcome (refreshed, dropped, failed).",
+    ("route", "outcome"),
+)
 _evictions = counter(
     "filtergate_cache_evictions_total",
     "Stored answers dropped to make room (least recently used first).",
@@ -181,6 +193,13 @@ class CacheConfig:
             "upstream (error, timeout, open breaker, 500/502/503/504)"
         },
     )
+    stale_while_revalidate: Duration = field(
+        default=Duration(0.0),
+        metadata={
+            "doc": "how long past its freshness a stored answer is served at once while one "
+            "request brings it up to date in the background"
+        },
+    )
     lock_timeout: Duration = field(
         default=Duration(5.0),
         metadata={"doc": "how long a miss waits for a concurrent one of the same key; 0: never"},
@@ -210,7 +229,7 @@ class CacheConfig:
                 ) from None
             if name in _NOT_STATUS_NAMES:
                 raise Invalid("status_header", f"{name!r} is a field of HTTP's own")
-        for name in ("ttl", "stale_if_error", "lock_timeout"):
+        for name in ("ttl", "stale_if_error", "stale_while_revalidate", "lock_timeout"):
             if getattr(self, name) < 0:
                 raise Invalid(name, "must not be negative")
 
@@ -332,6 +351,7 @@ class Entry:
         "stale_window",
         "status",
         "stored_at",
+        "update_window",
         "vary",
         "vary_values",
     )
@@ -344,7 +364,7 @@ class Entry:
         body: bytes,
         stored_at: float,
         lifetime: float,
-        stale_window: float,
+        windows: tuple[float, float],
         vary: tuple[bytes, ...],
         vary_values: tuple[bytes | None, ...],
         age: float = 0.0,
@@ -358,27 +378,29 @@ class Entry:
         self.stored_at = stored_at
         self.age0 = 0.0
         self.lifetime = lifetime
-        self.stale_window = stale_window
+        self.stale_window = 0.0
+        self.update_window = 0.0
         self.etag: bytes | None = None
         self.last_modified: bytes | None = None
         self.size = 0
-        self.set_headers(headers, stored_at, lifetime, stale_window, age)
+        self.set_headers(headers, stored_at, lifetime, windows, age)
 
     def set_headers(
         self,
         headers: list[tuple[bytes, bytes]],
         now: float,
         lifetime: float,
-        stale: float,
+        windows: tuple[float, float],
         age: float = 0.0,
     ) -> None:
         """New fields (``Age`` is not among them: ``age`` is what it said), fetched or
-        validated at ``now``."""
+        validated at ``now``; ``windows``: how long past ``lifetime`` it may stand in
+        for a failure, and be served while it is brought up to date."""
         self.headers = headers
         self.stored_at = now
         self.age0 = age
         self.lifetime = lifetime
-        self.stale_window = stale
+        self.stale_window, self.update_window = windows
         self.etag = _first(headers, b"etag")
         self.last_modified = _first(headers, b"last-modified")
         self.size = 256 + len(self.body) + sum(len(n) + len(v) + 32 for n, v in headers)
@@ -392,6 +414,10 @@ class Entry:
     def may_stand_in(self, now: float) -> bool:
         """Whether it may be served stale for a failed upstream (stale-if-error)."""
         return self.age(now) < self.lifetime + self.stale_window
+
+    def may_serve_updating(self, now: float) -> bool:
+        """Whether it may be served stale while it is refreshed (stale-while-revalidate)."""
+        return self.age(now) < self.lifetime + self.update_window
 
     @property
     def validated(self) -> bool:
@@ -638,6 +664,7 @@ class Cache(Filter):
         self._statuses = frozenset(config.statuses)
         self._ttl = float(config.ttl)
         self._stale = float(config.stale_if_error)
+        self._updating = float(config.stale_while_revalidate)
         self._lock_timeout = float(config.lock_timeout)
         self._max_entry = int(config.max_entry_size)
         named = (checked_field(n, "")[0] for n in config.key_headers)
@@ -651,6 +678,20 @@ class Cache(Filter):
         self._filling: dict[Key, trio.Event] = {}
         # What answers being fetched may hold in memory before they are stored.
         self._budget = _Budget(int(config.max_size))
+        # Where stale answers served (stale-while-revalidate) are refreshed: open while
+        # the instance is in use (``background``).
+        self._nursery: trio.Nursery | None = None
+        self._updates = 0  # refreshes running in the background
+
+    async def background(self) -> None:
+        """Run the refreshes of answers served stale while the instance is in use; a
+        reload that drops the instance cancels those still running."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
 
     def snapshot(self) -> dict[str, int]:
         """What the admin listener's ``/plugins`` shows of this cache."""
@@ -661,6 +702,7 @@ class Cache(Filter):
             "max_size": store.max_size,
             "misses_being_fetched": len(self._filling),
             "bytes_being_fetched": int(self.config.max_size) - self._budget.left,
+            "refreshing_in_background": self._updates,
         }
 
     def _resource(self, exchange: Exchange, call: UpstreamCall) -> Resource:
@@ -714,8 +756,14 @@ class Cache(Filter):
         key = self._key(exchange, call)
         now = trio.current_time()
         entry = self.store.find(key, headers)
-        if entry is not None and entry.fresh(now):
-            return self._serve(exchange, entry, headers, now, b"HIT")
+        if entry is not None:
+            if entry.fresh(now):
+                return self._serve(exchange, entry, headers, now, b"HIT")
+            if entry.may_serve_updating(now) and self._nursery is not None:
+                # Served stale at once; one request at a time brings it up to date.
+                if key not in self._filling:
+                    self._update_later(key, entry, exchange, call, call_next)
+                return self._serve(exchange, entry, headers, now, b"UPDATING")
         if method == _HEAD:  # the GET's answer is what is stored; a HEAD stores nothing
             response = await call_next(call)
             self._mark(exchange, response, b"MISS")
@@ -801,6 +849,112 @@ class Cache(Filter):
             if lock is not None:
                 self._release(key, lock)
 
+    def _update_later(
+        self, key: Key, entry: Entry, exchange: Exchange, call: UpstreamCall, call_next: CallNext
+    ) -> None:
+        """Start refreshing ``entry`` in the background, as the request that found it
+        stale would have fetched it (its fields, the cache's conditionals)."""
+        assert self._nursery is not None
+        items = [(n, v) for n, v in call.headers.items if n not in _CONDITIONALS]
+        request = Headers(list(items))
+        if entry.etag is not None:
+            items.append((b"if-none-match", entry.etag))
+        if entry.last_modified is not None:
+            items.append((b"if-modified-since", entry.last_modified))
+        update = UpstreamCall(
+            upstream=call.upstream,
+            method=_GET,  # (a HEAD finding it stale refreshes the GET's answer)
+            target=call.target,
+            headers=Headers(items),
+            timeout=call.timeout,
+        )
+        lock = self._filling[key] = trio.Event()
+        self._updates += 1
+        self._nursery.start_soon(
+            self._update, key, entry, exchange, update, request, call_next, lock
+        )
+
+    async def _update(
+        self,
+        key: Key,
+        entry: Entry,
+        exchange: Exchange,
+        call: UpstreamCall,
+        request: Headers,
+        call_next: CallNext,
+        lock: trio.Event,
+    ) -> None:
+        """Bring ``entry`` up to date: refreshed by a ``304``, replaced by a new answer
+        (or dropped, when that may not be stored), left as it is when the upstream
+        fails (it stands in as long as it may)."""
+        route = exchange.route.name if exchange.route is not None else ""
+        outcome: str | None = "failed"
+        try:
+            response = await call_next(call)
+            now = trio.current_time()
+            if response.status == 304 and entry.validated:
+                await _discard(response)
+                if _same_representation(entry, response.headers):
+                    self._refresh(key, entry, response.headers.items, now)
+                    # (a 304 that sets a cookie, or now forbids storing, drops it)
+                    outcome = "refreshed" if self.store.holds(key, entry) else "dropped"
+                else:  # outdated, says the upstream: the next request fetches it whole
+                    self.store.remove(key, entry)
+                    outcome = "dropped"
+            elif response.status in _FAILED or is_fallback(exchange, response):
+                await _discard(response)
+            else:
+                stored = await self._store_whole(key, response, request, now)
+                if stored is not entry:
+                    self.store.remove(key, entry)  # replaced, or no longer to be kept
+                outcome = "refreshed" if stored is not None else "dropped"
+        except GatewayError as e:
+            self.context.logger.debug("refreshing %r in the background failed: %s", call.target, e)
+        except Exception:
+            self.context.logger.exception("refreshing %r in the background failed", call.target)
+        except trio.Cancelled:  # the instance was dropped (a reload), or the gateway stops
+            outcome = None
+            raise
+        finally:
+            self._updates -= 1
+            self._release(key, lock)
+            if outcome is not None:
+                _background_updates.inc(route=route, outcome=outcome)
+
+    async def _store_whole(
+        self, key: Key, response: Response, request: Headers, now: float
+    ) -> Entry | None:
+        """Read ``response`` whole and store it if it may be (nobody waits for its body);
+        returns what was stored. Its connection is let go when it may not be stored."""
+        entry = self._storable(response, request, now)
+        stream = response.stream
+        if entry is None or stream is None or response.status == 204:
+            await _discard(response)
+            if entry is not None:
+                self._put(key, entry, response.body or b"")
+                return entry
+            return None
+        parts: list[bytes] = []
+        taken = 0
+        try:
+            async for chunk in stream:
+                taken += len(chunk)
+                if taken > self._max_entry or not self._budget.take(len(chunk)):
+                    taken -= len(chunk)
+                    with trio.CancelScope(shield=True):
+                        await stream.aclose()
+                    return None  # too large, or too much being fetched at once
+                parts.append(chunk)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+            raise
+        finally:
+            self._budget.give(taken)
+        response.stream = None
+        self._put(key, entry, b"".join(parts))
+        return entry
+
     def _release(self, key: Key, lock: trio.Event) -> None:
         if self._filling.get(key) is lock:
             del self._filling[key]
@@ -852,22 +1006,27 @@ class Cache(Filter):
             b"",
             now,
             lifetime,
-            self._stale_window(cc),
+            self._windows(cc),
             vary,
             _values(vary, request),
             _age(items),
         )
-        if lifetime <= 0 and not entry.validated:
+        if lifetime <= 0 and not entry.validated and entry.update_window <= 0:
             return None  # never of use
         return entry
 
-    def _stale_window(self, cc: dict[bytes, bytes]) -> float:
+    def _windows(self, cc: dict[bytes, bytes]) -> tuple[float, float]:
+        """How long past its freshness an answer may stand in for a failed upstream
+        (stale-if-error) and be served while it is refreshed (stale-while-revalidate):
+        the config's or the upstream's own directive, whichever is longer; neither when
+        the upstream forbids serving it stale."""
         if b"must-revalidate" in cc or b"proxy-revalidate" in cc or b"no-cache" in cc:
-            return 0.0
+            return (0.0, 0.0)
         if b"s-maxage" in cc:
-            return 0.0  # s-maxage includes proxy-revalidate (RFC 9111 5.2.2.10)
-        allowed = _seconds(cc.get(b"stale-if-error", b""))
-        return max(self._stale, float(allowed or 0))
+            return (0.0, 0.0)  # s-maxage includes proxy-revalidate (RFC 9111 5.2.2.10)
+        on_error = float(_seconds(cc.get(b"stale-if-error", b"")) or 0)
+        updating = float(_seconds(cc.get(b"stale-while-revalidate", b"")) or 0)
+        return (max(self._stale, on_error), max(self._updating, updating))
 
     async def _fill(self, key: Key, response: Response, request: Headers, now: float) -> None:
         """Store ``response`` if it may be. A body of known length is read whole first,
@@ -923,7 +1082,7 @@ class Cache(Filter):
         cc = directives(merged)
         before = entry.size
         lifetime = 0.0 if b"no-cache" in cc else freshness(cc, merged, self._ttl)
-        entry.set_headers(merged, now, lifetime or 0.0, self._stale_window(cc), _age(items))
+        entry.set_headers(merged, now, lifetime or 0.0, self._windows(cc), _age(items))
         if cookies or b"no-store" in cc or b"private" in cc or lifetime is None:
             self.store.remove(key, entry)
         else:

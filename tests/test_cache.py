@@ -24,7 +24,7 @@ from engine.config import load
 from engine.exchange import Headers
 from engine.schema import ConfigError
 from engine.stubs import open_stubs
-from engine.testing import Client, HttpResponse, http_request, open_gateway
+from engine.testing import Client, HttpResponse, RunningGateway, http_request, open_gateway
 from plugins.cache import Entry, MemoryCache, _Budget, directives, freshness
 from tests.upstreams import RecordedRequest, Upstream, UpstreamConn, response_head, serve_upstream
 
@@ -524,7 +524,7 @@ def test_cache_control_and_freshness_are_read_as_rfc_9111_says() -> None:
 
 def test_the_memory_store_drops_the_least_recently_used_first() -> None:
     def entry(body: bytes) -> Entry:
-        return Entry(200, b"OK", [], body, 0.0, 60.0, 0.0, (), ())
+        return Entry(200, b"OK", [], body, 0.0, 60.0, (0.0, 0.0), (), ())
 
     store = MemoryCache(max_size=3000)
     keys = [(("r", "up", b"/%d" % i), ("",)) for i in range(3)]
@@ -841,15 +841,15 @@ async def test_a_304_for_another_representation_fetches_it_whole(
 def test_the_store_keeps_its_size_right_when_a_dropped_entry_is_refreshed() -> None:
     store = MemoryCache(max_size=10_000)
     key = (("r", "up", b"/a"), ("",))
-    entry = Entry(200, b"OK", [], b"x" * 100, 0.0, 60.0, 0.0, (), ())
+    entry = Entry(200, b"OK", [], b"x" * 100, 0.0, 60.0, (0.0, 0.0), (), ())
     store.put(key, entry)
     store.invalidate(("r", "up", b"/a"))  # a PUT went through meanwhile
     before = entry.size
-    entry.set_headers([(b"x-big", b"y" * 2000)], 1.0, 60.0, 0.0)
+    entry.set_headers([(b"x-big", b"y" * 2000)], 1.0, 60.0, (0.0, 0.0))
     store.resized(key, entry, before)
     assert store.size == 0
-    huge = Entry(200, b"OK", [], b"x" * 20_000, 0.0, 60.0, 0.0, (), ())
-    store.put(key, Entry(200, b"OK", [], b"small", 0.0, 60.0, 0.0, (), ()))
+    huge = Entry(200, b"OK", [], b"x" * 20_000, 0.0, 60.0, (0.0, 0.0), (), ())
+    store.put(key, Entry(200, b"OK", [], b"small", 0.0, 60.0, (0.0, 0.0), (), ()))
     store.put((("r", "up", b"/b"), ("",)), huge)  # larger than the store: not kept
     assert store.find(key, Headers()) is not None
     assert store.size < 10_000
@@ -971,3 +971,248 @@ async def test_a_refetch_passes_on_the_cookie_of_the_304_that_caused_it(
     assert refetched.header_all("set-cookie") == ["s=1"]
     assert hit.header("x-cache-status") == "HIT"  # what was fetched again was stored
     assert hit.header_all("set-cookie") == []
+
+
+# -- stale-while-revalidate -----------------------------------------------------------
+
+
+SWR = {"stale_while_revalidate": "1m"}
+
+
+class Versions:
+    """An upstream script: ``v1``, ``v2`` ... in turn, each with ``cache_control``."""
+
+    def __init__(self, cache_control: str) -> None:
+        self.cache_control = cache_control
+        self.gate: trio.Event | None = None
+        self.served = 0
+        self.status = 200
+
+    def hold(self) -> trio.Event:
+        """From now on, each answer waits until the event returned is set."""
+        self.gate = trio.Event()
+        return self.gate
+
+    async def handler(self, conn: UpstreamConn) -> None:
+        while (got := await conn.read_request()) is not None:
+            if self.gate is not None:
+                await self.gate.wait()
+            self.served += 1
+            body = b"v%d" % self.served
+            head = [("cache-control", self.cache_control)]
+            await conn.send(answer(head, body, self.status)(got[0]))
+
+
+@asynccontextmanager
+async def versioned(
+    versions: Versions, cache: dict[str, Any] | None = None, name: str = "r"
+) -> AsyncIterator[tuple[Upstream, RunningGateway, Client]]:
+    """A gateway caching ``versions`` on route ``name``, and a client of it."""
+    async with serve_upstream(versions.handler) as up:
+        async with open_gateway(_config(up.target, cache, name=name)) as gw:
+            async with Client.open(gw.port) as client:
+                yield up, gw, client
+
+
+async def _settled(up: Upstream, requests: int) -> None:
+    """Once the upstream has seen ``requests`` and the gateway has done all it can."""
+    await up.wait_requests(requests)
+    await trio.testing.wait_all_tasks_blocked()
+
+
+async def test_a_stale_answer_is_served_at_once_while_it_is_refreshed(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    versions = Versions("max-age=10")
+    with trio.fail_after(JUMPED_DEADLINE):
+        async with versioned(versions, SWR) as (up, _gw, client):
+            first = await _get(client)
+            mock_clock.jump(15)
+            gate = versions.hold()  # the refresh is held upstream
+            updating = [await _get(client) for _ in range(5)]
+            head = await _get(client, method="HEAD")
+            await up.wait_requests(2)
+            gate.set()
+            await _settled(up, 2)
+            fresh = await _get(client)
+    assert first.body == b"v1"
+    assert [r.header("x-cache-status") for r in updating] == ["UPDATING"] * 5
+    assert [r.body for r in updating] == [b"v1"] * 5  # served without waiting for it
+    assert updating[0].header("age") == "15"
+    assert head.header("x-cache-status") == "UPDATING"
+    assert len(up.requests) == 2  # one refresh for all of them
+    assert up.requests[1].method == b"GET"
+    assert (fresh.header("x-cache-status"), fresh.body) == ("HIT", b"v2")
+    assert fresh.header("age") == "0"
+
+
+async def test_a_refresh_in_the_background_revalidates_with_the_etag(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    respond = etagged('"v1"', [("cache-control", "max-age=10, stale-while-revalidate=30")])
+    with trio.fail_after(JUMPED_DEADLINE):
+        async with scripted(respond) as up:
+            async with (
+                open_gateway(_config(up.target, name="swr-304")) as gw,
+                Client.open(gw.port) as client,
+            ):
+                await _get(client)
+                mock_clock.jump(12)
+                updating = await _get(client)
+                await _settled(up, 2)
+                mock_clock.jump(5)
+                hit = await _get(client)
+                assert gw.admin_port is not None
+                metrics = (await http_request(gw.admin_port, "GET", "/metrics")).body
+    assert updating.header("x-cache-status") == "UPDATING"  # the upstream's own directive
+    assert up.requests[1].header("if-none-match") == '"v1"'
+    assert hit.header("x-cache-status") == "HIT"  # the 304 made it fresh again
+    assert hit.header("age") == "5"
+    assert hit.body == BODY
+    assert (
+        b'filtergate_cache_background_refreshes_total{route="swr-304",outcome="refreshed"} 1'
+        in metrics
+    )
+    assert b'filtergate_cache_responses_total{route="swr-304",status="updating"} 1' in metrics
+
+
+@pytest.mark.parametrize(
+    ("cache_control", "status"),
+    [
+        ("max-age=10", "EXPIRED"),  # 10 s fresh + 20 s: past its window
+        ("max-age=30, must-revalidate", "EXPIRED"),
+        ("max-age=30, proxy-revalidate", "EXPIRED"),
+        ("s-maxage=30", "EXPIRED"),
+        ("max-age=30, no-cache", "MISS"),  # (nothing to revalidate it with: never stored)
+    ],
+)
+async def test_a_stale_answer_out_of_the_window_is_fetched_in_front(
+    cache_control: str, status: str, mock_clock: trio.testing.MockClock
+) -> None:
+    versions = Versions(cache_control)
+    with trio.fail_after(JUMPED_DEADLINE):
+        async with versioned(versions, {"stale_while_revalidate": "20s"}) as (_up, _gw, client):
+            await _get(client)
+            mock_clock.jump(31)
+            second = await _get(client)
+    assert second.header("x-cache-status") == status
+    assert second.body == b"v2"
+
+
+async def test_a_failed_refresh_keeps_the_stale_answer(mock_clock: trio.testing.MockClock) -> None:
+    versions = Versions("max-age=10")
+    with trio.fail_after(JUMPED_DEADLINE):
+        async with versioned(versions, SWR, "swr-failed") as (up, gw, client):
+            await _get(client)
+            mock_clock.jump(20)
+            versions.status = 503
+            first = await _get(client)
+            await _settled(up, 2)
+            second = await _get(client)  # still stale: another refresh goes
+            await _settled(up, 3)
+            versions.status = 200
+            mock_clock.jump(60)  # 80 s old: past 10 s + 1 min
+            expired = await _get(client)
+            assert gw.admin_port is not None
+            metrics = (await http_request(gw.admin_port, "GET", "/metrics")).body
+    assert [first.body, second.body] == [b"v1", b"v1"]
+    assert [first.header("x-cache-status"), second.header("x-cache-status")] == ["UPDATING"] * 2
+    assert (expired.header("x-cache-status"), expired.body) == ("EXPIRED", b"v4")
+    assert b'background_refreshes_total{route="swr-failed",outcome="failed"} 2' in metrics
+
+
+async def test_a_refresh_that_may_not_be_stored_drops_the_answer(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    versions = Versions("max-age=10")
+    with trio.fail_after(JUMPED_DEADLINE):
+        async with versioned(versions, SWR) as (up, _gw, client):
+            await _get(client)
+            mock_clock.jump(20)
+            versions.cache_control = "no-store"
+            updating = await _get(client)
+            await _settled(up, 2)
+            after = await _get(client)
+    assert updating.header("x-cache-status") == "UPDATING"
+    assert (after.header("x-cache-status"), after.body) == ("MISS", b"v3")
+
+
+async def test_an_answer_always_refreshed_in_the_background_is_stored(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    # max-age=0 with stale-while-revalidate, no validator: served from the cache, and
+    # fetched again behind every request that finds it stale.
+    versions = Versions("max-age=0, stale-while-revalidate=60")
+    with trio.fail_after(JUMPED_DEADLINE):
+        async with versioned(versions) as (up, _gw, client):
+            first = await _get(client)
+            second = await _get(client)
+            await _settled(up, 2)
+            mock_clock.jump(1)
+            third = await _get(client)
+    assert first.body == b"v1"
+    assert (second.header("x-cache-status"), second.body) == ("UPDATING", b"v1")
+    assert (third.header("x-cache-status"), third.body) == ("UPDATING", b"v2")
+
+
+async def test_a_chunked_refresh_is_stored_whole_and_a_large_one_not(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    size = 3000
+    served = 0
+
+    async def handler(conn: UpstreamConn) -> None:
+        nonlocal served
+        while (await conn.read_request()) is not None:
+            served += 1
+            body = (b"%d" % served) * (size if served == 3 else 10)
+            head = response_head(200, [("cache-control", "max-age=10")])  # chunked
+            await conn.send(head + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+
+    with trio.fail_after(JUMPED_DEADLINE):
+        async with serve_upstream(handler) as up:
+            cache = {"stale_while_revalidate": "1m", "max_entry_size": "2KiB"}
+            async with open_gateway(_config(up.target, cache)) as gw:
+                async with Client.open(gw.port) as client:
+                    await _get(client)
+                    mock_clock.jump(11)
+                    await _get(client)  # refreshed: "2" * 10
+                    await _settled(up, 2)
+                    refreshed = await _get(client)
+                    mock_clock.jump(11)
+                    await _get(client)  # refreshed: 3000 bytes, over max_entry_size
+                    await _settled(up, 3)
+                    after = await _get(client)
+                    assert gw.admin_port is not None
+                    state = (await http_request(gw.admin_port, "GET", "/plugins")).json()
+    assert (refreshed.header("x-cache-status"), refreshed.body) == ("HIT", b"2" * 10)
+    assert after.header("x-cache-status") == "MISS"  # the old one dropped, the new not kept
+    assert after.body == b"4" * 10
+    cache_state = state["cache (route:r)"]
+    assert cache_state["bytes_being_fetched"] == cache_state["refreshing_in_background"] == 0
+
+
+async def test_a_reload_cancels_the_refreshes_of_a_dropped_cache(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    versions = Versions("max-age=10")
+    with trio.fail_after(JUMPED_DEADLINE):
+        async with versioned(versions, SWR, "swr-reload") as (up, gw, client):
+            await _get(client)
+            mock_clock.jump(11)
+            gate = versions.hold()  # the refresh hangs upstream
+            updating = await _get(client)
+            await up.wait_requests(2)
+            changed = _config(up.target, {"stale_while_revalidate": "2m"}, name="swr-reload")
+            changed["server"] = {"listen": ["127.0.0.1:0"]}
+            changed["admin"] = {"listen": "127.0.0.1:0"}
+            await gw.gateway.reload(load(changed))
+            await trio.testing.wait_all_tasks_blocked()
+            gate.set()  # too late: the refresh was cancelled with its cache
+            await trio.testing.wait_all_tasks_blocked()
+            after = await _get(client)
+            assert gw.admin_port is not None
+            metrics = (await http_request(gw.admin_port, "GET", "/metrics")).body
+    assert updating.header("x-cache-status") == "UPDATING"
+    assert after.header("x-cache-status") == "MISS"  # a new cache
+    assert b'background_refreshes_total{route="swr-reload"' not in metrics
