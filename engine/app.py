@@ -15,6 +15,7 @@ import json
 import logging
 import socket
 import ssl
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Any
@@ -37,6 +38,7 @@ __all__ = ["Gateway", "check_addresses", "load_ssl_context"]
 log = logging.getLogger("filtergate")
 
 ADMIN_METHODS = (b"GET", b"HEAD")
+_CACHE_METHODS = (b"DELETE",)  # /cache: a purge
 
 
 def load_ssl_context(config: Config) -> ssl.SSLContext | None:
@@ -113,6 +115,14 @@ def check_addresses(config: Config) -> None:
             raise ConfigError("admin.listen", f"{config.admin.listen} is server.listen[{i}]")
 
 
+def _latin1(text: str) -> bool:
+    try:
+        text.encode("latin-1")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _jsonable(value: Any) -> Any:
     as_dict = getattr(value, "as_dict", None)
     if callable(as_dict):
@@ -161,6 +171,7 @@ class Gateway:
         extra_plugins: list[tuple[str, object]] | None = None,
         admin: bool = True,
         worker_metrics: Callable[[], Awaitable[list[dict[str, MetricDump]]]] | None = None,
+        worker_purge: Callable[[dict[str, Any]], Awaitable[tuple[int, int]]] | None = None,
     ) -> None:
         self.extra_plugins = extra_plugins or []
         self.registry = registry or discover(
@@ -179,6 +190,7 @@ class Gateway:
         # one owner. Its /metrics adds up what ``worker_metrics`` gathers from them.
         self.serve_admin = admin and config.admin.enabled
         self.worker_metrics = worker_metrics
+        self.worker_purge = worker_purge  # (what the workers dropped, how many did not say)
         self.ports: list[int] = []
         self.admin_port: int | None = None
         self._nursery: trio.Nursery | None = None
@@ -418,18 +430,73 @@ class Gateway:
             return 200, b"application/json", json.dumps(doc2, indent=2).encode()
         return 404, b"text/plain", b"not found\n"
 
+    def purge(self, selector: dict[str, Any]) -> int:
+        """Have this process's filters drop the answers they keep (caches) that
+        ``selector`` names; how many they dropped. ``route``: a route's name; ``target``:
+        the request target as sent upstream, a prefix when it ends in ``*``; either may
+        be absent (every route, every target)."""
+        route = selector.get("route")
+        target: bytes | None = None
+        prefix = False
+        if selector.get("target") is not None:
+            raw = str(selector["target"])
+            prefix = raw.endswith("*")
+            target = (raw[:-1] if prefix else raw).encode("latin-1")
+        dropped = 0
+        seen: set[int] = set()
+        for *_, instance in self.runtime.instances:
+            purge = getattr(instance, "purge", None)
+            if purge is not None and id(instance) not in seen:
+                seen.add(id(instance))
+                dropped += int(purge(route=route, target=target, prefix=prefix))
+        return dropped
+
+    async def _admin_purge(self, query: str) -> tuple[int, bytes, bytes]:
+        """``DELETE /cache``: purge this process's caches and every worker's."""
+        selector: dict[str, Any] = {}
+        try:
+            pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=True)
+        except ValueError:
+            return 400, b"text/plain", b"a query of name=value pairs: route, target\n"
+        for name, value in pairs:
+            if name not in ("route", "target"):
+                return 400, b"text/plain", f"unknown parameter {name!r} (route, target)\n".encode()
+            if name in selector:
+                return 400, b"text/plain", f"{name!r} given twice\n".encode()
+            selector[name] = value
+        route = selector.get("route")
+        if route is not None and all(r.config.name != route for r in self.runtime.routes):
+            return 404, b"text/plain", f"no route named {route!r}\n".encode()
+        target = selector.get("target")
+        if target is not None and not (target.startswith("/") and _latin1(target)):
+            return 400, b"text/plain", b"target: the target as sent upstream, from its /\n"
+        purged, silent = self.purge(selector), 0
+        if self.worker_purge is not None:
+            theirs, silent = await self.worker_purge(selector)
+            purged += theirs
+        doc = {
+            "purged": purged,
+            "processes": self._started.server.workers,
+            "processes_not_answering": silent,
+        }
+        return 200, b"application/json", json.dumps(doc).encode()
+
     async def _admin_response(self, h: h11.Connection, request: h11.Request) -> bytes:
         headers: list[tuple[bytes, bytes]] = []
-        if request.method in ADMIN_METHODS:
-            path = request.target.split(b"?")[0].decode("latin-1")
+        path, _, query = request.target.decode("latin-1").partition("?")
+        allowed = _CACHE_METHODS if path == "/cache" else ADMIN_METHODS
+        if request.method in allowed:
             try:
-                status, ctype, body = await self._admin_answer(path)
-            except Exception:  # a plugin's snapshot() or metric: never the gateway's end
+                if path == "/cache":
+                    status, ctype, body = await self._admin_purge(query)
+                else:
+                    status, ctype, body = await self._admin_answer(path)
+            except Exception:  # a plugin's snapshot(), purge() or metric: never the end
                 log.exception("admin request for %s failed", path)
                 status, ctype, body = 500, b"text/plain", b"internal error\n"
         else:
             status, ctype, body = 405, b"text/plain", b"method not allowed\n"
-            headers.append((b"allow", b", ".join(ADMIN_METHODS)))
+            headers.append((b"allow", b", ".join(allowed)))
         headers += [
             (b"content-type", ctype),
             (b"content-length", str(len(body)).encode()),

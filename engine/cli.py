@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from engine.config import Config
     from engine.metrics import MetricDump
     from engine.plugins import Registry
-    from engine.worker_metrics import WorkerMetrics
+    from engine.worker_metrics import WorkerChannel
 
 EXIT_CONFIG = 2
 log = logging.getLogger("filtergate")
@@ -293,7 +293,7 @@ class Workers:
         self.live: dict[int, subprocess.Popen[bytes]] = {}
         # Each live worker's end of the pair its metrics are asked for on, and what the
         # dead ones counted (see engine.worker_metrics).
-        self.metrics: dict[int, WorkerMetrics] = {}
+        self.metrics: dict[int, WorkerChannel] = {}
         self.retired = Retired()
         self.stopping = False
 
@@ -313,10 +313,10 @@ class Workers:
                 server.pop(key, None)
         return tomli_w.dumps(doc).encode()
 
-    def _spawn(self) -> tuple[subprocess.Popen[bytes], WorkerMetrics, int]:
+    def _spawn(self) -> tuple[subprocess.Popen[bytes], WorkerChannel, int]:
         """A new worker, the main side of its metrics channel, and the read end of the
         pipe it writes one byte to once it serves."""
-        from engine.worker_metrics import WorkerMetrics
+        from engine.worker_metrics import WorkerChannel
 
         # The config goes in a memory file the worker reads (a pipe could fill up and
         # block this loop until the worker reads it).
@@ -354,7 +354,7 @@ class Workers:
             os.close(fd)
             os.close(told)
             theirs.close()
-        return proc, WorkerMetrics(ours), ready
+        return proc, WorkerChannel(ours), ready
 
     async def supervise(self, slot: int) -> None:
         import trio
@@ -424,7 +424,7 @@ class Workers:
         answers: dict[int, dict[str, MetricDump]] = {}
         asked = dict(self.metrics)
 
-        async def ask(slot: int, channel: WorkerMetrics) -> None:
+        async def ask(slot: int, channel: WorkerChannel) -> None:
             answers[slot] = await channel.ask()
 
         async with trio.open_nursery() as nursery:
@@ -434,6 +434,21 @@ class Workers:
         # answer: counted there, its answer here would count it twice.
         live = [s for s in sorted(answers) if self.metrics.get(s) is asked[s]]
         return [self.retired.metrics, *(answers[slot] for slot in live)]
+
+    async def purge(self, selector: dict[str, Any]) -> tuple[int, int]:
+        """Have every live worker purge its caches (all at once): how many answers they
+        dropped, and how many workers did not say within the ask timeout."""
+        import trio
+
+        dropped: list[int | None] = []
+
+        async def purge(channel: WorkerChannel) -> None:
+            dropped.append(await channel.purge(selector))
+
+        async with trio.open_nursery() as nursery:
+            for channel in list(self.metrics.values()):
+                nursery.start_soon(purge, channel)
+        return sum(n for n in dropped if n is not None), dropped.count(None)
 
     def signal(self, signum: int) -> None:
         for proc in self.live.values():
@@ -555,12 +570,14 @@ def cmd_run(args: argparse.Namespace) -> int:
                         registry,
                         admin=args.worker_of is None,
                         worker_metrics=workers.gather_metrics if workers.count else None,
+                        worker_purge=workers.purge if workers.count else None,
                     )
                     await nursery.start(partial(gateway.serve, sockets, admin_socket=admin_socket))
                     if args.metrics_fd is not None:  # a worker: the main process asks
                         from engine.worker_metrics import answer
 
-                        nursery.start_soon(answer, socket.socket(fileno=args.metrics_fd))
+                        channel = socket.socket(fileno=args.metrics_fd)
+                        nursery.start_soon(answer, channel, gateway.purge)
                     if args.ready_fd is not None:  # a worker: tell the main one it serves
                         os.write(args.ready_fd, b"r")
                         os.close(args.ready_fd)

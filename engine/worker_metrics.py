@@ -1,17 +1,21 @@
-"""The main process asks its workers for their metrics, over a socket pair per worker.
+"""The main process asks its workers for their metrics, and has them purge their caches,
+over a socket pair per worker.
 
 With ``workers > 1`` only the main process serves the admin listener, and every process
-counts its own requests. On each scrape of ``/metrics`` the main process asks every live
-worker for its metrics (:func:`engine.metrics.dump`), waits up to :data:`ASK_TIMEOUT`
-for each (all at once), and renders the sum (:func:`engine.metrics.merge`).
+counts its own requests and keeps its own cache. On each scrape of ``/metrics`` the main
+process asks every live worker for its metrics (:func:`engine.metrics.dump`), waits up
+to :data:`ASK_TIMEOUT` for each (all at once), and renders the sum
+(:func:`engine.metrics.merge`). A ``DELETE /cache`` on the admin listener is passed on to
+every worker the same way, and answered with the sum of what they dropped.
 
-The protocol, both ways on one ``AF_UNIX`` stream: the main process sends a 4-byte
-sequence number; the worker answers with that number, a 4-byte length and its metrics as
-JSON (an empty answer: it could not encode them; its last ones stand). A worker too busy
-to answer in time is shown with the metrics it gave last; its late answer is read and
-dropped on the next ask (the number tells it apart), and asks that queued up while it
-was busy get one answer, to the newest. Scrapes at the same time share one ask, so
-each returns within :data:`ASK_TIMEOUT` however many there are.
+The protocol, on one ``AF_UNIX`` stream: the main process sends asks (a 4-byte sequence
+number, a 1-byte kind, a 4-byte length and a JSON payload); the worker answers each with
+its number, a 4-byte length and JSON (for metrics, an empty answer: it could not encode
+them; its last ones stand). A worker too busy to answer in time is shown with the
+metrics it gave last; its late answer is read and dropped on the next ask (the number
+tells it apart), and metrics asks that queued up while it was busy get one answer, to
+the newest; every purge is carried out, late or not. Scrapes at the same time share one
+ask, so each returns within :data:`ASK_TIMEOUT` however many there are.
 
 What a dead worker counted still counts: its last answer is kept (:class:`Retired`),
 without its gauges, so counters summed over the workers never go down when one dies
@@ -25,40 +29,59 @@ import json
 import logging
 import socket
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import trio
 
 from engine import metrics
 from engine.metrics import MetricDump
 
-__all__ = ["ASK_TIMEOUT", "Retired", "WorkerMetrics", "answer"]
+__all__ = ["ASK_TIMEOUT", "METRICS", "PURGE", "Retired", "WorkerChannel", "answer"]
 
 log = logging.getLogger("filtergate.workers")
 
 ASK_TIMEOUT = 1.0  # seconds a scrape waits for a worker before it shows its last answer
+METRICS = 0  # ask for the worker's metrics (no payload)
+PURGE = 1  # have it purge its caches (payload: the selector, see Gateway.purge)
+_ASK = struct.Struct(">IBI")  # sequence number, kind, length of the JSON that follows
 _HEAD = struct.Struct(">II")  # sequence number, length of the JSON that follows
-_MAX_ANSWER = 64 << 20  # bytes; a bigger length means the stream is out of step
+_MAX_ASK = 1 << 20  # bytes; a bigger length means the stream is out of step
+_MAX_ANSWER = 64 << 20
+
+#: What a worker does with a purge: the selector in, how many answers it dropped out.
+Purger = Callable[[dict[str, Any]], int]
 
 
-async def answer(sock: socket.socket) -> None:
+async def answer(sock: socket.socket, purge: Purger | None = None) -> None:
     """Worker side: answer the main process's asks on ``sock`` until it closes."""
     stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
-    pending = b""
+    pending = bytearray()
     async with stream:
         try:
             while True:
-                data = await stream.receive_some(4096)
+                data = await stream.receive_some(1 << 16)
                 if not data:
                     return  # the main process is gone (and so will this one be)
                 pending += data
-                if len(pending) < 4:
-                    continue
-                # Asks that queued up while this process was busy: answer the newest.
-                whole = len(pending) - len(pending) % 4
-                seq = int.from_bytes(pending[whole - 4 : whole], "big")
-                pending = pending[whole:]
-                await stream.send_all(_answer(seq))
+                asks: list[tuple[int, int, bytes]] = []
+                while len(pending) >= _ASK.size:
+                    seq, kind, length = _ASK.unpack_from(pending)
+                    if length > _MAX_ASK:
+                        log.error("an ask of %d bytes from the main process: out of step", length)
+                        return
+                    if len(pending) < _ASK.size + length:
+                        break
+                    asks.append((seq, kind, bytes(pending[_ASK.size : _ASK.size + length])))
+                    del pending[: _ASK.size + length]
+                # Metrics asks that queued up while this process was busy: the newest only.
+                newest = max((i for i, a in enumerate(asks) if a[1] == METRICS), default=-1)
+                for i, (seq, kind, payload) in enumerate(asks):
+                    if kind == METRICS:
+                        if i == newest:
+                            await stream.send_all(_answer(seq))
+                    else:
+                        await stream.send_all(_carry_out(seq, kind, payload, purge))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return
 
@@ -72,7 +95,17 @@ def _answer(seq: int) -> bytes:
     return _HEAD.pack(seq, len(body)) + body
 
 
-class WorkerMetrics:
+def _carry_out(seq: int, kind: int, payload: bytes, purge: Purger | None) -> bytes:
+    body = b""
+    try:
+        if kind == PURGE and purge is not None:
+            body = json.dumps({"purged": purge(json.loads(payload))}).encode()
+    except Exception:  # a plugin's purge: never the worker's end
+        log.exception("a purge asked by the main process failed")
+    return _HEAD.pack(seq, len(body)) + body
+
+
+class WorkerChannel:
     """Main side: one worker's end of the pair, and the last metrics it gave."""
 
     def __init__(self, sock: socket.socket) -> None:
@@ -80,7 +113,8 @@ class WorkerMetrics:
         self.last: dict[str, MetricDump] = {}
         self._seq = 0
         self._buffer = bytearray()
-        self._asking: trio.Event | None = None  # set when the ask in flight ends
+        self._asking: trio.Event | None = None  # set when the metrics ask in flight ends
+        self._turn = trio.Lock()  # one ask on the stream at a time
         self.timeout = ASK_TIMEOUT
 
     async def ask(self) -> dict[str, MetricDump]:
@@ -93,23 +127,54 @@ class WorkerMetrics:
             return self.last
         self._asking = done = trio.Event()
         try:
-            self._seq = (self._seq + 1) & 0xFFFFFFFF
-            with trio.move_on_after(self.timeout):
-                await self.stream.send_all(self._seq.to_bytes(4, "big"))
-                while not await self._read_answer():
-                    pass
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the worker died: its supervisor retires it
-        except ValueError as e:  # out of step, or not JSON: never asked again
-            log.error("a worker's metrics could not be read: %s", e)
-            self.close()
+            body = await self._call(METRICS, b"")
+            if body:  # empty: the worker could not encode its metrics, the last ones stand
+                try:
+                    self.last = json.loads(body)
+                except ValueError as e:  # not JSON: never asked again
+                    log.error("a worker's metrics could not be read: %s", e)
+                    self.close()
         finally:
             self._asking = None
             done.set()
         return self.last
 
-    async def _read_answer(self) -> bool:
-        """Read one answer; True when it was the one asked for (then kept in ``last``)."""
+    async def purge(self, selector: dict[str, Any]) -> int | None:
+        """Have the worker purge its caches; how many answers it dropped, or None when
+        it did not answer in ``self.timeout`` seconds (it purges once it reads the ask,
+        unless it is gone)."""
+        body = await self._call(PURGE, json.dumps(selector).encode())
+        try:
+            return int(json.loads(body)["purged"]) if body else None
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    async def _call(self, kind: int, payload: bytes) -> bytes | None:
+        """Send one ask and read up to its answer, within ``self.timeout``; None when
+        it does not come in time or the worker is gone."""
+        sending = False
+        with trio.move_on_after(self.timeout):
+            async with self._turn:
+                self._seq = seq = (self._seq + 1) & 0xFFFFFFFF
+                try:
+                    sending = True
+                    await self.stream.send_all(_ASK.pack(seq, kind, len(payload)) + payload)
+                    sending = False
+                    while True:
+                        got, body = await self._read_answer()
+                        if got == seq:
+                            return body
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    sending = False  # the worker died: its supervisor retires it
+                except ValueError as e:  # out of step: never asked again
+                    log.error("a worker's answer could not be read: %s", e)
+                    self.close()
+        if sending:  # cut off midway through an ask: the stream is out of step
+            self.close()
+        return None
+
+    async def _read_answer(self) -> tuple[int, bytes]:
+        """The next answer on the stream: its number and its body."""
         buffer = self._buffer
         while len(buffer) < _HEAD.size:
             await self._fill()
@@ -120,11 +185,7 @@ class WorkerMetrics:
             await self._fill()
         body = bytes(buffer[_HEAD.size : _HEAD.size + length])
         del buffer[: _HEAD.size + length]
-        if seq != self._seq:
-            return False  # a late answer to an ask that gave up on it
-        if body:  # empty: the worker could not encode its metrics, the last ones stand
-            self.last = json.loads(body)
-        return True
+        return seq, body
 
     async def _fill(self) -> None:
         data = await self.stream.receive_some(1 << 16)

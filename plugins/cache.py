@@ -506,6 +506,19 @@ class MemoryCache:
             self._forget(key)
         return dropped
 
+    def purge(self, route: str | None, target: bytes | None, prefix: bool) -> int:
+        """Drop the answers of ``route`` (None: any) for ``target`` (a prefix of it when
+        ``prefix``; None: any); returns how many."""
+        dropped = 0
+        for resource in list(self._keys):
+            if route is not None and resource[0] != route:
+                continue
+            if target is None or (
+                resource[2].startswith(target) if prefix else resource[2] == target
+            ):
+                dropped += self.invalidate(resource)
+        return dropped
+
     def _forget(self, key: Key) -> None:
         self._entries.pop(key, None)
         keys = self._keys.get(key[0])
@@ -551,7 +564,7 @@ class _Filling:
     __slots__ = ("_budget", "_cap", "_done", "_inner", "_it", "_parts", "_poll", "_size")
 
     def __init__(
-        self, inner: BodyStream, cap: int, budget: _Budget, done: Callable[[bytes | None], None]
+        self, inner: BodyStream, cap: int, budget: _Budget, done: Callable[[bytes | None], Any]
     ) -> None:
         self._inner = inner
         self._it = inner.__aiter__()
@@ -560,7 +573,7 @@ class _Filling:
         self._budget = budget
         self._parts: list[bytes] | None = []
         self._size = 0
-        self._done: Callable[[bytes | None], None] | None = done
+        self._done: Callable[[bytes | None], Any] | None = done
 
     def __aiter__(self) -> _Filling:
         return self
@@ -682,6 +695,7 @@ class Cache(Filter):
         # the instance is in use (``background``).
         self._nursery: trio.Nursery | None = None
         self._updates = 0  # refreshes running in the background
+        self._purges = 0  # purges so far (see purge)
 
     async def background(self) -> None:
         """Run the refreshes of answers served stale while the instance is in use; a
@@ -692,6 +706,16 @@ class Cache(Filter):
                 await trio.sleep_forever()
             finally:
                 self._nursery = None
+
+    def purge(
+        self, route: str | None = None, target: bytes | None = None, prefix: bool = False
+    ) -> int:
+        """The admin listener's ``DELETE /cache``: drop the stored answers of ``route``
+        (of every route when None) for ``target`` as sent upstream (those starting with
+        it when ``prefix``; every target when None); returns how many. Answers being
+        fetched meanwhile are not stored: they may be what the purge is meant to end."""
+        self._purges += 1
+        return self.store.purge(route, target, prefix)
 
     def snapshot(self) -> dict[str, int]:
         """What the admin listener's ``/plugins`` shows of this cache."""
@@ -769,6 +793,7 @@ class Cache(Filter):
             self._mark(exchange, response, b"MISS")
             return response
 
+        since = self._purges  # (an answer fetched across a purge is not stored)
         lock: trio.Event | None = None
         if self._lock_timeout > 0:
             filling = self._filling.get(key)
@@ -834,7 +859,7 @@ class Cache(Filter):
                 return self._serve(exchange, entry, headers, now, b"STALE")
             if not fallback:  # (a breaker's stand-in must not outlive the outage)
                 try:
-                    await self._fill(key, response, headers, now)
+                    await self._fill(key, response, headers, now, since)
                 except GatewayError:  # the body broke while it was read whole
                     now = trio.current_time()
                     if entry is not None and entry.may_stand_in(now):
@@ -871,7 +896,7 @@ class Cache(Filter):
         lock = self._filling[key] = trio.Event()
         self._updates += 1
         self._nursery.start_soon(
-            self._update, key, entry, exchange, update, request, call_next, lock
+            self._update, key, entry, exchange, update, request, call_next, lock, self._purges
         )
 
     async def _update(
@@ -883,6 +908,7 @@ class Cache(Filter):
         request: Headers,
         call_next: CallNext,
         lock: trio.Event,
+        since: int,
     ) -> None:
         """Bring ``entry`` up to date: refreshed by a ``304``, replaced by a new answer
         (or dropped, when that may not be stored), left as it is when the upstream
@@ -904,7 +930,7 @@ class Cache(Filter):
             elif response.status in _FAILED or is_fallback(exchange, response):
                 await _discard(response)
             else:
-                stored = await self._store_whole(key, response, request, now)
+                stored = await self._store_whole(key, response, request, now, since)
                 if stored is not entry:
                     self.store.remove(key, entry)  # replaced, or no longer to be kept
                 outcome = "refreshed" if stored is not None else "dropped"
@@ -922,7 +948,7 @@ class Cache(Filter):
                 _background_updates.inc(route=route, outcome=outcome)
 
     async def _store_whole(
-        self, key: Key, response: Response, request: Headers, now: float
+        self, key: Key, response: Response, request: Headers, now: float, since: int
     ) -> Entry | None:
         """Read ``response`` whole and store it if it may be (nobody waits for its body);
         returns what was stored. Its connection is let go when it may not be stored."""
@@ -931,8 +957,7 @@ class Cache(Filter):
         if entry is None or stream is None or response.status == 204:
             await _discard(response)
             if entry is not None:
-                self._put(key, entry, response.body or b"")
-                return entry
+                return entry if self._put(key, entry, response.body or b"", since) else None
             return None
         parts: list[bytes] = []
         taken = 0
@@ -952,8 +977,7 @@ class Cache(Filter):
         finally:
             self._budget.give(taken)
         response.stream = None
-        self._put(key, entry, b"".join(parts))
-        return entry
+        return entry if self._put(key, entry, b"".join(parts), since) else None
 
     def _release(self, key: Key, lock: trio.Event) -> None:
         if self._filling.get(key) is lock:
@@ -1028,7 +1052,9 @@ class Cache(Filter):
         updating = float(_seconds(cc.get(b"stale-while-revalidate", b"")) or 0)
         return (max(self._stale, on_error), max(self._updating, updating))
 
-    async def _fill(self, key: Key, response: Response, request: Headers, now: float) -> None:
+    async def _fill(
+        self, key: Key, response: Response, request: Headers, now: float, since: int
+    ) -> None:
         """Store ``response`` if it may be. A body of known length is read whole first,
         at the upstream's pace (so that concurrent misses waiting for it are not held
         back by a slow client), and then sent as read; a chunked one is kept as it
@@ -1040,12 +1066,15 @@ class Cache(Filter):
         if response.body is not None or stream is None or response.status == 204:
             # Whole already (a 204's body is empty whatever it says: its stream stays,
             # for the engine to release the connection clean).
-            self._put(key, entry, response.body or b"")
+            self._put(key, entry, response.body or b"", since)
             return
         length = _first(response.headers.items, b"content-length")
         if length is None:
             response.stream = _Filling(
-                stream, self._max_entry, self._budget, lambda body: self._put(key, entry, body)
+                stream,
+                self._max_entry,
+                self._budget,
+                lambda body: self._put(key, entry, body, since),
             )
             return
         size = int(length)  # (at most max_entry_size: _storable saw to it)
@@ -1057,13 +1086,17 @@ class Cache(Filter):
             self._budget.give(size)
         response.stream = None
         response.body = body
-        self._put(key, entry, body)
+        self._put(key, entry, body, since)
 
-    def _put(self, key: Key, entry: Entry, body: bytes | None) -> None:
-        if body is not None and len(body) <= self._max_entry:
-            entry.body = body
-            entry.size += len(body)
-            self.store.put(key, entry)
+    def _put(self, key: Key, entry: Entry, body: bytes | None, since: int) -> bool:
+        """Store ``entry`` with ``body`` (None: cut, or too large), unless a purge came
+        since it was asked for (``since``); whether it was stored."""
+        if body is None or len(body) > self._max_entry or self._purges != since:
+            return False
+        entry.body = body
+        entry.size += len(body)
+        self.store.put(key, entry)
+        return True
 
     def _refresh(
         self, key: Key, entry: Entry, items: list[tuple[bytes, bytes]], now: float

@@ -67,11 +67,14 @@ class Failing:
 
 
 @asynccontextmanager
-async def scripted(respond: Answer) -> AsyncIterator[Upstream]:
-    """An upstream answering every request (keep-alive) with ``respond(request)``."""
+async def scripted(respond: Answer, gate: trio.Event | None = None) -> AsyncIterator[Upstream]:
+    """An upstream answering every request (keep-alive) with ``respond(request)``, once
+    ``gate`` is set when one is given."""
 
     async def handler(conn: UpstreamConn) -> None:
         while (got := await conn.read_request()) is not None:
+            if gate is not None:
+                await gate.wait()
             await conn.send(respond(got[0]))
 
     async with serve_upstream(handler) as upstream:
@@ -317,14 +320,9 @@ async def test_a_change_through_the_gateway_drops_what_is_stored() -> None:
 
 async def test_concurrent_misses_send_one_request_upstream() -> None:
     release = trio.Event()
-
-    async def handler(conn: UpstreamConn) -> None:
-        while (got := await conn.read_request()) is not None:
-            await release.wait()
-            await conn.send(answer([("cache-control", "max-age=60")])(got[0]))
-
+    respond = answer([("cache-control", "max-age=60")])
     with trio.fail_after(20):
-        async with serve_upstream(handler) as up, open_gateway(_config(up.target)) as gw:
+        async with scripted(respond, release) as up, open_gateway(_config(up.target)) as gw:
             results: list[HttpResponse] = []
 
             async def one() -> None:
@@ -1216,3 +1214,95 @@ async def test_a_reload_cancels_the_refreshes_of_a_dropped_cache(
     assert updating.header("x-cache-status") == "UPDATING"
     assert after.header("x-cache-status") == "MISS"  # a new cache
     assert b'background_refreshes_total{route="swr-reload"' not in metrics
+
+
+# -- purging ----------------------------------------------------------------------------
+
+
+async def _purge(admin_port: int | None, query: str = "") -> HttpResponse:
+    assert admin_port is not None
+    return await http_request(admin_port, "DELETE", "/cache" + (f"?{query}" if query else ""))
+
+
+async def test_the_admin_listener_purges_by_route_and_target() -> None:
+    with trio.fail_after(20):
+        async with scripted(answer([("cache-control", "max-age=60")])) as up:
+            config = _config(up.target)
+            config["routes"].append(
+                {"name": "other", "prefix": "/o/", "upstream": "up", "plugins": {"cache": {}}}
+            )
+            async with open_gateway(config) as gw:
+
+                async def fill() -> None:
+                    for path in ("/a", "/a?page=2", "/ab", "/b", "/o/a"):
+                        await http_request(gw.port, "GET", path)
+
+                async def statuses() -> list[str | None]:
+                    got = []
+                    for path in ("/a", "/a?page=2", "/ab", "/b", "/o/a"):
+                        r = await http_request(gw.port, "GET", path)
+                        got.append(r.header("x-cache-status"))
+                    return got
+
+                await fill()
+                exact = await _purge(gw.admin_port, "route=r&target=%2Fa%3Fpage%3D2")
+                after_exact = await statuses()
+                prefix = await _purge(gw.admin_port, "target=/a*")
+                after_prefix = await statuses()
+                route = await _purge(gw.admin_port, "route=other")
+                after_route = await statuses()
+                everything = await _purge(gw.admin_port)
+                after_all = await statuses()
+    assert exact.status == 200
+    assert exact.json() == {"purged": 1, "processes": 1, "processes_not_answering": 0}
+    assert after_exact == ["HIT", "MISS", "HIT", "HIT", "HIT"]
+    assert prefix.json()["purged"] == 3  # /a, /a?page=2, /ab: the target as sent upstream
+    assert after_prefix == ["MISS", "MISS", "MISS", "HIT", "HIT"]
+    assert route.json()["purged"] == 1
+    assert after_route == ["HIT", "HIT", "HIT", "HIT", "MISS"]
+    assert everything.json()["purged"] == 5
+    assert after_all == ["MISS"] * 5
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "status", "says"),
+    [
+        ("DELETE", "/cache?path=/a", 400, b"unknown parameter 'path'"),
+        ("DELETE", "/cache?route=r&route=r", 400, b"given twice"),
+        ("DELETE", "/cache?target=a", 400, b"from its /"),
+        ("DELETE", "/cache?nonsense", 400, b"name=value"),
+        ("DELETE", "/cache?route=nope", 404, b"no route named 'nope'"),
+        ("GET", "/cache", 405, b"method not allowed"),
+        ("DELETE", "/metrics", 405, b"method not allowed"),
+    ],
+)
+async def test_a_purge_the_admin_listener_cannot_do_is_refused(
+    method: str, target: str, status: int, says: bytes
+) -> None:
+    with trio.fail_after(20):
+        async with scripted(answer([("cache-control", "max-age=60")])) as up:
+            async with open_gateway(_config(up.target)) as gw:
+                await http_request(gw.port, "GET", "/a")
+                assert gw.admin_port is not None
+                refused = await http_request(gw.admin_port, method, target)
+                still = await http_request(gw.port, "GET", "/a")
+    assert refused.status == status
+    assert says in refused.body
+    if status == 405:
+        assert refused.header("allow") == ("DELETE" if target == "/cache" else "GET, HEAD")
+    assert still.header("x-cache-status") == "HIT"  # nothing was purged
+
+
+async def test_an_answer_fetched_across_a_purge_is_not_stored() -> None:
+    release = trio.Event()
+    respond = answer([("cache-control", "max-age=60")])
+    with trio.fail_after(20):
+        async with scripted(respond, release) as up, open_gateway(_config(up.target)) as gw:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(http_request, gw.port, "GET", "/a")
+                await up.wait_requests(1)  # asked for before the purge, answered after
+                purged = await _purge(gw.admin_port, "target=/a")
+                release.set()
+            after = await http_request(gw.port, "GET", "/a")
+    assert purged.json()["purged"] == 0
+    assert after.header("x-cache-status") == "MISS"

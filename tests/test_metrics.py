@@ -7,13 +7,22 @@ import math
 import socket
 import struct
 from decimal import Decimal
+from typing import Any
 
 import pytest
 import trio
 import trio.testing
 
 from engine.metrics import Counter, Gauge, Histogram, MetricDump, merge, render_dumps
-from engine.worker_metrics import ASK_TIMEOUT, Retired, WorkerMetrics, _answer, answer
+from engine.worker_metrics import (
+    ASK_TIMEOUT,
+    METRICS,
+    PURGE,
+    Retired,
+    WorkerChannel,
+    _answer,
+    answer,
+)
 
 
 def _process(
@@ -102,7 +111,7 @@ def _pair() -> tuple[socket.socket, socket.socket]:
 
 async def test_a_worker_answers_with_this_process_metrics() -> None:
     ours, theirs = _pair()
-    channel = WorkerMetrics(ours)
+    channel = WorkerChannel(ours)
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(answer, theirs)
@@ -119,7 +128,7 @@ async def test_a_late_answer_is_dropped_and_the_last_one_shown(
     """A worker that does not answer in time shows its last metrics; its late answer is
     read and dropped on the next ask, whose own answer is the one kept."""
     ours, theirs = _pair()
-    channel = WorkerMetrics(ours)
+    channel = WorkerChannel(ours)
     worker = trio.SocketStream(trio.socket.from_stdlib_socket(theirs))
 
     async def reply(seq: bytes, value: int) -> None:
@@ -132,7 +141,7 @@ async def test_a_late_answer_is_dropped_and_the_last_one_shown(
         async with trio.open_nursery() as nursery:
 
             async def prompt() -> None:
-                await reply(await worker.receive_some(4), 1)
+                await reply((await worker.receive_some(9))[:4], 1)
 
             nursery.start_soon(prompt)
             assert (await channel.ask())["v"]["values"] == [[[], 1]]
@@ -141,7 +150,7 @@ async def test_a_late_answer_is_dropped_and_the_last_one_shown(
 
         async def slow() -> None:
             nonlocal late_seq
-            late_seq = await worker.receive_some(4)
+            late_seq = (await worker.receive_some(9))[:4]
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(slow)
@@ -151,7 +160,7 @@ async def test_a_late_answer_is_dropped_and_the_last_one_shown(
         async with trio.open_nursery() as nursery:
 
             async def prompt_again() -> None:
-                await reply(await worker.receive_some(4), 3)
+                await reply((await worker.receive_some(9))[:4], 3)
 
             nursery.start_soon(prompt_again)
             assert (await channel.ask())["v"]["values"] == [[[], 3]]
@@ -161,7 +170,7 @@ async def test_a_late_answer_is_dropped_and_the_last_one_shown(
 
 async def test_garbage_from_a_worker_is_never_read_again() -> None:
     ours, theirs = _pair()
-    channel = WorkerMetrics(ours)
+    channel = WorkerChannel(ours)
     with trio.fail_after(10):
         theirs.sendall(struct.pack(">II", 1, 5) + b"{nope")
         assert await channel.ask() == {}
@@ -219,13 +228,13 @@ def test_a_value_json_cannot_carry_never_takes_the_worker_down() -> None:
 
 async def test_an_empty_answer_keeps_the_last_metrics() -> None:
     ours, theirs = _pair()
-    channel = WorkerMetrics(ours)
+    channel = WorkerChannel(ours)
     channel.last = {"kept": {"kind": "counter", "help": "", "labels": [], "values": []}}
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
 
             async def empty() -> None:
-                seq = await trio.to_thread.run_sync(theirs.recv, 4)
+                seq = (await trio.to_thread.run_sync(theirs.recv, 9))[:4]
                 theirs.sendall(struct.pack(">II", int.from_bytes(seq, "big"), 0))
 
             nursery.start_soon(empty)
@@ -240,7 +249,7 @@ async def test_scrapes_at_once_share_one_ask_and_each_returns_in_time(
     """Five scrapes while the worker does not answer: each is back within one timeout
     (they do not queue behind one another), with the last metrics."""
     ours, theirs = _pair()  # nobody answers on theirs
-    channel = WorkerMetrics(ours)
+    channel = WorkerChannel(ours)
     back: list[float] = []
 
     async def scrape() -> None:
@@ -254,29 +263,55 @@ async def test_scrapes_at_once_share_one_ask_and_each_returns_in_time(
                 nursery.start_soon(scrape)
         assert len(back) == 5
         assert max(back) - start <= ASK_TIMEOUT + 0.01
-        assert theirs.recv(64) == (1).to_bytes(4, "big")  # one ask went out, not five
+        assert theirs.recv(64) == struct.pack(">IBI", 1, 0, 0)  # one ask went out, not five
     theirs.close()
     channel.close()
 
 
-async def test_a_worker_that_was_busy_answers_only_the_newest_ask() -> None:
+async def test_a_worker_that_was_busy_answers_only_the_newest_ask_and_every_purge() -> None:
     ours, theirs = _pair()
+    purged: list[dict[str, Any]] = []
+
+    def purge(selector: dict[str, Any]) -> int:
+        purged.append(selector)
+        return 7
+
+    async def next_answer() -> tuple[int, bytes]:
+        seq, length = struct.unpack(">II", await trio.to_thread.run_sync(ours.recv, 8))
+        body = b""
+        while len(body) < length:
+            body += await trio.to_thread.run_sync(ours.recv, length - len(body))
+        return seq, body
+
     with trio.fail_after(10):
-        for seq in (1, 2, 3):  # asks that queued while the worker was busy
-            ours.sendall(seq.to_bytes(4, "big"))
+        # Asks that queued while the worker was busy: metrics, a purge, metrics.
+        ours.sendall(struct.pack(">IBI", 1, METRICS, 0))
+        selector = json.dumps({"route": "r"}).encode()
+        ours.sendall(struct.pack(">IBI", 2, PURGE, len(selector)) + selector)
+        ours.sendall(struct.pack(">IBI", 3, METRICS, 0))
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(answer, theirs)
-            head = await trio.to_thread.run_sync(ours.recv, 8)
-            seq, length = struct.unpack(">II", head)
+            nursery.start_soon(answer, theirs, purge)
+            assert await next_answer() == (2, b'{"purged": 7}')
+            seq, body = await next_answer()
             assert seq == 3
-            body = b""
-            while len(body) < length:
-                body += await trio.to_thread.run_sync(ours.recv, length - len(body))
+            assert "filtergate_responses_total" in json.loads(body)
             await trio.testing.wait_all_tasks_blocked()
             ours.setblocking(False)
             with pytest.raises(BlockingIOError):
-                ours.recv(1)  # no answer to 1 and 2
+                ours.recv(1)  # no answer to 1
             ours.close()  # the worker's loop ends
+    assert purged == [{"route": "r"}]
+
+
+async def test_a_purge_is_answered_with_what_the_worker_dropped() -> None:
+    ours, theirs = _pair()
+    channel = WorkerChannel(ours)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(answer, theirs, lambda selector: len(selector))
+            assert await channel.purge({"route": "r", "target": "/a"}) == 2
+            assert "filtergate_responses_total" in await channel.ask()  # still in step
+            channel.close()
 
 
 async def test_a_worker_that_dies_during_a_scrape_is_counted_once() -> None:

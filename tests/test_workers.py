@@ -510,3 +510,36 @@ async def test_sigterm_during_a_slow_reload_drains_at_once(stubs: Stubs, tmp_pat
     text = log.read_text()
     assert "reload abandoned: the gateway is draining" in text
     assert "configuration reloaded" not in text
+
+
+async def test_a_purge_reaches_every_worker(stubs: Stubs, tmp_path: Path) -> None:
+    """``DELETE /cache`` on the main process's admin listener empties the cache of every
+    process, each of which keeps its own."""
+    port, admin = _free_port(), _free_port()
+    config = _config(port, stubs.target("echo"), admin, workers=2)
+    config["routes"][0]["plugins"] = {"cache": {"ttl": "1h"}}
+    cfg = _write(tmp_path / "g.toml", config)
+
+    async def until_each_says(status: str) -> dict[str, str]:
+        """The cache status each process gave on its first answer seen, over new
+        connections, until both were seen saying ``status`` at least once."""
+        first: dict[str, str] = {}
+        said: set[str] = set()
+        while len(said) < 2:
+            r = await http_request(port, "GET", "/cached")
+            assert r.status == 200
+            process = str(r.header("x-request-id")).split("-")[0]
+            first.setdefault(process, str(r.header("x-cache-status")))
+            if r.header("x-cache-status") == status:
+                said.add(process)
+        return first
+
+    with trio.fail_after(40):
+        async with _gateway(cfg, port, tmp_path / "err.log", 2):
+            await until_each_says("HIT")  # both processes hold the answer
+            purged = await http_request(admin, "DELETE", "/cache?route=echo&target=/cached")
+            after = await until_each_says("HIT")
+    assert purged.status == 200
+    assert purged.json() == {"purged": 2, "processes": 2, "processes_not_answering": 0}
+    assert after == {process: "MISS" for process in after}, "each process fetched it again"
+    assert "Traceback" not in (tmp_path / "err.log").read_text()
