@@ -128,6 +128,10 @@ def plugin_settings(name: str, env: Env) -> tuple[dict[str, Any], list[tuple[str
         # sequential direct calls (3 x the direct row's).
         calls = [{"name": n, "upstream": "stub", "path": f"/{n}"} for n in ("a", "b", "c")]
         return {"calls": calls}, []
+    if name == "cors":
+        # A page of another origin calling: the answer gets its CORS fields.
+        origin = "https://app.example.com"
+        return {"origins": [origin]}, [("Origin", origin)]
     if name == "cache":
         # The stub's answer says nothing of freshness: stored for a minute, every
         # measured request is a hit (what a hit costs; a miss costs about a bare request).

@@ -121,6 +121,11 @@ class Filter:
     # Headers (lowercase bytes) this filter reads credentials from: on the routes where
     # it runs, other filters' identity-header stripping leaves them alone.
     credential_headers: frozenset[bytes] = frozenset()
+    # This filter answers CORS preflights (``OPTIONS`` with ``Origin`` and
+    # ``Access-Control-Request-Method``): on the routes where it runs, the engine routes
+    # a preflight by the method it announces, so a route that lists only GET gets the
+    # preflights of its GETs instead of a 405.
+    handles_preflight: ClassVar[bool] = False
 
     def __init__(self, config: Any, context: FilterContext) -> None:
         self.config = config
@@ -165,6 +170,8 @@ class Chain:
     needs_response_body: bool
     # Every filter's ``credential_headers``: the exchange carries them (see Exchange).
     credential_headers: frozenset[bytes] = frozenset()
+    # A filter answers CORS preflights (see Filter.handles_preflight).
+    handles_preflight: bool = False
     _response_by_depth: list[list[Phase]] = dataclasses.field(default_factory=list)
     # ``request`` as (depth, fn, is_async): depth counts the filters up to and including
     # the phase's own, so the runner need not walk the filters that have no request side.
@@ -248,6 +255,7 @@ def compile_chain(filters: list[Any]) -> Chain:
         credential_headers=frozenset().union(
             *(getattr(f, "credential_headers", ()) for f in ordered)
         ),
+        handles_preflight=any(getattr(f, "handles_preflight", False) for f in ordered),
         _response_by_depth=by_depth,
         _request_steps=steps,
         sync_request=body_at is None and not any(p.is_async for p in request),

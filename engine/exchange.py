@@ -8,7 +8,7 @@ These are plain objects made once per request; their fields are the documented f
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 from urllib.parse import parse_qs
@@ -32,6 +32,7 @@ __all__ = [
     "TlsInfo",
     "Upgraded",
     "UpstreamCall",
+    "preflight_method",
 ]
 
 T = TypeVar("T")
@@ -104,6 +105,25 @@ def _field(name: bytes | str, value: bytes | str) -> tuple[bytes, bytes]:
     return key, val.strip(b" \t")
 
 
+_METHOD = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
+
+
+def preflight_method(items: Iterable[tuple[bytes, bytes]]) -> bytes | None:
+    """The method a CORS preflight announces (its ``Access-Control-Request-Method``), or
+    None when the fields ``items`` (of an ``OPTIONS`` request) are no preflight's: no
+    ``Origin``, or no method there."""
+    method: bytes | None = None
+    origin = False
+    for name, value in items:
+        if name == b"access-control-request-method":
+            method = value
+        elif name == b"origin":
+            origin = True
+    if not origin or method is None or _METHOD.fullmatch(method) is None:
+        return None
+    return method
+
+
 def checked_field(name: bytes | str, value: bytes | str) -> tuple[bytes, bytes]:
     """``(name, value)`` as :meth:`Headers.set` would store it, checked as it checks it
     (``ValueError`` likewise); for :meth:`Headers.set_checked`, which checks no more.
@@ -144,6 +164,18 @@ class Headers:
         Raises ``ValueError`` for a name that is not a token or a value with CR, LF or NUL.
         """
         self.items.append(_field(name, value))
+
+    def add_vary(self, name: bytes) -> None:
+        """Say in ``Vary`` that the answer depends on the request field ``name`` (a
+        trusted name, as written: ``b"Origin"``), unless ``Vary`` names it already or
+        is ``*``."""
+        key = name.lower()
+        for n, value in self.items:
+            if n == b"vary":
+                named = {v.strip().lower() for v in value.split(b",")}
+                if key in named or b"*" in named:
+                    return
+        self.items.append((b"vary", name))
 
     def set(self, name: bytes | str, value: bytes | str) -> None:
         """Replace every field named ``name`` by one with ``value``."""

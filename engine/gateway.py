@@ -111,6 +111,9 @@ class Runtime:
     via_header: bytes = b""
     via_10: bytes = b""  # the Via of an HTTP/1.0 request (RFC 9110 7.6.3)
     any_absolute_form: bool = False
+    # A route's filter answers CORS preflights: OPTIONS preflights are routed by the
+    # method they announce (see Filter.handles_preflight).
+    any_preflight: bool = False
     rid_header: bytes = b""
     access_log: AccessLog | None = None
     _trusted_cache: dict[str, bool] = field(default_factory=dict)
@@ -333,6 +336,7 @@ def compile_runtime(config: Config, registry: Registry, previous: Runtime | None
         via_header=b"1.1 " + config.server.via.encode(),
         via_10=b"1.0 " + config.server.via.encode(),
         any_absolute_form=any(r.allow_absolute_form for r in config.routes),
+        any_preflight=any(r.chain.handles_preflight for r in routes),
         rid_header=config.server.request_id_header.lower().encode(),
         access_log=_access_log(config, previous),
     )

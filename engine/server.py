@@ -65,9 +65,11 @@ from engine.exchange import (
     Timings,
     TlsInfo,
     UpstreamCall,
+    preflight_method,
 )
 from engine.gateway import RouteRuntime, Runtime
 from engine.metrics import BoundHistogram, counter, gauge, histogram
+from engine.router import Match
 from engine.sockets import RawSocket, StreamSocket, TlsSocket, accept_backoff, acked
 from engine.upstream import (
     _END,
@@ -1160,14 +1162,12 @@ class _Connection:
                     tls=self.tls,
                 )
                 exchange = Exchange(request=request, request_id=request_id, timings=Timings(start))
-                match = rt.router.match(
-                    host_name,
-                    path,
-                    method,
-                    fwd,
-                    request.query if rt.router_needs_query else None,
-                    raw_query,
-                )
+                query = request.query if rt.router_needs_query else None
+                match = None
+                if method == b"OPTIONS" and rt.any_preflight:
+                    match = _preflight_match(rt, host_name, path, fwd, query, raw_query)
+                if match is None:
+                    match = rt.router.match(host_name, path, method, fwd, query, raw_query)
                 route = match.value
                 if absolute and not route.config.allow_absolute_form:
                     raise BadRequest("absolute-form request targets are not accepted on this route")
@@ -1840,6 +1840,26 @@ def _upgrades_allowed(asked: bytes, allowed: frozenset[bytes]) -> bytes | None:
     offered = [p.strip() for p in asked.split(b",")]
     kept = [p for p in offered if p.split(b"/", 1)[0].strip().lower() in allowed]
     return b", ".join(kept) or None
+
+
+def _preflight_match(
+    rt: Runtime,
+    host: str,
+    path: str,
+    fields: list[tuple[bytes, bytes]],
+    query: dict[str, list[str]] | None,
+    raw_query: bytes,
+) -> Match[RouteRuntime] | None:
+    """The route of a CORS preflight: that of the method it announces, when a filter of
+    that route answers preflights (``cors``); None: route it as the OPTIONS it is."""
+    announced = preflight_method(fields)
+    if announced is None:
+        return None
+    try:
+        match = rt.router.match(host, path, announced, fields, query, raw_query)
+    except GatewayError:  # no route for that method: the OPTIONS's own answer
+        return None
+    return match if match.value.chain.handles_preflight else None
 
 
 def _strip_hop_by_hop(headers: Headers) -> None:

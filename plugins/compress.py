@@ -289,7 +289,7 @@ class Compress(Filter):
         request = exchange.request
         if _no_transform(request.headers):
             return
-        _vary_on_accept_encoding(headers)
+        headers.add_vary(b"Accept-Encoding")
         if not _wants_gzip(request):
             return
         if head and not body:
@@ -335,7 +335,7 @@ def _revalidated(exchange: Exchange, headers: Headers) -> None:
     for name, value in exchange.request.headers.items:
         if name == b"if-none-match" and weak in (v.strip() for v in value.split(b",")):
             headers.set(b"etag", weak)
-            _vary_on_accept_encoding(headers)
+            headers.add_vary(b"Accept-Encoding")
             return
 
 
@@ -344,15 +344,6 @@ def _no_transform(headers: Headers) -> bool:
         if name == b"cache-control" and b"no-transform" in value.lower():
             return True
     return False
-
-
-def _vary_on_accept_encoding(headers: Headers) -> None:
-    for name, value in headers.items:
-        if name == b"vary":
-            named = {v.strip().lower() for v in value.split(b",")}
-            if b"accept-encoding" in named or b"*" in named:
-                return
-    headers.items.append((b"vary", b"Accept-Encoding"))
 
 
 @hookimpl
