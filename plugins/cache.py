@@ -38,8 +38,8 @@ by the session and mark it cacheable for browsers, without ``private``).
 
 Within ``stale_while_revalidate`` (or the upstream's own ``stale-while-revalidate``) past
 its freshness, a stale answer is served at once, and the first request to find it so
-starts one refresh in the background (``background`` holds the nursery); a failed refresh
-leaves it as it is.
+starts one refresh of it in the background (``background`` holds the nursery), bounded
+by ``lock_timeout`` or the route's timeout; a failed refresh leaves it as it is.
 
 Served answers carry ``Age`` and, unless ``status_header`` is empty, ``X-Cache-Status``:
 ``HIT``, ``MISS``, ``EXPIRED`` (stale, fetched again), ``REVALIDATED``, ``STALE`` (served
@@ -61,6 +61,7 @@ its own cache.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -114,6 +115,9 @@ _FAILED = frozenset({500, 502, 503, 504})
 _MAX_AGE = 2**31  # delta-seconds beyond this are taken as this (RFC 9111 1.2.2)
 #: Answers kept per key, one per combination of the values its Vary names.
 _MAX_VARIANTS = 8
+#: Targets whose last invalidation is remembered (for the answers being fetched);
+#: past this, an invalidation counts as a purge for them.
+_MAX_CHANGED = 4096
 #: Chunks already received that are read past to let a dropped answer's connection go
 #: back to the pool (an error page is one or two).
 _DRAIN_CHUNKS = 16
@@ -694,8 +698,13 @@ class Cache(Filter):
         # Where stale answers served (stale-while-revalidate) are refreshed: open while
         # the instance is in use (``background``).
         self._nursery: trio.Nursery | None = None
-        self._updates = 0  # refreshes running in the background
-        self._purges = 0  # purges so far (see purge)
+        self._refreshing: set[Entry] = set()  # stale answers refreshed in the background
+        # Answers fetched across a change of what they stand for are not stored: each
+        # invalidation and purge moves ``_epoch`` on; ``_changed`` holds the epoch of
+        # each target's last invalidation, ``_purged`` that of the last purge.
+        self._epoch = 0
+        self._changed: dict[Resource, int] = {}
+        self._purged = 0
 
     async def background(self) -> None:
         """Run the refreshes of answers served stale while the instance is in use; a
@@ -714,8 +723,23 @@ class Cache(Filter):
         (of every route when None) for ``target`` as sent upstream (those starting with
         it when ``prefix``; every target when None); returns how many. Answers being
         fetched meanwhile are not stored: they may be what the purge is meant to end."""
-        self._purges += 1
+        self._epoch += 1
+        self._purged = self._epoch
         return self.store.purge(route, target, prefix)
+
+    def _invalidate(self, resource: Resource) -> None:
+        """A change went through for ``resource``: drop what is stored, and keep what is
+        being fetched from being stored."""
+        self._epoch += 1
+        if len(self._changed) >= _MAX_CHANGED:  # as a purge: nothing fetched is stored
+            self._changed.clear()
+            self._purged = self._epoch
+        self._changed[resource] = self._epoch
+        self.store.invalidate(resource)
+
+    def _current(self, resource: Resource, since: int) -> bool:
+        """Whether an answer asked for at epoch ``since`` is still what ``resource`` is."""
+        return self._purged <= since and self._changed.get(resource, 0) <= since
 
     def snapshot(self) -> dict[str, int]:
         """What the admin listener's ``/plugins`` shows of this cache."""
@@ -726,7 +750,7 @@ class Cache(Filter):
             "max_size": store.max_size,
             "misses_being_fetched": len(self._filling),
             "bytes_being_fetched": int(self.config.max_size) - self._budget.left,
-            "refreshing_in_background": self._updates,
+            "refreshing_in_background": len(self._refreshing),
         }
 
     def _resource(self, exchange: Exchange, call: UpstreamCall) -> Resource:
@@ -761,7 +785,7 @@ class Cache(Filter):
             response = await call_next(call)
             if method not in _SAFE and response.status < 400:
                 # A change went through: what is stored for the target is out of date.
-                self.store.invalidate(self._resource(exchange, call))
+                self._invalidate(self._resource(exchange, call))
             return response
         if call.upgrade is not None or call.body is not None:
             response = await call_next(call)
@@ -785,7 +809,7 @@ class Cache(Filter):
                 return self._serve(exchange, entry, headers, now, b"HIT")
             if entry.may_serve_updating(now) and self._nursery is not None:
                 # Served stale at once; one request at a time brings it up to date.
-                if key not in self._filling:
+                if entry not in self._refreshing:
                     self._update_later(key, entry, exchange, call, call_next)
                 return self._serve(exchange, entry, headers, now, b"UPDATING")
         if method == _HEAD:  # the GET's answer is what is stored; a HEAD stores nothing
@@ -793,7 +817,7 @@ class Cache(Filter):
             self._mark(exchange, response, b"MISS")
             return response
 
-        since = self._purges  # (an answer fetched across a purge is not stored)
+        since = self._epoch  # (an answer fetched across a change is not stored)
         lock: trio.Event | None = None
         if self._lock_timeout > 0:
             filling = self._filling.get(key)
@@ -893,10 +917,9 @@ class Cache(Filter):
             headers=Headers(items),
             timeout=call.timeout,
         )
-        lock = self._filling[key] = trio.Event()
-        self._updates += 1
+        self._refreshing.add(entry)
         self._nursery.start_soon(
-            self._update, key, entry, exchange, update, request, call_next, lock, self._purges
+            self._update, key, entry, exchange, update, request, call_next, self._epoch
         )
 
     async def _update(
@@ -907,33 +930,22 @@ class Cache(Filter):
         call: UpstreamCall,
         request: Headers,
         call_next: CallNext,
-        lock: trio.Event,
         since: int,
     ) -> None:
         """Bring ``entry`` up to date: refreshed by a ``304``, replaced by a new answer
         (or dropped, when that may not be stored), left as it is when the upstream
-        fails (it stands in as long as it may)."""
+        fails (it stands in as long as it may) or takes longer than ``lock_timeout``
+        (or the route's ``timeout``, when longer), body included."""
         route = exchange.route.name if exchange.route is not None else ""
         outcome: str | None = "failed"
+        limit = max(self._lock_timeout, call.timeout or 0.0)
         try:
-            response = await call_next(call)
-            now = trio.current_time()
-            if response.status == 304 and entry.validated:
-                await _discard(response)
-                if _same_representation(entry, response.headers):
-                    self._refresh(key, entry, response.headers.items, now)
-                    # (a 304 that sets a cookie, or now forbids storing, drops it)
-                    outcome = "refreshed" if self.store.holds(key, entry) else "dropped"
-                else:  # outdated, says the upstream: the next request fetches it whole
-                    self.store.remove(key, entry)
-                    outcome = "dropped"
-            elif response.status in _FAILED or is_fallback(exchange, response):
-                await _discard(response)
-            else:
-                stored = await self._store_whole(key, response, request, now, since)
-                if stored is not entry:
-                    self.store.remove(key, entry)  # replaced, or no longer to be kept
-                outcome = "refreshed" if stored is not None else "dropped"
+            with trio.fail_after(limit) if limit > 0 else contextlib.nullcontext():
+                outcome = await self._bring_up_to_date(
+                    key, entry, exchange, call, request, call_next, since
+                )
+        except trio.TooSlowError:
+            self.context.logger.debug("refreshing %r in the background took too long", call.target)
         except GatewayError as e:
             self.context.logger.debug("refreshing %r in the background failed: %s", call.target, e)
         except Exception:
@@ -942,10 +954,38 @@ class Cache(Filter):
             outcome = None
             raise
         finally:
-            self._updates -= 1
-            self._release(key, lock)
+            self._refreshing.discard(entry)
             if outcome is not None:
                 _background_updates.inc(route=route, outcome=outcome)
+
+    async def _bring_up_to_date(
+        self,
+        key: Key,
+        entry: Entry,
+        exchange: Exchange,
+        call: UpstreamCall,
+        request: Headers,
+        call_next: CallNext,
+        since: int,
+    ) -> str:
+        """``_update``'s fetch; what came of it: refreshed, dropped or failed."""
+        response = await call_next(call)
+        now = trio.current_time()
+        if response.status == 304 and entry.validated:
+            await _discard(response)
+            if not _same_representation(entry, response.headers):
+                self.store.remove(key, entry)  # outdated, says the upstream: fetched whole next
+                return "dropped"
+            self._refresh(key, entry, response.headers.items, now)
+            # (a 304 that sets a cookie, or now forbids storing, drops it)
+            return "refreshed" if self.store.holds(key, entry) else "dropped"
+        if response.status in _FAILED or is_fallback(exchange, response):
+            await _discard(response)
+            return "failed"
+        stored = await self._store_whole(key, response, request, now, since)
+        if stored is not entry:
+            self.store.remove(key, entry)  # replaced, or no longer to be kept
+        return "refreshed" if stored is not None else "dropped"
 
     async def _store_whole(
         self, key: Key, response: Response, request: Headers, now: float, since: int
@@ -1035,8 +1075,13 @@ class Cache(Filter):
             _values(vary, request),
             _age(items),
         )
-        if lifetime <= 0 and not entry.validated and entry.update_window <= 0:
-            return None  # never of use
+        # Stale at once with nothing to revalidate it: never of use, unless the upstream
+        # itself says to serve it while the next is fetched (max-age=0,
+        # stale-while-revalidate=N). The config's window is no leave to pass one
+        # client's "do not reuse" answer to the next.
+        own_window = _seconds(cc.get(b"stale-while-revalidate", b""))
+        if lifetime <= 0 and not entry.validated and not (own_window and entry.update_window):
+            return None
         return entry
 
     def _windows(self, cc: dict[bytes, bytes]) -> tuple[float, float]:
@@ -1090,8 +1135,9 @@ class Cache(Filter):
 
     def _put(self, key: Key, entry: Entry, body: bytes | None, since: int) -> bool:
         """Store ``entry`` with ``body`` (None: cut, or too large), unless a purge came
-        since it was asked for (``since``); whether it was stored."""
-        if body is None or len(body) > self._max_entry or self._purges != since:
+        or a change of its target came since it was asked for (epoch ``since``); whether
+        it was stored."""
+        if body is None or len(body) > self._max_entry or not self._current(key[0], since):
             return False
         entry.body = body
         entry.size += len(body)

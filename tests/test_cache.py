@@ -1306,3 +1306,121 @@ async def test_an_answer_fetched_across_a_purge_is_not_stored() -> None:
             after = await http_request(gw.port, "GET", "/a")
     assert purged.json()["purged"] == 0
     assert after.header("x-cache-status") == "MISS"
+
+
+async def test_the_config_window_alone_does_not_store_answers_stale_at_once(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    versions = Versions("max-age=0")  # "do not reuse", and nothing to revalidate with
+    with trio.fail_after(JUMPED_DEADLINE):
+        async with versioned(versions, SWR) as (_up, _gw, client):
+            answers = [await _get(client) for _ in range(3)]
+    assert [(r.header("x-cache-status"), r.body) for r in answers] == [
+        ("MISS", b"v1"),
+        ("MISS", b"v2"),
+        ("MISS", b"v3"),
+    ]
+
+
+async def test_a_refresh_is_given_up_after_lock_timeout(mock_clock: trio.testing.MockClock) -> None:
+    served = 0
+    hang = trio.Event()
+
+    async def handler(conn: UpstreamConn) -> None:
+        nonlocal served
+        while (await conn.read_request()) is not None:
+            served += 1
+            head = response_head(200, [("cache-control", "max-age=10")])  # chunked
+            if served == 1:
+                await conn.send(head + b"2\r\nv1\r\n0\r\n\r\n")
+            else:  # a body that trickles and never ends
+                await conn.send(head + b"1\r\nx\r\n")
+                await hang.wait()
+
+    with trio.fail_after(JUMPED_DEADLINE):
+        async with serve_upstream(handler) as up:
+            cache = {"stale_while_revalidate": "1m", "lock_timeout": "3s"}
+            async with open_gateway(_config(up.target, cache, name="swr-stuck")) as gw:
+                async with Client.open(gw.port) as client:
+                    await _get(client)
+                    mock_clock.jump(11)
+                    first = await _get(client)
+                    await _settled(up, 2)
+                    during = await _state(gw)
+                    mock_clock.jump(4)  # past lock_timeout: the refresh is given up
+                    await trio.testing.wait_all_tasks_blocked()
+                    after = await _state(gw)
+                    second = await _get(client)  # still stale: a refresh goes again
+                    await _settled(up, 3)
+                    hang.set()
+    assert [first.header("x-cache-status"), second.header("x-cache-status")] == ["UPDATING"] * 2
+    assert during["refreshing_in_background"] == 1
+    assert after["refreshing_in_background"] == after["bytes_being_fetched"] == 0
+    assert after["misses_being_fetched"] == 0
+
+
+async def _state(gw: RunningGateway, name: str = "cache (route:swr-stuck)") -> dict[str, int]:
+    assert gw.admin_port is not None
+    state: dict[str, int] = (await http_request(gw.admin_port, "GET", "/plugins")).json()[name]
+    return state
+
+
+async def test_each_variant_is_refreshed_and_a_refresh_holds_no_miss_back() -> None:
+    held = trio.Event()  # the refreshes of "fr" wait for it
+    served: dict[str, int] = {}
+
+    async def handler(conn: UpstreamConn) -> None:
+        while (got := await conn.read_request()) is not None:
+            language = got[0].header("accept-language") or ""
+            served[language] = served.get(language, 0) + 1
+            if language == "fr" and served[language] > 1:
+                await held.wait()
+            body = b"%s-%d" % (language.encode(), served[language])
+            head = [("cache-control", "max-age=0, stale-while-revalidate=60")]
+            await conn.send(answer([*head, ("vary", "accept-language")], body)(got[0]))
+
+    async def get(language: str) -> tuple[str | None, bytes]:
+        r = await http_request(gw.port, "GET", "/a", [("accept-language", language)])
+        return r.header("x-cache-status"), r.body
+
+    with trio.fail_after(10):  # a miss held back by a refresh would wait lock_timeout (30 s)
+        async with serve_upstream(handler) as up:
+            async with open_gateway(_config(up.target, {"lock_timeout": "30s"})) as gw:
+                await get("fr")
+                await get("en")
+                fr = await get("fr")  # its refresh hangs upstream
+                en = await get("en")  # another variant: a refresh of its own
+                await up.wait_requests(4)
+                de = await get("de")  # a miss: not held back by fr's refresh
+                held.set()
+    assert fr == ("UPDATING", b"fr-1")
+    assert en == ("UPDATING", b"en-1")
+    assert de == ("MISS", b"de-1")
+    assert served == {"fr": 2, "en": 2, "de": 1}
+
+
+async def test_an_answer_fetched_across_a_change_of_its_target_is_not_stored() -> None:
+    release = trio.Event()
+    version = 1
+
+    async def handler(conn: UpstreamConn) -> None:
+        nonlocal version
+        while (got := await conn.read_request()) is not None:
+            if got[0].method == b"POST":
+                version += 1
+                await conn.send(answer([], b"changed")(got[0]))
+                continue
+            body = b"version-%d" % version
+            await release.wait()
+            await conn.send(answer([("cache-control", "max-age=60")], body)(got[0]))
+
+    with trio.fail_after(20):
+        async with serve_upstream(handler) as up, open_gateway(_config(up.target)) as gw:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(http_request, gw.port, "GET", "/a")
+                await up.wait_requests(1)  # asked for before the change, answered after
+                changed = await http_request(gw.port, "POST", "/a")
+                release.set()
+            after = await http_request(gw.port, "GET", "/a")
+    assert changed.status == 200
+    assert (after.header("x-cache-status"), after.body) == ("MISS", b"version-2")
