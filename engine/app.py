@@ -15,10 +15,10 @@ import json
 import logging
 import socket
 import ssl
-import urllib.parse
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Any
+from urllib.parse import unquote
 
 import h11
 import trio
@@ -454,10 +454,15 @@ class Gateway:
     async def _admin_purge(self, query: str) -> tuple[int, bytes, bytes]:
         """``DELETE /cache``: purge this process's caches and every worker's."""
         selector: dict[str, Any] = {}
-        try:
-            pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=True)
-        except ValueError:
-            return 400, b"text/plain", b"a query of name=value pairs: route, target\n"
+        pairs: list[tuple[str, str]] = []
+        for part in query.split("&") if query else ():
+            name, eq, value = part.partition("=")
+            try:  # percent-decoded as a path is ("+" stays: targets keep it as sent)
+                pairs.append((unquote(name, errors="strict"), unquote(value, errors="strict")))
+            except UnicodeDecodeError:
+                eq = ""
+            if not eq:
+                return 400, b"text/plain", b"a query of name=value pairs: route, target\n"
         for name, value in pairs:
             if name not in ("route", "target"):
                 return 400, b"text/plain", f"unknown parameter {name!r} (route, target)\n".encode()

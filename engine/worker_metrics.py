@@ -110,11 +110,14 @@ class WorkerChannel:
 
     def __init__(self, sock: socket.socket) -> None:
         self.stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+        self._sock = sock  # (non-blocking now): asks are written with one plain send
         self.last: dict[str, MetricDump] = {}
         self._seq = 0
         self._buffer = bytearray()
         self._asking: trio.Event | None = None  # set when the metrics ask in flight ends
-        self._turn = trio.Lock()  # one ask on the stream at a time
+        self._reading = trio.Lock()  # one reader of the answers at a time
+        self._waiting: set[int] = set()  # asks whose callers wait for their answer
+        self._answers: dict[int, bytes] = {}  # answers read for another waiting caller
         self.timeout = ASK_TIMEOUT
 
     async def ask(self) -> dict[str, MetricDump]:
@@ -150,28 +153,48 @@ class WorkerChannel:
             return None
 
     async def _call(self, kind: int, payload: bytes) -> bytes | None:
-        """Send one ask and read up to its answer, within ``self.timeout``; None when
-        it does not come in time or the worker is gone."""
-        sending = False
-        with trio.move_on_after(self.timeout):
-            async with self._turn:
-                self._seq = seq = (self._seq + 1) & 0xFFFFFFFF
-                try:
-                    sending = True
-                    await self.stream.send_all(_ASK.pack(seq, kind, len(payload)) + payload)
-                    sending = False
-                    while True:
+        """Send one ask at once and wait up to ``self.timeout`` for its answer; None
+        when it does not come in time or the worker is gone. The ask is written whole
+        whatever the wait: a worker that is slow to read gets every purge."""
+        self._seq = seq = (self._seq + 1) & 0xFFFFFFFF
+        if not self._send(_ASK.pack(seq, kind, len(payload)) + payload):
+            return None
+        self._waiting.add(seq)
+        try:
+            with trio.move_on_after(self.timeout):
+                while seq not in self._answers:
+                    async with self._reading:
+                        if seq in self._answers:
+                            break
                         got, body = await self._read_answer()
-                        if got == seq:
-                            return body
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    sending = False  # the worker died: its supervisor retires it
-                except ValueError as e:  # out of step: never asked again
-                    log.error("a worker's answer could not be read: %s", e)
-                    self.close()
-        if sending:  # cut off midway through an ask: the stream is out of step
-            self.close()
-        return None
+                        if got in self._waiting:  # (else a late answer nobody waits for)
+                            self._answers[got] = body
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the worker died: its supervisor retires it
+        except ValueError as e:  # out of step: never asked again
+            self._give_up(f"its answer could not be read: {e}")
+        finally:
+            self._waiting.discard(seq)
+        return self._answers.pop(seq, None)
+
+    def _send(self, frame: bytes) -> bool:
+        """Write ``frame`` now, whole, without waiting; False when it cannot be (the
+        worker is gone, or has not read for so long that its socket buffer is full:
+        the channel is closed then, a frame may have been cut)."""
+        try:
+            sent = self._sock.send(frame)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            return False  # gone (or closed already)
+        if sent == len(frame):
+            return True
+        self._give_up(f"it has not read its asks for too long ({sent} of {len(frame)} bytes)")
+        return False
+
+    def _give_up(self, why: str) -> None:
+        log.error("a worker's channel is closed, no more metrics or purges reach it: %s", why)
+        self.close()
 
     async def _read_answer(self) -> tuple[int, bytes]:
         """The next answer on the stream: its number and its body."""

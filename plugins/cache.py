@@ -61,6 +61,7 @@ its own cache.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import time
 from collections import OrderedDict
@@ -115,8 +116,9 @@ _FAILED = frozenset({500, 502, 503, 504})
 _MAX_AGE = 2**31  # delta-seconds beyond this are taken as this (RFC 9111 1.2.2)
 #: Answers kept per key, one per combination of the values its Vary names.
 _MAX_VARIANTS = 8
-#: Targets whose last invalidation is remembered (for the answers being fetched);
-#: past this, an invalidation counts as a purge for them.
+#: Targets whose last invalidation, and purges, remembered for the answers being
+#: fetched; past this, the oldest are forgotten and every answer then being fetched
+#: counts as changed.
 _MAX_CHANGED = 4096
 #: Chunks already received that are read past to let a dropped answer's connection go
 #: back to the pool (an error page is one or two).
@@ -515,11 +517,7 @@ class MemoryCache:
         ``prefix``; None: any); returns how many."""
         dropped = 0
         for resource in list(self._keys):
-            if route is not None and resource[0] != route:
-                continue
-            if target is None or (
-                resource[2].startswith(target) if prefix else resource[2] == target
-            ):
+            if _selects(resource, route, target, prefix):
                 dropped += self.invalidate(resource)
         return dropped
 
@@ -536,6 +534,15 @@ class MemoryCache:
         self.size -= sum(e.size for e in variants)
         self._forget(key)
         _evictions.inc()
+
+
+def _selects(resource: Resource, route: str | None, target: bytes | None, prefix: bool) -> bool:
+    """Whether a purge of ``route`` and ``target`` (see Cache.purge) takes ``resource``."""
+    if route is not None and resource[0] != route:
+        return False
+    if target is None:
+        return True
+    return resource[2].startswith(target) if prefix else resource[2] == target
 
 
 # -- the body as it streams -----------------------------------------------------------
@@ -701,10 +708,14 @@ class Cache(Filter):
         self._refreshing: set[Entry] = set()  # stale answers refreshed in the background
         # Answers fetched across a change of what they stand for are not stored: each
         # invalidation and purge moves ``_epoch`` on; ``_changed`` holds the epoch of
-        # each target's last invalidation, ``_purged`` that of the last purge.
+        # each target's last invalidation, ``_purges`` the last purges (epoch and
+        # selector); before ``_forgotten``, every answer counts as changed.
         self._epoch = 0
         self._changed: dict[Resource, int] = {}
-        self._purged = 0
+        self._purges: collections.deque[tuple[int, str | None, bytes | None, bool]] = (
+            collections.deque()
+        )
+        self._forgotten = 0
 
     async def background(self) -> None:
         """Run the refreshes of answers served stale while the instance is in use; a
@@ -721,10 +732,13 @@ class Cache(Filter):
     ) -> int:
         """The admin listener's ``DELETE /cache``: drop the stored answers of ``route``
         (of every route when None) for ``target`` as sent upstream (those starting with
-        it when ``prefix``; every target when None); returns how many. Answers being
-        fetched meanwhile are not stored: they may be what the purge is meant to end."""
+        it when ``prefix``; every target when None); returns how many. Answers it takes
+        that are being fetched meanwhile are not stored: they may be what the purge is
+        meant to end."""
         self._epoch += 1
-        self._purged = self._epoch
+        if len(self._purges) >= _MAX_CHANGED:
+            self._forgotten = self._purges.popleft()[0]
+        self._purges.append((self._epoch, route, target, prefix))
         return self.store.purge(route, target, prefix)
 
     def _invalidate(self, resource: Resource) -> None:
@@ -733,13 +747,20 @@ class Cache(Filter):
         self._epoch += 1
         if len(self._changed) >= _MAX_CHANGED:  # as a purge: nothing fetched is stored
             self._changed.clear()
-            self._purged = self._epoch
+            self._forgotten = self._epoch
         self._changed[resource] = self._epoch
         self.store.invalidate(resource)
 
     def _current(self, resource: Resource, since: int) -> bool:
         """Whether an answer asked for at epoch ``since`` is still what ``resource`` is."""
-        return self._purged <= since and self._changed.get(resource, 0) <= since
+        if self._forgotten > since or self._changed.get(resource, 0) > since:
+            return False
+        for epoch, route, target, prefix in reversed(self._purges):
+            if epoch <= since:
+                break
+            if _selects(resource, route, target, prefix):
+                return False
+        return True
 
     def snapshot(self) -> dict[str, int]:
         """What the admin listener's ``/plugins`` shows of this cache."""

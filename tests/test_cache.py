@@ -1293,7 +1293,13 @@ async def test_a_purge_the_admin_listener_cannot_do_is_refused(
     assert still.header("x-cache-status") == "HIT"  # nothing was purged
 
 
-async def test_an_answer_fetched_across_a_purge_is_not_stored() -> None:
+@pytest.mark.parametrize(
+    ("query", "status"),
+    [("target=/a", "MISS"), ("route=r", "MISS"), ("", "MISS"), ("target=/b", "HIT")],
+)
+async def test_an_answer_fetched_across_a_purge_of_it_is_not_stored(
+    query: str, status: str
+) -> None:
     release = trio.Event()
     respond = answer([("cache-control", "max-age=60")])
     with trio.fail_after(20):
@@ -1301,11 +1307,22 @@ async def test_an_answer_fetched_across_a_purge_is_not_stored() -> None:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(http_request, gw.port, "GET", "/a")
                 await up.wait_requests(1)  # asked for before the purge, answered after
-                purged = await _purge(gw.admin_port, "target=/a")
+                purged = await _purge(gw.admin_port, query)
                 release.set()
             after = await http_request(gw.port, "GET", "/a")
     assert purged.json()["purged"] == 0
-    assert after.header("x-cache-status") == "MISS"
+    assert after.header("x-cache-status") == status  # a purge of another target: stored
+
+
+async def test_a_purge_target_is_percent_decoded_as_a_path() -> None:
+    with trio.fail_after(20):
+        async with scripted(answer([("cache-control", "max-age=60")])) as up:
+            async with open_gateway(_config(up.target)) as gw:
+                await http_request(gw.port, "GET", "/a+b")
+                await http_request(gw.port, "GET", "/a%20b")
+                plus = await _purge(gw.admin_port, "target=/a+b")  # "+" is no space
+                space = await _purge(gw.admin_port, "target=/a%2520b")  # as sent upstream
+    assert plus.json()["purged"] == space.json()["purged"] == 1
 
 
 async def test_the_config_window_alone_does_not_store_answers_stale_at_once(

@@ -353,3 +353,36 @@ def test_status_classes_that_never_occur_are_not_shown() -> None:
     shown = [line for line in text.splitlines() if line.startswith("filtergate_responses_total{")]
     assert [line.split('"')[1] for line in shown][:5] == ["1xx", "2xx", "3xx", "4xx", "5xx"]
     assert not any(f'code="{c}xx"' in text for c in (0, 6, 7, 8, 9))
+
+
+async def test_purges_to_a_stuck_worker_all_reach_it_and_the_channel_stays_in_step(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A worker that does not read for a while (stopped, busy): purges that time out
+    with scrapes beside them are written whole all the same, and carried out once it
+    reads; the channel is not closed."""
+    ours, theirs = _pair()
+    channel = WorkerChannel(ours)
+    purged: list[dict[str, Any]] = []
+    with trio.fail_after(60):
+        answers: list[int | None] = []
+
+        async def purge(i: int) -> None:
+            answers.append(await channel.purge({"target": f"/t{i}"}))
+
+        async with trio.open_nursery() as nursery:
+            for i in range(20):
+                nursery.start_soon(purge, i)
+                nursery.start_soon(channel.ask)
+        assert answers == [None] * 20  # nobody answered in time
+
+        def carry_out(selector: dict[str, Any]) -> int:
+            purged.append(selector)
+            return 1
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(answer, theirs, carry_out)  # the worker reads again
+            assert await channel.purge({"target": "/last"}) == 1  # still in step
+            assert "filtergate_responses_total" in await channel.ask()
+            channel.close()
+    assert sorted(p["target"] for p in purged) == sorted([f"/t{i}" for i in range(20)] + ["/last"])
