@@ -115,6 +115,18 @@ def check_addresses(config: Config) -> None:
             raise ConfigError("admin.listen", f"{config.admin.listen} is server.listen[{i}]")
 
 
+_ADMIN_BODY_LIMIT = 1 << 20  # bytes of a request body the admin listener reads past
+
+
+def _admin_refusal(h: h11.Connection, status: int) -> bytes:
+    """The answer to a request the admin listener cannot read (h11's hint: 400, 431)."""
+    body = f"{HTTPStatus(status).phrase.lower()}\n".encode()
+    head = [(b"content-type", b"text/plain"), (b"content-length", b"%d" % len(body))]
+    head.append((b"connection", b"close"))
+    out = h.send(h11.Response(status_code=status, headers=head)) or b""
+    return out + (h.send(h11.Data(data=body)) or b"") + (h.send(h11.EndOfMessage()) or b"")
+
+
 def _latin1(text: str) -> bool:
     try:
         text.encode("latin-1")
@@ -517,14 +529,31 @@ class Gateway:
         h = h11.Connection(h11.SERVER)
         try:
             with trio.move_on_after(10):
+                request: h11.Request | None = None
+                body = 0
                 while True:
-                    ev = h.next_event()
+                    try:
+                        ev = h.next_event()
+                    except h11.RemoteProtocolError as e:  # malformed, or a head too large
+                        await stream.send_all(_admin_refusal(h, e.error_status_hint))
+                        break
                     if ev is h11.NEED_DATA:
-                        h.receive_data(await stream.receive_some(16384))
+                        data = await stream.receive_some(16384)
+                        body += len(data)
+                        if request is not None and body > _ADMIN_BODY_LIMIT:
+                            break  # a body no admin request has: not read for ever
+                        h.receive_data(data)
                         continue
                     if type(ev) is h11.Request:
-                        await stream.send_all(await self._admin_response(h, ev))
-                    break
+                        # Its body (none is needed) is read first: closing with unread
+                        # bytes would reset the connection and lose the answer.
+                        request, body = ev, 0
+                        continue
+                    if type(ev) is h11.EndOfMessage and request is not None:
+                        await stream.send_all(await self._admin_response(h, request))
+                        break
+                    if type(ev) is not h11.Data:
+                        break
         except (h11.ProtocolError, trio.BrokenResourceError, OSError):
             pass
         finally:

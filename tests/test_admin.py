@@ -198,3 +198,22 @@ async def test_a_plugin_bug_behind_an_admin_page_is_a_500_not_the_gateway_s_end(
             assert (await http_request(port, "GET", "/plugins")).status == 500
             assert (await http_request(port, "GET", "/metrics")).status == 200
             assert (await http_request(gw.port, "GET", "/x")).status == 200  # still serving
+
+
+async def test_hostile_admin_requests_get_an_answer() -> None:
+    """A head too large gets a 431, a malformed one a 400; a request with a body (none
+    is needed) is read past and answered, not reset."""
+    from engine.testing import raw_exchange
+
+    config = {"upstreams": {"up": {"targets": ["127.0.0.1:1"]}}, "routes": []}
+    with trio.fail_after(20):
+        async with open_gateway(config) as gw:
+            port = gw.admin_port
+            assert port is not None
+            huge = await raw_exchange(port, b"GET /" + b"a" * 40_000 + b" HTTP/1.1\r\n")
+            bad = await raw_exchange(port, b"GET / HTTP/1.1\r\nhost: x\r\nno colon\r\n\r\n")
+            with_body = await http_request(port, "DELETE", "/cache", body=b"x" * 1_000_000)
+    assert huge.startswith(b"HTTP/1.1 431 ")
+    assert bad.startswith(b"HTTP/1.1 400 ")
+    assert with_body.status == 200
+    assert with_body.json()["purged"] == 0
