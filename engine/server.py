@@ -1850,8 +1850,10 @@ def _preflight_match(
     query: dict[str, list[str]] | None,
     raw_query: bytes,
 ) -> Match[RouteRuntime] | None:
-    """The route of a CORS preflight: that of the method it announces, when a filter of
-    that route answers preflights (``cors``); None: route it as the OPTIONS it is."""
+    """The route of a CORS preflight: that of the method it announces. When no filter of
+    that route answers preflights, the preflight is that route's OPTIONS (a 405 when it
+    does not take OPTIONS): another route's ``cors`` must not approve a call to one
+    left out of CORS. None: no route takes that method; route it as an OPTIONS."""
     announced = preflight_method(fields)
     if announced is None:
         return None
@@ -1859,7 +1861,11 @@ def _preflight_match(
         match = rt.router.match(host, path, announced, fields, query, raw_query)
     except GatewayError:  # no route for that method: the OPTIONS's own answer
         return None
-    return match if match.value.chain.handles_preflight else None
+    route = match.value
+    methods = route.config.methods
+    if not route.chain.handles_preflight and methods and "OPTIONS" not in methods:
+        raise MethodNotAllowed(list(route.allow))
+    return match
 
 
 def _strip_hop_by_hop(headers: Headers) -> None:

@@ -58,7 +58,12 @@ _ANSWER_FIELDS = frozenset(
 )
 _METHOD = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
 # scheme://host[:port], the host possibly "*." and a domain: an origin has no path.
-_ORIGIN_SYNTAX = re.compile(r"([a-z][a-z0-9+.-]*)://(\*\.)?([a-z0-9-]+(\.[a-z0-9-]+)*)(:\d{1,5})?")
+_LABEL = r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?"
+_ORIGIN_SYNTAX = re.compile(
+    rf"(?P<scheme>[a-z][a-z0-9+.-]*)://(?P<any>\*\.)?(?P<host>{_LABEL}(?:\.{_LABEL})*)"
+    r"(?::(?P<port>\d{1,5}))?"
+)
+_DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
 
 @dataclass(frozen=True)
@@ -107,28 +112,48 @@ class CorsConfig:
                 continue
             if origin != origin.lower():
                 raise Invalid(f"origins[{i}]", f"an origin is in lower case: {origin!r}")
-            if _ORIGIN_SYNTAX.fullmatch(origin) is None:
+            parts = _ORIGIN_SYNTAX.fullmatch(origin)
+            if parts is None:
                 raise Invalid(
                     f"origins[{i}]",
                     f"not an origin (scheme://host[:port], no path): {origin!r}",
                 )
+            port = parts["port"]
+            if port is not None and not 0 < int(port) < 65536:
+                raise Invalid(f"origins[{i}]", f"no such port: {origin!r}")
+            if port is not None and int(port) == _DEFAULT_PORTS.get(parts["scheme"]):
+                raise Invalid(
+                    f"origins[{i}]",
+                    f"browsers leave the default port out of Origin: {origin!r} never matches",
+                )
+            if parts["any"] and "." not in parts["host"]:
+                raise Invalid(
+                    f"origins[{i}]", f"a wildcard over a whole top-level domain: {origin!r}"
+                )
         if self.credentials and "*" in self.origins:
             raise Invalid(
-                "credentials",
-                'with origins = ["*"] every site could read your users\' answers with their '
-                "cookies: list the origins",
+                "origins",
+                'with credentials = true, "*" would let every site read your users\' answers '
+                "with their cookies: list the origins",
             )
         for i, method in enumerate(self.methods):
             if _METHOD.fullmatch(method.encode()) is None or method != method.upper():
                 raise Invalid(f"methods[{i}]", f"not a method in upper case: {method!r}")
         for key in ("headers", "exposed_headers"):
             for i, name in enumerate(getattr(self, key)):
+                if name == "*" and self.credentials:
+                    raise Invalid(
+                        f"{key}[{i}]",
+                        'with credentials, browsers read "*" as a field named "*": list them',
+                    )
+                if name == "*":
+                    continue
                 try:
                     checked_field(name, "")
                 except ValueError:
                     raise Invalid(f"{key}[{i}]", f"not a header name: {name!r}") from None
-        if self.max_age < 0:
-            raise Invalid("max_age", "must not be negative")
+        if self.max_age < 0 or 0 < self.max_age < 1:
+            raise Invalid("max_age", "whole seconds: 0 (none said), or 1s and more")
 
 
 class Cors(Filter):
@@ -151,7 +176,9 @@ class Cors(Filter):
         # An answer that names the origin (or none) depends on it: Vary says so.
         self._varies = not self._any
         self._methods = ", ".join(config.methods).encode() if config.methods else None
-        self._route_methods: dict[int, bytes] = {}  # by route config, when not configured
+        # The route's methods as Access-Control-Allow-Methods, by its methods list (the
+        # routes of a reload are other objects; their lists are few).
+        self._route_methods: dict[tuple[str, ...], bytes] = {}
         self._headers = ", ".join(h.lower() for h in config.headers).encode() or None
         self._common: list[tuple[bytes, bytes]] = []  # on every answer to an allowed origin
         if config.credentials:
@@ -166,10 +193,10 @@ class Cors(Filter):
 
     def _allowed(self, origin: bytes | None) -> bytes | None:
         """What ``Access-Control-Allow-Origin`` says to ``origin``, or None: not allowed."""
+        if self._any:  # (never with credentials: refused at load)
+            return b"*"  # to every request, Origin or none: the answer does not vary
         if origin is None:
             return None
-        if self._any:  # (never with credentials: refused at load)
-            return b"*"
         low = origin.lower()  # (scheme and host are case-insensitive)
         if low in self._exact or (self._patterns is not None and self._patterns.fullmatch(low)):
             return origin
@@ -206,12 +233,11 @@ class Cors(Filter):
         if self._methods is not None:
             return self._methods
         route = exchange.route
-        key = id(route)
+        key = tuple(route.methods) if route is not None else ()
         value = self._route_methods.get(key)
         if value is None:
-            methods = route.methods if route is not None else []
-            value = ", ".join(allowed_methods(methods)).encode()
-            if len(self._route_methods) < 4096:  # (routes are few; a bound all the same)
+            value = ", ".join(allowed_methods(key)).encode()
+            if len(self._route_methods) < 4096:  # (a bound all the same)
                 self._route_methods[key] = value
         return value
 

@@ -238,6 +238,64 @@ async def test_cached_answers_get_each_origin_its_own_fields() -> None:
     assert len(up.requests) == 1
 
 
+async def test_a_route_left_out_of_cors_gets_no_approval_from_a_broader_one() -> None:
+    config = {
+        "upstreams": {"up": {"targets": ["127.0.0.1:1"]}},
+        "routes": [
+            {
+                "name": "account",
+                "prefix": "/account/",
+                "upstream": "up",
+                "plugins": {"cors": {"origins": [APP], "credentials": True}},
+            },
+            {"name": "close", "path": "/account/close", "methods": ["POST"], "upstream": "up"},
+        ],
+    }
+    with trio.fail_after(20):
+        async with open_gateway(config) as gw:
+            close = await http_request(
+                gw.port, "OPTIONS", "/account/close", _preflight(method="POST")
+            )
+            other = await http_request(gw.port, "OPTIONS", "/account/x", _preflight(method="POST"))
+    assert close.status == 405  # the POST route's OPTIONS: it takes none
+    assert close.header("access-control-allow-origin") is None
+    assert other.status == 204
+    assert other.header("access-control-allow-origin") == APP
+
+
+async def test_a_route_kept_across_reloads_is_answered_with_its_own_methods() -> None:
+    # The filter instance outlives reloads that keep its config; the routes do not.
+    with trio.fail_after(30):
+        async with upstream() as up:
+            config = _config(up.target, {"origins": [APP]}, methods=["GET"])
+            async with open_gateway(config) as gw:
+                allowed = []
+                for i in range(20):
+                    methods = ["GET"] if i % 2 else ["PUT"]
+                    changed = _config(up.target, {"origins": [APP]}, methods=methods)
+                    changed["server"] = {"listen": ["127.0.0.1:0"]}
+                    changed["admin"] = {"listen": "127.0.0.1:0"}
+                    await gw.gateway.reload(load(changed))
+                    pre = await http_request(
+                        gw.port, "OPTIONS", "/api/x", _preflight(method=methods[0])
+                    )
+                    allowed.append(pre.header("access-control-allow-methods"))
+    assert allowed == ["PUT", "GET, HEAD"] * 10
+
+
+async def test_any_origin_answers_requests_without_an_origin_alike() -> None:
+    # A cache (a CDN's, a browser's) that keeps the answer to a request with no Origin
+    # (an <img>, a CDN fill) must hand the same to fetch(): no Vary is said.
+    (none, some), _ = await _ask(
+        {"origins": ["*"]},
+        [("GET", "/api/x", []), ("GET", "/api/x", [("origin", "https://a.example")])],
+        upstream_headers=[("cache-control", "public, max-age=600")],
+    )
+    assert none.header("access-control-allow-origin") == some.header("access-control-allow-origin")
+    assert none.header("access-control-allow-origin") == "*"
+    assert none.header("vary") is None
+
+
 @pytest.mark.parametrize(
     ("table", "path", "says"),
     [
@@ -247,10 +305,23 @@ async def test_cached_answers_get_each_origin_its_own_fields() -> None:
         ({"origins": ["app.example.com"]}, "origins[0]", "not an origin"),
         ({"origins": ["https://App.example.com"]}, "origins[0]", "lower case"),
         ({"origins": ["https://a.*.example.com"]}, "origins[0]", "not an origin"),
-        ({"origins": ["*"], "credentials": True}, "credentials", "list the origins"),
+        ({"origins": ["*"], "credentials": True}, "origins", "list the origins"),
+        ({"origins": ["https://a.example.com:443"]}, "origins[0]", "never matches"),
+        ({"origins": ["http://a.example.com:80"]}, "origins[0]", "never matches"),
+        ({"origins": ["https://a.example.com:99999"]}, "origins[0]", "no such port"),
+        ({"origins": ["https://a.example.com:0"]}, "origins[0]", "no such port"),
+        ({"origins": ["https://*.com"]}, "origins[0]", "top-level domain"),
+        ({"origins": ["https://-.example.com"]}, "origins[0]", "not an origin"),
+        ({"origins": [APP], "credentials": True, "headers": ["*"]}, "headers[0]", '"*"'),
+        (
+            {"origins": [APP], "credentials": True, "exposed_headers": ["*"]},
+            "exposed_headers[0]",
+            '"*"',
+        ),
+        ({"origins": ["*"], "max_age": "0.5s"}, "max_age", "whole seconds"),
         ({"origins": ["*"], "methods": ["get"]}, "methods[0]", "upper case"),
         ({"origins": ["*"], "headers": ["bad name"]}, "headers[0]", "not a header name"),
-        ({"origins": ["*"], "max_age": "-1s"}, "max_age", "negative"),
+        ({"origins": ["*"], "max_age": "-1s"}, "max_age", "non-negative"),
     ],
 )
 def test_bad_config_names_the_key(table: dict[str, Any], path: str, says: str) -> None:
