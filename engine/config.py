@@ -306,7 +306,9 @@ class OutlierConfig:
 @dataclass(frozen=True)
 class UpstreamConfig:
     targets: list[str | TargetConfig]
-    balance: Literal["round_robin", "least_conn", "random"] = "round_robin"
+    balance: Literal["round_robin", "least_conn", "random", "hash"] = "round_robin"
+    # balance = "hash": what of a request picks its target (consistent hashing).
+    hash_on: str | None = None
     # Envoy's default; a healthy service on a LAN accepts in well under a millisecond.
     connect_timeout: Duration = Duration(5.0)
     # Longest wait for the response head, and longest silence inside a response body.
@@ -351,6 +353,18 @@ class UpstreamConfig:
                     raise Invalid(f"targets[{i}]", str(e)) from None
         if self.pool_max_idle < 0:
             raise Invalid("pool_max_idle", "must not be negative")
+        if self.hash_on is not None:
+            if self.balance != "hash":
+                raise Invalid("hash_on", 'only used with balance = "hash"')
+            kind, _, name = self.hash_on.partition(":")
+            simple = kind in ("ip", "path", "consumer") and not name
+            named = kind in ("header", "cookie") and _TOKEN.fullmatch(name) is not None
+            if not (simple or named):
+                raise Invalid(
+                    "hash_on",
+                    'one of "ip", "path", "consumer", "header:NAME", "cookie:NAME"; '
+                    f"got {self.hash_on!r}",
+                )
         files = ("tls_ca_file", "tls_cert_file", "tls_key_file")
         for key in ("tls_server_name", *files):
             if getattr(self, key) is not None and not self.tls:

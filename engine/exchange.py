@@ -429,6 +429,9 @@ class UpstreamCall:
     # allows), sent upstream with the request; ``None``: no upgrade is asked. Only a
     # call without a body asks.
     upgrade: bytes | None = None
+    # With ``balance = "hash"``: the key whose target the call goes to (the engine sets
+    # it for the call it proxies, from the upstream's ``hash_on``); None: round robin.
+    hash_key: bytes | None = None
 
     @property
     def replayable(self) -> bool:

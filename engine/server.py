@@ -1251,6 +1251,8 @@ class _Connection:
                     )
                     if upgrade is not None and route.upgrades and call_body is None:
                         call.upgrade = _upgrades_allowed(upgrade, route.upgrades)
+                    if route.pool.key_of is not None:  # balance = "hash"
+                        call.hash_key = route.pool.key_of(exchange)
                     exchange.timings.upstream_start = now()
                     if chain.around:
                         answer = await wrap_upstream(chain.around, exchange, route.send_proxied)(
@@ -1405,7 +1407,8 @@ class _Connection:
         assert route.pool is not None
         pool = route.pool
         self.framing_broken = True  # whatever happens, this connection speaks no more HTTP
-        target = pool.pick(frozenset(), trio.current_time())
+        key = pool.key_of(exchange) if pool.key_of is not None else None
+        target = pool.pick(frozenset(), trio.current_time(), key=key)
         connect_timeout = route.connect_timeout or pool.config.connect_timeout
         try:
             exchange.timings.upstream_start = trio.current_time()

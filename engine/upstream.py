@@ -22,7 +22,9 @@ the gateway's types where they enter:
 
 from __future__ import annotations
 
+import bisect
 import errno
+import hashlib
 import logging
 import math
 import os
@@ -31,7 +33,7 @@ import re
 import select
 import socket
 import ssl
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any
 
 import h11
@@ -48,7 +50,7 @@ from engine.errors import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
-from engine.exchange import END, BodyStream, Headers, Response, UpstreamCall
+from engine.exchange import END, BodyStream, Exchange, Headers, Response, UpstreamCall
 from engine.metrics import before_dump, counter, gauge
 from engine.names import Names, is_address, lookup
 from engine.sockets import RESOURCE_ERRORS, RawSocket, TlsSocket
@@ -98,6 +100,45 @@ def _smooth_weighted(targets: list[Target], busy: bool = False) -> Target:
             best = t
     best.current_weight -= total
     return best
+
+
+def _hash_key(hash_on: str) -> Callable[[Exchange], bytes | None]:
+    """What of a request picks its target, for ``hash_on`` (checked at load); None when
+    the request has none (no such header or cookie, an anonymous caller)."""
+    kind, _, name = hash_on.partition(":")
+    wanted = name.lower().encode()
+    if kind == "ip":
+        return lambda exchange: exchange.request.client.encode()
+    if kind == "path":
+        return lambda exchange: exchange.request.path.encode()
+    if kind == "consumer":
+
+        def consumer(exchange: Exchange) -> bytes | None:
+            identity = exchange.identity
+            if identity is None:
+                return None
+            return f"{identity.source}\0{identity.consumer}".encode()
+
+        return consumer
+    if kind == "header":
+
+        def header(exchange: Exchange) -> bytes | None:
+            values = [v for n, v in exchange.request.headers.items if n == wanted]
+            return b",".join(values) if values else None
+
+        return header
+    cookie_name = name.encode()
+
+    def cookie(exchange: Exchange) -> bytes | None:
+        for n, v in exchange.request.headers.items:
+            if n == b"cookie":
+                for pair in v.split(b";"):
+                    k, eq, value = pair.strip().partition(b"=")
+                    if eq and k == cookie_name:
+                        return value
+        return None
+
+    return cookie
 
 
 _published: Mapping[str, Pool] = {}
@@ -357,6 +398,44 @@ class Target:
         return self.healthy and now >= self.ejected_until and now >= self.outlier_until
 
 
+#: Points on the hash ring per unit of a target's weight (ketama uses 160 a server).
+RING_POINTS = 160
+
+
+def ring_hash(data: bytes) -> int:
+    """A 64-bit hash, the same in every process and instance (Python's ``hash`` of
+    bytes is salted per process): a key must reach the same target from each."""
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+
+
+class Ring:
+    """Consistent hashing over targets (ketama): ``RING_POINTS`` points a unit of
+    weight, so a target that leaves moves only its own keys, to the next targets."""
+
+    def __init__(self, targets: list[Target]) -> None:
+        points = sorted(
+            (ring_hash(f"{t.address}-{i}".encode()), n)
+            for n, t in enumerate(targets)
+            for i in range(RING_POINTS * t.weight)
+        )
+        self.points = [p for p, _ in points]
+        self.owners = [targets[n] for _, n in points]
+        self.size = len(targets)
+
+    def walk(self, key: bytes) -> Iterator[Target]:
+        """Every target once, from ``key``'s place on the ring on."""
+        start = bisect.bisect(self.points, ring_hash(key))
+        seen: set[int] = set()
+        owners = self.owners
+        for i in range(len(owners)):
+            target = owners[(start + i) % len(owners)]
+            if id(target) not in seen:
+                seen.add(id(target))
+                yield target
+                if len(seen) == self.size:
+                    return
+
+
 class Pool:
     """The runtime of one ``[upstreams.NAME]``: targets, balancing, connections."""
 
@@ -370,6 +449,8 @@ class Pool:
         # Weights that differ make least_conn and random weigh targets, as round robin
         # does; equal ones leave them the plain algorithms.
         self._weighted = len({t.weight for t in self.targets}) > 1
+        self._ring = Ring(self.targets) if config.balance == "hash" else None
+        self.key_of = _hash_key(config.hash_on or "ip") if self._ring is not None else None
         self.closed = False
         self._host_header = config.host_header.encode() if config.host_header else None
         self._tls = config.ssl_context()
@@ -393,12 +474,24 @@ class Pool:
         exclude: set[str] | frozenset[str],
         now: float,
         failed: set[str] | frozenset[str] = frozenset(),
+        key: bytes | None = None,
     ) -> Target:
         """A target for the next call. Raises ``NoHealthyTarget``.
 
         ``failed`` targets are never picked; ``exclude`` ones only when nothing else is
-        available.
+        available. With ``balance = "hash"``, ``key``'s target on the ring, or the next
+        one there that is available (round robin without a key).
         """
+        if key is not None and self._ring is not None:
+            second: Target | None = None  # an excluded one, if nothing else is there
+            for t in self._ring.walk(key):
+                if t.available(now) and t.address not in failed:
+                    if t.address not in exclude:
+                        return t
+                    second = second or t
+            if second is not None:
+                return second
+            raise NoHealthyTarget(f"upstream {self.name!r} has no healthy target")
         ts = [t for t in self.targets if t.available(now) and t.address not in failed]
         if not ts:
             raise NoHealthyTarget(f"upstream {self.name!r} has no healthy target")
@@ -410,7 +503,7 @@ class Pool:
         if len(ts) == 1:
             return ts[0]
         balance = self.config.balance
-        if balance == "round_robin":
+        if balance == "round_robin" or balance == "hash":  # (hash: a call without a key)
             # nginx's smooth weighted round robin: even spread, weights honoured.
             return _smooth_weighted(ts)
         if balance == "least_conn":
@@ -596,7 +689,7 @@ class Pool:
         while True:
             now = trio.current_time()
             try:
-                target = self.pick(call.exclude, now, failed)
+                target = self.pick(call.exclude, now, failed, call.hash_key)
             except NoHealthyTarget:
                 if timed_out and not refused:
                     raise UpstreamTimeout(
