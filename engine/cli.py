@@ -296,6 +296,9 @@ class Workers:
         self.metrics: dict[int, WorkerChannel] = {}
         self.retired = Retired()
         self.stopping = False
+        # Where each channel is served (the gateway's nursery: a worker draining after
+        # the supervisors are cancelled is still asked for its metrics).
+        self.nursery: Any = None
 
     def restart_only_kept(self, raw: bytes) -> bytes:
         """``raw`` (a reloaded config) with the keys a reload cannot apply as the
@@ -373,6 +376,8 @@ class Workers:
 
         while not self.stopping:
             proc, self.metrics[slot], ready = self._spawn()
+            if self.nursery is not None:
+                self.nursery.start_soon(self.metrics[slot].serve)
             self.live[slot] = proc
             started = trio.current_time()
             # Cancelled here when the gateway stops: the worker still drains, and is
@@ -589,6 +594,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                     # choice, so it is made here and not by Gateway, which tests run many
                     # times over.)
                     gc.freeze()
+                    workers.nursery = nursery
                     async with trio.open_nursery() as supervisors:
                         for slot in range(1, workers.count + 1):
                             supervisors.start_soon(workers.supervise, slot)

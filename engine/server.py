@@ -1853,10 +1853,11 @@ def _preflight_match(
     query: dict[str, list[str]] | None,
     raw_query: bytes,
 ) -> Match[RouteRuntime] | None:
-    """The route of a CORS preflight: that of the method it announces. When no filter of
-    that route answers preflights, the preflight is that route's OPTIONS (a 405 when it
-    does not take OPTIONS): another route's ``cors`` must not approve a call to one
-    left out of CORS. None: no route takes that method; route it as an OPTIONS."""
+    """The route of a CORS preflight: that of the method it announces, when a filter of
+    that route answers preflights (``cors``). Otherwise the preflight is routed as the
+    OPTIONS it is (None), unless that would take it to another route that answers
+    preflights: a broader route's ``cors`` must not approve a call to a route left out
+    of CORS (a 405 then)."""
     announced = preflight_method(fields)
     if announced is None:
         return None
@@ -1865,10 +1866,15 @@ def _preflight_match(
     except GatewayError:  # no route for that method: the OPTIONS's own answer
         return None
     route = match.value
-    methods = route.config.methods
-    if not route.chain.handles_preflight and methods and "OPTIONS" not in methods:
+    if route.chain.handles_preflight:
+        return match
+    try:
+        plain = rt.router.match(host, path, b"OPTIONS", fields, query, raw_query)
+    except GatewayError:
+        return None  # (the OPTIONS's own refusal)
+    if plain.value is not route and plain.value.chain.handles_preflight:
         raise MethodNotAllowed(list(route.allow))
-    return match
+    return plain
 
 
 def _strip_hop_by_hop(headers: Headers) -> None:

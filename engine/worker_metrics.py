@@ -48,6 +48,7 @@ _ASK = struct.Struct(">IBI")  # sequence number, kind, length of the JSON that f
 _HEAD = struct.Struct(">II")  # sequence number, length of the JSON that follows
 _MAX_ASK = 1 << 20  # bytes; a bigger length means the stream is out of step
 _MAX_ANSWER = 64 << 20
+_MAX_OUTBOX = 4 << 20  # bytes of asks a worker has not read: past this it is given up
 
 #: What a worker does with a purge: the selector in, how many answers it dropped out.
 Purger = Callable[[dict[str, Any]], int]
@@ -76,12 +77,13 @@ async def answer(sock: socket.socket, purge: Purger | None = None) -> None:
                     del pending[: _ASK.size + length]
                 # Metrics asks that queued up while this process was busy: the newest only.
                 newest = max((i for i, a in enumerate(asks) if a[1] == METRICS), default=-1)
-                for i, (seq, kind, payload) in enumerate(asks):
-                    if kind == METRICS:
-                        if i == newest:
-                            await stream.send_all(_answer(seq))
-                    else:
-                        await stream.send_all(_carry_out(seq, kind, payload, purge))
+                answers = [
+                    _answer(seq) if kind == METRICS else _carry_out(seq, kind, payload, purge)
+                    for i, (seq, kind, payload) in enumerate(asks)
+                    if kind != METRICS or i == newest
+                ]
+                if answers:  # (one send for the batch)
+                    await stream.send_all(b"".join(answers))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return
 
@@ -106,19 +108,62 @@ def _carry_out(seq: int, kind: int, payload: bytes, purge: Purger | None) -> byt
 
 
 class WorkerChannel:
-    """Main side: one worker's end of the pair, and the last metrics it gave."""
+    """Main side: one worker's end of the pair, and the last metrics it gave.
+
+    ``serve`` (run by the worker's supervisor for as long as it lives) writes the asks
+    queued by ``ask`` and ``purge``, whole and in order, however long the worker takes
+    to read them, and reads every answer as it comes, so that a worker never waits on
+    its own answers. Callers wait for theirs up to ``timeout``.
+    """
 
     def __init__(self, sock: socket.socket) -> None:
         self.stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
-        self._sock = sock  # (non-blocking now): asks are written with one plain send
         self.last: dict[str, MetricDump] = {}
         self._seq = 0
         self._buffer = bytearray()
         self._asking: trio.Event | None = None  # set when the metrics ask in flight ends
-        self._reading = trio.Lock()  # one reader of the answers at a time
-        self._waiting: set[int] = set()  # asks whose callers wait for their answer
-        self._answers: dict[int, bytes] = {}  # answers read for another waiting caller
+        self._outbox = bytearray()  # asks not written yet
+        self._queued = trio.Event()  # set when the outbox has something
+        self._waiters: dict[int, trio.Event] = {}  # asks whose callers wait, by number
+        self._answers: dict[int, bytes] = {}  # their answers, until they take them
+        self._closed = False
         self.timeout = ASK_TIMEOUT
+
+    async def serve(self) -> None:
+        """Write the asks and read the answers until the worker or this side closes."""
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._write)
+                await self._read()
+                nursery.cancel_scope.cancel()
+        finally:
+            self._closed = True
+            for waiter in self._waiters.values():
+                waiter.set()  # no answer is coming
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                seq, body = await self._read_answer()
+                waiter = self._waiters.get(seq)
+                if waiter is not None:  # (else a late answer nobody waits for)
+                    self._answers[seq] = body
+                    waiter.set()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the worker died (its supervisor retires it), or this side closed
+        except ValueError as e:  # out of step: never asked again
+            self._give_up(f"its answer could not be read: {e}")
+
+    async def _write(self) -> None:
+        try:
+            while True:
+                await self._queued.wait()
+                self._queued = trio.Event()
+                data = bytes(self._outbox)
+                self._outbox.clear()
+                await self.stream.send_all(data)  # whole: only the channel's end cuts it
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # (the reader sees it too)
 
     async def ask(self) -> dict[str, MetricDump]:
         """The worker's metrics now, or the last ones it gave if it does not answer in
@@ -135,8 +180,7 @@ class WorkerChannel:
                 try:
                     self.last = json.loads(body)
                 except ValueError as e:  # not JSON: never asked again
-                    log.error("a worker's metrics could not be read: %s", e)
-                    self.close()
+                    self._give_up(f"its metrics could not be read: {e}")
         finally:
             self._asking = None
             done.set()
@@ -153,44 +197,24 @@ class WorkerChannel:
             return None
 
     async def _call(self, kind: int, payload: bytes) -> bytes | None:
-        """Send one ask at once and wait up to ``self.timeout`` for its answer; None
-        when it does not come in time or the worker is gone. The ask is written whole
-        whatever the wait: a worker that is slow to read gets every purge."""
-        self._seq = seq = (self._seq + 1) & 0xFFFFFFFF
-        if not self._send(_ASK.pack(seq, kind, len(payload)) + payload):
+        """Queue one ask and wait up to ``self.timeout`` for its answer; None when it
+        does not come in time or the worker is gone. The ask is written all the same:
+        a worker that is slow to read gets every purge."""
+        if self._closed:
             return None
-        self._waiting.add(seq)
+        if len(self._outbox) > _MAX_OUTBOX:
+            self._give_up(f"it has not read {len(self._outbox)} bytes of asks")
+            return None
+        self._seq = seq = (self._seq + 1) & 0xFFFFFFFF
+        self._outbox += _ASK.pack(seq, kind, len(payload)) + payload
+        self._queued.set()
+        waiter = self._waiters[seq] = trio.Event()
         try:
             with trio.move_on_after(self.timeout):
-                while seq not in self._answers:
-                    async with self._reading:
-                        if seq in self._answers:
-                            break
-                        got, body = await self._read_answer()
-                        if got in self._waiting:  # (else a late answer nobody waits for)
-                            self._answers[got] = body
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the worker died: its supervisor retires it
-        except ValueError as e:  # out of step: never asked again
-            self._give_up(f"its answer could not be read: {e}")
+                await waiter.wait()
         finally:
-            self._waiting.discard(seq)
+            del self._waiters[seq]
         return self._answers.pop(seq, None)
-
-    def _send(self, frame: bytes) -> bool:
-        """Write ``frame`` now, whole, without waiting; False when it cannot be (the
-        worker is gone, or has not read for so long that its socket buffer is full:
-        the channel is closed then, a frame may have been cut)."""
-        try:
-            sent = self._sock.send(frame)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            return False  # gone (or closed already)
-        if sent == len(frame):
-            return True
-        self._give_up(f"it has not read its asks for too long ({sent} of {len(frame)} bytes)")
-        return False
 
     def _give_up(self, why: str) -> None:
         log.error("a worker's channel is closed, no more metrics or purges reach it: %s", why)
@@ -217,7 +241,10 @@ class WorkerChannel:
         self._buffer += data
 
     def close(self) -> None:
+        self._closed = True
         self.stream.socket.close()
+        for waiter in self._waiters.values():
+            waiter.set()
 
 
 class Retired:

@@ -263,6 +263,30 @@ async def test_a_route_left_out_of_cors_gets_no_approval_from_a_broader_one() ->
     assert other.header("access-control-allow-origin") == APP
 
 
+async def test_a_route_of_its_own_for_options_still_gets_its_preflights() -> None:
+    # cors on another route must not change how /items's preflights are routed: to
+    # the route that takes OPTIONS there, whose upstream answers them itself.
+    with trio.fail_after(20):
+        async with upstream() as up:
+            config = {
+                "upstreams": {"up": {"targets": [up.target]}},
+                "routes": [
+                    {"name": "items", "path": "/items", "methods": ["GET"], "upstream": "up"},
+                    {"name": "opts", "path": "/items", "methods": ["OPTIONS"], "upstream": "up"},
+                    {
+                        "name": "other",
+                        "path": "/other",
+                        "upstream": "up",
+                        "plugins": {"cors": {"origins": [APP]}},
+                    },
+                ],
+            }
+            async with open_gateway(config) as gw:
+                pre = await http_request(gw.port, "OPTIONS", "/items", _preflight(method="GET"))
+    assert pre.status == 200
+    assert [r.method for r in up.requests] == [b"OPTIONS"]
+
+
 async def test_a_route_kept_across_reloads_is_answered_with_its_own_methods() -> None:
     # The filter instance outlives reloads that keep its config; the routes do not.
     with trio.fail_after(30):

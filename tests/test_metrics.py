@@ -6,6 +6,8 @@ import json
 import math
 import socket
 import struct
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from decimal import Decimal
 from typing import Any
 
@@ -109,11 +111,22 @@ def _pair() -> tuple[socket.socket, socket.socket]:
     return socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
 
 
+@asynccontextmanager
+async def _served(sock: socket.socket) -> AsyncIterator[WorkerChannel]:
+    """The main side's channel on ``sock``, served (as a worker's supervisor does)."""
+    channel = WorkerChannel(sock)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(channel.serve)
+        try:
+            yield channel
+        finally:
+            channel.close()
+
+
 async def test_a_worker_answers_with_this_process_metrics() -> None:
     ours, theirs = _pair()
-    channel = WorkerChannel(ours)
     with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
+        async with _served(ours) as channel, trio.open_nursery() as nursery:
             nursery.start_soon(answer, theirs)
             first = await channel.ask()
             second = await channel.ask()
@@ -128,7 +141,6 @@ async def test_a_late_answer_is_dropped_and_the_last_one_shown(
     """A worker that does not answer in time shows its last metrics; its late answer is
     read and dropped on the next ask, whose own answer is the one kept."""
     ours, theirs = _pair()
-    channel = WorkerChannel(ours)
     worker = trio.SocketStream(trio.socket.from_stdlib_socket(theirs))
 
     async def reply(seq: bytes, value: int) -> None:
@@ -138,43 +150,49 @@ async def test_a_late_answer_is_dropped_and_the_last_one_shown(
         await worker.send_all(struct.pack(">II", int.from_bytes(seq, "big"), len(body)) + body)
 
     with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
+        async with _served(ours) as channel:
+            async with trio.open_nursery() as nursery:
 
-            async def prompt() -> None:
-                await reply((await worker.receive_some(9))[:4], 1)
+                async def prompt() -> None:
+                    await reply((await worker.receive_some(9))[:4], 1)
 
-            nursery.start_soon(prompt)
-            assert (await channel.ask())["v"]["values"] == [[[], 1]]
+                nursery.start_soon(prompt)
+                assert (await channel.ask())["v"]["values"] == [[[], 1]]
 
-        late_seq = b""
+            late_seq = b""
 
-        async def slow() -> None:
-            nonlocal late_seq
-            late_seq = (await worker.receive_some(9))[:4]
+            async def slow() -> None:
+                nonlocal late_seq
+                late_seq = (await worker.receive_some(9))[:4]
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(slow)
-            assert (await channel.ask())["v"]["values"] == [[[], 1]]  # timed out: the last
-        await reply(late_seq, 2)  # the answer to the ask that gave up
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(slow)
+                assert (await channel.ask())["v"]["values"] == [[[], 1]]  # timed out: the last
+            await reply(late_seq, 2)  # the answer to the ask that gave up
 
-        async with trio.open_nursery() as nursery:
+            async with trio.open_nursery() as nursery:
 
-            async def prompt_again() -> None:
-                await reply((await worker.receive_some(9))[:4], 3)
+                async def prompt_again() -> None:
+                    await reply((await worker.receive_some(9))[:4], 3)
 
-            nursery.start_soon(prompt_again)
-            assert (await channel.ask())["v"]["values"] == [[[], 3]]
-        await worker.aclose()
-        assert (await channel.ask())["v"]["values"] == [[[], 3]]  # gone: the last one
+                nursery.start_soon(prompt_again)
+                assert (await channel.ask())["v"]["values"] == [[[], 3]]
+            await worker.aclose()
+            assert (await channel.ask())["v"]["values"] == [[[], 3]]  # gone: the last one
 
 
 async def test_garbage_from_a_worker_is_never_read_again() -> None:
     ours, theirs = _pair()
-    channel = WorkerChannel(ours)
     with trio.fail_after(10):
-        theirs.sendall(struct.pack(">II", 1, 5) + b"{nope")
-        assert await channel.ask() == {}
-        assert await channel.ask() == {}  # closed: no wait, no read
+        async with _served(ours) as channel, trio.open_nursery() as nursery:
+
+            async def garbage() -> None:
+                seq = (await trio.to_thread.run_sync(theirs.recv, 9))[:4]
+                theirs.sendall(seq + struct.pack(">I", 5) + b"{nope")
+
+            nursery.start_soon(garbage)
+            assert await channel.ask() == {}
+            assert await channel.ask() == {}  # closed: no wait, no read
     theirs.close()
 
 
@@ -228,19 +246,18 @@ def test_a_value_json_cannot_carry_never_takes_the_worker_down() -> None:
 
 async def test_an_empty_answer_keeps_the_last_metrics() -> None:
     ours, theirs = _pair()
-    channel = WorkerChannel(ours)
-    channel.last = {"kept": {"kind": "counter", "help": "", "labels": [], "values": []}}
     with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
+        async with _served(ours) as channel:
+            channel.last = {"kept": {"kind": "counter", "help": "", "labels": [], "values": []}}
+            async with trio.open_nursery() as nursery:
 
-            async def empty() -> None:
-                seq = (await trio.to_thread.run_sync(theirs.recv, 9))[:4]
-                theirs.sendall(struct.pack(">II", int.from_bytes(seq, "big"), 0))
+                async def empty() -> None:
+                    seq = (await trio.to_thread.run_sync(theirs.recv, 9))[:4]
+                    theirs.sendall(struct.pack(">II", int.from_bytes(seq, "big"), 0))
 
-            nursery.start_soon(empty)
-            assert list(await channel.ask()) == ["kept"]
+                nursery.start_soon(empty)
+                assert list(await channel.ask()) == ["kept"]
     theirs.close()
-    channel.close()
 
 
 async def test_scrapes_at_once_share_one_ask_and_each_returns_in_time(
@@ -249,23 +266,23 @@ async def test_scrapes_at_once_share_one_ask_and_each_returns_in_time(
     """Five scrapes while the worker does not answer: each is back within one timeout
     (they do not queue behind one another), with the last metrics."""
     ours, theirs = _pair()  # nobody answers on theirs
-    channel = WorkerChannel(ours)
     back: list[float] = []
 
-    async def scrape() -> None:
-        await channel.ask()
-        back.append(trio.current_time())
-
     with trio.fail_after(60):
-        start = trio.current_time()
-        async with trio.open_nursery() as nursery:
-            for _ in range(5):
-                nursery.start_soon(scrape)
-        assert len(back) == 5
-        assert max(back) - start <= ASK_TIMEOUT + 0.01
-        assert theirs.recv(64) == struct.pack(">IBI", 1, 0, 0)  # one ask went out, not five
+        async with _served(ours) as channel:
+
+            async def scrape() -> None:
+                await channel.ask()
+                back.append(trio.current_time())
+
+            start = trio.current_time()
+            async with trio.open_nursery() as nursery:
+                for _ in range(5):
+                    nursery.start_soon(scrape)
+            assert len(back) == 5
+            assert max(back) - start <= ASK_TIMEOUT + 0.01
+            assert theirs.recv(64) == struct.pack(">IBI", 1, 0, 0)  # one ask went out, not five
     theirs.close()
-    channel.close()
 
 
 async def test_a_worker_that_was_busy_answers_only_the_newest_ask_and_every_purge() -> None:
@@ -305,9 +322,8 @@ async def test_a_worker_that_was_busy_answers_only_the_newest_ask_and_every_purg
 
 async def test_a_purge_is_answered_with_what_the_worker_dropped() -> None:
     ours, theirs = _pair()
-    channel = WorkerChannel(ours)
     with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
+        async with _served(ours) as channel, trio.open_nursery() as nursery:
             nursery.start_soon(answer, theirs, lambda selector: len(selector))
             assert await channel.purge({"route": "r", "target": "/a"}) == 2
             assert "filtergate_responses_total" in await channel.ask()  # still in step
@@ -359,30 +375,33 @@ async def test_purges_to_a_stuck_worker_all_reach_it_and_the_channel_stays_in_st
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     """A worker that does not read for a while (stopped, busy): purges that time out
-    with scrapes beside them are written whole all the same, and carried out once it
-    reads; the channel is not closed."""
+    with scrapes beside them, more than its socket buffer holds, are written whole all
+    the same and carried out once it reads; the channel is not closed."""
     ours, theirs = _pair()
-    channel = WorkerChannel(ours)
     purged: list[dict[str, Any]] = []
     with trio.fail_after(60):
-        answers: list[int | None] = []
+        async with _served(ours) as channel:
+            answers: list[int | None] = []
 
-        async def purge(i: int) -> None:
-            answers.append(await channel.purge({"target": f"/t{i}"}))
+            async def purge(i: int) -> None:
+                answers.append(await channel.purge({"target": f"/t{i}"}))
 
-        async with trio.open_nursery() as nursery:
-            for i in range(20):
-                nursery.start_soon(purge, i)
-                nursery.start_soon(channel.ask)
-        assert answers == [None] * 20  # nobody answered in time
+            async with trio.open_nursery() as nursery:
+                for i in range(1000):  # (a socket buffer holds some 300 such asks)
+                    nursery.start_soon(purge, i)
+                    nursery.start_soon(channel.ask)
+            assert answers == [None] * 1000  # nobody answered in time
 
-        def carry_out(selector: dict[str, Any]) -> int:
-            purged.append(selector)
-            return 1
+            def carry_out(selector: dict[str, Any]) -> int:
+                purged.append(selector)
+                return 1
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(answer, theirs, carry_out)  # the worker reads again
-            assert await channel.purge({"target": "/last"}) == 1  # still in step
-            assert "filtergate_responses_total" in await channel.ask()
-            channel.close()
-    assert sorted(p["target"] for p in purged) == sorted([f"/t{i}" for i in range(20)] + ["/last"])
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(answer, theirs, carry_out)  # the worker reads again
+                assert await channel.purge({"target": "/last"}) == 1  # still in step
+                assert "filtergate_responses_total" in await channel.ask()
+                channel.close()
+    assert sorted(p["target"] for p in purged) == sorted(
+        [f"/t{i}" for i in range(1000)] + ["/last"]
+    )
+    assert purged[-1]["target"] == "/last"  # in the order they were asked

@@ -543,3 +543,37 @@ async def test_a_purge_reaches_every_worker(stubs: Stubs, tmp_path: Path) -> Non
     assert purged.json() == {"purged": 2, "processes": 2, "processes_not_answering": 0}
     assert after == {process: "MISS" for process in after}, "each process fetched it again"
     assert "Traceback" not in (tmp_path / "err.log").read_text()
+
+
+async def test_purges_to_a_stopped_worker_reach_it_once_it_runs_again(
+    stubs: Stubs, tmp_path: Path
+) -> None:
+    """More purges than a socket buffer holds, while a worker is stopped: each comes
+    back within its second, and the worker carries out every one when it runs again;
+    its channel stays open (a later purge and /metrics still reach it)."""
+    port, admin = _free_port(), _free_port()
+    config = _config(port, stubs.target("echo"), admin, workers=2)
+    config["routes"][0]["plugins"] = {"cache": {"ttl": "1h"}}
+    cfg = _write(tmp_path / "g.toml", config)
+    with trio.fail_after(40):
+        async with _gateway(cfg, port, tmp_path / "err.log", 2) as proc:
+            (worker,) = _children(proc.pid)
+            await _prefixes(port, 2)
+            os.kill(worker, signal.SIGSTOP)
+            try:
+                silent: list[int] = []
+
+                async def purge(i: int) -> None:
+                    r = await http_request(admin, "DELETE", f"/cache?target=/t{i}")
+                    silent.append(r.json()["processes_not_answering"])
+
+                async with trio.open_nursery() as nursery:
+                    for i in range(400):
+                        nursery.start_soon(purge, i)
+            finally:
+                os.kill(worker, signal.SIGCONT)
+            last = await http_request(admin, "DELETE", "/cache")
+    assert silent == [1] * 400
+    # Each process had stored "/" (the requests that found them both): both dropped it.
+    assert last.json() == {"purged": 2, "processes": 2, "processes_not_answering": 0}
+    assert "channel is closed" not in (tmp_path / "err.log").read_text()
