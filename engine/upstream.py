@@ -400,6 +400,7 @@ class Target:
 
 #: Points on the hash ring per unit of a target's weight (ketama uses 160 a server).
 RING_POINTS = 160
+MAX_RING_POINTS = 100_000
 
 
 def ring_hash(data: bytes) -> int:
@@ -413,10 +414,14 @@ class Ring:
     weight, so a target that leaves moves only its own keys, to the next targets."""
 
     def __init__(self, targets: list[Target]) -> None:
+        # Large weights are scaled down to at most MAX_RING_POINTS in all (each target
+        # keeps one point at least): the ring is built at load, and bisected per call.
+        total = RING_POINTS * sum(t.weight for t in targets)
+        scale = min(1.0, MAX_RING_POINTS / total)
         points = sorted(
             (ring_hash(f"{t.address}-{i}".encode()), n)
             for n, t in enumerate(targets)
-            for i in range(RING_POINTS * t.weight)
+            for i in range(max(1, round(RING_POINTS * t.weight * scale)))
         )
         self.points = [p for p, _ in points]
         self.owners = [targets[n] for _, n in points]

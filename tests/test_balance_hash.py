@@ -198,3 +198,10 @@ def test_a_retry_goes_to_the_next_target_on_the_ring() -> None:
     assert pool.pick({walk[0]}, 0.0, {walk[1]}, key=b"tenant-7").address == walk[2]
     # Every other one excluded: the excluded owner rather than no target at all.
     assert pool.pick(set(walk), 0.0, key=b"tenant-7").address == walk[0]
+
+
+def test_large_weights_keep_the_ring_small_and_their_shares() -> None:
+    ring, targets = _ring(100_000, 300_000)
+    assert len(ring.points) <= 100_002
+    owners = Counter(_owner(ring, f"k{i}").address for i in range(8000))
+    assert 0.68 <= owners[targets[1].address] / 8000 <= 0.82
