@@ -107,6 +107,8 @@ def _hash_key(hash_on: str) -> Callable[[Exchange], bytes | None]:
     the request has none (no such header or cookie, an anonymous caller)."""
     kind, _, name = hash_on.partition(":")
     wanted = name.lower().encode()
+    if wanted == b"host":  # not among the forwarded fields: the client's, as forwarded
+        wanted = b"x-forwarded-host"
     if kind == "ip":
         return lambda exchange: exchange.request.client.encode()
     if kind == "path":
@@ -123,8 +125,15 @@ def _hash_key(hash_on: str) -> Callable[[Exchange], bytes | None]:
     if kind == "header":
 
         def header(exchange: Exchange) -> bytes | None:
-            values = [v for n, v in exchange.request.headers.items if n == wanted]
-            return b",".join(values) if values else None
+            # "a, b" in one field is "a" and "b" in two (RFC 9110 5.3); empty is none.
+            parts = [
+                p.strip()
+                for n, v in exchange.request.headers.items
+                if n == wanted
+                for p in v.split(b",")
+            ]
+            key = b",".join(p for p in parts if p)
+            return key or None
 
         return header
     cookie_name = name.encode()
@@ -135,7 +144,7 @@ def _hash_key(hash_on: str) -> Callable[[Exchange], bytes | None]:
                 for pair in v.split(b";"):
                     k, eq, value = pair.strip().partition(b"=")
                     if eq and k == cookie_name:
-                        return value
+                        return value or None
         return None
 
     return cookie
@@ -414,14 +423,17 @@ class Ring:
     weight, so a target that leaves moves only its own keys, to the next targets."""
 
     def __init__(self, targets: list[Target]) -> None:
-        # Large weights are scaled down to at most MAX_RING_POINTS in all (each target
-        # keeps one point at least): the ring is built at load, and bisected per call.
-        total = RING_POINTS * sum(t.weight for t in targets)
+        # Weights in proportion: divided by their greatest common divisor (10, 20, 70
+        # are 1, 2, 7), then scaled down to at most MAX_RING_POINTS in all (one point a
+        # target at least): the ring is built at load, and bisected per call. A target
+        # keeps its points while the divisor and the scale stay what they were.
+        unit = math.gcd(*(t.weight for t in targets))
+        total = RING_POINTS * sum(t.weight // unit for t in targets)
         scale = min(1.0, MAX_RING_POINTS / total)
         points = sorted(
             (ring_hash(f"{t.address}-{i}".encode()), n)
             for n, t in enumerate(targets)
-            for i in range(max(1, round(RING_POINTS * t.weight * scale)))
+            for i in range(max(1, round(RING_POINTS * (t.weight // unit) * scale)))
         )
         self.points = [p for p, _ in points]
         self.owners = [targets[n] for _, n in points]

@@ -937,6 +937,7 @@ class Cache(Filter):
             target=call.target,
             headers=Headers(items),
             timeout=call.timeout,
+            hash_key=call.hash_key,  # (balance = "hash": the target that owns it)
         )
         self._refreshing.add(entry)
         self._nursery.start_soon(

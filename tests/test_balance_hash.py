@@ -205,3 +205,32 @@ def test_large_weights_keep_the_ring_small_and_their_shares() -> None:
     assert len(ring.points) <= 100_002
     owners = Counter(_owner(ring, f"k{i}").address for i in range(8000))
     assert 0.68 <= owners[targets[1].address] / 8000 <= 0.82
+
+
+def test_weights_in_proportion_keep_the_unchanged_targets_keys() -> None:
+    # Weights of 100 (percentages) put the ring past its cap when taken as they are:
+    # divided by their common divisor, adding a target moves keys to it only.
+    before = Ring([Target(TargetConfig(f"10.0.0.{i}:80", 100)) for i in range(10)])
+    grown = [Target(TargetConfig(f"10.0.0.{i}:80", 100)) for i in range(11)]
+    after = Ring(grown)
+    moved = [
+        (a, b)
+        for k in range(5000)
+        if (a := _owner(before, f"k{k}").address) != (b := _owner(after, f"k{k}").address)
+    ]
+    assert moved
+    assert all(b == "10.0.0.10:80" for _, b in moved)
+
+
+def test_empty_and_split_keys() -> None:
+    from engine.testing import make_exchange
+    from engine.upstream import _hash_key
+
+    header, cookie = _hash_key("header:x-tenant"), _hash_key("cookie:session")
+    assert header(make_exchange(headers=[("x-tenant", "")])) is None  # round robin
+    one = header(make_exchange(headers=[("x-tenant", "a, b")]))
+    two = header(make_exchange(headers=[("x-tenant", "a"), ("x-tenant", "b")]))
+    assert one == two == b"a,b"
+    assert cookie(make_exchange(headers=[("cookie", "session=; x=1")])) is None
+    host = _hash_key("header:Host")  # the client's, as the gateway forwards it
+    assert host(make_exchange(headers=[("x-forwarded-host", "t1.example")])) == b"t1.example"
