@@ -425,6 +425,15 @@ class Entry:
         """Whether it may be served stale while it is refreshed (stale-while-revalidate)."""
         return self.age(now) < self.lifetime + self.update_window
 
+    def conditionals(self) -> list[tuple[bytes, bytes]]:
+        """The fields of a conditional request that revalidates it."""
+        out = []
+        if self.etag is not None:
+            out.append((b"if-none-match", self.etag))
+        if self.last_modified is not None:
+            out.append((b"if-modified-since", self.last_modified))
+        return out
+
     @property
     def validated(self) -> bool:
         """Whether a conditional request can revalidate it."""
@@ -861,11 +870,7 @@ class Cache(Filter):
             revalidating = entry is not None and entry.validated
             if revalidating:
                 assert entry is not None
-                items = list(items)
-                if entry.etag is not None:
-                    items.append((b"if-none-match", entry.etag))
-                if entry.last_modified is not None:
-                    items.append((b"if-modified-since", entry.last_modified))
+                items = [*items, *entry.conditionals()]
             cookies: list[tuple[bytes, bytes]] = []  # a 304's, for this client only
             try:
                 try:
@@ -927,10 +932,7 @@ class Cache(Filter):
         assert self._nursery is not None
         items = [(n, v) for n, v in call.headers.items if n not in _CONDITIONALS]
         request = Headers(list(items))
-        if entry.etag is not None:
-            items.append((b"if-none-match", entry.etag))
-        if entry.last_modified is not None:
-            items.append((b"if-modified-since", entry.last_modified))
+        items += entry.conditionals()
         update = UpstreamCall(
             upstream=call.upstream,
             method=_GET,  # (a HEAD finding it stale refreshes the GET's answer)
